@@ -1,0 +1,297 @@
+r"""Analytic FLOPs of (gated) networks from traced shapes and measured masks.
+
+Dense multiply-accumulates (MACs) per example come from the shapes traced in a
+forward pass: a convolution costs `kh * kw * C_in * C_out * H_out * W_out`, a
+dense layer `C_in * C_out`. A CDG-gated convolution costs (DESIGN.md section 2)
+
+    dense_macs * (1/G + (G - 1)/G * density)
+
+where `density` is the fraction of open (position, channel) gates measured from
+the masks of a forward pass (the 'gating' collection sown by gated layers).
+Convolutions form the backbone; dense layers are heads, reported separately.
+The reduction is backbone dense MACs over backbone effective MACs.
+
+Command line, for a randomly initialised network on one batch of the config's
+data (gates use batch statistics, as in training):
+
+  python -m cdg_jax.flops --config=configs/default.py
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cdg_jax.layers import DENSITY_COLLECTION, GatedConv
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+  """Static cost of one layer, per example.
+
+  Attributes:
+    name: module path, e.g. 'stage1_block0/conv1'.
+    kind: 'conv' or 'dense'.
+    part: 'backbone' (convolutions) or 'head' (dense layers).
+    macs: dense multiply-accumulates per example.
+    groups: G of a gated layer; 0 for a dense (ungated) layer.
+    output_shape: per-example output shape.
+  """
+  name: str
+  kind: str
+  part: str
+  macs: int
+  groups: int
+  output_shape: tuple[int, ...]
+
+  @property
+  def gated(self) -> bool:
+    return self.groups > 0
+
+  def effective_macs(self, density=None):
+    """MACs given the layer's gate density (ignored for ungated layers)."""
+    if not self.gated:
+      return self.macs
+    if density is None:
+      raise ValueError(f'Layer {self.name} is gated but no density was given.')
+    g = self.groups
+    return self.macs * (1.0 / g + (g - 1.0) / g * density)
+
+
+def _conv_macs(kernel_size, in_channels, output_shape, feature_group_count=1):
+  kh, kw = kernel_size
+  return int(kh * kw * (in_channels // feature_group_count)
+             * int(np.prod(output_shape)))
+
+
+def layer_costs(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
+                **apply_kwargs) -> tuple[LayerCost, ...]:
+  """Traces `model.apply(variables, x, **apply_kwargs)` and records layer costs.
+
+  Only shapes are evaluated (`jax.eval_shape`); nothing is computed. Records
+  every `GatedConv`, `nn.Conv` and `nn.Dense` call, in call order.
+
+  Args:
+    model: a Flax module.
+    variables: its variables (arrays or `jax.ShapeDtypeStruct`s).
+    x: an input batch (array or `jax.ShapeDtypeStruct`).
+    **apply_kwargs: passed to `model.apply` (e.g. `train=False`).
+
+  Returns:
+    A tuple of `LayerCost`, per example.
+  """
+  records = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name != '__call__':
+      return out
+    module = context.module
+    name = '/'.join(module.path)
+    inputs = args[0]
+    per_example = tuple(out.shape[1:])
+    if isinstance(module, GatedConv):
+      macs = _conv_macs(module.kernel_size, inputs.shape[-1], per_example)
+      groups = module.gating.groups if module.gating is not None else 0
+      records.append(LayerCost(name, 'conv', 'backbone', macs, groups,
+                               per_example))
+    elif isinstance(module, nn.Conv):
+      macs = _conv_macs(module.kernel_size, inputs.shape[-1], per_example,
+                        module.feature_group_count)
+      records.append(LayerCost(name, 'conv', 'backbone', macs, 0, per_example))
+    elif isinstance(module, nn.Dense):
+      macs = int(inputs.shape[-1] * np.prod(per_example))
+      records.append(LayerCost(name, 'dense', 'head', macs, 0, per_example))
+    return out
+
+  def apply(variables, x):
+    return model.apply(variables, x, **apply_kwargs)
+
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(apply, variables, x)
+  return tuple(records)
+
+
+def per_sample_densities(gating_collection: Mapping[str, Any]
+                         ) -> dict[str, jax.Array]:
+  """Per-layer, per-sample densities from the sown 'gating' collection.
+
+  Args:
+    gating_collection: `state['gating']` from `model.apply(...,
+      mutable=['gating', ...])`.
+
+  Returns:
+    {layer name: (N,) densities}, names as in `LayerCost.name`.
+  """
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(gating_collection))
+  densities = {}
+  for key, values in flat.items():
+    if key[-1] != 'density':
+      continue
+    values = values if isinstance(values, tuple) else (values,)
+    densities['/'.join(key[:-1])] = jnp.concatenate(
+        [jnp.reshape(v, (-1,)) for v in values])
+  return densities
+
+
+def mean_densities(gating_collection: Mapping[str, Any],
+                   weights: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Per-layer density averaged over samples (weighted, e.g. to drop padding)."""
+  result = {}
+  for name, d in per_sample_densities(gating_collection).items():
+    if weights is None:
+      result[name] = jnp.mean(d)
+    else:
+      result[name] = jnp.sum(d * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  return result
+
+
+def backbone_macs(costs: Sequence[LayerCost],
+                  densities: Mapping[str, Any]) -> tuple[int, Any]:
+  """(dense, effective) backbone MACs per example; works on traced densities."""
+  dense = sum(c.macs for c in costs if c.part == 'backbone')
+  effective = sum(c.effective_macs(densities.get(c.name))
+                  for c in costs if c.part == 'backbone')
+  return dense, effective
+
+
+def flops_reduction(costs: Sequence[LayerCost],
+                    densities: Mapping[str, Any]) -> Any:
+  """Backbone dense MACs / effective MACs (1.0 for a dense network)."""
+  dense, effective = backbone_macs(costs, densities)
+  return dense / effective
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+  name: str
+  part: str
+  dense_macs: int
+  density: float | None
+  effective_macs: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopsReport:
+  """Per-layer MACs and totals, per example. FLOPs = 2 x MACs."""
+  rows: tuple[LayerRow, ...]
+  backbone_dense_macs: int
+  backbone_effective_macs: float
+  head_macs: int
+
+  @property
+  def reduction(self) -> float:
+    return self.backbone_dense_macs / self.backbone_effective_macs
+
+  @property
+  def gated_density(self) -> float | None:
+    """MAC-weighted mean density over gated layers (None without gates)."""
+    gated = [r for r in self.rows if r.density is not None]
+    if not gated:
+      return None
+    total = sum(r.dense_macs for r in gated)
+    return sum(r.dense_macs * r.density for r in gated) / total
+
+  def as_dict(self) -> dict[str, Any]:
+    return {
+        'backbone_dense_macs': self.backbone_dense_macs,
+        'backbone_effective_macs': self.backbone_effective_macs,
+        'head_macs': self.head_macs,
+        'flops_reduction': self.reduction,
+        'gated_density': self.gated_density,
+        'layers': [dataclasses.asdict(r) for r in self.rows],
+    }
+
+  def format_table(self) -> str:
+    """A plain-text table: one row per layer, then totals."""
+    width = max([len(r.name) for r in self.rows] + [5])
+    lines = [f'{"layer":<{width}}  {"part":<8}  {"dense MMACs":>11}  '
+             f'{"density":>7}  {"MMACs":>9}']
+    for r in self.rows:
+      density = '-' if r.density is None else f'{r.density:.3f}'
+      lines.append(f'{r.name:<{width}}  {r.part:<8}  {r.dense_macs / 1e6:>11.3f}'
+                   f'  {density:>7}  {r.effective_macs / 1e6:>9.3f}')
+    lines.append(f'backbone: {self.backbone_dense_macs / 1e6:.2f} MMACs dense, '
+                 f'{self.backbone_effective_macs / 1e6:.2f} MMACs gated, '
+                 f'reduction {self.reduction:.3f}x'
+                 + ('' if self.gated_density is None else
+                    f', gated-layer density {self.gated_density:.3f}'))
+    lines.append(f'heads: {self.head_macs / 1e6:.3f} MMACs (not in the '
+                 f'reduction). All figures per example; FLOPs = 2 x MACs.')
+    return '\n'.join(lines)
+
+
+def flops_report(costs: Sequence[LayerCost],
+                 densities: Mapping[str, Any]) -> FlopsReport:
+  """Builds the report from static costs and per-layer mean densities."""
+  rows = []
+  for c in costs:
+    density = None
+    if c.gated:
+      if c.name not in densities:
+        raise ValueError(f'No measured density for gated layer {c.name}; '
+                         f'densities were given for {sorted(densities)}.')
+      density = float(densities[c.name])
+    rows.append(LayerRow(c.name, c.part, c.macs, density,
+                         float(c.effective_macs(density))))
+  dense, effective = backbone_macs(costs, {r.name: r.density for r in rows})
+  head = sum(c.macs for c in costs if c.part == 'head')
+  return FlopsReport(tuple(rows), dense, float(effective), head)
+
+
+def measure(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
+            train: bool = False) -> FlopsReport:
+  """Runs `model` on `x` and reports MACs from the masks it traced.
+
+  Args:
+    model: a network built by `cdg_jax.models.create_resnet`.
+    variables: its variables.
+    x: (N, H, W, C) batch.
+    train: gate with batch statistics (True) or running averages (False).
+  """
+  costs = layer_costs(model, variables, x, train=False)
+  mutable = [DENSITY_COLLECTION] + (['batch_stats'] if train else [])
+  _, state = jax.jit(lambda v, x: model.apply(v, x, train=train,
+                                               mutable=mutable))(variables, x)
+  densities = mean_densities(state.get(DENSITY_COLLECTION, {}))
+  return flops_report(costs, jax.device_get(densities))
+
+
+def main(argv):
+  """Prints the FLOPs table of the config's network on one random batch."""
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from cdg_jax import models  # pylint: disable=g-import-not-at-top
+  config = flags.FLAGS.config
+  batch_size = flags.FLAGS.batch_size
+  model = models.create_resnet(config.model, config.gating)
+  size = config.data.image_size
+  rng = jax.random.key(config.seed)
+  init_rng, data_rng = jax.random.split(rng)
+  variables = jax.jit(lambda r: model.init(
+      r, jnp.zeros((1, size, size, 3)), train=False))(init_rng)
+  x = jax.random.normal(data_rng, (batch_size, size, size, 3))
+  report = measure(model, variables, x, train=True)
+  print(f'{config.model.name} ({config.model.stem} stem, width '
+        f'{config.model.width}), gating.kind={config.gating.kind}, '
+        f'{size}x{size} input; randomly initialised, one batch of '
+        f'{batch_size} random images, gates with batch statistics.')
+  print(report.format_table())
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file('config', None, 'Config file.',
+                                  lock_config=True)
+  flags.DEFINE_integer('batch_size', 64, 'Images in the measured batch.')
+  flags.mark_flags_as_required(['config'])
+  app.run(main)

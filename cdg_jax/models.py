@@ -1,0 +1,177 @@
+"""Gated ResNet-18/34/50 in Flax Linen, with CIFAR and ImageNet stems.
+
+Every convolution is a `GatedConv`; whether it is gated is decided by its role
+('stem', 'block_3x3', 'block_1x1', 'shortcut') and `gating.layers`. With
+`gating.kind='none'` the network is the plain dense ResNet with the same
+parameter tree minus the gate parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cdg_jax.layers import GatedConv, GatingSpec
+
+BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions with an identity or 1x1-projection shortcut."""
+  features: int
+  strides: int = 1
+  gating: GatingSpec = GatingSpec(kind='none')
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, stat_groups: int = 1):
+    spec = self.gating
+    gate = lambda role: spec if spec.gates(role) else None
+    norm = functools.partial(BatchNorm, use_running_average=not train)
+    s = (self.strides, self.strides)
+    y = GatedConv(self.features, (3, 3), s, gate('block_3x3'), name='conv1')(
+        x, train, stat_groups)
+    y = nn.relu(norm(name='bn1')(y))
+    y = GatedConv(self.features, (3, 3), (1, 1), gate('block_3x3'),
+                  name='conv2')(y, train, stat_groups)
+    y = norm(name='bn2')(y)
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != self.features:
+      shortcut = GatedConv(self.features, (1, 1), s, gate('shortcut'),
+                           name='shortcut_conv')(x, train, stat_groups)
+      shortcut = norm(name='shortcut_bn')(shortcut)
+    return nn.relu(y + shortcut)
+
+
+class Bottleneck(nn.Module):
+  """1x1 reduce, 3x3 (strided, as in torchvision v1.5), 1x1 expand by 4."""
+  features: int
+  strides: int = 1
+  gating: GatingSpec = GatingSpec(kind='none')
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, stat_groups: int = 1):
+    spec = self.gating
+    gate = lambda role: spec if spec.gates(role) else None
+    norm = functools.partial(BatchNorm, use_running_average=not train)
+    s = (self.strides, self.strides)
+    out_features = self.features * self.expansion
+    y = GatedConv(self.features, (1, 1), (1, 1), gate('block_1x1'),
+                  name='conv1')(x, train, stat_groups)
+    y = nn.relu(norm(name='bn1')(y))
+    y = GatedConv(self.features, (3, 3), s, gate('block_3x3'), name='conv2')(
+        y, train, stat_groups)
+    y = nn.relu(norm(name='bn2')(y))
+    y = GatedConv(out_features, (1, 1), (1, 1), gate('block_1x1'),
+                  name='conv3')(y, train, stat_groups)
+    y = norm(name='bn3')(y)
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != out_features:
+      shortcut = GatedConv(out_features, (1, 1), s, gate('shortcut'),
+                           name='shortcut_conv')(x, train, stat_groups)
+      shortcut = norm(name='shortcut_bn')(shortcut)
+    return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+  """A ResNet backbone, optionally with a linear classification head.
+
+  Attributes:
+    stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
+    block_cls: `BasicBlock` or `Bottleneck`.
+    width: channels of the first stage (64 in the standard networks); stage i
+      has width * 2**i (times 4 at the output of bottleneck blocks).
+    stem: 'cifar' (3x3 stride-1 conv, no max-pool) or 'imagenet' (7x7
+      stride-2 conv and 3x3 stride-2 max-pool).
+    gating: the gating spec; `GatingSpec(kind='none')` is the dense network.
+    num_classes: adds a linear head 'head' when given.
+  """
+  stage_sizes: Sequence[int]
+  block_cls: Any
+  width: int = 64
+  stem: str = 'cifar'
+  gating: GatingSpec = GatingSpec(kind='none')
+  num_classes: int | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False,
+               stat_groups: int = 1) -> jax.Array:
+    """Maps (N, H, W, 3) images to (N, features) pooled features or logits.
+
+    `stat_groups` splits the batch into equal consecutive groups that get
+    separate saliency statistics in gated layers (per-branch statistics); the
+    network's BatchNorm layers always use the whole batch.
+    """
+    if x.ndim != 4:
+      raise ValueError(f'ResNet expects (N, H, W, C) images, got shape '
+                       f'{x.shape}.')
+    spec = self.gating
+    gate = lambda role: spec if spec.gates(role) else None
+    if self.stem == 'cifar':
+      x = GatedConv(self.width, (3, 3), (1, 1), gate('stem'), name='stem_conv')(
+          x, train, stat_groups)
+      x = nn.relu(BatchNorm(use_running_average=not train, name='stem_bn')(x))
+    elif self.stem == 'imagenet':
+      x = GatedConv(self.width, (7, 7), (2, 2), gate('stem'), name='stem_conv')(
+          x, train, stat_groups)
+      x = nn.relu(BatchNorm(use_running_average=not train, name='stem_bn')(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    else:
+      raise ValueError(f"Unknown model.stem={self.stem!r}; expected 'cifar' or "
+                       f"'imagenet'.")
+    for i, num_blocks in enumerate(self.stage_sizes):
+      for j in range(num_blocks):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = self.block_cls(self.width * 2**i, strides, spec,
+                           name=f'stage{i + 1}_block{j}')(x, train, stat_groups)
+    features = jnp.mean(x, axis=(1, 2))
+    if self.num_classes is None:
+      return features
+    return nn.Dense(self.num_classes, name='head')(features)
+
+
+ARCHITECTURES = {
+    'resnet18': ((2, 2, 2, 2), BasicBlock),
+    'resnet34': ((3, 4, 6, 3), BasicBlock),
+    'resnet50': ((3, 4, 6, 3), Bottleneck),
+}
+
+
+def feature_dim(name: str, width: int = 64) -> int:
+  """Width of the pooled features of a backbone."""
+  stage_sizes, block_cls = _architecture(name)
+  return width * 2**(len(stage_sizes) - 1) * block_cls.expansion
+
+
+def _architecture(name: str):
+  if name not in ARCHITECTURES:
+    raise ValueError(f'Unknown model.name={name!r}; expected one of '
+                     f'{sorted(ARCHITECTURES)}.')
+  return ARCHITECTURES[name]
+
+
+def create_resnet(model_config: Mapping[str, Any],
+                  gating_config: Mapping[str, Any] | None = None,
+                  num_classes: int | None = None) -> ResNet:
+  """Builds a ResNet from the config's `model` and `gating` blocks.
+
+  Args:
+    model_config: with `name` ('resnet18' | 'resnet34' | 'resnet50'),
+      `stem` ('cifar' | 'imagenet') and `width` (default 64).
+    gating_config: the `gating` block; None gives the dense network.
+    num_classes: adds a linear head when given.
+  """
+  stage_sizes, block_cls = _architecture(model_config['name'])
+  width = int(model_config.get('width', 64))
+  if width < 1:
+    raise ValueError(f'model.width must be positive, got {width}.')
+  return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, width=width,
+                stem=model_config.get('stem', 'cifar'),
+                gating=GatingSpec.from_config(gating_config),
+                num_classes=num_classes)
