@@ -1,0 +1,190 @@
+"""Tests of the pure CDG gating ops against hand-computed references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdg_jax import gating
+
+
+
+def _inputs(seed=0, n=3, h=6, w=6, c_in=8, c_out=4, k=3):
+  kx, kk, kt = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, (n, h, w, c_in))
+  kernel = jax.random.normal(kk, (k, k, c_in, c_out)) * 0.3
+  threshold = jax.random.normal(kt, (c_out,)) * 0.3
+  return x, kernel, threshold
+
+
+def test_hard_gate_forward_is_exactly_binary_and_backward_is_sigmoid_slope():
+  z = jnp.array([-3.0, -1e-7, 0.0, 1e-7, 0.3, 5.0])
+  alpha = 2.0
+  d = gating.hard_gate(z, alpha)
+  np.testing.assert_array_equal(d, [0, 0, 0, 1, 1, 1])
+  grad = jax.grad(lambda z: jnp.sum(gating.hard_gate(z, alpha) * jnp.arange(6.)))(z)
+  s = 1 / (1 + np.exp(-alpha * np.asarray(z)))
+  np.testing.assert_allclose(grad, np.arange(6.) * alpha * s * (1 - s), rtol=1e-6)
+
+
+def test_gated_conv_output_is_binary_masked_combination():
+  x, kernel, threshold = _inputs()
+  y, mask, _ = gating.gated_conv(x, kernel, threshold, groups=4)
+  assert set(np.unique(np.asarray(mask))) <= {0.0, 1.0}
+  assert 0 < float(mask.mean()) < 1
+  y_base = gating.conv(x[..., :2], kernel[:, :, :2])
+  y_cond = gating.conv(x[..., 2:], kernel[:, :, 2:])
+  np.testing.assert_allclose(y, y_base + mask * y_cond, rtol=1e-5, atol=1e-5)
+
+
+def test_all_gates_open_equals_dense_conv_and_all_closed_equals_base_path():
+  x, kernel, _ = _inputs()
+  c_out = kernel.shape[-1]
+  for strides in [(1, 1), (2, 2)]:
+    dense = gating.conv(x, kernel, strides)
+    y_open, mask, _ = gating.gated_conv(x, kernel, jnp.full((c_out,), -1e9),
+                                        groups=4, strides=strides)
+    np.testing.assert_array_equal(mask, 1.0)
+    np.testing.assert_allclose(y_open, dense, rtol=1e-5, atol=1e-5)
+    y_closed, mask, _ = gating.gated_conv(x, kernel, jnp.full((c_out,), 1e9),
+                                          groups=4, strides=strides)
+    np.testing.assert_array_equal(mask, 0.0)
+    base = gating.conv(x[..., :2], kernel[:, :, :2], strides)
+    np.testing.assert_allclose(y_closed, base, rtol=1e-6, atol=1e-6)
+
+
+def _reference_gated_conv(x, kernel, threshold, alpha):
+  """The same layer with the classic `soft + stop_gradient(hard - soft)` STE."""
+  n_base = x.shape[-1] // 4
+  y_base = gating.conv(x[..., :n_base], kernel[:, :, :n_base])
+  y_cond = gating.conv(x[..., n_base:], kernel[:, :, n_base:])
+  mean = jnp.mean(y_base, axis=(0, 1, 2))
+  var = jnp.mean(jnp.square(y_base - mean), axis=(0, 1, 2))
+  z = (y_base - mean) / jnp.sqrt(var + 1e-5) - threshold
+  soft = jax.nn.sigmoid(alpha * z)
+  hard = (z > 0).astype(z.dtype)
+  return y_base + (soft + jax.lax.stop_gradient(hard - soft)) * y_cond
+
+
+def test_gradient_reaches_thresholds_and_base_weights_as_the_ste_prescribes():
+  x, kernel, threshold = _inputs(seed=1)
+  probe = jax.random.normal(jax.random.key(7), (3, 6, 6, 4))
+  alpha = 2.0
+
+  def loss(fn, kernel, threshold):
+    return jnp.sum(fn(x, kernel, threshold) * probe)
+
+  ours = lambda x, k, t: gating.gated_conv(x, k, t, groups=4, alpha=alpha)[0]
+  ref = lambda x, k, t: _reference_gated_conv(x, k, t, alpha)
+  g_kernel, g_threshold = jax.grad(loss, argnums=(1, 2))(ours, kernel, threshold)
+  r_kernel, r_threshold = jax.grad(loss, argnums=(1, 2))(ref, kernel, threshold)
+  np.testing.assert_allclose(g_threshold, r_threshold, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(g_kernel, r_kernel, rtol=1e-4, atol=1e-4)
+
+  # Hand-computed threshold gradient: dL/d delta_c = -sum probe*Y_cond*alpha*s(1-s).
+  y_base = gating.conv(x[..., :2], kernel[:, :, :2])
+  y_cond = gating.conv(x[..., 2:], kernel[:, :, 2:])
+  mean, var = gating.saliency_moments(y_base)
+  z = gating.normalize_saliency(y_base, mean, var) - threshold
+  s = jax.nn.sigmoid(alpha * z)
+  expected = -jnp.sum(probe * y_cond * alpha * s * (1 - s), axis=(0, 1, 2))
+  np.testing.assert_allclose(g_threshold, expected, rtol=1e-4, atol=1e-5)
+  assert np.all(np.abs(g_threshold) > 0)
+
+  # The base-path weights get gradient through the saliency too, not only
+  # through Y_base: compare with the gradient when the mask is frozen.
+  def frozen_mask_loss(kernel):
+    y_base = gating.conv(x[..., :2], kernel[:, :, :2])
+    y_cond = gating.conv(x[..., 2:], kernel[:, :, 2:])
+    mask = jax.lax.stop_gradient(ours(x, kernel, threshold) - y_base) != 0
+    return jnp.sum((y_base + mask * y_cond) * probe)
+  g_frozen = jax.grad(frozen_mask_loss)(kernel)
+  diff = np.abs(np.asarray(g_kernel - g_frozen))
+  assert diff[:, :, :2].max() > 1e-3       # saliency path reaches base weights
+  np.testing.assert_allclose(diff[:, :, 2:], 0, atol=1e-5)
+
+
+def test_structured_masks_are_constant_within_blocks():
+  x, kernel, threshold = _inputs(n=2, h=8, w=8, c_out=8)
+  block = (2, 4, 4)
+  _, mask, _ = gating.gated_conv(x, kernel, jnp.zeros((8,)), groups=4,
+                                 block=block)
+  blocks = np.asarray(mask).reshape(2, 4, 2, 2, 4, 2, 4)
+  assert np.all(blocks == blocks[:, :, :1, :, :1, :, :1])
+  assert 0 < mask.mean() < 1
+
+
+def test_block_decision_uses_block_mean_of_saliency_minus_threshold():
+  saliency = jnp.array([1.0, 0.0, -0.5, 3.0]).reshape(1, 2, 2, 1)
+  threshold = jnp.array([0.5])
+  mask = gating.gate_mask(saliency, threshold, block=(2, 2, 1))
+  # Block mean saliency 0.875 > 0.5: the whole block opens.
+  np.testing.assert_array_equal(mask, np.ones((1, 2, 2, 1)))
+  mask = gating.gate_mask(saliency, jnp.array([0.9]), block=(2, 2, 1))
+  np.testing.assert_array_equal(mask, np.zeros((1, 2, 2, 1)))
+  mask = gating.gate_mask(saliency, threshold, block=(1, 1, 1))
+  np.testing.assert_array_equal(mask.ravel(), [1, 0, 0, 1])
+
+
+def test_jit_and_vmap_give_the_eager_result():
+  x, kernel, threshold = _inputs()
+  fn = lambda x, k, t: gating.gated_conv(x, k, t, groups=4, block=(2, 2, 2),
+                                         norm='sample')[:2]
+  eager = fn(x, kernel, threshold)
+  jitted = jax.jit(fn)(x, kernel, threshold)
+  for a, b in zip(eager, jitted):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  stacked = jnp.stack([x, 2 * x])
+  vmapped = jax.vmap(fn, in_axes=(0, None, None))(stacked, kernel, threshold)
+  for i, xi in enumerate([x, 2 * x]):
+    looped = fn(xi, kernel, threshold)
+    np.testing.assert_allclose(vmapped[0][i], looped[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(vmapped[1][i], looped[1])
+
+
+def test_running_or_per_sample_statistics_make_masks_batch_independent():
+  x, kernel, threshold = _inputs(n=4)
+  other = jax.random.normal(jax.random.key(3), x.shape) * 5
+  mixed = x.at[1:].set(other[1:])
+  running = dict(running_mean=jnp.full((4,), 0.1), running_var=jnp.full((4,), 2.))
+  for kwargs in [running, dict(norm='sample')]:
+    m_a = gating.gated_conv(x, kernel, threshold, groups=4, **kwargs)[1]
+    m_b = gating.gated_conv(mixed, kernel, threshold, groups=4, **kwargs)[1]
+    np.testing.assert_array_equal(m_a[0], m_b[0])
+  # Batch statistics (training) do depend on the batch, as BatchNorm does.
+  m_a = gating.gated_conv(x, kernel, threshold, groups=4)[1]
+  m_b = gating.gated_conv(mixed, kernel, threshold, groups=4)[1]
+  assert not np.array_equal(m_a[0], m_b[0])
+
+
+def test_per_group_saliency_moments_equal_separate_statistics():
+  y = jax.random.normal(jax.random.key(0), (6, 3, 3, 2)) + jnp.arange(6.)[:, None, None, None]
+  mean, var = gating.saliency_moments(y, 'batch', num_groups=2)
+  for g, part in enumerate([y[:3], y[3:]]):
+    np.testing.assert_allclose(mean[3 * g:3 * g + 3, 0, 0],
+                               np.broadcast_to(part.mean(axis=(0, 1, 2)), (3, 2)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(var[3 * g, 0, 0], np.var(part, axis=(0, 1, 2)),
+                               rtol=1e-5)
+  joint_mean, _ = gating.saliency_moments(y, 'batch', num_groups=1)
+  np.testing.assert_allclose(joint_mean[0, 0, 0], y.mean(axis=(0, 1, 2)), rtol=1e-5)
+
+
+def test_regularisers_match_hand_computed_values():
+  thresholds = [jnp.array([0.0, 1.0]), jnp.array([3.0])]
+  # mean((0-1)^2, 0) = 0.5 ; (3-1)^2 = 4
+  np.testing.assert_allclose(gating.threshold_regularizer(thresholds, 1.0), 4.5)
+  np.testing.assert_allclose(
+      gating.density_regularizer([jnp.array(0.7), jnp.array(0.2)], 0.5),
+      0.04 + 0.09, rtol=1e-6)
+
+
+def test_bad_groups_and_blocks_name_the_bad_value():
+  x, kernel, threshold = _inputs(c_in=6)
+  with pytest.raises(ValueError, match='groups=4 does not divide the 6 input'):
+    gating.gated_conv(x, kernel, threshold, groups=4)
+  x, kernel, threshold = _inputs()
+  with pytest.raises(ValueError, match=r'block=\(4, 4, 1\).*height 4 does not divide 6'):
+    gating.gated_conv(x, kernel, threshold, groups=4, block=(4, 4, 1))
+  with pytest.raises(ValueError, match="saliency_norm='group'"):
+    gating.saliency_moments(x, 'group')

@@ -1,0 +1,130 @@
+"""Tests of the gated ResNets: parameter counts, trees, equivalences, errors."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdg_jax import layers
+from cdg_jax import models
+
+
+def _param_count(tree):
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def _shapes(model, size, **kwargs):
+  return jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((2, size, size, 3)), train=False, **kwargs))
+
+
+@pytest.mark.parametrize('name,stem,classes,size,expected', [
+    # Torchvision's counts for the ImageNet models; the CIFAR ResNet-18 with a
+    # 10-class head is the well-known 11,173,962.
+    ('resnet18', 'cifar', 10, 32, 11_173_962),
+    ('resnet50', 'cifar', 10, 32, 23_520_842),
+    ('resnet18', 'imagenet', 1000, 64, 11_689_512),
+    ('resnet34', 'imagenet', 1000, 64, 21_797_672),
+    ('resnet50', 'imagenet', 1000, 64, 25_557_032),
+])
+def test_dense_parameter_counts(name, stem, classes, size, expected):
+  model = models.create_resnet({'name': name, 'stem': stem}, {'kind': 'none'},
+                               num_classes=classes)
+  assert _param_count(_shapes(model, size)['params']) == expected
+
+
+def test_gated_tree_is_dense_tree_plus_thresholds():
+  dense = models.create_resnet({'name': 'resnet18'}, {'kind': 'none'})
+  gated = models.create_resnet({'name': 'resnet18'}, {'kind': 'cdg'})
+  flat_dense = flax.traverse_util.flatten_dict(_shapes(dense, 32)['params'])
+  flat_gated = flax.traverse_util.flatten_dict(_shapes(gated, 32)['params'])
+  extra = {k: v for k, v in flat_gated.items() if k not in flat_dense}
+  assert all(k[-1] == 'threshold' for k in extra)
+  # Every 3x3 convolution of the 8 basic blocks is gated; stem and shortcuts not.
+  assert len(extra) == 16
+  assert ('stem_conv', 'threshold') not in extra
+  assert all(flat_gated[k].shape == v.shape for k, v in flat_dense.items())
+
+
+def _tiny(kind, **gating):
+  return models.create_resnet({'name': 'resnet18', 'width': 8},
+                              {'kind': kind, **gating})
+
+
+def test_gated_network_with_open_gates_equals_dense_network():
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+  dense, gated = _tiny('none'), _tiny('cdg')
+  variables = gated.init(jax.random.key(0), x, train=False)
+  # Thresholds far below any saliency open every gate.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.full_like(p, -1e9) if path[-1].key == 'threshold' else p,
+      variables['params'])
+  dense_params = flax.traverse_util.unflatten_dict({
+      k: v for k, v in flax.traverse_util.flatten_dict(params).items()
+      if k[-1] != 'threshold'})
+  dense_stats = {'batch_stats': flax.traverse_util.unflatten_dict({
+      k: v for k, v in flax.traverse_util.flatten_dict(
+          variables['batch_stats']).items() if not k[-1].startswith('saliency')})}
+  for train in [False, True]:
+    mutable = ['batch_stats'] if train else False
+    out_gated = gated.apply({**variables, 'params': params}, x, train=train,
+                            mutable=mutable)
+    out_dense = dense.apply({'params': dense_params, **dense_stats}, x,
+                            train=train, mutable=mutable)
+    if train:
+      out_gated, out_dense = out_gated[0], out_dense[0]
+    # Splitting the channel sum reorders float adds; 8 layers amplify it a bit.
+    np.testing.assert_allclose(out_gated, out_dense, rtol=1e-3, atol=1e-4)
+
+
+def test_layers_sow_per_sample_densities_and_masks_on_request():
+  x = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
+  model = _tiny('cdg')
+  variables = model.init(jax.random.key(0), x, train=False)
+  _, state = model.apply(variables, x, train=True,
+                         mutable=['batch_stats', 'gating', 'gate_masks'])
+  densities = flax.traverse_util.flatten_dict(state['gating'])
+  masks = flax.traverse_util.flatten_dict(state['gate_masks'])
+  assert len(densities) == 16 and len(masks) == 16
+  key = ('stage2_block0', 'conv1')
+  (density,), (mask,) = densities[key + ('density',)], masks[key + ('mask',)]
+  assert mask.shape == (3, 4, 4, 16)
+  np.testing.assert_allclose(density, mask.mean(axis=(1, 2, 3)), rtol=1e-6)
+  # Running saliency statistics moved from their (0, 1) initialisation.
+  stats = state['batch_stats']['stage2_block0']['conv1']
+  assert np.abs(stats['saliency_mean']).max() > 0
+
+
+def test_eval_masks_of_a_sample_do_not_depend_on_the_batch():
+  model = _tiny('cdg')
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  _, state = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  variables = {**variables, 'batch_stats': state['batch_stats']}
+  other = x.at[1:].set(jax.random.normal(jax.random.key(9), (3, 8, 8, 3)) * 3)
+  masks = []
+  for batch in (x, other):
+    _, s = model.apply(variables, batch, train=False, mutable=['gate_masks'])
+    masks.append(jax.tree.map(lambda m: m[0], s['gate_masks']))
+  jax.tree.map(np.testing.assert_array_equal, masks[0], masks[1])
+
+
+def test_bad_configuration_names_the_bad_value():
+  with pytest.raises(ValueError, match="gating.kind='sparse'"):
+    models.create_resnet({'name': 'resnet18'}, {'kind': 'sparse'})
+  with pytest.raises(ValueError, match="model.name='resnet19'"):
+    models.create_resnet({'name': 'resnet19'}, {'kind': 'none'})
+  with pytest.raises(ValueError, match=r"Unknown gating config field\(s\) \['grups'\]"):
+    models.create_resnet({'name': 'resnet18'}, {'kind': 'cdg', 'grups': 4})
+  # Gating the stem: 3 input channels are not divisible by 4 groups.
+  model = _tiny('cdg', layers='stem,block_3x3')
+  with pytest.raises(ValueError, match='groups=4 does not divide the 3 input'):
+    _shapes(model, 8)
+  # 8x8 CIFAR input: stage 4 maps are 1x1, which a 2x2 block cannot tile.
+  model = _tiny('cdg', block=(2, 2, 1))
+  with pytest.raises(ValueError, match=r'block=\(2, 2, 1\).*height 2 does not divide 1'):
+    _shapes(model, 8)
+  model = _tiny('cdg', groups=3)
+  with pytest.raises(ValueError, match='groups=3 does not divide the 8 input'):
+    _shapes(model, 8)
