@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from cdg_jax import augment
+
 VARIANTS = ('smoke', 'dense', 'structured')
 
 
@@ -42,8 +44,23 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       name='resnet18', stem='cifar', width=64))
   config.gating = gating_config()
+  # Input pipeline (cdg_jax/input_pipeline.py).
   config.data = ml_collections.ConfigDict(dict(
-      source='tfds', dataset='cifar10', image_size=32, num_classes=10))
+      source='tfds',               # 'tfds' | 'npz' | 'fake'
+      dataset='cifar10',           # tfds: cifar10 | cifar100 | imagenet100 |
+                                   # imagenet2012
+      data_dir='',                 # TFDS data dir; '' = ~/tensorflow_datasets
+      npz_path='',                 # npz: x_train, y_train, x_test, y_test
+      image_size=32,               # host resolution (square)
+      num_classes=10,
+      fake_num_train=10_000,       # fake: synthetic examples per split
+      fake_num_test=2_000,
+      shuffle_buffer=10_000,       # ImageNet stream only; arrays shuffle fully
+      prefetch=2,                  # host batches prepared ahead
+  ))
+  # On-device augmentation (cdg_jax/augment.py); mean/std per dataset.
+  config.augment = augment.augment_preset('simclr_cifar', 32)
+  config.augment.image_size = config.data.get_ref('image_size')
   return config
 
 
@@ -60,6 +77,8 @@ def apply_variants(config: ml_collections.ConfigDict,
       config.model.width = 8
       config.data.source = 'fake'
       config.data.image_size = 16
+      config.data.fake_num_train = 512
+      config.data.fake_num_test = 200
     elif variant == 'dense':
       config.gating.kind = 'none'
     elif variant == 'structured':
