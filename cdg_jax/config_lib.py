@@ -44,6 +44,31 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       name='resnet18', stem='cifar', width=64))
   config.gating = gating_config()
+  # Self-supervised framework and its heads (see cdg_jax/ssl.py).
+  config.framework = 'simclr'      # 'simclr' | 'mocov2' | 'byol' | 'simsiam'
+  config.ssl = ml_collections.ConfigDict(dict(
+      projector_hidden_dims=(2048,),
+      projector_dim=128,
+      projector_last_bn=False,
+      predictor_hidden_dims=(),    # BYOL/SimSiam set theirs
+      predictor_dim=0,
+      temperature=0.5,             # SimCLR NT-Xent / MoCo InfoNCE
+      queue_size=4096,             # MoCo negatives
+      base_tau=0.99,               # EMA of the target encoder
+      tau_schedule='cosine',       # 'cosine' (BYOL: base -> 1) | 'constant'
+  ))
+  config.optim = ml_collections.ConfigDict(dict(
+      name='lars',                 # 'lars' | 'sgd'
+      base_learning_rate=1.0,      # scaled by batch_size / 256
+      weight_decay=1e-6,           # not applied to biases, norms, thresholds
+      momentum=0.9,
+      trust_coefficient=1e-3,      # LARS
+      warmup_epochs=10.0,
+  ))
+  config.probe = ml_collections.ConfigDict(dict(learning_rate=1e-3))
+  config.batch_size = 256          # global, images (each gives two views)
+  config.num_epochs = 800.0
+  config.num_steps = -1            # > 0 overrides num_epochs
   # Input pipeline (cdg_jax/input_pipeline.py).
   config.data = ml_collections.ConfigDict(dict(
       source='tfds',               # 'tfds' | 'npz' | 'fake'
@@ -74,6 +99,7 @@ def apply_variants(config: ml_collections.ConfigDict,
   """
   for variant in [v.strip() for v in (arg or '').split(',') if v.strip()]:
     if variant == 'smoke':
+      config.model.name = 'resnet10'
       config.model.width = 8
       config.data.source = 'fake'
       config.data.image_size = 16

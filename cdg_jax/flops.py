@@ -122,6 +122,8 @@ def layer_costs(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
     if context.method_name != '__call__':
       return out
     module = context.module
+    if not isinstance(module, (GatedConv, nn.Conv, nn.Dense)):
+      return out
     name = '/'.join(module.path)
     inputs = args[0]
     per_example = tuple(out.shape[1:])

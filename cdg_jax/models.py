@@ -1,4 +1,4 @@
-"""Gated ResNet-18/34/50 in Flax Linen, with CIFAR and ImageNet stems.
+"""Gated ResNet-10/18/34/50 in Flax Linen, with CIFAR and ImageNet stems.
 
 Every convolution is a `GatedConv`; whether it is gated is decided by its role
 ('stem', 'block_3x3', 'block_1x1', 'shortcut') and `gating.layers`. With
@@ -137,6 +137,9 @@ class ResNet(nn.Module):
 
 
 ARCHITECTURES = {
+    # One block per stage: the smallest of the family, for smoke runs and tests
+    # (half the layers of ResNet-18, so about half the compile time).
+    'resnet10': ((1, 1, 1, 1), BasicBlock),
     'resnet18': ((2, 2, 2, 2), BasicBlock),
     'resnet34': ((3, 4, 6, 3), BasicBlock),
     'resnet50': ((3, 4, 6, 3), Bottleneck),

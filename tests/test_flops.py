@@ -125,5 +125,5 @@ def test_flops_command_prints_table():
        f'--config={root}/configs/default.py:smoke', '--batch_size=4'],
       capture_output=True, text=True, env=env, cwd=root, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert 'stage4_block1/conv2' in result.stdout
+  assert 'stage4_block0/conv2' in result.stdout
   assert 'reduction' in result.stdout
