@@ -1,0 +1,383 @@
+"""Tests of the kNN monitor, feature extraction, test-set FLOPs and linear eval.
+
+Tiny on purpose (width-8 ResNet-10, 16x16 images, a few dozen examples): the
+properties tested do not depend on size.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdg_jax import augment
+from cdg_jax import checkpoints
+from cdg_jax import config_lib
+from cdg_jax import evaluation
+from cdg_jax import flops
+from cdg_jax import input_pipeline
+from cdg_jax import linear_eval
+from cdg_jax import models
+from cdg_jax import parallel
+
+NUM_CLASSES = 4
+# Split sizes that are not multiples of the batch: the last batch is padded.
+NUM_TRAIN, NUM_TEST, BATCH = 37, 23, 8
+
+
+# ---------------------------------------------------------------------------
+# kNN.
+# ---------------------------------------------------------------------------
+
+# Bank on the unit circle (after normalisation) and one query along +x:
+#   entry     direction      label  cosine with the query
+#   [1, 0]    0 deg          0      1
+#   [1, 1]    45 deg         1      0.7071
+#   [0, 2]    90 deg         1      0
+#   [-1, 0]   180 deg        0      -1
+BANK = np.array([[1., 0.], [1., 1.], [0., 2.], [-1., 0.]], np.float32)
+BANK_LABELS = np.array([0, 1, 1, 0])
+QUERY = np.array([[3., 0.]], np.float32)
+
+
+def test_knn_weighted_vote_by_hand():
+  # k=3 takes the first three entries. Votes at T=0.1:
+  #   class 0: exp(1/0.1) = 22026;  class 1: exp(0.7071/0.1) + exp(0) = 1177.
+  # A plain majority vote would say class 1 (two neighbours against one).
+  ranked = evaluation.knn_predict(BANK, BANK_LABELS, QUERY, 2, k=3,
+                                  temperature=0.1)
+  np.testing.assert_array_equal(ranked, [[0, 1]])
+  # At T=100 the weights are nearly equal (1.010, 1.007, 1.000): the two
+  # class-1 votes (2.007) beat the single class-0 vote (1.010).
+  ranked = evaluation.knn_predict(BANK, BANK_LABELS, QUERY, 2, k=3,
+                                  temperature=100.0)
+  np.testing.assert_array_equal(ranked, [[1, 0]])
+  # k=2: class 0 gets exp(10), class 1 exp(7.07); class 0 wins at any T.
+  result = evaluation.knn_classify(BANK, BANK_LABELS, QUERY, np.array([0]), 2,
+                                   k=2, temperature=100.0)
+  assert result == {'top1': 1.0, 'top5': 1.0}
+  result = evaluation.knn_classify(BANK, BANK_LABELS, QUERY, np.array([1]), 2,
+                                   k=2, temperature=0.1)
+  assert result == {'top1': 0.0, 'top5': 1.0}  # Two classes: top-5 is all.
+
+
+def test_knn_small_temperature_does_not_overflow():
+  # exp(1 / 1e-3) overflows float32: with naive weights both classes would
+  # get inf votes and the tie would go to class 0. The nearest entry is class 1
+  # here, so it must win.
+  ranked = evaluation.knn_predict(BANK, 1 - BANK_LABELS, QUERY, 2, k=3,
+                                  temperature=1e-3)
+  np.testing.assert_array_equal(ranked, [[1, 0]])
+
+
+def _knn_reference(bank, bank_labels, queries, num_classes, k, temperature):
+  """Brute-force numpy kNN, float64."""
+  bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+  queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+  sim = queries.astype(np.float64) @ bank.T.astype(np.float64)
+  ranked = []
+  for row in sim:
+    nearest = np.argsort(-row)[:k]
+    votes = np.zeros(num_classes)
+    np.add.at(votes, bank_labels[nearest], np.exp(row[nearest] / temperature))
+    ranked.append(np.argsort(-votes, kind='stable')[:min(5, num_classes)])
+  return np.array(ranked)
+
+
+def test_knn_matches_reference_with_chunking():
+  rng = np.random.default_rng(0)
+  bank = rng.normal(size=(50, 6)).astype(np.float32)
+  labels = rng.integers(0, 7, 50)
+  queries = rng.normal(size=(13, 6)).astype(np.float32)
+  expected = _knn_reference(bank, labels, queries, 7, k=9, temperature=0.5)
+  # 13 queries in chunks of 4: the last chunk is padded.
+  ranked = evaluation.knn_predict(bank, labels, queries, 7, k=9,
+                                  temperature=0.5, chunk_size=4)
+  np.testing.assert_array_equal(ranked, expected)
+  assert ranked.shape == (13, 5)
+  result = evaluation.knn_classify(bank, labels, queries, expected[:, 0], 7,
+                                   k=9, temperature=0.5, chunk_size=4)
+  assert result['top1'] == 1.0
+
+
+def test_knn_invariant_to_bank_permutation_and_feature_scale():
+  rng = np.random.default_rng(1)
+  bank = rng.normal(size=(40, 5)).astype(np.float32)
+  labels = rng.integers(0, 6, 40)
+  queries = rng.normal(size=(11, 5)).astype(np.float32)
+  ranked = evaluation.knn_predict(bank, labels, queries, 6, k=7)
+  perm = rng.permutation(40)
+  scale = rng.uniform(0.1, 10.0, (40, 1)).astype(np.float32)
+  permuted = evaluation.knn_predict(bank[perm] * scale, labels[perm], queries,
+                                    6, k=7)
+  np.testing.assert_array_equal(ranked[:, 0], permuted[:, 0])
+
+
+def test_knn_k_larger_than_bank_uses_whole_bank():
+  default_k = evaluation.knn_predict(BANK, BANK_LABELS, QUERY, 2)  # k=200
+  np.testing.assert_array_equal(
+      default_k, evaluation.knn_predict(BANK, BANK_LABELS, QUERY, 2, k=4))
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(k=0), 'k must be >= 1'),
+    (dict(temperature=0.0), 'temperature must be > 0'),
+    (dict(num_classes=1), r'outside \[0, 1\)'),
+    (dict(test_features=np.zeros((1, 3), np.float32)), r'must be \(Q, 2\)'),
+])
+def test_knn_rejects_bad_input(kwargs, message):
+  args = dict(train_features=BANK, train_labels=BANK_LABELS,
+              test_features=QUERY, num_classes=2)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=message):
+    evaluation.knn_predict(**args)
+
+
+# ---------------------------------------------------------------------------
+# Feature extraction, kNN eval and FLOPs on a tiny gated backbone.
+# ---------------------------------------------------------------------------
+
+
+def tiny_config():
+  config = config_lib.apply_variants(config_lib.base_config(), 'smoke')
+  config.data.num_classes = NUM_CLASSES
+  config.eval.batch_size = BATCH
+  return config
+
+
+def _init(backbone):
+  # Jitted: op-by-op initialisation of even a tiny ResNet takes seconds.
+  return jax.jit(lambda key: backbone.init(key, jnp.zeros((1, 16, 16, 3)),
+                                           train=False))(jax.random.key(0))
+
+
+def _perturb_stats(variables, seed=0):
+  """Random running statistics, so eval mode differs clearly from train mode
+  and gate densities are not all alike."""
+  rng = np.random.default_rng(seed)
+
+  def perturb(path, x):
+    name = path[-1].key
+    if name.endswith('mean'):
+      return x + rng.normal(0, 0.3, x.shape).astype(np.float32)
+    return x * rng.uniform(0.5, 2.0, x.shape).astype(np.float32)
+
+  stats = jax.tree_util.tree_map_with_path(perturb, variables['batch_stats'])
+  return {'params': variables['params'], 'batch_stats': stats}
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  config = tiny_config()
+  backbone = models.create_resnet(config.model, config.gating)
+  variables = _init(backbone)
+  variables = _perturb_stats(variables)
+  rng = np.random.default_rng(0)
+  # Smooth images (upsampled 4x4 noise) so features vary between images.
+  def images(n):
+    small = rng.integers(0, 256, (n, 4, 4, 3)).astype(np.uint8)
+    return small.repeat(4, axis=1).repeat(4, axis=2)
+  source = input_pipeline.ArraySource(
+      images(NUM_TRAIN), rng.integers(0, NUM_CLASSES, NUM_TRAIN),
+      images(NUM_TEST), rng.integers(0, NUM_CLASSES, NUM_TEST), NUM_CLASSES)
+  mesh = parallel.make_mesh()
+  assert mesh.devices.size == 2, 'conftest.py sets two host devices'
+  return config, backbone, variables, source, mesh
+
+
+def _direct(backbone, variables, images, config, train=False):
+  """Reference: plain `apply` on exactly these images (one device, no mask)."""
+
+  @jax.jit
+  def apply(variables, images):
+    x = augment.preprocess_eval(images, config.augment)
+    features, state = backbone.apply(variables, x, train=train,
+                                     mutable=['gating', 'batch_stats'])
+    return features, flops.mean_densities(state['gating'])
+
+  features, densities = apply(variables, jnp.asarray(images))
+  return np.asarray(features), densities
+
+
+def test_extract_features_counts_each_example_once_in_eval_mode(tiny):
+  config, backbone, variables, source, mesh = tiny
+  forward = evaluation._eval_forward(backbone, tuple(config.augment.mean),
+                                     tuple(config.augment.std), mesh)
+  traces_before = forward._cache_size()
+  result = {split: evaluation.extract_features(
+      backbone, variables, source, split, BATCH, config.augment, mesh)
+            for split in ('train', 'test')}
+  # Both splits, padded last batches included: at most one compilation.
+  assert forward._cache_size() - traces_before <= 1
+
+  for split, n in (('train', NUM_TRAIN), ('test', NUM_TEST)):
+    images = source._images[split]
+    assert result[split]['features'].shape == (n, 64)
+    assert result[split]['features'].dtype == np.float32
+    np.testing.assert_array_equal(result[split]['labels'],
+                                  source._labels[split])
+    features, densities = _direct(backbone, variables, images, config)
+    np.testing.assert_allclose(result[split]['features'], features,
+                               rtol=1e-4, atol=1e-5)
+    assert set(result[split]['densities']) == set(densities)
+    for name, value in densities.items():
+      np.testing.assert_allclose(result[split]['densities'][name], value,
+                                 atol=1e-6)
+
+  # The check above would catch padding leaking into the densities: over the
+  # padded batches they differ.
+  padded = np.zeros((3 * BATCH, 16, 16, 3), np.uint8)
+  padded[:NUM_TEST] = source._images['test']
+  _, padded_densities = _direct(backbone, variables, padded, config)
+  assert any(abs(float(padded_densities[k]) - float(densities[k])) > 1e-3
+             for k in densities)
+  # And train-mode features (batch statistics) differ from eval mode's.
+  train_mode, _ = _direct(backbone, variables, source._images['test'], config,
+                          train=True)
+  assert not np.allclose(train_mode, result['test']['features'], atol=1e-3)
+
+
+def test_extract_features_rejects_batch_not_divisible_by_devices(tiny):
+  config, backbone, variables, source, mesh = tiny
+  with pytest.raises(ValueError, match='not divisible by the 2 devices'):
+    evaluation.extract_features(backbone, variables, source, 'test', 7,
+                                config.augment, mesh)
+
+
+def test_knn_eval_reports_accuracy_and_test_set_flops(tiny):
+  config, backbone, variables, source, mesh = tiny
+  metrics = evaluation.knn_eval(backbone, variables, source, config, mesh)
+  assert set(metrics) == {'knn_top1', 'knn_top5', 'flops_reduction',
+                          'gate_density', 'layer_density'}
+  assert 0.0 <= metrics['knn_top1'] <= metrics['knn_top5'] <= 1.0
+  test = evaluation.extract_features(backbone, variables, source, 'test',
+                                     BATCH, config.augment, mesh)
+  assert metrics['layer_density'] == pytest.approx(test['densities'])
+  gated = [c.name for c in flops.layer_costs(
+      backbone, variables, jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32),
+      train=False) if c.gated]
+  assert sorted(metrics['layer_density']) == sorted(gated)
+  assert 0.0 < metrics['gate_density'] < 1.0
+  assert metrics['flops_reduction'] > 1.0
+
+
+def test_set_flops_from_densities(tiny):
+  _, backbone, variables, _, _ = tiny
+  costs = flops.layer_costs(
+      backbone, variables, jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32),
+      train=False)
+  gated = [c for c in costs if c.gated]
+  full = evaluation.test_set_flops(backbone, variables,
+                                   {c.name: 1.0 for c in gated}, 16)
+  assert full.reduction == pytest.approx(1.0)
+  # All gates shut: a gated layer costs 1/G of its dense MACs (G = 4).
+  empty = evaluation.test_set_flops(backbone, variables,
+                                    {c.name: 0.0 for c in gated}, 16)
+  dense = sum(c.macs for c in costs if c.part == 'backbone')
+  saved = sum(c.macs * 3 / 4 for c in gated)
+  assert empty.reduction == pytest.approx(dense / (dense - saved))
+  with pytest.raises(ValueError, match='No measured density'):
+    evaluation.test_set_flops(backbone, variables, {}, 16)
+  # A dense backbone needs no densities and has no reduction.
+  config = tiny_config()
+  config.gating.kind = 'none'
+  dense_backbone = models.create_resnet(config.model, config.gating)
+  dense_variables = jax.eval_shape(lambda: _init(dense_backbone))
+  report = evaluation.test_set_flops(dense_backbone, dense_variables, {},
+                                     (16, 16))
+  assert report.reduction == 1.0 and report.gated_density is None
+  assert report.backbone_dense_macs == dense
+
+
+# ---------------------------------------------------------------------------
+# Linear evaluation.
+# ---------------------------------------------------------------------------
+
+
+def test_linear_classifier_separates_separable_features():
+  rng = np.random.default_rng(0)
+  centers = rng.normal(size=(5, 16)) * 4.0
+
+  def make(n):
+    labels = rng.integers(0, 5, n)
+    return centers[labels] + rng.normal(size=(n, 16)), labels
+
+  train_x, train_y = make(300)
+  test_x, test_y = make(100)
+  # Shifted and scaled like real features; standardisation undoes it.
+  train_x, test_x = linear_eval.standardize(train_x * 30 + 50, test_x * 30 + 50)
+  np.testing.assert_allclose(train_x.mean(0), 0, atol=1e-5)
+  np.testing.assert_allclose(train_x.std(0), 1, atol=1e-4)
+  params, losses = linear_eval.train_linear_classifier(
+      train_x, train_y, 5, epochs=20, batch_size=64, learning_rate=0.1,
+      weight_decay=1e-4)
+  assert params['kernel'].shape == (16, 5)
+  assert losses.shape == (20,) and losses[-1] < 0.25 * losses[0]
+  assert linear_eval.classifier_accuracy(params, train_x, train_y)['top1'] > 0.99
+  assert linear_eval.classifier_accuracy(params, test_x, test_y)['top1'] > 0.97
+
+
+def test_classifier_accuracy_by_hand():
+  params = {'kernel': np.eye(6, dtype=np.float32),
+            'bias': np.zeros(6, np.float32)}
+  # Logits are the features; class 5 ranks 6th in the second row.
+  features = np.array([[0, 0, 0, 9, 0, 0], [6, 5, 4, 3, 2, 1]], np.float32)
+  result = linear_eval.classifier_accuracy(params, features, np.array([3, 5]))
+  assert result == {'top1': 0.5, 'top5': 0.5}
+
+
+def test_standardize_leaves_constant_dimensions_finite():
+  train = np.array([[1.0, 3.0], [3.0, 3.0]])
+  test = np.array([[2.0, 100.0]])
+  train_s, test_s = linear_eval.standardize(train, test)
+  np.testing.assert_allclose(train_s, [[-1, 0], [1, 0]])
+  np.testing.assert_allclose(test_s, [[0, 97]])
+
+
+def _export_tiny_backbone(workdir):
+  config = config_lib.apply_variants(config_lib.base_config(), 'smoke')
+  config.data.fake_num_train = 60
+  config.data.fake_num_test = 30
+  config.eval.batch_size = 16          # 60 and 30 are not multiples of 16
+  config.linear_eval.epochs = 10
+  config.linear_eval.batch_size = 16
+  backbone = models.create_resnet(config.model, config.gating)
+  variables = _init(backbone)
+  checkpoints.export_backbone(workdir, variables['params'],
+                              variables['batch_stats'])
+  checkpoints.write_config(config, workdir)
+  return config
+
+
+def test_run_linear_eval_end_to_end(tmp_path):
+  workdir = str(tmp_path)
+  config = _export_tiny_backbone(workdir)
+  # The command line's config asks for another network: the workdir's wins.
+  config.model.width = 16
+  config.lock()
+  results = linear_eval.run_linear_eval(config, workdir)
+  assert results['feature_dim'] == 64          # width 8 * 8, not 16 * 8
+  assert results['model']['width'] == 8
+  assert any('model' in note for note in results['config_notes'])
+  assert results['num_train'] == 60 and results['num_test'] == 30
+  assert 0.0 <= results['top1'] <= results['top5'] <= 1.0
+  assert results['flops_reduction'] > 1.0      # gated network, random gates
+  assert 0.0 < results['gate_density'] < 1.0
+  with open(os.path.join(workdir, linear_eval.RESULTS_FILE)) as f:
+    written = json.load(f)
+  assert written['top1'] == results['top1']
+  assert written['flops']['flops_reduction'] == pytest.approx(
+      results['flops_reduction'])
+  summary = linear_eval.format_summary(results, workdir)
+  assert 'FLOPs reduction' in summary and 'note:' in summary
+
+
+def test_run_linear_eval_without_backbone(tmp_path):
+  config = tiny_config()
+  with pytest.raises(FileNotFoundError, match='config.json'):
+    linear_eval.run_linear_eval(config, str(tmp_path))
+  checkpoints.write_config(config, str(tmp_path))
+  with pytest.raises(FileNotFoundError, match='No exported backbone'):
+    linear_eval.run_linear_eval(config, str(tmp_path))
