@@ -69,6 +69,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.batch_size = 256          # global, images (each gives two views)
   config.num_epochs = 800.0
   config.num_steps = -1            # > 0 overrides num_epochs
+  # Training program (cdg_jax/train.py).
+  config.log_every_steps = 50      # metrics are fetched from device only here
+  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2))
+  config.cpu_devices = 0           # CPU only: devices to split the host into
+                                   # (0: one per core; 1: leave XLA alone)
+  config.plot_images = 4           # test images in the end-of-run mask plot
   # Input pipeline (cdg_jax/input_pipeline.py).
   config.data = ml_collections.ConfigDict(dict(
       source='tfds',               # 'tfds' | 'npz' | 'fake'
@@ -86,6 +92,22 @@ def base_config() -> ml_collections.ConfigDict:
   # On-device augmentation (cdg_jax/augment.py); mean/std per dataset.
   config.augment = augment.augment_preset('simclr_cifar', 32)
   config.augment.image_size = config.data.get_ref('image_size')
+  # Evaluation (cdg_jax/evaluation.py): weighted kNN monitor (bank = train
+  # split, queries = test split) and FLOPs measured on the test split.
+  config.eval = ml_collections.ConfigDict(dict(
+      knn_k=200,
+      knn_temperature=0.1,
+      batch_size=500,              # rounded up to a multiple of the devices
+      every_steps=0,
+  ))
+  # Linear evaluation on frozen features (cdg_jax/linear_eval.py): SGD with
+  # Nesterov momentum and cosine decay on standardised features.
+  config.linear_eval = ml_collections.ConfigDict(dict(
+      epochs=100,
+      batch_size=256,
+      learning_rate=0.1,
+      weight_decay=1e-4,           # L2 on the weights, not the bias
+  ))
   return config
 
 
@@ -105,6 +127,17 @@ def apply_variants(config: ml_collections.ConfigDict,
       config.data.image_size = 16
       config.data.fake_num_train = 512
       config.data.fake_num_test = 200
+      config.ssl.projector_hidden_dims = (64,)
+      config.ssl.projector_dim = 32
+      if config.ssl.predictor_dim > 0:
+        config.ssl.predictor_hidden_dims = (64,)
+        config.ssl.predictor_dim = 32
+      config.ssl.queue_size = 128
+      config.batch_size = 32
+      config.num_steps = 20
+      config.optim.warmup_epochs = 0.0
+      config.log_every_steps = 5
+      config.checkpoint.every_steps = 10
     elif variant == 'dense':
       config.gating.kind = 'none'
     elif variant == 'structured':
@@ -113,3 +146,26 @@ def apply_variants(config: ml_collections.ConfigDict,
       raise ValueError(f'Unknown config variant {variant!r}; expected any of '
                        f'{VARIANTS}, comma-separated.')
   return config
+
+
+def _field_paths(config, prefix=''):
+  paths = set()
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      paths |= _field_paths(value, f'{prefix}{key}.')
+    else:
+      paths.add(f'{prefix}{key}')
+  return paths
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming fields that `base_config()` does not define.
+
+  A typo in a config file (`config.gating.grups = 2`) would otherwise add a
+  new, silently ignored field.
+  """
+  known = _field_paths(base_config())
+  unknown = sorted(_field_paths(config) - known)
+  if unknown:
+    raise ValueError(f'Unknown config field(s) {unknown}: not defined in '
+                     f'cdg_jax.config_lib.base_config() (a typo?).')

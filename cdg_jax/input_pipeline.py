@@ -347,22 +347,30 @@ class ArraySource(Source):
 
 
 def fake_arrays(num_examples: int, image_size: int, num_classes: int,
-                seed: int) -> tuple[np.ndarray, np.ndarray]:
+                seed: int, class_seed: int = FAKE_DATA_SEED
+                ) -> tuple[np.ndarray, np.ndarray]:
   """Synthetic images whose colour and coarse pattern depend on the class.
 
   Each class has a mean colour and a 4x4 pattern of offsets upsampled to the
   image; each image adds Gaussian noise (std 24). Labels are balanced and in
   random order. Learnable enough that a smoke run's kNN beats chance.
 
+  The class colours and patterns come from `class_seed`, labels and noise from
+  `seed`: train and test splits share classes (different `seed`, same
+  `class_seed`), so a model that learns on one can be evaluated on the other.
+
   Returns:
     images uint8 (num_examples, image_size, image_size, 3), labels int32.
   """
+  class_rng = np.random.default_rng(class_seed)
+  colours = class_rng.uniform(48, 208, (num_classes, 1, 1, 3)).astype(
+      np.float32)
+  patterns = class_rng.uniform(-40, 40, (num_classes, 4, 4, 3)).astype(
+      np.float32)
   rng = np.random.default_rng(seed)
   labels = rng.permutation(np.arange(num_examples) % num_classes).astype(
       np.int32)
-  colours = rng.uniform(48, 208, (num_classes, 1, 1, 3)).astype(np.float32)
   cells = -(-image_size // 4)  # Pattern cells are ceil(size / 4) pixels.
-  patterns = rng.uniform(-40, 40, (num_classes, 4, 4, 3)).astype(np.float32)
   patterns = patterns.repeat(cells, axis=1).repeat(cells, axis=2)
   patterns = patterns[:, :image_size, :image_size] + colours
   images = np.empty((num_examples, image_size, image_size, 3), np.uint8)

@@ -1,0 +1,142 @@
+"""Checkpoints (orbax), the resolved config, and the exported backbone.
+
+Layout of a workdir:
+
+  config.json          the resolved config of the run (checked on resume)
+  checkpoints/<step>/  full train state, the last `checkpoint.keep` kept
+  backbone/            exported backbone: params, batch stats (incl. the
+                       saliency statistics) and thresholds -- load it with
+                       `load_backbone(workdir)` in other code
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from cdg_jax import models
+
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+BACKBONE_DIR = 'backbone'
+# Fields whose change makes an existing checkpoint unusable for this run.
+STRUCTURAL_FIELDS = ('framework', 'model', 'gating.kind', 'gating.groups',
+                     'gating.layers', 'gating.saliency_norm', 'gating.branches',
+                     'ssl.projector_hidden_dims', 'ssl.projector_dim',
+                     'ssl.projector_last_bn', 'ssl.predictor_hidden_dims',
+                     'ssl.predictor_dim', 'ssl.queue_size', 'optim.name',
+                     'data.num_classes', 'data.image_size')
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _config_dict(config) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def check_compatible(config, workdir: str) -> None:
+  """Raises ValueError listing the fields that differ from the workdir's run.
+
+  Only fields that change the shapes or meaning of the saved state count
+  (`STRUCTURAL_FIELDS`); schedules, logging and evaluation may change between
+  a run and its continuation.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = _flatten(json.load(f))
+  current = _flatten(_config_dict(config))
+  differ = []
+  for key in sorted(set(saved) | set(current)):
+    if not any(key == f or key.startswith(f + '.') for f in STRUCTURAL_FIELDS):
+      continue
+    if saved.get(key) != current.get(key):
+      differ.append(f'{key}: checkpoint {saved.get(key)!r}, config '
+                    f'{current.get(key)!r}')
+  if differ:
+    raise ValueError(
+        f'The checkpoint in {workdir} comes from an incompatible config; these '
+        f'fields differ:\n  ' + '\n  '.join(differ) +
+        '\nUse a new --workdir, or the config the checkpoint was trained with.')
+
+
+def write_config(config, workdir: str) -> None:
+  """Writes the resolved config as JSON (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config saved in a workdir."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No {CONFIG_FILE} in {workdir}: is it the workdir '
+                            f'of a cdg_jax run?')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def checkpoint_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
+  """Orbax manager over `<workdir>/checkpoints`, keeping the last `keep`."""
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def save(manager: ocp.CheckpointManager, state, step: int) -> None:
+  """Saves the train state asynchronously (wait before exiting)."""
+  manager.save(step, args=ocp.args.StandardSave(state))
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state):
+  """Restores the latest checkpoint into `abstract_state`'s structure and
+  shardings, or returns None when there is none."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def export_backbone(workdir: str, params, batch_stats) -> str:
+  """Writes the online backbone's variables to `<workdir>/backbone`."""
+  path = os.path.abspath(os.path.join(workdir, BACKBONE_DIR))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, {'params': params, 'batch_stats': batch_stats},
+                    force=True)
+  checkpointer.wait_until_finished()
+  return path
+
+
+def load_backbone(workdir: str):
+  """Loads an exported backbone for use in other code.
+
+  Returns:
+    (config, backbone, variables): the run's config, the `models.ResNet`
+    module (gated as trained) and its variables, ready for
+    `backbone.apply(variables, images, train=False)` -> (N, D) features.
+    Add `mutable=['gating']` to get per-sample gate densities too.
+  """
+  config = read_config(workdir)
+  path = os.path.abspath(os.path.join(workdir, BACKBONE_DIR))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No exported backbone at {path}; it is written at '
+                            f'the end of a training run.')
+  variables = ocp.StandardCheckpointer().restore(path)
+  backbone = models.create_resnet(config.model, config.gating)
+  return config, backbone, variables

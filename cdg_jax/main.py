@@ -1,0 +1,51 @@
+r"""Pretrains a CDG-gated ResNet with self-supervised learning.
+
+  python -m cdg_jax.main --config=configs/byol_cifar100.py --workdir=/tmp/byol
+  python -m cdg_jax.main --config=configs/byol_cifar100.py:smoke --workdir=/tmp/s
+
+Re-running with the same --workdir resumes from its latest checkpoint.
+Override any config field on the command line, e.g. `--config.batch_size=512`.
+"""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from cdg_jax import parallel
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, optionally with variants: file.py:smoke,dense.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Directory for checkpoints, metrics and results.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  # Before JAX starts: on a CPU-only host, one XLA device per core (the flag
+  # does nothing on GPU/TPU machines).
+  parallel.split_host_into_devices(config.cpu_devices)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  # TF only reads data here; keep it off the accelerators JAX uses.
+  tf.config.set_visible_devices([], 'GPU')
+  parallel.initialize_distributed()
+  import jax  # pylint: disable=g-import-not-at-top
+  from cdg_jax import train  # pylint: disable=g-import-not-at-top
+  logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  train.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,270 @@
+"""The training program: pretraining with CDG, checkpoints, evaluation, reports.
+
+`train_and_evaluate(config, workdir)` is what `cdg_jax.main` calls and what
+tests call directly. It resumes automatically from the latest checkpoint in
+`workdir`, logs metrics (TensorBoard events, `metrics.jsonl`, console), runs
+the kNN monitor every `eval.every_steps` steps and at the end, and writes an
+end-of-run summary (`summary.json`), the exported backbone and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging
+from clu import metric_writers
+from clu import parameter_overview
+from clu import periodic_actions
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from cdg_jax import checkpoints
+from cdg_jax import config_lib
+from cdg_jax import evaluation
+from cdg_jax import input_pipeline
+from cdg_jax import models
+from cdg_jax import parallel
+from cdg_jax import plots
+from cdg_jax import ssl
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+METRICS_FILE = 'metrics.jsonl'
+SUMMARY_FILE = 'summary.json'
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Appends one JSON object per `write_scalars` call to a file."""
+
+  def __init__(self, path: str):
+    self._path = path
+
+  def write_scalars(self, step, scalars):
+    record = {'step': int(step)}
+    record.update({k: float(v) for k, v in scalars.items()})
+    with open(self._path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Creates `workdir` and checks it is writable, with a clear error if not."""
+  if not workdir:
+    raise ValueError('A --workdir is required.')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f'workdir {workdir!r} is not writable: {e}') from e
+  return workdir
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+  """Flattens fetched metrics ('layer_density' -> 'density/<layer>')."""
+  out = {}
+  for key, value in metrics.items():
+    if key == 'layer_density':
+      out.update({f'density/{name}': float(v) for name, v in value.items()})
+    else:
+      out[key] = float(value)
+  return out
+
+
+def _eval_scalars(results: dict[str, Any]) -> dict[str, float]:
+  return {f'eval/{k}': float(v) for k, v in results.items()
+          if isinstance(v, (int, float, np.floating, np.integer))}
+
+
+def backbone_variables(state: ssl.TrainState) -> dict[str, Any]:
+  """The online backbone's variables (params incl. thresholds, batch stats)."""
+  return {'params': state.params['backbone'],
+          'batch_stats': state.batch_stats.get('backbone', {})}
+
+
+def _create_state(config, networks, num_train, mesh):
+  create = lambda rng: ssl.create_train_state(config, networks, num_train, rng)
+  return jax.jit(create, out_shardings=parallel.replicated(mesh))(
+      jax.random.key(config.seed))
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Pretrains with CDG under `config.framework`, evaluates, reports.
+
+  Args:
+    config: a config from `configs/` (see `cdg_jax.config_lib`).
+    workdir: where checkpoints, metrics, summary, backbone and plots go; a
+      run already there is resumed.
+
+  Returns:
+    The end-of-run summary (also written to `<workdir>/summary.json`): kNN
+    top-1/top-5, FLOPs reduction and gate densities measured on the test set,
+    the last training metrics, steps and wall time.
+  """
+  start_time = time.time()
+  config_lib.check_fields(config)
+  prepare_workdir(workdir)
+  checkpoints.check_compatible(config, workdir)
+  checkpoints.write_config(config, workdir)
+  is_main = jax.process_index() == 0
+
+  source = input_pipeline.create_source(config.data)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_divisible(config.batch_size, mesh)
+  parallel.check_batch_divisible(config.eval.batch_size, mesh,
+                                 'eval.batch_size')
+  num_train = source.num_train
+  total_steps = ssl.total_steps(config, num_train)
+  networks = ssl.build_networks(config)
+  backbone = models.create_resnet(config.model, config.gating)
+
+  state = _create_state(config, networks, num_train, mesh)
+  manager = checkpoints.checkpoint_manager(workdir, config.checkpoint.keep)
+  restored = checkpoints.restore_latest(manager, state)
+  if restored is not None:
+    state = restored
+    logging.info('Resumed from %s at step %d.', manager.directory,
+                 int(state.step))
+  start_step = int(state.step)
+
+  writer = metric_writers.MultiWriter(
+      [metric_writers.create_default_writer(workdir, just_logging=not is_main)]
+      + ([JsonlWriter(os.path.join(workdir, METRICS_FILE))] if is_main else []))
+  if start_step == 0:
+    parameter_overview.log_parameter_overview(state.params)
+    writer.write_hparams({k: v for k, v in scalar_hparams(config).items()})
+
+  train_step = ssl.jit_train_step(
+      ssl.make_train_step(config, networks, num_train,
+                          ssl.online_costs(config, networks)), mesh)
+  batches = input_pipeline.prefetch(
+      (input_pipeline.shard_batch(b, mesh) for b in source.train_batches(
+          config.batch_size, config.seed, start_step)),
+      config.data.prefetch)
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=writer,
+      every_steps=config.log_every_steps, every_secs=None)
+  progress = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
+                       disable=not is_main, dynamic_ncols=True)
+  eval_every = config.eval.every_steps
+  last_metrics: dict[str, float] = {}
+  step = start_step
+  try:
+    while step < total_steps:
+      batch = next(batches)
+      state, metrics = train_step(state, batch)
+      step += 1
+      report_progress(step)
+      save_now = (step % config.checkpoint.every_steps == 0
+                  or step == total_steps)
+      if step % config.log_every_steps == 0 or save_now:
+        # The only host synchronisation of the loop: fetch this step's metrics.
+        last_metrics = scalar_metrics(jax.device_get(metrics))
+        if not math.isfinite(last_metrics['loss']):
+          raise FloatingPointError(
+              f'Loss is {last_metrics["loss"]} at step {step}; training '
+              f'stopped without saving this state. The last good checkpoint '
+              f'is step {manager.latest_step()} in {manager.directory}; '
+              f'resume from it with a lower learning rate or a smaller '
+              f'gating.alpha.')
+        writer.write_scalars(step, last_metrics)
+        progress.set_postfix(loss=f'{last_metrics["loss"]:.3f}',
+                             flops=f'{last_metrics["flops_reduction"]:.2f}x')
+        progress.update(step - progress.n)
+      if save_now:
+        checkpoints.save(manager, state, step)
+      if eval_every > 0 and step % eval_every == 0 and step < total_steps:
+        knn = evaluation.knn_eval(backbone, backbone_variables(state), source,
+                                  config, mesh)
+        writer.write_scalars(step, _eval_scalars(knn))
+  finally:
+    progress.close()
+    manager.wait_until_finished()
+    batches.close()
+
+  variables = backbone_variables(state)
+  knn = evaluation.knn_eval(backbone, variables, source, config, mesh)
+  writer.write_scalars(step, _eval_scalars(knn))
+  writer.flush()
+  summary = {
+      'framework': config.framework, 'model': config.model.name,
+      'gating': config.gating.kind, 'steps': step,
+      'resumed_from_step': start_step,
+      'wall_time_s': time.time() - start_time,
+      **{k: v for k, v in knn.items()},
+      'last_train_metrics': {k: v for k, v in last_metrics.items()
+                             if not k.startswith('density/')},
+  }
+  if is_main:
+    checkpoints.export_backbone(workdir, variables['params'],
+                                variables['batch_stats'])
+    with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
+      json.dump(summary, f, indent=2, default=float)
+    if config.plot_images > 0:
+      test_images = next(iter(source.eval_batches('test', config.plot_images)))
+      plots.write_run_plots(workdir, backbone, jax.device_get(variables),
+                            test_images['image'][:config.plot_images],
+                            config.augment, knn.get('layer_density'))
+    print(format_summary(summary), flush=True)
+  return summary
+
+
+def scalar_hparams(config) -> dict[str, Any]:
+  """A few headline hyperparameters for TensorBoard's HParams tab."""
+  return {'framework': config.framework, 'model': config.model.name,
+          'gating': config.gating.kind, 'batch_size': config.batch_size,
+          'groups': config.gating.groups, 'reg_weight': config.gating.weight}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  """Human-readable end-of-run summary."""
+  lines = [f'Finished {summary["framework"]} / {summary["model"]} / gating '
+           f'{summary["gating"]} after {summary["steps"]} steps '
+           f'({summary["wall_time_s"]:.0f} s).',
+           f'kNN top-1 {100 * summary["knn_top1"]:.2f}%, top-5 '
+           f'{100 * summary["knn_top5"]:.2f}% (test set); backbone FLOPs '
+           f'reduction {summary["flops_reduction"]:.3f}x measured on the test '
+           f'set.']
+  if summary.get('layer_density'):
+    lines.append('Gate density per layer (test set):')
+    lines += [f'  {name:<32} {d:.3f}'
+              for name, d in summary['layer_density'].items()]
+  return '\n'.join(lines)

@@ -1,0 +1,41 @@
+r"""BYOL + CDG, ResNet-18 (ImageNet stem) on ImageNet-100 at 224x224.
+
+  python -m cdg_jax.main --config=configs/byol_imagenet100.py --workdir=/tmp/byol_in100
+
+Needs ImageNet prepared for TFDS (manual download):
+`tfds build imagenet2012 --manual_dir=<dir with the ILSVRC2012 tars>` and
+`--config.data.data_dir=<tfds data dir>`; the 100-class subset (CMC's list)
+is selected on the fly.
+
+Expected result: not yet measured by this project. The CDG paper reports up to
+1.65x fewer backbone FLOPs on ImageNet-100. Note: stage-4 maps are 7x7, so
+structured blocks must divide 7 there (e.g. `--config.gating.block='(1,1,8)'`).
+"""
+
+from cdg_jax import augment
+from cdg_jax import config_lib
+
+
+def get_config(arg=None):
+  config = config_lib.base_config()
+  config.framework = 'byol'
+  config.model.name = 'resnet18'
+  config.model.stem = 'imagenet'
+  config.data.dataset = 'imagenet100'
+  config.data.num_classes = 100
+  config.data.image_size = 224
+  config.augment = augment.augment_preset('byol_imagenet', 224, 'imagenet100')
+  config.augment.image_size = config.data.get_ref('image_size')
+  config.ssl.projector_hidden_dims = (4096,)
+  config.ssl.projector_dim = 256
+  config.ssl.predictor_hidden_dims = (4096,)
+  config.ssl.predictor_dim = 256
+  config.ssl.base_tau = 0.99
+  config.optim.name = 'lars'
+  config.optim.base_learning_rate = 1.0
+  config.optim.weight_decay = 1e-5
+  config.optim.warmup_epochs = 10.0
+  config.batch_size = 256
+  config.num_epochs = 400.0
+  config.checkpoint.every_steps = 2000
+  return config_lib.apply_variants(config, arg)
