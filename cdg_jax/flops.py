@@ -16,10 +16,12 @@ the masks of a forward pass (the 'gating' collection sown by gated layers).
 Convolutions form the backbone; dense layers are heads, reported separately.
 The reduction is backbone dense MACs over backbone effective MACs.
 
-Command line, for a randomly initialised network on one batch of the config's
-data (gates use batch statistics, as in training):
+Command line, for a randomly initialised network on one batch of random
+images (gates use batch statistics, as in training), or for the backbone of a
+trained run measured over its whole test split (gates in eval mode):
 
   python -m cdg_jax.flops --config=configs/default.py
+  python -m cdg_jax.flops --workdir=/tmp/smoke
 """
 
 from __future__ import annotations
@@ -306,12 +308,51 @@ def measure(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
   return flops_report(costs, jax.device_get(densities))
 
 
+def trained_report(workdir: str) -> tuple[Any, FlopsReport]:
+  """FLOPs of the backbone exported in `workdir`, measured on its test split.
+
+  Runs the backbone in eval mode (gates with running saliency statistics) over
+  the whole test split of the run's data source and averages the densities.
+
+  Returns:
+    (the run's config, the report).
+  """
+  # pylint: disable=g-import-not-at-top
+  from cdg_jax import checkpoints
+  from cdg_jax import evaluation
+  from cdg_jax import input_pipeline
+  from cdg_jax import parallel
+  # pylint: enable=g-import-not-at-top
+  config, backbone, variables = checkpoints.load_backbone(workdir)
+  source = input_pipeline.create_source(config.data)
+  mesh = parallel.make_mesh()
+  batch_size = evaluation.eval_batch_size(config.eval.batch_size, mesh)
+  densities = evaluation.extract_features(
+      backbone, variables, source, 'test', batch_size, config.augment,
+      mesh)['densities']
+  return config, evaluation.test_set_flops(backbone, variables, densities,
+                                           config.data.image_size)
+
+
 def main(argv):
-  """Prints the FLOPs table of the config's network on one random batch."""
+  """Prints the FLOPs table of a trained run, or of a config's random network."""
   del argv
+  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from cdg_jax import models  # pylint: disable=g-import-not-at-top
+  if flags.FLAGS.workdir:
+    config, report = trained_report(flags.FLAGS.workdir)
+    print(f'{config.model.name} ({config.model.stem} stem, width '
+          f'{config.model.width}), gating.kind={config.gating.kind}, trained '
+          f'in {flags.FLAGS.workdir}; gates in eval mode, densities averaged '
+          f'over the whole test split of {config.data.source}:'
+          f'{config.data.dataset}.')
+    print(report.format_table())
+    return
   config = flags.FLAGS.config
+  if config is None:
+    raise app.UsageError('Give --config (random network) or --workdir '
+                         '(trained run).')
   batch_size = flags.FLAGS.batch_size
   model = models.create_resnet(config.model, config.gating)
   size = config.data.image_size
@@ -332,8 +373,10 @@ if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'Config file.',
+  config_flags.DEFINE_config_file('config', None, 'Config file (random init).',
                                   lock_config=True)
-  flags.DEFINE_integer('batch_size', 64, 'Images in the measured batch.')
-  flags.mark_flags_as_required(['config'])
+  flags.DEFINE_string('workdir', None, 'Workdir of a trained run: measure its '
+                      'exported backbone on the test split.')
+  flags.DEFINE_integer('batch_size', 64, 'Images in the measured batch '
+                       '(random-init mode).')
   app.run(main)

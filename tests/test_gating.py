@@ -58,8 +58,9 @@ def _reference_gated_conv(x, kernel, threshold, alpha):
   n_base = x.shape[-1] // 4
   y_base = gating.conv(x[..., :n_base], kernel[:, :, :n_base])
   y_cond = gating.conv(x[..., n_base:], kernel[:, :, n_base:])
-  mean = jnp.mean(y_base, axis=(0, 1, 2))
-  var = jnp.mean(jnp.square(y_base - mean), axis=(0, 1, 2))
+  stats = jax.lax.stop_gradient(y_base)
+  mean = jnp.mean(stats, axis=(0, 1, 2))
+  var = jnp.mean(jnp.square(stats - mean), axis=(0, 1, 2))
   z = (y_base - mean) / jnp.sqrt(var + 1e-5) - threshold
   soft = jax.nn.sigmoid(alpha * z)
   hard = (z > 0).astype(z.dtype)

@@ -54,6 +54,14 @@ def test_smoke_run_writes_results_resumes_and_feeds_linear_eval(tmp_path):
   assert again['resumed_from_step'] == 20 and again['steps'] == 20
   np.testing.assert_allclose(again['knn_top1'], summary['knn_top1'])
 
+  # The FLOPs command measures the trained backbone on the same test split.
+  result = subprocess.run(
+      [sys.executable, '-m', 'cdg_jax.flops', f'--workdir={workdir}'],
+      capture_output=True, text=True, cwd=ROOT, timeout=300,
+      env={**os.environ, 'PYTHONPATH': ROOT})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f'reduction {summary["flops_reduction"]:.3f}x' in result.stdout
+
   # Linear evaluation of the exported backbone.
   results = linear_eval.run_linear_eval(config, workdir)
   assert 0.0 <= results['top1'] <= results['top5'] <= 1.0
