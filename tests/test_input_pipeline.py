@@ -160,6 +160,18 @@ def test_fake_source_and_smoke_config():
   assert np.ptp(means, axis=0).max() > 20
 
 
+def test_fake_train_and_test_splits_share_their_classes():
+  """A nearest-class-mean classifier fit on train works on test (not chance)."""
+  x_train, y_train = input_pipeline.fake_arrays(400, 8, 10, seed=1)
+  x_test, y_test = input_pipeline.fake_arrays(200, 8, 10, seed=2)
+  assert not np.array_equal(x_train[:200], x_test)
+  means = np.stack([x_train[y_train == c].astype(np.float32).mean(axis=0)
+                    for c in range(10)])
+  distances = ((x_test[:, None].astype(np.float32) - means[None]) ** 2).sum(
+      axis=(2, 3, 4))
+  assert np.mean(distances.argmin(axis=1) == y_test) > 0.9
+
+
 def test_npz_with_other_image_size_is_resized(tmp_path):
   path = _write_npz(tmp_path / 'big.npz', size=12)
   source = input_pipeline.create_source(_data_config(
