@@ -18,7 +18,9 @@ VARIANTS = ('smoke', 'dense', 'structured')
 def gating_config() -> ml_collections.ConfigDict:
   """The `gating` block: the one place gating is configured (see GatingSpec)."""
   return ml_collections.ConfigDict(dict(
-      kind='cdg',                  # 'none' | 'cdg'
+      kind='cdg',                  # 'none' | 'cdg' | 'channel_predictor' |
+                                   # 'spatial_predictor' (baselines: see
+                                   # GatingSpec for the fields they use)
       groups=4,                    # G: the base path sees 1/G input channels
       block=(1, 1, 1),             # (bh, bw, bc); (1, 1, 1) is unstructured
       alpha=2.0,                   # sigmoid surrogate steepness (STE backward)
@@ -33,7 +35,9 @@ def gating_config() -> ml_collections.ConfigDict:
       regularizer='threshold',     # 'threshold' | 'density'
       weight=1e-4,                 # lambda
       threshold_target=1.0,
-      density_target=0.5,
+      density_target=0.5,          # also: channel_predictor keeps
+                                   # ceil(target * C_out) channels
+      gumbel_temperature=1.0,      # spatial_predictor's Gumbel-sigmoid
   ))
 
 

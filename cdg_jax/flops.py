@@ -13,6 +13,16 @@ costs `C_in * C_out`. A CDG-gated convolution costs (DESIGN.md section 2)
 
 where `density` is the fraction of open (position, channel) gates measured from
 the masks of a forward pass (the 'gating' collection sown by gated layers).
+A predictor-gated convolution (the baselines 'channel_predictor' and
+'spatial_predictor') computes only its open outputs plus its predictor:
+
+    dense_macs * density + predictor_macs
+
+with predictor_macs = C_in * hidden + hidden * C_out for the channel
+predictor's two-layer MLP on the pooled input (hidden = C_in // 4), and the
+3x3 conv C_in -> 1 on the (H_out/bh, W_out/bw) pooled grid for the spatial
+predictor (padding taps excluded, as for every conv here). Pooling (additions)
+and biases are not counted.
 Convolutions form the backbone; dense layers are heads, reported separately.
 The reduction is backbone dense MACs over backbone effective MACs.
 
@@ -36,7 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cdg_jax.layers import DENSITY_COLLECTION, GatedConv
+from cdg_jax import gating as gating_ops
+from cdg_jax.layers import DENSITY_COLLECTION
+from cdg_jax.layers import GatedConv
+from cdg_jax.layers import GUMBEL_RNG
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +61,12 @@ class LayerCost:
     kind: 'conv' or 'dense'.
     part: 'backbone' (convolutions) or 'head' (dense layers).
     macs: dense multiply-accumulates per example, padding taps excluded.
-    groups: G of a gated layer; 0 for a dense (ungated) layer.
+    groups: G of a CDG-gated layer; 0 otherwise.
     output_shape: per-example output shape.
     padded_macs: the conventional count, padding taps included.
+    gating_kind: 'none', 'cdg', 'channel_predictor' or 'spatial_predictor';
+      '' (the default) means 'cdg' when groups > 0, else 'none'.
+    predictor_macs: MACs of a predictor baseline's own predictor.
   """
   name: str
   kind: str
@@ -59,10 +75,17 @@ class LayerCost:
   groups: int
   output_shape: tuple[int, ...]
   padded_macs: int
+  gating_kind: str = ''
+  predictor_macs: int = 0
+
+  def __post_init__(self):
+    if not self.gating_kind:
+      object.__setattr__(self, 'gating_kind',
+                         'cdg' if self.groups > 0 else 'none')
 
   @property
   def gated(self) -> bool:
-    return self.groups > 0
+    return self.gating_kind != 'none'
 
   def effective_macs(self, density=None):
     """MACs given the layer's gate density (ignored for ungated layers)."""
@@ -70,8 +93,10 @@ class LayerCost:
       return self.macs
     if density is None:
       raise ValueError(f'Layer {self.name} is gated but no density was given.')
-    g = self.groups
-    return self.macs * (1.0 / g + (g - 1.0) / g * density)
+    if self.gating_kind == 'cdg':
+      g = self.groups
+      return self.macs * (1.0 / g + (g - 1.0) / g * density)
+    return self.macs * density + self.predictor_macs
 
 
 def _taps_inside(in_size: int, out_size: int, kernel: int, stride: int,
@@ -99,6 +124,28 @@ def _conv_macs(input_shape, output_shape, kernel_size, strides, padding,
   per_tap = (in_channels // feature_group_count) * out_channels
   padded = int(np.prod(kernel_size)) * int(np.prod(out_spatial)) * per_tap
   return taps * per_tap, padded
+
+
+def predictor_macs(gating_kind: str, in_channels: int,
+                   output_shape: Sequence[int], spec=None) -> int:
+  """Per-example MACs of a predictor baseline's predictor (0 otherwise).
+
+  Args:
+    gating_kind: the layer's gating kind.
+    in_channels: C_in of the gated convolution.
+    output_shape: its per-example output shape (H_out, W_out, C_out).
+    spec: its `GatingSpec` (for the spatial predictor's block).
+  """
+  h_out, w_out, c_out = (int(s) for s in output_shape)
+  if gating_kind == 'channel_predictor':
+    hidden = gating_ops.predictor_hidden(in_channels)
+    return in_channels * hidden + hidden * c_out
+  if gating_kind == 'spatial_predictor':
+    gh, gw = gating_ops.block_grid((h_out, w_out), spec.block)
+    macs, _ = _conv_macs((1, gh, gw, in_channels), (gh, gw, 1), (3, 3),
+                         (1, 1), 'SAME')
+    return macs
+  return 0
 
 
 def layer_costs(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
@@ -132,9 +179,13 @@ def layer_costs(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
     if isinstance(module, GatedConv):
       macs, padded = _conv_macs(inputs.shape, per_example, module.kernel_size,
                                 module.strides, 'SAME')
-      groups = module.gating.groups if module.gating is not None else 0
-      records.append(LayerCost(name, 'conv', 'backbone', macs, groups,
-                               per_example, padded))
+      spec = module.gating
+      gating_kind = spec.kind if spec is not None else 'none'
+      groups = spec.groups if gating_kind == 'cdg' else 0
+      records.append(LayerCost(
+          name, 'conv', 'backbone', macs, groups, per_example, padded,
+          gating_kind, predictor_macs(gating_kind, inputs.shape[-1],
+                                      per_example, spec)))
     elif isinstance(module, nn.Conv):
       kernel_size = tuple(module.kernel_size)
       strides = module.strides or 1
@@ -302,7 +353,9 @@ def measure(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
   """
   costs = layer_costs(model, variables, x, train=False)
   mutable = [DENSITY_COLLECTION] + (['batch_stats'] if train else [])
-  _, state = jax.jit(lambda v, x: model.apply(v, x, train=train,
+  # Gumbel noise of spatial-predictor gates in training mode (unused otherwise).
+  rngs = {GUMBEL_RNG: jax.random.key(0)} if train else None
+  _, state = jax.jit(lambda v, x: model.apply(v, x, train=train, rngs=rngs,
                                                mutable=mutable))(variables, x)
   densities = mean_densities(state.get(DENSITY_COLLECTION, {}))
   return flops_report(costs, jax.device_get(densities))

@@ -20,9 +20,11 @@ import jax.numpy as jnp
 
 from cdg_jax import gating
 
-# Gating kinds implemented so far. The predictor baselines of DESIGN.md
-# ('channel_predictor', 'spatial_predictor') will join this list.
-GATING_KINDS = ('none', 'cdg')
+# Gating kinds: dense, CDG, and the predictor baselines of DESIGN.md section 2
+# (a feature-boosting-style channel predictor and a dual-gating-style spatial
+# predictor).
+GATING_KINDS = ('none', 'cdg', 'channel_predictor', 'spatial_predictor')
+PREDICTOR_KINDS = ('channel_predictor', 'spatial_predictor')
 # Roles of the convolutions of a ResNet; `gating.layers` selects among them.
 LAYER_ROLES = ('stem', 'block_3x3', 'block_1x1', 'shortcut')
 SALIENCY_NORMS = ('batch', 'sample')
@@ -33,6 +35,12 @@ REGULARIZERS = ('threshold', 'density')
 # Collections written by gated layers during `apply`.
 DENSITY_COLLECTION = 'gating'      # per-sample gate density of each gated layer
 MASK_COLLECTION = 'gate_masks'     # full masks, only when asked for (mutable)
+# Per-sample auxiliary-loss terms of the predictor baselines, only when asked
+# for (mutable): 'saliency_l1' (N,) of channel-predictor layers.
+AUX_COLLECTION = 'gate_aux'
+# RNG stream of the spatial predictor's Gumbel noise (training only):
+# `model.apply(..., rngs={GUMBEL_RNG: key})`.
+GUMBEL_RNG = 'gumbel'
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -46,10 +54,21 @@ class GatingSpec:
   """Validated gating configuration (see `configs/default.py` for defaults).
 
   Attributes:
-    kind: 'none' (dense network) or 'cdg'.
+    kind: 'none' (dense network), 'cdg', or a predictor baseline:
+      'channel_predictor' (global pool -> MLP -> top-k channels, FBS-style) or
+      'spatial_predictor' (pooled input -> 3x3 conv -> Gumbel-sigmoid block
+      mask, dual-gating-style). For the predictor kinds only `block` (bh, bw;
+      spatial), `gumbel_temperature` (spatial), `layers`, `branches`,
+      `weight` and `density_target` apply; their auxiliary loss is fixed by
+      the kind (`regularizer` is ignored): the L1 norm of the saliencies
+      (channel) or `(density - density_target)^2` per layer (spatial), times
+      `weight`. The channel predictor keeps ceil(density_target * C_out)
+      channels per sample.
     groups: G, input-channel groups; the base path convolves 1/G of them.
     block: (bh, bw, bc) decision granularity; (1, 1, 1) is unstructured.
     alpha: steepness of the sigmoid surrogate of the straight-through gate.
+    gumbel_temperature: temperature of the spatial predictor's Gumbel-sigmoid
+      (its straight-through gradient is that of sigmoid(z / temperature)).
     threshold_init: initial value of every threshold delta.
     layers: which convolution roles are gated, a subset of `LAYER_ROLES`.
     saliency_norm: 'batch' (BatchNorm-style statistics, running averages at
@@ -78,6 +97,7 @@ class GatingSpec:
   weight: float = 1e-4
   threshold_target: float = 1.0
   density_target: float = 0.5
+  gumbel_temperature: float = 1.0
 
   def __post_init__(self):
     _one_of('kind', self.kind, GATING_KINDS)
@@ -87,9 +107,15 @@ class GatingSpec:
     _one_of('regularizer', self.regularizer, REGULARIZERS)
     for role in self.layers:
       _one_of('layers entry', role, LAYER_ROLES)
+    if self.kind == 'cdg' and self.groups < 2:
+      raise ValueError(f'gating.groups must be at least 2, got {self.groups}.')
+    if self.kind in PREDICTOR_KINDS and not 0.0 < self.density_target <= 1.0:
+      raise ValueError(f'gating.density_target must be in (0, 1] for '
+                       f'gating.kind={self.kind!r}, got {self.density_target}.')
+    if self.kind == 'spatial_predictor' and self.gumbel_temperature <= 0:
+      raise ValueError(f'gating.gumbel_temperature must be positive, got '
+                       f'{self.gumbel_temperature}.')
     if self.kind != 'none':
-      if self.groups < 2:
-        raise ValueError(f'gating.groups must be at least 2, got {self.groups}.')
       if len(self.block) != 3 or any(int(b) < 1 for b in self.block):
         raise ValueError(f'gating.block must be three positive ints '
                          f'(bh, bw, bc), got {self.block}.')
@@ -137,8 +163,13 @@ class GatedConv(nn.Module):
   """A bias-free convolution, CDG-gated when `gating` is given.
 
   Parameters: `kernel` (kh, kw, C_in, C_out) always; `threshold` (C_out,) when
-  gated. Batch stats (gated, 'batch' saliency norm): `saliency_mean`,
-  `saliency_var` (C_out,). Sows each sample's gate density (fraction of open
+  CDG-gated. Batch stats (CDG, 'batch' saliency norm): `saliency_mean`,
+  `saliency_var` (C_out,). Predictor baselines (see `GatingSpec.kind`) add,
+  next to the shared `kernel`: 'channel_predictor' `predictor_w1` (C_in,
+  hidden), `predictor_b1` (hidden,), `predictor_w2` (hidden, C_out),
+  `predictor_b2` (C_out,), hidden = C_in // 4; 'spatial_predictor'
+  `predictor_kernel` (3, 3, C_in, 1), `predictor_bias` (1,). The spatial
+  predictor needs the 'gumbel' RNG stream when `train` is True. Sows each sample's gate density (fraction of open
   (position, channel) gates, shape (N,)) into the 'gating' collection, and the
   mask itself into 'gate_masks' when that collection is mutable.
   """
@@ -168,8 +199,10 @@ class GatedConv(nn.Module):
     if self.gating is None:
       return gating.conv(x, kernel, self.strides)
     spec = self.gating
-    if spec.kind != 'cdg':
-      raise NotImplementedError(f'gating.kind={spec.kind!r} has no layer yet.')
+    if spec.kind == 'channel_predictor':
+      return self._channel_predictor(x, kernel)
+    if spec.kind == 'spatial_predictor':
+      return self._spatial_predictor(x, kernel, train)
     threshold = self.param('threshold',
                            nn.initializers.constant(spec.threshold_init),
                            (self.features,))
@@ -197,4 +230,51 @@ class GatedConv(nn.Module):
     if not self.is_initializing():  # keep sown values out of `init`'s variables
       self.sow(DENSITY_COLLECTION, 'density', jnp.mean(mask, axis=(1, 2, 3)))
       self.sow(MASK_COLLECTION, 'mask', mask)
+    return y
+
+  def _sow(self, mask: jax.Array) -> None:
+    if not self.is_initializing():  # keep sown values out of `init`'s variables
+      self.sow(DENSITY_COLLECTION, 'density', jnp.mean(mask, axis=(1, 2, 3)))
+      self.sow(MASK_COLLECTION, 'mask', mask)
+
+  def _channel_predictor(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """FBS-style: dense conv times (top-k mask * saliency) per channel."""
+    spec = self.gating
+    c_in, c_out = x.shape[-1], self.features
+    hidden = gating.predictor_hidden(c_in)
+    dense_init = nn.initializers.lecun_normal()
+    w1 = self.param('predictor_w1', dense_init, (c_in, hidden))
+    b1 = self.param('predictor_b1', nn.initializers.zeros, (hidden,))
+    w2 = self.param('predictor_w2', dense_init, (hidden, c_out))
+    # Saliencies start near 1 (layer ~ masked dense conv) rather than at a
+    # ReLU kink where half of them would be dead from the start.
+    b2 = self.param('predictor_b2', nn.initializers.ones, (c_out,))
+    k = gating.num_kept_channels(c_out, spec.density_target)
+    y, mask, saliency = gating.channel_predictor_conv(
+        x, kernel, w1, b1, w2, b2, k=k, strides=self.strides)
+    self._sow(mask)
+    if not self.is_initializing():
+      self.sow(AUX_COLLECTION, 'saliency_l1',
+               jnp.sum(jnp.abs(saliency), axis=-1))
+    return y
+
+  def _spatial_predictor(self, x: jax.Array, kernel: jax.Array,
+                         train: bool) -> jax.Array:
+    """Dual-gating-style: dense conv times a Gumbel-sigmoid block mask."""
+    spec = self.gating
+    pred_kernel = self.param('predictor_kernel', nn.initializers.lecun_normal(),
+                             (3, 3, x.shape[-1], 1))
+    pred_bias = self.param('predictor_bias', nn.initializers.zeros, (1,))
+    rng = None
+    if train and not self.is_initializing():
+      if not self.has_rng(GUMBEL_RNG):
+        raise ValueError(
+            f"gating.kind='spatial_predictor' samples Gumbel noise in training: "
+            f"pass rngs={{'{GUMBEL_RNG}': key}} to apply (or train=False for "
+            f"the deterministic gate).")
+      rng = self.make_rng(GUMBEL_RNG)
+    y, mask, _ = gating.spatial_predictor_conv(
+        x, kernel, pred_kernel, pred_bias, block=spec.block,
+        temperature=spec.gumbel_temperature, rng=rng, strides=self.strides)
+    self._sow(mask)
     return y

@@ -9,9 +9,11 @@ Frameworks (`config.framework`), all with the gated encoder in both branches:
   from `ssl.base_tau` to 1, symmetric normalised-MSE loss.
 * 'simsiam' -- projector + predictor, stop-gradient, no target network.
 
-For MoCo and BYOL the target encoder's thresholds follow the online ones by
-the same EMA as every other parameter; with `gating.branches='online'` the
-target is the dense network. The step (`make_train_step`) composes
+For MoCo and BYOL the target encoder's thresholds (or, for the predictor
+baselines, predictor parameters) follow the online ones by the same EMA as
+every other parameter; with `gating.branches='online'` the target is the dense
+network. Spatial-predictor gates draw Gumbel noise from the 'gumbel' RNG
+stream, derived from the step's key. The step (`make_train_step`) composes
 augmentation, both branches, the SSL loss, the gate regulariser, the optax
 update, EMA/queue updates, an online linear probe on stop-gradient features and
 the metrics (gate densities and FLOPs reduction from this step's masks) in one
@@ -36,12 +38,16 @@ from cdg_jax import gating
 from cdg_jax import losses
 from cdg_jax import models
 from cdg_jax import parallel
-from cdg_jax.layers import DENSITY_COLLECTION, GatingSpec
+from cdg_jax.layers import AUX_COLLECTION
+from cdg_jax.layers import DENSITY_COLLECTION
+from cdg_jax.layers import GatingSpec
+from cdg_jax.layers import GUMBEL_RNG
 
 FRAMEWORKS = ('simclr', 'mocov2', 'byol', 'simsiam')
 OPTIMIZERS = ('lars', 'sgd')
 _WITH_TARGET = ('mocov2', 'byol')
 _WITH_PREDICTOR = ('byol', 'simsiam')
+_GUMBEL_SALT = 0x67756D62   # 'gumb': folds the Gumbel key out of the step key
 
 
 class MLP(nn.Module):
@@ -301,10 +307,36 @@ def ssl_loss(framework: str, online: dict, target: dict | None, queue,
   return 0.5 * jnp.mean(per_example), online['projection']
 
 
-def gate_regularizer(spec: GatingSpec, params, densities: Mapping[str, Any]):
-  """lambda * threshold or density regulariser (0 without gates)."""
+def gate_regularizer(spec: GatingSpec, params, densities: Mapping[str, Any],
+                     aux: Mapping[str, Any] | None = None):
+  """The gates' auxiliary loss, times lambda = `spec.weight` (0 without gates).
+
+  Args:
+    spec: the gating spec.
+    params: online parameters (CDG thresholds).
+    densities: {layer: mean density} from this step's straight-through masks.
+    aux: the 'gate_aux' collection sown in the same forward pass (channel
+      predictor: per-sample saliency L1 norms).
+
+  Returns:
+    CDG: lambda * sum_layers mean((delta - target)^2) ('threshold') or
+    lambda * sum_layers (density - target)^2 ('density').
+    'channel_predictor': FBS's lambda * sum_layers mean_samples ||s||_1.
+    'spatial_predictor': lambda * sum_layers (density - density_target)^2,
+    the density being the mean of the straight-through hard masks, so the
+    gradient reaches the predictors.
+  """
   if not spec.enabled:
     return jnp.zeros(())
+  if spec.kind == 'channel_predictor':
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(aux or {}))
+    values = [jnp.concatenate([jnp.reshape(v, (-1,)) for v in
+                               (vs if isinstance(vs, tuple) else (vs,))])
+              for k, vs in sorted(flat.items()) if k[-1] == 'saliency_l1']
+    return spec.weight * gating.saliency_l1_regularizer(values)
+  if spec.kind == 'spatial_predictor':
+    return spec.weight * gating.density_regularizer(list(densities.values()),
+                                                    spec.density_target)
   if spec.regularizer == 'threshold':
     value = gating.threshold_regularizer(thresholds(params),
                                          spec.threshold_target)
@@ -338,11 +370,23 @@ def make_train_step(config, networks: Networks, num_train: int,
   augment_config = config.augment
   temperature = config.ssl.temperature
   gated_costs = [c for c in costs if c.gated]
+  online_mutable = ['batch_stats', DENSITY_COLLECTION]
+  if spec.kind == 'channel_predictor':
+    online_mutable.append(AUX_COLLECTION)   # FBS's saliency L1 terms
   gated_macs = sum(c.macs for c in gated_costs)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     view1, view2 = augment.two_views(rng, batch['image'], augment_config)
+    # Gumbel noise of spatial-predictor gates, one stream per branch; folded
+    # in so the augmentation keys are unchanged. Other kinds get no extra RNG
+    # or collection, so their step is the same computation as before.
+    online_rngs = target_rngs = None
+    if spec.kind == 'spatial_predictor':
+      online_gumbel, target_gumbel = jax.random.split(
+          jax.random.fold_in(rng, _GUMBEL_SALT))
+      online_rngs = {GUMBEL_RNG: online_gumbel}
+      target_rngs = {GUMBEL_RNG: target_gumbel}
     n = view1.shape[0]
     both = jnp.concatenate([view1, view2], axis=0)
     # MoCo v2 is asymmetric: queries from view 1, keys from view 2, so each
@@ -358,7 +402,7 @@ def make_train_step(config, networks: Networks, num_train: int,
           {'params': state.target_params,
            'batch_stats': state.target_batch_stats},
           target_input, train=True, stat_groups=target_groups,
-          mutable=['batch_stats'])
+          rngs=target_rngs, mutable=['batch_stats'])
       target_out = jax.lax.stop_gradient(target_out)
       target_stats = target_vars['batch_stats']
     queue_keys = state.queue['keys'] if framework == 'mocov2' else None
@@ -367,11 +411,12 @@ def make_train_step(config, networks: Networks, num_train: int,
       out, new_vars = networks.online.apply(
           {'params': params, 'batch_stats': state.batch_stats}, online_input,
           train=True, stat_groups=online_groups,
-          mutable=['batch_stats', DENSITY_COLLECTION])
+          rngs=online_rngs, mutable=online_mutable)
       loss, embeddings = ssl_loss(framework, out, target_out, queue_keys,
                                   temperature)
       densities = flops.mean_densities(new_vars.get(DENSITY_COLLECTION, {}))
-      gate_loss = gate_regularizer(spec, params, densities)
+      gate_loss = gate_regularizer(spec, params, densities,
+                                   new_vars.get(AUX_COLLECTION, {}))
       aux = dict(batch_stats=new_vars['batch_stats'], densities=densities,
                  embeddings=embeddings, features=out['features'], ssl_loss=loss,
                  gate_loss=gate_loss)
