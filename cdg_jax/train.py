@@ -23,9 +23,7 @@ from absl import logging
 from clu import metric_writers
 from clu import parameter_overview
 from clu import periodic_actions
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -170,7 +168,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       + ([JsonlWriter(os.path.join(workdir, METRICS_FILE))] if is_main else []))
   if start_step == 0:
     parameter_overview.log_parameter_overview(state.params)
-    writer.write_hparams({k: v for k, v in scalar_hparams(config).items()})
+    writer.write_hparams(scalar_hparams(config))
 
   train_step = ssl.jit_train_step(
       ssl.make_train_step(config, networks, num_train,
@@ -229,7 +227,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       'gating': config.gating.kind, 'steps': step,
       'resumed_from_step': start_step,
       'wall_time_s': time.time() - start_time,
-      **{k: v for k, v in knn.items()},
+      **knn,
       'last_train_metrics': {k: v for k, v in last_metrics.items()
                              if not k.startswith('density/')},
   }
