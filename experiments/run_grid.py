@@ -1,0 +1,349 @@
+r"""Trains and evaluates a grid of runs; writes a results table and plot.
+
+  python experiments/run_grid.py --grid=core            # the CPU protocol
+  python experiments/run_grid.py --grid=core,ablations,byol,cifar100,repro
+  python experiments/run_grid.py --grid=core --only=simclr_c10_cdg --rerun
+
+Each run is two real command lines, recorded in its result: pretraining
+(`python -m cdg_jax.main`) and linear evaluation (`python -m
+cdg_jax.linear_eval`), run as subprocesses from the repository root. A run's
+result is written to `<results_dir>/runs/<name>.json` as soon as it finishes;
+started again, the runner skips runs that have a result, and a run interrupted
+half-way resumes from its last checkpoint in `<workdir_root>/<name>`. After
+every run the table (`results.md`, `results.csv`) and the plot of accuracy
+against FLOPs reduction (`accuracy_vs_flops.png`) are rebuilt from all results
+in the directory.
+
+Accuracy is kNN top-1 (k=200, T=0.1, bank = train split) and linear top-1, both
+on the whole test set; the FLOPs reduction is the backbone's, measured on the
+test set from the traced masks (summary.json of the run). Grids (see GRIDS):
+
+  core       SimCLR on CIFAR-10: dense, CDG unstructured, CDG structured
+             (2x2x4 blocks), channel predictor, spatial predictor.
+  byol       the same five under BYOL.
+  cifar100   BYOL on CIFAR-100: dense and CDG.
+  ablations  SimCLR: joint saliency statistics, density targets 0.15 and
+             0.35 (with the core 0.25: three strengths), threshold-form
+             regulariser, block (1x1x4); BYOL: target branch left dense.
+  repro      the core CDG run again with the same seed.
+  smoke      two tiny runs on synthetic data (tests use it).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROTOCOL = 'configs/cpu_protocol.py'
+
+flags.DEFINE_list('grid', ['core'], 'Grids to run, in order (see GRIDS).')
+flags.DEFINE_list('only', [], 'Run only these run names (within --grid).')
+flags.DEFINE_string('results_dir', os.path.join(REPO_ROOT, 'experiments',
+                                                'results'),
+                    'Where per-run results, the table and the plot go.')
+flags.DEFINE_string('workdir_root', '/tmp/cdg_grid',
+                    'Parent of the runs\' training workdirs (checkpoints).')
+flags.DEFINE_bool('rerun', False, 'Run again even if a result exists (the '
+                  'workdir is cleared first).')
+flags.DEFINE_bool('table_only', False, 'Only rebuild the table and plot.')
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One row of the grid: a config (file:arg) plus command-line overrides."""
+  name: str
+  group: str
+  method: str                    # legend label (dense, CDG, ...)
+  config: str                    # --config value, e.g. 'configs/x.py:arg'
+  overrides: tuple[tuple[str, Any], ...] = ()
+
+  def train_command(self, workdir: str) -> list[str]:
+    return (['python', '-m', 'cdg_jax.main', f'--config={self.config}',
+             f'--workdir={workdir}'] +
+            [f'--config.{key}={value}' for key, value in self.overrides])
+
+  def linear_eval_command(self, workdir: str) -> list[str]:
+    return (['python', '-m', 'cdg_jax.linear_eval', f'--config={self.config}',
+             f'--workdir={workdir}'] +
+            [f'--config.{key}={value}' for key, value in self.overrides])
+
+
+def _five(group: str, prefix: str, base: str) -> list[Run]:
+  """Dense, CDG, CDG structured and the two predictor baselines."""
+  return [
+      Run(f'{prefix}_dense', group, 'dense', f'{PROTOCOL}:{base},dense'),
+      Run(f'{prefix}_cdg', group, 'CDG', f'{PROTOCOL}:{base}'),
+      Run(f'{prefix}_cdg_structured', group, 'CDG structured 2x2x4',
+          f'{PROTOCOL}:{base},structured'),
+      Run(f'{prefix}_channel_predictor', group, 'channel predictor',
+          f'{PROTOCOL}:{base},channel_predictor'),
+      Run(f'{prefix}_spatial_predictor', group, 'spatial predictor',
+          f'{PROTOCOL}:{base},spatial_predictor'),
+  ]
+
+
+_SIMCLR = f'{PROTOCOL}:simclr_cifar10'
+GRIDS: dict[str, list[Run]] = {
+    'core': _five('core', 'simclr_c10', 'simclr_cifar10'),
+    'byol': _five('byol', 'byol_c10', 'byol_cifar10'),
+    'cifar100': [
+        Run('byol_c100_dense', 'cifar100', 'dense',
+            f'{PROTOCOL}:byol_cifar100,dense'),
+        Run('byol_c100_cdg', 'cifar100', 'CDG', f'{PROTOCOL}:byol_cifar100'),
+    ],
+    'ablations': [
+        Run('simclr_c10_cdg_joint_stats', 'ablations', 'CDG joint statistics',
+            _SIMCLR, (('gating.saliency_stats', 'joint'),)),
+        Run('simclr_c10_cdg_target0.15', 'ablations', 'CDG density 0.15',
+            _SIMCLR, (('gating.density_target', 0.15),)),
+        Run('simclr_c10_cdg_target0.35', 'ablations', 'CDG density 0.35',
+            _SIMCLR, (('gating.density_target', 0.35),)),
+        Run('simclr_c10_cdg_threshold_reg', 'ablations',
+            'CDG threshold form 0.1', _SIMCLR,
+            (('gating.regularizer', 'threshold'), ('gating.weight', 0.1),
+             ('gating.threshold_target', 1.0))),
+        Run('simclr_c10_cdg_block114', 'ablations', 'CDG structured 1x1x4',
+            _SIMCLR, (('gating.block', '(1,1,4)'),)),
+        Run('byol_c10_cdg_online_only', 'ablations', 'CDG online branch only',
+            f'{PROTOCOL}:byol_cifar10', (('gating.branches', 'online'),)),
+    ],
+    'repro': [Run('simclr_c10_cdg_repro', 'repro', 'CDG (rerun)', _SIMCLR)],
+    'smoke': [
+        Run('smoke_dense', 'smoke', 'dense', 'configs/simclr_cifar10.py:'
+            'smoke,dense', (('num_steps', 4), ('linear_eval.epochs', 2))),
+        Run('smoke_cdg', 'smoke', 'CDG', 'configs/simclr_cifar10.py:smoke',
+            (('num_steps', 4), ('linear_eval.epochs', 2))),
+    ],
+}
+
+
+def _shell(command: list[str]) -> str:
+  return ' '.join(shlex.quote(part) for part in command)
+
+
+def _run_command(command: list[str], log_path: str) -> float:
+  """Runs `command` from the repository root, appending to `log_path`."""
+  start = time.time()
+  env = dict(os.environ)
+  env['PYTHONPATH'] = os.pathsep.join(
+      [REPO_ROOT] + [p for p in [env.get('PYTHONPATH')] if p])
+  with open(log_path, 'a') as log:
+    log.write(f'$ {_shell(command)}\n')
+    log.flush()
+    process = subprocess.run([sys.executable] + command[1:], cwd=REPO_ROOT,
+                             env=env, stdout=log, stderr=subprocess.STDOUT,
+                             check=False)
+  if process.returncode != 0:
+    raise RuntimeError(f'Command failed with exit status '
+                       f'{process.returncode}: {_shell(command)}\n'
+                       f'See the log {log_path}.')
+  return time.time() - start
+
+
+def result_path(results_dir: str, name: str) -> str:
+  return os.path.join(results_dir, 'runs', f'{name}.json')
+
+
+def run_one(run: Run, results_dir: str, workdir_root: str) -> dict[str, Any]:
+  """Trains, evaluates and saves one run's result; returns it."""
+  workdir = os.path.join(workdir_root, run.name)
+  os.makedirs(os.path.join(results_dir, 'runs'), exist_ok=True)
+  os.makedirs(workdir, exist_ok=True)
+  log_path = os.path.join(workdir, 'run_grid.log')
+  train_command = run.train_command(workdir)
+  eval_command = run.linear_eval_command(workdir)
+  train_s = _run_command(train_command, log_path)
+  eval_s = _run_command(eval_command, log_path)
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  with open(os.path.join(workdir, 'linear_eval.json')) as f:
+    linear = json.load(f)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = json.load(f)
+  gating = config['gating']
+  result = {
+      'name': run.name, 'group': run.group, 'method': run.method,
+      'framework': config['framework'], 'dataset': config['data']['dataset'],
+      'seed': config['seed'],
+      'gating': gating['kind'], 'block': gating['block'],
+      'regularizer': gating['regularizer'], 'weight': gating['weight'],
+      'density_target': gating['density_target'],
+      'saliency_stats': gating['saliency_stats'],
+      'branches': gating['branches'],
+      'model': f'{config["model"]["name"]} width {config["model"]["width"]}',
+      'image_size': config['data']['image_size'],
+      'batch_size': config['batch_size'], 'steps': summary['steps'],
+      'knn_top1': summary['knn_top1'], 'linear_top1': linear['top1'],
+      'flops_reduction': summary['flops_reduction'],
+      'gate_density': linear['gate_density'],
+      # The wall time of the commands as run by this grid (a run resumed from
+      # a checkpoint counts only its last part; see resumed_from_step).
+      'train_wall_s': train_s, 'linear_eval_wall_s': eval_s,
+      'resumed_from_step': summary.get('resumed_from_step', 0),
+      'train_command': _shell(train_command),
+      'linear_eval_command': _shell(eval_command),
+      'finished': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
+  }
+  path = result_path(results_dir, run.name)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(result, f, indent=2)
+  os.replace(path + '.tmp', path)
+  return result
+
+
+def load_results(results_dir: str) -> list[dict[str, Any]]:
+  """All saved run results, in grid order, then by name."""
+  runs_dir = os.path.join(results_dir, 'runs')
+  if not os.path.isdir(runs_dir):
+    return []
+  results = []
+  for filename in sorted(os.listdir(runs_dir)):
+    if filename.endswith('.json'):
+      with open(os.path.join(runs_dir, filename)) as f:
+        results.append(json.load(f))
+  order = {run.name: i for i, run in enumerate(
+      r for runs in GRIDS.values() for r in runs)}
+  return sorted(results, key=lambda r: (order.get(r['name'], len(order)),
+                                        r['name']))
+
+
+TABLE_COLUMNS = ('name', 'framework', 'dataset', 'method', 'knn_top1',
+                 'linear_top1', 'flops_reduction', 'gate_density', 'seed',
+                 'steps', 'train_wall_s', 'linear_eval_wall_s',
+                 'train_command', 'linear_eval_command')
+
+
+def write_table(results: list[dict[str, Any]], results_dir: str) -> None:
+  """Writes results.csv (every field) and results.md (the headline columns)."""
+  os.makedirs(results_dir, exist_ok=True)
+  fields = list(TABLE_COLUMNS) + sorted(
+      {k for r in results for k in r} - set(TABLE_COLUMNS))
+  with open(os.path.join(results_dir, 'results.csv'), 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    for r in results:
+      writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                       for k, v in r.items()})
+  lines = ['| run | framework | data | method | kNN top-1 | linear top-1 | '
+           'FLOPs reduction | gate density | seed | steps | wall (train + '
+           'linear eval) |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+  for r in results:
+    lines.append(
+        f'| {r["name"]} | {r["framework"]} | {r["dataset"]} | {r["method"]} '
+        f'| {100 * r["knn_top1"]:.2f} | {100 * r["linear_top1"]:.2f} '
+        f'| {r["flops_reduction"]:.2f}x | {r["gate_density"]:.3f} '
+        f'| {r["seed"]} | {r["steps"]} '
+        f'| {r["train_wall_s"]:.0f} s + {r["linear_eval_wall_s"]:.0f} s |')
+  lines += ['', 'Commands (run from the repository root; each run\'s workdir '
+            'under --workdir_root):', '']
+  for r in results:
+    lines.append(f'- `{r["name"]}`: `{r["train_command"]}` then '
+                 f'`{r["linear_eval_command"]}`')
+  with open(os.path.join(results_dir, 'results.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+
+
+def write_plot(results: list[dict[str, Any]], results_dir: str) -> None:
+  """accuracy_vs_flops.png: kNN and linear top-1 against FLOPs reduction."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  settings = sorted({(r['framework'], r['dataset']) for r in results})
+  fig, axes = plt.subplots(len(settings), 2, squeeze=False,
+                           figsize=(11, 3.8 * max(1, len(settings))))
+  methods = sorted({r['method'] for r in results})
+  markers = dict(zip(methods, 'os^vDPX*<>phH8d'))
+  for row, (framework, dataset) in enumerate(settings):
+    subset = [r for r in results if (r['framework'], r['dataset'])
+              == (framework, dataset)]
+    for col, key in enumerate(('knn_top1', 'linear_top1')):
+      ax = axes[row][col]
+      for r in subset:
+        ax.scatter(r['flops_reduction'], 100 * r[key], s=50,
+                   marker=markers.get(r['method'], 'o'), label=r['method'])
+      ax.set_xlabel('backbone FLOPs reduction (x, test set)')
+      ax.set_ylabel(f'{"kNN" if key == "knn_top1" else "linear"} top-1 (%)')
+      ax.set_title(f'{framework}, {dataset}')
+      ax.grid(alpha=0.3)
+      handles, labels = ax.get_legend_handles_labels()
+      unique = dict(zip(labels, handles))
+      ax.legend(unique.values(), unique.keys(), fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(results_dir, 'accuracy_vs_flops.png'), dpi=110)
+  plt.close(fig)
+
+
+def write_report(results_dir: str) -> list[dict[str, Any]]:
+  results = load_results(results_dir)
+  if results:
+    write_table(results, results_dir)
+    write_plot(results, results_dir)
+  return results
+
+
+def select_runs(grids: list[str], only: list[str]) -> list[Run]:
+  unknown = [g for g in grids if g not in GRIDS]
+  if unknown:
+    raise ValueError(f'Unknown --grid {unknown}; expected any of '
+                     f'{sorted(GRIDS)}.')
+  runs = [run for grid in grids for run in GRIDS[grid]]
+  missing = [name for name in only if name not in {r.name for r in runs}]
+  if missing:
+    raise ValueError(f'--only names {missing} are not runs of --grid={grids}; '
+                     f'those are {[r.name for r in runs]}.')
+  return [r for r in runs if not only or r.name in only]
+
+
+def run_grid(grids: list[str], results_dir: str, workdir_root: str,
+             only: list[str] = (), rerun: bool = False) -> list[dict]:
+  """Runs the selected grids, skipping finished runs; returns all results."""
+  runs = select_runs(list(grids), list(only))
+  for index, run in enumerate(runs):
+    path = result_path(results_dir, run.name)
+    if os.path.exists(path) and not rerun:
+      print(f'[{index + 1}/{len(runs)}] {run.name}: result exists, skipped.',
+            flush=True)
+      continue
+    if rerun:
+      subprocess.run(['rm', '-rf', os.path.join(workdir_root, run.name)],
+                     check=True)
+    print(f'[{index + 1}/{len(runs)}] {run.name}: '
+          f'{_shell(run.train_command(os.path.join(workdir_root, run.name)))}',
+          flush=True)
+    result = run_one(run, results_dir, workdir_root)
+    print(f'    kNN {100 * result["knn_top1"]:.2f}%, linear '
+          f'{100 * result["linear_top1"]:.2f}%, FLOPs reduction '
+          f'{result["flops_reduction"]:.2f}x, '
+          f'{result["train_wall_s"] + result["linear_eval_wall_s"]:.0f} s',
+          flush=True)
+    write_report(results_dir)
+  return write_report(results_dir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.table_only:
+    results = write_report(FLAGS.results_dir)
+  else:
+    results = run_grid(FLAGS.grid, FLAGS.results_dir, FLAGS.workdir_root,
+                       FLAGS.only, FLAGS.rerun)
+  print(f'{len(results)} results; table and plot in {FLAGS.results_dir}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,137 @@
+"""The experiment runner: every grid row parses, a grid runs, resumes, reports."""
+
+import csv
+import importlib.util
+import json
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+import pytest
+
+from cdg_jax import config_lib
+from cdg_jax import layers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_runner():
+  spec = importlib.util.spec_from_file_location(
+      'run_grid', os.path.join(ROOT, 'experiments', 'run_grid.py'))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules['run_grid'] = module  # dataclasses look their module up
+  spec.loader.exec_module(module)
+  return module
+
+
+run_grid = _load_runner()
+
+
+def parse_command(command):
+  """The config a `python -m cdg_jax.main ...` command line would train."""
+  argv = ['main'] + command[3:]
+  flag_values = flags.FlagValues()
+  # Override flags (--config.x.y) are declared from the argv given here.
+  config_flags.DEFINE_config_file('config', None, flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  flags.DEFINE_string('workdir', None, '', flag_values=flag_values)
+  flag_values(argv)
+  return flag_values.config
+
+
+@pytest.mark.parametrize('run', [r for runs in run_grid.GRIDS.values()
+                                 for r in runs], ids=lambda r: r.name)
+def test_every_grid_row_is_a_valid_command(run, monkeypatch):
+  monkeypatch.chdir(ROOT)  # config paths are relative to the repository root
+  config = parse_command(run.train_command('/tmp/x'))
+  config_lib.check_fields(config)
+  spec = layers.GatingSpec.from_config(config.gating)
+  for key, value in run.overrides:
+    node = config
+    for part in key.split('.'):
+      node = node[part]
+    assert str(node).replace(' ', '') == str(value), key
+  if run.group == 'smoke':
+    return
+  # The CPU protocol: real CIFAR subset at 16x16, ResNet-18 width 16.
+  assert config.data.source == 'npz'
+  assert config.data.npz_path.endswith(f'{config.data.dataset}.npz')
+  assert (config.model.name, config.model.width) == ('resnet18', 16)
+  assert config.data.image_size == 16 and config.num_epochs == 4.0
+  if run.method == 'dense':
+    assert spec.kind == 'none'
+  elif 'predictor' in run.method:
+    assert spec.kind == run.method.replace(' ', '_')
+    assert spec.density_target == 0.5
+  else:
+    assert spec.kind == 'cdg'
+
+
+def test_cpu_protocol_names_the_bad_config_file():
+  spec = importlib.util.spec_from_file_location(
+      'cpu_protocol', os.path.join(ROOT, 'configs', 'cpu_protocol.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  with pytest.raises(ValueError, match='simclr_cifar11'):
+    module.get_config('simclr_cifar11')
+  with pytest.raises(ValueError, match='needs the config file'):
+    module.get_config(None)
+  assert module.get_config('byol_cifar100').data.npz_path.endswith(
+      'cifar100.npz')
+
+
+def test_select_runs_rejects_unknown_names():
+  with pytest.raises(ValueError, match='nope'):
+    run_grid.select_runs(['nope'], [])
+  with pytest.raises(ValueError, match='byol_c10_dense'):
+    run_grid.select_runs(['core'], ['byol_c10_dense'])
+  assert [r.name for r in run_grid.select_runs(['core'], ['simclr_c10_cdg'])
+          ] == ['simclr_c10_cdg']
+
+
+def test_smoke_grid_runs_saves_each_result_and_skips_finished_runs(
+    tmp_path, monkeypatch):
+  results_dir, workdir_root = str(tmp_path / 'results'), str(tmp_path / 'work')
+  results = run_grid.run_grid(['smoke'], results_dir, workdir_root)
+  assert [r['name'] for r in results] == ['smoke_dense', 'smoke_cdg']
+  by_name = {r['name']: r for r in results}
+  assert by_name['smoke_dense']['flops_reduction'] == pytest.approx(1.0)
+  assert by_name['smoke_dense']['gate_density'] == 1.0
+  assert by_name['smoke_cdg']['flops_reduction'] > 1.0
+  for r in results:
+    assert r['steps'] == 4 and r['seed'] == 0
+    assert 0.0 <= r['knn_top1'] <= 1.0 and 0.0 <= r['linear_top1'] <= 1.0
+    assert r['train_wall_s'] > 0 and r['linear_eval_wall_s'] > 0
+    assert r['train_command'].startswith('python -m cdg_jax.main --config=')
+    # The linear evaluation ran with the row's overrides too.
+    with open(os.path.join(workdir_root, r['name'], 'linear_eval.json')) as f:
+      assert json.load(f)['linear_eval']['epochs'] == 2
+    with open(run_grid.result_path(results_dir, r['name'])) as f:
+      assert json.load(f) == r
+
+  with open(os.path.join(results_dir, 'results.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert [row['name'] for row in rows] == ['smoke_dense', 'smoke_cdg']
+  assert float(rows[1]['flops_reduction']) == pytest.approx(
+      by_name['smoke_cdg']['flops_reduction'])
+  with open(os.path.join(results_dir, 'results.md')) as f:
+    table = f.read()
+  assert f'| {100 * by_name["smoke_cdg"]["knn_top1"]:.2f} |' in table
+  assert by_name['smoke_cdg']['train_command'] in table
+  assert os.path.getsize(os.path.join(results_dir,
+                                      'accuracy_vs_flops.png')) > 1000
+
+  # Started again: finished runs are skipped, nothing is executed.
+  def fail(command, log_path):
+    raise AssertionError(f'ran {command}')
+  monkeypatch.setattr(run_grid, '_run_command', fail)
+  assert run_grid.run_grid(['smoke'], results_dir, workdir_root) == results
+
+  # A run whose result is gone is run again (here: the fake command fails,
+  # naming it), while the other result stays.
+  os.remove(run_grid.result_path(results_dir, 'smoke_cdg'))
+  with pytest.raises(AssertionError, match='smoke'):
+    run_grid.run_grid(['smoke'], results_dir, workdir_root)
+  assert [r['name'] for r in run_grid.load_results(results_dir)] == [
+      'smoke_dense']
