@@ -210,10 +210,17 @@ def test_online_only_gating_leaves_the_target_dense():
   assert ssl.thresholds(state.params) and not ssl.thresholds(state.target_params)
 
 
-@pytest.mark.parametrize('framework', ['simclr', 'byol'])
-def test_two_devices_match_one_device(framework):
+@pytest.mark.parametrize('framework,kind', [
+    ('simclr', 'cdg'), ('byol', 'cdg'),
+    # The baselines: per-sample top-k, and Gumbel noise drawn for the global
+    # batch (the same values however the batch is sharded).
+    ('simclr', 'channel_predictor'), ('simclr', 'spatial_predictor')])
+def test_two_devices_match_one_device(framework, kind):
   assert len(jax.devices()) >= 2, 'conftest.py should give two CPU devices'
   config = tiny_config(framework)
+  config.gating.kind = kind
+  if kind == 'spatial_predictor':
+    config.gating.weight = 1.0
   batch = fixed_batch()
   results = []
   for num_devices in (1, 2):
