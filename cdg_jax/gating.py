@@ -23,7 +23,7 @@ block grid ('spatial_predictor', dual-gating-style).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import functools
 import math
 
@@ -371,13 +371,14 @@ def top_k_mask(saliency: Array, k: int) -> Array:
 
 def channel_predictor_conv(x: Array, kernel: Array, w1: Array, b1: Array,
                            w2: Array, b2: Array, *, k: int,
-                           strides: Sequence[int] = (1, 1), padding='SAME'
+                           strides: Sequence[int] = (1, 1), padding='SAME',
+                           normalize: Callable[[Array], Array] | None = None
                            ) -> tuple[Array, Array, Array]:
   """Feature-boosting (FBS-style) channel-gated convolution.
 
     s = channel_saliency(x)                    # (N, C_out)
     m = top_k_mask(s, k)                       # exactly k ones per sample
-    Y = conv(x, W) * (m * s)                   # broadcast over positions
+    Y = normalize(conv(x, W)) * (m * s)        # broadcast over positions
 
   Args:
     x: (N, H, W, C_in) input.
@@ -385,12 +386,20 @@ def channel_predictor_conv(x: Array, kernel: Array, w1: Array, b1: Array,
     w1, b1, w2, b2: predictor MLP (see `channel_saliency`).
     k: channels kept per sample.
     strides, padding: as for `conv`.
+    normalize: the normalisation that follows the convolution (BatchNorm),
+      applied before the channel scale as in FBS, so that its statistics see
+      every channel's dense output. Scaling first leaves channels that few
+      samples keep with a near-zero running variance, and evaluation then
+      divides their rare activations by sqrt(epsilon): on real CIFAR the
+      features reached 3e14. None: no normalisation.
 
   Returns:
     (y, mask, saliency): (N, H_out, W_out, C_out) output, its 0/1 mask
     broadcast to the output's shape, and the (N, C_out) saliencies.
   """
   y_dense = conv(x, kernel, strides, padding)
+  if normalize is not None:
+    y_dense = normalize(y_dense)
   saliency = channel_saliency(x, w1, b1, w2, b2)
   keep = top_k_mask(saliency, k)
   y = y_dense * (keep * saliency)[:, None, None, :]

@@ -10,7 +10,7 @@ same kernel parameter, so dense and gated networks share one parameter tree
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import dataclasses
 from typing import Any
 
@@ -181,8 +181,10 @@ class GatedConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
-               stat_groups: int = 1) -> jax.Array:
-    """Applies the convolution.
+               stat_groups: int = 1,
+               norm: Callable[[jax.Array], jax.Array] | None = None
+               ) -> jax.Array:
+    """Applies the convolution, and the normalisation after it if given.
 
     Args:
       x: (N, H, W, C_in) input.
@@ -190,17 +192,27 @@ class GatedConv(nn.Module):
         averages) when True; running averages when False.
       stat_groups: number of equal consecutive groups of the batch (e.g. the
         two views) that get separate saliency statistics in training.
+      norm: the BatchNorm (owned by the caller) that follows this convolution.
+        Applied to the output, except for 'channel_predictor', which applies
+        it to the dense convolution and scales the channels after it (FBS
+        order; see `gating.channel_predictor_conv`).
 
     Returns:
       (N, H_out, W_out, features) output.
     """
     kernel = self.param('kernel', self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features))
+    spec = self.gating
+    if spec is not None and spec.kind == 'channel_predictor':
+      return self._channel_predictor(x, kernel, norm)
+    y = self._convolve(x, kernel, train, stat_groups)
+    return y if norm is None else norm(y)
+
+  def _convolve(self, x: jax.Array, kernel: jax.Array, train: bool,
+                stat_groups: int) -> jax.Array:
     if self.gating is None:
       return gating.conv(x, kernel, self.strides)
     spec = self.gating
-    if spec.kind == 'channel_predictor':
-      return self._channel_predictor(x, kernel)
     if spec.kind == 'spatial_predictor':
       return self._spatial_predictor(x, kernel, train)
     threshold = self.param('threshold',
@@ -237,7 +249,9 @@ class GatedConv(nn.Module):
       self.sow(DENSITY_COLLECTION, 'density', jnp.mean(mask, axis=(1, 2, 3)))
       self.sow(MASK_COLLECTION, 'mask', mask)
 
-  def _channel_predictor(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+  def _channel_predictor(self, x: jax.Array, kernel: jax.Array,
+                         norm: Callable[[jax.Array], jax.Array] | None
+                         ) -> jax.Array:
     """FBS-style: dense conv times (top-k mask * saliency) per channel."""
     spec = self.gating
     c_in, c_out = x.shape[-1], self.features
@@ -251,7 +265,7 @@ class GatedConv(nn.Module):
     b2 = self.param('predictor_b2', nn.initializers.ones, (c_out,))
     k = gating.num_kept_channels(c_out, spec.density_target)
     y, mask, saliency = gating.channel_predictor_conv(
-        x, kernel, w1, b1, w2, b2, k=k, strides=self.strides)
+        x, kernel, w1, b1, w2, b2, k=k, strides=self.strides, normalize=norm)
     self._sow(mask)
     if not self.is_initializing():
       self.sow(AUX_COLLECTION, 'saliency_l1',

@@ -34,17 +34,19 @@ class BasicBlock(nn.Module):
     gate = lambda role: spec if spec.gates(role) else None
     norm = functools.partial(BatchNorm, use_running_average=not train)
     s = (self.strides, self.strides)
+    # Each convolution applies the BatchNorm after it (the channel-predictor
+    # baseline scales its channels after the normalisation).
     y = GatedConv(self.features, (3, 3), s, gate('block_3x3'), name='conv1')(
-        x, train, stat_groups)
-    y = nn.relu(norm(name='bn1')(y))
+        x, train, stat_groups, norm=norm(name='bn1'))
     y = GatedConv(self.features, (3, 3), (1, 1), gate('block_3x3'),
-                  name='conv2')(y, train, stat_groups)
-    y = norm(name='bn2')(y)
+                  name='conv2')(nn.relu(y), train, stat_groups,
+                                norm=norm(name='bn2'))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
       shortcut = GatedConv(self.features, (1, 1), s, gate('shortcut'),
-                           name='shortcut_conv')(x, train, stat_groups)
-      shortcut = norm(name='shortcut_bn')(shortcut)
+                           name='shortcut_conv')(
+                               x, train, stat_groups,
+                               norm=norm(name='shortcut_bn'))
     return nn.relu(y + shortcut)
 
 
@@ -63,19 +65,18 @@ class Bottleneck(nn.Module):
     s = (self.strides, self.strides)
     out_features = self.features * self.expansion
     y = GatedConv(self.features, (1, 1), (1, 1), gate('block_1x1'),
-                  name='conv1')(x, train, stat_groups)
-    y = nn.relu(norm(name='bn1')(y))
+                  name='conv1')(x, train, stat_groups, norm=norm(name='bn1'))
     y = GatedConv(self.features, (3, 3), s, gate('block_3x3'), name='conv2')(
-        y, train, stat_groups)
-    y = nn.relu(norm(name='bn2')(y))
+        nn.relu(y), train, stat_groups, norm=norm(name='bn2'))
     y = GatedConv(out_features, (1, 1), (1, 1), gate('block_1x1'),
-                  name='conv3')(y, train, stat_groups)
-    y = norm(name='bn3')(y)
+                  name='conv3')(nn.relu(y), train, stat_groups,
+                                norm=norm(name='bn3'))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != out_features:
       shortcut = GatedConv(out_features, (1, 1), s, gate('shortcut'),
-                           name='shortcut_conv')(x, train, stat_groups)
-      shortcut = norm(name='shortcut_bn')(shortcut)
+                           name='shortcut_conv')(
+                               x, train, stat_groups,
+                               norm=norm(name='shortcut_bn'))
     return nn.relu(y + shortcut)
 
 
@@ -114,13 +115,15 @@ class ResNet(nn.Module):
     spec = self.gating
     gate = lambda role: spec if spec.gates(role) else None
     if self.stem == 'cifar':
-      x = GatedConv(self.width, (3, 3), (1, 1), gate('stem'), name='stem_conv')(
-          x, train, stat_groups)
-      x = nn.relu(BatchNorm(use_running_average=not train, name='stem_bn')(x))
+      x = nn.relu(GatedConv(
+          self.width, (3, 3), (1, 1), gate('stem'), name='stem_conv')(
+              x, train, stat_groups, norm=BatchNorm(
+                  use_running_average=not train, name='stem_bn')))
     elif self.stem == 'imagenet':
-      x = GatedConv(self.width, (7, 7), (2, 2), gate('stem'), name='stem_conv')(
-          x, train, stat_groups)
-      x = nn.relu(BatchNorm(use_running_average=not train, name='stem_bn')(x))
+      x = nn.relu(GatedConv(
+          self.width, (7, 7), (2, 2), gate('stem'), name='stem_conv')(
+              x, train, stat_groups, norm=BatchNorm(
+                  use_running_average=not train, name='stem_bn')))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
     else:
       raise ValueError(f"Unknown model.stem={self.stem!r}; expected 'cifar' or "
