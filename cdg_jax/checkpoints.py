@@ -117,7 +117,10 @@ def export_backbone(workdir: str, params, batch_stats) -> str:
   """Writes the online backbone's variables to `<workdir>/backbone`."""
   path = os.path.abspath(os.path.join(workdir, BACKBONE_DIR))
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, {'params': params, 'batch_stats': batch_stats},
+  # Host arrays: a backbone saved from device arrays keeps their sharding and
+  # would then only load on the same device topology (8 GPUs -> laptop fails).
+  checkpointer.save(path, jax.device_get({'params': params,
+                                          'batch_stats': batch_stats}),
                     force=True)
   checkpointer.wait_until_finished()
   return path
@@ -128,7 +131,8 @@ def load_backbone(workdir: str):
 
   Returns:
     (config, backbone, variables): the run's config, the `models.ResNet`
-    module (gated as trained) and its variables, ready for
+    module (gated as trained) and its variables (numpy arrays, loadable on
+    any number of devices), ready for
     `backbone.apply(variables, images, train=False)` -> (N, D) features.
     Add `mutable=['gating']` to get per-sample gate densities too.
   """
