@@ -332,7 +332,15 @@ def channel_saliency(x: Array, w1: Array, b1: Array, w2: Array, b2: Array
                      ) -> Array:
   """Feature-boosting channel saliency from the layer input.
 
-  s = relu(relu(gap(x) @ w1 + b1) @ w2 + b2), non-negative as in FBS.
+  s = 2 * sigmoid(relu(gap(x) @ w1 + b1) @ w2 + b2), in (0, 2).
+
+  FBS uses an unbounded ReLU here. Trained from scratch with the scale after
+  BatchNorm (see `channel_predictor_conv`), an unbounded saliency scales the
+  residual stream, which is the next layer's predictor input: the scales
+  compounded over the blocks and the loss overflowed within 6 steps on real
+  CIFAR (LARS, learning rate 1). The bounded form keeps FBS's non-negative,
+  per-sample channel boosting (the top-k choice is unchanged by the monotone
+  squashing) with at most a 2x gain per layer, like a BatchNorm scale.
 
   Args:
     x: (N, H, W, C_in) layer input.
@@ -345,7 +353,7 @@ def channel_saliency(x: Array, w1: Array, b1: Array, w2: Array, b2: Array
   """
   pooled = jnp.mean(x, axis=(1, 2))
   hidden = jax.nn.relu(pooled @ w1 + b1)
-  return jax.nn.relu(hidden @ w2 + b2)
+  return 2.0 * jax.nn.sigmoid(hidden @ w2 + b2)
 
 
 def top_k_mask(saliency: Array, k: int) -> Array:

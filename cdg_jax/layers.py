@@ -260,9 +260,9 @@ class GatedConv(nn.Module):
     w1 = self.param('predictor_w1', dense_init, (c_in, hidden))
     b1 = self.param('predictor_b1', nn.initializers.zeros, (hidden,))
     w2 = self.param('predictor_w2', dense_init, (hidden, c_out))
-    # Saliencies start near 1 (layer ~ masked dense conv) rather than at a
-    # ReLU kink where half of them would be dead from the start.
-    b2 = self.param('predictor_b2', nn.initializers.ones, (c_out,))
+    # Saliencies start near 2 * sigmoid(0) = 1: the layer starts as a masked
+    # dense convolution.
+    b2 = self.param('predictor_b2', nn.initializers.zeros, (c_out,))
     k = gating.num_kept_channels(c_out, spec.density_target)
     y, mask, saliency = gating.channel_predictor_conv(
         x, kernel, w1, b1, w2, b2, k=k, strides=self.strides, normalize=norm)

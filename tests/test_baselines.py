@@ -35,7 +35,7 @@ def test_channel_predictor_keeps_top_k_and_scales_dense_conv():
   xn = np.asarray(x, np.float64)
   hidden = np.maximum(xn.mean(axis=(1, 2)) @ p['predictor_w1']
                       + p['predictor_b1'], 0)
-  s = np.maximum(hidden @ p['predictor_w2'] + p['predictor_b2'], 0)
+  s = 2 / (1 + np.exp(-(hidden @ p['predictor_w2'] + p['predictor_b2'])))
   k = 3                                   # ceil(0.3 * 10)
   keep = np.zeros_like(s)
   for i, row in enumerate(s):
