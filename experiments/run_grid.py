@@ -267,17 +267,29 @@ def write_plot(results: list[dict[str, Any]], results_dir: str) -> None:
                            figsize=(11, 3.8 * max(1, len(settings))))
   methods = sorted({r['method'] for r in results})
   markers = dict(zip(methods, 'os^vDPX*<>phH8d'))
+  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
   for row, (framework, dataset) in enumerate(settings):
     subset = [r for r in results if (r['framework'], r['dataset'])
               == (framework, dataset)]
+    dense = [r for r in subset if r['gating'] == 'none']
     for col, key in enumerate(('knn_top1', 'linear_top1')):
       ax = axes[row][col]
       for r in subset:
-        ax.scatter(r['flops_reduction'], 100 * r[key], s=50,
-                   marker=markers.get(r['method'], 'o'), label=r['method'])
+        color = colors[methods.index(r['method']) % len(colors)]
+        # Main grid rows filled; ablations and reruns hollow.
+        hollow = r['group'] in ('ablations', 'repro')
+        ax.scatter(r['flops_reduction'], 100 * r[key], s=90 if hollow else 55,
+                   marker=markers.get(r['method'], 'o'), label=r['method'],
+                   facecolors='none' if hollow else color, edgecolors=color,
+                   linewidths=1.5)
+      if dense:
+        # The issue's target region: >= 2x fewer FLOPs, within 2 points.
+        ax.axhline(100 * dense[0][key] - 2, color='gray', ls='--', lw=0.8)
+        ax.axvline(2.0, color='gray', ls=':', lw=0.8)
       ax.set_xlabel('backbone FLOPs reduction (x, test set)')
       ax.set_ylabel(f'{"kNN" if key == "knn_top1" else "linear"} top-1 (%)')
-      ax.set_title(f'{framework}, {dataset}')
+      ax.set_title(f'{framework}, {dataset} (dashed: dense - 2 points; '
+                   f'dotted: 2x)', fontsize=9)
       ax.grid(alpha=0.3)
       handles, labels = ax.get_legend_handles_labels()
       unique = dict(zip(labels, handles))
