@@ -34,6 +34,13 @@ def tiny_config(framework, batch_size=8, num_steps=32):
     config.ssl.temperature = 0.2
     config.ssl.base_tau = 0.9
     config.ssl.tau_schedule = 'constant'
+  # The channel-gating threshold regulariser at its small lambda: these tests
+  # check that a width-8 network learns within 32-64 steps, and the default
+  # density regulariser (lambda 1.0, target 0.25) is a large part of such a
+  # network's loss (MoCo then failed the learning check). The default form
+  # is exercised by the end-to-end runs (test_train, test_run_grid).
+  config.gating.regularizer = 'threshold'
+  config.gating.weight = 1e-4
   config.optim.name = 'sgd'
   config.optim.base_learning_rate = 3.2   # peak 0.1 at batch 8
   config.optim.warmup_epochs = 0.0
