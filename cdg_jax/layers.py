@@ -239,9 +239,7 @@ class GatedConv(nn.Module):
       batch_var = jnp.mean(var, axis=(0, 1, 2))
       running_mean.value = m * running_mean.value + (1 - m) * batch_mean
       running_var.value = m * running_var.value + (1 - m) * batch_var
-    if not self.is_initializing():  # keep sown values out of `init`'s variables
-      self.sow(DENSITY_COLLECTION, 'density', jnp.mean(mask, axis=(1, 2, 3)))
-      self.sow(MASK_COLLECTION, 'mask', mask)
+    self._sow(mask)
     return y
 
   def _sow(self, mask: jax.Array) -> None:

@@ -36,6 +36,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -331,8 +332,7 @@ def run_grid(grids: list[str], results_dir: str, workdir_root: str,
             flush=True)
       continue
     if rerun:
-      subprocess.run(['rm', '-rf', os.path.join(workdir_root, run.name)],
-                     check=True)
+      shutil.rmtree(os.path.join(workdir_root, run.name), ignore_errors=True)
     print(f'[{index + 1}/{len(runs)}] {run.name}: '
           f'{_shell(run.train_command(os.path.join(workdir_root, run.name)))}',
           flush=True)
