@@ -26,6 +26,8 @@ test set from the traced masks (summary.json of the run). Grids (see GRIDS):
              0.35 (with the core 0.25: three strengths), threshold-form
              regulariser, block (1x1x4); BYOL: target branch left dense.
   repro      the core CDG run again with the same seed.
+  seeds      the core dense and CDG runs with seed 1 (seed-to-seed spread).
+  longer     the core dense and CDG runs at 12 epochs instead of 4.
   smoke      two tiny runs on synthetic data (tests use it).
 """
 
@@ -121,6 +123,20 @@ GRIDS: dict[str, list[Run]] = {
             f'{PROTOCOL}:byol_cifar10', (('gating.branches', 'online'),)),
     ],
     'repro': [Run('simclr_c10_cdg_repro', 'repro', 'CDG (rerun)', _SIMCLR)],
+    # A second seed of the two core rows, to measure seed-to-seed spread.
+    'seeds': [
+        Run('simclr_c10_dense_seed1', 'seeds', 'dense (seed 1)',
+            f'{PROTOCOL}:simclr_cifar10,dense', (('seed', 1),)),
+        Run('simclr_c10_cdg_seed1', 'seeds', 'CDG (seed 1)', _SIMCLR,
+            (('seed', 1),)),
+    ],
+    # Three times the CPU protocol's length: does the gap to dense shrink?
+    'longer': [
+        Run('simclr_c10_dense_12ep', 'longer', 'dense, 12 epochs',
+            f'{PROTOCOL}:simclr_cifar10,dense', (('num_epochs', 12.0),)),
+        Run('simclr_c10_cdg_12ep', 'longer', 'CDG, 12 epochs', _SIMCLR,
+            (('num_epochs', 12.0),)),
+    ],
     'smoke': [
         Run('smoke_dense', 'smoke', 'dense', 'configs/simclr_cifar10.py:'
             'smoke,dense', (('num_steps', 4), ('linear_eval.epochs', 2))),
@@ -263,22 +279,25 @@ def write_plot(results: list[dict[str, Any]], results_dir: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  settings = sorted({(r['framework'], r['dataset']) for r in results})
+  # One row of panels per framework, dataset and training length: only runs
+  # trained the same way are compared against each other's dense line.
+  settings = sorted({(r['framework'], r['dataset'], r['steps'])
+                     for r in results})
   fig, axes = plt.subplots(len(settings), 2, squeeze=False,
                            figsize=(11, 3.8 * max(1, len(settings))))
   methods = sorted({r['method'] for r in results})
   markers = dict(zip(methods, 'os^vDPX*<>phH8d'))
   colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
-  for row, (framework, dataset) in enumerate(settings):
-    subset = [r for r in results if (r['framework'], r['dataset'])
-              == (framework, dataset)]
+  for row, (framework, dataset, steps) in enumerate(settings):
+    subset = [r for r in results if (r['framework'], r['dataset'], r['steps'])
+              == (framework, dataset, steps)]
     dense = [r for r in subset if r['gating'] == 'none']
     for col, key in enumerate(('knn_top1', 'linear_top1')):
       ax = axes[row][col]
       for r in subset:
         color = colors[methods.index(r['method']) % len(colors)]
-        # Main grid rows filled; ablations and reruns hollow.
-        hollow = r['group'] in ('ablations', 'repro')
+        # Main grid rows filled; ablations, reruns and other seeds hollow.
+        hollow = r['group'] in ('ablations', 'repro', 'seeds')
         ax.scatter(r['flops_reduction'], 100 * r[key], s=90 if hollow else 55,
                    marker=markers.get(r['method'], 'o'), label=r['method'],
                    facecolors='none' if hollow else color, edgecolors=color,
@@ -289,8 +308,8 @@ def write_plot(results: list[dict[str, Any]], results_dir: str) -> None:
         ax.axvline(2.0, color='gray', ls=':', lw=0.8)
       ax.set_xlabel('backbone FLOPs reduction (x, test set)')
       ax.set_ylabel(f'{"kNN" if key == "knn_top1" else "linear"} top-1 (%)')
-      ax.set_title(f'{framework}, {dataset} (dashed: dense - 2 points; '
-                   f'dotted: 2x)', fontsize=9)
+      ax.set_title(f'{framework}, {dataset}, {steps} steps (dashed: dense - 2 '
+                   f'points; dotted: 2x)', fontsize=9)
       ax.grid(alpha=0.3)
       handles, labels = ax.get_legend_handles_labels()
       unique = dict(zip(labels, handles))

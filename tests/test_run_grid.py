@@ -58,8 +58,10 @@ def test_every_grid_row_is_a_valid_command(run, monkeypatch):
   assert config.data.source == 'npz'
   assert config.data.npz_path.endswith(f'{config.data.dataset}.npz')
   assert (config.model.name, config.model.width) == ('resnet18', 16)
-  assert config.data.image_size == 16 and config.num_epochs == 4.0
-  if run.method == 'dense':
+  assert config.data.image_size == 16
+  assert config.num_epochs == (12.0 if run.group == 'longer' else 4.0)
+  assert config.seed == (1 if run.group == 'seeds' else 0)
+  if run.method.startswith('dense'):
     assert spec.kind == 'none'
   elif 'predictor' in run.method:
     assert spec.kind == run.method.replace(' ', '_')
