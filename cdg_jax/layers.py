@@ -51,7 +51,7 @@ def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class GatingSpec:
-  """Validated gating configuration (see `configs/default.py` for defaults).
+  """Validated gating configuration (defaults: `config_lib.gating_config()`).
 
   Attributes:
     kind: 'none' (dense network), 'cdg', or a predictor baseline:
@@ -93,10 +93,11 @@ class GatingSpec:
   epsilon: float = 1e-5
   saliency_stats: str = 'per_branch'
   branches: str = 'both'
-  regularizer: str = 'threshold'
-  weight: float = 1e-4
+  # The same defaults as `config_lib.gating_config()` (why: see there).
+  regularizer: str = 'density'
+  weight: float = 1.0
   threshold_target: float = 1.0
-  density_target: float = 0.5
+  density_target: float = 0.25
   gumbel_temperature: float = 1.0
 
   def __post_init__(self):

@@ -23,7 +23,7 @@ def _apply(layer, variables, x, **kwargs):
 
 
 def test_channel_predictor_keeps_top_k_and_scales_dense_conv():
-  spec = GatingSpec(kind='channel_predictor', density_target=0.3)
+  spec = GatingSpec(kind='channel_predictor', density_target=0.3, weight=1e-4)
   layer = GatedConv(10, (3, 3), (1, 1), spec)
   x = jax.random.normal(jax.random.key(0), (3, 6, 6, 8))
   variables = layer.init(jax.random.key(1), x)

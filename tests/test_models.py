@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cdg_jax import config_lib
 from cdg_jax import layers
 from cdg_jax import models
 
@@ -128,3 +129,10 @@ def test_bad_configuration_names_the_bad_value():
   model = _tiny('cdg', groups=3)
   with pytest.raises(ValueError, match='groups=3 does not divide the 8 input'):
     _shapes(model, 8)
+
+
+def test_gating_spec_defaults_are_the_config_defaults():
+  # One set of defaults: a spec built in code (a notebook) trains what the
+  # config files train.
+  assert (layers.GatingSpec()
+          == layers.GatingSpec.from_config(config_lib.gating_config()))
