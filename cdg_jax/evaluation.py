@@ -13,6 +13,8 @@ the padding, which is dropped here, so each example is counted exactly once.
   test_set_flops    FLOPs report from measured densities
   knn_eval          all of it for the training loop: bank = train split,
                     queries = test split, FLOPs measured on the test split
+  open_gates        a CDG backbone's variables with every gate forced open
+                    (the trained weights evaluated as a dense network)
 
 Typical use, on an exported backbone:
 
@@ -339,6 +341,48 @@ def eval_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
     logging.info('Evaluation batch size %d rounded up to %d, a multiple of the '
                  '%d devices.', batch_size, rounded, n)
   return rounded
+
+
+# Far below any normalised saliency, yet finite: the gate's straight-through
+# surrogate `sigmoid(alpha * (saliency - threshold))` must stay a number.
+OPEN_GATE_THRESHOLD = -1e9
+
+
+def open_gates(variables: Mapping[str, Any]) -> dict[str, Any]:
+  """A copy of a CDG backbone's variables with every gate forced open.
+
+  Sets each gated layer's `threshold` to `OPEN_GATE_THRESHOLD`, so that the
+  mask is 1 everywhere and each layer computes `Y_base + Y_cond`, the dense
+  convolution with the trained kernel. Evaluating both tells whether an
+  accuracy gap comes from the weights learned under gating or from the masks
+  applied at test time.
+
+  Args:
+    variables: {'params': ..., 'batch_stats': ...} of a backbone with
+      `gating.kind='cdg'`.
+
+  Returns:
+    The same structure; only the thresholds differ.
+
+  Raises:
+    ValueError: the params hold no `threshold` (a dense network or a
+      predictor baseline, whose masks do not come from thresholds).
+  """
+  opened = []
+
+  def open_threshold(path, value):
+    if getattr(path[-1], 'key', None) != 'threshold':
+      return value
+    opened.append(jax.tree_util.keystr(path))
+    return np.full(np.shape(value), OPEN_GATE_THRESHOLD,
+                   dtype=np.asarray(value).dtype)
+
+  params = jax.tree_util.tree_map_with_path(open_threshold,
+                                            variables['params'])
+  if not opened:
+    raise ValueError('open_gates needs a CDG backbone (gating.kind=\'cdg\'); '
+                     'its params hold no `threshold`.')
+  return {**variables, 'params': params}
 
 
 def knn_eval(backbone: nn.Module, variables: Mapping[str, Any],

@@ -4,6 +4,7 @@ Tiny on purpose (width-8 ResNet-10, 16x16 images, a few dozen examples): the
 properties tested do not depend on size.
 """
 
+from collections.abc import Mapping
 import json
 import os
 
@@ -289,6 +290,48 @@ def test_set_flops_from_densities(tiny):
                                      (16, 16))
   assert report.reduction == 1.0 and report.gated_density is None
   assert report.backbone_dense_macs == dense
+
+
+def test_open_gates_turns_a_cdg_backbone_into_the_dense_network(tiny):
+  config, backbone, variables, source, _ = tiny
+  opened = evaluation.open_gates(variables)
+  images = source._images['test']
+  features, densities = _direct(backbone, opened, images, config)
+  assert densities and all(float(d) == 1.0 for d in densities.values())
+  # The same kernels and BatchNorms in the dense ResNet: the variables minus
+  # the gates' thresholds and saliency statistics.
+  gate_only = ('threshold', 'saliency_mean', 'saliency_var')
+
+  def drop_gates(tree):
+    if not isinstance(tree, Mapping):
+      return tree
+    kept = {k: drop_gates(v) for k, v in tree.items() if k not in gate_only}
+    return {k: v for k, v in kept.items()
+            if not (isinstance(v, Mapping) and not v)}
+
+  dense_config = tiny_config()
+  dense_config.gating.kind = 'none'
+  dense_backbone = models.create_resnet(dense_config.model,
+                                        dense_config.gating)
+  dense_variables = drop_gates(variables)
+  assert (jax.tree.structure(dense_variables) == jax.tree.structure(
+      jax.eval_shape(lambda: _init(dense_backbone))))
+  dense_features = np.asarray(jax.jit(
+      lambda v, x: dense_backbone.apply(v, x, train=False))(
+          dense_variables, augment.preprocess_eval(jnp.asarray(images),
+                                                   config.augment)))
+  np.testing.assert_allclose(features, dense_features, rtol=1e-4, atol=1e-5)
+  # As trained, the gates change the features; the input is left alone.
+  gated_features, _ = _direct(backbone, variables, images, config)
+  assert not np.allclose(gated_features, dense_features, atol=1e-3)
+  assert not any(np.all(v == evaluation.OPEN_GATE_THRESHOLD)
+                 for v in jax.tree.leaves(variables['params']))
+
+
+def test_open_gates_rejects_a_backbone_without_thresholds():
+  no_thresholds = {'params': {'conv': {'kernel': np.ones((3, 3, 1, 1))}}}
+  with pytest.raises(ValueError, match="gating.kind='cdg'"):
+    evaluation.open_gates(no_thresholds)
 
 
 # ---------------------------------------------------------------------------
