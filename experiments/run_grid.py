@@ -26,7 +26,8 @@ test set from the traced masks (summary.json of the run). Grids (see GRIDS):
              0.35 (with the core 0.25: three strengths), threshold-form
              regulariser, block (1x1x4); BYOL: target branch left dense.
   repro      the core CDG run again with the same seed.
-  seeds      the core dense and CDG runs with seed 1 (seed-to-seed spread).
+  seeds      the core runs but structured CDG, with seeds 1 and 2 (spread
+             between seeds; results.md averages the seeds of each setting).
   longer     the core dense and CDG runs at 12 epochs instead of 4.
   smoke      two tiny runs on synthetic data (tests use it).
 """
@@ -123,12 +124,15 @@ GRIDS: dict[str, list[Run]] = {
             f'{PROTOCOL}:byol_cifar10', (('gating.branches', 'online'),)),
     ],
     'repro': [Run('simclr_c10_cdg_repro', 'repro', 'CDG (rerun)', _SIMCLR)],
-    # A second seed of the two core rows, to measure seed-to-seed spread.
+    # Seeds 1 and 2 of the core rows (structured CDG aside): the seed-to-seed
+    # spread, and whether the core comparisons hold across seeds. Same method
+    # labels as the core rows: the table groups them by setting.
     'seeds': [
-        Run('simclr_c10_dense_seed1', 'seeds', 'dense (seed 1)',
-            f'{PROTOCOL}:simclr_cifar10,dense', (('seed', 1),)),
-        Run('simclr_c10_cdg_seed1', 'seeds', 'CDG (seed 1)', _SIMCLR,
-            (('seed', 1),)),
+        dataclasses.replace(run, name=f'{run.name}_seed{seed}', group='seeds',
+                            overrides=(('seed', seed),))
+        for seed in (1, 2)
+        for run in _five('seeds', 'simclr_c10', 'simclr_cifar10')
+        if run.method != 'CDG structured 2x2x4'
     ],
     # Three times the CPU protocol's length: does the gap to dense shrink?
     'longer': [
@@ -242,6 +246,58 @@ TABLE_COLUMNS = ('name', 'framework', 'dataset', 'method', 'knn_top1',
                  'train_command', 'linear_eval_command')
 
 
+# What defines a run's setting, apart from its seed: runs equal on these are
+# the same experiment at different seeds. Gating fields count only where the
+# kind uses them (a dense run ignores them all, the predictors ignore the
+# regulariser form and the saliency statistics; see layers.GatingSpec), so
+# rows trained before a default changed still group with later ones.
+SETTING_FIELDS = ('framework', 'dataset', 'model', 'image_size', 'batch_size',
+                  'steps', 'gating')
+GATING_FIELDS = {
+    'none': (),
+    'cdg': ('block', 'regularizer', 'weight', 'density_target',
+            'saliency_stats', 'branches'),
+    'channel_predictor': ('weight', 'density_target', 'branches'),
+    'spatial_predictor': ('block', 'weight', 'density_target', 'branches'),
+}
+SEED_MEASURES = ('knn_top1', 'linear_top1', 'flops_reduction')
+
+
+def seed_summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Mean, min and max over seeds of each setting run with several seeds.
+
+  A rerun with a seed already counted (the `repro` row) is left out: it
+  measures determinism, not the spread between seeds.
+
+  Returns:
+    One entry per setting with two or more seeds, in the order of the
+    settings' first results: {'method', 'framework', 'dataset', 'steps',
+    'seeds', 'runs', and for each of SEED_MEASURES '<m>_mean', '<m>_min',
+    '<m>_max'}.
+  """
+  by_setting: dict[tuple, dict[int, dict[str, Any]]] = {}
+  for r in results:
+    fields = SETTING_FIELDS + GATING_FIELDS[r['gating']]
+    key = tuple((f, json.dumps(r.get(f))) for f in fields)
+    by_setting.setdefault(key, {}).setdefault(r['seed'], r)
+  summary = []
+  for runs in by_setting.values():
+    if len(runs) < 2:
+      continue
+    seeds = sorted(runs)
+    first = runs[seeds[0]]
+    entry = {'method': first['method'], 'framework': first['framework'],
+             'dataset': first['dataset'], 'steps': first['steps'],
+             'seeds': seeds, 'runs': [runs[s]['name'] for s in seeds]}
+    for measure in SEED_MEASURES:
+      values = [runs[s][measure] for s in seeds]
+      entry[f'{measure}_mean'] = sum(values) / len(values)
+      entry[f'{measure}_min'] = min(values)
+      entry[f'{measure}_max'] = max(values)
+    summary.append(entry)
+  return summary
+
+
 def write_table(results: list[dict[str, Any]], results_dir: str) -> None:
   """Writes results.csv (every field) and results.md (the headline columns)."""
   os.makedirs(results_dir, exist_ok=True)
@@ -264,6 +320,24 @@ def write_table(results: list[dict[str, Any]], results_dir: str) -> None:
         f'| {r["flops_reduction"]:.2f}x | {r["gate_density"]:.3f} '
         f'| {r["seed"]} | {r["steps"]} '
         f'| {r["train_wall_s"]:.0f} s + {r["linear_eval_wall_s"]:.0f} s |')
+  summary = seed_summary(results)
+  if summary:
+    lines += ['', 'Across seeds (settings run with several seeds; mean, then '
+              'min-max):', '',
+              '| method | framework | data | steps | seeds | kNN top-1 | '
+              'linear top-1 | FLOPs reduction |',
+              '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    for e in summary:
+      def spread(measure, scale, unit):
+        return (f'{scale * e[measure + "_mean"]:.2f}{unit} '
+                f'({scale * e[measure + "_min"]:.2f}-'
+                f'{scale * e[measure + "_max"]:.2f})')
+      lines.append(
+          f'| {e["method"]} | {e["framework"]} | {e["dataset"]} '
+          f'| {e["steps"]} | {", ".join(map(str, e["seeds"]))} '
+          f'| {spread("knn_top1", 100, "")} '
+          f'| {spread("linear_top1", 100, "")} '
+          f'| {spread("flops_reduction", 1, "x")} |')
   lines += ['', 'Commands (run from the repository root; each run\'s workdir '
             'under --workdir_root):', '']
   for r in results:
@@ -308,8 +382,9 @@ def write_plot(results: list[dict[str, Any]], results_dir: str) -> None:
         ax.axvline(2.0, color='gray', ls=':', lw=0.8)
       ax.set_xlabel('backbone FLOPs reduction (x, test set)')
       ax.set_ylabel(f'{"kNN" if key == "knn_top1" else "linear"} top-1 (%)')
-      ax.set_title(f'{framework}, {dataset}, {steps} steps (dashed: dense - 2 '
-                   f'points; dotted: 2x)', fontsize=9)
+      ax.set_title(f'{framework}, {dataset}, {steps} steps (hollow: other '
+                   f'seeds, ablations, reruns; dashed: dense - 2 points; '
+                   f'dotted: 2x)', fontsize=8)
       ax.grid(alpha=0.3)
       handles, labels = ax.get_legend_handles_labels()
       unique = dict(zip(labels, handles))

@@ -60,7 +60,8 @@ def test_every_grid_row_is_a_valid_command(run, monkeypatch):
   assert (config.model.name, config.model.width) == ('resnet18', 16)
   assert config.data.image_size == 16
   assert config.num_epochs == (12.0 if run.group == 'longer' else 4.0)
-  assert config.seed == (1 if run.group == 'seeds' else 0)
+  assert config.seed == dict(run.overrides).get('seed', 0)
+  assert (config.seed != 0) == (run.group == 'seeds')
   if run.method.startswith('dense'):
     assert spec.kind == 'none'
   elif 'predictor' in run.method:
@@ -90,6 +91,53 @@ def test_select_runs_rejects_unknown_names():
     run_grid.select_runs(['core'], ['byol_c10_dense'])
   assert [r.name for r in run_grid.select_runs(['core'], ['simclr_c10_cdg'])
           ] == ['simclr_c10_cdg']
+
+
+def _result(name, seed, knn, gating='cdg', **fields):
+  result = {'name': name, 'method': name.split('_')[0], 'seed': seed,
+            'knn_top1': knn, 'linear_top1': knn + 0.02,
+            'flops_reduction': 1.0 if gating == 'none' else 2.0 + seed / 10,
+            'framework': 'simclr', 'dataset': 'cifar10', 'model': 'resnet18',
+            'image_size': 16, 'batch_size': 256, 'steps': 388,
+            'gating': gating, 'block': [1, 1, 1], 'regularizer': 'density',
+            'weight': 1.0, 'density_target': 0.25,
+            'saliency_stats': 'per_branch', 'branches': 'both',
+            'gate_density': 0.25, 'train_wall_s': 1.0,
+            'linear_eval_wall_s': 1.0, 'train_command': f'train {name}',
+            'linear_eval_command': f'eval {name}'}
+  result.update(fields)
+  return result
+
+
+def test_seed_summary_groups_settings_across_seeds(tmp_path):
+  results = [
+      _result('cdg', 0, 0.40), _result('cdg_repro', 0, 0.30),
+      _result('cdg_seed1', 1, 0.37), _result('cdg_seed2', 2, 0.34),
+      # A dense run ignores the gating fields: these three are one setting.
+      _result('dense', 0, 0.42, gating='none', regularizer='threshold',
+              weight=1e-4), _result('dense_seed1', 1, 0.41, gating='none'),
+      _result('dense_seed2', 2, 0.44, gating='none', density_target=0.5),
+      # Another density target or length is another setting (one seed each).
+      _result('target', 1, 0.1, density_target=0.15),
+      _result('long', 1, 0.5, steps=1164),
+  ]
+  summary = run_grid.seed_summary(results)
+  assert [e['runs'] for e in summary] == [
+      ['cdg', 'cdg_seed1', 'cdg_seed2'], ['dense', 'dense_seed1', 'dense_seed2']]
+  cdg, dense = summary
+  assert cdg['method'] == 'cdg' and cdg['seeds'] == [0, 1, 2]
+  # The same-seed rerun (0.30) is not a seed of its own.
+  assert cdg['knn_top1_mean'] == pytest.approx((0.40 + 0.37 + 0.34) / 3)
+  assert (cdg['knn_top1_min'], cdg['knn_top1_max']) == (0.34, 0.40)
+  assert cdg['linear_top1_mean'] == pytest.approx(0.39)
+  assert cdg['flops_reduction_mean'] == pytest.approx(2.1)
+  assert (cdg['flops_reduction_min'], cdg['flops_reduction_max']) == (2.0, 2.2)
+  assert dense['knn_top1_mean'] == pytest.approx(0.42 + 1 / 300)
+  assert run_grid.seed_summary(results[:1] + results[-2:]) == []
+  run_grid.write_table(results, str(tmp_path))
+  table = (tmp_path / 'results.md').read_text()
+  assert ('| cdg | simclr | cifar10 | 388 | 0, 1, 2 | 37.00 (34.00-40.00) '
+          '| 39.00 (36.00-42.00) | 2.10x (2.00-2.20) |') in table
 
 
 def test_smoke_grid_runs_saves_each_result_and_skips_finished_runs(
