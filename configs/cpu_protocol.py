@@ -30,8 +30,8 @@ deterministic on CPU for a fixed device count):
   :simclr_cifar10          kNN 39.21%, linear 41.20%, 2.17x fewer FLOPs
   :simclr_cifar10,dense    kNN 41.91%, linear 44.47%
 
-With --config.seed=1: CDG 37.00% / 40.80% at 2.13x, dense 41.47% / 43.75%
-(gated short runs vary more between seeds than dense ones).
+Means over --config.seed=0, 1, 2: CDG 38.53% / 41.23% at 2.15x (kNN 37.00
+to 39.38), dense 41.89% / 44.63% (kNN 41.47 to 42.28).
 
 (linear: `python -m cdg_jax.linear_eval --config=configs/cpu_protocol.py:...
 --workdir=...` on the same workdir).
