@@ -26,7 +26,7 @@ test set from the traced masks (summary.json of the run). Grids (see GRIDS):
              0.35 (with the core 0.25: three strengths), threshold-form
              regulariser, block (1x1x4); BYOL: target branch left dense.
   repro      the core CDG run again with the same seed.
-  seeds      the core runs but structured CDG, with seeds 1 and 2 (spread
+  seeds      the core runs except structured CDG, at seeds 1 and 2 (spread
              between seeds; results.md averages the seeds of each setting).
   longer     the core dense and CDG runs at 12 epochs instead of 4.
   smoke      two tiny runs on synthetic data (tests use it).
