@@ -368,20 +368,19 @@ def open_gates(variables: Mapping[str, Any]) -> dict[str, Any]:
     ValueError: the params hold no `threshold` (a dense network or a
       predictor baseline, whose masks do not come from thresholds).
   """
-  opened = []
+  def is_threshold(path) -> bool:
+    return getattr(path[-1], 'key', None) == 'threshold'
 
-  def open_threshold(path, value):
-    if getattr(path[-1], 'key', None) != 'threshold':
-      return value
-    opened.append(jax.tree_util.keystr(path))
-    return np.full(np.shape(value), OPEN_GATE_THRESHOLD,
-                   dtype=np.asarray(value).dtype)
-
-  params = jax.tree_util.tree_map_with_path(open_threshold,
-                                            variables['params'])
-  if not opened:
+  paths = [path for path, _ in
+           jax.tree_util.tree_flatten_with_path(variables['params'])[0]]
+  if not any(map(is_threshold, paths)):
     raise ValueError('open_gates needs a CDG backbone (gating.kind=\'cdg\'); '
                      'its params hold no `threshold`.')
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, value: (np.full(np.shape(value), OPEN_GATE_THRESHOLD,
+                                   value.dtype)
+                           if is_threshold(path) else value),
+      variables['params'])
   return {**variables, 'params': params}
 
 
