@@ -23,12 +23,16 @@ def gating_config() -> ml_collections.ConfigDict:
                                    # 'spatial_predictor' (baselines: see
                                    # GatingSpec for the fields they use)
       groups=4,                    # G: the base path sees 1/G input channels
+      grouping='first',            # 'first' | 'diagonal' (CGNet's block-
+                                   # diagonal base path)
       block=(1, 1, 1),             # (bh, bw, bc); (1, 1, 1) is unstructured
-      alpha=2.0,                   # sigmoid surrogate steepness (STE backward)
+      alpha=2.0,                   # surrogate steepness (STE backward)
+      surrogate='sigmoid',         # 'sigmoid' | 'hard_sigmoid'
       threshold_init=0.0,
       layers='block_3x3',          # comma-separated roles: stem, block_3x3,
                                    # block_1x1, shortcut
       saliency_norm='batch',       # 'batch' (running stats at eval) | 'sample'
+      saliency_grad=False,         # gradient through saliency statistics
       saliency_momentum=0.9,
       epsilon=1e-5,
       saliency_stats='per_branch',  # 'per_branch' | 'joint'
@@ -39,11 +43,14 @@ def gating_config() -> ml_collections.ConfigDict:
       # toward threshold 1.0) barely moves thresholds in a short run and gave
       # the same accuracy-vs-FLOPs curve at lambda 0.1 in our CIFAR runs
       # (experiments/README.md).
-      regularizer='density',       # 'density' | 'threshold'
+      regularizer='density',       # 'density' | 'threshold' (per-layer
+                                   # mean) | 'threshold_sum' (channel gating)
       weight=1.0,                  # lambda
       threshold_target=1.0,        # threshold form only
       density_target=0.25,         # also: channel_predictor keeps
                                    # ceil(target * C_out) channels
+      target_anneal_fraction=0.0,  # ours: density target 1 -> target over
+                                   # this fraction of training
       gumbel_temperature=1.0,      # spatial_predictor's Gumbel-sigmoid
   ))
 
@@ -98,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
       fake_num_train=10_000,       # fake: synthetic examples per split
       fake_num_test=2_000,
       shuffle_buffer=10_000,       # ImageNet stream only; arrays shuffle fully
+      validation_size=0,           # > 0: hold out this many class-balanced
+                                   # training images and evaluate on them
+                                   # instead of the test set (model selection)
       prefetch=2,                  # host batches prepared ahead
   ))
   # On-device augmentation (cdg_jax/augment.py); mean/std per dataset.

@@ -14,6 +14,18 @@ split into `G` input-channel groups:
     d      = 1[block_mean(S - delta) > 0]                       # hard 0/1 gate, STE
     Y      = Y_base + d * conv(X[..., C_in/G:], W[:, :, C_in/G:])
 
+Options where CDG's public lineage (channel gating / CGNet, DESIGN.md section
+2) reads differently, each kept next to our first reading:
+
+  grouping   'first': every output's base path sees the first C_in/G input
+             channels (above); 'diagonal': output-channel group i's base path
+             sees input-channel group i (block-diagonal, as CGNet). Same FLOPs.
+  saliency gradient through the normalisation statistics, or not.
+  surrogate  'sigmoid' or 'hard_sigmoid' derivative for the straight-through
+             gate.
+  regulariser per-layer mean of (delta - target)^2, its sum over every
+             threshold (channel gating's form), or a density target.
+
 The predictor baselines (end of this module) multiply the dense conv output by
 a mask from a small predictor on the layer input: top-k channels of an MLP
 saliency on the globally pooled input ('channel_predictor', FBS-style), or a
@@ -80,6 +92,83 @@ def split_channels(x: Array, kernel: Array, groups: int
   n_base = base_channels(x.shape[-1], groups)
   return (x[..., :n_base], kernel[:, :, :n_base],
           x[..., n_base:], kernel[:, :, n_base:])
+
+
+GROUPINGS = ('first', 'diagonal')
+
+
+def diagonal_base_kernel(kernel: Array, groups: int) -> Array:
+  """The block-diagonal base kernel, for a conv with `feature_group_count=G`.
+
+  Output-channel group i takes input-channel group i:
+  `result[:, :, :, i*co:(i+1)*co] = kernel[:, :, i*ci:(i+1)*ci, i*co:(i+1)*co]`
+  with ci = C_in/G, co = C_out/G.
+
+  Args:
+    kernel: (kh, kw, C_in, C_out); G must divide C_in and C_out.
+    groups: G.
+
+  Returns:
+    (kh, kw, C_in/G, C_out) kernel.
+  """
+  kh, kw, c_in, c_out = kernel.shape
+  ci = base_channels(c_in, groups)
+  if c_out % groups:
+    raise ValueError(
+        f"gating.grouping='diagonal' with gating.groups={groups} needs groups "
+        f"to divide the {c_out} output channels of every gated convolution.")
+  co = c_out // groups
+  blocks = kernel.reshape(kh, kw, groups, ci, groups, co)
+  diagonal = jnp.diagonal(blocks, axis1=2, axis2=4)      # (kh, kw, ci, co, G)
+  return jnp.moveaxis(diagonal, -1, 3).reshape(kh, kw, ci, c_out)
+
+
+def diagonal_mask(c_in: int, c_out: int, groups: int, dtype=jnp.float32
+                  ) -> Array:
+  """(C_in, C_out) 0/1 mask, 1 on the block-diagonal (base-path) entries."""
+  ci, co = c_in // groups, c_out // groups
+  return jnp.kron(jnp.eye(groups, dtype=dtype), jnp.ones((ci, co), dtype))
+
+
+def base_and_conditional(x: Array, kernel: Array, groups: int,
+                         grouping: str = 'first',
+                         strides: Sequence[int] = (1, 1),
+                         padding: str | Sequence[tuple[int, int]] = 'SAME'
+                         ) -> tuple[Array, Array]:
+  """(Y_base, Y_cond): the two paths of a gated convolution, Y_base + Y_cond = conv(x, W).
+
+  Args:
+    x: (N, H, W, C_in) input.
+    kernel: (kh, kw, C_in, C_out).
+    groups: G.
+    grouping: 'first' -- the base path of every output channel convolves the
+      first C_in/G input channels and the conditional path the rest;
+      'diagonal' -- output group i's base path convolves input group i (a
+      grouped convolution) and the conditional path every other input group.
+      Both cost (1/G) of the dense MACs on the base path.
+    strides, padding: as for `conv`.
+  """
+  if grouping == 'first':
+    x_base, k_base, x_cond, k_cond = split_channels(x, kernel, groups)
+    return (conv(x_base, k_base, strides, padding),
+            conv(x_cond, k_cond, strides, padding))
+  if grouping != 'diagonal':
+    raise ValueError(f'Unknown gating.grouping={grouping!r}; expected one of '
+                     f'{GROUPINGS}.')
+  if x.shape[-1] != kernel.shape[2]:
+    raise ValueError(f'Input has {x.shape[-1]} channels but the kernel expects '
+                     f'{kernel.shape[2]} (kernel shape {kernel.shape}).')
+  y_base = jax.lax.conv_general_dilated(
+      x, diagonal_base_kernel(kernel, groups), window_strides=tuple(strides),
+      padding=padding, dimension_numbers=DIMENSION_NUMBERS,
+      feature_group_count=groups)
+  # The conditional path is every off-diagonal block: one convolution over all
+  # input channels with the diagonal blocks zeroed (in training this costs
+  # (G+1)/G of a dense conv; the FLOPs count is unchanged, as for 'first',
+  # because the saving is accounted from the masks).
+  off_diagonal = 1.0 - diagonal_mask(kernel.shape[2], kernel.shape[3], groups,
+                                     kernel.dtype)
+  return y_base, conv(x, kernel * off_diagonal, strides, padding)
 
 
 def conv(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
@@ -177,36 +266,59 @@ def block_mean(z: Array, block: Sequence[int]) -> Array:
   return jnp.broadcast_to(means, blocks.shape).reshape(z.shape)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def hard_gate(z: Array, alpha: float) -> Array:
-  """Hard 0/1 gate `1[z > 0]` with a sigmoid straight-through gradient.
+SURROGATES = ('sigmoid', 'hard_sigmoid')
+
+
+def surrogate_slope(z: Array, alpha: float, surrogate: str = 'sigmoid'
+                    ) -> Array:
+  """Derivative of the gate's smooth surrogate at `z`.
+
+  'sigmoid': d/dz sigmoid(alpha z) = alpha s (1 - s) (CGNet, our default).
+  'hard_sigmoid': d/dz clip(0.25 alpha z + 0.5, 0, 1) = 0.25 alpha where
+  |z| < 2 / alpha, else 0 (the first author's channel-gating scripts). Both
+  have slope alpha / 4 at z = 0.
+  """
+  if surrogate == 'sigmoid':
+    s = jax.nn.sigmoid(alpha * z)
+    return alpha * s * (1.0 - s)
+  if surrogate == 'hard_sigmoid':
+    inside = jnp.abs(z) < 2.0 / alpha
+    return jnp.where(inside, 0.25 * alpha, 0.0).astype(z.dtype)
+  raise ValueError(f'Unknown gating.surrogate={surrogate!r}; expected one of '
+                   f'{SURROGATES}.')
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def hard_gate(z: Array, alpha: float, surrogate: str = 'sigmoid') -> Array:
+  """Hard 0/1 gate `1[z > 0]` with a straight-through surrogate gradient.
 
   The forward value is exactly 0 or 1 (a custom JVP, not the `soft +
   stop_gradient(hard - soft)` trick, whose forward value can be off by one
-  ulp). The derivative is that of the surrogate `sigmoid(alpha * z)`, so the
+  ulp). The derivative is that of the surrogate (`surrogate_slope`), so the
   gradient reaches the threshold and, through the saliency, the base-path
   weights.
 
   Args:
     z: gate pre-activation, saliency minus threshold, any shape.
-    alpha: steepness of the sigmoid surrogate.
+    alpha: steepness of the surrogate.
+    surrogate: 'sigmoid' or 'hard_sigmoid' (see `surrogate_slope`).
 
   Returns:
     Array of `z`'s shape and dtype with values in {0, 1}.
   """
+  del alpha, surrogate  # Only the derivative uses them.
   return (z > 0).astype(z.dtype)
 
 
 @hard_gate.defjvp
-def _hard_gate_jvp(alpha, primals, tangents):
+def _hard_gate_jvp(alpha, surrogate, primals, tangents):
   (z,), (z_dot,) = primals, tangents
-  surrogate = jax.nn.sigmoid(alpha * z)
-  slope = alpha * surrogate * (1.0 - surrogate)
-  return hard_gate(z, alpha), slope * z_dot
+  return (hard_gate(z, alpha, surrogate),
+          surrogate_slope(z, alpha, surrogate) * z_dot)
 
 
 def gate_mask(saliency: Array, threshold: Array, block: Sequence[int] = (1, 1, 1),
-              alpha: float = 2.0) -> Array:
+              alpha: float = 2.0, surrogate: str = 'sigmoid') -> Array:
   """The CDG gate `d`: 1 where the (block-mean) saliency exceeds the threshold.
 
   Args:
@@ -216,11 +328,12 @@ def gate_mask(saliency: Array, threshold: Array, block: Sequence[int] = (1, 1, 1
       structured gating the decision is taken on the block mean of
       `saliency - threshold`, i.e. mean saliency against mean threshold.
     alpha: surrogate steepness for the straight-through gradient.
+    surrogate: 'sigmoid' or 'hard_sigmoid' (see `surrogate_slope`).
 
   Returns:
     (N, H, W, C) mask with values in {0, 1}, constant within each block.
   """
-  return hard_gate(block_mean(saliency - threshold, block), alpha)
+  return hard_gate(block_mean(saliency - threshold, block), alpha, surrogate)
 
 
 def masked_combine(y_base: Array, y_cond: Array, mask: Array) -> Array:
@@ -232,6 +345,8 @@ def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
                strides: Sequence[int] = (1, 1), padding='SAME',
                block: Sequence[int] = (1, 1, 1), alpha: float = 2.0,
                epsilon: float = 1e-5, norm: str = 'batch', num_groups: int = 1,
+               grouping: str = 'first', saliency_grad: bool = False,
+               surrogate: str = 'sigmoid',
                running_mean: Array | None = None,
                running_var: Array | None = None
                ) -> tuple[Array, Array, tuple[Array, Array]]:
@@ -248,6 +363,11 @@ def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
     epsilon: added to the saliency variance.
     norm, num_groups: how saliency statistics are computed from Y_base when no
       running statistics are given (see `saliency_moments`).
+    grouping: 'first' or 'diagonal' base path (see `base_and_conditional`).
+    saliency_grad: differentiate through the saliency statistics (mean and
+      variance of Y_base), as an instance norm or BatchNorm does; False
+      treats them as constants.
+    surrogate: 'sigmoid' or 'hard_sigmoid' straight-through derivative.
     running_mean, running_var: (C_out,) statistics to normalise with instead
       (evaluation with 'batch' norm); then no sample influences another.
 
@@ -256,38 +376,51 @@ def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
     mask, and the saliency statistics used (callers update running averages
     from them).
   """
-  x_base, k_base, x_cond, k_cond = split_channels(x, kernel, groups)
-  y_base = conv(x_base, k_base, strides, padding)
+  y_base, y_cond = base_and_conditional(x, kernel, groups, grouping, strides,
+                                        padding)
   # Y_cond is computed densely and masked: XLA cannot skip work per position,
   # so the saving is accounted analytically (cdg_jax.flops) from the masks.
-  y_cond = conv(x_cond, k_cond, strides, padding)
   if (running_mean is None) != (running_var is None):
     raise ValueError('Give both running_mean and running_var, or neither.')
   if running_mean is None:
-    # The statistics only set the operating point of the gate; no gradient is
-    # taken through them (the straight-through gradient still reaches the
-    # base-path weights through Y_base in the saliency). Differentiating the
-    # batch mean and variance too would be a correction to a surrogate
-    # gradient and cost about 10% of a gated layer's backward pass on CPU.
-    mean, var = saliency_moments(jax.lax.stop_gradient(y_base), norm,
-                                 num_groups)
+    # By default the statistics only set the operating point of the gate and
+    # no gradient is taken through them (the straight-through gradient still
+    # reaches the base-path weights through Y_base in the saliency); that is
+    # about 10% cheaper in a gated layer's backward pass on CPU. The lineage
+    # (an instance norm in the first author's code) differentiates them.
+    stats_input = y_base if saliency_grad else jax.lax.stop_gradient(y_base)
+    mean, var = saliency_moments(stats_input, norm, num_groups)
   else:
     mean, var = running_mean, running_var
   saliency = normalize_saliency(y_base, mean, var, epsilon)
-  mask = gate_mask(saliency, threshold, block, alpha)
+  mask = gate_mask(saliency, threshold, block, alpha, surrogate)
   return masked_combine(y_base, y_cond, mask), mask, (mean, var)
 
 
 def threshold_regularizer(thresholds: Sequence[Array], target: float = 1.0
                           ) -> Array:
-  """Channel-gating regulariser `sum_layers mean((delta - target)^2)`.
+  """Per-layer mean form `sum_layers mean_channels((delta - target)^2)`.
 
   Multiply by the regularisation weight lambda in the loss. Pushing the
   thresholds towards a positive target closes gates where saliency is low.
+  Each layer counts once whatever its width; the channel-gating form is
+  `threshold_sum_regularizer`, C_out times stronger per layer.
   """
   if not thresholds:
     return jnp.zeros(())
   return sum(jnp.mean(jnp.square(t - target)) for t in thresholds)
+
+
+def threshold_sum_regularizer(thresholds: Sequence[Array],
+                              target: float = 1.0) -> Array:
+  """Channel gating's form `sum over every threshold of (delta - target)^2`.
+
+  Summed over the thresholds of every gated layer (CGNet uses lambda 1e-4,
+  target 1.0), so wide layers weigh more, one term per output channel.
+  """
+  if not thresholds:
+    return jnp.zeros(())
+  return sum(jnp.sum(jnp.square(t - target)) for t in thresholds)
 
 
 def density_regularizer(densities: Sequence[Array], target: float = 0.5
@@ -465,7 +598,7 @@ def gumbel_sigmoid_gate(logits: Array, temperature: float,
   z = logits
   if rng is not None:
     z = z + jax.random.logistic(rng, logits.shape, logits.dtype)
-  return hard_gate(z, 1.0 / temperature)
+  return hard_gate(z, 1.0 / temperature, 'sigmoid')
 
 
 def spatial_predictor_conv(x: Array, kernel: Array, pred_kernel: Array,

@@ -24,6 +24,12 @@ Every source gives:
       the whole 'train' or 'test' split in order, once, as {'image', 'label',
       'mask'} with fixed shape: the last batch is padded and `mask` (float32)
       is 0 on padding, so every example is counted exactly once.
+  source.eval_split_name
+      what the 'test' split really is: 'test', or 'validation' when
+      `data.validation_size` > 0 holds out a class-balanced part of the
+      training set (`holdout_validation`); training then reads the rest.
+      Choices (defaults, hyperparameters) are made on 'validation'; the test
+      set only gives final numbers.
 
 Multi-host: every process builds the same global batch and keeps rows
 [p * B, (p + 1) * B) of it (p = jax.process_index()); `shard_batch` assembles
@@ -66,6 +72,9 @@ IMAGENET100_CLASS_FILE = os.path.join(os.path.dirname(__file__),
                                       'imagenet100_classes.txt')
 # Seed of the synthetic images (the training seed only shuffles them).
 FAKE_DATA_SEED = 1234
+# Seed of the held-out validation rows: fixed, not the training seed, so that
+# runs at every seed are selected on the same validation images.
+VALIDATION_SEED = 0x76616C
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +215,8 @@ class Source(abc.ABC):
   num_test: int
   num_classes: int
   image_shape: tuple[int, int, int]
+  # 'test', or 'validation' when the 'test' split is held out of training.
+  eval_split_name: str = 'test'
 
   def steps_per_epoch(self, global_batch_size: int) -> int:
     """Full training batches per epoch (the partial last one is dropped)."""
@@ -268,7 +279,7 @@ class ArraySource(Source):
 
   def __init__(self, x_train: np.ndarray, y_train: np.ndarray,
                x_test: np.ndarray, y_test: np.ndarray, num_classes: int,
-               name: str = 'arrays'):
+               name: str = 'arrays', eval_split_name: str = 'test'):
     """Validates and stores the arrays.
 
     Args:
@@ -276,7 +287,9 @@ class ArraySource(Source):
       y_train, y_test: integer labels in [0, num_classes), shape (N,).
       num_classes: number of classes.
       name: shown in error messages (e.g. the npz path).
+      eval_split_name: what x_test is ('test' or 'validation'), for reports.
     """
+    self.eval_split_name = eval_split_name
     check_images(x_train, f'{name}: x_train')
     check_images(x_test, f'{name}: x_test')
     if x_train.shape[1:] != x_test.shape[1:]:
@@ -289,6 +302,7 @@ class ArraySource(Source):
                               f'{name}: y_train'),
         'test': check_labels(np.asarray(y_test), len(x_test), num_classes,
                              f'{name}: y_test')}
+    self.name = name
     self.num_train = len(x_train)
     self.num_test = len(x_test)
     self.num_classes = num_classes
@@ -380,6 +394,64 @@ def fake_arrays(num_examples: int, image_size: int, num_classes: int,
                                 dtype=np.float32) * 24
     images[start:stop] = np.clip(patterns[labels[start:stop]] + noise, 0, 255)
   return images, labels
+
+
+def holdout_validation(labels: np.ndarray, size: int, num_classes: int,
+                       seed: int = VALIDATION_SEED
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """Deterministic, class-balanced validation rows of a training set.
+
+  Each class gives `size // num_classes` rows (the first `size % num_classes`
+  classes one more), drawn at random with a generator seeded by `seed` alone.
+
+  Args:
+    labels: (N,) integer training labels.
+    size: validation examples to hold out, 0 < size < N.
+    num_classes: number of classes.
+    seed: the draw's seed (the default is fixed, so every run holds out the
+      same images).
+
+  Returns:
+    (train_rows, validation_rows): sorted row indices, disjoint, covering all
+    N rows.
+
+  Raises:
+    ValueError: naming `data.validation_size` if it is out of range or a class
+      has too few examples.
+  """
+  labels = np.asarray(labels)
+  if not 0 < size < len(labels):
+    raise ValueError(f'data.validation_size={size} must be between 1 and '
+                     f'{len(labels) - 1} (the training set has {len(labels)} '
+                     f'examples); 0 turns the validation split off.')
+  rng = np.random.default_rng(seed)
+  per_class = [size // num_classes + (c < size % num_classes)
+               for c in range(num_classes)]
+  chosen = []
+  for c in range(num_classes):
+    rows = np.flatnonzero(labels == c)
+    if per_class[c] >= len(rows):
+      raise ValueError(
+          f'data.validation_size={size} takes {per_class[c]} examples of '
+          f'class {c}, which has only {len(rows)} training examples; lower '
+          f'it.')
+    chosen.append(rng.choice(rows, per_class[c], replace=False))
+  validation = np.sort(np.concatenate(chosen))
+  train = np.setdiff1d(np.arange(len(labels)), validation)
+  return train, validation
+
+
+def with_validation_split(source: 'ArraySource', size: int) -> 'ArraySource':
+  """The source with `size` training examples held out as its 'test' split.
+
+  Training reads the other examples; `eval_split_name` becomes 'validation'.
+  """
+  images, labels = source._images['train'], source._labels['train']  # pylint: disable=protected-access
+  train, validation = holdout_validation(labels, size, source.num_classes)
+  return ArraySource(images[train], labels[train], images[validation],
+                     labels[validation], source.num_classes,
+                     name=f'{source.name} (validation split)',
+                     eval_split_name='validation')
 
 
 def _fake_source(data_config: ml_collections.ConfigDict) -> ArraySource:
@@ -675,14 +747,27 @@ def create_source(data_config: ml_collections.ConfigDict) -> Source:
   if data_config.image_size <= 0:
     raise ValueError(f'data.image_size must be positive, got '
                      f'{data_config.image_size}.')
+  validation_size = int(data_config.get('validation_size', 0))
+  if validation_size < 0:
+    raise ValueError(f'data.validation_size must be >= 0 (0: no validation '
+                     f'split), got {validation_size}.')
   if source == 'fake':
-    return _fake_source(data_config)
-  if source == 'npz':
-    return _npz_source(data_config)
-  if source == 'tfds':
-    return _tfds_source(data_config)
-  raise ValueError(f'Unknown data.source={source!r}; expected one of '
-                   f'{SOURCES}.')
+    result = _fake_source(data_config)
+  elif source == 'npz':
+    result = _npz_source(data_config)
+  elif source == 'tfds':
+    result = _tfds_source(data_config)
+  else:
+    raise ValueError(f'Unknown data.source={source!r}; expected one of '
+                     f'{SOURCES}.')
+  if validation_size == 0:
+    return result
+  if not isinstance(result, ArraySource):
+    raise ValueError(
+        f'data.validation_size={validation_size}: a validation split is held '
+        f'out of in-memory datasets only (npz, fake, TFDS CIFAR), not of the '
+        f'streamed {data_config.dataset!r}.')
+  return with_validation_split(result, validation_size)
 
 
 # ---------------------------------------------------------------------------

@@ -30,7 +30,7 @@ LAYER_ROLES = ('stem', 'block_3x3', 'block_1x1', 'shortcut')
 SALIENCY_NORMS = ('batch', 'sample')
 SALIENCY_STATS = ('per_branch', 'joint')
 BRANCHES = ('both', 'online')
-REGULARIZERS = ('threshold', 'density')
+REGULARIZERS = ('threshold', 'threshold_sum', 'density')
 
 # Collections written by gated layers during `apply`.
 DENSITY_COLLECTION = 'gating'      # per-sample gate density of each gated layer
@@ -65,30 +65,52 @@ class GatingSpec:
       `weight`. The channel predictor keeps ceil(density_target * C_out)
       channels per sample.
     groups: G, input-channel groups; the base path convolves 1/G of them.
+    grouping: which input group each output channel's base path convolves:
+      'first' (the first group, for every output channel) or 'diagonal'
+      (output-channel group i takes input group i, CGNet's block-diagonal
+      grouping; G must then divide C_out too). Same FLOPs.
     block: (bh, bw, bc) decision granularity; (1, 1, 1) is unstructured.
-    alpha: steepness of the sigmoid surrogate of the straight-through gate.
+    alpha: steepness of the surrogate of the straight-through gate.
+    surrogate: derivative used by the straight-through gate: 'sigmoid'
+      (alpha s (1 - s), CGNet) or 'hard_sigmoid' (of clip(alpha z / 4 + 1/2,
+      0, 1), the first author's channel-gating scripts).
     gumbel_temperature: temperature of the spatial predictor's Gumbel-sigmoid
       (its straight-through gradient is that of sigmoid(z / temperature)).
     threshold_init: initial value of every threshold delta.
     layers: which convolution roles are gated, a subset of `LAYER_ROLES`.
     saliency_norm: 'batch' (BatchNorm-style statistics, running averages at
       evaluation) or 'sample' (per-sample spatial statistics).
+    saliency_grad: differentiate through the saliency statistics (the
+      lineage: an instance norm with 'sample', a non-affine BatchNorm with
+      'batch') or treat them as constants (False, our first reading).
     saliency_momentum: decay of the saliency running averages.
     epsilon: added to the saliency variance.
     saliency_stats: 'per_branch' or 'joint' batch statistics (train step).
     branches: 'both' gates the target encoder too, 'online' leaves it dense.
-    regularizer: 'threshold' or 'density' form of the gate regulariser.
+    regularizer: form of the CDG gate regulariser, times `weight`:
+      'density' -- sum_layers (density - density_target)^2, density the mean
+      of the straight-through mask (sets the FLOPs operating point);
+      'threshold' -- sum_layers mean_channels (delta - threshold_target)^2;
+      'threshold_sum' -- sum over every threshold (delta -
+      threshold_target)^2, channel gating's form (lambda 1e-4, target 1.0).
     weight: regulariser weight lambda.
-    threshold_target: target of the threshold regulariser.
-    density_target: target of the density regulariser.
+    threshold_target: target of the threshold regularisers.
+    density_target: target of the density regulariser, in (0, 1].
+    target_anneal_fraction: ours, not the paper's: over this fraction of the
+      training steps the density regulariser's target falls linearly from
+      1.0 (every gate open) to `density_target`; 0 keeps it fixed. Density
+      form (and the spatial predictor) only.
   """
   kind: str = 'cdg'
   groups: int = 4
+  grouping: str = 'first'
   block: tuple[int, int, int] = (1, 1, 1)
   alpha: float = 2.0
+  surrogate: str = 'sigmoid'
   threshold_init: float = 0.0
   layers: tuple[str, ...] = ('block_3x3',)
   saliency_norm: str = 'batch'
+  saliency_grad: bool = False
   saliency_momentum: float = 0.9
   epsilon: float = 1e-5
   saliency_stats: str = 'per_branch'
@@ -98,6 +120,7 @@ class GatingSpec:
   weight: float = 1.0
   threshold_target: float = 1.0
   density_target: float = 0.25
+  target_anneal_fraction: float = 0.0
   gumbel_temperature: float = 1.0
 
   def __post_init__(self):
@@ -106,13 +129,27 @@ class GatingSpec:
     _one_of('saliency_stats', self.saliency_stats, SALIENCY_STATS)
     _one_of('branches', self.branches, BRANCHES)
     _one_of('regularizer', self.regularizer, REGULARIZERS)
+    _one_of('grouping', self.grouping, gating.GROUPINGS)
+    _one_of('surrogate', self.surrogate, gating.SURROGATES)
     for role in self.layers:
       _one_of('layers entry', role, LAYER_ROLES)
     if self.kind == 'cdg' and self.groups < 2:
       raise ValueError(f'gating.groups must be at least 2, got {self.groups}.')
-    if self.kind in PREDICTOR_KINDS and not 0.0 < self.density_target <= 1.0:
+    uses_density = (self.kind in PREDICTOR_KINDS or
+                    (self.kind == 'cdg' and self.regularizer == 'density'))
+    if uses_density and not 0.0 < self.density_target <= 1.0:
       raise ValueError(f'gating.density_target must be in (0, 1] for '
                        f'gating.kind={self.kind!r}, got {self.density_target}.')
+    if not 0.0 <= self.target_anneal_fraction <= 1.0:
+      raise ValueError(f'gating.target_anneal_fraction must be in [0, 1], got '
+                       f'{self.target_anneal_fraction}.')
+    if self.target_anneal_fraction > 0 and not (
+        self.kind == 'spatial_predictor' or
+        (self.kind == 'cdg' and self.regularizer == 'density')):
+      raise ValueError(
+          f'gating.target_anneal_fraction={self.target_anneal_fraction} '
+          f'anneals the density target, but gating.kind={self.kind!r} with '
+          f'gating.regularizer={self.regularizer!r} has none; set it to 0.')
     if self.kind == 'spatial_predictor' and self.gumbel_temperature <= 0:
       raise ValueError(f'gating.gumbel_temperature must be positive, got '
                        f'{self.gumbel_temperature}.')
@@ -229,6 +266,8 @@ class GatedConv(nn.Module):
         x, kernel, threshold, groups=spec.groups, strides=self.strides,
         block=spec.block, alpha=spec.alpha, epsilon=spec.epsilon,
         norm=spec.saliency_norm, num_groups=stat_groups,
+        grouping=spec.grouping, saliency_grad=spec.saliency_grad,
+        surrogate=spec.surrogate,
         running_mean=running_mean.value if use_running else None,
         running_var=running_var.value if use_running else None)
     if (spec.saliency_norm == 'batch' and train

@@ -277,6 +277,9 @@ def run_linear_eval(config: ml_collections.ConfigDict,
       'flops': report.as_dict(),
       'num_train': int(len(train['labels'])),
       'num_test': int(len(test['labels'])),
+      # 'validation' when data.validation_size holds out part of the training
+      # set: then 'top1' etc. are validation accuracies, not test ones.
+      'eval_split': source.eval_split_name,
       'num_classes': int(source.num_classes),
       'feature_dim': int(train['features'].shape[1]),
       'protocol': PROTOCOL,
@@ -295,15 +298,17 @@ def run_linear_eval(config: ml_collections.ConfigDict,
 def format_summary(results: Mapping[str, Any], workdir: str) -> str:
   """Human-readable summary of `run_linear_eval`'s results."""
   model, gating = results['model'], results['gating']
+  split = results.get('eval_split', 'test')
   lines = [
       f'Linear evaluation of {workdir} ({model["name"]}, width '
       f'{model.get("width", 64)}, gating.kind={gating["kind"]}):',
-      f'  test top-1 {100 * results["top1"]:.2f}%, top-5 '
-      f'{100 * results["top5"]:.2f}% on the {results["num_test"]} test '
+      f'  {split} top-1 {100 * results["top1"]:.2f}%, top-5 '
+      f'{100 * results["top5"]:.2f}% on the {results["num_test"]} {split} '
       f'images (train top-1 {100 * results["train_top1"]:.2f}%, '
       f'{results["num_train"]} images)',
       f'  FLOPs reduction {results["flops_reduction"]:.3f}x, gated-layer '
-      f'density {results["gate_density"]:.3f} (measured on the test set)',
+      f'density {results["gate_density"]:.3f} (measured on the {split} '
+      f'split)',
       f'  protocol: {results["protocol"]}',
   ]
   lines += [f'  note: {note}' for note in results['config_notes']]

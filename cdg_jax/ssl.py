@@ -307,8 +307,28 @@ def ssl_loss(framework: str, online: dict, target: dict | None, queue,
   return 0.5 * jnp.mean(per_example), online['projection']
 
 
+def density_target_schedule(spec: GatingSpec, num_steps: int
+                            ) -> Callable[[jax.Array], jax.Array]:
+  """The density regulariser's target at a step.
+
+  `spec.density_target` throughout, or, with `spec.target_anneal_fraction`
+  f > 0 (our option, not the paper's), a linear fall from 1.0 (no gate
+  closed) at step 0 to `density_target` at step f * num_steps, constant after.
+  """
+  target = spec.density_target
+  anneal_steps = spec.target_anneal_fraction * num_steps
+  if anneal_steps <= 0:
+    return lambda step: jnp.asarray(target, jnp.float32)
+
+  def schedule(step):
+    progress = jnp.minimum(step / anneal_steps, 1.0)
+    return (1.0 - progress * (1.0 - target)).astype(jnp.float32)
+  return schedule
+
+
 def gate_regularizer(spec: GatingSpec, params, densities: Mapping[str, Any],
-                     aux: Mapping[str, Any] | None = None):
+                     aux: Mapping[str, Any] | None = None,
+                     density_target: jax.Array | float | None = None):
   """The gates' auxiliary loss, times lambda = `spec.weight` (0 without gates).
 
   Args:
@@ -317,9 +337,12 @@ def gate_regularizer(spec: GatingSpec, params, densities: Mapping[str, Any],
     densities: {layer: mean density} from this step's straight-through masks.
     aux: the 'gate_aux' collection sown in the same forward pass (channel
       predictor: per-sample saliency L1 norms).
+    density_target: this step's density target (`density_target_schedule`);
+      None: `spec.density_target`.
 
   Returns:
-    CDG: lambda * sum_layers mean((delta - target)^2) ('threshold') or
+    CDG: lambda * sum_layers mean((delta - target)^2) ('threshold'),
+    lambda * sum over all thresholds (delta - target)^2 ('threshold_sum') or
     lambda * sum_layers (density - target)^2 ('density').
     'channel_predictor': FBS's lambda * sum_layers mean_samples ||s||_1.
     'spatial_predictor': lambda * sum_layers (density - density_target)^2,
@@ -328,22 +351,21 @@ def gate_regularizer(spec: GatingSpec, params, densities: Mapping[str, Any],
   """
   if not spec.enabled:
     return jnp.zeros(())
+  if density_target is None:
+    density_target = spec.density_target
   if spec.kind == 'channel_predictor':
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(aux or {}))
     values = [jnp.concatenate([jnp.reshape(v, (-1,)) for v in
                                (vs if isinstance(vs, tuple) else (vs,))])
               for k, vs in sorted(flat.items()) if k[-1] == 'saliency_l1']
     return spec.weight * gating.saliency_l1_regularizer(values)
-  if spec.kind == 'spatial_predictor':
+  if spec.kind == 'spatial_predictor' or spec.regularizer == 'density':
     return spec.weight * gating.density_regularizer(list(densities.values()),
-                                                    spec.density_target)
-  if spec.regularizer == 'threshold':
-    value = gating.threshold_regularizer(thresholds(params),
-                                         spec.threshold_target)
-  else:
-    value = gating.density_regularizer(list(densities.values()),
-                                       spec.density_target)
-  return spec.weight * value
+                                                    density_target)
+  regularizer = {'threshold': gating.threshold_regularizer,
+                 'threshold_sum': gating.threshold_sum_regularizer
+                 }[spec.regularizer]
+  return spec.weight * regularizer(thresholds(params), spec.threshold_target)
 
 
 def make_train_step(config, networks: Networks, num_train: int,
@@ -367,6 +389,7 @@ def make_train_step(config, networks: Networks, num_train: int,
   probe_tx = optax.adam(config.probe.learning_rate)
   lr_schedule = learning_rate_schedule(config, num_train)
   tau_fn = tau_schedule(config, num_train)
+  target_fn = density_target_schedule(spec, total_steps(config, num_train))
   augment_config = config.augment
   temperature = config.ssl.temperature
   gated_costs = [c for c in costs if c.gated]
@@ -416,7 +439,8 @@ def make_train_step(config, networks: Networks, num_train: int,
                                   temperature)
       densities = flops.mean_densities(new_vars.get(DENSITY_COLLECTION, {}))
       gate_loss = gate_regularizer(spec, params, densities,
-                                   new_vars.get(AUX_COLLECTION, {}))
+                                   new_vars.get(AUX_COLLECTION, {}),
+                                   target_fn(state.step))
       aux = dict(batch_stats=new_vars['batch_stats'], densities=densities,
                  embeddings=embeddings, features=out['features'], ssl_loss=loss,
                  gate_loss=gate_loss)
@@ -464,6 +488,8 @@ def make_train_step(config, networks: Networks, num_train: int,
         'embedding_std': losses.embedding_std(aux['embeddings']),
         'flops_reduction': flops.flops_reduction(costs, densities),
     }
+    if spec.target_anneal_fraction > 0:
+      metrics['density_target'] = target_fn(state.step)
     if gated_costs:
       metrics['gate_density'] = sum(
           c.macs * densities[c.name] for c in gated_costs) / gated_macs

@@ -134,7 +134,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   Returns:
     The end-of-run summary (also written to `<workdir>/summary.json`): kNN
-    top-1/top-5, FLOPs reduction and gate densities measured on the test set,
+    top-1/top-5, FLOPs reduction and gate densities measured on the test set
+    (or on the held-out validation split: `eval_split`),
     the last training metrics, steps and wall time.
   """
   start_time = time.time()
@@ -226,6 +227,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       'framework': config.framework, 'model': config.model.name,
       'gating': config.gating.kind, 'steps': step,
       'resumed_from_step': start_step,
+      'eval_split': source.eval_split_name,
+      'num_train': source.num_train, 'num_eval': source.num_test,
       'wall_time_s': time.time() - start_time,
       **knn,
       'last_train_metrics': {k: v for k, v in last_metrics.items()
@@ -254,15 +257,16 @@ def scalar_hparams(config) -> dict[str, Any]:
 
 def format_summary(summary: dict[str, Any]) -> str:
   """Human-readable end-of-run summary."""
+  split = summary.get('eval_split', 'test')
   lines = [f'Finished {summary["framework"]} / {summary["model"]} / gating '
            f'{summary["gating"]} after {summary["steps"]} steps '
            f'({summary["wall_time_s"]:.0f} s).',
            f'kNN top-1 {100 * summary["knn_top1"]:.2f}%, top-5 '
-           f'{100 * summary["knn_top5"]:.2f}% (test set); backbone FLOPs '
-           f'reduction {summary["flops_reduction"]:.3f}x measured on the test '
-           f'set.']
+           f'{100 * summary["knn_top5"]:.2f}% ({split} split); backbone '
+           f'FLOPs reduction {summary["flops_reduction"]:.3f}x measured on '
+           f'the {split} split.']
   if summary.get('layer_density'):
-    lines.append('Gate density per layer (test set):')
+    lines.append(f'Gate density per layer ({split} split):')
     lines += [f'  {name:<32} {d:.3f}'
               for name, d in summary['layer_density'].items()]
   return '\n'.join(lines)

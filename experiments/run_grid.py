@@ -99,6 +99,25 @@ def _five(group: str, prefix: str, base: str) -> list[Run]:
 
 
 _SIMCLR = f'{PROTOCOL}:simclr_cifar10'
+# Model selection (issue 12): training on 20,000 of the 25,000 training
+# images, scored on the other 5,000 (class balanced, the same for every run);
+# the test set is not touched.
+VALIDATION = (('data.validation_size', 5000),)
+# CDG's public lineage (channel gating / CGNet; DESIGN.md section 2), as
+# gating overrides.
+_DIAGONAL = (('gating.grouping', 'diagonal'),)
+_INSTANCE_NORM = (('gating.saliency_norm', 'sample'),
+                  ('gating.saliency_grad', True))
+_HARD_SIGMOID = (('gating.surrogate', 'hard_sigmoid'),)
+_THRESHOLD_SUM = (('gating.regularizer', 'threshold_sum'),
+                  ('gating.weight', 1e-4), ('gating.threshold_target', 1.0))
+
+
+def _selection(name: str, method: str, overrides=(), config=_SIMCLR) -> Run:
+  return Run(f'sel_{name}', 'selection', method, config,
+             VALIDATION + tuple(overrides))
+
+
 GRIDS: dict[str, list[Run]] = {
     'core': _five('core', 'simclr_c10', 'simclr_cifar10'),
     'byol': _five('byol', 'byol_c10', 'byol_cifar10'),
@@ -140,6 +159,28 @@ GRIDS: dict[str, list[Run]] = {
             f'{PROTOCOL}:simclr_cifar10,dense', (('num_epochs', 12.0),)),
         Run('simclr_c10_cdg_12ep', 'longer', 'CDG, 12 epochs', _SIMCLR,
             (('num_epochs', 12.0),)),
+    ],
+    # Each lineage option alone, the lineage as a whole, and ours (a density
+    # target annealed from 1), all on the validation split.
+    'selection': [
+        _selection('dense', 'dense', config=f'{_SIMCLR},dense'),
+        _selection('cdg', 'CDG (first reading)'),
+        _selection('cdg_diagonal', 'CDG diagonal grouping', _DIAGONAL),
+        _selection('cdg_saliency_grad', 'CDG saliency gradient',
+                   (('gating.saliency_grad', True),)),
+        _selection('cdg_instance_norm', 'CDG instance-norm saliency',
+                   _INSTANCE_NORM),
+        _selection('cdg_hard_sigmoid', 'CDG hard-sigmoid surrogate',
+                   _HARD_SIGMOID),
+        _selection('cdg_threshold_sum', 'CDG summed threshold reg. 1e-4',
+                   _THRESHOLD_SUM),
+        _selection('cdg_lineage', 'CDG as the lineage (all four)',
+                   _DIAGONAL + _INSTANCE_NORM + _HARD_SIGMOID
+                   + _THRESHOLD_SUM),
+        _selection('cdg_lineage_density', 'CDG lineage, density target',
+                   _DIAGONAL + _INSTANCE_NORM + _HARD_SIGMOID),
+        _selection('cdg_anneal', 'CDG target annealed (ours)',
+                   (('gating.target_anneal_fraction', 0.5),)),
     ],
     'smoke': [
         Run('smoke_dense', 'smoke', 'dense', 'configs/simclr_cifar10.py:'
@@ -203,6 +244,11 @@ def run_one(run: Run, results_dir: str, workdir_root: str) -> dict[str, Any]:
       'density_target': gating['density_target'],
       'saliency_stats': gating['saliency_stats'],
       'branches': gating['branches'],
+      **{field: gating.get(field, default)
+         for field, default in LINEAGE_DEFAULTS.items()},
+      'threshold_target': gating['threshold_target'],
+      'eval_split': summary.get('eval_split', 'test'),
+      'num_train': summary.get('num_train'),
       'model': f'{config["model"]["name"]} width {config["model"]["width"]}',
       'image_size': config['data']['image_size'],
       'batch_size': config['batch_size'], 'steps': summary['steps'],
@@ -233,14 +279,26 @@ def load_results(results_dir: str) -> list[dict[str, Any]]:
   for filename in sorted(os.listdir(runs_dir)):
     if filename.endswith('.json'):
       with open(os.path.join(runs_dir, filename)) as f:
-        results.append(json.load(f))
+        results.append(with_defaults(json.load(f)))
   order = {run.name: i for i, run in enumerate(
       r for runs in GRIDS.values() for r in runs)}
   return sorted(results, key=lambda r: (order.get(r['name'], len(order)),
                                         r['name']))
 
 
-TABLE_COLUMNS = ('name', 'framework', 'dataset', 'method', 'knn_top1',
+# Gating fields added with issue 12, with the value every earlier run had.
+LINEAGE_DEFAULTS = {'grouping': 'first', 'saliency_norm': 'batch',
+                    'saliency_grad': False, 'surrogate': 'sigmoid',
+                    'target_anneal_fraction': 0.0}
+
+
+def with_defaults(result: dict[str, Any]) -> dict[str, Any]:
+  """A result with the fields earlier runs did not record, at their values."""
+  return {'eval_split': 'test', **LINEAGE_DEFAULTS, **result}
+
+
+TABLE_COLUMNS = ('name', 'framework', 'dataset', 'eval_split', 'method',
+                 'knn_top1',
                  'linear_top1', 'flops_reduction', 'gate_density', 'seed',
                  'steps', 'train_wall_s', 'linear_eval_wall_s',
                  'train_command', 'linear_eval_command')
@@ -251,12 +309,12 @@ TABLE_COLUMNS = ('name', 'framework', 'dataset', 'method', 'knn_top1',
 # kind uses them (a dense run ignores them all, the predictors ignore the
 # regulariser form and the saliency statistics; see layers.GatingSpec), so
 # rows trained before a default changed still group with later ones.
-SETTING_FIELDS = ('framework', 'dataset', 'model', 'image_size', 'batch_size',
-                  'steps', 'gating')
+SETTING_FIELDS = ('framework', 'dataset', 'eval_split', 'model', 'image_size',
+                  'batch_size', 'steps', 'gating')
 GATING_FIELDS = {
     'none': (),
     'cdg': ('block', 'regularizer', 'weight', 'density_target',
-            'saliency_stats', 'branches'),
+            'saliency_stats', 'branches', *LINEAGE_DEFAULTS),
     'channel_predictor': ('weight', 'density_target', 'branches'),
     'spatial_predictor': ('block', 'weight', 'density_target', 'branches'),
 }
@@ -276,7 +334,7 @@ def seed_summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     '<m>_max'}.
   """
   by_setting: dict[tuple, dict[int, dict[str, Any]]] = {}
-  for r in results:
+  for r in map(with_defaults, results):
     fields = SETTING_FIELDS + GATING_FIELDS[r['gating']]
     key = tuple((f, json.dumps(r.get(f))) for f in fields)
     by_setting.setdefault(key, {}).setdefault(r['seed'], r)
@@ -287,7 +345,8 @@ def seed_summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     seeds = sorted(runs)
     first = runs[seeds[0]]
     entry = {'method': first['method'], 'framework': first['framework'],
-             'dataset': first['dataset'], 'steps': first['steps'],
+             'dataset': first['dataset'], 'eval_split': first['eval_split'],
+             'steps': first['steps'],
              'seeds': seeds, 'runs': [runs[s]['name'] for s in seeds]}
     for measure in SEED_MEASURES:
       values = [runs[s][measure] for s in seeds]
@@ -300,6 +359,7 @@ def seed_summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_table(results: list[dict[str, Any]], results_dir: str) -> None:
   """Writes results.csv (every field) and results.md (the headline columns)."""
+  results = [with_defaults(r) for r in results]
   os.makedirs(results_dir, exist_ok=True)
   fields = list(TABLE_COLUMNS) + sorted(
       {k for r in results for k in r} - set(TABLE_COLUMNS))
@@ -309,13 +369,20 @@ def write_table(results: list[dict[str, Any]], results_dir: str) -> None:
     for r in results:
       writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v
                        for k, v in r.items()})
-  lines = ['| run | framework | data | method | kNN top-1 | linear top-1 | '
-           'FLOPs reduction | gate density | seed | steps | wall (train + '
-           'linear eval) |',
-           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+  lines = ['Every accuracy and FLOPs figure is measured on the split named in '
+           'the "split" column: `test` (the 10,000-image test set; training '
+           'on all 25,000 training images) or `validation` (5,000 '
+           'class-balanced images held out of the training set; training on '
+           'the other 20,000). Choices are made on validation rows only.', '',
+           '| run | framework | data | split | method | kNN top-1 | linear '
+           'top-1 | FLOPs reduction | gate density | seed | steps | wall '
+           '(train + linear eval) |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- '
+           '| --- |']
   for r in results:
     lines.append(
-        f'| {r["name"]} | {r["framework"]} | {r["dataset"]} | {r["method"]} '
+        f'| {r["name"]} | {r["framework"]} | {r["dataset"]} '
+        f'| {r["eval_split"]} | {r["method"]} '
         f'| {100 * r["knn_top1"]:.2f} | {100 * r["linear_top1"]:.2f} '
         f'| {r["flops_reduction"]:.2f}x | {r["gate_density"]:.3f} '
         f'| {r["seed"]} | {r["steps"]} '
@@ -324,9 +391,9 @@ def write_table(results: list[dict[str, Any]], results_dir: str) -> None:
   if summary:
     lines += ['', 'Across seeds (settings run with several seeds; mean, then '
               'min-max):', '',
-              '| method | framework | data | steps | seeds | kNN top-1 | '
-              'linear top-1 | FLOPs reduction |',
-              '| --- | --- | --- | --- | --- | --- | --- | --- |']
+              '| method | framework | data | split | steps | seeds | kNN top-1 '
+              '| linear top-1 | FLOPs reduction |',
+              '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for e in summary:
       def spread(measure, scale, unit):
         return (f'{scale * e[measure + "_mean"]:.2f}{unit} '
@@ -334,7 +401,7 @@ def write_table(results: list[dict[str, Any]], results_dir: str) -> None:
                 f'{scale * e[measure + "_max"]:.2f})')
       lines.append(
           f'| {e["method"]} | {e["framework"]} | {e["dataset"]} '
-          f'| {e["steps"]} | {", ".join(map(str, e["seeds"]))} '
+          f'| {e["eval_split"]} | {e["steps"]} | {", ".join(map(str, e["seeds"]))} '
           f'| {spread("knn_top1", 100, "")} '
           f'| {spread("linear_top1", 100, "")} '
           f'| {spread("flops_reduction", 1, "x")} |')
@@ -349,14 +416,15 @@ def write_table(results: list[dict[str, Any]], results_dir: str) -> None:
 
 def write_plot(results: list[dict[str, Any]], results_dir: str) -> None:
   """accuracy_vs_flops.png: kNN and linear top-1 against FLOPs reduction."""
+  results = [with_defaults(r) for r in results]
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   # One row of panels per framework, dataset and training length: only runs
   # trained the same way are compared against each other's dense line.
-  settings = sorted({(r['framework'], r['dataset'], r['steps'])
-                     for r in results})
+  settings = sorted({(r['framework'], r['dataset'], r['eval_split'],
+                      r['steps']) for r in results})
   fig, axes = plt.subplots(len(settings), 2, squeeze=False,
                            figsize=(11, 3.8 * max(1, len(settings))))
   methods = sorted({r['method'] for r in results})
@@ -365,9 +433,10 @@ def write_plot(results: list[dict[str, Any]], results_dir: str) -> None:
   # strong shades of tab20 first, then the light ones.
   colors = [plt.get_cmap('tab20')(i) for i in (*range(0, 20, 2),
                                                *range(1, 20, 2))]
-  for row, (framework, dataset, steps) in enumerate(settings):
-    subset = [r for r in results if (r['framework'], r['dataset'], r['steps'])
-              == (framework, dataset, steps)]
+  for row, (framework, dataset, split, steps) in enumerate(settings):
+    subset = [r for r in results if (r['framework'], r['dataset'],
+                                     r['eval_split'], r['steps'])
+              == (framework, dataset, split, steps)]
     dense = [r for r in subset if r['gating'] == 'none']
     for col, key in enumerate(('knn_top1', 'linear_top1')):
       ax = axes[row][col]
@@ -385,9 +454,9 @@ def write_plot(results: list[dict[str, Any]], results_dir: str) -> None:
         dense_mean = sum(r[key] for r in dense) / len(dense)
         ax.axhline(100 * dense_mean - 2, color='gray', ls='--', lw=0.8)
         ax.axvline(2.0, color='gray', ls=':', lw=0.8)
-      ax.set_xlabel('backbone FLOPs reduction (x, test set)')
+      ax.set_xlabel(f'backbone FLOPs reduction (x, {split} split)')
       ax.set_ylabel(f'{"kNN" if key == "knn_top1" else "linear"} top-1 (%)')
-      ax.set_title(f'{framework}, {dataset}, {steps} steps\nhollow: other '
+      ax.set_title(f'{framework}, {dataset}, {split} split, {steps} steps\nhollow: other '
                    f'seeds, ablations, reruns; dashed: dense (mean) - 2 '
                    f'points; dotted: 2x', fontsize=8)
       ax.grid(alpha=0.3)

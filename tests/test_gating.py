@@ -189,3 +189,121 @@ def test_bad_groups_and_blocks_name_the_bad_value():
     gating.gated_conv(x, kernel, threshold, groups=4, block=(4, 4, 1))
   with pytest.raises(ValueError, match="saliency_norm='group'"):
     gating.saliency_moments(x, 'group')
+
+
+# ------------------------------------------------- lineage options (issue 12)
+
+
+def test_diagonal_grouping_base_path_is_block_diagonal_and_paths_sum_to_dense():
+  x, kernel, _ = _inputs(c_in=8, c_out=12)
+  for strides in [(1, 1), (2, 2)]:
+    y_base, y_cond = gating.base_and_conditional(x, kernel, 4, 'diagonal',
+                                                 strides)
+    # Hand reference: output group i (3 channels) from input group i (2).
+    reference = np.concatenate(
+        [gating.conv(x[..., 2 * i:2 * i + 2],
+                     kernel[:, :, 2 * i:2 * i + 2, 3 * i:3 * i + 3], strides)
+         for i in range(4)], axis=-1)
+    np.testing.assert_allclose(y_base, reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y_base + y_cond,
+                               gating.conv(x, kernel, strides),
+                               rtol=1e-5, atol=1e-5)
+  # 'first' is the split of the module docstring.
+  y_base, y_cond = gating.base_and_conditional(x, kernel, 4, 'first')
+  np.testing.assert_allclose(y_base, gating.conv(x[..., :2], kernel[:, :, :2]),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_diagonal_base_kernel_picks_the_diagonal_blocks():
+  kernel = jnp.arange(1 * 1 * 4 * 6, dtype=jnp.float32).reshape(1, 1, 4, 6)
+  base = gating.diagonal_base_kernel(kernel, 2)
+  assert base.shape == (1, 1, 2, 6)
+  np.testing.assert_array_equal(base[0, 0, :, :3], kernel[0, 0, :2, :3])
+  np.testing.assert_array_equal(base[0, 0, :, 3:], kernel[0, 0, 2:, 3:])
+  np.testing.assert_array_equal(
+      gating.diagonal_mask(4, 6, 2),
+      np.kron(np.eye(2), np.ones((2, 3))))
+  with pytest.raises(ValueError, match='divide the 6 output channels'):
+    gating.diagonal_base_kernel(jnp.zeros((1, 1, 8, 6)), 4)
+  with pytest.raises(ValueError, match="grouping='second'"):
+    gating.base_and_conditional(jnp.zeros((1, 2, 2, 4)), kernel, 2, 'second')
+
+
+def test_diagonal_gated_conv_open_is_dense_and_gradient_skips_diagonal_cond():
+  x, kernel, _ = _inputs(c_in=8, c_out=8)
+  y, mask, _ = gating.gated_conv(x, kernel, jnp.full((8,), -1e9), groups=4,
+                                 grouping='diagonal')
+  np.testing.assert_array_equal(mask, 1.0)
+  np.testing.assert_allclose(y, gating.conv(x, kernel), rtol=1e-5, atol=1e-5)
+  y, mask, _ = gating.gated_conv(x, kernel, jnp.full((8,), 1e9), groups=4,
+                                 grouping='diagonal')
+  np.testing.assert_array_equal(mask, 0.0)
+  # Gates closed: only the diagonal blocks of the kernel get gradient.
+  grad = jax.grad(lambda k: jnp.sum(gating.gated_conv(
+      x, k, jnp.full((8,), 1e9), groups=4, grouping='diagonal')[0] ** 2))(
+          kernel)
+  on_diagonal = np.asarray(gating.diagonal_mask(8, 8, 4), bool)
+  assert np.all(np.abs(np.asarray(grad)[:, :, on_diagonal]) > 0)
+  np.testing.assert_array_equal(np.asarray(grad)[:, :, ~on_diagonal], 0.0)
+
+
+def test_hard_sigmoid_surrogate_slope_is_a_box_of_height_alpha_over_four():
+  z = jnp.array([-3.0, -0.99, 0.0, 0.5, 0.99, 1.01])
+  alpha = 2.0  # slope 0.5 inside |z| < 2 / alpha = 1, 0 outside
+  weights = jnp.arange(1.0, 7.0)
+  gate = lambda z: jnp.sum(gating.hard_gate(z, alpha, 'hard_sigmoid') * weights)
+  np.testing.assert_array_equal(gating.hard_gate(z, alpha, 'hard_sigmoid'),
+                                [0, 0, 0, 1, 1, 1])
+  np.testing.assert_allclose(jax.grad(gate)(z),
+                             weights * np.array([0, .5, .5, .5, .5, 0]))
+  # Same slope as the sigmoid at z = 0.
+  np.testing.assert_allclose(gating.surrogate_slope(jnp.zeros(()), 3.0,
+                                                    'hard_sigmoid'),
+                             gating.surrogate_slope(jnp.zeros(()), 3.0), 1e-6)
+  with pytest.raises(ValueError, match="surrogate='relu'"):
+    gating.surrogate_slope(z, alpha, 'relu')
+
+
+def _reference_with_statistics_gradient(x, kernel, threshold, alpha, norm):
+  """STE by the soft + stop_gradient trick, gradient through the statistics."""
+  y_base = gating.conv(x[..., :2], kernel[:, :, :2])
+  y_cond = gating.conv(x[..., 2:], kernel[:, :, 2:])
+  axes = (0, 1, 2) if norm == 'batch' else (1, 2)
+  mean = jnp.mean(y_base, axis=axes, keepdims=True)
+  var = jnp.mean(jnp.square(y_base - mean), axis=axes, keepdims=True)
+  z = (y_base - mean) / jnp.sqrt(var + 1e-5) - threshold
+  soft = jax.nn.sigmoid(alpha * z)
+  hard = (z > 0).astype(z.dtype)
+  return y_base + (soft + jax.lax.stop_gradient(hard - soft)) * y_cond
+
+
+@pytest.mark.parametrize('norm', ['batch', 'sample'])
+def test_saliency_gradient_through_statistics_matches_reference(norm):
+  x, kernel, threshold = _inputs(seed=2)
+  probe = jax.random.normal(jax.random.key(8), (3, 6, 6, 4))
+  loss = lambda fn, k: jnp.sum(fn(k) * probe)
+  ours = lambda k: gating.gated_conv(x, k, threshold, groups=4, norm=norm,
+                                     saliency_grad=True)[0]
+  ref = lambda k: _reference_with_statistics_gradient(x, k, threshold, 2.0,
+                                                      norm)
+  no_stats_grad = lambda k: gating.gated_conv(x, k, threshold, groups=4,
+                                              norm=norm)[0]
+  g_ours = jax.grad(lambda k: loss(ours, k))(kernel)
+  np.testing.assert_allclose(g_ours, jax.grad(lambda k: loss(ref, k))(kernel),
+                             rtol=1e-4, atol=1e-4)
+  # The forward pass is the same; only the base weights' gradient changes.
+  np.testing.assert_array_equal(ours(kernel), no_stats_grad(kernel))
+  g_plain = jax.grad(lambda k: loss(no_stats_grad, k))(kernel)
+  assert np.abs(np.asarray(g_ours - g_plain))[:, :, :2].max() > 1e-3
+  np.testing.assert_allclose(g_ours[:, :, 2:], g_plain[:, :, 2:], rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_summed_threshold_regulariser_counts_every_channel():
+  thresholds = [jnp.array([0.0, 1.0, 3.0]), jnp.array([3.0])]
+  # (0-1)^2 + 0 + (3-1)^2 + (3-1)^2 = 9; the per-layer mean form: 5/3 + 4.
+  np.testing.assert_allclose(
+      gating.threshold_sum_regularizer(thresholds, 1.0), 9.0)
+  np.testing.assert_allclose(gating.threshold_regularizer(thresholds, 1.0),
+                             5 / 3 + 4, rtol=1e-6)
+  assert float(gating.threshold_sum_regularizer([], 1.0)) == 0.0

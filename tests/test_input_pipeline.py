@@ -172,6 +172,51 @@ def test_fake_train_and_test_splits_share_their_classes():
   assert np.mean(distances.argmin(axis=1) == y_test) > 0.9
 
 
+def test_holdout_validation_is_class_balanced_disjoint_and_fixed():
+  labels = np.random.default_rng(0).permutation(np.arange(103) % 5)
+  train, validation = input_pipeline.holdout_validation(labels, 12, 5)
+  # 12 = 5 * 2 + 2: classes 0 and 1 give 3 examples, the others 2.
+  np.testing.assert_array_equal(np.bincount(labels[validation], minlength=5),
+                                [3, 3, 2, 2, 2])
+  assert len(np.intersect1d(train, validation)) == 0
+  np.testing.assert_array_equal(np.sort(np.concatenate([train, validation])),
+                                np.arange(103))
+  again = input_pipeline.holdout_validation(labels, 12, 5)
+  np.testing.assert_array_equal(again[1], validation)
+  other_seed = input_pipeline.holdout_validation(labels, 12, 5, seed=1)
+  assert not np.array_equal(other_seed[1], validation)
+  with pytest.raises(ValueError, match='validation_size=103 must be between'):
+    input_pipeline.holdout_validation(labels, 103, 5)
+  with pytest.raises(ValueError, match='class 0, which has only 21'):
+    input_pipeline.holdout_validation(labels, 101, 5)
+
+
+def test_validation_split_replaces_the_test_split(tmp_path):
+  path = _write_npz(tmp_path / 'data.npz')
+  full = input_pipeline.create_source(_data_config(
+      source='npz', npz_path=path, image_size=8, num_classes=5))
+  held = input_pipeline.create_source(_data_config(
+      source='npz', npz_path=path, image_size=8, num_classes=5,
+      validation_size=10))
+  assert full.eval_split_name == 'test'
+  assert held.eval_split_name == 'validation'
+  assert (held.num_train, held.num_test) == (40, 10)
+  ids = lambda source, split: np.concatenate(
+      [_ids(b['image'][b['mask'] == 1])
+       for b in source.eval_batches(split, 8)])
+  train_ids, validation_ids = ids(held, 'train'), ids(held, 'test')
+  # The validation images are training images, never test images, and
+  # training no longer sees them.
+  assert set(validation_ids) <= set(ids(full, 'train'))
+  assert not set(validation_ids) & set(train_ids)
+  assert not set(validation_ids) & set(ids(full, 'test'))
+  assert sorted([*train_ids, *validation_ids]) == sorted(ids(full, 'train'))
+  with pytest.raises(ValueError, match='validation_size must be >= 0'):
+    input_pipeline.create_source(_data_config(
+        source='npz', npz_path=path, image_size=8, num_classes=5,
+        validation_size=-1))
+
+
 def test_npz_with_other_image_size_is_resized(tmp_path):
   path = _write_npz(tmp_path / 'big.npz', size=12)
   source = input_pipeline.create_source(_data_config(

@@ -53,9 +53,13 @@ def _tiny(kind, **gating):
                               {'kind': kind, **gating})
 
 
-def test_gated_network_with_open_gates_equals_dense_network():
+@pytest.mark.parametrize('options', [
+    {}, {'grouping': 'diagonal', 'saliency_norm': 'sample',
+         'saliency_grad': True, 'surrogate': 'hard_sigmoid'}],
+    ids=['first_reading', 'lineage'])
+def test_gated_network_with_open_gates_equals_dense_network(options):
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
-  dense, gated = _tiny('none'), _tiny('cdg')
+  dense, gated = _tiny('none'), _tiny('cdg', **options)
   variables = gated.init(jax.random.key(0), x, train=False)
   # Thresholds far below any saliency open every gate.
   params = jax.tree_util.tree_map_with_path(
@@ -136,3 +140,21 @@ def test_gating_spec_defaults_are_the_config_defaults():
   # config files train.
   assert (layers.GatingSpec()
           == layers.GatingSpec.from_config(config_lib.gating_config()))
+
+
+def test_lineage_options_are_validated_and_reach_the_layer():
+  from cdg_jax.layers import GatingSpec
+  with pytest.raises(ValueError, match="grouping='block'"):
+    GatingSpec(grouping='block')
+  with pytest.raises(ValueError, match="surrogate='tanh'"):
+    GatingSpec(surrogate='tanh')
+  with pytest.raises(ValueError, match="regularizer='l1'"):
+    GatingSpec(regularizer='l1')
+  with pytest.raises(ValueError, match='density_target must be in'):
+    GatingSpec(density_target=1.5)
+  with pytest.raises(ValueError, match='target_anneal_fraction must be in'):
+    GatingSpec(target_anneal_fraction=-0.1)
+  with pytest.raises(ValueError, match='anneals the density target'):
+    GatingSpec(regularizer='threshold_sum', target_anneal_fraction=0.5)
+  # The threshold forms have no density target to check.
+  GatingSpec(regularizer='threshold_sum', density_target=0.0)

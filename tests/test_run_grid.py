@@ -136,7 +136,7 @@ def test_seed_summary_groups_settings_across_seeds(tmp_path):
   assert run_grid.seed_summary(results[:1] + results[-2:]) == []
   run_grid.write_table(results, str(tmp_path))
   table = (tmp_path / 'results.md').read_text()
-  assert ('| cdg | simclr | cifar10 | 388 | 0, 1, 2 | 37.00 (34.00-40.00) '
+  assert ('| cdg | simclr | cifar10 | test | 388 | 0, 1, 2 | 37.00 (34.00-40.00) '
           '| 39.00 (36.00-42.00) | 2.10x (2.00-2.20) |') in table
 
 

@@ -129,6 +129,32 @@ def test_tau_and_learning_rate_schedules_follow_their_formulas():
       lr(58), peak * 0.5 * (1 + np.cos(np.pi * 42 / 84)), rtol=1e-5)
 
 
+def test_density_target_schedule_and_regulariser_forms():
+  from cdg_jax.layers import GatingSpec
+  fixed = ssl.density_target_schedule(GatingSpec(density_target=0.25), 100)
+  np.testing.assert_allclose([fixed(s) for s in (0, 50, 100)], 0.25)
+  annealed = ssl.density_target_schedule(
+      GatingSpec(density_target=0.25, target_anneal_fraction=0.4), 100)
+  # 1.0 at step 0, linear to 0.25 at step 40, constant after.
+  np.testing.assert_allclose([annealed(s) for s in (0, 10, 40, 90)],
+                             [1.0, 0.8125, 0.25, 0.25], rtol=1e-6)
+  params = {'a': {'threshold': jnp.array([0.0, 3.0])},
+            'b': {'threshold': jnp.array([1.0])}}
+  densities = {'a': jnp.array(0.5), 'b': jnp.array(0.25)}
+  value = lambda **kw: float(ssl.gate_regularizer(
+      GatingSpec(weight=2.0, **kw), params, densities,
+      density_target=kw.get('density_target')))
+  # (0-1)^2 + (3-1)^2 + 0 = 5, times lambda 2.
+  np.testing.assert_allclose(value(regularizer='threshold_sum'), 10.0)
+  # Per-layer means: 2.5 + 0.
+  np.testing.assert_allclose(value(regularizer='threshold'), 5.0)
+  # (0.5-0.25)^2 + 0, times 2; a scheduled target replaces the fixed one.
+  np.testing.assert_allclose(value(density_target=0.25), 0.125)
+  np.testing.assert_allclose(float(ssl.gate_regularizer(
+      GatingSpec(weight=2.0), params, densities, density_target=0.5)),
+      2 * 0.0625)
+
+
 def test_ema_update_and_decay_mask():
   target = {'a': jnp.array([1.0, 2.0])}
   online = {'a': jnp.array([3.0, 6.0])}
