@@ -31,6 +31,9 @@ STRUCTURAL_FIELDS = ('framework', 'model', 'gating.kind', 'gating.groups',
                      'ssl.projector_last_bn', 'ssl.predictor_hidden_dims',
                      'ssl.predictor_dim', 'ssl.queue_size', 'optim.name',
                      'data.num_classes', 'data.image_size')
+# Inside STRUCTURAL_FIELDS but free to change on resume: the compute dtype
+# leaves every saved array float32.
+RESUMABLE_FIELDS = ('model.dtype',)
 
 
 def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
@@ -61,7 +64,8 @@ def check_compatible(config, workdir: str) -> None:
   current = _flatten(_config_dict(config))
   differ = []
   for key in sorted(set(saved) | set(current)):
-    if not any(key == f or key.startswith(f + '.') for f in STRUCTURAL_FIELDS):
+    if (not any(key == f or key.startswith(f + '.') for f in STRUCTURAL_FIELDS)
+        or key in RESUMABLE_FIELDS):
       continue
     if saved.get(key) != current.get(key):
       differ.append(f'{key}: checkpoint {saved.get(key)!r}, config '

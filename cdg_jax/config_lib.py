@@ -60,7 +60,12 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = ml_collections.ConfigDict(dict(
-      name='resnet18', stem='cifar', width=64))
+      name='resnet18', stem='cifar', width=64,
+      # Compute dtype of convolutions and matmuls: 'bfloat16' (mixed
+      # precision, for GPUs and TPUs) or 'float32'. Parameters, optimiser
+      # state, BatchNorm statistics, losses and the gate decision (saliency
+      # normalisation, threshold comparison) stay float32 either way.
+      dtype='float32'))
   config.gating = gating_config()
   # Self-supervised framework and its heads (see cdg_jax/ssl.py).
   config.framework = 'simclr'      # 'simclr' | 'mocov2' | 'byol' | 'simsiam'

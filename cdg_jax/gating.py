@@ -337,8 +337,8 @@ def gate_mask(saliency: Array, threshold: Array, block: Sequence[int] = (1, 1, 1
 
 
 def masked_combine(y_base: Array, y_cond: Array, mask: Array) -> Array:
-  """The gated output Y = Y_base + d * Y_cond."""
-  return y_base + mask * y_cond
+  """The gated output Y = Y_base + d * Y_cond, in the dtype of the paths."""
+  return y_base + mask.astype(y_cond.dtype) * y_cond
 
 
 def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
@@ -372,9 +372,9 @@ def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
       (evaluation with 'batch' norm); then no sample influences another.
 
   Returns:
-    (y, mask, (mean, var)): the (N, H_out, W_out, C_out) gated output, its 0/1
-    mask, and the saliency statistics used (callers update running averages
-    from them).
+    (y, mask, (mean, var)): the (N, H_out, W_out, C_out) gated output in the
+    dtype of `x` and `kernel`, its float32 0/1 mask, and the float32 saliency
+    statistics used (callers update running averages from them).
   """
   y_base, y_cond = base_and_conditional(x, kernel, groups, grouping, strides,
                                         padding)
@@ -389,11 +389,16 @@ def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
     # about 10% cheaper in a gated layer's backward pass on CPU. The lineage
     # (an instance norm in the first author's code) differentiates them.
     stats_input = y_base if saliency_grad else jax.lax.stop_gradient(y_base)
-    mean, var = saliency_moments(stats_input, norm, num_groups)
+    mean, var = saliency_moments(stats_input.astype(jnp.float32), norm,
+                                 num_groups)
   else:
     mean, var = running_mean, running_var
-  saliency = normalize_saliency(y_base, mean, var, epsilon)
-  mask = gate_mask(saliency, threshold, block, alpha, surrogate)
+  # The gate decision is taken in float32 even when the convolutions run in
+  # bfloat16 (mixed precision): normalising and thresholding in bfloat16
+  # would flip gates near the threshold through rounding alone.
+  saliency = normalize_saliency(y_base.astype(jnp.float32), mean, var, epsilon)
+  mask = gate_mask(saliency, threshold.astype(jnp.float32), block, alpha,
+                   surrogate)
   return masked_combine(y_base, y_cond, mask), mask, (mean, var)
 
 
@@ -484,7 +489,7 @@ def channel_saliency(x: Array, w1: Array, b1: Array, w2: Array, b2: Array
   Returns:
     (N, C_out) saliencies.
   """
-  pooled = jnp.mean(x, axis=(1, 2))
+  pooled = jnp.mean(x.astype(w1.dtype), axis=(1, 2))
   hidden = jax.nn.relu(pooled @ w1 + b1)
   return 2.0 * jax.nn.sigmoid(hidden @ w2 + b2)
 
@@ -543,7 +548,7 @@ def channel_predictor_conv(x: Array, kernel: Array, w1: Array, b1: Array,
     y_dense = normalize(y_dense)
   saliency = channel_saliency(x, w1, b1, w2, b2)
   keep = top_k_mask(saliency, k)
-  y = y_dense * (keep * saliency)[:, None, None, :]
+  y = y_dense * (keep * saliency)[:, None, None, :].astype(y_dense.dtype)
   mask = jnp.broadcast_to(keep[:, None, None, :], y.shape)
   return y, mask, saliency
 
@@ -631,10 +636,12 @@ def spatial_predictor_conv(x: Array, kernel: Array, pred_kernel: Array,
   y_dense = conv(x, kernel, strides, padding)
   bh, bw = int(block[0]), int(block[1])
   grid = block_grid(y_dense.shape[1:3], block)
-  logits = conv(pool_to_grid(x, grid), pred_kernel) + pred_bias
+  # The predictor (tiny) and its decision run in float32 under mixed precision.
+  pooled = pool_to_grid(x, grid).astype(pred_kernel.dtype)
+  logits = conv(pooled, pred_kernel) + pred_bias
   gate = gumbel_sigmoid_gate(logits, temperature, rng)
   gate = jnp.repeat(jnp.repeat(gate, bh, axis=1), bw, axis=2)
-  y = y_dense * gate
+  y = y_dense * gate.astype(y_dense.dtype)
   return y, jnp.broadcast_to(gate, y.shape), logits
 
 

@@ -503,8 +503,16 @@ def _import_tfds():
   """Imports tensorflow_datasets with TensorFlow kept off the accelerators."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        f'data.source="tfds" reads datasets with TensorFlow Datasets, which '
+        f'needs TensorFlow ({e}). Install them with `pip install '
+        f'tensorflow-cpu tensorflow-datasets` (the CPU build is enough: JAX '
+        f'keeps the accelerators), or use data.source="npz" (your arrays '
+        f'in a .npz) or "fake", which need no TensorFlow.') from e
   try:
     # JAX owns the accelerators; TF only decodes on the CPU.
     tf.config.set_visible_devices([], 'GPU')

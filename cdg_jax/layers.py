@@ -216,6 +216,9 @@ class GatedConv(nn.Module):
   strides: tuple[int, int] = (1, 1)
   gating: GatingSpec | None = None
   kernel_init: Any = dataclasses.field(default_factory=he_normal_fan_out)
+  # Compute dtype of the convolutions; parameters are float32 and are cast
+  # per call. The gate decision is float32 whatever this is (gated_conv).
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -240,6 +243,7 @@ class GatedConv(nn.Module):
     """
     kernel = self.param('kernel', self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     spec = self.gating
     if spec is not None and spec.kind == 'channel_predictor':
       return self._channel_predictor(x, kernel, norm)

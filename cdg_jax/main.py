@@ -7,19 +7,12 @@ Re-running with the same --workdir resumes from its latest checkpoint.
 Override any config field on the command line, e.g. `--config.batch_size=512`.
 """
 
-import os
-
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 from cdg_jax import parallel
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, optionally with variants: file.py:smoke,dense.',
@@ -36,9 +29,8 @@ def main(argv):
   # Before JAX starts: on a CPU-only host, one XLA device per core (the flag
   # does nothing on GPU/TPU machines).
   parallel.split_host_into_devices(config.cpu_devices)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  # TF only reads data here; keep it off the accelerators JAX uses.
-  tf.config.set_visible_devices([], 'GPU')
+  # TensorFlow is imported only by the TFDS source, which keeps it off the
+  # accelerators (input_pipeline._import_tfds).
   parallel.initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   from cdg_jax import train  # pylint: disable=g-import-not-at-top

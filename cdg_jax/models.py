@@ -20,31 +20,48 @@ from cdg_jax.layers import GatedConv, GatingSpec
 
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
+# Compute dtypes of convolutions and matmuls (`model.dtype`). Parameters,
+# optimiser state, BatchNorm statistics, the gate decision and the losses stay
+# float32 whatever this is (see `GatedConv`).
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+  """The jnp dtype for `model.dtype`; ValueError naming a bad value."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f'Unknown model.dtype={name!r}; expected one of '
+                     f'{sorted(COMPUTE_DTYPES)} (bfloat16: mixed precision '
+                     f'for GPUs and TPUs).')
+  return COMPUTE_DTYPES[name]
+
 
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions with an identity or 1x1-projection shortcut."""
   features: int
   strides: int = 1
   gating: GatingSpec = GatingSpec(kind='none')
+  dtype: Any = jnp.float32
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool = False, stat_groups: int = 1):
     spec = self.gating
     gate = lambda role: spec if spec.gates(role) else None
-    norm = functools.partial(BatchNorm, use_running_average=not train)
+    norm = functools.partial(BatchNorm, use_running_average=not train,
+                             dtype=self.dtype)
+    conv = functools.partial(GatedConv, dtype=self.dtype)
     s = (self.strides, self.strides)
     # Each convolution applies the BatchNorm after it (the channel-predictor
     # baseline scales its channels after the normalisation).
-    y = GatedConv(self.features, (3, 3), s, gate('block_3x3'), name='conv1')(
+    y = conv(self.features, (3, 3), s, gate('block_3x3'), name='conv1')(
         x, train, stat_groups, norm=norm(name='bn1'))
-    y = GatedConv(self.features, (3, 3), (1, 1), gate('block_3x3'),
-                  name='conv2')(nn.relu(y), train, stat_groups,
+    y = conv(self.features, (3, 3), (1, 1), gate('block_3x3'),
+             name='conv2')(nn.relu(y), train, stat_groups,
                                 norm=norm(name='bn2'))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
-      shortcut = GatedConv(self.features, (1, 1), s, gate('shortcut'),
-                           name='shortcut_conv')(
+      shortcut = conv(self.features, (1, 1), s, gate('shortcut'),
+                      name='shortcut_conv')(
                                x, train, stat_groups,
                                norm=norm(name='shortcut_bn'))
     return nn.relu(y + shortcut)
@@ -55,26 +72,29 @@ class Bottleneck(nn.Module):
   features: int
   strides: int = 1
   gating: GatingSpec = GatingSpec(kind='none')
+  dtype: Any = jnp.float32
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool = False, stat_groups: int = 1):
     spec = self.gating
     gate = lambda role: spec if spec.gates(role) else None
-    norm = functools.partial(BatchNorm, use_running_average=not train)
+    norm = functools.partial(BatchNorm, use_running_average=not train,
+                             dtype=self.dtype)
+    conv = functools.partial(GatedConv, dtype=self.dtype)
     s = (self.strides, self.strides)
     out_features = self.features * self.expansion
-    y = GatedConv(self.features, (1, 1), (1, 1), gate('block_1x1'),
-                  name='conv1')(x, train, stat_groups, norm=norm(name='bn1'))
-    y = GatedConv(self.features, (3, 3), s, gate('block_3x3'), name='conv2')(
+    y = conv(self.features, (1, 1), (1, 1), gate('block_1x1'),
+             name='conv1')(x, train, stat_groups, norm=norm(name='bn1'))
+    y = conv(self.features, (3, 3), s, gate('block_3x3'), name='conv2')(
         nn.relu(y), train, stat_groups, norm=norm(name='bn2'))
-    y = GatedConv(out_features, (1, 1), (1, 1), gate('block_1x1'),
-                  name='conv3')(nn.relu(y), train, stat_groups,
+    y = conv(out_features, (1, 1), (1, 1), gate('block_1x1'),
+             name='conv3')(nn.relu(y), train, stat_groups,
                                 norm=norm(name='bn3'))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != out_features:
-      shortcut = GatedConv(out_features, (1, 1), s, gate('shortcut'),
-                           name='shortcut_conv')(
+      shortcut = conv(out_features, (1, 1), s, gate('shortcut'),
+                      name='shortcut_conv')(
                                x, train, stat_groups,
                                norm=norm(name='shortcut_bn'))
     return nn.relu(y + shortcut)
@@ -92,6 +112,9 @@ class ResNet(nn.Module):
       stride-2 conv and 3x3 stride-2 max-pool).
     gating: the gating spec; `GatingSpec(kind='none')` is the dense network.
     num_classes: adds a linear head 'head' when given.
+    dtype: compute dtype of convolutions (jnp.bfloat16 for mixed precision);
+      parameters, BatchNorm statistics and gate decisions stay float32, and
+      the pooled features are returned in float32.
   """
   stage_sizes: Sequence[int]
   block_cls: Any
@@ -99,6 +122,7 @@ class ResNet(nn.Module):
   stem: str = 'cifar'
   gating: GatingSpec = GatingSpec(kind='none')
   num_classes: int | None = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -114,16 +138,16 @@ class ResNet(nn.Module):
                        f'{x.shape}.')
     spec = self.gating
     gate = lambda role: spec if spec.gates(role) else None
+    stem_norm = BatchNorm(use_running_average=not train, dtype=self.dtype,
+                          name='stem_bn')
     if self.stem == 'cifar':
       x = nn.relu(GatedConv(
-          self.width, (3, 3), (1, 1), gate('stem'), name='stem_conv')(
-              x, train, stat_groups, norm=BatchNorm(
-                  use_running_average=not train, name='stem_bn')))
+          self.width, (3, 3), (1, 1), gate('stem'), dtype=self.dtype,
+          name='stem_conv')(x, train, stat_groups, norm=stem_norm))
     elif self.stem == 'imagenet':
       x = nn.relu(GatedConv(
-          self.width, (7, 7), (2, 2), gate('stem'), name='stem_conv')(
-              x, train, stat_groups, norm=BatchNorm(
-                  use_running_average=not train, name='stem_bn')))
+          self.width, (7, 7), (2, 2), gate('stem'), dtype=self.dtype,
+          name='stem_conv')(x, train, stat_groups, norm=stem_norm))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
     else:
       raise ValueError(f"Unknown model.stem={self.stem!r}; expected 'cifar' or "
@@ -131,9 +155,9 @@ class ResNet(nn.Module):
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = self.block_cls(self.width * 2**i, strides, spec,
+        x = self.block_cls(self.width * 2**i, strides, spec, self.dtype,
                            name=f'stage{i + 1}_block{j}')(x, train, stat_groups)
-    features = jnp.mean(x, axis=(1, 2))
+    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes is None:
       return features
     return nn.Dense(self.num_classes, name='head')(features)
@@ -169,7 +193,8 @@ def create_resnet(model_config: Mapping[str, Any],
 
   Args:
     model_config: with `name` ('resnet18' | 'resnet34' | 'resnet50'),
-      `stem` ('cifar' | 'imagenet') and `width` (default 64).
+      `stem` ('cifar' | 'imagenet'), `width` (default 64) and `dtype`
+      ('float32' default | 'bfloat16').
     gating_config: the `gating` block; None gives the dense network.
     num_classes: adds a linear head when given.
   """
@@ -180,4 +205,5 @@ def create_resnet(model_config: Mapping[str, Any],
   return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, width=width,
                 stem=model_config.get('stem', 'cifar'),
                 gating=GatingSpec.from_config(gating_config),
-                num_classes=num_classes)
+                num_classes=num_classes,
+                dtype=compute_dtype(model_config.get('dtype', 'float32')))

@@ -51,23 +51,29 @@ _GUMBEL_SALT = 0x67756D62   # 'gumb': folds the Gumbel key out of the step key
 
 
 class MLP(nn.Module):
-  """Projector/predictor: [Dense -> BN -> ReLU] x hidden, Dense, optional BN."""
+  """Projector/predictor: [Dense -> BN -> ReLU] x hidden, Dense, optional BN.
+
+  Matmuls in `dtype` (bfloat16 under mixed precision); parameters and
+  BatchNorm statistics float32; the output float32, for the losses.
+  """
   hidden_dims: tuple[int, ...]
   out_dim: int
   last_bn: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     for i, width in enumerate(self.hidden_dims):
-      x = nn.Dense(width, use_bias=False, name=f'dense{i}')(x)
+      x = nn.Dense(width, use_bias=False, dtype=self.dtype, name=f'dense{i}')(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       name=f'bn{i}')(x)
+                       dtype=self.dtype, name=f'bn{i}')(x)
       x = nn.relu(x)
-    x = nn.Dense(self.out_dim, name='out')(x)
+    x = nn.Dense(self.out_dim, dtype=self.dtype, name='out')(x)
     if self.last_bn:
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       use_scale=False, use_bias=False, name='out_bn')(x)
-    return x
+                       use_scale=False, use_bias=False, dtype=self.dtype,
+                       name='out_bn')(x)
+    return x.astype(jnp.float32)
 
 
 class SSLNetwork(nn.Module):
@@ -103,14 +109,16 @@ def build_networks(config) -> Networks:
   """Builds the online/target encoders and the probe from the config."""
   _check_framework(config)
   ssl = config.ssl
+  dtype = models.compute_dtype(config.model.get('dtype', 'float32'))
   projector = MLP(tuple(ssl.projector_hidden_dims), ssl.projector_dim,
-                  ssl.projector_last_bn)
+                  ssl.projector_last_bn, dtype)
   predictor = None
   if config.framework in _WITH_PREDICTOR:
     if ssl.predictor_dim <= 0:
       raise ValueError(f'framework={config.framework!r} needs a predictor: set '
                        f'ssl.predictor_dim > 0 (got {ssl.predictor_dim}).')
-    predictor = MLP(tuple(ssl.predictor_hidden_dims), ssl.predictor_dim)
+    predictor = MLP(tuple(ssl.predictor_hidden_dims), ssl.predictor_dim,
+                    dtype=dtype)
   online = SSLNetwork(
       models.create_resnet(config.model, config.gating), projector, predictor)
   target = None

@@ -15,14 +15,10 @@ import os
 import time
 from typing import Any
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import logging
-from clu import metric_writers
+# clu's parameter_overview imports without TensorFlow; its metric_writers and
+# periodic_actions do not, hence cdg_jax.metric_logging.
 from clu import parameter_overview
-from clu import periodic_actions
 import jax
 import numpy as np
 import tqdm
@@ -31,54 +27,14 @@ from cdg_jax import checkpoints
 from cdg_jax import config_lib
 from cdg_jax import evaluation
 from cdg_jax import input_pipeline
+from cdg_jax import metric_logging
 from cdg_jax import models
 from cdg_jax import parallel
 from cdg_jax import plots
 from cdg_jax import ssl
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
-
-
-class JsonlWriter(metric_writers.MetricWriter):
-  """Appends one JSON object per `write_scalars` call to a file."""
-
-  def __init__(self, path: str):
-    self._path = path
-
-  def write_scalars(self, step, scalars):
-    record = {'step': int(step)}
-    record.update({k: float(v) for k, v in scalars.items()})
-    with open(self._path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
-
-  def write_summaries(self, step, values, metadata=None):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def write_hparams(self, hparams):
-    pass
-
-  def flush(self):
-    pass
-
-  def close(self):
-    pass
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -164,9 +120,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                  int(state.step))
   start_step = int(state.step)
 
-  writer = metric_writers.MultiWriter(
-      [metric_writers.create_default_writer(workdir, just_logging=not is_main)]
-      + ([JsonlWriter(os.path.join(workdir, METRICS_FILE))] if is_main else []))
+  writer = metric_logging.create_writer(workdir, is_main, METRICS_FILE)
   if start_step == 0:
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams(scalar_hparams(config))
@@ -178,9 +132,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       (input_pipeline.shard_batch(b, mesh) for b in source.train_batches(
           config.batch_size, config.seed, start_step)),
       config.data.prefetch)
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=writer,
-      every_steps=config.log_every_steps, every_secs=None)
+  report_progress = metric_logging.ReportProgress(
+      total_steps, writer, config.log_every_steps)
   progress = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
                        disable=not is_main, dynamic_ncols=True)
   eval_every = config.eval.every_steps
@@ -222,7 +175,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   variables = backbone_variables(state)
   knn = evaluation.knn_eval(backbone, variables, source, config, mesh)
   writer.write_scalars(step, _eval_scalars(knn))
-  writer.flush()
+  writer.close()
   summary = {
       'framework': config.framework, 'model': config.model.name,
       'gating': config.gating.kind, 'steps': step,
