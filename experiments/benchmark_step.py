@@ -13,10 +13,8 @@ JAX starts, so without `--devices` the script runs itself once per count.
 
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -30,9 +28,7 @@ FLAGS = flags.FLAGS
 
 
 def _time_one(kind: str):
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from cdg_jax import config_lib, parallel, ssl  # pylint: disable=g-import-not-at-top
+  from cdg_jax import config_lib  # pylint: disable=g-import-not-at-top
 
   config = config_lib.base_config()
   config.framework = FLAGS.framework
@@ -42,36 +38,8 @@ def _time_one(kind: str):
   config.gating.kind = kind
   config.batch_size = FLAGS.batch_size
   config.num_steps = 1000
-  num_train = 50_000
-  networks = ssl.build_networks(config)
-  mesh = parallel.make_mesh()
-  parallel.check_batch_divisible(config.batch_size, mesh)
-  state = parallel.replicate(
-      ssl.create_train_state(config, networks, num_train, jax.random.key(0)),
-      mesh)
-  step = ssl.jit_train_step(
-      ssl.make_train_step(config, networks, num_train,
-                          ssl.online_costs(config, networks)), mesh)
-  rng = np.random.default_rng(0)
-  batch = jax.device_put(
-      {'image': rng.integers(0, 256, (config.batch_size, 32, 32, 3), np.uint8),
-       'label': rng.integers(0, 10, (config.batch_size,)).astype(np.int32)},
-      parallel.data_sharding(mesh))
-  start = time.perf_counter()
-  state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  compile_and_first = time.perf_counter() - start
-  times = []
-  for _ in range(FLAGS.steps):
-    start = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  return {'gating': kind, 'devices': len(jax.devices()),
-          'median_step_s': statistics.median(times),
-          'images_per_s': config.batch_size / statistics.median(times),
-          'first_step_s': compile_and_first,
-          'flops_reduction': float(metrics['flops_reduction'])}
+  import step_timing  # pylint: disable=g-import-not-at-top
+  return step_timing.time_step(config, FLAGS.steps)
 
 
 def main(argv):
@@ -104,4 +72,5 @@ def main(argv):
 
 if __name__ == '__main__':
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   app.run(main)

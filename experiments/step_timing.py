@@ -1,0 +1,55 @@
+"""Train-step timing shared by `benchmark_step.py` and `accelerator_protocol.py`."""
+
+import statistics
+import time
+
+
+def time_step(config, steps: int, num_train: int = 50_000) -> dict:
+  """Compiles `config`'s train step and times it on synthetic uint8 images.
+
+  Args:
+    config: a run config (framework, model, gating, batch size, dtype).
+    steps: timed steps after the first (compilation) step.
+    num_train: training-set size the schedules assume.
+
+  Returns:
+    {'gating', 'dtype', 'devices', 'median_step_s', 'images_per_s',
+     'first_step_s' (compilation included), 'flops_reduction'}.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cdg_jax import parallel, ssl  # pylint: disable=g-import-not-at-top
+
+  networks = ssl.build_networks(config)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_divisible(config.batch_size, mesh)
+  state = parallel.replicate(
+      ssl.create_train_state(config, networks, num_train, jax.random.key(0)),
+      mesh)
+  step = ssl.jit_train_step(
+      ssl.make_train_step(config, networks, num_train,
+                          ssl.online_costs(config, networks)), mesh)
+  size = config.data.image_size
+  rng = np.random.default_rng(0)
+  batch = jax.device_put(
+      {'image': rng.integers(0, 256, (config.batch_size, size, size, 3),
+                             np.uint8),
+       'label': rng.integers(0, config.data.num_classes,
+                             (config.batch_size,)).astype(np.int32)},
+      parallel.data_sharding(mesh))
+  start = time.perf_counter()
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  compile_and_first = time.perf_counter() - start
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  median = statistics.median(times)
+  return {'gating': config.gating.kind, 'dtype': config.model.dtype,
+          'devices': len(jax.devices()), 'median_step_s': median,
+          'images_per_s': config.batch_size / median,
+          'first_step_s': compile_and_first,
+          'flops_reduction': float(metrics['flops_reduction'])}

@@ -1,0 +1,93 @@
+"""The accelerator protocol, rehearsed end to end on CPU with a tiny model.
+
+So that the one call on a lent GPU works the first time: the data builder and
+the protocol script run as the README says, on synthetic CIFAR-shaped arrays
+(tests never need ../shared), with TensorFlow blocked as on an accelerator
+image.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+import build_accelerator_data  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _fake_cifar(path, per_class_train=30, per_class_test=12):
+  rng = np.random.default_rng(0)
+  arrays = {}
+  for split, per_class in (('train', per_class_train), ('test', per_class_test)):
+    labels = rng.permutation(np.repeat(np.arange(10), per_class))
+    # Class-coloured images, so that the tiny run has something to learn.
+    colours = np.linspace(20, 235, 10)[labels][:, None, None, None]
+    noise = rng.normal(0, 20, (len(labels), 32, 32, 3))
+    arrays[f'x_{split}'] = np.clip(colours + noise, 0, 255).astype(np.uint8)
+    arrays[f'y_{split}'] = labels.astype(np.int64)
+  np.savez(path, **arrays)
+
+
+def test_builder_takes_the_first_images_of_each_class(tmp_path):
+  source, output = tmp_path / 'cifar.npz', tmp_path / 'subset.npz'
+  _fake_cifar(source)
+  sizes = build_accelerator_data.build(str(source), str(output), 20, 5)
+  assert (sizes['num_train'], sizes['num_test']) == (200, 50)
+  with np.load(source) as full, np.load(output) as subset:
+    assert subset['x_train'].dtype == np.uint8
+    np.testing.assert_array_equal(np.bincount(subset['y_train']), [20] * 10)
+    np.testing.assert_array_equal(np.bincount(subset['y_test']), [5] * 10)
+    first_of_class0 = np.flatnonzero(full['y_train'] == 0)[:20]
+    np.testing.assert_array_equal(subset['x_train'][subset['y_train'] == 0],
+                                  full['x_train'][first_of_class0])
+  with pytest.raises(ValueError, match='Class 0 has 30 examples'):
+    build_accelerator_data.build(str(source), str(output), 31, 5)
+  with pytest.raises(FileNotFoundError, match='--source='):
+    build_accelerator_data.build(str(tmp_path / 'missing.npz'), str(output),
+                                 1, 1)
+
+
+def test_protocol_runs_end_to_end_without_tensorflow(tmp_path):
+  source, data = tmp_path / 'cifar.npz', tmp_path / 'subset.npz'
+  _fake_cifar(source)
+  env = {**os.environ, 'PYTHONPATH': ROOT}
+  subprocess.run([sys.executable, 'experiments/build_accelerator_data.py',
+                  f'--source={source}', f'--output={data}',
+                  '--train_per_class=25', '--test_per_class=10'],
+                 check=True, cwd=ROOT, env=env, timeout=120)
+  out = tmp_path / 'results'
+  argv = ['experiments/accelerator_protocol.py', f'--data={data}',
+          f'--out={out}', f'--workdir_root={tmp_path / "work"}',
+          '--model=resnet10', '--width=8', '--image_size=16',
+          '--batch_size=32', '--projector_hidden=32', '--bench_steps=2',
+          '--budget_s=1', '--eval_reserve_s=0', '--linear_epochs=2']
+  code = ("import runpy, sys; sys.modules['tensorflow'] = None; "
+          f"sys.argv = {argv!r}; "
+          "runpy.run_path('experiments/accelerator_protocol.py', "
+          "run_name='__main__')")
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Device: cpu' in result.stdout.replace('Device: CPU', 'Device: cpu')
+  with open(out / 'accelerator_protocol.json') as f:
+    report = json.load(f)
+  assert report['environment']['jax_version']
+  assert {(r['gating'], r['dtype']) for r in report['benchmark']} == {
+      ('none', 'float32'), ('cdg', 'float32'), ('none', 'bfloat16'),
+      ('cdg', 'bfloat16')}
+  assert set(report['gated_over_dense']) == {'float32', 'bfloat16'}
+  # A 1 s budget still trains one epoch (250 images // 32 = 7 steps).
+  assert report['plan']['epochs'] == 1
+  for name in ('dense', 'cdg'):
+    run = report['training'][name]
+    assert run['steps'] == 7
+    assert 0 <= run['knn_top1'] <= 1 and 0 <= run['linear_top1'] <= 1
+    assert run['eval_split'] == 'test' and run['num_test'] == 100
+  assert report['training']['dense']['flops_reduction'] == 1.0
+  assert report['training']['cdg']['flops_reduction'] > 1.0
+  table = (out / 'accelerator_protocol.md').read_text()
+  assert '| cdg | bfloat16 |' in table and '| dense |' in table
