@@ -214,19 +214,15 @@ def test_diagonal_grouping_base_path_is_block_diagonal_and_paths_sum_to_dense():
                              rtol=1e-6, atol=1e-6)
 
 
-def test_diagonal_base_kernel_picks_the_diagonal_blocks():
-  kernel = jnp.arange(1 * 1 * 4 * 6, dtype=jnp.float32).reshape(1, 1, 4, 6)
-  base = gating.diagonal_base_kernel(kernel, 2)
-  assert base.shape == (1, 1, 2, 6)
-  np.testing.assert_array_equal(base[0, 0, :, :3], kernel[0, 0, :2, :3])
-  np.testing.assert_array_equal(base[0, 0, :, 3:], kernel[0, 0, 2:, 3:])
-  np.testing.assert_array_equal(
-      gating.diagonal_mask(4, 6, 2),
-      np.kron(np.eye(2), np.ones((2, 3))))
+def test_diagonal_mask_and_bad_groupings():
+  np.testing.assert_array_equal(gating.diagonal_mask(4, 6, 2),
+                                np.kron(np.eye(2), np.ones((2, 3))))
   with pytest.raises(ValueError, match='divide the 6 output channels'):
-    gating.diagonal_base_kernel(jnp.zeros((1, 1, 8, 6)), 4)
+    gating.base_and_conditional(jnp.zeros((1, 2, 2, 8)),
+                                jnp.zeros((1, 1, 8, 6)), 4, 'diagonal')
   with pytest.raises(ValueError, match="grouping='second'"):
-    gating.base_and_conditional(jnp.zeros((1, 2, 2, 4)), kernel, 2, 'second')
+    gating.base_and_conditional(jnp.zeros((1, 2, 2, 4)),
+                                jnp.zeros((1, 1, 4, 6)), 2, 'second')
 
 
 def test_diagonal_gated_conv_open_is_dense_and_gradient_skips_diagonal_cond():
