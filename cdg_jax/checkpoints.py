@@ -4,6 +4,7 @@ Layout of a workdir:
 
   config.json          the resolved config of the run (checked on resume)
   checkpoints/<step>/  full train state, the last `checkpoint.keep` kept
+  damaged_checkpoints/ checkpoints that failed to restore, moved aside
   backbone/            exported backbone: params, batch stats (incl. the
                        saliency statistics) and thresholds -- load it with
                        `load_backbone(workdir)` in other code
@@ -13,8 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -23,6 +27,7 @@ from cdg_jax import models
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
+DAMAGED_DIR = 'damaged_checkpoints'
 BACKBONE_DIR = 'backbone'
 # Fields whose change makes an existing checkpoint unusable for this run.
 STRUCTURAL_FIELDS = ('framework', 'model', 'gating.kind', 'gating.groups',
@@ -107,14 +112,69 @@ def save(manager: ocp.CheckpointManager, state, step: int) -> None:
   manager.save(step, args=ocp.args.StandardSave(state))
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state):
-  """Restores the latest checkpoint into `abstract_state`'s structure and
-  shardings, or returns None when there is none."""
-  step = manager.latest_step()
-  if step is None:
+class NoValidCheckpointError(RuntimeError):
+  """Checkpoints exist but none of them restores."""
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state,
+                   quarantine_dir: str | None = None):
+  """Restores the newest checkpoint that restores, or None when there is none.
+
+  A checkpoint that fails to restore (a truncated array file, missing
+  metadata, a half-written step) is reported by name and skipped for the
+  next older one. Skipped checkpoints are moved to `quarantine_dir` (when
+  given; process 0 only) so that the run can save that step again, and so
+  that nothing is deleted.
+
+  Args:
+    manager: the run's checkpoint manager.
+    abstract_state: a state (or its shapes) giving structure and shardings.
+    quarantine_dir: where to move checkpoints that failed to restore.
+
+  Returns:
+    The restored state, or None if the manager holds no checkpoint.
+
+  Raises:
+    NoValidCheckpointError: checkpoints exist but none restores; names the
+      directory and the fix.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
     return None
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  failures = []
+  for step in steps:
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax and TensorStore raise many types for damaged files.
+      reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+      failures.append(f'step {step}: {type(e).__name__}: {reason}')
+      logging.warning('Checkpoint %s/%d does not restore (%s: %s); trying '
+                      'the previous one.', manager.directory, step,
+                      type(e).__name__, reason)
+      continue
+    if failures and quarantine_dir and jax.process_index() == 0:
+      _quarantine(manager, [int(f.split(':')[0].split()[1]) for f in failures],
+                  quarantine_dir)
+    return state
+  raise NoValidCheckpointError(
+      f'None of the {len(steps)} checkpoint(s) in {manager.directory} '
+      f'restores:\n  ' + '\n  '.join(failures) + '\nMove or delete that '
+      f'directory to start the run from scratch, or use a new --workdir.')
+
+
+def _quarantine(manager: ocp.CheckpointManager, steps: list[int],
+                quarantine_dir: str) -> None:
+  os.makedirs(quarantine_dir, exist_ok=True)
+  stamp = time.strftime('%Y%m%d-%H%M%S')
+  for step in steps:
+    source = os.path.join(str(manager.directory), str(step))
+    if os.path.exists(source):
+      target = os.path.join(quarantine_dir, f'{step}-{stamp}')
+      shutil.move(source, target)
+      logging.warning('Moved the damaged checkpoint %s to %s.', source, target)
+  manager.reload()
 
 
 def export_backbone(workdir: str, params, batch_stats) -> str:

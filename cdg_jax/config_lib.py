@@ -207,3 +207,88 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
   if unknown:
     raise ValueError(f'Unknown config field(s) {unknown}: not defined in '
                      f'cdg_jax.config_lib.base_config() (a typo?).')
+
+
+def _problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Every out-of-range value of a config (see `validate`)."""
+  # Imported here, not at the top: every config file imports this module,
+  # and these pull in Flax, Optax and the data pipeline.
+  from cdg_jax import input_pipeline, layers, models, ssl  # pylint: disable=g-import-not-at-top
+  problems = []
+
+  def need(ok: bool, message: str) -> None:
+    if not ok:
+      problems.append(message)
+
+  need(config.batch_size > 0,
+       f'batch_size={config.batch_size} must be a positive number of images.')
+  need(config.num_steps == -1 or config.num_steps > 0,
+       f'num_steps={config.num_steps} must be positive, or -1 to train '
+       f'num_epochs={config.num_epochs} epochs.')
+  if config.num_steps == -1:
+    need(config.num_epochs > 0, f'num_epochs={config.num_epochs} must be '
+         f'positive (or set num_steps > 0).')
+  need(config.log_every_steps > 0,
+       f'log_every_steps={config.log_every_steps} must be positive.')
+  need(config.checkpoint.every_steps > 0, f'checkpoint.every_steps='
+       f'{config.checkpoint.every_steps} must be positive.')
+  need(config.checkpoint.keep >= 1,
+       f'checkpoint.keep={config.checkpoint.keep} must be at least 1.')
+  need(config.cpu_devices >= 0,
+       f'cpu_devices={config.cpu_devices} must be >= 0 (0: one per core).')
+  need(config.framework in ssl.FRAMEWORKS, f'framework={config.framework!r} '
+       f'must be one of {ssl.FRAMEWORKS}.')
+  need(config.optim.name in ssl.OPTIMIZERS, f'optim.name={config.optim.name!r}'
+       f' must be one of {ssl.OPTIMIZERS}.')
+  need(config.optim.base_learning_rate >= 0, f'optim.base_learning_rate='
+       f'{config.optim.base_learning_rate} must be >= 0.')
+  need(config.optim.warmup_epochs >= 0, f'optim.warmup_epochs='
+       f'{config.optim.warmup_epochs} must be >= 0.')
+  need(config.optim.weight_decay >= 0,
+       f'optim.weight_decay={config.optim.weight_decay} must be >= 0.')
+  need(config.model.name in models.ARCHITECTURES, f'model.name='
+       f'{config.model.name!r} must be one of {sorted(models.ARCHITECTURES)}.')
+  need(config.model.width > 0,
+       f'model.width={config.model.width} must be positive.')
+  need(config.model.dtype in models.COMPUTE_DTYPES, f'model.dtype='
+       f'{config.model.dtype!r} must be one of {sorted(models.COMPUTE_DTYPES)}.')
+  need(config.data.source in input_pipeline.SOURCES, f'data.source='
+       f'{config.data.source!r} must be one of {input_pipeline.SOURCES}.')
+  need(config.data.image_size > 0,
+       f'data.image_size={config.data.image_size} must be positive.')
+  need(config.data.num_classes >= 2,
+       f'data.num_classes={config.data.num_classes} must be at least 2.')
+  need(config.data.validation_size >= 0, f'data.validation_size='
+       f'{config.data.validation_size} must be >= 0 (0: no validation split).')
+  need(config.data.prefetch >= 0,
+       f'data.prefetch={config.data.prefetch} must be >= 0.')
+  need(config.eval.batch_size > 0,
+       f'eval.batch_size={config.eval.batch_size} must be positive.')
+  need(config.eval.knn_k > 0, f'eval.knn_k={config.eval.knn_k} must be '
+       f'positive.')
+  need(config.eval.knn_temperature > 0, f'eval.knn_temperature='
+       f'{config.eval.knn_temperature} must be positive.')
+  need(config.eval.every_steps >= 0, f'eval.every_steps='
+       f'{config.eval.every_steps} must be >= 0 (0: only at the end).')
+  need(config.linear_eval.epochs > 0,
+       f'linear_eval.epochs={config.linear_eval.epochs} must be positive.')
+  need(config.linear_eval.batch_size > 0, f'linear_eval.batch_size='
+       f'{config.linear_eval.batch_size} must be positive.')
+  try:
+    layers.GatingSpec.from_config(config.gating)
+  except ValueError as e:
+    problems.append(str(e))
+  return problems
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks field names and value ranges of a whole config, before any work.
+
+  Raises:
+    ValueError listing every unknown field or out-of-range value, each with
+    the value and what it must be.
+  """
+  check_fields(config)
+  problems = _problems(config)
+  if problems:
+    raise ValueError('Invalid config:\n  ' + '\n  '.join(problems))

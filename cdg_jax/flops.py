@@ -315,8 +315,11 @@ class FlopsReport:
                  f'reduction {self.reduction:.3f}x'
                  + ('' if self.gated_density is None else
                     f', gated-layer density {self.gated_density:.3f}'))
-    lines.append(f'heads: {self.head_macs / 1e6:.3f} MMACs (not in the '
-                 f'reduction). All figures per example; FLOPs = 2 x MACs; '
+    heads = (f'heads: {self.head_macs / 1e6:.3f} MMACs (not in the '
+             f'reduction).' if any(r.part == 'head' for r in self.rows) else
+             'heads: not traced (the backbone alone was measured; heads are '
+             'not in the reduction).')
+    lines.append(f'{heads} All figures per example; FLOPs = 2 x MACs; '
                  f'padding taps excluded (conventional dense backbone count '
                  f'with them: {self.backbone_padded_macs / 1e6:.2f} MMACs).')
     return '\n'.join(lines)
@@ -392,7 +395,9 @@ def main(argv):
   del argv
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from cdg_jax import cli  # pylint: disable=g-import-not-at-top
   from cdg_jax import models  # pylint: disable=g-import-not-at-top
+  cli.quiet_logging()
   if flags.FLAGS.workdir:
     config, report = trained_report(flags.FLAGS.workdir)
     print(f'{config.model.name} ({config.model.stem} stem, width '
@@ -432,4 +437,5 @@ if __name__ == '__main__':
                       'exported backbone on the test split.')
   flags.DEFINE_integer('batch_size', 64, 'Images in the measured batch '
                        '(random-init mode).')
-  app.run(main)
+  from cdg_jax import cli  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=cli.parse_flags)

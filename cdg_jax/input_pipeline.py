@@ -56,6 +56,8 @@ import os
 import queue
 import threading
 from typing import Any
+import zipfile
+import zlib
 
 from absl import logging
 import jax
@@ -149,10 +151,14 @@ def _check_split(split: str) -> None:
 
 
 def check_images(images: np.ndarray, name: str) -> None:
-  """Raises ValueError unless `images` is uint8 (N, H, W, 3)."""
+  """Raises ValueError unless `images` is uint8 (N, H, W, 3) with N > 0."""
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f'{name} must be uint8 images of shape (N, H, W, 3) (HWC '
                      f'RGB), got shape {images.shape}.')
+  if images.shape[0] == 0:
+    raise ValueError(f'{name} holds no images (shape {images.shape}): '
+                     f'training needs training images, and evaluation (kNN, '
+                     f'FLOPs, linear) needs test images.')
   if images.dtype != np.uint8:
     raise ValueError(f'{name} must be uint8 (0..255), got dtype '
                      f'{images.dtype}.')
@@ -469,7 +475,12 @@ def _fake_source(data_config: ml_collections.ConfigDict) -> ArraySource:
 
 
 def load_npz(path: str) -> dict[str, np.ndarray]:
-  """Reads x_train, y_train, x_test, y_test from a `.npz` file (no pickle)."""
+  """Reads x_train, y_train, x_test, y_test from a `.npz` file (no pickle).
+
+  Raises:
+    FileNotFoundError / ValueError naming the path: missing file, a file
+    that is not an npz (zip) archive, a truncated archive, missing keys.
+  """
   if not path:
     raise ValueError('data.source="npz" needs data.npz_path, the path of a '
                      f'.npz file with keys {NPZ_KEYS}; it is empty.')
@@ -477,12 +488,27 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'data.npz_path={path!r}: no such file. It must be '
                             f'a .npz with keys {NPZ_KEYS}.')
-  with np.load(path, allow_pickle=False) as npz:
-    missing = [key for key in NPZ_KEYS if key not in npz.files]
-    if missing:
-      raise ValueError(f'{path} lacks keys {missing}; it has {npz.files} and '
-                       f'needs {NPZ_KEYS} (uint8 NHWC images, integer labels).')
-    return {key: npz[key] for key in NPZ_KEYS}
+  with open(path, 'rb') as f:
+    magic = f.read(4)
+  if magic != b'PK\x03\x04':
+    raise ValueError(
+        f'data.npz_path={path!r} is not an .npz archive (a zip file written '
+        f'by numpy.savez; its first bytes are {magic!r}). Write your arrays '
+        f'with numpy.savez(path, x_train=..., y_train=..., x_test=..., '
+        f'y_test=...).')
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      missing = [key for key in NPZ_KEYS if key not in npz.files]
+      if missing:
+        raise ValueError(f'{path} lacks keys {missing}; it has {npz.files} '
+                         f'and needs {NPZ_KEYS} (uint8 NHWC images, integer '
+                         f'labels).')
+      return {key: npz[key] for key in NPZ_KEYS}
+  except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+    raise ValueError(
+        f'data.npz_path={path!r} cannot be read: the archive is damaged or '
+        f'truncated ({type(e).__name__}: {e}). Copy or write it again.'
+        ) from e
 
 
 def _npz_source(data_config: ml_collections.ConfigDict) -> ArraySource:

@@ -321,6 +321,8 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
+  from cdg_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.quiet_logging()
   # Before JAX starts its backends: one CPU device per core (DESIGN.md sec. 3).
   parallel.split_host_into_devices()
   parallel.initialize_distributed()
@@ -342,4 +344,5 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Workdir of a finished run, holding '
                       'config.json and the exported backbone/.')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  from cdg_jax import cli  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=cli.parse_flags)

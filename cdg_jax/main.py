@@ -5,13 +5,19 @@ r"""Pretrains a CDG-gated ResNet with self-supervised learning.
 
 Re-running with the same --workdir resumes from its latest checkpoint.
 Override any config field on the command line, e.g. `--config.batch_size=512`.
+SIGTERM or Ctrl-C saves a checkpoint after the current step and exits with
+status 143; the console shows progress and results, `-v 0` adds the INFO
+logs (per-step metrics, checkpointing).
 """
+
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from cdg_jax import cli
 from cdg_jax import parallel
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,6 +31,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.quiet_logging()
   config = _CONFIG.value
   # Before JAX starts: on a CPU-only host, one XLA device per core (the flag
   # does nothing on GPU/TPU machines).
@@ -36,8 +43,16 @@ def main(argv):
   from cdg_jax import train  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
-  train.train_and_evaluate(config, _WORKDIR.value)
+  from cdg_jax import run_control  # pylint: disable=g-import-not-at-top
+  try:
+    train.train_and_evaluate(config, _WORKDIR.value)
+  except run_control.Preempted as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(run_control.Preempted.exit_code)
+  except run_control.WorkdirLockedError as e:
+    print(f'FATAL: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

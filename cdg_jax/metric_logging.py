@@ -71,16 +71,55 @@ class LoggingWriter:
 
 
 class JsonlWriter:
-  """Appends one JSON object `{"step": s, name: value, ...}` per call."""
+  """One JSON object per logged step: `{"step": s, name: value, ...}`.
 
-  def __init__(self, path: str):
+  Writes for the step of the last row (training metrics, progress, an
+  evaluation at the same step) are merged into that row, so every step has
+  exactly one row. Resuming a run from a checkpoint at step `resume_step`
+  drops the rows after it (they are logged again by the resumed run) and
+  merges what is logged at `resume_step` again into its row.
+  """
+
+  def __init__(self, path: str, resume_step: int | None = None):
     self.path = path
+    self._last_row: dict[str, float] | None = None
+    self._last_offset = 0
+    if os.path.exists(path):
+      self._rewrite(resume_step)
+
+  def _rewrite(self, resume_step: int | None) -> None:
+    rows: dict[int, dict[str, float]] = {}
+    with open(self.path) as f:
+      for line in f:
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue   # a line cut off by a crash mid-write
+        if resume_step is None or row['step'] <= resume_step:
+          rows.setdefault(int(row['step']), {}).update(row)
+    lines = [json.dumps(rows[step]) + '\n' for step in sorted(rows)]
+    temporary = self.path + '.tmp'
+    with open(temporary, 'w') as f:
+      f.writelines(lines)
+    os.replace(temporary, self.path)
+    if lines:
+      self._last_row = rows[max(rows)]
+      self._last_offset = sum(len(line.encode()) for line in lines[:-1])
 
   def write_scalars(self, step: int, scalars: Scalars) -> None:
-    record = {'step': int(step)}
-    record.update({k: float(v) for k, v in scalars.items()})
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    row = {'step': int(step)}
+    row.update({k: float(v) for k, v in scalars.items()})
+    with open(self.path, 'a+b') as f:
+      if self._last_row is not None and self._last_row['step'] == row['step']:
+        row = {**self._last_row, **row}
+        f.truncate(self._last_offset)
+      else:
+        f.seek(0, os.SEEK_END)
+        self._last_offset = f.tell()
+      f.write((json.dumps(row) + '\n').encode())
+    self._last_row = row
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     del hparams  # Stored in config.json.
@@ -148,12 +187,17 @@ class MultiWriter:
 
 
 def create_writer(workdir: str, is_main: bool,
-                  metrics_file: str = 'metrics.jsonl') -> MultiWriter:
-  """The console everywhere; event files and `metrics_file` on process 0."""
+                  metrics_file: str = 'metrics.jsonl',
+                  resume_step: int | None = None) -> MultiWriter:
+  """The console everywhere; event files and `metrics_file` on process 0.
+
+  `resume_step`: the step a resumed run restarts from; later rows of
+  `metrics_file` are dropped (see `JsonlWriter`).
+  """
   writers: list[MetricWriter] = [LoggingWriter()]
   if is_main:
     writers += [TensorBoardWriter(workdir),
-                JsonlWriter(os.path.join(workdir, metrics_file))]
+                JsonlWriter(os.path.join(workdir, metrics_file), resume_step)]
   return MultiWriter(writers)
 
 

@@ -1,10 +1,14 @@
 """The training program: pretraining with CDG, checkpoints, evaluation, reports.
 
 `train_and_evaluate(config, workdir)` is what `cdg_jax.main` calls and what
-tests call directly. It resumes automatically from the latest checkpoint in
-`workdir`, logs metrics (TensorBoard events, `metrics.jsonl`, console), runs
-the kNN monitor every `eval.every_steps` steps and at the end, and writes an
-end-of-run summary (`summary.json`), the exported backbone and plots.
+tests call directly. It checks the whole config and the data before touching
+the workdir, takes the workdir's lock (one run per workdir), resumes
+automatically from the newest checkpoint that restores, logs metrics
+(TensorBoard events, `metrics.jsonl` with one row per logged step, console),
+runs the kNN monitor every `eval.every_steps` steps and at the end, and
+writes an end-of-run summary (`summary.json`), the exported backbone and
+plots. SIGTERM or SIGINT stops it after the current step with a checkpoint
+(`run_control.Preempted`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from cdg_jax import metric_logging
 from cdg_jax import models
 from cdg_jax import parallel
 from cdg_jax import plots
+from cdg_jax import run_control
 from cdg_jax import ssl
 
 METRICS_FILE = 'metrics.jsonl'
@@ -95,12 +100,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     the last training metrics, steps and wall time.
   """
   start_time = time.time()
-  config_lib.check_fields(config)
-  prepare_workdir(workdir)
-  checkpoints.check_compatible(config, workdir)
-  checkpoints.write_config(config, workdir)
-  is_main = jax.process_index() == 0
-
+  # Everything that can be checked is checked before the workdir is touched:
+  # the config, the data, the devices.
+  config_lib.validate(config)
   source = input_pipeline.create_source(config.data)
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(config.batch_size, mesh)
@@ -108,19 +110,36 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                  'eval.batch_size')
   num_train = source.num_train
   total_steps = ssl.total_steps(config, num_train)
+  is_main = jax.process_index() == 0
+  prepare_workdir(workdir)
+  with run_control.WorkdirLock(workdir, enabled=is_main):
+    checkpoints.check_compatible(config, workdir)
+    checkpoints.write_config(config, workdir)
+    return _train_and_evaluate(config, workdir, source, mesh, total_steps,
+                               start_time)
+
+
+def _train_and_evaluate(config, workdir, source, mesh, total_steps,
+                        start_time) -> dict[str, Any]:
+  """`train_and_evaluate` once the config, data and workdir are checked."""
+  is_main = jax.process_index() == 0
+  num_train = source.num_train
   networks = ssl.build_networks(config)
   backbone = models.create_resnet(config.model, config.gating)
 
   state = _create_state(config, networks, num_train, mesh)
   manager = checkpoints.checkpoint_manager(workdir, config.checkpoint.keep)
-  restored = checkpoints.restore_latest(manager, state)
+  restored = checkpoints.restore_latest(
+      manager, state, os.path.join(workdir, checkpoints.DAMAGED_DIR))
   if restored is not None:
     state = restored
-    logging.info('Resumed from %s at step %d.', manager.directory,
-                 int(state.step))
+    if is_main:
+      print(f'Resumed from {manager.directory} at step {int(state.step)}.',
+            flush=True)
   start_step = int(state.step)
 
-  writer = metric_logging.create_writer(workdir, is_main, METRICS_FILE)
+  writer = metric_logging.create_writer(workdir, is_main, METRICS_FILE,
+                                        resume_step=start_step)
   if start_step == 0:
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams(scalar_hparams(config))
@@ -139,38 +158,52 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   eval_every = config.eval.every_steps
   last_metrics: dict[str, float] = {}
   step = start_step
-  try:
-    while step < total_steps:
-      batch = next(batches)
-      state, metrics = train_step(state, batch)
-      step += 1
-      report_progress(step)
-      save_now = (step % config.checkpoint.every_steps == 0
-                  or step == total_steps)
-      if step % config.log_every_steps == 0 or save_now:
-        # The only host synchronisation of the loop: fetch this step's metrics.
-        last_metrics = scalar_metrics(jax.device_get(metrics))
-        if not math.isfinite(last_metrics['loss']):
-          raise FloatingPointError(
-              f'Loss is {last_metrics["loss"]} at step {step}; training '
-              f'stopped without saving this state. The last good checkpoint '
-              f'is step {manager.latest_step()} in {manager.directory}; '
-              f'resume from it with a lower learning rate or a smaller '
-              f'gating.alpha.')
-        writer.write_scalars(step, last_metrics)
-        progress.set_postfix(loss=f'{last_metrics["loss"]:.3f}',
-                             flops=f'{last_metrics["flops_reduction"]:.2f}x')
-        progress.update(step - progress.n)
-      if save_now:
-        checkpoints.save(manager, state, step)
-      if eval_every > 0 and step % eval_every == 0 and step < total_steps:
-        knn = evaluation.knn_eval(backbone, backbone_variables(state), source,
-                                  config, mesh)
-        writer.write_scalars(step, _eval_scalars(knn))
-  finally:
-    progress.close()
-    manager.wait_until_finished()
-    batches.close()
+  # SIGTERM/SIGINT stop the loop at a step boundary, with a checkpoint.
+  with run_control.PreemptionWatcher() as preemption:
+    try:
+      while step < total_steps:
+        batch = next(batches)
+        state, metrics = train_step(state, batch)
+        step += 1
+        report_progress(step)
+        save_now = (step % config.checkpoint.every_steps == 0
+                    or step == total_steps)
+        if step % config.log_every_steps == 0 or save_now:
+          # The only host synchronisation of the loop: this step's metrics.
+          last_metrics = scalar_metrics(jax.device_get(metrics))
+          if not math.isfinite(last_metrics['loss']):
+            raise FloatingPointError(
+                f'Loss is {last_metrics["loss"]} at step {step}; training '
+                f'stopped without saving this state. The last good '
+                f'checkpoint is step {manager.latest_step()} in '
+                f'{manager.directory}; resume from it with a lower learning '
+                f'rate or a smaller gating.alpha.')
+          writer.write_scalars(step, last_metrics)
+          progress.set_postfix(
+              loss=f'{last_metrics["loss"]:.3f}',
+              flops=f'{last_metrics["flops_reduction"]:.2f}x')
+          progress.update(step - progress.n)
+        if save_now:
+          checkpoints.save(manager, state, step)
+        if preemption.should_stop(step) and step < total_steps:
+          if not save_now:
+            checkpoints.save(manager, state, step)
+          manager.wait_until_finished()
+          writer.close()
+          cause = preemption.signal_name or 'a preemption notice'
+          message = (f'Stopped by {cause} after step {step} of {total_steps}; '
+                     f'checkpoint saved in {manager.directory}. Run the same '
+                     f'command again to resume from step {step}.')
+          logging.warning('%s', message)
+          raise run_control.Preempted(message)
+        if eval_every > 0 and step % eval_every == 0 and step < total_steps:
+          knn = evaluation.knn_eval(backbone, backbone_variables(state),
+                                    source, config, mesh)
+          writer.write_scalars(step, _eval_scalars(knn))
+    finally:
+      progress.close()
+      manager.wait_until_finished()
+      batches.close()
 
   variables = backbone_variables(state)
   knn = evaluation.knn_eval(backbone, variables, source, config, mesh)

@@ -35,7 +35,8 @@ def test_train_linear_eval_and_flops_commands_run_without_tensorflow(tmp_path):
   config = ['--config=configs/simclr_cifar10.py:smoke', f'--workdir={workdir}',
             '--config.num_steps=4', '--config.log_every_steps=2',
             '--config.checkpoint.every_steps=2', '--config.plot_images=2']
-  result = _run_without_tensorflow('cdg_jax.main', *config)
+  # -v 0: the INFO lines (metrics, progress rate and ETA) on the console too.
+  result = _run_without_tensorflow('cdg_jax.main', *config, '-v', '0')
   assert result.returncode == 0, result.stderr[-3000:]
   output = result.stdout + result.stderr
   assert 'kNN top-1' in output
