@@ -41,6 +41,7 @@ import numpy as np
 from cdg_jax import augment
 from cdg_jax import flops
 from cdg_jax import input_pipeline
+from cdg_jax import models
 from cdg_jax import parallel
 from cdg_jax.layers import DENSITY_COLLECTION
 
@@ -384,6 +385,14 @@ def open_gates(variables: Mapping[str, Any]) -> dict[str, Any]:
   return {**variables, 'params': params}
 
 
+def inference_backbone(backbone: nn.Module,
+                       eval_config: Mapping[str, Any]) -> nn.Module:
+  """The backbone with block-sparse inference if `eval.sparse_inference`."""
+  if eval_config.get('sparse_inference', False):
+    return models.with_sparse_inference(backbone)
+  return backbone
+
+
 def knn_eval(backbone: nn.Module, variables: Mapping[str, Any],
              source: input_pipeline.Source, config: ml_collections.ConfigDict,
              mesh: jax.sharding.Mesh) -> dict[str, Any]:
@@ -398,7 +407,9 @@ def knn_eval(backbone: nn.Module, variables: Mapping[str, Any],
     variables: its variables ('params', 'batch_stats').
     source: the data source.
     config: the run's config; uses `eval.knn_k`, `eval.knn_temperature`,
-      `eval.batch_size` (defaults 200, 0.1, 500 when absent) and `augment`.
+      `eval.batch_size` (defaults 200, 0.1, 500 when absent),
+      `eval.sparse_inference` (block-sparse execution of tile-gated layers;
+      the same features) and `augment`.
     mesh: device mesh with a 'data' axis.
 
   Returns:
@@ -407,6 +418,7 @@ def knn_eval(backbone: nn.Module, variables: Mapping[str, Any],
     density}}, Python floats.
   """
   eval_config = config.get('eval') or {}
+  backbone = inference_backbone(backbone, eval_config)
   batch_size = eval_batch_size(
       eval_config.get('batch_size', DEFAULT_EVAL_BATCH_SIZE), mesh)
   train = extract_features(backbone, variables, source, 'train', batch_size,

@@ -104,6 +104,61 @@ def diagonal_mask(c_in: int, c_out: int, groups: int, dtype=jnp.float32
   return jnp.kron(jnp.eye(groups, dtype=dtype), jnp.ones((ci, co), dtype))
 
 
+def conditional_operands(x: Array, kernel: Array, groups: int,
+                         grouping: str = 'first') -> tuple[Array, Array]:
+  """(input, kernel) of the conditional path: conv of them is Y_cond.
+
+  'first': the last (G-1)/G input channels and their kernel rows.
+  'diagonal': every input channel, with the kernel's block-diagonal (base)
+  blocks zeroed: one convolution over all input channels (in training this
+  costs (G+1)/G of a dense conv; the FLOPs count is unchanged, as for
+  'first', because the saving is accounted from the masks).
+  """
+  if grouping == 'first':
+    return split_channels(x, kernel, groups)[2:]
+  _check_diagonal(x, kernel, groups, grouping)
+  off_diagonal = 1.0 - diagonal_mask(kernel.shape[2], kernel.shape[3], groups,
+                                     kernel.dtype)
+  return x, kernel * off_diagonal
+
+
+def _check_diagonal(x: Array, kernel: Array, groups: int, grouping: str):
+  if grouping != 'diagonal':
+    raise ValueError(f'Unknown gating.grouping={grouping!r}; expected one of '
+                     f'{GROUPINGS}.')
+  if x.shape[-1] != kernel.shape[2]:
+    raise ValueError(f'Input has {x.shape[-1]} channels but the kernel expects '
+                     f'{kernel.shape[2]} (kernel shape {kernel.shape}).')
+  base_channels(kernel.shape[2], groups)
+  if kernel.shape[3] % groups:
+    raise ValueError(
+        f"gating.grouping='diagonal' with gating.groups={groups} needs groups "
+        f"to divide the {kernel.shape[3]} output channels of every gated "
+        f"convolution.")
+
+
+def base_conv(x: Array, kernel: Array, groups: int, grouping: str = 'first',
+              strides: Sequence[int] = (1, 1),
+              padding: str | Sequence[tuple[int, int]] = 'SAME') -> Array:
+  """Y_base, the always-computed path (1/G of the dense MACs).
+
+  'first': every output channel convolves the first C_in/G input channels.
+  'diagonal': output group i convolves input group i.
+  """
+  if grouping == 'first':
+    x_base, k_base = split_channels(x, kernel, groups)[:2]
+    return conv(x_base, k_base, strides, padding)
+  _check_diagonal(x, kernel, groups, grouping)
+  ci, co = kernel.shape[2] // groups, kernel.shape[3] // groups
+  # One convolution per group rather than a grouped convolution
+  # (`feature_group_count`): XLA's CPU backend ran the grouped form about 10x
+  # slower forward and backward (CIFAR ResNet-18 layer at width 16, 2 cores).
+  return jnp.concatenate(
+      [conv(x[..., i * ci:(i + 1) * ci],
+            kernel[:, :, i * ci:(i + 1) * ci, i * co:(i + 1) * co],
+            strides, padding) for i in range(groups)], axis=-1)
+
+
 def base_and_conditional(x: Array, kernel: Array, groups: int,
                          grouping: str = 'first',
                          strides: Sequence[int] = (1, 1),
@@ -117,42 +172,14 @@ def base_and_conditional(x: Array, kernel: Array, groups: int,
     groups: G.
     grouping: 'first' -- the base path of every output channel convolves the
       first C_in/G input channels and the conditional path the rest;
-      'diagonal' -- output group i's base path convolves input group i (a
-      grouped convolution) and the conditional path every other input group.
-      Both cost (1/G) of the dense MACs on the base path.
+      'diagonal' -- output group i's base path convolves input group i and
+      the conditional path every other input group. Both cost (1/G) of the
+      dense MACs on the base path.
     strides, padding: as for `conv`.
   """
-  if grouping == 'first':
-    x_base, k_base, x_cond, k_cond = split_channels(x, kernel, groups)
-    return (conv(x_base, k_base, strides, padding),
-            conv(x_cond, k_cond, strides, padding))
-  if grouping != 'diagonal':
-    raise ValueError(f'Unknown gating.grouping={grouping!r}; expected one of '
-                     f'{GROUPINGS}.')
-  if x.shape[-1] != kernel.shape[2]:
-    raise ValueError(f'Input has {x.shape[-1]} channels but the kernel expects '
-                     f'{kernel.shape[2]} (kernel shape {kernel.shape}).')
-  # One convolution per group rather than a grouped convolution
-  # (`feature_group_count`): XLA's CPU backend ran the grouped form about 10x
-  # slower forward and backward (CIFAR ResNet-18 layer at width 16, 2 cores).
-  c_in, c_out = kernel.shape[2], kernel.shape[3]
-  ci = base_channels(c_in, groups)
-  if c_out % groups:
-    raise ValueError(
-        f"gating.grouping='diagonal' with gating.groups={groups} needs groups "
-        f"to divide the {c_out} output channels of every gated convolution.")
-  co = c_out // groups
-  y_base = jnp.concatenate(
-      [conv(x[..., i * ci:(i + 1) * ci],
-            kernel[:, :, i * ci:(i + 1) * ci, i * co:(i + 1) * co],
-            strides, padding) for i in range(groups)], axis=-1)
-  # The conditional path is every off-diagonal block: one convolution over all
-  # input channels with the diagonal blocks zeroed (in training this costs
-  # (G+1)/G of a dense conv; the FLOPs count is unchanged, as for 'first',
-  # because the saving is accounted from the masks).
-  off_diagonal = 1.0 - diagonal_mask(kernel.shape[2], kernel.shape[3], groups,
-                                     kernel.dtype)
-  return y_base, conv(x, kernel * off_diagonal, strides, padding)
+  x_cond, k_cond = conditional_operands(x, kernel, groups, grouping)
+  return (base_conv(x, kernel, groups, grouping, strides, padding),
+          conv(x_cond, k_cond, strides, padding))
 
 
 def conv(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
@@ -210,24 +237,45 @@ def normalize_saliency(y_base: Array, mean: Array, var: Array,
   return (y_base - mean) * jax.lax.rsqrt(var + epsilon)
 
 
-def check_block(shape: Sequence[int], block: Sequence[int]) -> None:
-  """Raises ValueError naming the bad value if `block` does not tile `shape`.
+def effective_block(shape: Sequence[int], block: Sequence[int]
+                    ) -> tuple[int, int, int]:
+  """The (bh, bw, bc) decision block used on a gated output of `shape`.
+
+  `bc = 0` means all output channels (a tile of positions: what block-sparse
+  execution can skip, `cdg_jax.sparse`). A block taller or wider than the
+  map is clamped to it (the map is then one block in that dimension: the
+  last stages of a CIFAR ResNet are smaller than an 8x8 tile). Otherwise the
+  block must divide the map.
 
   Args:
     shape: (N, H, W, C) of the gated layer's output.
     block: (bh, bw, bc) block of positions and channels sharing one decision.
+
+  Raises:
+    ValueError naming the bad value if `block` is malformed or does not tile
+    `shape`.
   """
-  if len(block) != 3 or any(int(b) < 1 for b in block):
-    raise ValueError(f'gating.block must be three positive ints (bh, bw, bc), '
-                     f'got {tuple(block)}.')
+  if (len(block) != 3 or any(int(b) < 1 for b in block[:2])
+      or int(block[2]) < 0):
+    raise ValueError(f'gating.block must be three ints (bh, bw, bc) with bh, '
+                     f'bw >= 1 and bc >= 0 (0: all channels), got '
+                     f'{tuple(block)}.')
   _, h, w, c = shape
-  for name, size, b in (('height', h, block[0]), ('width', w, block[1]),
-                        ('channels', c, block[2])):
+  bh, bw, bc = (int(b) for b in block)
+  effective = (min(bh, h), min(bw, w), c if bc == 0 else bc)
+  for name, size, b in (('height', h, effective[0]), ('width', w, effective[1]),
+                        ('channels', c, effective[2])):
     if size % b:
       raise ValueError(
           f'gating.block={tuple(block)} does not tile a gated feature map of '
           f'shape (H, W, C)=({h}, {w}, {c}): block {name} {b} does not divide '
           f'{size}.')
+  return effective
+
+
+def check_block(shape: Sequence[int], block: Sequence[int]) -> None:
+  """Raises ValueError naming the bad value if `block` does not tile `shape`."""
+  effective_block(shape, block)
 
 
 def block_mean(z: Array, block: Sequence[int]) -> Array:
@@ -235,15 +283,15 @@ def block_mean(z: Array, block: Sequence[int]) -> Array:
 
   Args:
     z: (N, H, W, C) array.
-    block: (bh, bw, bc), each dividing the corresponding dimension.
+    block: (bh, bw, bc), see `effective_block` (bc = 0: all channels; blocks
+      larger than the map are clamped to it).
 
   Returns:
     Array of the shape of `z`, constant within each block.
   """
-  bh, bw, bc = (int(b) for b in block)
-  if (bh, bw, bc) == (1, 1, 1):
+  if tuple(int(b) for b in block) == (1, 1, 1):
     return z
-  check_block(z.shape, block)
+  bh, bw, bc = effective_block(z.shape, block)
   n, h, w, c = z.shape
   blocks = z.reshape(n, h // bh, bh, w // bw, bw, c // bc, bc)
   means = jnp.mean(blocks, axis=(2, 4, 6), keepdims=True)
@@ -325,45 +373,22 @@ def masked_combine(y_base: Array, y_cond: Array, mask: Array) -> Array:
   return y_base + mask.astype(y_cond.dtype) * y_cond
 
 
-def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
-               strides: Sequence[int] = (1, 1), padding='SAME',
-               block: Sequence[int] = (1, 1, 1), alpha: float = 2.0,
-               epsilon: float = 1e-5, norm: str = 'batch', num_groups: int = 1,
-               grouping: str = 'first', saliency_grad: bool = False,
-               surrogate: str = 'sigmoid',
-               running_mean: Array | None = None,
-               running_var: Array | None = None
-               ) -> tuple[Array, Array, tuple[Array, Array]]:
-  """The CDG gated convolution Y = Y_base + d * Y_cond.
+def saliency_gate(y_base: Array, threshold: Array, *,
+                  block: Sequence[int] = (1, 1, 1), alpha: float = 2.0,
+                  epsilon: float = 1e-5, norm: str = 'batch',
+                  num_groups: int = 1, saliency_grad: bool = False,
+                  surrogate: str = 'sigmoid',
+                  running_mean: Array | None = None,
+                  running_var: Array | None = None
+                  ) -> tuple[Array, tuple[Array, Array]]:
+  """The gate `d` of a gated convolution from its base-path output.
 
-  Args:
-    x: (N, H, W, C_in) input.
-    kernel: (kh, kw, C_in, C_out) kernel, the same array a dense conv uses.
-    threshold: (C_out,) thresholds delta.
-    groups: G, number of input-channel groups.
-    strides, padding: as for `conv`.
-    block: (bh, bw, bc) gate granularity.
-    alpha: surrogate steepness.
-    epsilon: added to the saliency variance.
-    norm, num_groups: how saliency statistics are computed from Y_base when no
-      running statistics are given (see `saliency_moments`).
-    grouping: 'first' or 'diagonal' base path (see `base_and_conditional`).
-    saliency_grad: differentiate through the saliency statistics (mean and
-      variance of Y_base), as an instance norm or BatchNorm does; False
-      treats them as constants.
-    surrogate: 'sigmoid' or 'hard_sigmoid' straight-through derivative.
-    running_mean, running_var: (C_out,) statistics to normalise with instead
-      (evaluation with 'batch' norm); then no sample influences another.
+  Args: see `gated_conv`.
 
   Returns:
-    (y, mask, (mean, var)): the (N, H_out, W_out, C_out) gated output in the
-    dtype of `x` and `kernel`, its float32 0/1 mask, and the float32 saliency
-    statistics used (callers update running averages from them).
+    (mask, (mean, var)): the float32 0/1 mask of `y_base`'s shape and the
+    float32 saliency statistics used.
   """
-  y_base, y_cond = base_and_conditional(x, kernel, groups, grouping, strides,
-                                        padding)
-  # Y_cond is computed densely and masked: XLA cannot skip work per position,
-  # so the saving is accounted analytically (cdg_jax.flops) from the masks.
   if (running_mean is None) != (running_var is None):
     raise ValueError('Give both running_mean and running_var, or neither.')
   if running_mean is None:
@@ -383,7 +408,54 @@ def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
   saliency = normalize_saliency(y_base.astype(jnp.float32), mean, var, epsilon)
   mask = gate_mask(saliency, threshold.astype(jnp.float32), block, alpha,
                    surrogate)
-  return masked_combine(y_base, y_cond, mask), mask, (mean, var)
+  return mask, (mean, var)
+
+
+def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
+               strides: Sequence[int] = (1, 1), padding='SAME',
+               block: Sequence[int] = (1, 1, 1), alpha: float = 2.0,
+               epsilon: float = 1e-5, norm: str = 'batch', num_groups: int = 1,
+               grouping: str = 'first', saliency_grad: bool = False,
+               surrogate: str = 'sigmoid',
+               running_mean: Array | None = None,
+               running_var: Array | None = None
+               ) -> tuple[Array, Array, tuple[Array, Array]]:
+  """The CDG gated convolution Y = Y_base + d * Y_cond.
+
+  Args:
+    x: (N, H, W, C_in) input.
+    kernel: (kh, kw, C_in, C_out) kernel, the same array a dense conv uses.
+    threshold: (C_out,) thresholds delta.
+    groups: G, number of input-channel groups.
+    strides, padding: as for `conv`.
+    block: (bh, bw, bc) gate granularity (see `effective_block`).
+    alpha: surrogate steepness.
+    epsilon: added to the saliency variance.
+    norm, num_groups: how saliency statistics are computed from Y_base when no
+      running statistics are given (see `saliency_moments`).
+    grouping: 'first' or 'diagonal' base path (see `base_and_conditional`).
+    saliency_grad: differentiate through the saliency statistics (mean and
+      variance of Y_base), as an instance norm or BatchNorm does; False
+      treats them as constants.
+    surrogate: 'sigmoid' or 'hard_sigmoid' straight-through derivative.
+    running_mean, running_var: (C_out,) statistics to normalise with instead
+      (evaluation with 'batch' norm); then no sample influences another.
+
+  Returns:
+    (y, mask, (mean, var)): the (N, H_out, W_out, C_out) gated output in the
+    dtype of `x` and `kernel`, its float32 0/1 mask, and the float32 saliency
+    statistics used (callers update running averages from them).
+  """
+  y_base, y_cond = base_and_conditional(x, kernel, groups, grouping, strides,
+                                        padding)
+  # Y_cond is computed densely and masked: XLA cannot skip work per position.
+  # The saliency is accounted analytically (cdg_jax.flops) from the masks;
+  # tile-structured gates can skip it at inference (cdg_jax.sparse).
+  mask, stats = saliency_gate(
+      y_base, threshold, block=block, alpha=alpha, epsilon=epsilon, norm=norm,
+      num_groups=num_groups, saliency_grad=saliency_grad, surrogate=surrogate,
+      running_mean=running_mean, running_var=running_var)
+  return masked_combine(y_base, y_cond, mask), mask, stats
 
 
 def threshold_regularizer(thresholds: Sequence[Array], target: float = 1.0

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from cdg_jax import gating
+from cdg_jax import sparse
 
 # Gating kinds: dense, CDG, and the predictor baselines of DESIGN.md section 2
 # (a feature-boosting-style channel predictor and a dual-gating-style spatial
@@ -69,7 +70,10 @@ class GatingSpec:
       'first' (the first group, for every output channel) or 'diagonal'
       (output-channel group i takes input group i, CGNet's block-diagonal
       grouping; G must then divide C_out too). Same FLOPs.
-    block: (bh, bw, bc) decision granularity; (1, 1, 1) is unstructured.
+    block: (bh, bw, bc) decision granularity; (1, 1, 1) is unstructured;
+      bc = 0 covers all output channels: a tile of bh x bw positions, which
+      `cdg_jax.sparse` can skip at inference. A block larger than a feature
+      map is clamped to the map (see `gating.effective_block`).
     alpha: steepness of the surrogate of the straight-through gate.
     surrogate: derivative used by the straight-through gate: 'sigmoid'
       (alpha s (1 - s), CGNet) or 'hard_sigmoid' (of clip(alpha z / 4 + 1/2,
@@ -154,9 +158,11 @@ class GatingSpec:
       raise ValueError(f'gating.gumbel_temperature must be positive, got '
                        f'{self.gumbel_temperature}.')
     if self.kind != 'none':
-      if len(self.block) != 3 or any(int(b) < 1 for b in self.block):
-        raise ValueError(f'gating.block must be three positive ints '
-                         f'(bh, bw, bc), got {self.block}.')
+      if (len(self.block) != 3 or any(int(b) < 1 for b in self.block[:2])
+          or int(self.block[2]) < 0):
+        raise ValueError(f'gating.block must be three ints (bh, bw, bc) with '
+                         f'bh, bw >= 1 and bc >= 0 (0: all channels), got '
+                         f'{self.block}.')
       if self.alpha <= 0:
         raise ValueError(f'gating.alpha must be positive, got {self.alpha}.')
       if not 0.0 <= self.saliency_momentum < 1.0:
@@ -219,6 +225,9 @@ class GatedConv(nn.Module):
   # Compute dtype of the convolutions; parameters are float32 and are cast
   # per call. The gate decision is float32 whatever this is (gated_conv).
   dtype: Any = jnp.float32
+  # Inference (train=False) only: skip the conditional path of closed tiles
+  # (cdg_jax.sparse); needs CDG with tile-structured gates, block (bh, bw, 0).
+  sparse_inference: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -266,6 +275,15 @@ class GatedConv(nn.Module):
                                    (self.features,))
       running_var = self.variable('batch_stats', 'saliency_var', jnp.ones,
                                   (self.features,))
+    if self.sparse_inference and not train and not self.is_initializing():
+      y, mask, _ = sparse.sparse_gated_conv(
+          x, kernel, threshold, groups=spec.groups, grouping=spec.grouping,
+          strides=self.strides, block=spec.block, epsilon=spec.epsilon,
+          norm=spec.saliency_norm,
+          running_mean=running_mean.value if use_running else None,
+          running_var=running_var.value if use_running else None)
+      self._sow(mask)
+      return y
     y, mask, (mean, var) = gating.gated_conv(
         x, kernel, threshold, groups=spec.groups, strides=self.strides,
         block=spec.block, alpha=spec.alpha, epsilon=spec.epsilon,

@@ -249,6 +249,7 @@ def run_linear_eval(config: ml_collections.ConfigDict,
   mesh = parallel.make_mesh()
   source = input_pipeline.create_source(config.data)
   eval_config = config.get('eval') or {}
+  backbone = evaluation.inference_backbone(backbone, eval_config)
   batch_size = evaluation.eval_batch_size(
       eval_config.get('batch_size', evaluation.DEFAULT_EVAL_BATCH_SIZE), mesh)
   train = evaluation.extract_features(backbone, variables, source, 'train',
@@ -283,6 +284,7 @@ def run_linear_eval(config: ml_collections.ConfigDict,
       'num_classes': int(source.num_classes),
       'feature_dim': int(train['features'].shape[1]),
       'protocol': PROTOCOL,
+      'sparse_inference': bool(eval_config.get('sparse_inference', False)),
       'linear_eval': settings,
       'model': _as_json(config.model),
       'gating': _as_json(config.gating),

@@ -41,6 +41,7 @@ class BasicBlock(nn.Module):
   strides: int = 1
   gating: GatingSpec = GatingSpec(kind='none')
   dtype: Any = jnp.float32
+  sparse_inference: bool = False
   expansion = 1
 
   @nn.compact
@@ -49,7 +50,8 @@ class BasicBlock(nn.Module):
     gate = lambda role: spec if spec.gates(role) else None
     norm = functools.partial(BatchNorm, use_running_average=not train,
                              dtype=self.dtype)
-    conv = functools.partial(GatedConv, dtype=self.dtype)
+    conv = functools.partial(GatedConv, dtype=self.dtype,
+                             sparse_inference=self.sparse_inference)
     s = (self.strides, self.strides)
     # Each convolution applies the BatchNorm after it (the channel-predictor
     # baseline scales its channels after the normalisation).
@@ -73,6 +75,7 @@ class Bottleneck(nn.Module):
   strides: int = 1
   gating: GatingSpec = GatingSpec(kind='none')
   dtype: Any = jnp.float32
+  sparse_inference: bool = False
   expansion = 4
 
   @nn.compact
@@ -81,7 +84,8 @@ class Bottleneck(nn.Module):
     gate = lambda role: spec if spec.gates(role) else None
     norm = functools.partial(BatchNorm, use_running_average=not train,
                              dtype=self.dtype)
-    conv = functools.partial(GatedConv, dtype=self.dtype)
+    conv = functools.partial(GatedConv, dtype=self.dtype,
+                             sparse_inference=self.sparse_inference)
     s = (self.strides, self.strides)
     out_features = self.features * self.expansion
     y = conv(self.features, (1, 1), (1, 1), gate('block_1x1'),
@@ -115,6 +119,10 @@ class ResNet(nn.Module):
     dtype: compute dtype of convolutions (jnp.bfloat16 for mixed precision);
       parameters, BatchNorm statistics and gate decisions stay float32, and
       the pooled features are returned in float32.
+    sparse_inference: with `train=False`, gated layers skip the conditional
+      work of closed tiles (`cdg_jax.sparse`; CDG with gating.block =
+      (bh, bw, 0)). Same outputs as the masked form; faster where gates are
+      closed.
   """
   stage_sizes: Sequence[int]
   block_cls: Any
@@ -123,6 +131,7 @@ class ResNet(nn.Module):
   gating: GatingSpec = GatingSpec(kind='none')
   num_classes: int | None = None
   dtype: Any = jnp.float32
+  sparse_inference: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -156,6 +165,7 @@ class ResNet(nn.Module):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         x = self.block_cls(self.width * 2**i, strides, spec, self.dtype,
+                           self.sparse_inference,
                            name=f'stage{i + 1}_block{j}')(x, train, stat_groups)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes is None:
@@ -188,7 +198,8 @@ def _architecture(name: str):
 
 def create_resnet(model_config: Mapping[str, Any],
                   gating_config: Mapping[str, Any] | None = None,
-                  num_classes: int | None = None) -> ResNet:
+                  num_classes: int | None = None,
+                  sparse_inference: bool = False) -> ResNet:
   """Builds a ResNet from the config's `model` and `gating` blocks.
 
   Args:
@@ -197,13 +208,34 @@ def create_resnet(model_config: Mapping[str, Any],
       ('float32' default | 'bfloat16').
     gating_config: the `gating` block; None gives the dense network.
     num_classes: adds a linear head when given.
+    sparse_inference: block-sparse execution at inference (see `ResNet`).
+
+  Raises:
+    ValueError: for sparse inference without tile-structured CDG gates.
   """
   stage_sizes, block_cls = _architecture(model_config['name'])
+  spec = GatingSpec.from_config(gating_config)
   width = int(model_config.get('width', 64))
   if width < 1:
     raise ValueError(f'model.width must be positive, got {width}.')
-  return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, width=width,
-                stem=model_config.get('stem', 'cifar'),
-                gating=GatingSpec.from_config(gating_config),
-                num_classes=num_classes,
-                dtype=compute_dtype(model_config.get('dtype', 'float32')))
+  network = ResNet(stage_sizes=stage_sizes, block_cls=block_cls, width=width,
+                   stem=model_config.get('stem', 'cifar'), gating=spec,
+                   num_classes=num_classes,
+                   dtype=compute_dtype(model_config.get('dtype', 'float32')))
+  return with_sparse_inference(network) if sparse_inference else network
+
+
+def with_sparse_inference(backbone: ResNet) -> ResNet:
+  """The same network (same variables) with block-sparse inference.
+
+  Raises:
+    ValueError: unless the network is dense (nothing to skip) or CDG-gated
+      with tile-structured gates, gating.block = (bh, bw, 0).
+  """
+  spec = backbone.gating
+  if spec.enabled and (spec.kind != 'cdg' or int(spec.block[2]) != 0):
+    raise ValueError(
+        f'Sparse inference skips closed tiles of CDG gates, which needs '
+        f"gating.kind='cdg' and gating.block=(bh, bw, 0); this network has "
+        f'gating.kind={spec.kind!r}, gating.block={spec.block}.')
+  return backbone.clone(sparse_inference=True)

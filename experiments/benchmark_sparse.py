@@ -1,0 +1,307 @@
+r"""Inference speed of block-sparse CDG against masked CDG and the dense backbone.
+
+  python experiments/benchmark_sparse.py                       # ~10 min, 2 cores
+  python experiments/benchmark_sparse.py --workdirs=/tmp/cdg_grid/simclr_c10_cdg_tiles4
+
+Backbone inference (train=False, features only) images/s of CIFAR ResNet-18
+(`--width` 64, `--image_size` 32, `--batch_size` 256, synthetic images) for:
+
+  dense           the plain network;
+  masked CDG      tile-gated CDG (gating.block = (t, t, 0)) computed densely
+                  and masked, as in training;
+  sparse CDG      the same network with `sparse_inference=True`
+                  (cdg_jax.sparse: gather the open tiles with their halo, one
+                  dense convolution, scatter-add).
+
+The gates of a randomly initialised network are set to each tile density of
+`--densities` by one threshold shared by all channels, found by bisection on
+the measured MAC-weighted density (BatchNorm and saliency statistics from one
+training-mode pass). For each `--workdirs` entry (a trained run with
+tile-structured gates) the trained backbone itself is timed on its own test
+images, at the density it learned. Every configuration is compiled, warmed up
+and timed (median of `--repeats`) in the same process, so ratios compare like
+with like. Writes `sparse_speed.md`, `sparse_speed.json` and
+`sparse_speedup.png` to `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+flags.DEFINE_integer('width', 64, 'Backbone width.')
+flags.DEFINE_integer('image_size', 32, 'Image size.')
+flags.DEFINE_integer('batch_size', 256, 'Images per forward pass.')
+flags.DEFINE_list('tiles', ['4'], 'Tile sizes t (gating.block = (t, t, 0)).')
+flags.DEFINE_list('densities', ['0.1', '0.2', '0.3', '0.4', '0.5', '0.6',
+                                '0.7', '0.8', '0.9'],
+                  'Target tile densities of the gated layers.')
+flags.DEFINE_integer('repeats', 5, 'Timed forward passes per configuration.')
+flags.DEFINE_list('workdirs', [], 'Trained tile-structured CDG runs to time.')
+flags.DEFINE_string('out', os.path.join(REPO_ROOT, 'experiments', 'results',
+                                        'sparse'), 'Output folder.')
+FLAGS = flags.FLAGS
+
+
+def _time(fn, *args) -> float:
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(*args))   # compile and warm up
+  times = []
+  for _ in range(FLAGS.repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _forward(model, variables):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.jit(lambda images: model.apply(variables, images, train=False))
+
+
+def _density(model, variables, images, costs) -> float:
+  from cdg_jax import flops  # pylint: disable=g-import-not-at-top
+  _, collections = model.apply(variables, images, train=False,
+                               mutable=['gating'])
+  densities = flops.mean_densities(collections['gating'])
+  gated = [c for c in costs if c.gated]
+  return float(sum(c.macs * densities[c.name] for c in gated) /
+               sum(c.macs for c in gated))
+
+
+def _with_thresholds(variables, value):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.full_like(p, value)
+      if path[-1].key == 'threshold' else p, variables['params'])
+  return {**variables, 'params': params}
+
+
+def random_network_rows(tile: int) -> list[dict]:
+  """Dense, masked and sparse images/s at each target density."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cdg_jax import flops, models  # pylint: disable=g-import-not-at-top
+  size, batch = FLAGS.image_size, FLAGS.batch_size
+  model_config = {'name': 'resnet18', 'width': FLAGS.width}
+  gating_config = {'kind': 'cdg', 'block': (tile, tile, 0)}
+  dense = models.create_resnet(model_config, {'kind': 'none'})
+  masked = models.create_resnet(model_config, gating_config)
+  fast = models.with_sparse_inference(masked)
+  rng = np.random.default_rng(0)
+  images = jax.numpy.asarray(
+      rng.normal(0, 1, (batch, size, size, 3)).astype(np.float32))
+  variables = masked.init(jax.random.key(0), images[:2])
+  _, stats = masked.apply(variables, images, train=True,
+                          mutable=['batch_stats'])
+  variables = {'params': variables['params'], **stats}
+  costs = flops.layer_costs(masked, variables, images[:1], train=False)
+  dense_s = _time(_forward(dense, _strip_gates(variables)), images)
+  print(f'tile {tile}: dense {batch / dense_s:.1f} images/s', flush=True)
+  rows = []
+  for target in (float(d) for d in FLAGS.densities):
+    low, high = -5.0, 5.0   # threshold bounds: density falls as it rises
+    for _ in range(14):
+      middle = (low + high) / 2
+      if _density(masked, _with_thresholds(variables, middle), images,
+                  costs) > target:
+        low = middle
+      else:
+        high = middle
+    gated = _with_thresholds(variables, (low + high) / 2)
+    density = _density(masked, gated, images, costs)
+    reduction = flops.flops_reduction(costs, _layer_densities(
+        masked, gated, images))
+    masked_s = _time(_forward(masked, gated), images)
+    sparse_s = _time(_forward(fast, gated), images)
+    rows.append({'tile': tile, 'target_density': target, 'density': density,
+                 'flops_reduction': float(reduction),
+                 'dense_images_per_s': batch / dense_s,
+                 'masked_images_per_s': batch / masked_s,
+                 'sparse_images_per_s': batch / sparse_s,
+                 'sparse_speedup': dense_s / sparse_s,
+                 'masked_speedup': dense_s / masked_s})
+    print(f'  density {density:.3f} ({float(reduction):.2f}x fewer FLOPs): '
+          f'masked {batch / masked_s:.1f}, sparse {batch / sparse_s:.1f} '
+          f'images/s; sparse / dense speed {dense_s / sparse_s:.2f}x',
+          flush=True)
+  return rows
+
+
+def _layer_densities(model, variables, images):
+  from cdg_jax import flops  # pylint: disable=g-import-not-at-top
+  _, collections = model.apply(variables, images, train=False,
+                               mutable=['gating'])
+  return flops.mean_densities(collections['gating'])
+
+
+def _strip_gates(variables):
+  """Dense variables from gated ones: no thresholds, no saliency statistics."""
+  import flax  # pylint: disable=g-import-not-at-top
+  flat = flax.traverse_util.flatten_dict
+  params = {k: v for k, v in flat(variables['params']).items()
+            if k[-1] != 'threshold'}
+  stats = {k: v for k, v in flat(variables['batch_stats']).items()
+           if not k[-1].startswith('saliency')}
+  unflat = flax.traverse_util.unflatten_dict
+  return {'params': unflat(params), 'batch_stats': unflat(stats)}
+
+
+def trained_rows(workdir: str) -> dict:
+  """A trained tile-gated backbone on its own test images: the three speeds."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cdg_jax import (augment, checkpoints, flops, input_pipeline,  # pylint: disable=g-import-not-at-top
+                       models)
+  config, masked, variables = checkpoints.load_backbone(workdir)
+  fast = models.with_sparse_inference(masked)
+  dense = models.create_resnet(config.model, {'kind': 'none'})
+  source = input_pipeline.create_source(config.data)
+  batch = next(iter(source.eval_batches('test', FLAGS.batch_size)))
+  images = augment.preprocess_eval(jax.numpy.asarray(batch['image']),
+                                   config.augment)
+  costs = flops.layer_costs(masked, variables, images[:1], train=False)
+  densities = _layer_densities(masked, variables, images)
+  density = _density(masked, variables, images, costs)
+  dense_s = _time(_forward(dense, _strip_gates(variables)), images)
+  masked_s = _time(_forward(masked, variables), images)
+  sparse_s = _time(_forward(fast, variables), images)
+  n = images.shape[0]
+  row = {'workdir': workdir, 'block': list(config.gating.block),
+         'model': f'{config.model.name} width {config.model.width}',
+         'image_size': config.data.image_size, 'density': density,
+         'flops_reduction': float(flops.flops_reduction(costs, densities)),
+         'dense_images_per_s': n / dense_s, 'masked_images_per_s': n / masked_s,
+         'sparse_images_per_s': n / sparse_s,
+         'sparse_speedup': dense_s / sparse_s,
+         'masked_speedup': dense_s / masked_s}
+  print(f'{workdir}: density {density:.3f}, {row["flops_reduction"]:.2f}x '
+        f'fewer FLOPs; dense {row["dense_images_per_s"]:.0f}, masked '
+        f'{row["masked_images_per_s"]:.0f}, sparse '
+        f'{row["sparse_images_per_s"]:.0f} images/s; sparse / dense speed '
+        f'{row["sparse_speedup"]:.2f}x', flush=True)
+  return row
+
+
+def break_even(rows: list[dict]) -> float | None:
+  """Density where sparse speed equals dense speed (linear interpolation)."""
+  ordered = sorted(rows, key=lambda r: r['density'])
+  for a, b in zip(ordered, ordered[1:]):
+    if (a['sparse_speedup'] - 1) * (b['sparse_speedup'] - 1) <= 0 and (
+        a['sparse_speedup'] != b['sparse_speedup']):
+      t = (1 - a['sparse_speedup']) / (b['sparse_speedup'] - a['sparse_speedup'])
+      return a['density'] + t * (b['density'] - a['density'])
+  return None
+
+
+def write_outputs(report: dict) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  os.makedirs(FLAGS.out, exist_ok=True)
+  with open(os.path.join(FLAGS.out, 'sparse_speed.json'), 'w') as f:
+    json.dump(report, f, indent=2)
+  env = report['environment']
+  lines = [f'# Block-sparse CDG inference speed ({env["machine"]})', '',
+           f'Measured {env["date"]}, JAX {env["jax"]}, {env["devices"]} '
+           f'device(s); command: `{report["command"]}`.', '',
+           f'CIFAR ResNet-18 width {FLAGS.width}, {FLAGS.image_size}x'
+           f'{FLAGS.image_size}, batch {FLAGS.batch_size}, inference; median '
+           f'of {FLAGS.repeats} passes. Speeds relative to the dense network '
+           f'in the same run.', '',
+           '| tile | gated-layer density | FLOPs reduction | dense images/s | '
+           'masked CDG images/s | sparse CDG images/s | sparse / dense | '
+           'masked / dense |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
+  for r in report['random']:
+    lines.append(f'| {r["tile"]}x{r["tile"]} | {r["density"]:.3f} | '
+                 f'{r["flops_reduction"]:.2f}x | {r["dense_images_per_s"]:.1f} '
+                 f'| {r["masked_images_per_s"]:.1f} | '
+                 f'{r["sparse_images_per_s"]:.1f} | {r["sparse_speedup"]:.2f}x '
+                 f'| {r["masked_speedup"]:.2f}x |')
+  for tile, density in report['break_even'].items():
+    lines.append('')
+    lines.append(f'Break-even density (tile {tile}): '
+                 + ('none in the measured range' if density is None else
+                    f'{density:.2f} (sparse faster than dense below it)'))
+  if report['trained']:
+    lines += ['', '## Trained tile-structured backbones (their own test '
+              'images)', '', '| run | model | block | gated-layer density | '
+              'FLOPs reduction | dense images/s | masked images/s | sparse '
+              'images/s | sparse / dense |',
+              '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+    for r in report['trained']:
+      lines.append(f'| {os.path.basename(r["workdir"])} | {r["model"]}, '
+                   f'{r["image_size"]}x{r["image_size"]} | {r["block"]} | '
+                   f'{r["density"]:.3f} | {r["flops_reduction"]:.2f}x | '
+                   f'{r["dense_images_per_s"]:.1f} | '
+                   f'{r["masked_images_per_s"]:.1f} | '
+                   f'{r["sparse_images_per_s"]:.1f} | '
+                   f'{r["sparse_speedup"]:.2f}x |')
+  with open(os.path.join(FLAGS.out, 'sparse_speed.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for tile in sorted({r['tile'] for r in report['random']}):
+    rows = sorted((r for r in report['random'] if r['tile'] == tile),
+                  key=lambda r: r['density'])
+    ax.plot([r['density'] for r in rows], [r['sparse_speedup'] for r in rows],
+            'o-', label=f'sparse CDG, {tile}x{tile} tiles')
+    ax.plot([r['density'] for r in rows], [r['masked_speedup'] for r in rows],
+            's--', label=f'masked CDG, {tile}x{tile} tiles')
+  for r in report['trained']:
+    ax.plot(r['density'], r['sparse_speedup'], '*', ms=12,
+            label=f'trained {os.path.basename(r["workdir"])} (own size)')
+  ax.axhline(1.0, color='gray', lw=0.8)
+  ax.set_xlabel('gated-layer density (fraction of conditional work kept)')
+  ax.set_ylabel('speed relative to dense (x)')
+  ax.set_title(f'Inference, {env["machine"]}', fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(FLAGS.out, 'sparse_speedup.png'), dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import platform  # pylint: disable=g-import-not-at-top
+  from cdg_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.split_host_into_devices()
+  import jax  # pylint: disable=g-import-not-at-top
+  machine = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      machine = next(l.split(':', 1)[1].strip() for l in f
+                     if l.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  if jax.devices()[0].platform != 'cpu':
+    machine = jax.devices()[0].device_kind
+  report = {'environment': {
+      'machine': f'{machine}, {os.cpu_count()} cores',
+      'jax': jax.__version__, 'devices': len(jax.devices()),
+      'date': time.strftime('%Y-%m-%d', time.gmtime())},
+            'command': ' '.join(['python'] + sys.argv), 'random': [],
+            'trained': []}
+  for tile in (int(t) for t in FLAGS.tiles):
+    report['random'] += random_network_rows(tile)
+  report['break_even'] = {
+      str(tile): break_even([r for r in report['random'] if r['tile'] == tile])
+      for tile in (int(t) for t in FLAGS.tiles)}
+  for workdir in FLAGS.workdirs:
+    report['trained'].append(trained_rows(workdir))
+  write_outputs(report)
+  print(f'Wrote {FLAGS.out}/sparse_speed.{{md,json}} and sparse_speedup.png')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,104 @@
+"""Block-sparse execution equals masked execution, per layer and per backbone."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdg_jax import gating
+from cdg_jax import models
+from cdg_jax import sparse
+
+
+def test_tile_rules_padding_and_capacities_by_hand():
+  assert sparse.effective_tile((16, 16), (4, 4)) == (4, 4)
+  assert sparse.effective_tile((2, 2), (4, 4)) == (2, 2)    # clamped
+  with pytest.raises(ValueError, match=r'does not tile.*\(6, 6\)'):
+    sparse.effective_tile((6, 6), (4, 4))
+  assert sparse.same_padding(8, 3, 1) == (1, 1)
+  assert sparse.same_padding(8, 3, 2) == (0, 1)   # XLA SAME, even input
+  assert sparse.same_padding(7, 3, 2) == (1, 1)
+  assert sparse.capacities(64) == [8, 16, 32, 48]
+  assert sparse.capacities(4) == [1, 2, 3]
+  # The gate's block rule: bc = 0 is all channels, blocks clamp to the map.
+  assert gating.effective_block((1, 2, 2, 8), (4, 4, 0)) == (2, 2, 8)
+
+
+def _layer(h, c_in=8, c_out=12, seed=0):
+  kx, kk = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, (3, h, h, c_in))
+  kernel = jax.random.normal(kk, (3, 3, c_in, c_out)) * 0.2
+  return x, kernel
+
+
+@pytest.mark.parametrize('h,tile,stride', [(8, 1, 1), (8, 2, 1), (8, 4, 2),
+                                           (16, 4, 1), (16, 8, 2), (4, 8, 1),
+                                           (7, 1, 2)])
+def test_sparse_conditional_equals_masked_for_every_capacity(h, tile, stride):
+  x, kernel = _layer(h)
+  strides = (stride, stride)
+  y_base = gating.base_conv(x, kernel, 4, 'first', strides)
+  x_cond, k_cond = gating.conditional_operands(x, kernel, 4, 'first')
+  out = y_base.shape[1]
+  bh, _ = sparse.effective_tile((out, out), (tile, tile))
+  run = jax.jit(lambda y, m: sparse.sparse_add_conditional(
+      y, x_cond, k_cond, m, strides))
+  rng = np.random.default_rng(h * 10 + tile)
+  # All off, all on, and densities that land in every capacity branch.
+  for density in (0.0, 0.05, 0.2, 0.4, 0.7, 0.9, 1.0):
+    tile_mask = jnp.asarray(rng.random((3, out // bh, out // bh)) < density)
+    mask = jnp.repeat(jnp.repeat(tile_mask, bh, 1), bh, 2)[..., None]
+    expected = y_base + mask * gating.conv(x_cond, k_cond, strides)
+    np.testing.assert_allclose(run(y_base, tile_mask), expected, rtol=1e-5,
+                               atol=1e-5, err_msg=f'density {density}')
+
+
+def test_sparse_gated_conv_equals_gated_conv_for_both_groupings():
+  x, kernel = _layer(8, c_in=8, c_out=8, seed=3)
+  threshold = jnp.linspace(-0.5, 0.5, 8)
+  stats = dict(running_mean=jnp.full((8,), 0.1),
+               running_var=jnp.full((8,), 2.0))
+  for grouping in ('first', 'diagonal'):
+    for strides in ((1, 1), (2, 2)):
+      masked, mask, _ = gating.gated_conv(
+          x, kernel, threshold, groups=4, grouping=grouping, strides=strides,
+          block=(2, 2, 0), **stats)
+      fast, fast_mask, _ = sparse.sparse_gated_conv(
+          x, kernel, threshold, groups=4, grouping=grouping, strides=strides,
+          block=(2, 2, 0), **stats)
+      np.testing.assert_array_equal(fast_mask, mask)
+      assert 0 < float(mask.mean()) < 1
+      np.testing.assert_allclose(fast, masked, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r'needs gating.block=\(bh, bw, 0\)'):
+    sparse.sparse_gated_conv(x, kernel, threshold, block=(2, 2, 4), **stats)
+
+
+def test_sparse_backbone_equals_masked_backbone_and_compiles_once():
+  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  gating_config = {'kind': 'cdg', 'block': (2, 2, 0)}
+  model_config = {'name': 'resnet10', 'width': 8}
+  masked = models.create_resnet(model_config, gating_config)
+  fast = models.create_resnet(model_config, gating_config,
+                              sparse_inference=True)
+  variables = masked.init(jax.random.key(0), x)
+  # Running statistics from a training pass, so the gates are mixed.
+  _, updates = masked.apply(variables, x, train=True, mutable=['batch_stats'])
+  variables = {'params': variables['params'], **updates}
+  traces = []
+
+  def forward(model, images):
+    traces.append(model.sparse_inference)
+    return model.apply(variables, images, train=False, mutable=['gating'])
+
+  forward_fast = jax.jit(lambda images: forward(fast, images))
+  for scale in (1.0, 3.0):   # other inputs open other tiles
+    expected, densities = forward(masked, scale * x)
+    got, fast_densities = forward_fast(scale * x)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, fast_densities, densities)
+  assert traces.count(True) == 1
+  with pytest.raises(ValueError, match="gating.kind='cdg' and gating.block"):
+    models.create_resnet(model_config, {'kind': 'cdg'}, sparse_inference=True)
+  with pytest.raises(ValueError, match="gating.kind='spatial_predictor'"):
+    models.with_sparse_inference(models.create_resnet(
+        model_config, {'kind': 'spatial_predictor', 'block': (2, 2, 0)}))
