@@ -405,6 +405,7 @@ def write_table(results: list[dict[str, Any]], results_dir: str) -> None:
           f'| {spread("knn_top1", 100, "")} '
           f'| {spread("linear_top1", 100, "")} '
           f'| {spread("flops_reduction", 1, "x")} |')
+  lines += matched_lines(results)
   lines += ['', 'Commands (run from the repository root; each run\'s workdir '
             'under --workdir_root):', '']
   for r in results:
@@ -470,11 +471,136 @@ def write_plot(results: list[dict[str, Any]], results_dir: str) -> None:
   plt.close(fig)
 
 
+# Matched-FLOPs comparison (issue 12): each method's accuracy-vs-FLOPs curve
+# from its seed-0 test rows of the CPU protocol (SimCLR, CIFAR-10, 4 epochs)
+# at several density targets, read off at these reductions by linear
+# interpolation between the two nearest measured points.
+MATCHED_REDUCTIONS = (2.0, 2.5)
+MATCHED_SETTING = {'framework': 'simclr', 'dataset': 'cifar10',
+                   'eval_split': 'test', 'steps': 388, 'seed': 0,
+                   'image_size': 16, 'model': 'resnet18 width 16'}
+FIRST_READING = {'grouping': 'first', 'saliency_norm': 'batch',
+                 'saliency_grad': False, 'surrogate': 'sigmoid',
+                 'target_anneal_fraction': 0.0, 'block': [1, 1, 1],
+                 'regularizer': 'density', 'weight': 1.0,
+                 'saliency_stats': 'per_branch', 'branches': 'both'}
+
+
+def _cdg_default() -> dict[str, Any]:
+  """The library's CDG defaults, in the fields a result records."""
+  sys.path.insert(0, REPO_ROOT)
+  from cdg_jax import config_lib  # pylint: disable=g-import-not-at-top
+  defaults = config_lib.gating_config().to_dict()
+  return {k: (list(defaults[k]) if k == 'block' else defaults[k])
+          for k in FIRST_READING}
+
+
+def curves(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+  """Accuracy-vs-FLOPs curves: {label: rows sorted by FLOPs reduction}."""
+  results = [with_defaults(r) for r in results]
+  # The rerun of a row (group 'repro') is not another point of the curve.
+  base = [r for r in results if r['group'] != 'repro' and
+          all(r.get(k) == v for k, v in MATCHED_SETTING.items())]
+  default = _cdg_default()
+  families = {'CDG (default)': lambda r: r['gating'] == 'cdg' and all(
+      r[k] == v for k, v in default.items())}
+  if default != FIRST_READING:
+    families['CDG (first reading)'] = lambda r: r['gating'] == 'cdg' and all(
+        r[k] == v for k, v in FIRST_READING.items())
+  families['channel predictor'] = lambda r: r['gating'] == 'channel_predictor'
+  families['spatial predictor'] = lambda r: r['gating'] == 'spatial_predictor'
+  return {label: sorted([r for r in base if keep(r)],
+                        key=lambda r: r['flops_reduction'])
+          for label, keep in families.items()}
+
+
+def interpolate(rows: list[dict[str, Any]], reduction: float,
+                measure: str) -> float | None:
+  """`measure` at `reduction` on the piecewise-linear curve; None outside."""
+  points = [(r['flops_reduction'], r[measure]) for r in rows]
+  for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    if x0 <= reduction <= x1 and x1 > x0:
+      return y0 + (reduction - x0) / (x1 - x0) * (y1 - y0)
+  exact = [y for x, y in points if abs(x - reduction) < 1e-9]
+  return exact[0] if exact else None
+
+
+def matched_lines(results: list[dict[str, Any]]) -> list[str]:
+  """The matched-FLOPs section of results.md."""
+  curve = curves(results)
+  dense = [r for r in map(with_defaults, results) if r['gating'] == 'none'
+           and all(r.get(k) == v for k, v in MATCHED_SETTING.items()
+                   if k != 'seed')]
+  if not any(len(rows) >= 2 for rows in curve.values()):
+    return []
+  lines = ['', 'Matched FLOPs (test split; SimCLR, CIFAR-10, 388 steps, seed '
+           '0): each method\'s kNN / linear top-1 read off its curve at the '
+           'given backbone FLOPs reduction, **interpolated** linearly between '
+           'the two nearest measured density targets ("n/a": outside the '
+           'measured range). Points: ' + '; '.join(
+               f'{label}: ' + ', '.join(
+                   f'{r["flops_reduction"]:.2f}x {100 * r["knn_top1"]:.2f}'
+                   for r in rows) for label, rows in curve.items()) + '.', '']
+  if dense:
+    lines += [f'Dense (mean of seeds {sorted(r["seed"] for r in dense)}): kNN '
+              f'{100 * sum(r["knn_top1"] for r in dense) / len(dense):.2f}, '
+              f'linear {100 * sum(r["linear_top1"] for r in dense) / len(dense):.2f}.',
+              '']
+  header = ' | '.join(f'kNN at {x}x | linear at {x}x'
+                      for x in MATCHED_REDUCTIONS)
+  lines += [f'| method | {header} |',
+            '| --- |' + ' --- | --- |' * len(MATCHED_REDUCTIONS)]
+  for label, rows in curve.items():
+    cells = []
+    for x in MATCHED_REDUCTIONS:
+      for measure in ('knn_top1', 'linear_top1'):
+        value = interpolate(rows, x, measure)
+        cells.append('n/a' if value is None else f'{100 * value:.2f}')
+    lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  return lines
+
+
+def write_matched_plot(results: list[dict[str, Any]], results_dir: str) -> None:
+  """matched_flops.png: the methods' kNN curves against FLOPs, dense line."""
+  curve = curves(results)
+  if not any(len(rows) >= 2 for rows in curve.values()):
+    return
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  dense = [r for r in map(with_defaults, results) if r['gating'] == 'none'
+           and all(r.get(k) == v for k, v in MATCHED_SETTING.items()
+                   if k != 'seed')]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, measure in zip(axes, ('knn_top1', 'linear_top1')):
+    for label, rows in curve.items():
+      if rows:
+        ax.plot([r['flops_reduction'] for r in rows],
+                [100 * r[measure] for r in rows], 'o-', label=label)
+    if dense:
+      mean = 100 * sum(r[measure] for r in dense) / len(dense)
+      ax.axhline(mean, color='black', lw=1, label='dense (mean of seeds)')
+      ax.axhline(mean - 2, color='gray', ls='--', lw=0.8,
+                 label='dense - 2 points')
+    for x in MATCHED_REDUCTIONS:
+      ax.axvline(x, color='gray', ls=':', lw=0.8)
+    ax.set_xlabel('backbone FLOPs reduction (x, test split)')
+    ax.set_ylabel(f'{"kNN" if measure == "knn_top1" else "linear"} top-1 (%)')
+    ax.set_title('SimCLR, CIFAR-10, CPU protocol (388 steps), seed 0; '
+                 'dotted: 2.0x and 2.5x', fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(results_dir, 'matched_flops.png'), dpi=110)
+  plt.close(fig)
+
+
 def write_report(results_dir: str) -> list[dict[str, Any]]:
   results = load_results(results_dir)
   if results:
     write_table(results, results_dir)
     write_plot(results, results_dir)
+    write_matched_plot(results, results_dir)
   return results
 
 

@@ -63,6 +63,8 @@ def test_smoke_run_writes_results_resumes_and_feeds_linear_eval(tmp_path):
            'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
   assert result.returncode == 0, result.stderr[-2000:]
   assert f'reduction {summary["flops_reduction"]:.3f}x' in result.stdout
+  # The exported backbone has no heads: said so, rather than "0 MMACs".
+  assert 'heads: not traced' in result.stdout
 
   # Linear evaluation of the exported backbone.
   results = linear_eval.run_linear_eval(config, workdir)
