@@ -13,7 +13,7 @@ computed for the open tiles only, as SBNet did for detection:
   4. scatter-add the results into the base path's output.
 
 Shapes are static under `jit`: the list of open tiles is padded to one of a
-few capacities (by default 1/8, 1/4, 1/2 and 3/4 of all tiles); a
+few capacities (by default every eighth of all tiles, up to 7/8); a
 `lax.switch` inside the compiled function picks the smallest capacity that
 holds this batch's open tiles, and falls back to the masked dense form when
 more than the largest capacity are open. Every branch gives the masked
@@ -33,7 +33,9 @@ from cdg_jax import gating
 
 Array = jax.Array
 
-DEFAULT_CAPACITIES = (0.125, 0.25, 0.5, 0.75)
+# Static capacities in eighths of all tiles: at most 1/8 of the tiles is
+# computed in vain, for 7 compiled branches per layer.
+DEFAULT_CAPACITIES = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 
 
 def effective_tile(out_hw: Sequence[int], tile: Sequence[int]
@@ -112,20 +114,25 @@ def gather_windows(x: Array, tile_ids: Array, grid: tuple[int, int],
   return jax.vmap(window)(sample, row, col)
 
 
-def to_tiles(y: Array, tile_hw: tuple[int, int]) -> Array:
-  """(N, H, W, C) -> (N * gh * gw, bh, bw, C), tiles in flat-id order."""
+def add_tiles(y: Array, tiles: Array, tile_ids: Array,
+              grid: tuple[int, int]) -> Array:
+  """`y` with `tiles[k]` added at output tile `tile_ids[k]`.
+
+  Args:
+    y: (N, H, W, C) output; H = gh * bh, W = gw * bw.
+    tiles: (K, bh, bw, C) values to add.
+    tile_ids: (K,) flat tile ids n * gh * gw + i * gw + j (repeats add up).
+    grid: (gh, gw).
+  """
   n, h, w, c = y.shape
-  bh, bw = tile_hw
-  tiles = y.reshape(n, h // bh, bh, w // bw, bw, c).transpose(0, 1, 3, 2, 4, 5)
-  return tiles.reshape(-1, bh, bw, c)
-
-
-def from_tiles(tiles: Array, shape: Sequence[int]) -> Array:
-  """Inverse of `to_tiles` for an output of `shape` (N, H, W, C)."""
-  n, h, w, c = shape
-  bh, bw = tiles.shape[1:3]
-  y = tiles.reshape(n, h // bh, w // bw, bh, bw, c).transpose(0, 1, 3, 2, 4, 5)
-  return y.reshape(n, h, w, c)
+  gh, gw = grid
+  bh, bw = h // gh, w // gw
+  sample, rest = jnp.divmod(tile_ids, gh * gw)
+  row, col = jnp.divmod(rest, gw)
+  # A reshape (no transpose, no copy) exposes the tiles; the advanced indices
+  # select (sample, tile row, tile column) and the slices take the tile.
+  blocks = y.reshape(n, gh, bh, gw, bw, c)
+  return blocks.at[sample, row, :, col, :, :].add(tiles).reshape(y.shape)
 
 
 def sparse_add_conditional(y_base: Array, x_cond: Array, kernel_cond: Array,
@@ -168,9 +175,8 @@ def sparse_add_conditional(y_base: Array, x_cond: Array, kernel_cond: Array,
       cond = gating.conv(windows, kernel_cond, strides, 'VALID')
       # Slots past the open tiles hold tile 0 again: add nothing there.
       used = (jnp.arange(capacity) < num_open).astype(cond.dtype)
-      tiles = to_tiles(y, tile_hw).at[tile_ids].add(
-          cond * used[:, None, None, None])
-      return from_tiles(tiles, y.shape)
+      return add_tiles(y, cond * used[:, None, None, None], tile_ids,
+                       (gh, gw))
     return run
 
   def dense_branch(operands):

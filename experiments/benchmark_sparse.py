@@ -64,18 +64,25 @@ def _time(fn, *args) -> float:
 
 
 def _forward(model, variables):
+  """A jitted forward; the variables are arguments, not baked-in constants."""
   import jax  # pylint: disable=g-import-not-at-top
-  return jax.jit(lambda images: model.apply(variables, images, train=False))
+  forward = jax.jit(lambda v, images: model.apply(v, images, train=False))
+  return lambda images: forward(variables, images)
 
 
-def _density(model, variables, images, costs) -> float:
+def _density_array(model, variables, images, costs):
+  """MAC-weighted mean gate density of the gated layers (a traced scalar)."""
   from cdg_jax import flops  # pylint: disable=g-import-not-at-top
   _, collections = model.apply(variables, images, train=False,
                                mutable=['gating'])
   densities = flops.mean_densities(collections['gating'])
   gated = [c for c in costs if c.gated]
-  return float(sum(c.macs * densities[c.name] for c in gated) /
-               sum(c.macs for c in gated))
+  return (sum(c.macs * densities[c.name] for c in gated) /
+          sum(c.macs for c in gated))
+
+
+def _density(model, variables, images, costs) -> float:
+  return float(_density_array(model, variables, images, costs))
 
 
 def _with_thresholds(variables, value):
@@ -108,13 +115,15 @@ def random_network_rows(tile: int) -> list[dict]:
   costs = flops.layer_costs(masked, variables, images[:1], train=False)
   dense_s = _time(_forward(dense, _strip_gates(variables)), images)
   print(f'tile {tile}: dense {batch / dense_s:.1f} images/s', flush=True)
+  # One compiled density measurement; the shared threshold is an argument.
+  density_at = jax.jit(lambda threshold: _density_array(
+      masked, _with_thresholds(variables, threshold), images, costs))
   rows = []
   for target in (float(d) for d in FLAGS.densities):
     low, high = -5.0, 5.0   # threshold bounds: density falls as it rises
-    for _ in range(14):
+    for _ in range(16):
       middle = (low + high) / 2
-      if _density(masked, _with_thresholds(variables, middle), images,
-                  costs) > target:
+      if float(density_at(middle)) > target:
         low = middle
       else:
         high = middle

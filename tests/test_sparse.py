@@ -18,8 +18,9 @@ def test_tile_rules_padding_and_capacities_by_hand():
   assert sparse.same_padding(8, 3, 1) == (1, 1)
   assert sparse.same_padding(8, 3, 2) == (0, 1)   # XLA SAME, even input
   assert sparse.same_padding(7, 3, 2) == (1, 1)
-  assert sparse.capacities(64) == [8, 16, 32, 48]
+  assert sparse.capacities(64) == [8, 16, 24, 32, 40, 48, 56]
   assert sparse.capacities(4) == [1, 2, 3]
+  assert sparse.capacities(100, (0.3, 0.31)) == [30, 31]
   # The gate's block rule: bc = 0 is all channels, blocks clamp to the map.
   assert gating.effective_block((1, 2, 2, 8), (4, 4, 0)) == (2, 2, 8)
 
