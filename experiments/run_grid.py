@@ -29,6 +29,12 @@ test set from the traced masks (summary.json of the run). Grids (see GRIDS):
   seeds      the core runs except structured CDG, at seeds 1 and 2 (spread
              between seeds; results.md averages the seeds of each setting).
   longer     the core dense and CDG runs at 12 epochs instead of 4.
+  selection  model selection on a validation split (5,000 training images
+             held out): CDG's lineage options one by one and together, and a
+             density target annealed from 1 (ours); dense for reference.
+  matched    more density targets of CDG and both predictors, for the
+             accuracy-vs-FLOPs curves compared at 2.0x and 2.5x.
+  tiles      tile-structured CDG, (2, 2, 0) and (4, 4, 0) blocks.
   smoke      two tiny runs on synthetic data (tests use it).
 """
 
@@ -181,6 +187,25 @@ GRIDS: dict[str, list[Run]] = {
                    _DIAGONAL + _INSTANCE_NORM + _HARD_SIGMOID),
         _selection('cdg_anneal', 'CDG target annealed (ours)',
                    (('gating.target_anneal_fraction', 0.5),)),
+    ],
+    # More operating points of each method (the core rows are the 0.25 / 0.5
+    # points, the ablations CDG's 0.35 and 0.15): accuracy against FLOPs
+    # curves, compared at equal FLOPs (results.md, matched_flops.png).
+    'matched': [
+        Run('simclr_c10_cdg_target0.10', 'matched', 'CDG density 0.10',
+            _SIMCLR, (('gating.density_target', 0.1),)),
+        *[Run(f'simclr_c10_{kind}_d{density}', 'matched',
+              f'{kind.replace("_", " ")} density {density}',
+              f'{_SIMCLR},{kind}', (('gating.density_target', density),))
+          for kind in ('channel_predictor', 'spatial_predictor')
+          for density in (0.6, 0.4, 0.35)],
+    ],
+    # Tile-structured CDG (one decision per tile of positions, all channels:
+    # what block-sparse inference skips), two tile sizes.
+    'tiles': [
+        Run(f'simclr_c10_cdg_tiles{t}', 'tiles', f'CDG tiles {t}x{t}x0',
+            _SIMCLR, (('gating.block', f'({t},{t},0)'),))
+        for t in (2, 4)
     ],
     'smoke': [
         Run('smoke_dense', 'smoke', 'dense', 'configs/simclr_cifar10.py:'

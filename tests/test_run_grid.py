@@ -62,11 +62,14 @@ def test_every_grid_row_is_a_valid_command(run, monkeypatch):
   assert config.num_epochs == (12.0 if run.group == 'longer' else 4.0)
   assert config.seed == dict(run.overrides).get('seed', 0)
   assert (config.seed != 0) == (run.group == 'seeds')
+  # Model selection is scored on held-out training images, never the test set.
+  assert (config.data.validation_size == 5000) == (run.group == 'selection')
+  overrides = dict(run.overrides)
   if run.method.startswith('dense'):
     assert spec.kind == 'none'
   elif 'predictor' in run.method:
-    assert spec.kind == run.method.replace(' ', '_')
-    assert spec.density_target == 0.5
+    assert spec.kind == run.method.split(' density')[0].replace(' ', '_')
+    assert spec.density_target == overrides.get('gating.density_target', 0.5)
   else:
     assert spec.kind == 'cdg'
 
