@@ -424,3 +424,20 @@ def test_run_linear_eval_without_backbone(tmp_path):
   checkpoints.write_config(config, str(tmp_path))
   with pytest.raises(FileNotFoundError, match='No exported backbone'):
     linear_eval.run_linear_eval(config, str(tmp_path))
+
+
+def test_knn_eval_with_sparse_inference_gives_the_same_results(tiny):
+  config, _, _, source, mesh = tiny
+  config = config.copy_and_resolve_references()
+  config.gating.block = (2, 2, 0)   # tiles across all channels
+  backbone = models.create_resnet(config.model, config.gating)
+  variables = _perturb_stats(_init(backbone))
+  masked = evaluation.knn_eval(backbone, variables, source, config, mesh)
+  config.eval.sparse_inference = True
+  fast = evaluation.knn_eval(backbone, variables, source, config, mesh)
+  assert 0 < masked['gate_density'] < 1
+  assert fast['knn_top1'] == masked['knn_top1']
+  np.testing.assert_allclose(fast['flops_reduction'],
+                             masked['flops_reduction'], rtol=1e-6)
+  for name, density in masked['layer_density'].items():
+    np.testing.assert_allclose(fast['layer_density'][name], density, rtol=1e-6)
