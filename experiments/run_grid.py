@@ -469,7 +469,7 @@ def write_plot(results: list[dict[str, Any]], results_dir: str) -> None:
       for r in subset:
         color = colors[methods.index(r['method']) % len(colors)]
         # Main grid rows filled; ablations, reruns and other seeds hollow.
-        hollow = r['group'] in ('ablations', 'repro', 'seeds')
+        hollow = r.get('group') in ('ablations', 'repro', 'seeds')
         ax.scatter(r['flops_reduction'], 100 * r[key], s=90 if hollow else 55,
                    marker=markers.get(r['method'], 'o'), label=r['method'],
                    facecolors='none' if hollow else color, edgecolors=color,
@@ -524,7 +524,7 @@ def curves(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
   """Accuracy-vs-FLOPs curves: {label: rows sorted by FLOPs reduction}."""
   results = [with_defaults(r) for r in results]
   # The rerun of a row (group 'repro') is not another point of the curve.
-  base = [r for r in results if r['group'] != 'repro' and
+  base = [r for r in results if r.get('group') != 'repro' and
           all(r.get(k) == v for k, v in MATCHED_SETTING.items())]
   default = _cdg_default()
   families = {'CDG (default)': lambda r: r['gating'] == 'cdg' and all(
