@@ -34,6 +34,8 @@ test set from the traced masks (summary.json of the run). Grids (see GRIDS):
              density target annealed from 1 (ours); dense for reference.
   matched    more density targets of CDG and both predictors, for the
              accuracy-vs-FLOPs curves compared at 2.0x and 2.5x.
+  matched_seeds  seeds 1 and 2 of the channel predictor at density 0.4, its
+             operating point nearest 2.2x.
   tiles      tile-structured CDG, (2, 2, 0) and (4, 4, 0) blocks.
   smoke      two tiny runs on synthetic data (tests use it).
 """
@@ -199,6 +201,14 @@ GRIDS: dict[str, list[Run]] = {
               f'{_SIMCLR},{kind}', (('gating.density_target', density),))
           for kind in ('channel_predictor', 'spatial_predictor')
           for density in (0.6, 0.4, 0.35)],
+    ],
+    # Seeds 1 and 2 of the channel predictor at density 0.4 (2.27x): its
+    # operating point nearest CDG's 2.2x (its core 0.5 point lands at 1.92x).
+    'matched_seeds': [
+        Run(f'simclr_c10_channel_predictor_d0.4_seed{seed}', 'seeds',
+            'channel predictor density 0.4', f'{_SIMCLR},channel_predictor',
+            (('gating.density_target', 0.4), ('seed', seed)))
+        for seed in (1, 2)
     ],
     # Tile-structured CDG (one decision per tile of positions, all channels:
     # what block-sparse inference skips), two tile sizes.

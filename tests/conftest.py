@@ -6,8 +6,18 @@ arrays live on device 0.
 """
 
 import os
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=2').strip()
+# XLA compilation dominates test time on CPU, and many tests compile the same
+# computations again (an uninterrupted run beside its resumed twin, a
+# subprocess beside the in-process check): a persistent compilation cache,
+# shared with subprocesses through the environment and fresh for each test
+# session, compiles each of them once.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      tempfile.mkdtemp(prefix='cdg_jax_tests_xla_cache_'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
