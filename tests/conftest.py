@@ -5,7 +5,9 @@ any test module imports JAX. Single-device code is unaffected: uncommitted
 arrays live on device 0.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -15,8 +17,11 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 # subprocess beside the in-process check): a persistent compilation cache,
 # shared with subprocesses through the environment and fresh for each test
 # session, compiles each of them once.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      tempfile.mkdtemp(prefix='cdg_jax_tests_xla_cache_'))
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix='cdg_jax_tests_xla_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache_dir
+  # Removed by the process that made it (xdist workers inherit the variable).
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
