@@ -216,9 +216,8 @@ GRIDS: dict[str, list[Run]] = {
     # Tile-structured CDG (one decision per tile of positions, all channels:
     # what block-sparse inference skips).
     'tiles': [
-        Run(f'simclr_c10_cdg_tiles{t}', 'tiles', f'CDG tiles {t}x{t}x0',
-            _SIMCLR, (('gating.block', f'({t},{t},0)'),))
-        for t in (4,)
+        Run('simclr_c10_cdg_tiles4', 'tiles', 'CDG tiles 4x4x0', _SIMCLR,
+            (('gating.block', '(4,4,0)'),)),
     ],
     'smoke': [
         Run('smoke_dense', 'smoke', 'dense', 'configs/simclr_cifar10.py:'
@@ -482,7 +481,7 @@ def write_plot(results: list[dict[str, Any]], results_dir: str) -> None:
       for r in subset:
         color = colors[methods.index(r['method']) % len(colors)]
         # Main grid rows filled; ablations, reruns and other seeds hollow.
-        hollow = r.get('group') in ('ablations', 'repro', 'seeds')
+        hollow = r['group'] in ('ablations', 'repro', 'seeds')
         ax.scatter(r['flops_reduction'], 100 * r[key], s=90 if hollow else 55,
                    marker=markers.get(r['method'], 'o'), label=r['method'],
                    facecolors='none' if hollow else color, edgecolors=color,
@@ -537,7 +536,7 @@ def curves(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
   """Accuracy-vs-FLOPs curves: {label: rows sorted by FLOPs reduction}."""
   results = [with_defaults(r) for r in results]
   # The rerun of a row (group 'repro') is not another point of the curve.
-  base = [r for r in results if r.get('group') != 'repro' and
+  base = [r for r in results if r['group'] != 'repro' and
           all(r.get(k) == v for k, v in MATCHED_SETTING.items())]
   default = _cdg_default()
   families = {'CDG (default)': lambda r: r['gating'] == 'cdg' and all(

@@ -97,7 +97,8 @@ def test_select_runs_rejects_unknown_names():
 
 
 def _result(name, seed, knn, gating='cdg', **fields):
-  result = {'name': name, 'method': name.split('_')[0], 'seed': seed,
+  result = {'name': name, 'group': 'core', 'method': name.split('_')[0],
+            'seed': seed,
             'knn_top1': knn, 'linear_top1': knn + 0.02,
             'flops_reduction': 1.0 if gating == 'none' else 2.0 + seed / 10,
             'framework': 'simclr', 'dataset': 'cifar10', 'model': 'resnet18',
@@ -114,7 +115,7 @@ def _result(name, seed, knn, gating='cdg', **fields):
 
 def test_seed_summary_groups_settings_across_seeds(tmp_path):
   results = [
-      _result('cdg', 0, 0.40), _result('cdg_repro', 0, 0.30),
+      _result('cdg', 0, 0.40), _result('cdg_repro', 0, 0.30, group='repro'),
       _result('cdg_seed1', 1, 0.37), _result('cdg_seed2', 2, 0.34),
       # A dense run ignores the gating fields: these three are one setting.
       _result('dense', 0, 0.42, gating='none', regularizer='threshold',
@@ -142,6 +143,48 @@ def test_seed_summary_groups_settings_across_seeds(tmp_path):
   assert ('| cdg | simclr | cifar10 | test | 388 | 0, 1, 2 | 37.00 (34.00-40.00) '
           '| 39.00 (36.00-42.00) | 2.10x (2.00-2.20) |') in table
 
+
+
+def test_matched_flops_reads_each_curve_at_equal_reduction():
+  setting = {'model': 'resnet18 width 16'}   # run_grid.MATCHED_SETTING's model
+
+  def point(name, reduction, knn, linear, seed=0, **fields):
+    result = _result(name, seed, knn, flops_reduction=reduction, **setting,
+                     **fields)
+    return {**result, 'linear_top1': linear}
+
+  results = [
+      point('cdg_a', 1.8, 0.40, 0.42), point('cdg_b', 2.2, 0.36, 0.40),
+      point('cdg_c', 2.6, 0.34, 0.40),
+      # Neither a same-seed rerun nor another seed is a point of the curve.
+      point('cdg_repro', 2.0, 0.10, 0.10, group='repro'),
+      point('cdg_seed1', 2.0, 0.10, 0.10, seed=1),
+      # Another CDG setting (not the default) is another curve, not shown.
+      point('cdg_diag', 2.0, 0.10, 0.10, grouping='diagonal'),
+      point('channel_a', 1.5, 0.42, 0.44, gating='channel_predictor'),
+      point('channel_b', 2.2, 0.41, 0.43, gating='channel_predictor'),
+      point('spatial', 2.0, 0.30, 0.33, gating='spatial_predictor'),
+      point('dense', 1.0, 0.44, 0.46, gating='none'),
+      point('dense_seed1', 1.0, 0.46, 0.48, gating='none', seed=1),
+  ]
+  curves = run_grid.curves(results)
+  assert {label: [r['name'] for r in rows] for label, rows in curves.items()
+          } == {'CDG (default)': ['cdg_a', 'cdg_b', 'cdg_c'],
+                'channel predictor': ['channel_a', 'channel_b'],
+                'spatial predictor': ['spatial']}
+  cdg = curves['CDG (default)']
+  # Linear between the two nearest points; exact at a measured point only.
+  assert run_grid.interpolate(cdg, 2.0, 'knn_top1') == pytest.approx(0.38)
+  assert run_grid.interpolate(cdg, 2.5, 'knn_top1') == pytest.approx(0.345)
+  assert run_grid.interpolate(cdg, 2.2, 'linear_top1') == pytest.approx(0.40)
+  assert run_grid.interpolate(cdg, 1.7, 'knn_top1') is None
+  assert run_grid.interpolate(cdg, 2.7, 'knn_top1') is None
+  lines = run_grid.matched_lines(results)
+  assert 'Dense (mean of seeds [0, 1]): kNN 45.00, linear 47.00.' in lines
+  assert '| CDG (default) | 38.00 | 41.00 | 34.50 | 40.00 |' in lines
+  # 0.42 + (2.0 - 1.5) / (2.2 - 1.5) * (0.41 - 0.42); 2.5x is past the curve.
+  assert '| channel predictor | 41.29 | 43.29 | n/a | n/a |' in lines
+  assert '| spatial predictor | 30.00 | 33.00 | n/a | n/a |' in lines
 
 def test_smoke_grid_runs_saves_each_result_and_skips_finished_runs(
     tmp_path, monkeypatch):
