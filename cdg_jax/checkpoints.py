@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from cdg_jax import config_lib
 from cdg_jax import models
 
 CONFIG_FILE = 'config.json'
@@ -32,6 +33,7 @@ BACKBONE_DIR = 'backbone'
 # Fields whose change makes an existing checkpoint unusable for this run.
 STRUCTURAL_FIELDS = ('framework', 'model', 'gating.kind', 'gating.groups',
                      'gating.layers', 'gating.saliency_norm', 'gating.branches',
+                     'gating.partner_norm',
                      'ssl.projector_hidden_dims', 'ssl.projector_dim',
                      'ssl.projector_last_bn', 'ssl.predictor_hidden_dims',
                      'ssl.predictor_dim', 'ssl.queue_size', 'optim.name',
@@ -59,20 +61,24 @@ def check_compatible(config, workdir: str) -> None:
 
   Only fields that change the shapes or meaning of the saved state count
   (`STRUCTURAL_FIELDS`); schedules, logging and evaluation may change between
-  a run and its continuation.
+  a run and its continuation. A workdir without a checkpoint (a run that
+  stopped before its first save) has nothing to be incompatible with. A
+  field that the saved config lacks (one added to the library after that
+  run) is taken at its default, the value the run had.
   """
   path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not os.path.exists(path) or not has_checkpoint(workdir):
     return
   with open(path) as f:
     saved = _flatten(json.load(f))
   current = _flatten(_config_dict(config))
+  defaults = _flatten(_config_dict(config_lib.base_config()))
   differ = []
   for key in sorted(set(saved) | set(current)):
     if (not any(key == f or key.startswith(f + '.') for f in STRUCTURAL_FIELDS)
         or key in RESUMABLE_FIELDS):
       continue
-    if saved.get(key) != current.get(key):
+    if saved.get(key, defaults.get(key)) != current.get(key):
       differ.append(f'{key}: checkpoint {saved.get(key)!r}, config '
                     f'{current.get(key)!r}')
   if differ:
@@ -80,6 +86,13 @@ def check_compatible(config, workdir: str) -> None:
         f'The checkpoint in {workdir} comes from an incompatible config; these '
         f'fields differ:\n  ' + '\n  '.join(differ) +
         '\nUse a new --workdir, or the config the checkpoint was trained with.')
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir` holds at least one saved step (damaged or not)."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  return os.path.isdir(directory) and any(
+      name.isdigit() for name in os.listdir(directory))
 
 
 def write_config(config, workdir: str) -> None:

@@ -13,7 +13,7 @@ import ml_collections
 from cdg_jax import augment
 
 VARIANTS = ('smoke', 'dense', 'structured', 'tiles', 'channel_predictor',
-            'spatial_predictor')
+            'spatial_predictor', 'dense_partner')
 
 
 def gating_config() -> ml_collections.ConfigDict:
@@ -36,7 +36,14 @@ def gating_config() -> ml_collections.ConfigDict:
       saliency_momentum=0.9,
       epsilon=1e-5,
       saliency_stats='per_branch',  # 'per_branch' | 'joint'
-      branches='both',             # 'both' | 'online' (target left dense)
+      branches='both',             # 'both' | 'online' (MoCo/BYOL target
+                                   # left dense) | 'dense_partner' (SimCLR/
+                                   # SimSiam: view 2 through the same
+                                   # weights with every gate open; ours)
+      partner_norm='shared',       # dense partner's BatchNorm: 'shared' |
+                                   # 'separate' (its own, stats and affine)
+      predictor_saliency='bounded',  # channel predictor: 'bounded'
+                                   # (2 sigmoid) | 'relu' (FBS as published)
       # Density-target form, lambda * sum_layers (density - target)^2: it
       # lands on the FLOPs it is given (0.25: about 2.2x on CIFAR ResNet-18),
       # at any run length. The channel-gating threshold form (lambda ~1e-4
@@ -152,6 +159,9 @@ def apply_variants(config: ml_collections.ConfigDict,
     CDG, at density target 0.5 (about 2x fewer backbone FLOPs, like CDG at
     0.25 with its always-computed base path); the channel predictor's L1
     saliency loss gets weight 1e-4, the spatial predictor's density loss 1.0.
+  dense_partner: CDG's dense-partner form (ours, after Krishna et al.; see
+    `GatingSpec.branches`): 'dense_partner' for SimCLR and SimSiam, 'online'
+    (dense target) for MoCo v2 and BYOL.
   """
   for variant in [v.strip() for v in (arg or '').split(',') if v.strip()]:
     if variant == 'smoke':
@@ -182,6 +192,9 @@ def apply_variants(config: ml_collections.ConfigDict,
       config.gating.kind = 'channel_predictor'
       config.gating.density_target = 0.5
       config.gating.weight = 1e-4      # FBS-style L1 on the saliencies
+    elif variant == 'dense_partner':
+      config.gating.branches = ('online' if config.framework in
+                                ('mocov2', 'byol') else 'dense_partner')
     elif variant == 'spatial_predictor':
       config.gating.kind = 'spatial_predictor'
       config.gating.density_target = 0.5
@@ -281,7 +294,9 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
   need(config.linear_eval.batch_size > 0, f'linear_eval.batch_size='
        f'{config.linear_eval.batch_size} must be positive.')
   try:
-    layers.GatingSpec.from_config(config.gating)
+    spec = layers.GatingSpec.from_config(config.gating)
+    if config.framework in ssl.FRAMEWORKS:
+      ssl.check_branches(config.framework, spec)
   except ValueError as e:
     problems.append(str(e))
   return problems

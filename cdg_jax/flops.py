@@ -179,7 +179,8 @@ def layer_costs(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
     if isinstance(module, GatedConv):
       macs, padded = _conv_macs(inputs.shape, per_example, module.kernel_size,
                                 module.strides, 'SAME')
-      spec = module.gating
+      # A layer with its gates forced open is a dense convolution.
+      spec = module.gating if module.gate_mode != 'open' else None
       gating_kind = spec.kind if spec is not None else 'none'
       groups = spec.groups if gating_kind == 'cdg' else 0
       records.append(LayerCost(

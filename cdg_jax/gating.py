@@ -522,32 +522,52 @@ def num_kept_channels(out_channels: int, density: float) -> int:
   return int(min(out_channels, max(1, k)))
 
 
-def channel_saliency(x: Array, w1: Array, b1: Array, w2: Array, b2: Array
-                     ) -> Array:
+# Output nonlinearity of the channel predictor's saliency (`channel_saliency`).
+PREDICTOR_SALIENCIES = ('bounded', 'relu')
+
+
+def channel_saliency(x: Array, w1: Array, b1: Array, w2: Array, b2: Array,
+                     form: str = 'bounded') -> Array:
   """Feature-boosting channel saliency from the layer input.
 
-  s = 2 * sigmoid(relu(gap(x) @ w1 + b1) @ w2 + b2), in (0, 2).
+    hidden = relu(gap(x) @ w1 + b1)
+    'bounded': s = 2 * sigmoid(hidden @ w2 + b2), in (0, 2) (our default);
+    'relu':    s = relu(hidden @ w2 + b2), unbounded (FBS as published:
+               Gao et al., ICLR 2019, h(x) = (ss(x) W + b)_+).
 
-  FBS uses an unbounded ReLU here. Trained from scratch with the scale after
+  FBS's subsampling `ss(x)` is the spatial mean of |x|; our gated layers'
+  inputs are post-ReLU (non-negative), so it is the global average pool.
+  FBS's predictor is one linear layer; ours has the dual-gating channel
+  gate's two (C_in -> C_in/4 -> C_out), for both forms.
+
+  Why 'bounded' is the default: trained from scratch with the scale after
   BatchNorm (see `channel_predictor_conv`), an unbounded saliency scales the
   residual stream, which is the next layer's predictor input: the scales
-  compounded over the blocks and the loss overflowed within 6 steps on real
+  compound over the blocks, and the loss overflowed within 6 steps on real
   CIFAR (LARS, learning rate 1). The bounded form keeps FBS's non-negative,
   per-sample channel boosting (the top-k choice is unchanged by the monotone
   squashing) with at most a 2x gain per layer, like a BatchNorm scale.
+  `experiments/README.md` reports how the published form trains.
 
   Args:
     x: (N, H, W, C_in) layer input.
     w1: (C_in, hidden) and b1: (hidden,) first layer (a 1x1 conv on the pooled
       input).
     w2: (hidden, C_out) and b2: (C_out,) second layer.
+    form: 'bounded' or 'relu' (see above).
 
   Returns:
     (N, C_out) saliencies.
   """
   pooled = jnp.mean(x.astype(w1.dtype), axis=(1, 2))
   hidden = jax.nn.relu(pooled @ w1 + b1)
-  return 2.0 * jax.nn.sigmoid(hidden @ w2 + b2)
+  logits = hidden @ w2 + b2
+  if form == 'bounded':
+    return 2.0 * jax.nn.sigmoid(logits)
+  if form == 'relu':
+    return jax.nn.relu(logits)
+  raise ValueError(f'Unknown gating.predictor_saliency={form!r}; expected one '
+                   f'of {PREDICTOR_SALIENCIES}.')
 
 
 def top_k_mask(saliency: Array, k: int) -> Array:
@@ -574,7 +594,8 @@ def top_k_mask(saliency: Array, k: int) -> Array:
 def channel_predictor_conv(x: Array, kernel: Array, w1: Array, b1: Array,
                            w2: Array, b2: Array, *, k: int,
                            strides: Sequence[int] = (1, 1), padding='SAME',
-                           normalize: Callable[[Array], Array] | None = None
+                           normalize: Callable[[Array], Array] | None = None,
+                           saliency_form: str = 'bounded'
                            ) -> tuple[Array, Array, Array]:
   """Feature-boosting (FBS-style) channel-gated convolution.
 
@@ -594,6 +615,7 @@ def channel_predictor_conv(x: Array, kernel: Array, w1: Array, b1: Array,
       samples keep with a near-zero running variance, and evaluation then
       divides their rare activations by sqrt(epsilon): on real CIFAR the
       features reached 3e14. None: no normalisation.
+    saliency_form: 'bounded' or 'relu' (FBS's), see `channel_saliency`.
 
   Returns:
     (y, mask, saliency): (N, H_out, W_out, C_out) output, its 0/1 mask
@@ -602,7 +624,7 @@ def channel_predictor_conv(x: Array, kernel: Array, w1: Array, b1: Array,
   y_dense = conv(x, kernel, strides, padding)
   if normalize is not None:
     y_dense = normalize(y_dense)
-  saliency = channel_saliency(x, w1, b1, w2, b2)
+  saliency = channel_saliency(x, w1, b1, w2, b2, saliency_form)
   keep = top_k_mask(saliency, k)
   y = y_dense * (keep * saliency)[:, None, None, :].astype(y_dense.dtype)
   mask = jnp.broadcast_to(keep[:, None, None, :], y.shape)

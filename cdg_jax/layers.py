@@ -30,7 +30,14 @@ PREDICTOR_KINDS = ('channel_predictor', 'spatial_predictor')
 LAYER_ROLES = ('stem', 'block_3x3', 'block_1x1', 'shortcut')
 SALIENCY_NORMS = ('batch', 'sample')
 SALIENCY_STATS = ('per_branch', 'joint')
-BRANCHES = ('both', 'online')
+BRANCHES = ('both', 'online', 'dense_partner')
+# BatchNorm of the dense partner path (`GatingSpec.partner_norm`).
+PARTNER_NORMS = ('shared', 'separate')
+# How a gated layer executes (`GatedConv.gate_mode`): 'gated' (the masks as
+# learned), 'open' (every gate open: the dense network with the same weights)
+# or 'partner' (the dense-partner training forward: the first half of the
+# batch gated, the second half with every gate open).
+GATE_MODES = ('gated', 'open', 'partner')
 REGULARIZERS = ('threshold', 'threshold_sum', 'density')
 
 # Collections written by gated layers during `apply`.
@@ -90,7 +97,31 @@ class GatingSpec:
     saliency_momentum: decay of the saliency running averages.
     epsilon: added to the saliency variance.
     saliency_stats: 'per_branch' or 'joint' batch statistics (train step).
-    branches: 'both' gates the target encoder too, 'online' leaves it dense.
+    branches: which contrastive branches are gated.
+      'both': every branch (the CDG paper: dual gating).
+      'online': MoCo v2 and BYOL only: the online encoder is gated, the
+      momentum/EMA target encoder is the dense network.
+      'dense_partner': ours, after Krishna et al. (BMVC 2023, "Unifying
+      Synergies between Self-supervised Learning and Dynamic
+      Computation"), not the CDG paper's; SimCLR and SimSiam, CDG only. The
+      encoder's weights are shared by two paths: view 1 goes through the
+      gated encoder, view 2 through the same parameters with every gate
+      open (the dense network), and the SSL loss is taken between the two
+      (both directions, so gradients reach the weights through both paths).
+      The gate regulariser, the gate densities and the FLOPs metric see the
+      gated path only. Views are i.i.d. draws of the same augmentation, so
+      the fixed assignment (view 1 gated) loses nothing. One training gives
+      a gated and a dense network; both are evaluated. The dense-partner
+      form of MoCo v2 and BYOL is 'online' (their dense target plays the
+      partner's part).
+    partner_norm: BatchNorm of the dense path under 'dense_partner':
+      'shared' (one BatchNorm per layer, its batch statistics over both
+      paths' samples) or 'separate' (the dense path has its own BatchNorm
+      layers, statistics and affine parameters, in every residual block, and
+      at the stem when the stem is gated; Krishna et al.'s separate_bn).
+    predictor_saliency: the channel predictor's saliency, 'bounded'
+      (2 * sigmoid, ours, the default) or 'relu' (FBS as published,
+      unbounded); see `gating.channel_saliency`.
     regularizer: form of the CDG gate regulariser, times `weight`:
       'density' -- sum_layers (density - density_target)^2, density the mean
       of the straight-through mask (sets the FLOPs operating point);
@@ -119,6 +150,8 @@ class GatingSpec:
   epsilon: float = 1e-5
   saliency_stats: str = 'per_branch'
   branches: str = 'both'
+  partner_norm: str = 'shared'
+  predictor_saliency: str = 'bounded'
   # The same defaults as `config_lib.gating_config()` (why: see there).
   regularizer: str = 'density'
   weight: float = 1.0
@@ -132,6 +165,22 @@ class GatingSpec:
     _one_of('saliency_norm', self.saliency_norm, SALIENCY_NORMS)
     _one_of('saliency_stats', self.saliency_stats, SALIENCY_STATS)
     _one_of('branches', self.branches, BRANCHES)
+    _one_of('partner_norm', self.partner_norm, PARTNER_NORMS)
+    _one_of('predictor_saliency', self.predictor_saliency,
+            gating.PREDICTOR_SALIENCIES)
+    if self.branches == 'dense_partner' and self.kind != 'cdg':
+      raise ValueError(
+          f"gating.branches='dense_partner' is implemented for "
+          f"gating.kind='cdg', got gating.kind={self.kind!r}.")
+    if self.partner_norm != 'shared' and self.branches != 'dense_partner':
+      raise ValueError(
+          f'gating.partner_norm={self.partner_norm!r} applies to the dense '
+          f"partner path only: set gating.branches='dense_partner' (got "
+          f'{self.branches!r}) or leave partner_norm at \'shared\'.')
+    if self.predictor_saliency != 'bounded' and self.kind != 'channel_predictor':
+      raise ValueError(
+          f'gating.predictor_saliency={self.predictor_saliency!r} applies to '
+          f"gating.kind='channel_predictor' only, got {self.kind!r}.")
     _one_of('regularizer', self.regularizer, REGULARIZERS)
     _one_of('grouping', self.grouping, gating.GROUPINGS)
     _one_of('surrogate', self.surrogate, gating.SURROGATES)
@@ -197,6 +246,20 @@ class GatingSpec:
     """Whether a convolution of this role is gated."""
     return self.enabled and role in self.layers
 
+  @property
+  def separate_partner_norm(self) -> bool:
+    """Whether the dense partner path has BatchNorm layers of its own."""
+    return self.branches == 'dense_partner' and self.partner_norm == 'separate'
+
+
+def check_gate_mode(gate_mode: str, spec: GatingSpec | None) -> None:
+  """ValueError unless `gate_mode` is one of GATE_MODES and fits `spec`."""
+  _one_of('gate_mode', gate_mode, GATE_MODES)
+  if gate_mode != 'gated' and spec is not None and spec.enabled and (
+      spec.kind != 'cdg'):
+    raise ValueError(f'gate_mode={gate_mode!r} opens CDG gates; gating.kind='
+                     f'{spec.kind!r} has none.')
+
 
 def he_normal_fan_out():
   """Kaiming-normal (fan-out) init, the torchvision ResNet convention."""
@@ -228,6 +291,10 @@ class GatedConv(nn.Module):
   # Inference (train=False) only: skip the conditional path of closed tiles
   # (cdg_jax.sparse); needs CDG with tile-structured gates, block (bh, bw, 0).
   sparse_inference: bool = False
+  # 'gated', 'open' (every gate open: Y_base + Y_cond, the dense conv) or
+  # 'partner' (first half of the batch gated, second half open); see
+  # GATE_MODES. The parameters and statistics are the same in every mode.
+  gate_mode: str = 'gated'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -266,6 +333,25 @@ class GatedConv(nn.Module):
     spec = self.gating
     if spec.kind == 'spatial_predictor':
       return self._spatial_predictor(x, kernel, train)
+    check_gate_mode(self.gate_mode, spec)
+    if self.gate_mode == 'gated' or self.is_initializing():
+      return self._cdg(x, kernel, train, stat_groups)
+    if self.gate_mode == 'open':
+      return gating.conv(x, kernel, self.strides)
+    n = x.shape[0] // 2
+    if x.shape[0] != 2 * n:
+      raise ValueError(f"gate_mode='partner' needs a batch of two equal "
+                       f"halves (gated, open), got {x.shape[0]} samples.")
+    # The gated half is one branch: its saliency statistics (and their
+    # running averages) come from its own samples only, never from the
+    # dense path's.
+    gated = self._cdg(x[:n], kernel, train, 1)
+    return jnp.concatenate([gated, gating.conv(x[n:], kernel, self.strides)])
+
+  def _cdg(self, x: jax.Array, kernel: jax.Array, train: bool,
+           stat_groups: int) -> jax.Array:
+    """The CDG gated convolution (parameters, statistics, sown masks)."""
+    spec = self.gating
     threshold = self.param('threshold',
                            nn.initializers.constant(spec.threshold_init),
                            (self.features,))
@@ -320,12 +406,16 @@ class GatedConv(nn.Module):
     w1 = self.param('predictor_w1', dense_init, (c_in, hidden))
     b1 = self.param('predictor_b1', nn.initializers.zeros, (hidden,))
     w2 = self.param('predictor_w2', dense_init, (hidden, c_out))
-    # Saliencies start near 2 * sigmoid(0) = 1: the layer starts as a masked
-    # dense convolution.
-    b2 = self.param('predictor_b2', nn.initializers.zeros, (c_out,))
+    # Both saliency forms start near 1 (2 * sigmoid(0); relu(1 + small)): the
+    # layer starts as a masked dense convolution, and the two forms differ
+    # only in their bound.
+    b2_init = (nn.initializers.zeros if spec.predictor_saliency == 'bounded'
+               else nn.initializers.ones)
+    b2 = self.param('predictor_b2', b2_init, (c_out,))
     k = gating.num_kept_channels(c_out, spec.density_target)
     y, mask, saliency = gating.channel_predictor_conv(
-        x, kernel, w1, b1, w2, b2, k=k, strides=self.strides, normalize=norm)
+        x, kernel, w1, b1, w2, b2, k=k, strides=self.strides, normalize=norm,
+        saliency_form=spec.predictor_saliency)
     self._sow(mask)
     if not self.is_initializing():
       self.sow(AUX_COLLECTION, 'saliency_l1',

@@ -35,6 +35,7 @@ import os
 from typing import Any
 
 from absl import logging
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -44,6 +45,7 @@ import optax
 from cdg_jax import checkpoints
 from cdg_jax import evaluation
 from cdg_jax import input_pipeline
+from cdg_jax import models
 from cdg_jax import parallel
 
 RESULTS_FILE = 'linear_eval.json'
@@ -229,7 +231,9 @@ def run_linear_eval(config: ml_collections.ConfigDict,
     The results written to `<workdir>/linear_eval.json`: 'top1', 'top5' and
     'train_top1' (fractions), 'flops_reduction', 'gate_density' (1.0 for a
     dense backbone), 'layer_density', the full 'flops' report, sizes, the
-    settings used and 'config_notes'.
+    settings used and 'config_notes'; for a dense-partner run
+    (`gating.branches='dense_partner'`) also 'dense_network', the same
+    measures of the run's dense network (every gate open).
 
   Raises:
     FileNotFoundError: no config.json or no exported backbone in `workdir`.
@@ -249,9 +253,53 @@ def run_linear_eval(config: ml_collections.ConfigDict,
   mesh = parallel.make_mesh()
   source = input_pipeline.create_source(config.data)
   eval_config = config.get('eval') or {}
-  backbone = evaluation.inference_backbone(backbone, eval_config)
   batch_size = evaluation.eval_batch_size(
       eval_config.get('batch_size', evaluation.DEFAULT_EVAL_BATCH_SIZE), mesh)
+  scores = evaluate_network(
+      evaluation.inference_backbone(backbone, eval_config), variables, source,
+      config, settings, batch_size, mesh)
+  dense_network = None
+  if backbone_config.gating.get('branches') == 'dense_partner':
+    # The dense network of the same run: the same weights, every gate open.
+    dense_scores = evaluate_network(
+        evaluation.inference_backbone(models.dense_path(backbone), eval_config),
+        variables, source, config, settings, batch_size, mesh)
+    dense_network = {k: dense_scores[k] for k in
+                     ('top1', 'top5', 'train_top1', 'final_train_loss',
+                      'flops_reduction')}
+  results = {
+      **scores,
+      # 'validation' when data.validation_size holds out part of the training
+      # set: then 'top1' etc. are validation accuracies, not test ones.
+      'eval_split': source.eval_split_name,
+      'num_classes': int(source.num_classes),
+      **({'dense_network': dense_network} if dense_network else {}),
+      'protocol': PROTOCOL,
+      'sparse_inference': bool(eval_config.get('sparse_inference', False)),
+      'linear_eval': settings,
+      'model': _as_json(config.model),
+      'gating': _as_json(config.gating),
+      'data': _as_json(config.data),
+      'config_notes': notes,
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, RESULTS_FILE), 'w') as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+def evaluate_network(backbone: nn.Module, variables: Mapping[str, Any],
+                     source: input_pipeline.Source,
+                     config: ml_collections.ConfigDict,
+                     settings: Mapping[str, Any], batch_size: int,
+                     mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """The linear protocol (module doc) and test-set FLOPs of one network.
+
+  Returns:
+    {'top1', 'top5', 'train_top1', 'final_train_loss', 'flops_reduction',
+    'gate_density', 'layer_density', 'flops' (the full report), 'num_train',
+    'num_test', 'feature_dim'}.
+  """
   train = evaluation.extract_features(backbone, variables, source, 'train',
                                       batch_size, config.augment, mesh)
   test = evaluation.extract_features(backbone, variables, source, 'test',
@@ -267,7 +315,7 @@ def run_linear_eval(config: ml_collections.ConfigDict,
   report = evaluation.test_set_flops(backbone, variables, test['densities'],
                                      source.image_shape[:2])
   gated = report.gated_density
-  results = {
+  return {
       'top1': test_acc['top1'],
       'top5': test_acc['top5'],
       'train_top1': train_acc['top1'],
@@ -278,23 +326,8 @@ def run_linear_eval(config: ml_collections.ConfigDict,
       'flops': report.as_dict(),
       'num_train': int(len(train['labels'])),
       'num_test': int(len(test['labels'])),
-      # 'validation' when data.validation_size holds out part of the training
-      # set: then 'top1' etc. are validation accuracies, not test ones.
-      'eval_split': source.eval_split_name,
-      'num_classes': int(source.num_classes),
       'feature_dim': int(train['features'].shape[1]),
-      'protocol': PROTOCOL,
-      'sparse_inference': bool(eval_config.get('sparse_inference', False)),
-      'linear_eval': settings,
-      'model': _as_json(config.model),
-      'gating': _as_json(config.gating),
-      'data': _as_json(config.data),
-      'config_notes': notes,
   }
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, RESULTS_FILE), 'w') as f:
-      json.dump(results, f, indent=2)
-  return results
 
 
 def format_summary(results: Mapping[str, Any], workdir: str) -> str:
@@ -313,6 +346,12 @@ def format_summary(results: Mapping[str, Any], workdir: str) -> str:
       f'split)',
       f'  protocol: {results["protocol"]}',
   ]
+  if results.get('dense_network'):
+    dense = results['dense_network']
+    lines.insert(-1, f'  dense network of the same run (every gate open): '
+                     f'{split} top-1 {100 * dense["top1"]:.2f}%, top-5 '
+                     f'{100 * dense["top5"]:.2f}%, FLOPs reduction '
+                     f'{dense["flops_reduction"]:.3f}x')
   lines += [f'  note: {note}' for note in results['config_notes']]
   lines.append(f'  written to {os.path.join(workdir, RESULTS_FILE)}')
   return '\n'.join(lines)

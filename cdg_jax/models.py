@@ -8,7 +8,7 @@ parameter tree minus the gate parameters.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import functools
 from typing import Any
 
@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cdg_jax.layers import GatedConv, GatingSpec
+from cdg_jax.layers import check_gate_mode, GatedConv, GatingSpec
 
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
@@ -24,6 +24,36 @@ BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 # optimiser state, BatchNorm statistics, the gate decision and the losses stay
 # float32 whatever this is (see `GatedConv`).
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def path_norm(make_norm: Callable[..., nn.Module], name: str, gate_mode: str,
+              separate: bool, initializing: bool
+              ) -> Callable[[jax.Array], jax.Array]:
+  """The normalisation after a convolution, for one gate mode.
+
+  With `separate` (the dense partner's own BatchNorm, `GatingSpec.
+  partner_norm='separate'`), the open (dense) path goes through
+  `<name>_dense` and the gated path through `<name>`; in 'partner' mode the
+  first half of the batch is the gated path, the second the open one, and
+  each BatchNorm sees only its own half. Both layers are created at
+  initialisation in every mode, so a network has one variable tree whatever
+  its gate mode. Without `separate`, `<name>` normalises the whole batch.
+
+  Call it inside the compact method of the module that owns the layers.
+  """
+  gated_norm = make_norm(name=name)
+  if not separate:
+    return gated_norm
+  open_norm = make_norm(name=f'{name}_dense')
+
+  def apply(y: jax.Array) -> jax.Array:
+    if gate_mode == 'partner':
+      n = y.shape[0] // 2
+      return jnp.concatenate([gated_norm(y[:n]), open_norm(y[n:])])
+    if initializing:   # create the other path's variables too
+      (open_norm if gate_mode == 'gated' else gated_norm)(y)
+    return open_norm(y) if gate_mode == 'open' else gated_norm(y)
+  return apply
 
 
 def compute_dtype(name: str) -> Any:
@@ -42,30 +72,35 @@ class BasicBlock(nn.Module):
   gating: GatingSpec = GatingSpec(kind='none')
   dtype: Any = jnp.float32
   sparse_inference: bool = False
+  gate_mode: str = 'gated'
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool = False, stat_groups: int = 1):
     spec = self.gating
     gate = lambda role: spec if spec.gates(role) else None
-    norm = functools.partial(BatchNorm, use_running_average=not train,
-                             dtype=self.dtype)
+    norm = functools.partial(
+        path_norm, functools.partial(BatchNorm, use_running_average=not train,
+                                     dtype=self.dtype),
+        gate_mode=self.gate_mode, separate=spec.separate_partner_norm,
+        initializing=self.is_initializing())
     conv = functools.partial(GatedConv, dtype=self.dtype,
-                             sparse_inference=self.sparse_inference)
+                             sparse_inference=self.sparse_inference,
+                             gate_mode=self.gate_mode)
     s = (self.strides, self.strides)
     # Each convolution applies the BatchNorm after it (the channel-predictor
     # baseline scales its channels after the normalisation).
     y = conv(self.features, (3, 3), s, gate('block_3x3'), name='conv1')(
-        x, train, stat_groups, norm=norm(name='bn1'))
+        x, train, stat_groups, norm=norm('bn1'))
     y = conv(self.features, (3, 3), (1, 1), gate('block_3x3'),
              name='conv2')(nn.relu(y), train, stat_groups,
-                                norm=norm(name='bn2'))
+                                norm=norm('bn2'))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
       shortcut = conv(self.features, (1, 1), s, gate('shortcut'),
                       name='shortcut_conv')(
                                x, train, stat_groups,
-                               norm=norm(name='shortcut_bn'))
+                               norm=norm('shortcut_bn'))
     return nn.relu(y + shortcut)
 
 
@@ -76,31 +111,36 @@ class Bottleneck(nn.Module):
   gating: GatingSpec = GatingSpec(kind='none')
   dtype: Any = jnp.float32
   sparse_inference: bool = False
+  gate_mode: str = 'gated'
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool = False, stat_groups: int = 1):
     spec = self.gating
     gate = lambda role: spec if spec.gates(role) else None
-    norm = functools.partial(BatchNorm, use_running_average=not train,
-                             dtype=self.dtype)
+    norm = functools.partial(
+        path_norm, functools.partial(BatchNorm, use_running_average=not train,
+                                     dtype=self.dtype),
+        gate_mode=self.gate_mode, separate=spec.separate_partner_norm,
+        initializing=self.is_initializing())
     conv = functools.partial(GatedConv, dtype=self.dtype,
-                             sparse_inference=self.sparse_inference)
+                             sparse_inference=self.sparse_inference,
+                             gate_mode=self.gate_mode)
     s = (self.strides, self.strides)
     out_features = self.features * self.expansion
     y = conv(self.features, (1, 1), (1, 1), gate('block_1x1'),
-             name='conv1')(x, train, stat_groups, norm=norm(name='bn1'))
+             name='conv1')(x, train, stat_groups, norm=norm('bn1'))
     y = conv(self.features, (3, 3), s, gate('block_3x3'), name='conv2')(
-        nn.relu(y), train, stat_groups, norm=norm(name='bn2'))
+        nn.relu(y), train, stat_groups, norm=norm('bn2'))
     y = conv(out_features, (1, 1), (1, 1), gate('block_1x1'),
              name='conv3')(nn.relu(y), train, stat_groups,
-                                norm=norm(name='bn3'))
+                                norm=norm('bn3'))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != out_features:
       shortcut = conv(out_features, (1, 1), s, gate('shortcut'),
                       name='shortcut_conv')(
                                x, train, stat_groups,
-                               norm=norm(name='shortcut_bn'))
+                               norm=norm('shortcut_bn'))
     return nn.relu(y + shortcut)
 
 
@@ -123,6 +163,11 @@ class ResNet(nn.Module):
       work of closed tiles (`cdg_jax.sparse`; CDG with gating.block =
       (bh, bw, 0)). Same outputs as the masked form; faster where gates are
       closed.
+    gate_mode: 'gated' (default), 'open' (every CDG gate open: the dense
+      network with the same weights, and under a separate partner norm the
+      dense path's BatchNorms) or 'partner' (the dense-partner training
+      forward: the first half of the batch gated, the second open); see
+      `GatingSpec.branches`.
   """
   stage_sizes: Sequence[int]
   block_cls: Any
@@ -132,6 +177,7 @@ class ResNet(nn.Module):
   num_classes: int | None = None
   dtype: Any = jnp.float32
   sparse_inference: bool = False
+  gate_mode: str = 'gated'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -146,17 +192,24 @@ class ResNet(nn.Module):
       raise ValueError(f'ResNet expects (N, H, W, C) images, got shape '
                        f'{x.shape}.')
     spec = self.gating
+    check_gate_mode(self.gate_mode, spec)
     gate = lambda role: spec if spec.gates(role) else None
-    stem_norm = BatchNorm(use_running_average=not train, dtype=self.dtype,
-                          name='stem_bn')
+    # An ungated stem computes the same for both paths: its BatchNorm stays
+    # shared (as in Krishna et al.) unless the stem itself is gated.
+    stem_norm = path_norm(
+        functools.partial(BatchNorm, use_running_average=not train,
+                          dtype=self.dtype), 'stem_bn', self.gate_mode,
+        spec.separate_partner_norm and spec.gates('stem'),
+        self.is_initializing())
+    stem_conv = functools.partial(GatedConv, self.width, gating=gate('stem'),
+                                  dtype=self.dtype, gate_mode=self.gate_mode,
+                                  name='stem_conv')
     if self.stem == 'cifar':
-      x = nn.relu(GatedConv(
-          self.width, (3, 3), (1, 1), gate('stem'), dtype=self.dtype,
-          name='stem_conv')(x, train, stat_groups, norm=stem_norm))
+      x = nn.relu(stem_conv((3, 3), (1, 1))(x, train, stat_groups,
+                                            norm=stem_norm))
     elif self.stem == 'imagenet':
-      x = nn.relu(GatedConv(
-          self.width, (7, 7), (2, 2), gate('stem'), dtype=self.dtype,
-          name='stem_conv')(x, train, stat_groups, norm=stem_norm))
+      x = nn.relu(stem_conv((7, 7), (2, 2))(x, train, stat_groups,
+                                            norm=stem_norm))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
     else:
       raise ValueError(f"Unknown model.stem={self.stem!r}; expected 'cifar' or "
@@ -165,7 +218,7 @@ class ResNet(nn.Module):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         x = self.block_cls(self.width * 2**i, strides, spec, self.dtype,
-                           self.sparse_inference,
+                           self.sparse_inference, self.gate_mode,
                            name=f'stage{i + 1}_block{j}')(x, train, stat_groups)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes is None:
@@ -199,7 +252,8 @@ def _architecture(name: str):
 def create_resnet(model_config: Mapping[str, Any],
                   gating_config: Mapping[str, Any] | None = None,
                   num_classes: int | None = None,
-                  sparse_inference: bool = False) -> ResNet:
+                  sparse_inference: bool = False,
+                  gate_mode: str = 'gated') -> ResNet:
   """Builds a ResNet from the config's `model` and `gating` blocks.
 
   Args:
@@ -209,9 +263,11 @@ def create_resnet(model_config: Mapping[str, Any],
     gating_config: the `gating` block; None gives the dense network.
     num_classes: adds a linear head when given.
     sparse_inference: block-sparse execution at inference (see `ResNet`).
+    gate_mode: 'gated', 'open' or 'partner' (see `ResNet`).
 
   Raises:
-    ValueError: for sparse inference without tile-structured CDG gates.
+    ValueError: for sparse inference without tile-structured CDG gates, or a
+      gate mode other than 'gated' without CDG gates to open.
   """
   stage_sizes, block_cls = _architecture(model_config['name'])
   spec = GatingSpec.from_config(gating_config)
@@ -221,7 +277,9 @@ def create_resnet(model_config: Mapping[str, Any],
   network = ResNet(stage_sizes=stage_sizes, block_cls=block_cls, width=width,
                    stem=model_config.get('stem', 'cifar'), gating=spec,
                    num_classes=num_classes,
-                   dtype=compute_dtype(model_config.get('dtype', 'float32')))
+                   dtype=compute_dtype(model_config.get('dtype', 'float32')),
+                   gate_mode=gate_mode)
+  check_gate_mode(gate_mode, spec)
   return with_sparse_inference(network) if sparse_inference else network
 
 
@@ -239,3 +297,15 @@ def with_sparse_inference(backbone: ResNet) -> ResNet:
         f"gating.kind='cdg' and gating.block=(bh, bw, 0); this network has "
         f'gating.kind={spec.kind!r}, gating.block={spec.block}.')
   return backbone.clone(sparse_inference=True)
+
+
+def dense_path(backbone: ResNet) -> ResNet:
+  """The same network (same variables) with every CDG gate open.
+
+  The dense network of a dense-partner run (`GatingSpec.branches`): each
+  gated layer computes Y_base + Y_cond, its full convolution, and under
+  `partner_norm='separate'` the dense path's own BatchNorm layers are used.
+  For a CDG network trained otherwise it is the gates-forced-open diagnostic
+  (`evaluation.open_gates`). A dense network is returned unchanged.
+  """
+  return backbone.clone(gate_mode='open')

@@ -12,7 +12,10 @@ Frameworks (`config.framework`), all with the gated encoder in both branches:
 For MoCo and BYOL the target encoder's thresholds (or, for the predictor
 baselines, predictor parameters) follow the online ones by the same EMA as
 every other parameter; with `gating.branches='online'` the target is the dense
-network. Spatial-predictor gates draw Gumbel noise from the 'gumbel' RNG
+network. With `gating.branches='dense_partner'` (SimCLR, SimSiam; ours, after
+Krishna et al.) view 1 goes through the gated encoder and view 2 through the
+same parameters with every gate open (`GatingSpec.branches`).
+Spatial-predictor gates draw Gumbel noise from the 'gumbel' RNG
 stream, derived from the step's key. The step (`make_train_step`) composes
 augmentation, both branches, the SSL loss, the gate regulariser, the optax
 update, EMA/queue updates, an online linear probe on stop-gradient features and
@@ -105,6 +108,22 @@ def _check_framework(config) -> None:
                      f'{", ".join(FRAMEWORKS)}.')
 
 
+def check_branches(framework: str, spec: GatingSpec) -> None:
+  """ValueError when `gating.branches` has no meaning for the framework."""
+  if spec.branches == 'dense_partner' and framework in _WITH_TARGET:
+    raise ValueError(
+        f"gating.branches='dense_partner' is for the shared-encoder "
+        f"frameworks (simclr, simsiam); framework={framework!r} has a "
+        f"target encoder, and its dense-partner form is "
+        f"gating.branches='online' (the target left dense).")
+  if spec.branches == 'online' and spec.enabled and (
+      framework not in _WITH_TARGET):
+    raise ValueError(
+        f"gating.branches='online' leaves a target encoder dense; "
+        f"framework={framework!r} has none (its dense-partner form is "
+        f"gating.branches='dense_partner').")
+
+
 def build_networks(config) -> Networks:
   """Builds the online/target encoders and the probe from the config."""
   _check_framework(config)
@@ -119,11 +138,16 @@ def build_networks(config) -> Networks:
                        f'ssl.predictor_dim > 0 (got {ssl.predictor_dim}).')
     predictor = MLP(tuple(ssl.predictor_hidden_dims), ssl.predictor_dim,
                     dtype=dtype)
+  spec = GatingSpec.from_config(config.gating)
+  check_branches(config.framework, spec)
+  # Under the dense partner the online encoder's batch is [view 1 gated;
+  # view 2 with every gate open].
+  gate_mode = 'partner' if spec.branches == 'dense_partner' else 'gated'
   online = SSLNetwork(
-      models.create_resnet(config.model, config.gating), projector, predictor)
+      models.create_resnet(config.model, config.gating, gate_mode=gate_mode),
+      projector, predictor)
   target = None
   if config.framework in _WITH_TARGET:
-    spec = GatingSpec.from_config(config.gating)
     target_gating = config.gating if spec.branches == 'both' else None
     target = SSLNetwork(models.create_resnet(config.model, target_gating),
                         projector)
@@ -393,6 +417,9 @@ def make_train_step(config, networks: Networks, num_train: int,
   framework = config.framework
   spec = GatingSpec.from_config(config.gating)
   stat_groups = 2 if spec.saliency_stats == 'per_branch' else 1
+  if spec.branches == 'dense_partner':
+    # Only view 1 is gated (`GatedConv` in 'partner' mode): one branch.
+    stat_groups = 1
   tx = make_optimizer(config, num_train)
   probe_tx = optax.adam(config.probe.learning_rate)
   lr_schedule = learning_rate_schedule(config, num_train)

@@ -208,6 +208,15 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
   variables = backbone_variables(state)
   knn = evaluation.knn_eval(backbone, variables, source, config, mesh)
   writer.write_scalars(step, _eval_scalars(knn))
+  dense_network = None
+  if has_dense_partner(config):
+    # One dense-partner run trains two networks: report the dense one too.
+    dense_knn = evaluation.knn_eval(models.dense_path(backbone), variables,
+                                    source, config, mesh)
+    dense_network = {k: dense_knn[k] for k in
+                     ('knn_top1', 'knn_top5', 'flops_reduction')}
+    writer.write_scalars(step, {f'eval_dense/{k}': v
+                                for k, v in dense_network.items()})
   writer.close()
   summary = {
       'framework': config.framework, 'model': config.model.name,
@@ -217,6 +226,7 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
       'num_train': source.num_train, 'num_eval': source.num_test,
       'wall_time_s': time.time() - start_time,
       **knn,
+      **({'dense_network': dense_network} if dense_network else {}),
       'last_train_metrics': {k: v for k, v in last_metrics.items()
                              if not k.startswith('density/')},
   }
@@ -232,6 +242,11 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
                             config.augment, knn.get('layer_density'))
     print(format_summary(summary), flush=True)
   return summary
+
+
+def has_dense_partner(config) -> bool:
+  """Whether the run trains a dense partner path (`GatingSpec.branches`)."""
+  return config.gating.get('branches') == 'dense_partner'
 
 
 def scalar_hparams(config) -> dict[str, Any]:
@@ -251,6 +266,12 @@ def format_summary(summary: dict[str, Any]) -> str:
            f'{100 * summary["knn_top5"]:.2f}% ({split} split); backbone '
            f'FLOPs reduction {summary["flops_reduction"]:.3f}x measured on '
            f'the {split} split.']
+  if summary.get('dense_network'):
+    dense = summary['dense_network']
+    lines.append(f'Dense network of the same run (every gate open): kNN '
+                 f'top-1 {100 * dense["knn_top1"]:.2f}%, top-5 '
+                 f'{100 * dense["knn_top5"]:.2f}% ({split} split), FLOPs '
+                 f'reduction {dense["flops_reduction"]:.3f}x.')
   if summary.get('layer_density'):
     lines.append(f'Gate density per layer ({split} split):')
     lines += [f'  {name:<32} {d:.3f}'

@@ -38,6 +38,13 @@ test set from the traced masks (summary.json of the run). Grids (see GRIDS):
              operating point nearest 2.2x.
   tiles      tile-structured CDG, (4, 4, 0) blocks (what sparse inference
              skips; the ':tiles' variant).
+  partner_selection  the dense partner (issue 20; ours, after Krishna et
+             al.) on the validation split: SimCLR with shared and with
+             separate BatchNorm for the dense path; BYOL with the target
+             dense ('online') against both branches gated, and BYOL dense.
+  fbs        the channel predictor with FBS's published, unbounded ReLU
+             saliency, SimCLR and BYOL, at learning rate 1.0 and 0.1; logs
+             every step, so a divergence is recorded with its step.
   smoke      two tiny runs on synthetic data (tests use it).
 """
 
@@ -47,6 +54,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -122,9 +130,17 @@ _THRESHOLD_SUM = (('gating.regularizer', 'threshold_sum'),
                   ('gating.weight', 1e-4), ('gating.threshold_target', 1.0))
 
 
-def _selection(name: str, method: str, overrides=(), config=_SIMCLR) -> Run:
-  return Run(f'sel_{name}', 'selection', method, config,
+def _selection(name: str, method: str, overrides=(), config=_SIMCLR,
+               group: str = 'selection') -> Run:
+  return Run(f'sel_{name}', group, method, config,
              VALIDATION + tuple(overrides))
+
+
+_BYOL = f'{PROTOCOL}:byol_cifar10'
+_DENSE_PARTNER = (('gating.branches', 'dense_partner'),)
+# FBS as published: the unbounded ReLU saliency; every step logged, so the
+# step of a divergence is exact.
+_FBS_RELU = (('gating.predictor_saliency', 'relu'), ('log_every_steps', 1))
 
 
 GRIDS: dict[str, list[Run]] = {
@@ -219,6 +235,33 @@ GRIDS: dict[str, list[Run]] = {
         Run('simclr_c10_cdg_tiles4', 'tiles', 'CDG tiles 4x4x0', _SIMCLR,
             (('gating.block', '(4,4,0)'),)),
     ],
+    # Issue 20 item 4: the dense partner and BYOL's dense target, chosen on
+    # the validation split (density target 0.25, seed 0).
+    'partner_selection': [
+        _selection('cdg_partner', 'CDG dense partner, shared BN',
+                   _DENSE_PARTNER, group='partner_selection'),
+        _selection('cdg_partner_separate', 'CDG dense partner, separate BN',
+                   _DENSE_PARTNER + (('gating.partner_norm', 'separate'),),
+                   group='partner_selection'),
+        _selection('byol_dense', 'dense', config=f'{_BYOL},dense',
+                   group='partner_selection'),
+        _selection('byol_cdg', 'CDG (both branches gated)', config=_BYOL,
+                   group='partner_selection'),
+        _selection('byol_cdg_online', 'CDG, target dense (online)',
+                   (('gating.branches', 'online'),), config=_BYOL,
+                   group='partner_selection'),
+    ],
+    # Issue 20 item 3: FBS's published saliency, at the protocol's learning
+    # rate and at a tenth of it.
+    'fbs': [
+        Run(f'{prefix}_channel_predictor_relu{suffix}', 'fbs',
+            f'channel predictor, FBS ReLU saliency{label}',
+            f'{config},channel_predictor', _FBS_RELU + lr)
+        for prefix, config in (('simclr_c10', _SIMCLR), ('byol_c10', _BYOL))
+        for suffix, label, lr in (
+            ('', '', ()),
+            ('_lr0.1', ', LR 0.1', (('optim.base_learning_rate', 0.1),)))
+    ],
     'smoke': [
         Run('smoke_dense', 'smoke', 'dense', 'configs/simclr_cifar10.py:'
             'smoke,dense', (('num_steps', 4), ('linear_eval.epochs', 2))),
@@ -257,13 +300,41 @@ def result_path(results_dir: str, name: str) -> str:
 
 def run_one(run: Run, results_dir: str, workdir_root: str) -> dict[str, Any]:
   """Trains, evaluates and saves one run's result; returns it."""
+  start = time.time()
   workdir = os.path.join(workdir_root, run.name)
   os.makedirs(os.path.join(results_dir, 'runs'), exist_ok=True)
   os.makedirs(workdir, exist_ok=True)
   log_path = os.path.join(workdir, 'run_grid.log')
   train_command = run.train_command(workdir)
   eval_command = run.linear_eval_command(workdir)
-  train_s = _run_command(train_command, log_path)
+  with open(log_path, 'a') as log:
+    log_start = log.tell()
+  try:
+    train_s = _run_command(train_command, log_path)
+  except RuntimeError:
+    with open(log_path) as log:
+      log.seek(log_start)
+      diverged_at = divergence_step(log.read())
+    if diverged_at is None:
+      raise
+    # A divergence is a result (FBS's published saliency, issue 20), not a
+    # failure of the runner: record the step, the losses before it, no
+    # accuracy.
+    with open(os.path.join(workdir, 'config.json')) as f:
+      config = json.load(f)
+    result = {**_describe(run, config), 'diverged_at_step': diverged_at,
+              'losses_before_divergence': last_losses(workdir),
+              'knn_top1': None, 'linear_top1': None, 'flops_reduction': None,
+              'gate_density': None, 'steps': diverged_at,
+              'eval_split': ('validation' if config['data']['validation_size']
+                             else 'test'),
+              'train_wall_s': time.time() - start, 'linear_eval_wall_s': 0.0,
+              'resumed_from_step': 0, 'train_command': _shell(train_command),
+              'linear_eval_command': '',
+              'finished': time.strftime('%Y-%m-%d %H:%M:%S UTC',
+                                        time.gmtime())}
+    _save_result(results_dir, run.name, result)
+    return result
   eval_s = _run_command(eval_command, log_path)
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
@@ -271,8 +342,61 @@ def run_one(run: Run, results_dir: str, workdir_root: str) -> dict[str, Any]:
     linear = json.load(f)
   with open(os.path.join(workdir, 'config.json')) as f:
     config = json.load(f)
-  gating = config['gating']
+  dense_knn = (summary.get('dense_network') or {}).get('knn_top1')
+  dense_linear = (linear.get('dense_network') or {}).get('top1')
   result = {
+      **_describe(run, config),
+      'eval_split': summary.get('eval_split', 'test'),
+      'num_train': summary.get('num_train'),
+      'steps': summary['steps'],
+      'knn_top1': summary['knn_top1'], 'linear_top1': linear['top1'],
+      'flops_reduction': summary['flops_reduction'],
+      'gate_density': linear['gate_density'],
+      # The dense network of a dense-partner run (every gate open).
+      'dense_knn_top1': dense_knn, 'dense_linear_top1': dense_linear,
+      # The wall time of the commands as run by this grid (a run resumed from
+      # a checkpoint counts only its last part; see resumed_from_step).
+      'train_wall_s': train_s, 'linear_eval_wall_s': eval_s,
+      'resumed_from_step': summary.get('resumed_from_step', 0),
+      'train_command': _shell(train_command),
+      'linear_eval_command': _shell(eval_command),
+      'finished': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
+  }
+  _save_result(results_dir, run.name, result)
+  return result
+
+
+def divergence_step(log_text: str) -> int | None:
+  """The step of the training loop's non-finite-loss stop in a log, if any."""
+  match = re.search(r'Loss is \S+ at step (\d+)', log_text)
+  return int(match.group(1)) if match else None
+
+
+def last_losses(workdir: str, count: int = 5) -> list[list[float]]:
+  """[step, loss] of the last `count` rows of a run's metrics.jsonl."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line)
+      if 'loss' in row:
+        rows.append([row['step'], row['loss']])
+  return rows[-count:]
+
+
+def _save_result(results_dir: str, name: str, result: dict[str, Any]) -> None:
+  path = result_path(results_dir, name)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(result, f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
+def _describe(run: Run, config: dict[str, Any]) -> dict[str, Any]:
+  """The fields of a result that describe its run (not its measures)."""
+  gating = config['gating']
+  return {
       'name': run.name, 'group': run.group, 'method': run.method,
       'framework': config['framework'], 'dataset': config['data']['dataset'],
       'seed': config['seed'],
@@ -284,27 +408,11 @@ def run_one(run: Run, results_dir: str, workdir_root: str) -> dict[str, Any]:
       **{field: gating.get(field, default)
          for field, default in LINEAGE_DEFAULTS.items()},
       'threshold_target': gating['threshold_target'],
-      'eval_split': summary.get('eval_split', 'test'),
-      'num_train': summary.get('num_train'),
+      'learning_rate': config['optim']['base_learning_rate'],
       'model': f'{config["model"]["name"]} width {config["model"]["width"]}',
       'image_size': config['data']['image_size'],
-      'batch_size': config['batch_size'], 'steps': summary['steps'],
-      'knn_top1': summary['knn_top1'], 'linear_top1': linear['top1'],
-      'flops_reduction': summary['flops_reduction'],
-      'gate_density': linear['gate_density'],
-      # The wall time of the commands as run by this grid (a run resumed from
-      # a checkpoint counts only its last part; see resumed_from_step).
-      'train_wall_s': train_s, 'linear_eval_wall_s': eval_s,
-      'resumed_from_step': summary.get('resumed_from_step', 0),
-      'train_command': _shell(train_command),
-      'linear_eval_command': _shell(eval_command),
-      'finished': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
+      'batch_size': config['batch_size'],
   }
-  path = result_path(results_dir, run.name)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(result, f, indent=2)
-  os.replace(path + '.tmp', path)
-  return result
 
 
 def load_results(results_dir: str) -> list[dict[str, Any]]:
@@ -323,15 +431,24 @@ def load_results(results_dir: str) -> list[dict[str, Any]]:
                                         r['name']))
 
 
-# Gating fields added with issue 12, with the value every earlier run had.
+# Gating fields added with issues 12 and 20, with the value every earlier run
+# had.
 LINEAGE_DEFAULTS = {'grouping': 'first', 'saliency_norm': 'batch',
                     'saliency_grad': False, 'surrogate': 'sigmoid',
-                    'target_anneal_fraction': 0.0}
+                    'target_anneal_fraction': 0.0, 'partner_norm': 'shared',
+                    'predictor_saliency': 'bounded'}
 
 
 def with_defaults(result: dict[str, Any]) -> dict[str, Any]:
   """A result with the fields earlier runs did not record, at their values."""
-  return {'eval_split': 'test', **LINEAGE_DEFAULTS, **result}
+  return {'eval_split': 'test', 'learning_rate': 1.0, 'dense_knn_top1': None,
+          'dense_linear_top1': None, 'diverged_at_step': None,
+          **LINEAGE_DEFAULTS, **result}
+
+
+def trained(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The results that have accuracies (not diverged runs)."""
+  return [r for r in results if r.get('diverged_at_step') is None]
 
 
 TABLE_COLUMNS = ('name', 'framework', 'dataset', 'eval_split', 'method',
@@ -347,12 +464,14 @@ TABLE_COLUMNS = ('name', 'framework', 'dataset', 'eval_split', 'method',
 # regulariser form and the saliency statistics; see layers.GatingSpec), so
 # rows trained before a default changed still group with later ones.
 SETTING_FIELDS = ('framework', 'dataset', 'eval_split', 'model', 'image_size',
-                  'batch_size', 'steps', 'gating')
+                  'batch_size', 'steps', 'learning_rate', 'gating')
 GATING_FIELDS = {
     'none': (),
     'cdg': ('block', 'regularizer', 'weight', 'density_target',
-            'saliency_stats', 'branches', *LINEAGE_DEFAULTS),
-    'channel_predictor': ('weight', 'density_target', 'branches'),
+            'saliency_stats', 'branches',
+            *(f for f in LINEAGE_DEFAULTS if f != 'predictor_saliency')),
+    'channel_predictor': ('weight', 'density_target', 'branches',
+                          'predictor_saliency'),
     'spatial_predictor': ('block', 'weight', 'density_target', 'branches'),
 }
 SEED_MEASURES = ('knn_top1', 'linear_top1', 'flops_reduction')
@@ -371,7 +490,7 @@ def seed_summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     '<m>_max'}.
   """
   by_setting: dict[tuple, dict[int, dict[str, Any]]] = {}
-  for r in map(with_defaults, results):
+  for r in map(with_defaults, trained(results)):
     fields = SETTING_FIELDS + GATING_FIELDS[r['gating']]
     key = tuple((f, json.dumps(r.get(f))) for f in fields)
     by_setting.setdefault(key, {}).setdefault(r['seed'], r)
@@ -411,17 +530,29 @@ def write_table(results: list[dict[str, Any]], results_dir: str) -> None:
            'on all 25,000 training images) or `validation` (5,000 '
            'class-balanced images held out of the training set; training on '
            'the other 20,000). Choices are made on validation rows only.', '',
+           'A dense-partner run trains two networks: the "dense path" column '
+           'gives kNN / linear top-1 of its dense network (the same weights, '
+           'every gate open; 1.00x). A run whose loss became non-finite shows '
+           'the step it stopped at instead of accuracies.', '',
            '| run | framework | data | split | method | kNN top-1 | linear '
-           'top-1 | FLOPs reduction | gate density | seed | steps | wall '
-           '(train + linear eval) |',
+           'top-1 | FLOPs reduction | gate density | dense path | seed | '
+           'steps | wall (train + linear eval) |',
            '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- '
-           '| --- |']
+           '| --- | --- |']
   for r in results:
+    if r['diverged_at_step'] is not None:
+      measures = (f'diverged at step {r["diverged_at_step"]} | - | - | - '
+                  f'| - ')
+    else:
+      dense = ('-' if r['dense_knn_top1'] is None else
+               f'{100 * r["dense_knn_top1"]:.2f} / '
+               f'{100 * r["dense_linear_top1"]:.2f}')
+      measures = (f'{100 * r["knn_top1"]:.2f} | {100 * r["linear_top1"]:.2f} '
+                  f'| {r["flops_reduction"]:.2f}x | {r["gate_density"]:.3f} '
+                  f'| {dense} ')
     lines.append(
         f'| {r["name"]} | {r["framework"]} | {r["dataset"]} '
-        f'| {r["eval_split"]} | {r["method"]} '
-        f'| {100 * r["knn_top1"]:.2f} | {100 * r["linear_top1"]:.2f} '
-        f'| {r["flops_reduction"]:.2f}x | {r["gate_density"]:.3f} '
+        f'| {r["eval_split"]} | {r["method"]} | {measures}'
         f'| {r["seed"]} | {r["steps"]} '
         f'| {r["train_wall_s"]:.0f} s + {r["linear_eval_wall_s"]:.0f} s |')
   summary = seed_summary(results)
@@ -446,15 +577,18 @@ def write_table(results: list[dict[str, Any]], results_dir: str) -> None:
   lines += ['', 'Commands (run from the repository root; each run\'s workdir '
             'under --workdir_root):', '']
   for r in results:
-    lines.append(f'- `{r["name"]}`: `{r["train_command"]}` then '
-                 f'`{r["linear_eval_command"]}`')
+    then = (f' then `{r["linear_eval_command"]}`'
+            if r['linear_eval_command'] else ' (diverged: no evaluation)')
+    lines.append(f'- `{r["name"]}`: `{r["train_command"]}`{then}')
   with open(os.path.join(results_dir, 'results.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
 
 
 def write_plot(results: list[dict[str, Any]], results_dir: str) -> None:
   """accuracy_vs_flops.png: kNN and linear top-1 against FLOPs reduction."""
-  results = [with_defaults(r) for r in results]
+  results = [with_defaults(r) for r in trained(results)]
+  if not results:
+    return
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -534,7 +668,7 @@ def _cdg_default() -> dict[str, Any]:
 
 def curves(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
   """Accuracy-vs-FLOPs curves: {label: rows sorted by FLOPs reduction}."""
-  results = [with_defaults(r) for r in results]
+  results = [with_defaults(r) for r in trained(results)]
   # The rerun of a row (group 'repro') is not another point of the curve.
   base = [r for r in results if r['group'] != 'repro' and
           all(r.get(k) == v for k, v in MATCHED_SETTING.items())]
@@ -565,7 +699,8 @@ def interpolate(rows: list[dict[str, Any]], reduction: float,
 def matched_lines(results: list[dict[str, Any]]) -> list[str]:
   """The matched-FLOPs section of results.md."""
   curve = curves(results)
-  dense = [r for r in map(with_defaults, results) if r['gating'] == 'none'
+  dense = [r for r in map(with_defaults, trained(results))
+           if r['gating'] == 'none'
            and all(r.get(k) == v for k, v in MATCHED_SETTING.items()
                    if k != 'seed')]
   if not any(len(rows) >= 2 for rows in curve.values()):
@@ -605,7 +740,8 @@ def write_matched_plot(results: list[dict[str, Any]], results_dir: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  dense = [r for r in map(with_defaults, results) if r['gating'] == 'none'
+  dense = [r for r in map(with_defaults, trained(results))
+           if r['gating'] == 'none'
            and all(r.get(k) == v for k, v in MATCHED_SETTING.items()
                    if k != 'seed')]
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -670,11 +806,16 @@ def run_grid(grids: list[str], results_dir: str, workdir_root: str,
           f'{_shell(run.train_command(os.path.join(workdir_root, run.name)))}',
           flush=True)
     result = run_one(run, results_dir, workdir_root)
-    print(f'    kNN {100 * result["knn_top1"]:.2f}%, linear '
-          f'{100 * result["linear_top1"]:.2f}%, FLOPs reduction '
-          f'{result["flops_reduction"]:.2f}x, '
-          f'{result["train_wall_s"] + result["linear_eval_wall_s"]:.0f} s',
-          flush=True)
+    if result.get('diverged_at_step') is not None:
+      print(f'    diverged at step {result["diverged_at_step"]} (last losses '
+            f'{result["losses_before_divergence"]}), '
+            f'{result["train_wall_s"]:.0f} s', flush=True)
+    else:
+      print(f'    kNN {100 * result["knn_top1"]:.2f}%, linear '
+            f'{100 * result["linear_top1"]:.2f}%, FLOPs reduction '
+            f'{result["flops_reduction"]:.2f}x, '
+            f'{result["train_wall_s"] + result["linear_eval_wall_s"]:.0f} s',
+            flush=True)
     write_report(results_dir)
   return write_report(results_dir)
 

@@ -63,15 +63,21 @@ def test_every_grid_row_is_a_valid_command(run, monkeypatch):
   assert config.seed == dict(run.overrides).get('seed', 0)
   assert (config.seed != 0) == (run.group == 'seeds')
   # Model selection is scored on held-out training images, never the test set.
-  assert (config.data.validation_size == 5000) == (run.group == 'selection')
+  assert (config.data.validation_size == 5000) == (
+      run.group in ('selection', 'partner_selection'))
   overrides = dict(run.overrides)
   if run.method.startswith('dense'):
     assert spec.kind == 'none'
   elif 'predictor' in run.method:
-    assert spec.kind == run.method.split(' density')[0].replace(' ', '_')
+    kind = run.method.split(' density')[0].split(',')[0]
+    assert spec.kind == kind.replace(' ', '_')
     assert spec.density_target == overrides.get('gating.density_target', 0.5)
   else:
     assert spec.kind == 'cdg'
+  assert (spec.branches == 'dense_partner') == ('dense partner' in run.method)
+  assert (spec.predictor_saliency == 'relu') == ('FBS ReLU' in run.method)
+  if run.group == 'fbs':   # a divergence is located to the step
+    assert config.log_every_steps == 1
 
 
 def test_cpu_protocol_names_the_bad_config_file():
