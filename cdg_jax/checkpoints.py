@@ -90,9 +90,7 @@ def check_compatible(config, workdir: str) -> None:
 
 def has_checkpoint(workdir: str) -> bool:
   """Whether `workdir` holds at least one saved step (damaged or not)."""
-  directory = os.path.join(workdir, CHECKPOINT_DIR)
-  return os.path.isdir(directory) and any(
-      name.isdigit() for name in os.listdir(directory))
+  return bool(complete_steps(workdir))
 
 
 def write_config(config, workdir: str) -> None:
@@ -120,13 +118,74 @@ def checkpoint_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
 
-def save(manager: ocp.CheckpointManager, state, step: int) -> None:
-  """Saves the train state asynchronously (wait before exiting)."""
-  manager.save(step, args=ocp.args.StandardSave(state))
-
-
 class NoValidCheckpointError(RuntimeError):
   """Checkpoints exist but none of them restores."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (full disk, lost permission, ...)."""
+
+
+def complete_steps(workdir: str) -> list[int]:
+  """Steps of the finished checkpoints in `workdir` (not half-written ones)."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _write_error(manager: ocp.CheckpointManager, step: int | None,
+                 error: BaseException) -> CheckpointWriteError:
+  """A CheckpointWriteError naming the directory, the cause and the fix."""
+  directory = str(manager.directory)
+  text = str(error)
+  full = ('No space left on device' in text or 'os_error_code=\'28\'' in text
+          or getattr(error, 'errno', None) == 28)
+  cause = ('the disk is full (No space left on device)' if full
+           else f'{type(error).__name__}: {text.splitlines()[0][:300]}'
+           if text else type(error).__name__)
+  finished = complete_steps(os.path.dirname(directory))
+  what = f'the checkpoint of step {step}' if step is not None else 'a checkpoint'
+  resume = (f'it resumes from step {finished[-1]}, the newest complete '
+            f'checkpoint' if finished else 'no checkpoint is complete yet, so '
+            'it starts from step 0')
+  fix = (f'Free space on that filesystem (or use a --workdir on a larger '
+         f'one)' if full else 'Fix the cause')
+  return CheckpointWriteError(
+      f'Could not write {what} in {directory}: {cause}. {fix} and run the '
+      f'same command again: {resume}.')
+
+
+def save(manager: ocp.CheckpointManager, state, step: int) -> None:
+  """Saves the train state asynchronously (`wait` before exiting).
+
+  Raises:
+    CheckpointWriteError: this save, or an earlier asynchronous one, failed.
+  """
+  try:
+    manager.save(step, args=ocp.args.StandardSave(state))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _write_error(manager, step, e) from e
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Waits for pending saves.
+
+  Raises:
+    CheckpointWriteError: a pending save failed (e.g. the disk is full).
+  """
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _write_error(manager, _unfinished_step(manager), e) from e
+
+
+def _unfinished_step(manager: ocp.CheckpointManager) -> int | None:
+  """The newest step whose save was begun but not finished, if any."""
+  directory = str(manager.directory)
+  steps = [int(name.split('.')[0]) for name in os.listdir(directory)
+           if name.split('.')[0].isdigit() and not name.isdigit()]
+  return max(steps) if steps else None
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state,
@@ -173,8 +232,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state,
     return state
   raise NoValidCheckpointError(
       f'None of the {len(steps)} checkpoint(s) in {manager.directory} '
-      f'restores:\n  ' + '\n  '.join(failures) + '\nMove or delete that '
-      f'directory to start the run from scratch, or use a new --workdir.')
+      f'restores:\n  ' + '\n  '.join(failures) + f'\nNo checkpoint of '
+      f'{manager.directory} restores: move or delete that directory to start '
+      f'the run from scratch, or use a new --workdir.')
 
 
 def _quarantine(manager: ocp.CheckpointManager, steps: list[int],

@@ -6,14 +6,23 @@
   `KeyError`.
 * `quiet_logging`: the console shows the program's own progress and results;
   absl and orbax INFO lines (per-step metrics, checkpoint internals) only
-  with `--verbosity=0` (or `-v 0`).
+  with `--verbosity=0` (or `-v 0`). Orbax's own warnings and errors, and the
+  exceptions its event loops leave behind after a failure ("Event loop is
+  closed", "Exception ignored in coroutine", never-awaited coroutines), go
+  to the log at INFO too: the program reports the failure itself.
+* `reported_errors`: every way a command ends has its status and, on
+  failure, the reason as the last line of output (`FATAL: ...`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+import contextlib
+import logging as std_logging
 import os
 import sys
+import traceback
+import warnings
 
 from absl import flags
 from absl import logging
@@ -57,6 +66,19 @@ def config_file_error(argv: Sequence[str]) -> str | None:
           f'from the repository root or give the path to the file.')
 
 
+def _override_with_key(argv: Sequence[str], error: BaseException
+                       ) -> str | None:
+  """The `--config.x.y=...` argument that an override error is about."""
+  overrides = [a for a in argv[1:] if a.startswith('--config.')]
+  message = _root_cause(error)
+  for key in (message.strip("'\""), *message.replace("'", ' ').split()):
+    for arg in overrides:
+      path = arg[len('--config.'):].split('=', 1)[0]
+      if key and key in path.split('.'):
+        return arg
+  return overrides[0] if len(overrides) == 1 else None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with one clear line for a bad --config.
 
@@ -70,10 +92,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
       message = str(e)
     except (AttributeError, KeyError, ValueError, TypeError, OSError) as e:
-      # Raised while applying `--config.x.y=...` overrides to the config.
-      override = next((a for a in argv[1:] if a.startswith('--config.')),
-                      None)
-      message = f'Bad config override'
+      # Raised while applying `--config.x.y=...` overrides to the config:
+      # name the override whose key the error names.
+      override = _override_with_key(argv, e)
+      message = 'Bad config override'
       if override:
         message += f' {override}'
       message += f': {_root_cause(e)}'
@@ -81,11 +103,104 @@ def parse_flags(argv: list[str]) -> list[str]:
   sys.exit(2)
 
 
+class _LibraryNoise(std_logging.Filter):
+  """Passes a record unless it is an orbax/TensorStore/asyncio warning or error.
+
+  Those come with every damaged checkpoint or failed write, often as many
+  long tracebacks; the program reports the failure itself in one line.
+  They still reach the log at INFO (`-v 0`).
+  """
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    path = record.pathname.replace(os.sep, '/')
+    # asyncio's own logger reports orbax's failed futures ("Future exception
+    # was never retrieved"), often at exit, after the program's last line.
+    if ('/orbax/' in path or '/tensorstore/' in path
+        or record.name.startswith('asyncio')):
+      if record.levelno < std_logging.CRITICAL and not _verbose():
+        return False
+    return True
+
+
+def _verbose() -> bool:
+  return logging.get_verbosity() >= logging.INFO
+
+
+def _unraisable_to_log(unraisable) -> None:
+  """sys.unraisablehook: an exception nobody could catch, to the log at INFO.
+
+  After a failed orbax save or restore, TensorStore callbacks reach event
+  loops that orbax has already closed, and each raises 'Event loop is
+  closed' where no caller can catch it (hundreds of tracebacks on stderr).
+  """
+  exc = unraisable.exc_value
+  logging.info('Ignored exception in %r: %s',
+               unraisable.object, ''.join(traceback.format_exception(
+                   unraisable.exc_type, exc, unraisable.exc_traceback)))
+
+
+def _warning_to_log(message, category, filename, lineno, file=None,
+                    line=None, _show=warnings.showwarning):
+  """Never-awaited coroutines (orbax after a failure) to the log at INFO."""
+  if issubclass(category, RuntimeWarning) and 'never awaited' in str(message):
+    logging.info('%s:%d: %s: %s', filename, lineno, category.__name__,
+                 message)
+    return
+  _show(message, category, filename, lineno, file, line)
+
+
 def quiet_logging() -> None:
   """INFO logs (metrics lines, orbax internals) only with an explicit -v/--verbosity.
 
   Call in `main` (after flag parsing). The program's own progress goes to the
-  console through tqdm and print, and warnings always show.
+  console through tqdm and print, and its warnings always show; orbax's
+  warnings and errors and the exceptions its closed event loops leave
+  behind go to the log at INFO (see the module doc).
   """
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _LibraryNoise) for f in handler.filters):
+    handler.addFilter(_LibraryNoise())
+  sys.unraisablehook = _unraisable_to_log
+  warnings.showwarning = _warning_to_log
+
+
+# Errors that the program raises on purpose, with a message that names the
+# bad value and the fix: reported as one FATAL line (traceback at INFO).
+def _expected_errors() -> tuple[type[BaseException], ...]:
+  from cdg_jax import checkpoints, run_control  # pylint: disable=g-import-not-at-top
+  return (ValueError, FileNotFoundError, PermissionError, FloatingPointError,
+          checkpoints.NoValidCheckpointError, checkpoints.CheckpointWriteError,
+          run_control.WorkdirLockedError)
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+  """Ends the command with its documented status and the reason last.
+
+  Preempted (SIGTERM/SIGINT, checkpoint saved): its message, status 143.
+  Another run holds the workdir: `FATAL: ...`, status 2. An error raised on
+  purpose (a bad value, a damaged checkpoint, a full disk, a diverged loss):
+  `FATAL: <message>`, status 1, the traceback in the log at INFO. Anything
+  else: the traceback, then `FATAL: <type>: <message>`, status 1.
+  """
+  from cdg_jax import run_control  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except run_control.Preempted as e:
+    _exit(str(e), run_control.Preempted.exit_code)
+  except run_control.WorkdirLockedError as e:
+    _exit(f'FATAL: {e}', 2)
+  except _expected_errors() as e:
+    logging.info('%s', traceback.format_exc())
+    _exit(f'FATAL: {e}', 1)
+  except Exception as e:  # pylint: disable=broad-except
+    traceback.print_exc()
+    _exit(f'FATAL: {type(e).__name__}: {e}', 1)
+
+
+def _exit(message: str, status: int) -> None:
+  sys.stdout.flush()
+  print(message, file=sys.stderr, flush=True)
+  sys.exit(status)

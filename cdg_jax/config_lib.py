@@ -297,6 +297,9 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     spec = layers.GatingSpec.from_config(config.gating)
     if config.framework in ssl.FRAMEWORKS:
       ssl.check_branches(config.framework, spec)
+    if config.eval.sparse_inference:
+      models.with_sparse_inference(models.create_resnet(config.model,
+                                                        config.gating))
   except ValueError as e:
     problems.append(str(e))
   return problems

@@ -400,7 +400,8 @@ def main(argv):
   from cdg_jax import models  # pylint: disable=g-import-not-at-top
   cli.quiet_logging()
   if flags.FLAGS.workdir:
-    config, report = trained_report(flags.FLAGS.workdir)
+    with cli.reported_errors():
+      config, report = trained_report(flags.FLAGS.workdir)
     print(f'{config.model.name} ({config.model.stem} stem, width '
           f'{config.model.width}), gating.kind={config.gating.kind}, trained '
           f'in {flags.FLAGS.workdir}; gates in eval mode, densities averaged '

@@ -55,6 +55,7 @@ import math
 import os
 import queue
 import threading
+import time
 from typing import Any
 import zipfile
 import zlib
@@ -838,6 +839,10 @@ def shard_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh
   return {key: put(value) for key, value in batch.items()}
 
 
+# How long closing a prefetch generator waits for its thread (one batch).
+JOIN_TIMEOUT_S = 60.0
+
+
 class _Raised:
   """Carries an exception from the prefetch thread to the consumer."""
 
@@ -851,7 +856,10 @@ def prefetch(iterator, size: int = 2) -> Iterator[Any]:
   Host batches (or, with `shard_batch` inside the iterator, device arrays) are
   ready before the train step asks, so the accelerator does not wait on the
   host. Exceptions in the iterator are re-raised in the consumer; closing or
-  dropping the returned generator stops the thread.
+  dropping the returned generator stops the thread and waits for it (up to
+  `JOIN_TIMEOUT_S`), so that no thread is inside JAX or NumPy while the
+  interpreter exits: a daemon thread killed there aborts the process
+  (status 134, 'FATAL: exception not rethrown').
 
   Args:
     iterator: any iterable.
@@ -900,3 +908,16 @@ def prefetch(iterator, size: int = 2) -> Iterator[Any]:
       yield item
   finally:
     stop.set()
+    closing = time.monotonic()
+    # Let a producer blocked on a full queue finish its `offer`, then wait
+    # for it to leave the source iterator.
+    while thread.is_alive():
+      try:
+        items.get_nowait()
+      except queue.Empty:
+        pass
+      thread.join(timeout=0.05)
+      if time.monotonic() - closing > JOIN_TIMEOUT_S:
+        logging.warning('The prefetch thread did not stop within %.0f s.',
+                        JOIN_TIMEOUT_S)
+        break

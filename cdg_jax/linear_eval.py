@@ -24,7 +24,9 @@ different numbers; compare runs evaluated the same way.
 The network evaluated is the one in DIR: the `model` and `gating` blocks of
 DIR/config.json are used whatever the --config says (a difference is logged
 and recorded in the JSON under 'config_notes'). Data, augmentation
-normalisation and the `eval` / `linear_eval` blocks come from --config.
+normalisation and the `eval` / `linear_eval` blocks come from --config; a
+data block, normalisation or framework that differs from the trained run's
+is allowed (a transfer evaluation) and noted the same way.
 """
 
 from __future__ import annotations
@@ -218,6 +220,39 @@ def use_backbone_config(config: ml_collections.ConfigDict,
   return config, notes
 
 
+# Fields of --config that may differ from the trained run's on purpose (a
+# transfer evaluation on another dataset, another resolution) but change what
+# the numbers mean: each difference is noted in the results.
+DATA_FIELDS = ('source', 'dataset', 'npz_path', 'data_dir', 'num_classes',
+               'image_size', 'validation_size')
+
+
+def data_notes(config: ml_collections.ConfigDict,
+               backbone_config: ml_collections.ConfigDict) -> list[str]:
+  """Notes on the data, normalisation and framework that differ from the run.
+
+  Evaluating a backbone on other data is allowed (transfer), so these are
+  notes, not errors; each names both values.
+  """
+  notes = []
+  for field in DATA_FIELDS:
+    given, trained = config.data.get(field), backbone_config.data.get(field)
+    if given != trained:
+      notes.append(f'data.{field}={given!r} differs from the {trained!r} the '
+                   f'backbone was trained with.')
+  for field in ('mean', 'std'):
+    given = [float(v) for v in config.augment.get(field, ())]
+    trained = [float(v) for v in backbone_config.augment.get(field, ())]
+    if trained and given != trained:
+      notes.append(f'augment.{field}={given} (input normalisation) differs '
+                   f'from the {trained} the backbone was trained with.')
+  if config.get('framework') != backbone_config.get('framework'):
+    notes.append(f'framework={config.get("framework")!r} differs from the '
+                 f'{backbone_config.get("framework")!r} the backbone was '
+                 f'trained with (it does not change the linear protocol).')
+  return notes
+
+
 def run_linear_eval(config: ml_collections.ConfigDict,
                     workdir: str) -> dict[str, Any]:
   """Linear evaluation of the backbone exported in `workdir` (see module doc).
@@ -244,11 +279,9 @@ def run_linear_eval(config: ml_collections.ConfigDict,
     logging.warning('%s', note)
   settings = dict(DEFAULTS)
   settings.update(dict(config.get('linear_eval') or {}))
-  if (config.data.image_size != backbone_config.data.image_size):
-    notes.append(f'data.image_size={config.data.image_size} differs from the '
-                 f'{backbone_config.data.image_size} the backbone was trained '
-                 f'at.')
-    logging.warning('%s', notes[-1])
+  for note in data_notes(config, backbone_config):
+    notes.append(note)
+    logging.warning('%s', note)
 
   mesh = parallel.make_mesh()
   source = input_pipeline.create_source(config.data)
@@ -368,7 +401,8 @@ def main(argv):
   parallel.split_host_into_devices()
   parallel.initialize_distributed()
   workdir = flags.FLAGS.workdir
-  results = run_linear_eval(flags.FLAGS.config, workdir)
+  with cli.reported_errors():
+    results = run_linear_eval(flags.FLAGS.config, workdir)
   if jax.process_index() == 0:
     print(format_summary(results, workdir))
 

@@ -6,11 +6,11 @@ r"""Pretrains a CDG-gated ResNet with self-supervised learning.
 Re-running with the same --workdir resumes from its latest checkpoint.
 Override any config field on the command line, e.g. `--config.batch_size=512`.
 SIGTERM or Ctrl-C saves a checkpoint after the current step and exits with
-status 143; the console shows progress and results, `-v 0` adds the INFO
-logs (per-step metrics, checkpointing).
+status 143; success exits with 0, any failure with a non-zero status and
+its reason as the last line (`FATAL: ...`). The console shows progress and
+results, `-v 0` adds the INFO logs (per-step metrics, checkpointing, the
+tracebacks behind a FATAL line).
 """
-
-import sys
 
 from absl import app
 from absl import flags
@@ -43,15 +43,8 @@ def main(argv):
   from cdg_jax import train  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
-  from cdg_jax import run_control  # pylint: disable=g-import-not-at-top
-  try:
+  with cli.reported_errors():
     train.train_and_evaluate(config, _WORKDIR.value)
-  except run_control.Preempted as e:
-    print(e, file=sys.stderr, flush=True)
-    sys.exit(run_control.Preempted.exit_code)
-  except run_control.WorkdirLockedError as e:
-    print(f'FATAL: {e}', file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -185,8 +185,11 @@ def total_steps(config, num_train: int) -> int:
 def steps_per_epoch(config, num_train: int) -> int:
   """Full batches per epoch (the last partial batch of an epoch is dropped)."""
   if config.batch_size > num_train:
+    held_out = config.data.get('validation_size', 0)
+    where = (f' left after holding out data.validation_size={held_out} for '
+             f'validation' if held_out else '')
     raise ValueError(f'batch_size={config.batch_size} exceeds the '
-                     f'{num_train} training images.')
+                     f'{num_train} training images{where}.')
   return num_train // config.batch_size
 
 

@@ -31,6 +31,7 @@ from cdg_jax import checkpoints
 from cdg_jax import config_lib
 from cdg_jax import evaluation
 from cdg_jax import input_pipeline
+from cdg_jax import layers
 from cdg_jax import metric_logging
 from cdg_jax import models
 from cdg_jax import parallel
@@ -105,11 +106,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   config_lib.validate(config)
   source = input_pipeline.create_source(config.data)
   mesh = parallel.make_mesh()
+  # The evaluation batch is rounded up to the devices (eval_batch_size).
   parallel.check_batch_divisible(config.batch_size, mesh)
-  parallel.check_batch_divisible(config.eval.batch_size, mesh,
-                                 'eval.batch_size')
   num_train = source.num_train
   total_steps = ssl.total_steps(config, num_train)
+  check_shapes(config, source, mesh)
   is_main = jax.process_index() == 0
   prepare_workdir(workdir)
   with run_control.WorkdirLock(workdir, enabled=is_main):
@@ -117,6 +118,47 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     checkpoints.write_config(config, workdir)
     return _train_and_evaluate(config, workdir, source, mesh, total_steps,
                                start_time)
+
+
+def check_shapes(config, source: input_pipeline.Source,
+                 mesh: jax.sharding.Mesh) -> None:
+  """Traces the whole run on the data's real shapes; computes nothing.
+
+  The state's initialisation, the train step and the evaluation forward
+  (block-sparse if `eval.sparse_inference`) are traced abstractly
+  (`jax.eval_shape`), so an error that only the shapes reveal -- a gate
+  block that does not divide a feature map, input-channel groups that do
+  not divide a layer's channels, images too small for the network -- is
+  raised before the workdir is touched, naming the config.
+
+  Raises:
+    ValueError: the config cannot run on this data.
+  """
+  height, width, channels = source.image_shape
+  try:
+    networks = ssl.build_networks(config)
+    state = jax.eval_shape(lambda: ssl.create_train_state(
+        config, networks, source.num_train, jax.random.key(0)))
+    step = ssl.make_train_step(config, networks, source.num_train,
+                               ssl.online_costs(config, networks))
+    batch = {'image': jax.ShapeDtypeStruct(
+                 (config.batch_size, height, width, channels), np.uint8),
+             'label': jax.ShapeDtypeStruct((config.batch_size,), np.int32)}
+    jax.eval_shape(step, state, batch)
+    backbone = evaluation.inference_backbone(
+        models.create_resnet(config.model, config.gating), config.eval)
+    eval_images = jax.ShapeDtypeStruct(
+        (evaluation.eval_batch_size(config.eval.batch_size, mesh), height,
+         width, channels), np.float32)
+    jax.eval_shape(
+        lambda variables, x: backbone.apply(
+            variables, x, train=False, mutable=[layers.DENSITY_COLLECTION]),
+        backbone_variables(state), eval_images)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f'This config cannot run on this data ({height}x{width} images, '
+        f'{source.num_train} for training, data.source='
+        f'{config.data.source!r}): {e}') from e
 
 
 def _train_and_evaluate(config, workdir, source, mesh, total_steps,
@@ -188,7 +230,7 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
         if preemption.should_stop(step) and step < total_steps:
           if not save_now:
             checkpoints.save(manager, state, step)
-          manager.wait_until_finished()
+          checkpoints.wait(manager)
           writer.close()
           cause = preemption.signal_name or 'a preemption notice'
           message = (f'Stopped by {cause} after step {step} of {total_steps}; '
@@ -202,8 +244,8 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
           writer.write_scalars(step, _eval_scalars(knn))
     finally:
       progress.close()
-      manager.wait_until_finished()
-      batches.close()
+      batches.close()   # joins the prefetch thread before anything exits
+      checkpoints.wait(manager)
 
   variables = backbone_variables(state)
   knn = evaluation.knn_eval(backbone, variables, source, config, mesh)

@@ -354,6 +354,7 @@ def run_one(run: Run, results_dir: str, workdir_root: str) -> dict[str, Any]:
       'gate_density': linear['gate_density'],
       # The dense network of a dense-partner run (every gate open).
       'dense_knn_top1': dense_knn, 'dense_linear_top1': dense_linear,
+      'diverged_at_step': None,
       # The wall time of the commands as run by this grid (a run resumed from
       # a checkpoint counts only its last part; see resumed_from_step).
       'train_wall_s': train_s, 'linear_eval_wall_s': eval_s,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,11 +46,20 @@ def _assert_same_backbone(a, b):
                first, second)
 
 
-def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path):
-  straight = str(tmp_path / 'straight')
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+  """The smoke run without interruption, for the resumed runs to match."""
+  straight = str(tmp_path_factory.mktemp('straight') / 'run')
   train.train_and_evaluate(_smoke_config(), straight)
+  return straight
 
-  # The same run as a real process, sent SIGTERM once it has logged step 3.
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT],
+                         ids=['SIGTERM', 'SIGINT'])
+def test_a_signal_saves_a_checkpoint_and_the_resumed_run_matches(
+    tmp_path, straight_run, signum):
+  straight = straight_run
+  # The same run as a real process, sent the signal once it has logged step 3.
   workdir = str(tmp_path / 'preempted')
   process = subprocess.Popen(
       [sys.executable, '-m', 'cdg_jax.main', *_SMOKE, f'--workdir={workdir}'],
@@ -59,11 +69,15 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path):
   deadline = time.time() + 300
   while time.time() < deadline and process.poll() is None:
     if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
-      process.send_signal(signal.SIGTERM)
+      process.send_signal(signum)
       break
     time.sleep(0.02)
   _, stderr = process.communicate(timeout=300)
+  # 143, not an abort (134) from a thread still inside JAX at exit.
   assert process.returncode == 143, stderr[-3000:]
+  assert 'FATAL' not in stderr and 'Aborted' not in stderr
+  assert stderr.strip().splitlines()[-1].startswith(
+      f'Stopped by {signal.Signals(signum).name} after step')
   assert 'Run the same command again to resume from step' in stderr
   # Quiet by default: no orbax or absl INFO lines on the console.
   assert 'checkpoint_manager.py' not in stderr
@@ -103,14 +117,171 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   assert len(moved) == 1 and moved[0].startswith('6-')
   assert _metric_steps(workdir) == [3, 6]
 
-  # When no checkpoint restores, the error names the directory and the fix.
+  # When no checkpoint restores, the error names the directory and the fix,
+  # and, from the command line, is the last line of the output: orbax's
+  # tracebacks and its closed event loops' exceptions stay in the log.
   for step in ('3', '6'):
-    os.remove(os.path.join(workdir, 'checkpoints', step, 'default',
-                           '_METADATA'))
+    _truncate_arrays(os.path.join(workdir, 'checkpoints', step))
   with pytest.raises(checkpoints.NoValidCheckpointError,
                      match=r'(?s)None of the 2 checkpoint\(s\) in .*checkpoints'
                      r'.*start the run from scratch'):
     train.train_and_evaluate(config, workdir)
+  result = _main(f'--workdir={workdir}', '--config.num_steps=6',
+                 '--config.checkpoint.every_steps=3',
+                 '--config.log_every_steps=3')
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 1
+  assert lines[-1] == (f'No checkpoint of {workdir}/checkpoints restores: '
+                       f'move or delete that directory to start the run from '
+                       f'scratch, or use a new --workdir.')
+  assert 'Event loop is closed' not in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert len(_messages(result.stderr)) < 10, lines
+
+
+def _messages(stderr):
+  """The lines of a command's stderr other than its progress bar."""
+  return [line for line in stderr.strip().splitlines() if '%|' not in line]
+
+
+def _truncate_arrays(step_dir):
+  for folder, _, files in os.walk(step_dir):
+    for name in files:
+      if os.sep + 'd' in folder:
+        path = os.path.join(folder, name)
+        os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _main(*args, env=None, module='cdg_jax.main'):
+  """Runs a command of the package as a real process (smoke config)."""
+  # --config comes first: its overrides may only follow it.
+  config = [a for a in args if a.startswith('--config=')] or [
+      '--config=configs/simclr_cifar10.py:smoke']
+  args = [a for a in args if not a.startswith('--config=')]
+  return subprocess.run(
+      [sys.executable, '-m', module, *config, '--config.plot_images=0', *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, 'PYTHONPATH': ROOT, **(env or {})})
+
+
+def test_shape_errors_come_before_the_workdir_and_the_fix_reruns_there(
+    tmp_path):
+  """Errors the first compiled step used to find, after config.json."""
+  workdir = str(tmp_path / 'run')
+  result = _main(f'--workdir={workdir}', '--config.gating.block=(3,3,0)',
+                 '--config.num_steps=4')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith('FATAL: This config '
+                                                           'cannot run')
+  assert 'block height 3 does not divide 16' in result.stderr
+  assert not os.path.exists(workdir)
+  # The same workdir with the corrected value: no stale config blocks it.
+  os.makedirs(workdir)
+  checkpoints.write_config(_smoke_config(), workdir)  # a config, no checkpoint
+  config = _smoke_config()
+  config.num_steps = 4
+  config.gating.block = (2, 2, 0)
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary['steps'] == 4
+  # Sparse inference on untiled gates: refused before training.
+  other = str(tmp_path / 'sparse')
+  result = _main(f'--workdir={other}', '--config.eval.sparse_inference=True')
+  assert result.returncode == 1
+  last = result.stderr.strip().splitlines()[-1]
+  assert 'Sparse inference skips closed tiles' in last
+  assert 'gating.block=(1, 1, 1)' in last
+  assert not os.path.exists(other)
+
+
+@pytest.mark.parametrize('config,message', [
+    ({'gating.groups': 3}, 'gating.groups=3 does not divide the 8 input'),
+    ({'data.validation_size': 490},
+     'batch_size=32 exceeds the 22 training images left after holding out '
+     'data.validation_size=490'),
+])
+def test_late_shape_errors_name_the_value_before_the_workdir(tmp_path, config,
+                                                            message):
+  run_config = _smoke_config()
+  for key, value in config.items():
+    block, field = key.split('.')
+    run_config[block][field] = value
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(run_config, workdir)
+  assert not os.path.exists(workdir)
+
+
+def test_eight_devices_evaluate_with_the_default_eval_batch(tmp_path):
+  """eval.batch_size=500 is rounded up to 504 for 8 devices, not refused."""
+  workdir = str(tmp_path / 'run')
+  result = _main(f'--workdir={workdir}', '--config.num_steps=2',
+                 env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['steps'] == 2 and 0 <= summary['knn_top1'] <= 1
+  result = _main(f'--workdir={workdir}', '--config.linear_eval.epochs=1',
+                 module='cdg_jax.linear_eval',
+                 env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _small_filesystem(path, size):
+  """Mounts a tmpfs of `size` at `path`; False where this is not permitted."""
+  os.makedirs(path, exist_ok=True)
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}',
+                            'tmpfs', str(path)], capture_output=True)
+  return mounted.returncode == 0
+
+
+_ENOSPC_WRAPPER = r"""
+import errno, runpy, sys
+import orbax.checkpoint as ocp
+_save = ocp.CheckpointManager.save
+def save(self, step, *args, **kwargs):
+  if step >= 20:
+    raise OSError(errno.ENOSPC, 'No space left on device', str(self.directory))
+  return _save(self, step, *args, **kwargs)
+ocp.CheckpointManager.save = save
+sys.argv = ['cdg_jax.main'] + sys.argv[1:]
+runpy.run_module('cdg_jax.main', run_name='__main__')
+"""
+
+
+def test_a_full_disk_ends_with_one_clear_line_and_loses_nothing(tmp_path):
+  """A real small filesystem where the test may mount one (root), else a
+  checkpoint write that raises OSError(ENOSPC) from step 20 on."""
+  small = tmp_path / 'small'
+  real = _small_filesystem(small, '1400k')   # one smoke checkpoint is 0.8 MB
+  try:
+    workdir = str(small / 'run')
+    args = ['--config=configs/simclr_cifar10.py:smoke', f'--workdir={workdir}',
+            '--config.plot_images=0']
+    if real:
+      result = _main(*args)
+    else:
+      result = subprocess.run(
+          [sys.executable, '-c', _ENOSPC_WRAPPER, *args], cwd=ROOT,
+          capture_output=True, text=True, timeout=600,
+          env={**os.environ, 'PYTHONPATH': ROOT})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert lines[-1] == (
+        f'FATAL: Could not write the checkpoint of step 20 in {workdir}/'
+        f'checkpoints: the disk is full (No space left on device). Free '
+        f'space on that filesystem (or use a --workdir on a larger one) and '
+        f'run the same command again: it resumes from step 10, the newest '
+        f'complete checkpoint.'), lines[-5:]
+    assert 'Event loop is closed' not in result.stderr
+    assert len(_messages(result.stderr)) < 5, lines
+    # Nothing saved is lost: on a larger disk the run resumes from step 10.
+    moved = str(tmp_path / 'moved')
+    shutil.copytree(workdir, moved)
+  finally:
+    if real:
+      subprocess.run(['umount', str(small)], check=False)
+  summary = train.train_and_evaluate(load_config('simclr_cifar10'), moved)
+  assert summary['resumed_from_step'] == 10 and summary['steps'] == 20
 
 
 def test_a_second_run_on_a_workdir_is_refused_and_stale_locks_are_taken(

@@ -237,3 +237,29 @@ def test_smoke_grid_runs_saves_each_result_and_skips_finished_runs(
     run_grid.run_grid(['smoke'], results_dir, workdir_root)
   assert [r['name'] for r in run_grid.load_results(results_dir)] == [
       'smoke_dense']
+
+
+def test_a_diverged_run_is_recorded_with_its_step(tmp_path):
+  """FBS's unbounded saliency at a huge learning rate: the loss overflows in
+  a few steps; the runner records the step instead of failing."""
+  run = run_grid.Run(
+      'smoke_diverges', 'fbs', 'channel predictor, FBS ReLU saliency',
+      'configs/simclr_cifar10.py:smoke,channel_predictor',
+      (('gating.predictor_saliency', 'relu'), ('log_every_steps', 1),
+       ('optim.base_learning_rate', 1e6), ('num_steps', 8)))
+  results_dir = str(tmp_path / 'results')
+  result = run_grid.run_one(run, results_dir, str(tmp_path / 'work'))
+  step = result['diverged_at_step']
+  assert step is not None and 1 <= step <= 8
+  assert result['knn_top1'] is None and result['steps'] == step
+  # The losses logged before it, every step up to the divergence.
+  assert [s for s, _ in result['losses_before_divergence']] == list(
+      range(max(1, step - 5), step))
+  run_grid.write_report(results_dir)
+  with open(os.path.join(results_dir, 'results.md')) as f:
+    table = f.read()
+  assert f'| diverged at step {step} |' in table
+  assert '(diverged: no evaluation)' in table
+  assert run_grid.divergence_step(
+      'FloatingPointError: Loss is nan at step 17; training stopped') == 17
+  assert run_grid.divergence_step('RuntimeError: something else') is None

@@ -136,7 +136,9 @@ def test_bad_workdir_incompatible_checkpoint_and_typos_are_reported(tmp_path):
     train.train_and_evaluate(config, str(blocker / 'run'))
 
   workdir = str(tmp_path / 'run')
-  os.makedirs(workdir)
+  # A workdir with a saved step (the check reads only config.json and the
+  # step's presence).
+  os.makedirs(os.path.join(workdir, checkpoints.CHECKPOINT_DIR, '10'))
   checkpoints.write_config(config, workdir)
   other = load_config('simclr_cifar10')
   other.gating.groups = 2
