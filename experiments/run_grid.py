@@ -141,6 +141,20 @@ _DENSE_PARTNER = (('gating.branches', 'dense_partner'),)
 # FBS as published: the unbounded ReLU saliency; every step logged, so the
 # step of a divergence is exact.
 _FBS_RELU = (('gating.predictor_saliency', 'relu'), ('log_every_steps', 1))
+# The variant chosen on the validation split (partner_selection): the dense
+# partner with the dense path's own BatchNorm.
+_PARTNER = _DENSE_PARTNER + (('gating.partner_norm', 'separate'),)
+_PARTNER_LABEL = 'CDG dense partner'
+# The rows compared along resolution and length: each as at 16x16 / 4 epochs
+# except the named axis (the channel predictor at density 0.4, its point
+# nearest CDG's 2.2x).
+_SCALE_ROWS = (
+    ('dense', 'dense', f'{_SIMCLR},dense', ()),
+    ('cdg', 'CDG', _SIMCLR, ()),
+    ('cdg_partner', _PARTNER_LABEL, _SIMCLR, _PARTNER),
+    ('channel_predictor_d0.4', 'channel predictor density 0.4',
+     f'{_SIMCLR},channel_predictor', (('gating.density_target', 0.4),)),
+)
 
 
 GRIDS: dict[str, list[Run]] = {
@@ -261,6 +275,35 @@ GRIDS: dict[str, list[Run]] = {
         for suffix, label, lr in (
             ('', '', ()),
             ('_lr0.1', ', LR 0.1', (('optim.base_learning_rate', 0.1),)))
+    ],
+    # Issue 20 item 5: the chosen variant (selection: the dense partner with
+    # separate BatchNorm) on the test split: its accuracy-vs-FLOPs curve,
+    # seeds 1 and 2 at its 2.2x point, and 12 epochs.
+    'partner_final': [
+        Run('simclr_c10_cdg_partner', 'partner', _PARTNER_LABEL, _SIMCLR,
+            _PARTNER),
+        *[Run(f'simclr_c10_cdg_partner_target{density}', 'partner',
+              f'{_PARTNER_LABEL} density {density}', _SIMCLR,
+              _PARTNER + (('gating.density_target', density),))
+          for density in (0.35, 0.15, 0.10)],
+        *[Run(f'simclr_c10_cdg_partner_seed{seed}', 'seeds', _PARTNER_LABEL,
+              _SIMCLR, _PARTNER + (('seed', seed),)) for seed in (1, 2)],
+        Run('simclr_c10_cdg_partner_12ep', 'longer',
+            f'{_PARTNER_LABEL}, 12 epochs', _SIMCLR,
+            _PARTNER + (('num_epochs', 12.0),)),
+    ],
+    # Issue 20 item 6: the gap to dense along resolution (32x32 instead of
+    # 16x16: gated maps 32/16/8/4) and length (36 epochs instead of 4).
+    'resolution': [
+        Run(f'simclr_c10_{name}_32px', 'scale', f'{label}, 32x32', config,
+            overrides + (('data.image_size', 32),))
+        for name, label, config, overrides in _SCALE_ROWS
+    ],
+    'length36': [
+        Run(f'simclr_c10_{name}_36ep', 'scale', f'{label}, 36 epochs', config,
+            overrides + (('num_epochs', 36.0),))
+        for name, label, config, overrides in _SCALE_ROWS
+        if name != 'channel_predictor_d0.4'
     ],
     'smoke': [
         Run('smoke_dense', 'smoke', 'dense', 'configs/simclr_cifar10.py:'

@@ -58,8 +58,11 @@ def test_every_grid_row_is_a_valid_command(run, monkeypatch):
   assert config.data.source == 'npz'
   assert config.data.npz_path.endswith(f'{config.data.dataset}.npz')
   assert (config.model.name, config.model.width) == ('resnet18', 16)
-  assert config.data.image_size == 16
-  assert config.num_epochs == (12.0 if run.group == 'longer' else 4.0)
+  overrides = dict(run.overrides)
+  assert config.data.image_size == overrides.get('data.image_size', 16)
+  assert config.augment.image_size == config.data.image_size
+  assert config.num_epochs == overrides.get('num_epochs', 4.0)
+  assert (config.num_epochs == 12.0) == (run.group == 'longer')
   assert config.seed == dict(run.overrides).get('seed', 0)
   assert (config.seed != 0) == (run.group == 'seeds')
   # Model selection is scored on held-out training images, never the test set.
