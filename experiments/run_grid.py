@@ -618,6 +618,7 @@ def write_table(results: list[dict[str, Any]], results_dir: str) -> None:
           f'| {spread("linear_top1", 100, "")} '
           f'| {spread("flops_reduction", 1, "x")} |')
   lines += matched_lines(results)
+  lines += gap_lines(results)
   lines += ['', 'Commands (run from the repository root; each run\'s workdir '
             'under --workdir_root):', '']
   for r in results:
@@ -637,10 +638,12 @@ def write_plot(results: list[dict[str, Any]], results_dir: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  # One row of panels per framework, dataset and training length: only runs
-  # trained the same way are compared against each other's dense line.
-  settings = sorted({(r['framework'], r['dataset'], r['eval_split'],
-                      r['steps']) for r in results})
+  # One row of panels per framework, dataset, split, training length and
+  # resolution: only runs trained the same way are compared against each
+  # other's dense line.
+  panel = lambda r: (r['framework'], r['dataset'], r['eval_split'],
+                     r['steps'], r['image_size'])
+  settings = sorted({panel(r) for r in results})
   fig, axes = plt.subplots(len(settings), 2, squeeze=False,
                            figsize=(11, 3.8 * max(1, len(settings))))
   methods = sorted({r['method'] for r in results})
@@ -649,10 +652,9 @@ def write_plot(results: list[dict[str, Any]], results_dir: str) -> None:
   # strong shades of tab20 first, then the light ones.
   colors = [plt.get_cmap('tab20')(i) for i in (*range(0, 20, 2),
                                                *range(1, 20, 2))]
-  for row, (framework, dataset, split, steps) in enumerate(settings):
-    subset = [r for r in results if (r['framework'], r['dataset'],
-                                     r['eval_split'], r['steps'])
-              == (framework, dataset, split, steps)]
+  for row, setting in enumerate(settings):
+    framework, dataset, split, steps, size = setting
+    subset = [r for r in results if panel(r) == setting]
     dense = [r for r in subset if r['gating'] == 'none']
     for col, key in enumerate(('knn_top1', 'linear_top1')):
       ax = axes[row][col]
@@ -672,7 +674,8 @@ def write_plot(results: list[dict[str, Any]], results_dir: str) -> None:
         ax.axvline(2.0, color='gray', ls=':', lw=0.8)
       ax.set_xlabel(f'backbone FLOPs reduction (x, {split} split)')
       ax.set_ylabel(f'{"kNN" if key == "knn_top1" else "linear"} top-1 (%)')
-      ax.set_title(f'{framework}, {dataset}, {split} split, {steps} steps\nhollow: other '
+      ax.set_title(f'{framework}, {dataset}, {split} split, {steps} steps, '
+                   f'{size}x{size}\nhollow: other '
                    f'seeds, ablations, reruns; dashed: dense (mean) - 2 '
                    f'points; dotted: 2x', fontsize=8)
       ax.grid(alpha=0.3)
@@ -698,7 +701,12 @@ FIRST_READING = {'grouping': 'first', 'saliency_norm': 'batch',
                  'saliency_grad': False, 'surrogate': 'sigmoid',
                  'target_anneal_fraction': 0.0, 'block': [1, 1, 1],
                  'regularizer': 'density', 'weight': 1.0,
-                 'saliency_stats': 'per_branch', 'branches': 'both'}
+                 'saliency_stats': 'per_branch', 'branches': 'both',
+                 'partner_norm': 'shared'}
+# The variant of issue 20 (ours, after Krishna et al.): CDG's first reading
+# with a dense partner branch that has its own BatchNorm.
+DENSE_PARTNER = {**FIRST_READING, 'branches': 'dense_partner',
+                 'partner_norm': 'separate'}
 
 
 def _cdg_default() -> dict[str, Any]:
@@ -722,7 +730,11 @@ def curves(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
   if default != FIRST_READING:
     families['CDG (first reading)'] = lambda r: r['gating'] == 'cdg' and all(
         r[k] == v for k, v in FIRST_READING.items())
-  families['channel predictor'] = lambda r: r['gating'] == 'channel_predictor'
+  families['CDG dense partner'] = lambda r: r['gating'] == 'cdg' and all(
+      r[k] == v for k, v in DENSE_PARTNER.items())
+  families['channel predictor'] = lambda r: (
+      r['gating'] == 'channel_predictor' and
+      r['predictor_saliency'] == 'bounded')
   families['spatial predictor'] = lambda r: r['gating'] == 'spatial_predictor'
   return {label: sorted([r for r in base if keep(r)],
                         key=lambda r: r['flops_reduction'])
@@ -812,12 +824,115 @@ def write_matched_plot(results: list[dict[str, Any]], results_dir: str) -> None:
   plt.close(fig)
 
 
+# The gap to dense along scale (issue 20 item 6): SimCLR, CIFAR-10, test
+# split, seed 0; each column trained as the CPU protocol except the named
+# axis. Rows: the runs of each method at each point (None: not run).
+SCALE_POINTS = ('4 epochs', '12 epochs', '36 epochs', '32x32')
+SCALE_RUNS = {
+    'dense': ('simclr_c10_dense', 'simclr_c10_dense_12ep',
+              'simclr_c10_dense_36ep', 'simclr_c10_dense_32px'),
+    'CDG': ('simclr_c10_cdg', 'simclr_c10_cdg_12ep', 'simclr_c10_cdg_36ep',
+            'simclr_c10_cdg_32px'),
+    'CDG dense partner': ('simclr_c10_cdg_partner', 'simclr_c10_cdg_partner_12ep',
+                          'simclr_c10_cdg_partner_36ep',
+                          'simclr_c10_cdg_partner_32px'),
+    'channel predictor (density 0.4)': (
+        'simclr_c10_channel_predictor_d0.4', None, None,
+        'simclr_c10_channel_predictor_d0.4_32px'),
+}
+_PARTNER_DENSE_PATH = 'CDG dense partner: its dense network'
+
+
+def scale_gaps(results: list[dict[str, Any]]
+               ) -> dict[str, list[dict[str, float] | None]]:
+  """{method: per SCALE_POINTS, None or {'knn', 'linear' (gaps to dense in
+  points, negative = below dense), 'flops'}}; the dense partner's dense
+  network as a method of its own."""
+  by_name = {r['name']: r for r in map(with_defaults, trained(results))}
+  dense = [by_name.get(name) for name in SCALE_RUNS['dense']]
+  gaps: dict[str, list[dict[str, float] | None]] = {}
+  for method, names in SCALE_RUNS.items():
+    if method == 'dense':
+      continue
+    rows = [by_name.get(name) if name else None for name in names]
+    gaps[method] = [
+        None if r is None or d is None else
+        {'knn': 100 * (r['knn_top1'] - d['knn_top1']),
+         'linear': 100 * (r['linear_top1'] - d['linear_top1']),
+         'flops': r['flops_reduction']}
+        for r, d in zip(rows, dense)]
+    if method == 'CDG dense partner':
+      gaps[_PARTNER_DENSE_PATH] = [
+          None if r is None or d is None or r['dense_knn_top1'] is None else
+          {'knn': 100 * (r['dense_knn_top1'] - d['knn_top1']),
+           'linear': 100 * (r['dense_linear_top1'] - d['linear_top1']),
+           'flops': 1.0}
+          for r, d in zip(rows, dense)]
+  return gaps
+
+
+def gap_lines(results: list[dict[str, Any]]) -> list[str]:
+  """The gap-to-dense section of results.md (empty before any scale run)."""
+  gaps = scale_gaps(results)
+  by_name = {r['name']: r for r in trained(results)}
+  if not any(name in by_name for name in SCALE_RUNS['dense'][2:]):
+    return []
+  dense = ['-' if by_name.get(n) is None else
+           f'{100 * by_name[n]["knn_top1"]:.2f} / '
+           f'{100 * by_name[n]["linear_top1"]:.2f}'
+           for n in SCALE_RUNS['dense']]
+  lines = ['', 'Gap to dense along scale (test split; SimCLR, CIFAR-10, seed '
+           '0; each column trained as the CPU protocol except the named axis: '
+           '4 epochs at 16x16 is the protocol itself). Each cell: kNN gap / '
+           'linear gap in points (negative: below dense), and the backbone '
+           'FLOPs reduction; "-": not run.', '',
+           '| method | ' + ' | '.join(SCALE_POINTS) + ' |',
+           '| --- |' + ' --- |' * len(SCALE_POINTS),
+           '| dense (kNN / linear top-1) | ' + ' | '.join(dense) + ' |']
+  for method, cells in gaps.items():
+    text = ['-' if c is None else
+            f'{c["knn"]:+.2f} / {c["linear"]:+.2f} ({c["flops"]:.2f}x)'
+            for c in cells]
+    lines.append(f'| {method} | ' + ' | '.join(text) + ' |')
+  return lines
+
+
+def write_gap_plot(results: list[dict[str, Any]], results_dir: str) -> None:
+  """gap_to_dense.png: each method's gap to dense at each scale point."""
+  if not gap_lines(results):
+    return
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  gaps = scale_gaps(results)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, measure in zip(axes, ('knn', 'linear')):
+    for method, cells in gaps.items():
+      points = [(i, c[measure]) for i, c in enumerate(cells) if c is not None]
+      if points:
+        ax.plot(*zip(*points), 'o-', label=method,
+                ls='--' if method == _PARTNER_DENSE_PATH else '-')
+    ax.axhline(0, color='black', lw=1)
+    ax.axhline(-1, color='gray', ls=':', lw=0.8)
+    ax.set_xticks(range(len(SCALE_POINTS)), SCALE_POINTS)
+    ax.set_ylabel(f'{"kNN" if measure == "knn" else "linear"} top-1 minus '
+                  f'dense (points)')
+    ax.set_title('SimCLR, CIFAR-10, test split, seed 0; dotted: 1 point '
+                 'below dense', fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(results_dir, 'gap_to_dense.png'), dpi=110)
+  plt.close(fig)
+
+
 def write_report(results_dir: str) -> list[dict[str, Any]]:
   results = load_results(results_dir)
   if results:
     write_table(results, results_dir)
     write_plot(results, results_dir)
     write_matched_plot(results, results_dir)
+    write_gap_plot(results, results_dir)
   return results
 
 

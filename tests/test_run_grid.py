@@ -173,12 +173,20 @@ def test_matched_flops_reads_each_curve_at_equal_reduction():
       point('channel_a', 1.5, 0.42, 0.44, gating='channel_predictor'),
       point('channel_b', 2.2, 0.41, 0.43, gating='channel_predictor'),
       point('spatial', 2.0, 0.30, 0.33, gating='spatial_predictor'),
+      # The dense partner with separate BatchNorm is a curve; with a shared
+      # one, and FBS's unbounded saliency, are not.
+      point('partner', 2.1, 0.39, 0.41, branches='dense_partner',
+            partner_norm='separate'),
+      point('partner_shared', 2.1, 0.1, 0.1, branches='dense_partner'),
+      point('channel_relu', 2.0, 0.1, 0.1, gating='channel_predictor',
+            predictor_saliency='relu'),
       point('dense', 1.0, 0.44, 0.46, gating='none'),
       point('dense_seed1', 1.0, 0.46, 0.48, gating='none', seed=1),
   ]
   curves = run_grid.curves(results)
   assert {label: [r['name'] for r in rows] for label, rows in curves.items()
           } == {'CDG (default)': ['cdg_a', 'cdg_b', 'cdg_c'],
+                'CDG dense partner': ['partner'],
                 'channel predictor': ['channel_a', 'channel_b'],
                 'spatial predictor': ['spatial']}
   cdg = curves['CDG (default)']
@@ -194,6 +202,41 @@ def test_matched_flops_reads_each_curve_at_equal_reduction():
   # 0.42 + (2.0 - 1.5) / (2.2 - 1.5) * (0.41 - 0.42); 2.5x is past the curve.
   assert '| channel predictor | 41.29 | 43.29 | n/a | n/a |' in lines
   assert '| spatial predictor | 30.00 | 33.00 | n/a | n/a |' in lines
+
+def test_gap_to_dense_along_scale_against_hand_computed_values(tmp_path):
+  runs = run_grid.SCALE_RUNS
+  results = [
+      _result(runs['dense'][0], 0, 0.40, gating='none'),
+      _result(runs['dense'][3], 0, 0.50, gating='none', image_size=32),
+      _result(runs['CDG'][0], 0, 0.37),
+      _result(runs['CDG'][3], 0, 0.48, image_size=32),
+      _result(runs['CDG dense partner'][3], 0, 0.45, image_size=32,
+              branches='dense_partner', partner_norm='separate',
+              dense_knn_top1=0.49, dense_linear_top1=0.53),
+      # Without its dense partner a column is '-'.
+      _result(runs['CDG'][1], 0, 0.30, steps=1164),
+  ]
+  gaps = run_grid.scale_gaps(results)
+  assert gaps['CDG'][0] == pytest.approx({'knn': -3.0, 'linear': -3.0,
+                                          'flops': 2.0})
+  assert gaps['CDG'][1] is None and gaps['CDG'][2] is None
+  assert gaps['CDG'][3]['knn'] == pytest.approx(-2.0)
+  partner_dense = gaps['CDG dense partner: its dense network'][3]
+  # 0.49 - 0.50 kNN; 0.53 - 0.52 linear (linear = kNN + 0.02 in _result).
+  assert partner_dense == pytest.approx({'knn': -1.0, 'linear': 1.0,
+                                         'flops': 1.0})
+  lines = run_grid.gap_lines(results)
+  assert ('| dense (kNN / linear top-1) | 40.00 / 42.00 | - | - | '
+          '50.00 / 52.00 |') in lines
+  assert '| CDG | -3.00 / -3.00 (2.00x) | - | - | -2.00 / -2.00 (2.00x) |' \
+      in lines
+  assert ('| CDG dense partner | - | - | - | -5.00 / -5.00 (2.00x) |'
+          in lines)
+  run_grid.write_gap_plot(results, str(tmp_path))
+  assert (tmp_path / 'gap_to_dense.png').stat().st_size > 10_000
+  # Before any scale run there is no section.
+  assert run_grid.gap_lines(results[:1] + results[2:3]) == []
+
 
 def test_smoke_grid_runs_saves_each_result_and_skips_finished_runs(
     tmp_path, monkeypatch):
