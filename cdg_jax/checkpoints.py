@@ -43,11 +43,12 @@ STRUCTURAL_FIELDS = ('framework', 'model', 'gating.kind', 'gating.groups',
 RESUMABLE_FIELDS = ('model.dtype',)
 
 
-def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+def flat_fields(tree: Any, prefix: str = '') -> dict[str, Any]:
+  """{'a.b.c': value} of a nested dict (a config as JSON)."""
   if isinstance(tree, dict):
     out = {}
     for key, value in tree.items():
-      out.update(_flatten(value, f'{prefix}{key}.'))
+      out.update(flat_fields(value, f'{prefix}{key}.'))
     return out
   return {prefix[:-1]: tree}
 
@@ -70,9 +71,9 @@ def check_compatible(config, workdir: str) -> None:
   if not os.path.exists(path) or not has_checkpoint(workdir):
     return
   with open(path) as f:
-    saved = _flatten(json.load(f))
-  current = _flatten(_config_dict(config))
-  defaults = _flatten(_config_dict(config_lib.base_config()))
+    saved = flat_fields(json.load(f))
+  current = flat_fields(_config_dict(config))
+  defaults = flat_fields(_config_dict(config_lib.base_config()))
   differ = []
   for key in sorted(set(saved) | set(current)):
     if (not any(key == f or key.startswith(f + '.') for f in STRUCTURAL_FIELDS)
@@ -251,7 +252,11 @@ def _quarantine(manager: ocp.CheckpointManager, steps: list[int],
 
 
 def export_backbone(workdir: str, params, batch_stats) -> str:
-  """Writes the online backbone's variables to `<workdir>/backbone`."""
+  """Writes the online backbone's variables to `<workdir>/backbone`.
+
+  Every process of a run calls it (orbax synchronises the processes and
+  writes host arrays from process 0).
+  """
   path = os.path.abspath(os.path.join(workdir, BACKBONE_DIR))
   checkpointer = ocp.StandardCheckpointer()
   # Host arrays: a backbone saved from device arrays keeps their sharding and

@@ -28,6 +28,43 @@ from absl import flags
 from absl import logging
 
 
+def define_distributed_flags() -> None:
+  """The launch flags of several processes, named as jax.distributed.initialize's
+  arguments (see `parallel.initialize_distributed`)."""
+  flags.DEFINE_string('coordinator_address', None,
+                      'host:port of process 0, e.g. 127.0.0.1:1234; with '
+                      '--num_processes and --process_id, joins several '
+                      'processes (default: JAX\'s cluster detection).')
+  flags.DEFINE_integer('num_processes', None, 'Processes of the run.')
+  flags.DEFINE_integer('process_id', None, 'This process, 0 .. '
+                       'num_processes - 1.')
+  flags.DEFINE_list('local_device_ids', None, 'This process\'s local '
+                    'accelerators (default: all).')
+  flags.DEFINE_integer('initialization_timeout', 120, 'Seconds to wait for '
+                       'every process to join.')
+  flags.DEFINE_integer('heartbeat_timeout_seconds', 60, 'A process silent '
+                       'this long is declared dead; the others stop.')
+
+
+def initialize_distributed_from_flags() -> None:
+  """`parallel.initialize_distributed` with the flags of
+  `define_distributed_flags`; a bad value is a FATAL line, status 2."""
+  from cdg_jax import parallel  # pylint: disable=g-import-not-at-top
+  values = flags.FLAGS
+  ids = values.local_device_ids
+  try:
+    parallel.initialize_distributed(
+        values.coordinator_address, values.num_processes, values.process_id,
+        [int(i) for i in ids] if ids else None,
+        values.initialization_timeout, values.heartbeat_timeout_seconds)
+  except ValueError as e:
+    print(f'FATAL: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
+  except RuntimeError as e:
+    print(f'FATAL: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def _flag_value(argv: Sequence[str], name: str) -> str | None:
   """The value of `--name=value` or `--name value` in argv, if given."""
   for i, arg in enumerate(argv):
@@ -196,11 +233,50 @@ def reported_errors() -> Iterator[None]:
     logging.info('%s', traceback.format_exc())
     _exit(f'FATAL: {e}', 1)
   except Exception as e:  # pylint: disable=broad-except
+    if _peer_failure(e):
+      _exit(_lost_peer_message(e), LOST_PROCESS_EXIT_CODE, abandon=True)
     traceback.print_exc()
     _exit(f'FATAL: {type(e).__name__}: {e}', 1)
 
 
-def _exit(message: str, status: int) -> None:
+# Status of a process that stops because another process of its run died.
+LOST_PROCESS_EXIT_CODE = 75
+
+
+def _peer_failure(error: BaseException) -> bool:
+  """Whether a multi-process run failed because a peer went away."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return False
+  text = str(error)
+  return type(error).__name__ == 'JaxRuntimeError' and any(
+      sign in text for sign in ('Gloo', 'Connection reset', 'Connection closed',
+                                'UNAVAILABLE', 'heartbeat', 'DEADLINE_EXCEEDED'))
+
+
+def _lost_peer_message(error: BaseException) -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  from cdg_jax import parallel  # pylint: disable=g-import-not-at-top
+  # The coordination service declares a process dead only after the
+  # heartbeat timeout; wait briefly in case it already knows which.
+  lost = parallel.lost_processes(timeout_s=2.0)
+  who = (f'process{"es" if len(lost) > 1 else ""} '
+         f'{", ".join(map(str, lost))} of this run'
+         if lost else 'another process of this run (the coordination service '
+         'names it in the log once its heartbeat times out)')
+  reason = str(error).splitlines()[0][:300]
+  return (f'FATAL: process {jax.process_index()} stops: lost {who}: a '
+          f'collective failed ({reason}). Restart every process with the same '
+          f'command to resume from the newest checkpoint.')
+
+
+def _exit(message: str, status: int, abandon: bool = False) -> None:
+  """Prints the last line and exits; `abandon` skips the interpreter's exit
+  handlers: after a peer is lost, JAX's distributed shutdown would wait at a
+  barrier the dead process never reaches, then abort (status 134)."""
   sys.stdout.flush()
   print(message, file=sys.stderr, flush=True)
+  if abandon:
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
   sys.exit(status)

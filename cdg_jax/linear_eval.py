@@ -398,8 +398,8 @@ def main(argv):
   from cdg_jax import cli  # pylint: disable=g-import-not-at-top
   cli.quiet_logging()
   # Before JAX starts its backends: one CPU device per core (DESIGN.md sec. 3).
-  parallel.split_host_into_devices()
-  parallel.initialize_distributed()
+  parallel.split_host_into_devices(flags.FLAGS.config.get('cpu_devices', 0))
+  cli.initialize_distributed_from_flags()
   workdir = flags.FLAGS.workdir
   with cli.reported_errors():
     results = run_linear_eval(flags.FLAGS.config, workdir)
@@ -420,4 +420,5 @@ if __name__ == '__main__':
                       'config.json and the exported backbone/.')
   flags.mark_flags_as_required(['config', 'workdir'])
   from cdg_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.define_distributed_flags()
   app.run(main, flags_parser=cli.parse_flags)

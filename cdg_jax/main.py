@@ -26,6 +26,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Directory for checkpoints, metrics and results.')
 flags.mark_flags_as_required(['config', 'workdir'])
+cli.define_distributed_flags()
 
 
 def main(argv):
@@ -38,7 +39,7 @@ def main(argv):
   parallel.split_host_into_devices(config.cpu_devices)
   # TensorFlow is imported only by the TFDS source, which keeps it off the
   # accelerators (input_pipeline._import_tfds).
-  parallel.initialize_distributed()
+  cli.initialize_distributed_from_flags()
   import jax  # pylint: disable=g-import-not-at-top
   from cdg_jax import train  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),

@@ -6,10 +6,14 @@ sharded over it, the train state replicated (DESIGN.md section 3). No `pmap`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import os
+import socket
+import time
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
 
 DATA_AXIS = 'data'
 _HOST_DEVICE_FLAG = '--xla_force_host_platform_device_count'
@@ -44,16 +48,153 @@ def split_host_into_devices(count: int = 0) -> int | None:
   return count
 
 
-def initialize_distributed() -> None:
-  """Joins a multi-host cluster when one is detected (TPU pod, SLURM, ...).
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None,
+                           local_device_ids: Sequence[int] | None = None,
+                           initialization_timeout: int = 120,
+                           heartbeat_timeout_seconds: int = 60) -> None:
+  """Joins the processes of one run into JAX's distributed runtime.
 
-  `jax.distributed.initialize()` auto-detects the cluster; on a single machine
-  there is nothing to join and it is skipped.
+  With `coordinator_address`, `num_processes` and `process_id` (the names of
+  `jax.distributed.initialize`'s arguments), those processes are joined,
+  on one machine or several. Without them, JAX's own cluster detection
+  (Cloud TPU, SLURM, Open MPI) runs where such a cluster is detected, and a
+  single process on its own joins nothing. Cross-process collectives on CPU
+  use gloo.
+
+  Args:
+    coordinator_address: 'host:port' of process 0, which serves the
+      coordination service there.
+    num_processes: processes of the run.
+    process_id: this process, in [0, num_processes).
+    local_device_ids: this process's local accelerators (default: all).
+    initialization_timeout: seconds to wait for every process to join; a
+      coordinator that cannot be reached fails after it.
+    heartbeat_timeout_seconds: a process silent this long (killed, its host
+      gone) is declared dead by the coordination service, which then stops
+      the others.
+
+  Raises:
+    ValueError: some but not all of the three launch values are given, or
+      process_id is outside [0, num_processes).
+    RuntimeError: the processes could not be joined within
+      `initialization_timeout`.
   """
-  cluster_env = ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID', 'JAX_COORDINATOR_ADDRESS',
-                 'OMPI_COMM_WORLD_SIZE')
-  if any(os.environ.get(v) for v in cluster_env):
-    jax.distributed.initialize()
+  given = {'coordinator_address': coordinator_address,
+           'num_processes': num_processes, 'process_id': process_id}
+  if any(v is not None for v in given.values()):
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+      raise ValueError(
+          f'--{" --".join(missing)} missing: several processes are started '
+          f'with all three of --coordinator_address, --num_processes and '
+          f'--process_id (got {given}).')
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ValueError(f'--process_id={process_id} must be in [0, '
+                       f'--num_processes={num_processes}).')
+    if ':' not in coordinator_address:
+      raise ValueError(f'--coordinator_address={coordinator_address!r} must '
+                       f'be host:port, e.g. 127.0.0.1:1234.')
+  else:
+    cluster_env = ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID',
+                   'JAX_COORDINATOR_ADDRESS', 'OMPI_COMM_WORLD_SIZE')
+    if not any(os.environ.get(v) for v in cluster_env):
+      return
+  if coordinator_address is not None and process_id != 0:
+    # The runtime's client aborts the process (status 134) when it cannot
+    # reach the coordinator; find that out here, with a message.
+    _wait_for_coordinator(coordinator_address, process_id,
+                          initialization_timeout)
+  # CPU processes exchange collectives through gloo (no effect on GPU/TPU).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  try:
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes,
+        process_id=process_id, local_device_ids=local_device_ids,
+        initialization_timeout=initialization_timeout,
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+  except Exception as e:  # pylint: disable=broad-except
+    # The runtime's own messages ("DEADLINE_EXCEEDED ...") do not say what
+    # was being waited for.
+    raise RuntimeError(
+        f'Could not join the distributed runtime as process {process_id} of '
+        f'{num_processes} at {coordinator_address or "the detected cluster"}'
+        f' within {initialization_timeout} s: {str(e).splitlines()[0]}. Is '
+        f'process 0 running there, reachable, and were all processes started '
+        f'with the same --num_processes?') from e
+
+
+def _wait_for_coordinator(address: str, process_id: int,
+                          timeout_s: float) -> None:
+  """Returns once `address` accepts TCP connections; RuntimeError after
+  `timeout_s` seconds."""
+  host, _, port = address.rpartition(':')
+  host = host.strip('[]')
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=2.0):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise RuntimeError(
+            f'Process {process_id} could not reach the coordinator at '
+            f'{address} within {timeout_s:.0f} s ({e}). Start process 0 with '
+            f'the same --coordinator_address (it serves it), check that this '
+            f'host can reach that address and port, or raise '
+            f'--initialization_timeout.') from e
+      time.sleep(0.5)
+
+
+def lost_processes(timeout_s: float = 0.0) -> list[int]:
+  """Processes of this run that the coordination service reports dead.
+
+  Asks the distributed runtime's client which processes still send
+  heartbeats, for up to `timeout_s` seconds (a process killed a moment ago
+  is declared dead only after the heartbeat timeout). Empty on a single
+  process, or where this JAX's client cannot tell.
+  """
+  if jax.process_count() == 1:
+    return []
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  everyone = list(range(jax.process_count()))
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      live = set(client.get_live_nodes(everyone))
+    except Exception:  # pylint: disable=broad-except
+      return []
+    lost = [p for p in everyone if p not in live]
+    if lost or time.monotonic() >= deadline:
+      return lost
+    time.sleep(0.5)
+
+
+def broadcast_text(text: str) -> str:
+  """Process 0's `text`, in every process (a collective: all must call it)."""
+  if jax.process_count() == 1:
+    return text
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = np.frombuffer(text.encode(), np.uint8)
+  length = int(multihost_utils.broadcast_one_to_all(
+      np.array([data.size], np.int32))[0])
+  buffer = np.zeros(length, np.uint8)
+  if jax.process_index() == 0:
+    buffer[:] = data
+  received = multihost_utils.broadcast_one_to_all(buffer)
+  return bytes(np.asarray(received, np.uint8)).decode()
+
+
+def processes_where(flag: bool) -> list[int]:
+  """The processes whose `flag` is True (a collective: all must call it)."""
+  if jax.process_count() == 1:
+    return [0] if flag else []
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = np.asarray(multihost_utils.process_allgather(
+      np.array([int(flag)], np.int32))).reshape(-1)
+  return [int(i) for i in np.flatnonzero(flags)]
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:

@@ -74,7 +74,29 @@ class WorkdirLock:
       return {}   # unreadable: treated as held by an unknown owner
 
   def acquire(self) -> None:
-    """Takes the lock, or raises WorkdirLockedError naming its owner."""
+    """Takes the lock, or raises WorkdirLockedError naming its owner.
+
+    With several processes (one run), process 0 takes it and every process
+    learns the outcome: a workdir in use stops all of them, not just the
+    one that looked.
+    """
+    error = None
+    try:
+      self._acquire()
+    except WorkdirLockedError as e:
+      error = e
+    if jax.process_count() > 1:
+      from cdg_jax import parallel  # pylint: disable=g-import-not-at-top
+      refused = parallel.processes_where(error is not None)
+      if refused and error is None:
+        raise WorkdirLockedError(
+            f'The workdir {os.path.dirname(self.path)} is in use by another '
+            f'run (process {refused[0]} of this one found its lock; its '
+            f'output names the owner).')
+    if error is not None:
+      raise error
+
+  def _acquire(self) -> None:
     if not self.enabled:
       return
     me = {'host': socket.gethostname(), 'pid': os.getpid(),

@@ -104,6 +104,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # Everything that can be checked is checked before the workdir is touched:
   # the config, the data, the devices.
   config_lib.validate(config)
+  check_same_config_in_every_process(config)
   source = input_pipeline.create_source(config.data)
   mesh = parallel.make_mesh()
   # The evaluation batch is rounded up to the devices (eval_batch_size).
@@ -118,6 +119,35 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     checkpoints.write_config(config, workdir)
     return _train_and_evaluate(config, workdir, source, mesh, total_steps,
                                start_time)
+
+
+def check_same_config_in_every_process(config) -> None:
+  """ValueError in every process if any was started with another config.
+
+  The processes of one run must train the same thing; a difference (a
+  forgotten override on one host) would otherwise surface as a hang or a
+  shape error deep in the first collective. The differing process names
+  the fields; the others name the process.
+  """
+  if jax.process_count() == 1:
+    return
+  mine = checkpoints.flat_fields(json.loads(config.to_json_best_effort()))
+  reference = checkpoints.flat_fields(json.loads(parallel.broadcast_text(
+      config.to_json_best_effort())))
+  differ = [f'{key}: process 0 {reference.get(key)!r}, process '
+            f'{jax.process_index()} {mine.get(key)!r}'
+            for key in sorted(set(mine) | set(reference))
+            if mine.get(key) != reference.get(key)]
+  others = parallel.processes_where(bool(differ))
+  if differ:
+    raise ValueError(f'Process {jax.process_index()} was started with another '
+                     f'config than process 0; these fields differ:\n  ' +
+                     '\n  '.join(differ) + '\nStart every process with the '
+                     'same --config and overrides.')
+  if others:
+    raise ValueError(f'Process(es) {others} were started with another config '
+                     f'than process 0 (their output names the fields); start '
+                     f'every process with the same --config and overrides.')
 
 
 def check_shapes(config, source: input_pipeline.Source,
@@ -272,9 +302,9 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
       'last_train_metrics': {k: v for k, v in last_metrics.items()
                              if not k.startswith('density/')},
   }
+  checkpoints.export_backbone(workdir, variables['params'],
+                              variables['batch_stats'])
   if is_main:
-    checkpoints.export_backbone(workdir, variables['params'],
-                                variables['batch_stats'])
     with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
       json.dump(summary, f, indent=2, default=float)
     if config.plot_images > 0:
