@@ -49,7 +49,9 @@ def prepare_workdir(workdir: str) -> str:
     raise ValueError('A --workdir is required.')
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
+    # Every process writes checkpoints (orbax), so every process checks;
+    # one probe file each, so that they do not race.
+    probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)

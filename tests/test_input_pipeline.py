@@ -104,6 +104,8 @@ def test_processes_split_each_global_batch(npz_source):
   for _ in range(4):
     parts = [next(h) for h in halves]
     assert parts[0]['image'].shape == (8, 8, 8, 3)
+    # Disjoint slices that together are the single-process global batch.
+    assert not set(_ids(parts[0]['image'])) & set(_ids(parts[1]['image']))
     np.testing.assert_array_equal(
         np.concatenate([_ids(p['image']) for p in parts]),
         _ids(next(single)['image']))

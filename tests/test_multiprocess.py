@@ -1,0 +1,329 @@
+"""Several processes for real: JAX's distributed runtime on one machine.
+
+Every test starts real `cdg_jax.main` / `cdg_jax.linear_eval` processes that
+join through the real coordination service (127.0.0.1, gloo collectives on
+CPU, one CPU device per process), and compares numbers or files with a
+single-process run, or checks a step, an exit status and a message. No part
+of `jax.distributed` is mocked.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cdg_jax import checkpoints
+from cdg_jax import parallel
+from cdg_jax import run_control
+from test_train import ROOT
+
+STEPS = 8
+SMOKE = ['--config=configs/simclr_cifar10.py:smoke',
+         f'--config.num_steps={STEPS}', '--config.log_every_steps=1',
+         '--config.checkpoint.every_steps=4', '--config.plot_images=2',
+         '--config.linear_eval.epochs=3']
+# Process 1 runs under this wrapper: it records every file opened for
+# writing in the workdir outside orbax's directories, to check that only
+# process 0 writes the run's files.
+_RECORD_WRITES = r"""
+import atexit, builtins, json, os, runpy, sys
+workdir, record = os.path.abspath(sys.argv[1]), sys.argv[2]
+written = set()
+_open = builtins.open
+def recording_open(file, mode='r', *args, **kwargs):
+  path = os.path.abspath(str(file)) if isinstance(file, (str, os.PathLike)) else ''
+  if any(m in mode for m in 'wax+') and path.startswith(workdir + os.sep):
+    relative = os.path.relpath(path, workdir)
+    # orbax's directories, and the writability probe every process makes.
+    if not relative.startswith(('checkpoints', 'backbone', '.write_test')):
+      written.add(relative)
+  return _open(file, mode, *args, **kwargs)
+builtins.open = recording_open
+atexit.register(lambda: _open(record, 'w').write(json.dumps(sorted(written))))
+sys.argv = [sys.argv[3]] + sys.argv[4:]
+runpy.run_module(sys.argv[0], run_name='__main__')
+"""
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _env():
+  """The test environment without conftest's two forced host devices: each
+  process splits its host as --config.cpu_devices says."""
+  flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
+                   if not f.startswith('--xla_force_host_platform_device_count'))
+  return {**os.environ, 'PYTHONPATH': ROOT, 'XLA_FLAGS': flags}
+
+
+def _launch(workdir, *args, num_processes=2, module='cdg_jax.main',
+            record=None, port=None):
+  """Starts the processes of one run; returns (Popen list, port)."""
+  port = port or _free_port()
+  processes = []
+  for process_id in range(num_processes):
+    flags = [f'--workdir={workdir}', *SMOKE, '--config.cpu_devices=1', *args,
+             f'--coordinator_address=127.0.0.1:{port}',
+             f'--num_processes={num_processes}', f'--process_id={process_id}',
+             '--heartbeat_timeout_seconds=10']
+    if record and process_id == 1:
+      command = [sys.executable, '-c', _RECORD_WRITES, workdir, record, module]
+    else:
+      command = [sys.executable, '-m', module]
+    processes.append(subprocess.Popen(
+        command + flags, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True))
+  return processes, port
+
+
+def _finish(processes, timeout=600):
+  """[(returncode, stdout, stderr)] of each process."""
+  results = []
+  for process in processes:
+    out, err = process.communicate(timeout=timeout)
+    results.append((process.returncode, out, err))
+  return results
+
+
+def _single(workdir, *args, module='cdg_jax.main'):
+  return subprocess.run(
+      [sys.executable, '-m', module, f'--workdir={workdir}', *SMOKE,
+       '--config.cpu_devices=2', *args], cwd=ROOT, env=_env(),
+      capture_output=True, text=True, timeout=600)
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _backbone(workdir):
+  return checkpoints.load_backbone(workdir)[2]
+
+
+def _last_line(stderr):
+  return [l for l in stderr.strip().splitlines() if '%|' not in l][-1]
+
+
+@pytest.fixture(scope='module')
+def two_runs(tmp_path_factory):
+  """The smoke config as 2 processes x 1 device and as 1 process x 2."""
+  root = tmp_path_factory.mktemp('runs')
+  multi, single = str(root / 'multi'), str(root / 'single')
+  record = str(root / 'process1_writes.json')
+  processes, _ = _launch(multi, record=record)
+  results = _finish(processes)
+  for code, _, err in results:
+    assert code == 0, err[-3000:]
+  result = _single(single)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return multi, single, results, record
+
+
+def test_two_processes_train_as_one_process_with_two_devices(two_runs):
+  multi, single, results, record = two_runs
+  # Same per-step losses and gate densities: bit-identical, since both runs
+  # reduce over the same two devices in the same order (gloo's all-reduce
+  # of two operands adds them as XLA's in-process reduction does).
+  multi_rows, single_rows = _rows(multi), _rows(single)
+  assert [r['step'] for r in multi_rows] == list(range(1, STEPS + 1))
+  for a, b in zip(multi_rows, single_rows):
+    for key in ('loss', 'ssl_loss', 'gate_density', 'flops_reduction'):
+      assert a[key] == b[key], (a['step'], key)
+  # The same final backbone.
+  a, b = _backbone(multi), _backbone(single)
+  flat_a = dict(zip(*_paths_and_leaves(a)))
+  flat_b = dict(zip(*_paths_and_leaves(b)))
+  assert flat_a.keys() == flat_b.keys()
+  for key in flat_a:
+    np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
+  # The same evaluation: kNN (bank and queries spread over the processes)
+  # and test-set FLOPs.
+  with open(os.path.join(multi, 'summary.json')) as f:
+    multi_summary = json.load(f)
+  with open(os.path.join(single, 'summary.json')) as f:
+    single_summary = json.load(f)
+  for key in ('knn_top1', 'knn_top5', 'flops_reduction', 'gate_density',
+              'layer_density', 'steps'):
+    assert multi_summary[key] == single_summary[key], key
+  # One summary, printed by process 0 only.
+  assert 'kNN top-1' in results[0][1] and 'kNN top-1' not in results[1][1]
+  # Process 1 wrote none of the run's files (orbax's checkpoints and the
+  # exported backbone are written collectively).
+  with open(record) as f:
+    assert json.load(f) == []
+  for name in ('metrics.jsonl', 'summary.json', 'config.json',
+               'gate_density.png', 'gate_masks.png'):
+    assert os.path.exists(os.path.join(multi, name)), name
+
+
+def _paths_and_leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return [jax.tree_util.keystr(p) for p, _ in flat], [v for _, v in flat]
+
+
+def test_linear_eval_of_two_processes_matches_one(two_runs):
+  multi, single, _, _ = two_runs
+  processes, _ = _launch(multi, module='cdg_jax.linear_eval')
+  for code, _, err in _finish(processes):
+    assert code == 0, err[-3000:]
+  result = _single(single, module='cdg_jax.linear_eval')
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(multi, 'linear_eval.json')) as f:
+    multi_eval = json.load(f)
+  with open(os.path.join(single, 'linear_eval.json')) as f:
+    single_eval = json.load(f)
+  for key in ('top1', 'top5', 'train_top1', 'flops_reduction', 'num_train',
+              'num_test'):
+    assert multi_eval[key] == single_eval[key], key
+
+
+def _wait_for_step(workdir, step, processes, timeout=300):
+  path = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if any(p.poll() is not None for p in processes):
+      return False
+    if os.path.exists(path):
+      with open(path) as f:
+        if len(f.readlines()) >= step:
+          return True
+    time.sleep(0.05)
+  return False
+
+
+def test_sigterm_to_one_process_stops_all_at_one_step_and_they_resume(
+    tmp_path, two_runs):
+  multi = two_runs[0]
+  workdir = str(tmp_path / 'run')
+  processes, _ = _launch(workdir, '--config.checkpoint.every_steps=1000')
+  assert _wait_for_step(workdir, 2, processes)
+  processes[1].send_signal(signal.SIGTERM)   # one process only
+  results = _finish(processes)
+  stopped = set()
+  for code, _, err in results:
+    assert code == 143, err[-3000:]
+    line = _last_line(err)
+    assert line.startswith('Stopped by a preemption notice after step'), line
+    stopped.add(int(line.split('after step ')[1].split()[0]))
+  assert len(stopped) == 1   # the same step in every process
+  step = stopped.pop()
+  assert 2 <= step < STEPS
+  assert checkpoints.complete_steps(workdir) == [step]
+  assert not os.path.exists(os.path.join(workdir, run_control.LOCK_FILE))
+  # Started again, both resume there and end as the uninterrupted run.
+  processes, _ = _launch(workdir, '--config.checkpoint.every_steps=1000')
+  results = _finish(processes)
+  for code, _, err in results:
+    assert code == 0, err[-3000:]
+  # Process 0 prints for the run.
+  assert f'Resumed from {workdir}/checkpoints at step {step}.' in results[0][1]
+  for key, value in dict(zip(*_paths_and_leaves(_backbone(multi)))).items():
+    np.testing.assert_array_equal(
+        dict(zip(*_paths_and_leaves(_backbone(workdir))))[key], value,
+        err_msg=key)
+
+
+def test_a_killed_process_stops_the_other_naming_it_and_the_run_resumes(
+    tmp_path):
+  workdir = str(tmp_path / 'run')
+  processes, _ = _launch(workdir, '--config.num_steps=200',
+                         '--config.checkpoint.every_steps=4')
+  assert _wait_for_step(workdir, 6, processes)
+  killed_at = time.time()
+  processes[1].send_signal(signal.SIGKILL)
+  (code, _, err), (killed, _, _) = _finish(processes, timeout=120)
+  assert killed == -signal.SIGKILL
+  # Within a bounded time (the 10 s heartbeat timeout bounds it), non-zero,
+  # with the lost process named. Caught in a collective (most of a step),
+  # the program says so as its last line (status 75); caught elsewhere (in
+  # a checkpoint save's wait), JAX's runtime ends the process itself
+  # (SIGABRT) with its own message naming the task.
+  assert time.time() - killed_at < 60
+  if code == 75:
+    assert _last_line(err).startswith('FATAL: process 0 stops: lost process 1 '
+                                      'of this run'), _last_line(err)
+  else:
+    assert code == -signal.SIGABRT, err[-3000:]
+    assert 'Task 1 heartbeat timeout' in err
+  saved = checkpoints.complete_steps(workdir)
+  assert saved and saved[-1] >= 4
+  # The next start resumes from the newest checkpoint.
+  processes, _ = _launch(workdir, '--config.num_steps=' + str(saved[-1] + 2),
+                         '--config.checkpoint.every_steps=4')
+  results = _finish(processes)
+  for code, _, err in results:
+    assert code == 0, err[-3000:]
+  assert f'at step {saved[-1]}.' in results[0][1]
+
+
+def test_a_second_run_on_the_workdir_is_refused_by_every_process(tmp_path):
+  workdir = str(tmp_path / 'run')
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, run_control.LOCK_FILE), 'w') as f:
+    json.dump({'host': socket.gethostname(), 'pid': os.getpid(),
+               'started': 'now'}, f)   # a live owner: this test
+  processes, _ = _launch(workdir)
+  results = _finish(processes, timeout=300)
+  for code, _, err in results:
+    assert code == 2, err[-3000:]
+  assert f'in use by process {os.getpid()}' in _last_line(results[0][2])
+  assert 'process 0 of this one found its lock' in _last_line(results[1][2])
+  assert sorted(os.listdir(workdir)) == [run_control.LOCK_FILE]
+
+
+def test_bad_launch_values_fail_fast_with_the_reason(tmp_path):
+  workdir = str(tmp_path / 'run')
+  port = _free_port()
+
+  def run(*flags, timeout=120):
+    return subprocess.run(
+        [sys.executable, '-m', 'cdg_jax.main', f'--workdir={workdir}', *SMOKE,
+         '--config.cpu_devices=1', *flags], cwd=ROOT, env=_env(),
+        capture_output=True, text=True, timeout=timeout)
+
+  result = run(f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+               '--process_id=2')
+  assert result.returncode == 2
+  assert _last_line(result.stderr) == (
+      'FATAL: --process_id=2 must be in [0, --num_processes=2).')
+  result = run(f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2')
+  assert result.returncode == 2 and '--process_id missing' in result.stderr
+  # Nobody serves the coordinator: a clear error after the timeout, no hang
+  # and no abort.
+  start = time.time()
+  result = run(f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+               '--process_id=1', '--initialization_timeout=3')
+  assert result.returncode == 1 and time.time() - start < 60
+  assert _last_line(result.stderr).startswith(
+      f'FATAL: Process 1 could not reach the coordinator at 127.0.0.1:{port} '
+      f'within 3 s')
+  assert not os.path.exists(workdir)
+  # Processes started with different configs: all stop before training.
+  processes = []
+  for process_id, extra in ((0, []), (1, ['--config.gating.groups=2'])):
+    processes.append(subprocess.Popen(
+        [sys.executable, '-m', 'cdg_jax.main', f'--workdir={workdir}', *SMOKE,
+         '--config.cpu_devices=1', *extra,
+         f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+         f'--process_id={process_id}'], cwd=ROOT, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  (code0, _, err0), (code1, _, err1) = _finish(processes, timeout=300)
+  assert (code0, code1) == (1, 1)
+  assert 'gating.groups: process 0 4, process 1 2' in err1
+  assert 'Process(es) [1] were started with another config' in err0
+  assert not os.path.exists(workdir)
+
+
+def test_lost_processes_is_empty_on_one_process():
+  assert parallel.lost_processes() == []
