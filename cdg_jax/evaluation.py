@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from cdg_jax import augment
+from cdg_jax import batching
 from cdg_jax import flops
 from cdg_jax import input_pipeline
 from cdg_jax import models
@@ -124,8 +125,8 @@ def extract_features(backbone: nn.Module, variables: Mapping[str, Any],
   forward = _eval_forward(backbone, tuple(float(m) for m in augment_config.mean),
                           tuple(float(s) for s in augment_config.std), mesh)
   variables = parallel.replicate(variables, mesh)
-  batches = input_pipeline.prefetch(
-      (input_pipeline.shard_batch(b, mesh)
+  batches = batching.prefetch(
+      (batching.shard_batch(b, mesh)
        for b in source.eval_batches(split, batch_size)), size=2)
 
   features, labels = [], []

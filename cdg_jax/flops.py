@@ -26,12 +26,9 @@ and biases are not counted.
 Convolutions form the backbone; dense layers are heads, reported separately.
 The reduction is backbone dense MACs over backbone effective MACs.
 
-Command line, for a randomly initialised network on one batch of random
-images (gates use batch statistics, as in training), or for the backbone of a
-trained run measured over its whole test split (gates in eval mode):
-
-  python -m cdg_jax.flops --config=configs/default.py
-  python -m cdg_jax.flops --workdir=/tmp/smoke
+The command line that prints these tables (for a config's random network or
+a trained run's backbone) is `cdg_jax.flops_table`; this module is the pure
+counting and imports no evaluation code.
 """
 
 from __future__ import annotations
@@ -46,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cdg_jax import gating as gating_ops
+from cdg_jax import predictors
 from cdg_jax.layers import DENSITY_COLLECTION
 from cdg_jax.layers import GatedConv
 from cdg_jax.layers import GUMBEL_RNG
@@ -138,10 +135,10 @@ def predictor_macs(gating_kind: str, in_channels: int,
   """
   h_out, w_out, c_out = (int(s) for s in output_shape)
   if gating_kind == 'channel_predictor':
-    hidden = gating_ops.predictor_hidden(in_channels)
+    hidden = predictors.predictor_hidden(in_channels)
     return in_channels * hidden + hidden * c_out
   if gating_kind == 'spatial_predictor':
-    gh, gw = gating_ops.block_grid((h_out, w_out), spec.block)
+    gh, gw = predictors.block_grid((h_out, w_out), spec.block)
     macs, _ = _conv_macs((1, gh, gw, in_channels), (gh, gw, 1), (3, 3),
                          (1, 1), 'SAME')
     return macs
@@ -363,81 +360,3 @@ def measure(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
                                                mutable=mutable))(variables, x)
   densities = mean_densities(state.get(DENSITY_COLLECTION, {}))
   return flops_report(costs, jax.device_get(densities))
-
-
-def trained_report(workdir: str) -> tuple[Any, FlopsReport]:
-  """FLOPs of the backbone exported in `workdir`, measured on its test split.
-
-  Runs the backbone in eval mode (gates with running saliency statistics) over
-  the whole test split of the run's data source and averages the densities.
-
-  Returns:
-    (the run's config, the report).
-  """
-  # pylint: disable=g-import-not-at-top
-  from cdg_jax import checkpoints
-  from cdg_jax import evaluation
-  from cdg_jax import input_pipeline
-  from cdg_jax import parallel
-  # pylint: enable=g-import-not-at-top
-  config, backbone, variables = checkpoints.load_backbone(workdir)
-  source = input_pipeline.create_source(config.data)
-  mesh = parallel.make_mesh()
-  batch_size = evaluation.eval_batch_size(config.eval.batch_size, mesh)
-  densities = evaluation.extract_features(
-      backbone, variables, source, 'test', batch_size, config.augment,
-      mesh)['densities']
-  return config, evaluation.test_set_flops(backbone, variables, densities,
-                                           config.data.image_size)
-
-
-def main(argv):
-  """Prints the FLOPs table of a trained run, or of a config's random network."""
-  del argv
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from cdg_jax import cli  # pylint: disable=g-import-not-at-top
-  from cdg_jax import models  # pylint: disable=g-import-not-at-top
-  cli.quiet_logging()
-  if flags.FLAGS.workdir:
-    with cli.reported_errors():
-      config, report = trained_report(flags.FLAGS.workdir)
-    print(f'{config.model.name} ({config.model.stem} stem, width '
-          f'{config.model.width}), gating.kind={config.gating.kind}, trained '
-          f'in {flags.FLAGS.workdir}; gates in eval mode, densities averaged '
-          f'over the whole test split of {config.data.source}:'
-          f'{config.data.dataset}.')
-    print(report.format_table())
-    return
-  config = flags.FLAGS.config
-  if config is None:
-    raise app.UsageError('Give --config (random network) or --workdir '
-                         '(trained run).')
-  batch_size = flags.FLAGS.batch_size
-  model = models.create_resnet(config.model, config.gating)
-  size = config.data.image_size
-  rng = jax.random.key(config.seed)
-  init_rng, data_rng = jax.random.split(rng)
-  variables = jax.jit(lambda r: model.init(
-      r, jnp.zeros((1, size, size, 3)), train=False))(init_rng)
-  x = jax.random.normal(data_rng, (batch_size, size, size, 3))
-  report = measure(model, variables, x, train=True)
-  print(f'{config.model.name} ({config.model.stem} stem, width '
-        f'{config.model.width}), gating.kind={config.gating.kind}, '
-        f'{size}x{size} input; randomly initialised, one batch of '
-        f'{batch_size} random images, gates with batch statistics.')
-  print(report.format_table())
-
-
-if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'Config file (random init).',
-                                  lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Workdir of a trained run: measure its '
-                      'exported backbone on the test split.')
-  flags.DEFINE_integer('batch_size', 64, 'Images in the measured batch '
-                       '(random-init mode).')
-  from cdg_jax import cli  # pylint: disable=g-import-not-at-top
-  app.run(main, flags_parser=cli.parse_flags)

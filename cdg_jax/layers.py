@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from cdg_jax import gating
+from cdg_jax import predictors
 from cdg_jax import sparse
 
 # Gating kinds: dense, CDG, and the predictor baselines of DESIGN.md section 2
@@ -121,7 +122,7 @@ class GatingSpec:
       at the stem when the stem is gated; Krishna et al.'s separate_bn).
     predictor_saliency: the channel predictor's saliency, 'bounded'
       (2 * sigmoid, ours, the default) or 'relu' (FBS as published,
-      unbounded); see `gating.channel_saliency`.
+      unbounded); see `predictors.channel_saliency`.
     regularizer: form of the CDG gate regulariser, times `weight`:
       'density' -- sum_layers (density - density_target)^2, density the mean
       of the straight-through mask (sets the FLOPs operating point);
@@ -167,7 +168,7 @@ class GatingSpec:
     _one_of('branches', self.branches, BRANCHES)
     _one_of('partner_norm', self.partner_norm, PARTNER_NORMS)
     _one_of('predictor_saliency', self.predictor_saliency,
-            gating.PREDICTOR_SALIENCIES)
+            predictors.PREDICTOR_SALIENCIES)
     if self.branches == 'dense_partner' and self.kind != 'cdg':
       raise ValueError(
           f"gating.branches='dense_partner' is implemented for "
@@ -312,7 +313,7 @@ class GatedConv(nn.Module):
       norm: the BatchNorm (owned by the caller) that follows this convolution.
         Applied to the output, except for 'channel_predictor', which applies
         it to the dense convolution and scales the channels after it (FBS
-        order; see `gating.channel_predictor_conv`).
+        order; see `predictors.channel_predictor_conv`).
 
     Returns:
       (N, H_out, W_out, features) output.
@@ -401,7 +402,7 @@ class GatedConv(nn.Module):
     """FBS-style: dense conv times (top-k mask * saliency) per channel."""
     spec = self.gating
     c_in, c_out = x.shape[-1], self.features
-    hidden = gating.predictor_hidden(c_in)
+    hidden = predictors.predictor_hidden(c_in)
     dense_init = nn.initializers.lecun_normal()
     w1 = self.param('predictor_w1', dense_init, (c_in, hidden))
     b1 = self.param('predictor_b1', nn.initializers.zeros, (hidden,))
@@ -412,8 +413,8 @@ class GatedConv(nn.Module):
     b2_init = (nn.initializers.zeros if spec.predictor_saliency == 'bounded'
                else nn.initializers.ones)
     b2 = self.param('predictor_b2', b2_init, (c_out,))
-    k = gating.num_kept_channels(c_out, spec.density_target)
-    y, mask, saliency = gating.channel_predictor_conv(
+    k = predictors.num_kept_channels(c_out, spec.density_target)
+    y, mask, saliency = predictors.channel_predictor_conv(
         x, kernel, w1, b1, w2, b2, k=k, strides=self.strides, normalize=norm,
         saliency_form=spec.predictor_saliency)
     self._sow(mask)
@@ -437,7 +438,7 @@ class GatedConv(nn.Module):
             f"pass rngs={{'{GUMBEL_RNG}': key}} to apply (or train=False for "
             f"the deterministic gate).")
       rng = self.make_rng(GUMBEL_RNG)
-    y, mask, _ = gating.spatial_predictor_conv(
+    y, mask, _ = predictors.spatial_predictor_conv(
         x, kernel, pred_kernel, pred_bias, block=spec.block,
         temperature=spec.gumbel_temperature, rng=rng, strides=self.strides)
     self._sow(mask)

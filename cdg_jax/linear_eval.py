@@ -1,6 +1,7 @@
 r"""Linear evaluation of an exported gated backbone, with test-set FLOPs.
 
   python -m cdg_jax.linear_eval --config=configs/default.py --workdir=DIR
+  cdg-linear-eval --config=configs/default.py --workdir=DIR   # installed
 
 loads the backbone a training run exported into DIR (`checkpoints.
 load_backbone`), trains a linear classifier on its frozen features, and
@@ -407,18 +408,23 @@ def main(argv):
     print(format_summary(results, workdir))
 
 
-if __name__ == '__main__':
-  # Flags are defined here, not at import, so that importing this module (tests,
-  # notebooks, other mains) does not claim the global flag names.
+def run() -> None:
+  """Entry point of `python -m cdg_jax.linear_eval` and `cdg-linear-eval`."""
+  # Flags are defined here, not at import, so that importing this module
+  # (tests, notebooks, other mains) does not claim the global flag names.
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from cdg_jax import cli  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file(
       'config', None, 'Config file, e.g. configs/default.py; its model and '
       'gating blocks are replaced by the workdir\'s.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Workdir of a finished run, holding '
                       'config.json and the exported backbone/.')
   flags.mark_flags_as_required(['config', 'workdir'])
-  from cdg_jax import cli  # pylint: disable=g-import-not-at-top
   cli.define_distributed_flags()
   app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == '__main__':
+  run()

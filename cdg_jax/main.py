@@ -1,6 +1,7 @@
 r"""Pretrains a CDG-gated ResNet with self-supervised learning.
 
   python -m cdg_jax.main --config=configs/byol_cifar100.py --workdir=/tmp/byol
+  cdg-train --config=configs/byol_cifar100.py --workdir=/tmp/byol  # installed
   python -m cdg_jax.main --config=configs/byol_cifar100.py:smoke --workdir=/tmp/s
 
 Re-running with the same --workdir resumes from its latest checkpoint.
@@ -48,5 +49,10 @@ def main(argv):
     train.train_and_evaluate(config, _WORKDIR.value)
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """Entry point of `python -m cdg_jax.main` and `cdg-train`."""
   app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == '__main__':
+  run()

@@ -41,6 +41,7 @@ from cdg_jax import gating
 from cdg_jax import losses
 from cdg_jax import models
 from cdg_jax import parallel
+from cdg_jax import predictors
 from cdg_jax.layers import AUX_COLLECTION
 from cdg_jax.layers import DENSITY_COLLECTION
 from cdg_jax.layers import GatingSpec
@@ -393,7 +394,7 @@ def gate_regularizer(spec: GatingSpec, params, densities: Mapping[str, Any],
     values = [jnp.concatenate([jnp.reshape(v, (-1,)) for v in
                                (vs if isinstance(vs, tuple) else (vs,))])
               for k, vs in sorted(flat.items()) if k[-1] == 'saliency_l1']
-    return spec.weight * gating.saliency_l1_regularizer(values)
+    return spec.weight * predictors.saliency_l1_regularizer(values)
   if spec.kind == 'spatial_predictor' or spec.regularizer == 'density':
     return spec.weight * gating.density_regularizer(list(densities.values()),
                                                     density_target)

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 import tqdm
 
+from cdg_jax import batching
 from cdg_jax import checkpoints
 from cdg_jax import config_lib
 from cdg_jax import evaluation
@@ -221,8 +222,8 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
   train_step = ssl.jit_train_step(
       ssl.make_train_step(config, networks, num_train,
                           ssl.online_costs(config, networks)), mesh)
-  batches = input_pipeline.prefetch(
-      (input_pipeline.shard_batch(b, mesh) for b in source.train_batches(
+  batches = batching.prefetch(
+      (batching.shard_batch(b, mesh) for b in source.train_batches(
           config.batch_size, config.seed, start_step)),
       config.data.prefetch)
   report_progress = metric_logging.ReportProgress(

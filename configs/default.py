@@ -2,7 +2,7 @@
 
 FLOPs of a randomly initialised network on one batch:
 
-  python -m cdg_jax.flops --config=configs/default.py
+  python -m cdg_jax.flops_table --config=configs/default.py
 
 prints the per-layer table; the dense backbone is 555.42 MMACs per 32x32
 image, and a random network gates about half the conditional work (reduction

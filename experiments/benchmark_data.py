@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from cdg_jax import augment
+from cdg_jax import batching
 from cdg_jax import config_lib
 from cdg_jax import input_pipeline
 
@@ -106,7 +107,7 @@ def main(argv):
   print(f'\nHost pipeline, uint8 batches of {batch} from {description} '
         f'({source.num_train} train images, {steps} batches):')
   plain = images_per_second(source.train_batches(batch, seed=0), steps)
-  prefetched_iterator = input_pipeline.prefetch(
+  prefetched_iterator = batching.prefetch(
       source.train_batches(batch, seed=0), size=2)
   prefetched = images_per_second(prefetched_iterator, steps)
   prefetched_iterator.close()

@@ -12,6 +12,7 @@ import pytest
 from cdg_jax import flops
 from cdg_jax import gating
 from cdg_jax import models
+from cdg_jax import predictors
 from cdg_jax import ssl
 from cdg_jax.layers import GatedConv, GatingSpec
 from tests.test_ssl import fixed_batch, setup, tiny_config
@@ -85,13 +86,13 @@ def test_channel_predictor_scales_after_batchnorm_whose_statistics_see_every_cha
   masks = state['gate_masks']['conv1']['mask'][0]
   np.testing.assert_array_equal(np.asarray(masks).sum(axis=-1), 2)
   # conv1's output: normalised dense conv, then the kept channels scaled.
-  _, _, saliency = gating.channel_predictor_conv(
+  _, _, saliency = predictors.channel_predictor_conv(
       x, p['conv1']['kernel'], p['conv1']['predictor_w1'],
       p['conv1']['predictor_b1'], p['conv1']['predictor_w2'],
       p['conv1']['predictor_b2'], k=2)
   normalised = (y1 - mean) / np.sqrt(var + 1e-5) * p['bn1']['scale'] + p[
       'bn1']['bias']
-  expected, _, _ = gating.channel_predictor_conv(
+  expected, _, _ = predictors.channel_predictor_conv(
       x, p['conv1']['kernel'], p['conv1']['predictor_w1'],
       p['conv1']['predictor_b1'], p['conv1']['predictor_w2'],
       p['conv1']['predictor_b2'], k=2,
@@ -278,5 +279,5 @@ def test_spec_validation_names_the_predictor_kinds():
     GatingSpec(kind='spatial_predictor', gumbel_temperature=0.0)
   # CDG-only fields do not constrain the baselines.
   assert GatingSpec(kind='spatial_predictor', groups=1).enabled
-  assert gating.num_kept_channels(10, 0.3) == 3
-  assert gating.num_kept_channels(8, 0.01) == 1
+  assert predictors.num_kept_channels(10, 0.3) == 3
+  assert predictors.num_kept_channels(8, 0.01) == 1

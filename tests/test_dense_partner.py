@@ -16,6 +16,7 @@ from cdg_jax import flops
 from cdg_jax import gating
 from cdg_jax import layers
 from cdg_jax import models
+from cdg_jax import predictors
 from cdg_jax import ssl
 
 MODEL = {'name': 'resnet10', 'width': 8}
@@ -268,11 +269,11 @@ def test_relu_saliency_is_fbs_formula():
   pooled = x.mean(axis=(1, 2))
   hidden = np.maximum(pooled @ w1 + b1, 0)
   expected = np.maximum(hidden @ w2 + b2, 0)
-  got = gating.channel_saliency(x, *(jnp.asarray(a, jnp.float32)
+  got = predictors.channel_saliency(x, *(jnp.asarray(a, jnp.float32)
                                      for a in (w1, b1, w2, b2)), form='relu')
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
   assert np.any(expected == 0) and np.max(expected) > 2  # unbounded, sparse
-  bounded = gating.channel_saliency(x, *(jnp.asarray(a, jnp.float32)
+  bounded = predictors.channel_saliency(x, *(jnp.asarray(a, jnp.float32)
                                          for a in (w1, b1, w2, b2)))
   np.testing.assert_allclose(bounded, 2 / (1 + np.exp(-(hidden @ w2 + b2))),
                              rtol=1e-5)

@@ -121,7 +121,7 @@ def test_flops_command_prints_table():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, 'PYTHONPATH': root, 'XLA_FLAGS': ''}
   result = subprocess.run(
-      [sys.executable, '-m', 'cdg_jax.flops',
+      [sys.executable, '-m', 'cdg_jax.flops_table',
        f'--config={root}/configs/default.py:smoke', '--batch_size=4'],
       capture_output=True, text=True, env=env, cwd=root, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
+from cdg_jax import batching
 from cdg_jax import config_lib
 from cdg_jax import input_pipeline
 
@@ -240,15 +241,15 @@ def test_resize_images_keeps_constant_images_and_crops_the_centre():
 
 
 def test_prefetch_preserves_order_and_raises():
-  assert list(input_pipeline.prefetch(iter(range(10)), size=3)) == list(
+  assert list(batching.prefetch(iter(range(10)), size=3)) == list(
       range(10))
-  assert list(input_pipeline.prefetch(iter(range(4)), size=0)) == [0, 1, 2, 3]
+  assert list(batching.prefetch(iter(range(4)), size=0)) == [0, 1, 2, 3]
 
   def failing():
     yield 1
     raise RuntimeError('broken source')
 
-  it = input_pipeline.prefetch(failing(), size=2)
+  it = batching.prefetch(failing(), size=2)
   assert next(it) == 1
   with pytest.raises(RuntimeError, match='broken source'):
     next(it)
@@ -258,7 +259,7 @@ def test_shard_batch_places_the_batch_over_the_data_axis(npz_source):
   devices = jax.devices()
   mesh = jax.make_mesh((len(devices),), ('data',), devices=devices)
   batch = next(npz_source.train_batches(8 * len(devices), seed=0))
-  sharded = input_pipeline.shard_batch(batch, mesh)
+  sharded = batching.shard_batch(batch, mesh)
   for key in ('image', 'label'):
     assert sharded[key].shape == batch[key].shape
     assert sharded[key].sharding.spec == P('data')

@@ -54,7 +54,7 @@ def test_train_linear_eval_and_flops_commands_run_without_tensorflow(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert os.path.exists(os.path.join(workdir, 'linear_eval.json'))
 
-  result = _run_without_tensorflow('cdg_jax.flops', f'--workdir={workdir}')
+  result = _run_without_tensorflow('cdg_jax.flops_table', f'--workdir={workdir}')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'reduction' in result.stdout
 

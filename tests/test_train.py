@@ -57,7 +57,7 @@ def test_smoke_run_writes_results_resumes_and_feeds_linear_eval(tmp_path):
   # The FLOPs command measures the trained backbone on the same test split,
   # on one device: the backbone exported by this 2-device run loads anywhere.
   result = subprocess.run(
-      [sys.executable, '-m', 'cdg_jax.flops', f'--workdir={workdir}'],
+      [sys.executable, '-m', 'cdg_jax.flops_table', f'--workdir={workdir}'],
       capture_output=True, text=True, cwd=ROOT, timeout=300,
       env={**os.environ, 'PYTHONPATH': ROOT,
            'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})

@@ -1,0 +1,318 @@
+"""Defaults and variants shared by the config files in `configs/`.
+
+Config files call `base_config()`, set what differs, and finish with
+`apply_variants(config, arg)` so that `--config=configs/x.py:smoke,dense`
+works for every file. Living in the package (not in `configs/`) lets config
+files be loaded from any working directory.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from cdg_jax import augment
+
+VARIANTS = ('smoke', 'dense', 'structured', 'tiles', 'channel_predictor',
+            'spatial_predictor', 'dense_partner')
+
+
+def gating_config() -> ml_collections.ConfigDict:
+  """The `gating` block: the one place gating is configured (see GatingSpec)."""
+  return ml_collections.ConfigDict(dict(
+      kind='cdg',                  # 'none' | 'cdg' | 'channel_predictor' |
+                                   # 'spatial_predictor' (baselines: see
+                                   # GatingSpec for the fields they use)
+      groups=4,                    # G: the base path sees 1/G input channels
+      grouping='first',            # 'first' | 'diagonal' (CGNet's block-
+                                   # diagonal base path)
+      block=(1, 1, 1),             # (bh, bw, bc); (1, 1, 1) is unstructured
+      alpha=2.0,                   # surrogate steepness (STE backward)
+      surrogate='sigmoid',         # 'sigmoid' | 'hard_sigmoid'
+      threshold_init=0.0,
+      layers='block_3x3',          # comma-separated roles: stem, block_3x3,
+                                   # block_1x1, shortcut
+      saliency_norm='batch',       # 'batch' (running stats at eval) | 'sample'
+      saliency_grad=False,         # gradient through saliency statistics
+      saliency_momentum=0.9,
+      epsilon=1e-5,
+      saliency_stats='per_branch',  # 'per_branch' | 'joint'
+      branches='both',             # 'both' | 'online' (MoCo/BYOL target
+                                   # left dense) | 'dense_partner' (SimCLR/
+                                   # SimSiam: view 2 through the same
+                                   # weights with every gate open; ours)
+      partner_norm='shared',       # dense partner's BatchNorm: 'shared' |
+                                   # 'separate' (its own, stats and affine)
+      predictor_saliency='bounded',  # channel predictor: 'bounded'
+                                   # (2 sigmoid) | 'relu' (FBS as published)
+      # Density-target form, lambda * sum_layers (density - target)^2: it
+      # lands on the FLOPs it is given (0.25: about 2.2x on CIFAR ResNet-18),
+      # at any run length. The channel-gating threshold form (lambda ~1e-4
+      # toward threshold 1.0) barely moves thresholds in a short run and gave
+      # the same accuracy-vs-FLOPs curve at lambda 0.1 in our CIFAR runs
+      # (experiments/README.md).
+      regularizer='density',       # 'density' | 'threshold' (per-layer
+                                   # mean) | 'threshold_sum' (channel gating)
+      weight=1.0,                  # lambda
+      threshold_target=1.0,        # threshold form only
+      density_target=0.25,         # also: channel_predictor keeps
+                                   # ceil(target * C_out) channels
+      target_anneal_fraction=0.0,  # ours: density target 1 -> target over
+                                   # this fraction of training
+      gumbel_temperature=1.0,      # spatial_predictor's Gumbel-sigmoid
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """CDG-gated CIFAR ResNet-18 on CIFAR-10 at 32x32."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = ml_collections.ConfigDict(dict(
+      name='resnet18', stem='cifar', width=64,
+      # Compute dtype of convolutions and matmuls: 'bfloat16' (mixed
+      # precision, for GPUs and TPUs) or 'float32'. Parameters, optimiser
+      # state, BatchNorm statistics, losses and the gate decision (saliency
+      # normalisation, threshold comparison) stay float32 either way.
+      dtype='float32'))
+  config.gating = gating_config()
+  # Self-supervised framework and its heads (see cdg_jax/ssl.py).
+  config.framework = 'simclr'      # 'simclr' | 'mocov2' | 'byol' | 'simsiam'
+  config.ssl = ml_collections.ConfigDict(dict(
+      projector_hidden_dims=(2048,),
+      projector_dim=128,
+      projector_last_bn=False,
+      predictor_hidden_dims=(),    # BYOL/SimSiam set theirs
+      predictor_dim=0,
+      temperature=0.5,             # SimCLR NT-Xent / MoCo InfoNCE
+      queue_size=4096,             # MoCo negatives
+      base_tau=0.99,               # EMA of the target encoder
+      tau_schedule='cosine',       # 'cosine' (BYOL: base -> 1) | 'constant'
+  ))
+  config.optim = ml_collections.ConfigDict(dict(
+      name='lars',                 # 'lars' | 'sgd'
+      base_learning_rate=1.0,      # scaled by batch_size / 256
+      weight_decay=1e-6,           # not applied to biases, norms, thresholds
+      momentum=0.9,
+      trust_coefficient=1e-3,      # LARS
+      warmup_epochs=10.0,
+  ))
+  config.probe = ml_collections.ConfigDict(dict(learning_rate=1e-3))
+  config.batch_size = 256          # global, images (each gives two views)
+  config.num_epochs = 800.0
+  config.num_steps = -1            # > 0 overrides num_epochs
+  # Training program (cdg_jax/train.py).
+  config.log_every_steps = 50      # metrics are fetched from device only here
+  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2))
+  config.cpu_devices = 0           # CPU only: devices to split the host into
+                                   # (0: one per core; 1: leave XLA alone)
+  config.plot_images = 4           # test images in the end-of-run mask plot
+  # Input pipeline (cdg_jax/input_pipeline.py).
+  config.data = ml_collections.ConfigDict(dict(
+      source='tfds',               # 'tfds' | 'npz' | 'fake'
+      dataset='cifar10',           # tfds: cifar10 | cifar100 | imagenet100 |
+                                   # imagenet2012
+      data_dir='',                 # TFDS data dir; '' = ~/tensorflow_datasets
+      npz_path='',                 # npz: x_train, y_train, x_test, y_test
+      image_size=32,               # host resolution (square)
+      num_classes=10,
+      fake_num_train=10_000,       # fake: synthetic examples per split
+      fake_num_test=2_000,
+      shuffle_buffer=10_000,       # ImageNet stream only; arrays shuffle fully
+      validation_size=0,           # > 0: hold out this many class-balanced
+                                   # training images and evaluate on them
+                                   # instead of the test set (model selection)
+      prefetch=2,                  # host batches prepared ahead
+  ))
+  # On-device augmentation (cdg_jax/augment.py); mean/std per dataset.
+  config.augment = augment.augment_preset('simclr_cifar', 32)
+  config.augment.image_size = config.data.get_ref('image_size')
+  # Evaluation (cdg_jax/evaluation.py): weighted kNN monitor (bank = train
+  # split, queries = test split) and FLOPs measured on the test split.
+  config.eval = ml_collections.ConfigDict(dict(
+      knn_k=200,
+      knn_temperature=0.1,
+      batch_size=500,              # rounded up to a multiple of the devices
+      every_steps=0,
+      sparse_inference=False,      # skip closed tiles (CDG with gating.block
+                                   # (bh, bw, 0)); same features, less time
+  ))
+  # Linear evaluation on frozen features (cdg_jax/linear_eval.py): SGD with
+  # Nesterov momentum and cosine decay on standardised features.
+  config.linear_eval = ml_collections.ConfigDict(dict(
+      epochs=100,
+      batch_size=256,
+      learning_rate=0.1,
+      weight_decay=1e-4,           # L2 on the weights, not the bias
+  ))
+  return config
+
+
+def apply_variants(config: ml_collections.ConfigDict,
+                   arg: str | None) -> ml_collections.ConfigDict:
+  """Applies comma-separated variants: smoke, dense, structured.
+
+  smoke: tiny network on synthetic data, for runs that finish in seconds.
+  dense: the same run without gating (`gating.kind='none'`).
+  structured: CDG with (2, 2, 4) blocks instead of unstructured gates.
+  tiles: CDG with 4x4 tiles of positions across all channels, (4, 4, 0):
+    what block-sparse inference skips (`eval.sparse_inference`).
+  channel_predictor, spatial_predictor: the predictor baselines in place of
+    CDG, at density target 0.5 (about 2x fewer backbone FLOPs, like CDG at
+    0.25 with its always-computed base path); the channel predictor's L1
+    saliency loss gets weight 1e-4, the spatial predictor's density loss 1.0.
+  dense_partner: CDG's dense-partner form (ours, after Krishna et al.; see
+    `GatingSpec.branches`): 'dense_partner' for SimCLR and SimSiam, 'online'
+    (dense target) for MoCo v2 and BYOL.
+  """
+  for variant in [v.strip() for v in (arg or '').split(',') if v.strip()]:
+    if variant == 'smoke':
+      config.model.name = 'resnet10'
+      config.model.width = 8
+      config.data.source = 'fake'
+      config.data.image_size = 16
+      config.data.fake_num_train = 512
+      config.data.fake_num_test = 200
+      config.ssl.projector_hidden_dims = (64,)
+      config.ssl.projector_dim = 32
+      if config.ssl.predictor_dim > 0:
+        config.ssl.predictor_hidden_dims = (64,)
+        config.ssl.predictor_dim = 32
+      config.ssl.queue_size = 128
+      config.batch_size = 32
+      config.num_steps = 20
+      config.optim.warmup_epochs = 0.0
+      config.log_every_steps = 5
+      config.checkpoint.every_steps = 10
+    elif variant == 'dense':
+      config.gating.kind = 'none'
+    elif variant == 'structured':
+      config.gating.block = (2, 2, 4)
+    elif variant == 'tiles':
+      config.gating.block = (4, 4, 0)
+    elif variant == 'channel_predictor':
+      config.gating.kind = 'channel_predictor'
+      config.gating.density_target = 0.5
+      config.gating.weight = 1e-4      # FBS-style L1 on the saliencies
+    elif variant == 'dense_partner':
+      config.gating.branches = ('online' if config.framework in
+                                ('mocov2', 'byol') else 'dense_partner')
+    elif variant == 'spatial_predictor':
+      config.gating.kind = 'spatial_predictor'
+      config.gating.density_target = 0.5
+      config.gating.weight = 1.0
+    else:
+      raise ValueError(f'Unknown config variant {variant!r}; expected any of '
+                       f'{VARIANTS}, comma-separated.')
+  return config
+
+
+def _field_paths(config, prefix=''):
+  paths = set()
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      paths |= _field_paths(value, f'{prefix}{key}.')
+    else:
+      paths.add(f'{prefix}{key}')
+  return paths
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming fields that `base_config()` does not define.
+
+  A typo in a config file (`config.gating.grups = 2`) would otherwise add a
+  new, silently ignored field.
+  """
+  known = _field_paths(base_config())
+  unknown = sorted(_field_paths(config) - known)
+  if unknown:
+    raise ValueError(f'Unknown config field(s) {unknown}: not defined in '
+                     f'cdg_jax.config_lib.base_config() (a typo?).')
+
+
+def _problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Every out-of-range value of a config (see `validate`)."""
+  # Imported here, not at the top: every config file imports this module,
+  # and these pull in Flax, Optax and the data pipeline.
+  from cdg_jax import input_pipeline, layers, models, ssl  # pylint: disable=g-import-not-at-top
+  problems = []
+
+  def need(ok: bool, message: str) -> None:
+    if not ok:
+      problems.append(message)
+
+  need(config.batch_size > 0,
+       f'batch_size={config.batch_size} must be a positive number of images.')
+  need(config.num_steps == -1 or config.num_steps > 0,
+       f'num_steps={config.num_steps} must be positive, or -1 to train '
+       f'num_epochs={config.num_epochs} epochs.')
+  if config.num_steps == -1:
+    need(config.num_epochs > 0, f'num_epochs={config.num_epochs} must be '
+         f'positive (or set num_steps > 0).')
+  need(config.log_every_steps > 0,
+       f'log_every_steps={config.log_every_steps} must be positive.')
+  need(config.checkpoint.every_steps > 0, f'checkpoint.every_steps='
+       f'{config.checkpoint.every_steps} must be positive.')
+  need(config.checkpoint.keep >= 1,
+       f'checkpoint.keep={config.checkpoint.keep} must be at least 1.')
+  need(config.cpu_devices >= 0,
+       f'cpu_devices={config.cpu_devices} must be >= 0 (0: one per core).')
+  need(config.framework in ssl.FRAMEWORKS, f'framework={config.framework!r} '
+       f'must be one of {ssl.FRAMEWORKS}.')
+  need(config.optim.name in ssl.OPTIMIZERS, f'optim.name={config.optim.name!r}'
+       f' must be one of {ssl.OPTIMIZERS}.')
+  need(config.optim.base_learning_rate >= 0, f'optim.base_learning_rate='
+       f'{config.optim.base_learning_rate} must be >= 0.')
+  need(config.optim.warmup_epochs >= 0, f'optim.warmup_epochs='
+       f'{config.optim.warmup_epochs} must be >= 0.')
+  need(config.optim.weight_decay >= 0,
+       f'optim.weight_decay={config.optim.weight_decay} must be >= 0.')
+  need(config.model.name in models.ARCHITECTURES, f'model.name='
+       f'{config.model.name!r} must be one of {sorted(models.ARCHITECTURES)}.')
+  need(config.model.width > 0,
+       f'model.width={config.model.width} must be positive.')
+  need(config.model.dtype in models.COMPUTE_DTYPES, f'model.dtype='
+       f'{config.model.dtype!r} must be one of {sorted(models.COMPUTE_DTYPES)}.')
+  need(config.data.source in input_pipeline.SOURCES, f'data.source='
+       f'{config.data.source!r} must be one of {input_pipeline.SOURCES}.')
+  need(config.data.image_size > 0,
+       f'data.image_size={config.data.image_size} must be positive.')
+  need(config.data.num_classes >= 2,
+       f'data.num_classes={config.data.num_classes} must be at least 2.')
+  need(config.data.validation_size >= 0, f'data.validation_size='
+       f'{config.data.validation_size} must be >= 0 (0: no validation split).')
+  need(config.data.prefetch >= 0,
+       f'data.prefetch={config.data.prefetch} must be >= 0.')
+  need(config.eval.batch_size > 0,
+       f'eval.batch_size={config.eval.batch_size} must be positive.')
+  need(config.eval.knn_k > 0, f'eval.knn_k={config.eval.knn_k} must be '
+       f'positive.')
+  need(config.eval.knn_temperature > 0, f'eval.knn_temperature='
+       f'{config.eval.knn_temperature} must be positive.')
+  need(config.eval.every_steps >= 0, f'eval.every_steps='
+       f'{config.eval.every_steps} must be >= 0 (0: only at the end).')
+  need(config.linear_eval.epochs > 0,
+       f'linear_eval.epochs={config.linear_eval.epochs} must be positive.')
+  need(config.linear_eval.batch_size > 0, f'linear_eval.batch_size='
+       f'{config.linear_eval.batch_size} must be positive.')
+  try:
+    spec = layers.GatingSpec.from_config(config.gating)
+    if config.framework in ssl.FRAMEWORKS:
+      ssl.check_branches(config.framework, spec)
+    if config.eval.sparse_inference:
+      models.with_sparse_inference(models.create_resnet(config.model,
+                                                        config.gating))
+  except ValueError as e:
+    problems.append(str(e))
+  return problems
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks field names and value ranges of a whole config, before any work.
+
+  Raises:
+    ValueError listing every unknown field or out-of-range value, each with
+    the value and what it must be.
+  """
+  check_fields(config)
+  problems = _problems(config)
+  if problems:
+    raise ValueError('Invalid config:\n  ' + '\n  '.join(problems))

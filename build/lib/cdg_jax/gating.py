@@ -1,0 +1,492 @@
+"""Pure-function ops of the Contrastive Dual Gating (CDG) convolution.
+
+Every function here takes arrays (and plain Python configuration) and returns
+arrays: no Flax, no hidden state. They are jittable, vmappable and
+differentiable; the Flax layer in `cdg_jax.layers` only holds the parameters
+and statistics and calls them. Shapes use NHWC for activations and HWIO for
+kernels, as `flax.linen.Conv` does.
+
+The gated convolution (DESIGN.md section 2), for kernel `W` (k, k, C_in, C_out)
+split into `G` input-channel groups:
+
+    Y_base = conv(X[..., :C_in/G], W[:, :, :C_in/G])          # always computed
+    S      = normalize(Y_base)                                  # per output channel
+    d      = 1[block_mean(S - delta) > 0]                       # hard 0/1 gate, STE
+    Y      = Y_base + d * conv(X[..., C_in/G:], W[:, :, C_in/G:])
+
+Options where CDG's public lineage (channel gating / CGNet, DESIGN.md section
+2) reads differently, each kept next to our first reading:
+
+  grouping   'first': every output's base path sees the first C_in/G input
+             channels (above); 'diagonal': output-channel group i's base path
+             sees input-channel group i (block-diagonal, as CGNet). Same FLOPs.
+  saliency gradient through the normalisation statistics, or not.
+  surrogate  'sigmoid' or 'hard_sigmoid' derivative for the straight-through
+             gate.
+  regulariser per-layer mean of (delta - target)^2, its sum over every
+             threshold (channel gating's form), or a density target.
+
+The predictor baselines' ops (FBS-style channel predictor, dual-gating-style
+spatial predictor) are in `cdg_jax.predictors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def base_channels(in_channels: int, groups: int) -> int:
+  """Number of input channels the always-on base path convolves.
+
+  Args:
+    in_channels: C_in of the convolution.
+    groups: G, the number of input-channel groups; the base path takes the
+      first group, the conditional path the other G - 1.
+
+  Returns:
+    C_in / G.
+
+  Raises:
+    ValueError: if `groups` < 2 or does not divide `in_channels`.
+  """
+  if groups < 2:
+    raise ValueError(
+        f'gating.groups must be at least 2 (one base and one conditional group), '
+        f'got {groups}.')
+  if in_channels % groups:
+    raise ValueError(
+        f'gating.groups={groups} does not divide the {in_channels} input channels '
+        f'of a gated convolution; choose groups that divide every gated layer\'s '
+        f'input channels.')
+  return in_channels // groups
+
+
+def split_channels(x: Array, kernel: Array, groups: int
+                   ) -> tuple[Array, Array, Array, Array]:
+  """Splits input and kernel into the base group and the conditional groups.
+
+  Args:
+    x: (N, H, W, C_in) input.
+    kernel: (kh, kw, C_in, C_out) kernel.
+    groups: G; must divide C_in.
+
+  Returns:
+    (x_base, kernel_base, x_cond, kernel_cond) with C_in/G and C_in*(G-1)/G
+    input channels respectively.
+  """
+  if x.shape[-1] != kernel.shape[2]:
+    raise ValueError(f'Input has {x.shape[-1]} channels but the kernel expects '
+                     f'{kernel.shape[2]} (kernel shape {kernel.shape}).')
+  n_base = base_channels(x.shape[-1], groups)
+  return (x[..., :n_base], kernel[:, :, :n_base],
+          x[..., n_base:], kernel[:, :, n_base:])
+
+
+GROUPINGS = ('first', 'diagonal')
+
+
+def diagonal_mask(c_in: int, c_out: int, groups: int, dtype=jnp.float32
+                  ) -> Array:
+  """(C_in, C_out) 0/1 mask, 1 on the block-diagonal (base-path) entries."""
+  ci, co = c_in // groups, c_out // groups
+  return jnp.kron(jnp.eye(groups, dtype=dtype), jnp.ones((ci, co), dtype))
+
+
+def conditional_operands(x: Array, kernel: Array, groups: int,
+                         grouping: str = 'first') -> tuple[Array, Array]:
+  """(input, kernel) of the conditional path: conv of them is Y_cond.
+
+  'first': the last (G-1)/G input channels and their kernel rows.
+  'diagonal': every input channel, with the kernel's block-diagonal (base)
+  blocks zeroed: one convolution over all input channels (in training this
+  costs (G+1)/G of a dense conv; the FLOPs count is unchanged, as for
+  'first', because the saving is accounted from the masks).
+  """
+  if grouping == 'first':
+    return split_channels(x, kernel, groups)[2:]
+  _check_diagonal(x, kernel, groups, grouping)
+  off_diagonal = 1.0 - diagonal_mask(kernel.shape[2], kernel.shape[3], groups,
+                                     kernel.dtype)
+  return x, kernel * off_diagonal
+
+
+def _check_diagonal(x: Array, kernel: Array, groups: int, grouping: str):
+  if grouping != 'diagonal':
+    raise ValueError(f'Unknown gating.grouping={grouping!r}; expected one of '
+                     f'{GROUPINGS}.')
+  if x.shape[-1] != kernel.shape[2]:
+    raise ValueError(f'Input has {x.shape[-1]} channels but the kernel expects '
+                     f'{kernel.shape[2]} (kernel shape {kernel.shape}).')
+  base_channels(kernel.shape[2], groups)
+  if kernel.shape[3] % groups:
+    raise ValueError(
+        f"gating.grouping='diagonal' with gating.groups={groups} needs groups "
+        f"to divide the {kernel.shape[3]} output channels of every gated "
+        f"convolution.")
+
+
+def base_conv(x: Array, kernel: Array, groups: int, grouping: str = 'first',
+              strides: Sequence[int] = (1, 1),
+              padding: str | Sequence[tuple[int, int]] = 'SAME') -> Array:
+  """Y_base, the always-computed path (1/G of the dense MACs).
+
+  'first': every output channel convolves the first C_in/G input channels.
+  'diagonal': output group i convolves input group i.
+  """
+  if grouping == 'first':
+    x_base, k_base = split_channels(x, kernel, groups)[:2]
+    return conv(x_base, k_base, strides, padding)
+  _check_diagonal(x, kernel, groups, grouping)
+  ci, co = kernel.shape[2] // groups, kernel.shape[3] // groups
+  # One convolution per group rather than a grouped convolution
+  # (`feature_group_count`): XLA's CPU backend ran the grouped form about 10x
+  # slower forward and backward (CIFAR ResNet-18 layer at width 16, 2 cores).
+  return jnp.concatenate(
+      [conv(x[..., i * ci:(i + 1) * ci],
+            kernel[:, :, i * ci:(i + 1) * ci, i * co:(i + 1) * co],
+            strides, padding) for i in range(groups)], axis=-1)
+
+
+def base_and_conditional(x: Array, kernel: Array, groups: int,
+                         grouping: str = 'first',
+                         strides: Sequence[int] = (1, 1),
+                         padding: str | Sequence[tuple[int, int]] = 'SAME'
+                         ) -> tuple[Array, Array]:
+  """(Y_base, Y_cond): the two paths of a gated convolution, Y_base + Y_cond = conv(x, W).
+
+  Args:
+    x: (N, H, W, C_in) input.
+    kernel: (kh, kw, C_in, C_out).
+    groups: G.
+    grouping: 'first' -- the base path of every output channel convolves the
+      first C_in/G input channels and the conditional path the rest;
+      'diagonal' -- output group i's base path convolves input group i and
+      the conditional path every other input group. Both cost (1/G) of the
+      dense MACs on the base path.
+    strides, padding: as for `conv`.
+  """
+  x_cond, k_cond = conditional_operands(x, kernel, groups, grouping)
+  return (base_conv(x, kernel, groups, grouping, strides, padding),
+          conv(x_cond, k_cond, strides, padding))
+
+
+def conv(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
+         padding: str | Sequence[tuple[int, int]] = 'SAME') -> Array:
+  """Plain NHWC/HWIO convolution, the one used by both paths and by dense layers."""
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=tuple(strides), padding=padding,
+      dimension_numbers=DIMENSION_NUMBERS)
+
+
+def saliency_moments(y_base: Array, norm: str = 'batch', num_groups: int = 1
+                     ) -> tuple[Array, Array]:
+  """Mean and variance of the base-path output used to normalise saliency.
+
+  Args:
+    y_base: (N, H, W, C_out) base-path output.
+    norm: 'batch' -- statistics per output channel over (N, H, W), as
+      BatchNorm does in training (at evaluation the layer uses running
+      averages instead, so a sample's mask does not depend on its batch);
+      'sample' -- statistics per sample and channel over (H, W), which never
+      mix samples.
+    num_groups: for 'batch', the batch axis is split into this many equal
+      consecutive groups (e.g. the two augmented views of a contrastive pair)
+      and statistics are computed per group ("per-branch" statistics,
+      DESIGN.md section 2.7). 1 pools the whole batch ("joint").
+
+  Returns:
+    (mean, var), each broadcastable against `y_base`: shape
+    (N, 1, 1, C_out) in every case (the group statistics repeated for each
+    sample of the group).
+  """
+  n, h, w, c = y_base.shape
+  if norm == 'sample':
+    return (jnp.mean(y_base, axis=(1, 2), keepdims=True),
+            jnp.var(y_base, axis=(1, 2), keepdims=True))
+  if norm != 'batch':
+    raise ValueError(f"Unknown gating.saliency_norm={norm!r}; expected 'batch' "
+                     f"or 'sample'.")
+  if num_groups < 1 or n % num_groups:
+    raise ValueError(f'Cannot split a batch of {n} into {num_groups} equal '
+                     f'saliency-statistics groups.')
+  grouped = y_base.reshape(num_groups, n // num_groups, h, w, c)
+  mean = jnp.mean(grouped, axis=(1, 2, 3), keepdims=True)
+  # Two-pass variance: the one-pass E[x^2]-E[x]^2 loses precision in float32
+  # when the mean is large relative to the spread.
+  var = jnp.mean(jnp.square(grouped - mean), axis=(1, 2, 3), keepdims=True)
+  expand = lambda t: jnp.broadcast_to(t, (num_groups, n // num_groups, 1, 1, c)
+                                     ).reshape(n, 1, 1, c)
+  return expand(mean), expand(var)
+
+
+def normalize_saliency(y_base: Array, mean: Array, var: Array,
+                       epsilon: float = 1e-5) -> Array:
+  """Saliency S = (Y_base - mean) / sqrt(var + eps), per output channel."""
+  return (y_base - mean) * jax.lax.rsqrt(var + epsilon)
+
+
+def effective_block(shape: Sequence[int], block: Sequence[int]
+                    ) -> tuple[int, int, int]:
+  """The (bh, bw, bc) decision block used on a gated output of `shape`.
+
+  `bc = 0` means all output channels (a tile of positions: what block-sparse
+  execution can skip, `cdg_jax.sparse`). A block taller or wider than the
+  map is clamped to it (the map is then one block in that dimension: the
+  last stages of a CIFAR ResNet are smaller than an 8x8 tile). Otherwise the
+  block must divide the map.
+
+  Args:
+    shape: (N, H, W, C) of the gated layer's output.
+    block: (bh, bw, bc) block of positions and channels sharing one decision.
+
+  Raises:
+    ValueError naming the bad value if `block` is malformed or does not tile
+    `shape`.
+  """
+  if (len(block) != 3 or any(int(b) < 1 for b in block[:2])
+      or int(block[2]) < 0):
+    raise ValueError(f'gating.block must be three ints (bh, bw, bc) with bh, '
+                     f'bw >= 1 and bc >= 0 (0: all channels), got '
+                     f'{tuple(block)}.')
+  _, h, w, c = shape
+  bh, bw, bc = (int(b) for b in block)
+  effective = (min(bh, h), min(bw, w), c if bc == 0 else bc)
+  for name, size, b in (('height', h, effective[0]), ('width', w, effective[1]),
+                        ('channels', c, effective[2])):
+    if size % b:
+      raise ValueError(
+          f'gating.block={tuple(block)} does not tile a gated feature map of '
+          f'shape (H, W, C)=({h}, {w}, {c}): block {name} {b} does not divide '
+          f'{size}.')
+  return effective
+
+
+def check_block(shape: Sequence[int], block: Sequence[int]) -> None:
+  """Raises ValueError naming the bad value if `block` does not tile `shape`."""
+  effective_block(shape, block)
+
+
+def block_mean(z: Array, block: Sequence[int]) -> Array:
+  """Averages `z` over (bh, bw, bc) blocks and broadcasts the mean back.
+
+  Args:
+    z: (N, H, W, C) array.
+    block: (bh, bw, bc), see `effective_block` (bc = 0: all channels; blocks
+      larger than the map are clamped to it).
+
+  Returns:
+    Array of the shape of `z`, constant within each block.
+  """
+  if tuple(int(b) for b in block) == (1, 1, 1):
+    return z
+  bh, bw, bc = effective_block(z.shape, block)
+  n, h, w, c = z.shape
+  blocks = z.reshape(n, h // bh, bh, w // bw, bw, c // bc, bc)
+  means = jnp.mean(blocks, axis=(2, 4, 6), keepdims=True)
+  return jnp.broadcast_to(means, blocks.shape).reshape(z.shape)
+
+
+SURROGATES = ('sigmoid', 'hard_sigmoid')
+
+
+def surrogate_slope(z: Array, alpha: float, surrogate: str = 'sigmoid'
+                    ) -> Array:
+  """Derivative of the gate's smooth surrogate at `z`.
+
+  'sigmoid': d/dz sigmoid(alpha z) = alpha s (1 - s) (CGNet, our default).
+  'hard_sigmoid': d/dz clip(0.25 alpha z + 0.5, 0, 1) = 0.25 alpha where
+  |z| < 2 / alpha, else 0 (the first author's channel-gating scripts). Both
+  have slope alpha / 4 at z = 0.
+  """
+  if surrogate == 'sigmoid':
+    s = jax.nn.sigmoid(alpha * z)
+    return alpha * s * (1.0 - s)
+  if surrogate == 'hard_sigmoid':
+    inside = jnp.abs(z) < 2.0 / alpha
+    return jnp.where(inside, 0.25 * alpha, 0.0).astype(z.dtype)
+  raise ValueError(f'Unknown gating.surrogate={surrogate!r}; expected one of '
+                   f'{SURROGATES}.')
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def hard_gate(z: Array, alpha: float, surrogate: str = 'sigmoid') -> Array:
+  """Hard 0/1 gate `1[z > 0]` with a straight-through surrogate gradient.
+
+  The forward value is exactly 0 or 1 (a custom JVP, not the `soft +
+  stop_gradient(hard - soft)` trick, whose forward value can be off by one
+  ulp). The derivative is that of the surrogate (`surrogate_slope`), so the
+  gradient reaches the threshold and, through the saliency, the base-path
+  weights.
+
+  Args:
+    z: gate pre-activation, saliency minus threshold, any shape.
+    alpha: steepness of the surrogate.
+    surrogate: 'sigmoid' or 'hard_sigmoid' (see `surrogate_slope`).
+
+  Returns:
+    Array of `z`'s shape and dtype with values in {0, 1}.
+  """
+  del alpha, surrogate  # Only the derivative uses them.
+  return (z > 0).astype(z.dtype)
+
+
+@hard_gate.defjvp
+def _hard_gate_jvp(alpha, surrogate, primals, tangents):
+  (z,), (z_dot,) = primals, tangents
+  return (hard_gate(z, alpha, surrogate),
+          surrogate_slope(z, alpha, surrogate) * z_dot)
+
+
+def gate_mask(saliency: Array, threshold: Array, block: Sequence[int] = (1, 1, 1),
+              alpha: float = 2.0, surrogate: str = 'sigmoid') -> Array:
+  """The CDG gate `d`: 1 where the (block-mean) saliency exceeds the threshold.
+
+  Args:
+    saliency: (N, H, W, C) normalised base-path output.
+    threshold: (C,) learnable per-output-channel threshold delta.
+    block: (bh, bw, bc) decision granularity; (1, 1, 1) is unstructured. For
+      structured gating the decision is taken on the block mean of
+      `saliency - threshold`, i.e. mean saliency against mean threshold.
+    alpha: surrogate steepness for the straight-through gradient.
+    surrogate: 'sigmoid' or 'hard_sigmoid' (see `surrogate_slope`).
+
+  Returns:
+    (N, H, W, C) mask with values in {0, 1}, constant within each block.
+  """
+  return hard_gate(block_mean(saliency - threshold, block), alpha, surrogate)
+
+
+def masked_combine(y_base: Array, y_cond: Array, mask: Array) -> Array:
+  """The gated output Y = Y_base + d * Y_cond, in the dtype of the paths."""
+  return y_base + mask.astype(y_cond.dtype) * y_cond
+
+
+def saliency_gate(y_base: Array, threshold: Array, *,
+                  block: Sequence[int] = (1, 1, 1), alpha: float = 2.0,
+                  epsilon: float = 1e-5, norm: str = 'batch',
+                  num_groups: int = 1, saliency_grad: bool = False,
+                  surrogate: str = 'sigmoid',
+                  running_mean: Array | None = None,
+                  running_var: Array | None = None
+                  ) -> tuple[Array, tuple[Array, Array]]:
+  """The gate `d` of a gated convolution from its base-path output.
+
+  Args: see `gated_conv`.
+
+  Returns:
+    (mask, (mean, var)): the float32 0/1 mask of `y_base`'s shape and the
+    float32 saliency statistics used.
+  """
+  if (running_mean is None) != (running_var is None):
+    raise ValueError('Give both running_mean and running_var, or neither.')
+  if running_mean is None:
+    # By default the statistics only set the operating point of the gate and
+    # no gradient is taken through them (the straight-through gradient still
+    # reaches the base-path weights through Y_base in the saliency); that is
+    # about 10% cheaper in a gated layer's backward pass on CPU. The lineage
+    # (an instance norm in the first author's code) differentiates them.
+    stats_input = y_base if saliency_grad else jax.lax.stop_gradient(y_base)
+    mean, var = saliency_moments(stats_input.astype(jnp.float32), norm,
+                                 num_groups)
+  else:
+    mean, var = running_mean, running_var
+  # The gate decision is taken in float32 even when the convolutions run in
+  # bfloat16 (mixed precision): normalising and thresholding in bfloat16
+  # would flip gates near the threshold through rounding alone.
+  saliency = normalize_saliency(y_base.astype(jnp.float32), mean, var, epsilon)
+  mask = gate_mask(saliency, threshold.astype(jnp.float32), block, alpha,
+                   surrogate)
+  return mask, (mean, var)
+
+
+def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
+               strides: Sequence[int] = (1, 1), padding='SAME',
+               block: Sequence[int] = (1, 1, 1), alpha: float = 2.0,
+               epsilon: float = 1e-5, norm: str = 'batch', num_groups: int = 1,
+               grouping: str = 'first', saliency_grad: bool = False,
+               surrogate: str = 'sigmoid',
+               running_mean: Array | None = None,
+               running_var: Array | None = None
+               ) -> tuple[Array, Array, tuple[Array, Array]]:
+  """The CDG gated convolution Y = Y_base + d * Y_cond.
+
+  Args:
+    x: (N, H, W, C_in) input.
+    kernel: (kh, kw, C_in, C_out) kernel, the same array a dense conv uses.
+    threshold: (C_out,) thresholds delta.
+    groups: G, number of input-channel groups.
+    strides, padding: as for `conv`.
+    block: (bh, bw, bc) gate granularity (see `effective_block`).
+    alpha: surrogate steepness.
+    epsilon: added to the saliency variance.
+    norm, num_groups: how saliency statistics are computed from Y_base when no
+      running statistics are given (see `saliency_moments`).
+    grouping: 'first' or 'diagonal' base path (see `base_and_conditional`).
+    saliency_grad: differentiate through the saliency statistics (mean and
+      variance of Y_base), as an instance norm or BatchNorm does; False
+      treats them as constants.
+    surrogate: 'sigmoid' or 'hard_sigmoid' straight-through derivative.
+    running_mean, running_var: (C_out,) statistics to normalise with instead
+      (evaluation with 'batch' norm); then no sample influences another.
+
+  Returns:
+    (y, mask, (mean, var)): the (N, H_out, W_out, C_out) gated output in the
+    dtype of `x` and `kernel`, its float32 0/1 mask, and the float32 saliency
+    statistics used (callers update running averages from them).
+  """
+  y_base, y_cond = base_and_conditional(x, kernel, groups, grouping, strides,
+                                        padding)
+  # Y_cond is computed densely and masked: XLA cannot skip work per position.
+  # The saliency is accounted analytically (cdg_jax.flops) from the masks;
+  # tile-structured gates can skip it at inference (cdg_jax.sparse).
+  mask, stats = saliency_gate(
+      y_base, threshold, block=block, alpha=alpha, epsilon=epsilon, norm=norm,
+      num_groups=num_groups, saliency_grad=saliency_grad, surrogate=surrogate,
+      running_mean=running_mean, running_var=running_var)
+  return masked_combine(y_base, y_cond, mask), mask, stats
+
+
+def threshold_regularizer(thresholds: Sequence[Array], target: float = 1.0
+                          ) -> Array:
+  """Per-layer mean form `sum_layers mean_channels((delta - target)^2)`.
+
+  Multiply by the regularisation weight lambda in the loss. Pushing the
+  thresholds towards a positive target closes gates where saliency is low.
+  Each layer counts once whatever its width; the channel-gating form is
+  `threshold_sum_regularizer`, C_out times stronger per layer.
+  """
+  if not thresholds:
+    return jnp.zeros(())
+  return sum(jnp.mean(jnp.square(t - target)) for t in thresholds)
+
+
+def threshold_sum_regularizer(thresholds: Sequence[Array],
+                              target: float = 1.0) -> Array:
+  """Channel gating's form `sum over every threshold of (delta - target)^2`.
+
+  Summed over the thresholds of every gated layer (CGNet uses lambda 1e-4,
+  target 1.0), so wide layers weigh more, one term per output channel.
+  """
+  if not thresholds:
+    return jnp.zeros(())
+  return sum(jnp.sum(jnp.square(t - target)) for t in thresholds)
+
+
+def density_regularizer(densities: Sequence[Array], target: float = 0.5
+                        ) -> Array:
+  """Density-target regulariser `sum_layers (density - target)^2`.
+
+  `densities` should be means of the straight-through masks so that the
+  gradient (through the sigmoid surrogate) reaches the thresholds.
+  """
+  if not densities:
+    return jnp.zeros(())
+  return sum(jnp.square(d - target) for d in densities)

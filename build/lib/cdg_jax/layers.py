@@ -1,0 +1,445 @@
+"""The gating configuration and the Flax layer that holds a gated convolution.
+
+`GatingSpec` is the validated, hashable form of the config's `gating` block --
+the one place gating is configured. `GatedConv` holds the kernel, the
+thresholds and the saliency running statistics and calls the pure ops in
+`cdg_jax.gating`; with gating off it is a plain bias-free convolution with the
+same kernel parameter, so dense and gated networks share one parameter tree
+(minus the gate parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cdg_jax import gating
+from cdg_jax import predictors
+from cdg_jax import sparse
+
+# Gating kinds: dense, CDG, and the predictor baselines of DESIGN.md section 2
+# (a feature-boosting-style channel predictor and a dual-gating-style spatial
+# predictor).
+GATING_KINDS = ('none', 'cdg', 'channel_predictor', 'spatial_predictor')
+PREDICTOR_KINDS = ('channel_predictor', 'spatial_predictor')
+# Roles of the convolutions of a ResNet; `gating.layers` selects among them.
+LAYER_ROLES = ('stem', 'block_3x3', 'block_1x1', 'shortcut')
+SALIENCY_NORMS = ('batch', 'sample')
+SALIENCY_STATS = ('per_branch', 'joint')
+BRANCHES = ('both', 'online', 'dense_partner')
+# BatchNorm of the dense partner path (`GatingSpec.partner_norm`).
+PARTNER_NORMS = ('shared', 'separate')
+# How a gated layer executes (`GatedConv.gate_mode`): 'gated' (the masks as
+# learned), 'open' (every gate open: the dense network with the same weights)
+# or 'partner' (the dense-partner training forward: the first half of the
+# batch gated, the second half with every gate open).
+GATE_MODES = ('gated', 'open', 'partner')
+REGULARIZERS = ('threshold', 'threshold_sum', 'density')
+
+# Collections written by gated layers during `apply`.
+DENSITY_COLLECTION = 'gating'      # per-sample gate density of each gated layer
+MASK_COLLECTION = 'gate_masks'     # full masks, only when asked for (mutable)
+# Per-sample auxiliary-loss terms of the predictor baselines, only when asked
+# for (mutable): 'saliency_l1' (N,) of channel-predictor layers.
+AUX_COLLECTION = 'gate_aux'
+# RNG stream of the spatial predictor's Gumbel noise (training only):
+# `model.apply(..., rngs={GUMBEL_RNG: key})`.
+GUMBEL_RNG = 'gumbel'
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ValueError(f'Unknown gating.{name}={value!r}; expected one of '
+                     f'{", ".join(map(repr, allowed))}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class GatingSpec:
+  """Validated gating configuration (defaults: `config_lib.gating_config()`).
+
+  Attributes:
+    kind: 'none' (dense network), 'cdg', or a predictor baseline:
+      'channel_predictor' (global pool -> MLP -> top-k channels, FBS-style) or
+      'spatial_predictor' (pooled input -> 3x3 conv -> Gumbel-sigmoid block
+      mask, dual-gating-style). For the predictor kinds only `block` (bh, bw;
+      spatial), `gumbel_temperature` (spatial), `layers`, `branches`,
+      `weight` and `density_target` apply; their auxiliary loss is fixed by
+      the kind (`regularizer` is ignored): the L1 norm of the saliencies
+      (channel) or `(density - density_target)^2` per layer (spatial), times
+      `weight`. The channel predictor keeps ceil(density_target * C_out)
+      channels per sample.
+    groups: G, input-channel groups; the base path convolves 1/G of them.
+    grouping: which input group each output channel's base path convolves:
+      'first' (the first group, for every output channel) or 'diagonal'
+      (output-channel group i takes input group i, CGNet's block-diagonal
+      grouping; G must then divide C_out too). Same FLOPs.
+    block: (bh, bw, bc) decision granularity; (1, 1, 1) is unstructured;
+      bc = 0 covers all output channels: a tile of bh x bw positions, which
+      `cdg_jax.sparse` can skip at inference. A block larger than a feature
+      map is clamped to the map (see `gating.effective_block`).
+    alpha: steepness of the surrogate of the straight-through gate.
+    surrogate: derivative used by the straight-through gate: 'sigmoid'
+      (alpha s (1 - s), CGNet) or 'hard_sigmoid' (of clip(alpha z / 4 + 1/2,
+      0, 1), the first author's channel-gating scripts).
+    gumbel_temperature: temperature of the spatial predictor's Gumbel-sigmoid
+      (its straight-through gradient is that of sigmoid(z / temperature)).
+    threshold_init: initial value of every threshold delta.
+    layers: which convolution roles are gated, a subset of `LAYER_ROLES`.
+    saliency_norm: 'batch' (BatchNorm-style statistics, running averages at
+      evaluation) or 'sample' (per-sample spatial statistics).
+    saliency_grad: differentiate through the saliency statistics (the
+      lineage: an instance norm with 'sample', a non-affine BatchNorm with
+      'batch') or treat them as constants (False, our first reading).
+    saliency_momentum: decay of the saliency running averages.
+    epsilon: added to the saliency variance.
+    saliency_stats: 'per_branch' or 'joint' batch statistics (train step).
+    branches: which contrastive branches are gated.
+      'both': every branch (the CDG paper: dual gating).
+      'online': MoCo v2 and BYOL only: the online encoder is gated, the
+      momentum/EMA target encoder is the dense network.
+      'dense_partner': ours, after Krishna et al. (BMVC 2023, "Unifying
+      Synergies between Self-supervised Learning and Dynamic
+      Computation"), not the CDG paper's; SimCLR and SimSiam, CDG only. The
+      encoder's weights are shared by two paths: view 1 goes through the
+      gated encoder, view 2 through the same parameters with every gate
+      open (the dense network), and the SSL loss is taken between the two
+      (both directions, so gradients reach the weights through both paths).
+      The gate regulariser, the gate densities and the FLOPs metric see the
+      gated path only. Views are i.i.d. draws of the same augmentation, so
+      the fixed assignment (view 1 gated) loses nothing. One training gives
+      a gated and a dense network; both are evaluated. The dense-partner
+      form of MoCo v2 and BYOL is 'online' (their dense target plays the
+      partner's part).
+    partner_norm: BatchNorm of the dense path under 'dense_partner':
+      'shared' (one BatchNorm per layer, its batch statistics over both
+      paths' samples) or 'separate' (the dense path has its own BatchNorm
+      layers, statistics and affine parameters, in every residual block, and
+      at the stem when the stem is gated; Krishna et al.'s separate_bn).
+    predictor_saliency: the channel predictor's saliency, 'bounded'
+      (2 * sigmoid, ours, the default) or 'relu' (FBS as published,
+      unbounded); see `predictors.channel_saliency`.
+    regularizer: form of the CDG gate regulariser, times `weight`:
+      'density' -- sum_layers (density - density_target)^2, density the mean
+      of the straight-through mask (sets the FLOPs operating point);
+      'threshold' -- sum_layers mean_channels (delta - threshold_target)^2;
+      'threshold_sum' -- sum over every threshold (delta -
+      threshold_target)^2, channel gating's form (lambda 1e-4, target 1.0).
+    weight: regulariser weight lambda.
+    threshold_target: target of the threshold regularisers.
+    density_target: target of the density regulariser, in (0, 1].
+    target_anneal_fraction: ours, not the paper's: over this fraction of the
+      training steps the density regulariser's target falls linearly from
+      1.0 (every gate open) to `density_target`; 0 keeps it fixed. Density
+      form (and the spatial predictor) only.
+  """
+  kind: str = 'cdg'
+  groups: int = 4
+  grouping: str = 'first'
+  block: tuple[int, int, int] = (1, 1, 1)
+  alpha: float = 2.0
+  surrogate: str = 'sigmoid'
+  threshold_init: float = 0.0
+  layers: tuple[str, ...] = ('block_3x3',)
+  saliency_norm: str = 'batch'
+  saliency_grad: bool = False
+  saliency_momentum: float = 0.9
+  epsilon: float = 1e-5
+  saliency_stats: str = 'per_branch'
+  branches: str = 'both'
+  partner_norm: str = 'shared'
+  predictor_saliency: str = 'bounded'
+  # The same defaults as `config_lib.gating_config()` (why: see there).
+  regularizer: str = 'density'
+  weight: float = 1.0
+  threshold_target: float = 1.0
+  density_target: float = 0.25
+  target_anneal_fraction: float = 0.0
+  gumbel_temperature: float = 1.0
+
+  def __post_init__(self):
+    _one_of('kind', self.kind, GATING_KINDS)
+    _one_of('saliency_norm', self.saliency_norm, SALIENCY_NORMS)
+    _one_of('saliency_stats', self.saliency_stats, SALIENCY_STATS)
+    _one_of('branches', self.branches, BRANCHES)
+    _one_of('partner_norm', self.partner_norm, PARTNER_NORMS)
+    _one_of('predictor_saliency', self.predictor_saliency,
+            predictors.PREDICTOR_SALIENCIES)
+    if self.branches == 'dense_partner' and self.kind != 'cdg':
+      raise ValueError(
+          f"gating.branches='dense_partner' is implemented for "
+          f"gating.kind='cdg', got gating.kind={self.kind!r}.")
+    if self.partner_norm != 'shared' and self.branches != 'dense_partner':
+      raise ValueError(
+          f'gating.partner_norm={self.partner_norm!r} applies to the dense '
+          f"partner path only: set gating.branches='dense_partner' (got "
+          f'{self.branches!r}) or leave partner_norm at \'shared\'.')
+    if self.predictor_saliency != 'bounded' and self.kind != 'channel_predictor':
+      raise ValueError(
+          f'gating.predictor_saliency={self.predictor_saliency!r} applies to '
+          f"gating.kind='channel_predictor' only, got {self.kind!r}.")
+    _one_of('regularizer', self.regularizer, REGULARIZERS)
+    _one_of('grouping', self.grouping, gating.GROUPINGS)
+    _one_of('surrogate', self.surrogate, gating.SURROGATES)
+    for role in self.layers:
+      _one_of('layers entry', role, LAYER_ROLES)
+    if self.kind == 'cdg' and self.groups < 2:
+      raise ValueError(f'gating.groups must be at least 2, got {self.groups}.')
+    uses_density = (self.kind in PREDICTOR_KINDS or
+                    (self.kind == 'cdg' and self.regularizer == 'density'))
+    if uses_density and not 0.0 < self.density_target <= 1.0:
+      raise ValueError(f'gating.density_target must be in (0, 1] for '
+                       f'gating.kind={self.kind!r}, got {self.density_target}.')
+    if not 0.0 <= self.target_anneal_fraction <= 1.0:
+      raise ValueError(f'gating.target_anneal_fraction must be in [0, 1], got '
+                       f'{self.target_anneal_fraction}.')
+    if self.target_anneal_fraction > 0 and not (
+        self.kind == 'spatial_predictor' or
+        (self.kind == 'cdg' and self.regularizer == 'density')):
+      raise ValueError(
+          f'gating.target_anneal_fraction={self.target_anneal_fraction} '
+          f'anneals the density target, but gating.kind={self.kind!r} with '
+          f'gating.regularizer={self.regularizer!r} has none; set it to 0.')
+    if self.kind == 'spatial_predictor' and self.gumbel_temperature <= 0:
+      raise ValueError(f'gating.gumbel_temperature must be positive, got '
+                       f'{self.gumbel_temperature}.')
+    if self.kind != 'none':
+      if (len(self.block) != 3 or any(int(b) < 1 for b in self.block[:2])
+          or int(self.block[2]) < 0):
+        raise ValueError(f'gating.block must be three ints (bh, bw, bc) with '
+                         f'bh, bw >= 1 and bc >= 0 (0: all channels), got '
+                         f'{self.block}.')
+      if self.alpha <= 0:
+        raise ValueError(f'gating.alpha must be positive, got {self.alpha}.')
+      if not 0.0 <= self.saliency_momentum < 1.0:
+        raise ValueError(f'gating.saliency_momentum must be in [0, 1), got '
+                         f'{self.saliency_momentum}.')
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any] | None) -> 'GatingSpec':
+    """Builds a spec from the config's `gating` block; unknown fields are errors."""
+    if config is None:
+      return cls(kind='none')
+    values = dict(config.items()) if hasattr(config, 'items') else dict(config)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f'Unknown gating config field(s) {unknown}; known fields: '
+                       f'{sorted(known)}.')
+    if 'block' in values:
+      values['block'] = tuple(int(b) for b in values['block'])
+    if 'layers' in values:
+      layers = values['layers']
+      if isinstance(layers, str):
+        layers = [s.strip() for s in layers.split(',') if s.strip()]
+      values['layers'] = tuple(layers)
+    return cls(**values)
+
+  @property
+  def enabled(self) -> bool:
+    return self.kind != 'none'
+
+  def gates(self, role: str) -> bool:
+    """Whether a convolution of this role is gated."""
+    return self.enabled and role in self.layers
+
+  @property
+  def separate_partner_norm(self) -> bool:
+    """Whether the dense partner path has BatchNorm layers of its own."""
+    return self.branches == 'dense_partner' and self.partner_norm == 'separate'
+
+
+def check_gate_mode(gate_mode: str, spec: GatingSpec | None) -> None:
+  """ValueError unless `gate_mode` is one of GATE_MODES and fits `spec`."""
+  _one_of('gate_mode', gate_mode, GATE_MODES)
+  if gate_mode != 'gated' and spec is not None and spec.enabled and (
+      spec.kind != 'cdg'):
+    raise ValueError(f'gate_mode={gate_mode!r} opens CDG gates; gating.kind='
+                     f'{spec.kind!r} has none.')
+
+
+def he_normal_fan_out():
+  """Kaiming-normal (fan-out) init, the torchvision ResNet convention."""
+  return nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+class GatedConv(nn.Module):
+  """A bias-free convolution, CDG-gated when `gating` is given.
+
+  Parameters: `kernel` (kh, kw, C_in, C_out) always; `threshold` (C_out,) when
+  CDG-gated. Batch stats (CDG, 'batch' saliency norm): `saliency_mean`,
+  `saliency_var` (C_out,). Predictor baselines (see `GatingSpec.kind`) add,
+  next to the shared `kernel`: 'channel_predictor' `predictor_w1` (C_in,
+  hidden), `predictor_b1` (hidden,), `predictor_w2` (hidden, C_out),
+  `predictor_b2` (C_out,), hidden = C_in // 4; 'spatial_predictor'
+  `predictor_kernel` (3, 3, C_in, 1), `predictor_bias` (1,). The spatial
+  predictor needs the 'gumbel' RNG stream when `train` is True. Sows each sample's gate density (fraction of open
+  (position, channel) gates, shape (N,)) into the 'gating' collection, and the
+  mask itself into 'gate_masks' when that collection is mutable.
+  """
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: tuple[int, int] = (1, 1)
+  gating: GatingSpec | None = None
+  kernel_init: Any = dataclasses.field(default_factory=he_normal_fan_out)
+  # Compute dtype of the convolutions; parameters are float32 and are cast
+  # per call. The gate decision is float32 whatever this is (gated_conv).
+  dtype: Any = jnp.float32
+  # Inference (train=False) only: skip the conditional path of closed tiles
+  # (cdg_jax.sparse); needs CDG with tile-structured gates, block (bh, bw, 0).
+  sparse_inference: bool = False
+  # 'gated', 'open' (every gate open: Y_base + Y_cond, the dense conv) or
+  # 'partner' (first half of the batch gated, second half open); see
+  # GATE_MODES. The parameters and statistics are the same in every mode.
+  gate_mode: str = 'gated'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False,
+               stat_groups: int = 1,
+               norm: Callable[[jax.Array], jax.Array] | None = None
+               ) -> jax.Array:
+    """Applies the convolution, and the normalisation after it if given.
+
+    Args:
+      x: (N, H, W, C_in) input.
+      train: batch statistics for the saliency (and update of their running
+        averages) when True; running averages when False.
+      stat_groups: number of equal consecutive groups of the batch (e.g. the
+        two views) that get separate saliency statistics in training.
+      norm: the BatchNorm (owned by the caller) that follows this convolution.
+        Applied to the output, except for 'channel_predictor', which applies
+        it to the dense convolution and scales the channels after it (FBS
+        order; see `predictors.channel_predictor_conv`).
+
+    Returns:
+      (N, H_out, W_out, features) output.
+    """
+    kernel = self.param('kernel', self.kernel_init,
+                        (*self.kernel_size, x.shape[-1], self.features))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    spec = self.gating
+    if spec is not None and spec.kind == 'channel_predictor':
+      return self._channel_predictor(x, kernel, norm)
+    y = self._convolve(x, kernel, train, stat_groups)
+    return y if norm is None else norm(y)
+
+  def _convolve(self, x: jax.Array, kernel: jax.Array, train: bool,
+                stat_groups: int) -> jax.Array:
+    if self.gating is None:
+      return gating.conv(x, kernel, self.strides)
+    spec = self.gating
+    if spec.kind == 'spatial_predictor':
+      return self._spatial_predictor(x, kernel, train)
+    check_gate_mode(self.gate_mode, spec)
+    if self.gate_mode == 'gated' or self.is_initializing():
+      return self._cdg(x, kernel, train, stat_groups)
+    if self.gate_mode == 'open':
+      return gating.conv(x, kernel, self.strides)
+    n = x.shape[0] // 2
+    if x.shape[0] != 2 * n:
+      raise ValueError(f"gate_mode='partner' needs a batch of two equal "
+                       f"halves (gated, open), got {x.shape[0]} samples.")
+    # The gated half is one branch: its saliency statistics (and their
+    # running averages) come from its own samples only, never from the
+    # dense path's.
+    gated = self._cdg(x[:n], kernel, train, 1)
+    return jnp.concatenate([gated, gating.conv(x[n:], kernel, self.strides)])
+
+  def _cdg(self, x: jax.Array, kernel: jax.Array, train: bool,
+           stat_groups: int) -> jax.Array:
+    """The CDG gated convolution (parameters, statistics, sown masks)."""
+    spec = self.gating
+    threshold = self.param('threshold',
+                           nn.initializers.constant(spec.threshold_init),
+                           (self.features,))
+    use_running = spec.saliency_norm == 'batch' and not train
+    if spec.saliency_norm == 'batch':
+      running_mean = self.variable('batch_stats', 'saliency_mean', jnp.zeros,
+                                   (self.features,))
+      running_var = self.variable('batch_stats', 'saliency_var', jnp.ones,
+                                  (self.features,))
+    if self.sparse_inference and not train and not self.is_initializing():
+      y, mask, _ = sparse.sparse_gated_conv(
+          x, kernel, threshold, groups=spec.groups, grouping=spec.grouping,
+          strides=self.strides, block=spec.block, epsilon=spec.epsilon,
+          norm=spec.saliency_norm,
+          running_mean=running_mean.value if use_running else None,
+          running_var=running_var.value if use_running else None)
+      self._sow(mask)
+      return y
+    y, mask, (mean, var) = gating.gated_conv(
+        x, kernel, threshold, groups=spec.groups, strides=self.strides,
+        block=spec.block, alpha=spec.alpha, epsilon=spec.epsilon,
+        norm=spec.saliency_norm, num_groups=stat_groups,
+        grouping=spec.grouping, saliency_grad=spec.saliency_grad,
+        surrogate=spec.surrogate,
+        running_mean=running_mean.value if use_running else None,
+        running_var=running_var.value if use_running else None)
+    if (spec.saliency_norm == 'batch' and train
+        and not self.is_initializing()):
+      m = spec.saliency_momentum
+      # Statistics are equal across the samples of a group and the groups have
+      # equal size, so the mean over samples is the mean over groups.
+      batch_mean = jnp.mean(mean, axis=(0, 1, 2))
+      batch_var = jnp.mean(var, axis=(0, 1, 2))
+      running_mean.value = m * running_mean.value + (1 - m) * batch_mean
+      running_var.value = m * running_var.value + (1 - m) * batch_var
+    self._sow(mask)
+    return y
+
+  def _sow(self, mask: jax.Array) -> None:
+    if not self.is_initializing():  # keep sown values out of `init`'s variables
+      self.sow(DENSITY_COLLECTION, 'density', jnp.mean(mask, axis=(1, 2, 3)))
+      self.sow(MASK_COLLECTION, 'mask', mask)
+
+  def _channel_predictor(self, x: jax.Array, kernel: jax.Array,
+                         norm: Callable[[jax.Array], jax.Array] | None
+                         ) -> jax.Array:
+    """FBS-style: dense conv times (top-k mask * saliency) per channel."""
+    spec = self.gating
+    c_in, c_out = x.shape[-1], self.features
+    hidden = predictors.predictor_hidden(c_in)
+    dense_init = nn.initializers.lecun_normal()
+    w1 = self.param('predictor_w1', dense_init, (c_in, hidden))
+    b1 = self.param('predictor_b1', nn.initializers.zeros, (hidden,))
+    w2 = self.param('predictor_w2', dense_init, (hidden, c_out))
+    # Both saliency forms start near 1 (2 * sigmoid(0); relu(1 + small)): the
+    # layer starts as a masked dense convolution, and the two forms differ
+    # only in their bound.
+    b2_init = (nn.initializers.zeros if spec.predictor_saliency == 'bounded'
+               else nn.initializers.ones)
+    b2 = self.param('predictor_b2', b2_init, (c_out,))
+    k = predictors.num_kept_channels(c_out, spec.density_target)
+    y, mask, saliency = predictors.channel_predictor_conv(
+        x, kernel, w1, b1, w2, b2, k=k, strides=self.strides, normalize=norm,
+        saliency_form=spec.predictor_saliency)
+    self._sow(mask)
+    if not self.is_initializing():
+      self.sow(AUX_COLLECTION, 'saliency_l1',
+               jnp.sum(jnp.abs(saliency), axis=-1))
+    return y
+
+  def _spatial_predictor(self, x: jax.Array, kernel: jax.Array,
+                         train: bool) -> jax.Array:
+    """Dual-gating-style: dense conv times a Gumbel-sigmoid block mask."""
+    spec = self.gating
+    pred_kernel = self.param('predictor_kernel', nn.initializers.lecun_normal(),
+                             (3, 3, x.shape[-1], 1))
+    pred_bias = self.param('predictor_bias', nn.initializers.zeros, (1,))
+    rng = None
+    if train and not self.is_initializing():
+      if not self.has_rng(GUMBEL_RNG):
+        raise ValueError(
+            f"gating.kind='spatial_predictor' samples Gumbel noise in training: "
+            f"pass rngs={{'{GUMBEL_RNG}': key}} to apply (or train=False for "
+            f"the deterministic gate).")
+      rng = self.make_rng(GUMBEL_RNG)
+    y, mask, _ = predictors.spatial_predictor_conv(
+        x, kernel, pred_kernel, pred_bias, block=spec.block,
+        temperature=spec.gumbel_temperature, rng=rng, strides=self.strides)
+    self._sow(mask)
+    return y

@@ -1,0 +1,430 @@
+r"""Linear evaluation of an exported gated backbone, with test-set FLOPs.
+
+  python -m cdg_jax.linear_eval --config=configs/default.py --workdir=DIR
+  cdg-linear-eval --config=configs/default.py --workdir=DIR   # installed
+
+loads the backbone a training run exported into DIR (`checkpoints.
+load_backbone`), trains a linear classifier on its frozen features, and
+writes top-1/top-5 on the whole test set, together with the FLOPs reduction
+and gate densities measured on the test set, to `DIR/linear_eval.json`; a
+summary is printed.
+
+Protocol: the fast linear protocol on frozen features. Features of the train
+and test splits are extracted once, with the backbone in evaluation mode
+(BatchNorm and gate saliency with running statistics) and no augmentation
+(images at the training resolution, only normalised). They are standardised
+with the train split's per-dimension mean and std, and a linear softmax
+classifier is trained on them with SGD (Nesterov momentum 0.9), a cosine
+learning-rate decay and L2 weight decay on the weights (not the bias), for
+`linear_eval.epochs` epochs of minibatches of `linear_eval.batch_size`. The
+classifier after the last epoch is evaluated once on the test set: there is
+no model selection on it. The standard augmented protocol (random crops and
+flips, features recomputed every epoch) is slower and gives somewhat
+different numbers; compare runs evaluated the same way.
+
+The network evaluated is the one in DIR: the `model` and `gating` blocks of
+DIR/config.json are used whatever the --config says (a difference is logged
+and recorded in the JSON under 'config_notes'). Data, augmentation
+normalisation and the `eval` / `linear_eval` blocks come from --config; a
+data block, normalisation or framework that differs from the trained run's
+is allowed (a transfer evaluation) and noted the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import json
+import os
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from cdg_jax import checkpoints
+from cdg_jax import evaluation
+from cdg_jax import input_pipeline
+from cdg_jax import models
+from cdg_jax import parallel
+
+RESULTS_FILE = 'linear_eval.json'
+# Defaults of `config.linear_eval`, used when a config lacks the block.
+DEFAULTS = dict(epochs=100, batch_size=256, learning_rate=0.1,
+                weight_decay=1e-4)
+PROTOCOL = ('frozen eval-mode features without augmentation, standardised; '
+            'linear softmax classifier, SGD Nesterov momentum 0.9, cosine '
+            'learning rate, L2 weight decay on weights; last-epoch classifier '
+            'evaluated once on the whole test set')
+
+
+def standardize(train_features: np.ndarray, test_features: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Standardises both sets with the train set's per-dimension statistics.
+
+  Args:
+    train_features: (N, D).
+    test_features: (Q, D).
+
+  Returns:
+    (train, test) as float32, train with zero mean and unit std per dimension.
+    Dimensions constant on the train set (dead ReLU units) are only centred,
+    so that a tiny std does not blow up their test values.
+  """
+  train_features = np.asarray(train_features, np.float64)
+  mean = train_features.mean(axis=0)
+  std = train_features.std(axis=0)
+  std = np.where(std > 1e-6, std, 1.0)
+  return (((train_features - mean) / std).astype(np.float32),
+          ((np.asarray(test_features, np.float64) - mean) / std
+           ).astype(np.float32))
+
+
+def _loss(params, features, labels):
+  logits = features @ params['kernel'] + params['bias']
+  return jnp.mean(
+      optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def train_linear_classifier(features: np.ndarray, labels: np.ndarray,
+                            num_classes: int, *, epochs: int, batch_size: int,
+                            learning_rate: float, weight_decay: float,
+                            momentum: float = 0.9, seed: int = 0
+                            ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Trains a linear softmax classifier on fixed features.
+
+  One jitted function runs a whole epoch (`lax.scan` over minibatches of a
+  fresh permutation; the remainder of the permutation is left out of that
+  epoch only), so the loop costs one dispatch per epoch and no host sync.
+
+  Args:
+    features: (N, D) float features (standardised ones train best).
+    labels: (N,) integer labels in [0, num_classes).
+    num_classes: C.
+    epochs: passes over the data.
+    batch_size: minibatch size; clipped to N.
+    learning_rate: peak learning rate, decayed by a cosine to 0.
+    weight_decay: L2 coefficient on the (D, C) kernel (not on the bias).
+    momentum: Nesterov momentum.
+    seed: seed of the minibatch order.
+
+  Returns:
+    ({'kernel': (D, C), 'bias': (C,)} as numpy, per-epoch mean training loss
+    (epochs,)).
+  """
+  features = np.asarray(features, np.float32)
+  labels = np.asarray(labels)
+  if features.ndim != 2 or labels.shape != (features.shape[0],):
+    raise ValueError(f'Expected (N, D) features and (N,) labels, got '
+                     f'{features.shape} and {labels.shape}.')
+  n, dim = features.shape
+  if n == 0:
+    raise ValueError('No training features.')
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise ValueError(f'Labels lie in [{labels.min()}, {labels.max()}], outside '
+                     f'[0, {num_classes}).')
+  for name, value in (('epochs', epochs), ('batch_size', batch_size)):
+    if value < 1:
+      raise ValueError(f'linear_eval.{name} must be >= 1, got {value}.')
+  if not learning_rate > 0:
+    raise ValueError(f'linear_eval.learning_rate must be > 0, got '
+                     f'{learning_rate}.')
+  if weight_decay < 0:
+    raise ValueError(f'linear_eval.weight_decay must be >= 0, got '
+                     f'{weight_decay}.')
+  batch_size = min(batch_size, n)
+  steps_per_epoch = n // batch_size
+  schedule = optax.cosine_decay_schedule(learning_rate,
+                                         epochs * steps_per_epoch)
+  tx = optax.chain(
+      optax.add_decayed_weights(
+          weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
+      optax.sgd(schedule, momentum=momentum, nesterov=True))
+  # Zero init: the problem is convex, and zeros make runs reproducible.
+  params = {'kernel': jnp.zeros((dim, num_classes), jnp.float32),
+            'bias': jnp.zeros((num_classes,), jnp.float32)}
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def train_epoch(params, opt_state, features, labels, key):
+    order = jax.random.permutation(key, n)[:steps_per_epoch * batch_size]
+    order = order.reshape(steps_per_epoch, batch_size)
+
+    def step(carry, rows):
+      params, opt_state = carry
+      loss, grads = jax.value_and_grad(_loss)(params, features[rows],
+                                              labels[rows])
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss
+
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state),
+                                               order)
+    return params, opt_state, jnp.mean(losses)
+
+  features = jnp.asarray(features)
+  labels = jnp.asarray(labels, jnp.int32)
+  losses = []
+  for key in jax.random.split(jax.random.key(seed), epochs):
+    params, opt_state, loss = train_epoch(params, opt_state, features, labels,
+                                          key)
+    losses.append(loss)
+  return jax.device_get(params), np.asarray(jax.device_get(losses))
+
+
+def classifier_accuracy(params: Mapping[str, Any], features: np.ndarray,
+                        labels: np.ndarray) -> dict[str, float]:
+  """Top-1/top-5 accuracy of a linear classifier.
+
+  Args:
+    params: {'kernel': (D, C), 'bias': (C,)}.
+    features: (N, D); labels: (N,).
+
+  Returns:
+    {'top1', 'top5'} in [0, 1]; top-5 is top-min(5, C).
+  """
+  logits = np.asarray(features, np.float32) @ np.asarray(params['kernel']) + \
+      np.asarray(params['bias'])
+  top = min(5, logits.shape[1])
+  # Stable sort: ties resolved towards the lower class id, like argmax.
+  ranked = np.argsort(-logits, axis=1, kind='stable')[:, :top]
+  hits = ranked == np.asarray(labels)[:, None]
+  return {'top1': float(np.mean(hits[:, 0])),
+          'top5': float(np.mean(np.any(hits, axis=1)))}
+
+
+def _as_json(block: ml_collections.ConfigDict) -> Any:
+  return json.loads(block.to_json_best_effort())
+
+
+def use_backbone_config(config: ml_collections.ConfigDict,
+                        backbone_config: ml_collections.ConfigDict
+                        ) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """A copy of `config` with the `model` and `gating` blocks of the backbone.
+
+  Returns:
+    (config, notes): notes name every field that differed (empty if none).
+  """
+  notes = []
+  for block in ('model', 'gating'):
+    given = _as_json(config[block]) if block in config else None
+    saved = _as_json(backbone_config[block])
+    if given != saved:
+      notes.append(f'--config {block}={given} differs from the exported '
+                   f'backbone\'s {block}={saved}; using the backbone\'s.')
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model = backbone_config.model
+    config.gating = backbone_config.gating
+  return config, notes
+
+
+# Fields of --config that may differ from the trained run's on purpose (a
+# transfer evaluation on another dataset, another resolution) but change what
+# the numbers mean: each difference is noted in the results.
+DATA_FIELDS = ('source', 'dataset', 'npz_path', 'data_dir', 'num_classes',
+               'image_size', 'validation_size')
+
+
+def data_notes(config: ml_collections.ConfigDict,
+               backbone_config: ml_collections.ConfigDict) -> list[str]:
+  """Notes on the data, normalisation and framework that differ from the run.
+
+  Evaluating a backbone on other data is allowed (transfer), so these are
+  notes, not errors; each names both values.
+  """
+  notes = []
+  for field in DATA_FIELDS:
+    given, trained = config.data.get(field), backbone_config.data.get(field)
+    if given != trained:
+      notes.append(f'data.{field}={given!r} differs from the {trained!r} the '
+                   f'backbone was trained with.')
+  for field in ('mean', 'std'):
+    given = [float(v) for v in config.augment.get(field, ())]
+    trained = [float(v) for v in backbone_config.augment.get(field, ())]
+    if trained and given != trained:
+      notes.append(f'augment.{field}={given} (input normalisation) differs '
+                   f'from the {trained} the backbone was trained with.')
+  if config.get('framework') != backbone_config.get('framework'):
+    notes.append(f'framework={config.get("framework")!r} differs from the '
+                 f'{backbone_config.get("framework")!r} the backbone was '
+                 f'trained with (it does not change the linear protocol).')
+  return notes
+
+
+def run_linear_eval(config: ml_collections.ConfigDict,
+                    workdir: str) -> dict[str, Any]:
+  """Linear evaluation of the backbone exported in `workdir` (see module doc).
+
+  Args:
+    config: data, augmentation (normalisation), `eval.batch_size` and
+      `linear_eval` settings; `model`/`gating` are taken from the workdir.
+    workdir: a training run's workdir, with `config.json` and `backbone/`.
+
+  Returns:
+    The results written to `<workdir>/linear_eval.json`: 'top1', 'top5' and
+    'train_top1' (fractions), 'flops_reduction', 'gate_density' (1.0 for a
+    dense backbone), 'layer_density', the full 'flops' report, sizes, the
+    settings used and 'config_notes'; for a dense-partner run
+    (`gating.branches='dense_partner'`) also 'dense_network', the same
+    measures of the run's dense network (every gate open).
+
+  Raises:
+    FileNotFoundError: no config.json or no exported backbone in `workdir`.
+  """
+  backbone_config, backbone, variables = checkpoints.load_backbone(workdir)
+  config, notes = use_backbone_config(config, backbone_config)
+  for note in notes:
+    logging.warning('%s', note)
+  settings = dict(DEFAULTS)
+  settings.update(dict(config.get('linear_eval') or {}))
+  for note in data_notes(config, backbone_config):
+    notes.append(note)
+    logging.warning('%s', note)
+
+  mesh = parallel.make_mesh()
+  source = input_pipeline.create_source(config.data)
+  eval_config = config.get('eval') or {}
+  batch_size = evaluation.eval_batch_size(
+      eval_config.get('batch_size', evaluation.DEFAULT_EVAL_BATCH_SIZE), mesh)
+  scores = evaluate_network(
+      evaluation.inference_backbone(backbone, eval_config), variables, source,
+      config, settings, batch_size, mesh)
+  dense_network = None
+  if backbone_config.gating.get('branches') == 'dense_partner':
+    # The dense network of the same run: the same weights, every gate open.
+    dense_scores = evaluate_network(
+        evaluation.inference_backbone(models.dense_path(backbone), eval_config),
+        variables, source, config, settings, batch_size, mesh)
+    dense_network = {k: dense_scores[k] for k in
+                     ('top1', 'top5', 'train_top1', 'final_train_loss',
+                      'flops_reduction')}
+  results = {
+      **scores,
+      # 'validation' when data.validation_size holds out part of the training
+      # set: then 'top1' etc. are validation accuracies, not test ones.
+      'eval_split': source.eval_split_name,
+      'num_classes': int(source.num_classes),
+      **({'dense_network': dense_network} if dense_network else {}),
+      'protocol': PROTOCOL,
+      'sparse_inference': bool(eval_config.get('sparse_inference', False)),
+      'linear_eval': settings,
+      'model': _as_json(config.model),
+      'gating': _as_json(config.gating),
+      'data': _as_json(config.data),
+      'config_notes': notes,
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, RESULTS_FILE), 'w') as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+def evaluate_network(backbone: nn.Module, variables: Mapping[str, Any],
+                     source: input_pipeline.Source,
+                     config: ml_collections.ConfigDict,
+                     settings: Mapping[str, Any], batch_size: int,
+                     mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """The linear protocol (module doc) and test-set FLOPs of one network.
+
+  Returns:
+    {'top1', 'top5', 'train_top1', 'final_train_loss', 'flops_reduction',
+    'gate_density', 'layer_density', 'flops' (the full report), 'num_train',
+    'num_test', 'feature_dim'}.
+  """
+  train = evaluation.extract_features(backbone, variables, source, 'train',
+                                      batch_size, config.augment, mesh)
+  test = evaluation.extract_features(backbone, variables, source, 'test',
+                                     batch_size, config.augment, mesh)
+  train_x, test_x = standardize(train['features'], test['features'])
+  params, losses = train_linear_classifier(
+      train_x, train['labels'], source.num_classes,
+      epochs=int(settings['epochs']), batch_size=int(settings['batch_size']),
+      learning_rate=float(settings['learning_rate']),
+      weight_decay=float(settings['weight_decay']), seed=int(config.seed))
+  test_acc = classifier_accuracy(params, test_x, test['labels'])
+  train_acc = classifier_accuracy(params, train_x, train['labels'])
+  report = evaluation.test_set_flops(backbone, variables, test['densities'],
+                                     source.image_shape[:2])
+  gated = report.gated_density
+  return {
+      'top1': test_acc['top1'],
+      'top5': test_acc['top5'],
+      'train_top1': train_acc['top1'],
+      'final_train_loss': float(losses[-1]),
+      'flops_reduction': float(report.reduction),
+      'gate_density': 1.0 if gated is None else float(gated),
+      'layer_density': {k: float(v) for k, v in test['densities'].items()},
+      'flops': report.as_dict(),
+      'num_train': int(len(train['labels'])),
+      'num_test': int(len(test['labels'])),
+      'feature_dim': int(train['features'].shape[1]),
+  }
+
+
+def format_summary(results: Mapping[str, Any], workdir: str) -> str:
+  """Human-readable summary of `run_linear_eval`'s results."""
+  model, gating = results['model'], results['gating']
+  split = results.get('eval_split', 'test')
+  lines = [
+      f'Linear evaluation of {workdir} ({model["name"]}, width '
+      f'{model.get("width", 64)}, gating.kind={gating["kind"]}):',
+      f'  {split} top-1 {100 * results["top1"]:.2f}%, top-5 '
+      f'{100 * results["top5"]:.2f}% on the {results["num_test"]} {split} '
+      f'images (train top-1 {100 * results["train_top1"]:.2f}%, '
+      f'{results["num_train"]} images)',
+      f'  FLOPs reduction {results["flops_reduction"]:.3f}x, gated-layer '
+      f'density {results["gate_density"]:.3f} (measured on the {split} '
+      f'split)',
+      f'  protocol: {results["protocol"]}',
+  ]
+  if results.get('dense_network'):
+    dense = results['dense_network']
+    lines.insert(-1, f'  dense network of the same run (every gate open): '
+                     f'{split} top-1 {100 * dense["top1"]:.2f}%, top-5 '
+                     f'{100 * dense["top5"]:.2f}%, FLOPs reduction '
+                     f'{dense["flops_reduction"]:.3f}x')
+  lines += [f'  note: {note}' for note in results['config_notes']]
+  lines.append(f'  written to {os.path.join(workdir, RESULTS_FILE)}')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
+  from cdg_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.quiet_logging()
+  # Before JAX starts its backends: one CPU device per core (DESIGN.md sec. 3).
+  parallel.split_host_into_devices(flags.FLAGS.config.get('cpu_devices', 0))
+  cli.initialize_distributed_from_flags()
+  workdir = flags.FLAGS.workdir
+  with cli.reported_errors():
+    results = run_linear_eval(flags.FLAGS.config, workdir)
+  if jax.process_index() == 0:
+    print(format_summary(results, workdir))
+
+
+def run() -> None:
+  """Entry point of `python -m cdg_jax.linear_eval` and `cdg-linear-eval`."""
+  # Flags are defined here, not at import, so that importing this module
+  # (tests, notebooks, other mains) does not claim the global flag names.
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from cdg_jax import cli  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config file, e.g. configs/default.py; its model and '
+      'gating blocks are replaced by the workdir\'s.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Workdir of a finished run, holding '
+                      'config.json and the exported backbone/.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  cli.define_distributed_flags()
+  app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,85 @@
+"""End-of-run pictures: per-layer gate density, and gate masks on test images."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import matplotlib
+matplotlib.use('Agg')  # headless: files only
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from cdg_jax import augment
+from cdg_jax.layers import MASK_COLLECTION
+
+DENSITY_PLOT = 'gate_density.png'
+MASK_PLOT = 'gate_masks.png'
+
+
+def plot_layer_density(layer_density: dict[str, float], path: str,
+                       title: str = '') -> None:
+  """Bar chart of the gate density of each gated layer."""
+  names = list(layer_density)
+  fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 4))
+  ax.bar(range(len(names)), [layer_density[n] for n in names], color='tab:blue')
+  ax.set_xticks(range(len(names)))
+  ax.set_xticklabels([n.replace('backbone/', '') for n in names], rotation=75,
+                     ha='right', fontsize=7)
+  ax.set_ylim(0, 1)
+  ax.set_ylabel('fraction of open gates')
+  ax.set_title(title or 'Gate density per layer')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def gate_masks(backbone, variables, images: np.ndarray, augment_config
+               ) -> dict[str, np.ndarray]:
+  """Eval-mode masks of every gated layer, {layer: (N, H, W) channel mean}."""
+  x = augment.preprocess_eval(jnp.asarray(images), augment_config)
+  _, state = backbone.apply(variables, x, train=False, mutable=[MASK_COLLECTION])
+  flat = flax.traverse_util.flatten_dict(state.get(MASK_COLLECTION, {}))
+  return {'/'.join(k[:-1]): np.asarray(v[0]).mean(axis=-1)
+          for k, v in flat.items()}
+
+
+def plot_masks(images: np.ndarray, masks: dict[str, np.ndarray], path: str,
+               max_layers: int = 6) -> None:
+  """Images (rows) next to the fraction of open gates per position in layers."""
+  layers = list(masks)
+  if len(layers) > max_layers:  # spread the picked layers over the depth
+    layers = [layers[i] for i in np.linspace(0, len(layers) - 1, max_layers
+                                             ).round().astype(int)]
+  rows, cols = images.shape[0], len(layers) + 1
+  fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows),
+                           squeeze=False)
+  for r in range(rows):
+    axes[r, 0].imshow(images[r])
+    for c, name in enumerate(layers, start=1):
+      axes[r, c].imshow(masks[name][r], vmin=0, vmax=1, cmap='viridis')
+      if r == 0:
+        axes[r, c].set_title(name.replace('backbone/', ''), fontsize=6)
+  for ax in axes.ravel():
+    ax.axis('off')
+  fig.suptitle('open-gate fraction per position (yellow: computed)', fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_run_plots(workdir: str, backbone, variables, images: np.ndarray,
+                    augment_config, layer_density: dict[str, Any]) -> list[str]:
+  """Writes the density and mask plots of a gated run; returns their paths."""
+  if not layer_density:
+    return []  # a dense network has no gates to picture
+  density_path = os.path.join(workdir, DENSITY_PLOT)
+  plot_layer_density({k: float(v) for k, v in layer_density.items()},
+                     density_path, 'Gate density per layer (test set)')
+  mask_path = os.path.join(workdir, MASK_PLOT)
+  plot_masks(images, gate_masks(backbone, variables, images, augment_config),
+             mask_path)
+  return [density_path, mask_path]

@@ -1,0 +1,198 @@
+"""Run control: one run per workdir, and a clean stop on preemption.
+
+`WorkdirLock` -- `<workdir>/run.lock` holds the host, PID and start time of
+the run that owns the workdir. A second run on the same workdir fails at
+once, before touching anything, with a message naming the owner. A lock
+left by a process that no longer exists on this host (killed with -9, a
+crashed machine that came back) is stale: it is taken over with a warning.
+A lock held from another host cannot be checked from here; the message
+says how to remove it once that run is known to be gone.
+
+`PreemptionWatcher` -- SIGTERM (what Cloud TPU, spot GPUs and SLURM send
+before preempting) and SIGINT (Ctrl-C) set a flag instead of killing the
+process; the training loop checks `should_stop(step)` after every step,
+saves a checkpoint and exits non-zero. With several processes (multi-host),
+every process must stop at the same step: JAX's preemption sync point
+(`multihost_utils.reached_preemption_sync_point`, which needs the
+distributed runtime's preemption service) decides the step; no handler is
+installed there, so without that service a signal ends the processes as
+usual and the periodic checkpoints remain.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from absl import logging
+import jax
+
+LOCK_FILE = 'run.lock'
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another live run owns the workdir."""
+
+
+class Preempted(Exception):
+  """Training stopped on a signal after saving a checkpoint; rerun to resume."""
+
+  exit_code = 143  # 128 + SIGTERM, what a killed process would report
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except OSError as e:
+    return e.errno == errno.EPERM  # exists, owned by someone else
+  return True
+
+
+class WorkdirLock:
+  """An exclusive, stale-aware lock on a workdir (process 0 takes it).
+
+  Use as a context manager around everything a run does to its workdir.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self.enabled = enabled
+    self._held = False
+
+  def _owner(self) -> dict[str, Any] | None:
+    try:
+      with open(self.path) as f:
+        return json.load(f)
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError):
+      return {}   # unreadable: treated as held by an unknown owner
+
+  def acquire(self) -> None:
+    """Takes the lock, or raises WorkdirLockedError naming its owner.
+
+    With several processes (one run), process 0 takes it and every process
+    learns the outcome: a workdir in use stops all of them, not just the
+    one that looked.
+    """
+    error = None
+    try:
+      self._acquire()
+    except WorkdirLockedError as e:
+      error = e
+    if jax.process_count() > 1:
+      from cdg_jax import parallel  # pylint: disable=g-import-not-at-top
+      refused = parallel.processes_where(error is not None)
+      if refused and error is None:
+        raise WorkdirLockedError(
+            f'The workdir {os.path.dirname(self.path)} is in use by another '
+            f'run (process {refused[0]} of this one found its lock; its '
+            f'output names the owner).')
+    if error is not None:
+      raise error
+
+  def _acquire(self) -> None:
+    if not self.enabled:
+      return
+    me = {'host': socket.gethostname(), 'pid': os.getpid(),
+          'started': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        owner = self._owner()
+        if owner is None:
+          continue   # released between our two calls; try again
+        if (owner.get('host') == me['host'] and isinstance(owner.get('pid'), int)
+            and not _process_alive(owner['pid'])):
+          logging.warning('Taking over the stale lock %s of process %d (no '
+                          'longer running).', self.path, owner['pid'])
+          os.remove(self.path)
+          continue
+        where = (f'process {owner.get("pid")} on host {owner.get("host")}, '
+                 f'started {owner.get("started")}' if owner else
+                 'an unknown process (unreadable lock file)')
+        raise WorkdirLockedError(
+            f'The workdir {os.path.dirname(self.path)} is in use by {where}. '
+            f'Two runs on one workdir would overwrite each other\'s '
+            f'checkpoints and metrics: use another --workdir, or wait for '
+            f'that run to end. If you are sure it is gone, delete '
+            f'{self.path}.')
+      with os.fdopen(fd, 'w') as f:
+        json.dump(me, f)
+      self._held = True
+      return
+    raise WorkdirLockedError(f'Could not take the lock {self.path}.')
+
+  def release(self) -> None:
+    if self._held:
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass
+      self._held = False
+
+  def __enter__(self) -> 'WorkdirLock':
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM/SIGINT into a stop at the next step boundary.
+
+  Install in the main thread (signal handlers can only be set there; from
+  other threads, e.g. a notebook's executor, it does nothing). A second
+  SIGINT while stopping restores Python's default behaviour (KeyboardInterrupt).
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal_name is not None and signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+    self.signal_name = signal.Signals(signum).name
+    logging.warning('Received %s: stopping after this step and saving a '
+                    'checkpoint.', self.signal_name)
+
+  def __enter__(self) -> 'PreemptionWatcher':
+    if jax.process_count() > 1:
+      # Multi-host: JAX's distributed runtime watches for the preemption
+      # notice and `should_stop` asks its sync point; a handler here would
+      # stop one process alone.
+      return self
+    try:
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    except ValueError:   # not the main thread
+      self._previous = {}
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to save and stop after `step` (the same answer on all hosts)."""
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except RuntimeError:
+        # No preemption service in this distributed runtime: the signal
+        # kills the processes as usual and the periodic checkpoints remain.
+        return False
+    return self.signal_name is not None

@@ -1,0 +1,226 @@
+"""Block-sparse execution of tile-gated convolutions: skip the closed tiles.
+
+The masked form `Y = Y_base + d * Y_cond` computes `Y_cond` everywhere and
+multiplies the closed part by zero, so it saves no time. When one gate
+decision covers a whole tile of `bh x bw` output positions and all output
+channels (`gating.block = (bh, bw, 0)`), the conditional path can be
+computed for the open tiles only, as SBNet did for detection:
+
+  1. reduce the mask to the list of open tiles (per layer and batch);
+  2. gather each open tile's input window, with the halo the kernel needs
+     (stride handled), into a dense batch of windows;
+  3. run one dense VALID convolution over that batch;
+  4. scatter-add the results into the base path's output.
+
+Shapes are static under `jit`: the list of open tiles is padded to one of a
+few capacities (by default every eighth of all tiles, up to 7/8); a
+`lax.switch` inside the compiled function picks the smallest capacity that
+holds this batch's open tiles, and falls back to the masked dense form when
+more than the largest capacity are open. Every branch gives the masked
+output `Y_base + d * Y_cond` (exactly the same taps; float summation order
+may differ).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import math
+
+import jax
+import jax.numpy as jnp
+
+from cdg_jax import gating
+
+Array = jax.Array
+
+# Static capacities in eighths of all tiles: at most 1/8 of the tiles is
+# computed in vain, for 7 compiled branches per layer.
+DEFAULT_CAPACITIES = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+
+
+def effective_tile(out_hw: Sequence[int], tile: Sequence[int]
+                   ) -> tuple[int, int]:
+  """The tile actually used on an (H, W) map: clamped to the map's size.
+
+  A map smaller than the tile (the last stages of a CIFAR ResNet) is one
+  tile. Otherwise the tile must divide the map.
+
+  Raises:
+    ValueError naming the tile and the map size if it does not divide it.
+  """
+  h, w = (int(s) for s in out_hw)
+  bh, bw = min(int(tile[0]), h), min(int(tile[1]), w)
+  if bh < 1 or bw < 1 or h % bh or w % bw:
+    raise ValueError(f'Tile {tuple(tile[:2])} (clamped to {(bh, bw)}) does not '
+                     f'tile a gated output of spatial size (H, W)=({h}, {w}).')
+  return bh, bw
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  """XLA's 'SAME' padding (before, after) of one spatial dimension."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def tile_mask_of(mask: Array, tile: Sequence[int]) -> Array:
+  """(N, H/bh, W/bw) booleans from an (N, H, W, C) tile-constant mask."""
+  bh, bw = effective_tile(mask.shape[1:3], tile)
+  return mask[:, ::bh, ::bw, 0] > 0
+
+
+def capacities(num_tiles: int,
+               fractions: Sequence[float] = DEFAULT_CAPACITIES) -> list[int]:
+  """Distinct static capacities (open tiles) below `num_tiles`, ascending."""
+  return sorted({min(num_tiles, max(1, math.ceil(f * num_tiles)))
+                 for f in fractions} - {num_tiles})
+
+
+def gather_windows(x: Array, tile_ids: Array, grid: tuple[int, int],
+                   tile_hw: tuple[int, int], kernel_hw: tuple[int, int],
+                   strides: Sequence[int]) -> Array:
+  """Input windows (with halo) of the output tiles `tile_ids`.
+
+  Args:
+    x: (N, H, W, C) input of the convolution (unpadded).
+    tile_ids: (K,) flat ids n * gh * gw + i * gw + j of output tiles.
+    grid: (gh, gw) output tiles per column and row.
+    tile_hw: (bh, bw) output tile size.
+    kernel_hw: (kh, kw).
+    strides: (sh, sw).
+
+  Returns:
+    (K, (bh - 1) * sh + kh, (bw - 1) * sw + kw, C) windows of the SAME-padded
+    input: a VALID convolution of window k gives output tile k exactly.
+  """
+  (gh, gw), (bh, bw), (kh, kw) = grid, tile_hw, kernel_hw
+  sh, sw = strides
+  n, h, w, c = x.shape
+  out_h, out_w = gh * bh, gw * bw
+  ph = same_padding(h, kh, sh)
+  pw = same_padding(w, kw, sw)
+  if -(-h // sh) != out_h or -(-w // sw) != out_w:
+    raise ValueError(f'A {gh}x{gw} grid of {bh}x{bw} tiles does not match the '
+                     f'output of a stride-{tuple(strides)} convolution of a '
+                     f'{h}x{w} input.')
+  padded = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+  win_h, win_w = (bh - 1) * sh + kh, (bw - 1) * sw + kw
+  sample, rest = jnp.divmod(tile_ids, gh * gw)
+  row, col = jnp.divmod(rest, gw)
+
+  def window(s, i, j):
+    return jax.lax.dynamic_slice(padded, (s, i * bh * sh, j * bw * sw, 0),
+                                 (1, win_h, win_w, c))[0]
+  return jax.vmap(window)(sample, row, col)
+
+
+def add_tiles(y: Array, tiles: Array, tile_ids: Array,
+              grid: tuple[int, int]) -> Array:
+  """`y` with `tiles[k]` added at output tile `tile_ids[k]`.
+
+  Args:
+    y: (N, H, W, C) output; H = gh * bh, W = gw * bw.
+    tiles: (K, bh, bw, C) values to add.
+    tile_ids: (K,) flat tile ids n * gh * gw + i * gw + j (repeats add up).
+    grid: (gh, gw).
+  """
+  n, h, w, c = y.shape
+  gh, gw = grid
+  bh, bw = h // gh, w // gw
+  sample, rest = jnp.divmod(tile_ids, gh * gw)
+  row, col = jnp.divmod(rest, gw)
+  # A reshape (no transpose, no copy) exposes the tiles; the advanced indices
+  # select (sample, tile row, tile column) and the slices take the tile.
+  blocks = y.reshape(n, gh, bh, gw, bw, c)
+  return blocks.at[sample, row, :, col, :, :].add(tiles).reshape(y.shape)
+
+
+def sparse_add_conditional(y_base: Array, x_cond: Array, kernel_cond: Array,
+                           tile_mask: Array, strides: Sequence[int] = (1, 1),
+                           capacity_fractions: Sequence[float] =
+                           DEFAULT_CAPACITIES) -> Array:
+  """`y_base + d * conv(x_cond, kernel_cond)`, computing open tiles only.
+
+  Args:
+    y_base: (N, Ho, Wo, Co) base-path output (SAME convolution).
+    x_cond: (N, H, W, Ci) conditional input.
+    kernel_cond: (kh, kw, Ci, Co) conditional kernel.
+    tile_mask: (N, gh, gw) booleans, True where the tile's gate is open;
+      gh = Ho / bh, gw = Wo / bw.
+    strides: convolution strides.
+    capacity_fractions: static capacities, as fractions of all tiles; above
+      the largest, the masked dense convolution is used.
+
+  Returns:
+    (N, Ho, Wo, Co) in y_base's dtype.
+  """
+  n, out_h, out_w, c_out = y_base.shape
+  gh, gw = tile_mask.shape[1:]
+  if out_h % gh or out_w % gw or tile_mask.shape[0] != n:
+    raise ValueError(f'Tile mask of shape {tile_mask.shape} does not fit an '
+                     f'output of shape {y_base.shape}.')
+  tile_hw = (out_h // gh, out_w // gw)
+  kernel_hw = kernel_cond.shape[:2]
+  flat = tile_mask.reshape(-1)
+  num_tiles = flat.shape[0]
+  num_open = jnp.sum(flat.astype(jnp.int32))
+  caps = capacities(num_tiles, capacity_fractions)
+
+  def sparse_branch(capacity):
+    def run(operands):
+      y, x = operands
+      tile_ids = jnp.nonzero(flat, size=capacity, fill_value=0)[0]
+      windows = gather_windows(x, tile_ids, (gh, gw), tile_hw, kernel_hw,
+                               strides)
+      cond = gating.conv(windows, kernel_cond, strides, 'VALID')
+      # Slots past the open tiles hold tile 0 again: add nothing there.
+      used = (jnp.arange(capacity) < num_open).astype(cond.dtype)
+      return add_tiles(y, cond * used[:, None, None, None], tile_ids,
+                       (gh, gw))
+    return run
+
+  def dense_branch(operands):
+    y, x = operands
+    mask = jnp.repeat(jnp.repeat(tile_mask, tile_hw[0], axis=1), tile_hw[1],
+                      axis=2)[..., None]
+    return gating.masked_combine(y, gating.conv(x, kernel_cond, strides),
+                                 mask.astype(y.dtype))
+
+  branches = [sparse_branch(c) for c in caps] + [dense_branch]
+  index = jnp.searchsorted(jnp.asarray(caps + [num_tiles]), num_open)
+  return jax.lax.switch(index, branches, (y_base, x_cond))
+
+
+def check_tile_block(block: Sequence[int], out_channels: int) -> None:
+  """Raises ValueError unless `block` covers all output channels (bc 0 or C)."""
+  if int(block[2]) not in (0, out_channels):
+    raise ValueError(
+        f'Block-sparse execution skips whole tiles of positions across all '
+        f'output channels: it needs gating.block=(bh, bw, 0), got '
+        f'{tuple(block)} for a layer of {out_channels} output channels.')
+
+
+def sparse_gated_conv(x: Array, kernel: Array, threshold: Array, *,
+                      groups: int = 4, grouping: str = 'first',
+                      strides: Sequence[int] = (1, 1),
+                      block: Sequence[int] = (4, 4, 0), epsilon: float = 1e-5,
+                      norm: str = 'batch', running_mean: Array | None = None,
+                      running_var: Array | None = None,
+                      capacity_fractions: Sequence[float] = DEFAULT_CAPACITIES
+                      ) -> tuple[Array, Array, tuple[Array, Array]]:
+  """`gating.gated_conv` at inference, with the closed tiles skipped.
+
+  Same arguments and results as `gating.gated_conv` (SAME padding, forward
+  only: the mask is the hard gate); `block` must be tile-structured
+  (bc = 0 or C_out).
+  """
+  check_tile_block(block, kernel.shape[-1])
+  y_base = gating.base_conv(x, kernel, groups, grouping, strides)
+  mask, stats = gating.saliency_gate(
+      y_base, threshold, block=block, epsilon=epsilon, norm=norm,
+      running_mean=running_mean, running_var=running_var)
+  x_cond, k_cond = gating.conditional_operands(x, kernel, groups, grouping)
+  y = sparse_add_conditional(y_base, x_cond, k_cond,
+                             tile_mask_of(mask, block), strides,
+                             capacity_fractions)
+  return y, mask, stats

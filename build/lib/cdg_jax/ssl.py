@@ -1,0 +1,562 @@
+"""SSL frameworks with dual gating, the train state and the one train step.
+
+Frameworks (`config.framework`), all with the gated encoder in both branches:
+
+* 'simclr'  -- NT-Xent over the global batch, projector MLP.
+* 'mocov2'  -- momentum encoder + queue of negative keys, InfoNCE (the
+  original asymmetric form: queries from view 1, keys from view 2).
+* 'byol'    -- projector + predictor, EMA target with tau following a cosine
+  from `ssl.base_tau` to 1, symmetric normalised-MSE loss.
+* 'simsiam' -- projector + predictor, stop-gradient, no target network.
+
+For MoCo and BYOL the target encoder's thresholds (or, for the predictor
+baselines, predictor parameters) follow the online ones by the same EMA as
+every other parameter; with `gating.branches='online'` the target is the dense
+network. With `gating.branches='dense_partner'` (SimCLR, SimSiam; ours, after
+Krishna et al.) view 1 goes through the gated encoder and view 2 through the
+same parameters with every gate open (`GatingSpec.branches`).
+Spatial-predictor gates draw Gumbel noise from the 'gumbel' RNG
+stream, derived from the step's key. The step (`make_train_step`) composes
+augmentation, both branches, the SSL loss, the gate regulariser, the optax
+update, EMA/queue updates, an online linear probe on stop-gradient features and
+the metrics (gate densities and FLOPs reduction from this step's masks) in one
+jitted function over a device mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+import dataclasses
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from cdg_jax import augment
+from cdg_jax import flops
+from cdg_jax import gating
+from cdg_jax import losses
+from cdg_jax import models
+from cdg_jax import parallel
+from cdg_jax import predictors
+from cdg_jax.layers import AUX_COLLECTION
+from cdg_jax.layers import DENSITY_COLLECTION
+from cdg_jax.layers import GatingSpec
+from cdg_jax.layers import GUMBEL_RNG
+
+FRAMEWORKS = ('simclr', 'mocov2', 'byol', 'simsiam')
+OPTIMIZERS = ('lars', 'sgd')
+_WITH_TARGET = ('mocov2', 'byol')
+_WITH_PREDICTOR = ('byol', 'simsiam')
+_GUMBEL_SALT = 0x67756D62   # 'gumb': folds the Gumbel key out of the step key
+
+
+class MLP(nn.Module):
+  """Projector/predictor: [Dense -> BN -> ReLU] x hidden, Dense, optional BN.
+
+  Matmuls in `dtype` (bfloat16 under mixed precision); parameters and
+  BatchNorm statistics float32; the output float32, for the losses.
+  """
+  hidden_dims: tuple[int, ...]
+  out_dim: int
+  last_bn: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for i, width in enumerate(self.hidden_dims):
+      x = nn.Dense(width, use_bias=False, dtype=self.dtype, name=f'dense{i}')(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                       dtype=self.dtype, name=f'bn{i}')(x)
+      x = nn.relu(x)
+    x = nn.Dense(self.out_dim, dtype=self.dtype, name='out')(x)
+    if self.last_bn:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                       use_scale=False, use_bias=False, dtype=self.dtype,
+                       name='out_bn')(x)
+    return x.astype(jnp.float32)
+
+
+class SSLNetwork(nn.Module):
+  """Backbone + projector (+ predictor). Returns a dict of outputs."""
+  backbone: models.ResNet
+  projector: MLP
+  predictor: MLP | None = None
+
+  def __call__(self, x, train: bool = False, stat_groups: int = 1):
+    features = self.backbone(x, train, stat_groups)
+    projection = self.projector(features, train)
+    out = {'features': features, 'projection': projection}
+    if self.predictor is not None:
+      out['prediction'] = self.predictor(projection, train)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+  """The Flax modules of a run: online (and target) encoder, linear probe."""
+  online: SSLNetwork
+  target: SSLNetwork | None
+  probe: nn.Dense
+
+
+def _check_framework(config) -> None:
+  if config.framework not in FRAMEWORKS:
+    raise ValueError(f'Unknown framework={config.framework!r}; expected one of '
+                     f'{", ".join(FRAMEWORKS)}.')
+
+
+def check_branches(framework: str, spec: GatingSpec) -> None:
+  """ValueError when `gating.branches` has no meaning for the framework."""
+  if spec.branches == 'dense_partner' and framework in _WITH_TARGET:
+    raise ValueError(
+        f"gating.branches='dense_partner' is for the shared-encoder "
+        f"frameworks (simclr, simsiam); framework={framework!r} has a "
+        f"target encoder, and its dense-partner form is "
+        f"gating.branches='online' (the target left dense).")
+  if spec.branches == 'online' and spec.enabled and (
+      framework not in _WITH_TARGET):
+    raise ValueError(
+        f"gating.branches='online' leaves a target encoder dense; "
+        f"framework={framework!r} has none (its dense-partner form is "
+        f"gating.branches='dense_partner').")
+
+
+def build_networks(config) -> Networks:
+  """Builds the online/target encoders and the probe from the config."""
+  _check_framework(config)
+  ssl = config.ssl
+  dtype = models.compute_dtype(config.model.get('dtype', 'float32'))
+  projector = MLP(tuple(ssl.projector_hidden_dims), ssl.projector_dim,
+                  ssl.projector_last_bn, dtype)
+  predictor = None
+  if config.framework in _WITH_PREDICTOR:
+    if ssl.predictor_dim <= 0:
+      raise ValueError(f'framework={config.framework!r} needs a predictor: set '
+                       f'ssl.predictor_dim > 0 (got {ssl.predictor_dim}).')
+    predictor = MLP(tuple(ssl.predictor_hidden_dims), ssl.predictor_dim,
+                    dtype=dtype)
+  spec = GatingSpec.from_config(config.gating)
+  check_branches(config.framework, spec)
+  # Under the dense partner the online encoder's batch is [view 1 gated;
+  # view 2 with every gate open].
+  gate_mode = 'partner' if spec.branches == 'dense_partner' else 'gated'
+  online = SSLNetwork(
+      models.create_resnet(config.model, config.gating, gate_mode=gate_mode),
+      projector, predictor)
+  target = None
+  if config.framework in _WITH_TARGET:
+    target_gating = config.gating if spec.branches == 'both' else None
+    target = SSLNetwork(models.create_resnet(config.model, target_gating),
+                        projector)
+  return Networks(online, target, nn.Dense(config.data.num_classes))
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training, as one pytree.
+
+  Absent parts (no target network, no queue) are empty dicts.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  target_params: Any
+  target_batch_stats: Any
+  queue: Any            # MoCo: {'keys': (K, D), 'pointer': ()}
+  probe_params: Any
+  probe_opt_state: Any
+  rng: jax.Array        # raw uint32 key data (checkpointable), not a typed key
+
+
+# ------------------------------------------------------------------ schedules
+
+
+def total_steps(config, num_train: int) -> int:
+  """Training length in steps: `num_steps` if > 0, else epochs x steps/epoch."""
+  if config.num_steps > 0:
+    return int(config.num_steps)
+  return max(1, int(config.num_epochs * steps_per_epoch(config, num_train)))
+
+
+def steps_per_epoch(config, num_train: int) -> int:
+  """Full batches per epoch (the last partial batch of an epoch is dropped)."""
+  if config.batch_size > num_train:
+    held_out = config.data.get('validation_size', 0)
+    where = (f' left after holding out data.validation_size={held_out} for '
+             f'validation' if held_out else '')
+    raise ValueError(f'batch_size={config.batch_size} exceeds the '
+                     f'{num_train} training images{where}.')
+  return num_train // config.batch_size
+
+
+def learning_rate_schedule(config, num_train: int) -> optax.Schedule:
+  """Linear warm-up to base_lr * batch/256, then cosine decay to 0."""
+  steps = total_steps(config, num_train)
+  warmup = int(config.optim.warmup_epochs * steps_per_epoch(config, num_train))
+  warmup = min(warmup, steps - 1) if steps > 1 else 0
+  peak = config.optim.base_learning_rate * config.batch_size / 256
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, steps, 0.0)
+
+
+def tau_schedule(config, num_train: int) -> optax.Schedule:
+  """EMA decay of the target: BYOL's cosine from base_tau to 1, or constant."""
+  base_tau = config.ssl.base_tau
+  if config.ssl.tau_schedule == 'constant':
+    return lambda step: jnp.asarray(base_tau, jnp.float32)
+  if config.ssl.tau_schedule != 'cosine':
+    raise ValueError(f"Unknown ssl.tau_schedule={config.ssl.tau_schedule!r}; "
+                     f"expected 'cosine' or 'constant'.")
+  steps = total_steps(config, num_train)
+
+  def schedule(step):
+    progress = jnp.minimum(step / steps, 1.0)
+    return 1.0 - (1.0 - base_tau) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0
+  return schedule
+
+
+def decay_mask(params):
+  """Weight decay and LARS adaptation only for kernels: biases, norm params
+  and gate thresholds are 1-D and excluded (LESSONS.md: by ndim, not name)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config, num_train: int) -> optax.GradientTransformation:
+  """LARS or SGD with momentum, warm-up + cosine, masked weight decay."""
+  optim = config.optim
+  schedule = learning_rate_schedule(config, num_train)
+  if optim.name == 'lars':
+    return optax.lars(schedule, weight_decay=optim.weight_decay,
+                      weight_decay_mask=decay_mask,
+                      trust_coefficient=optim.trust_coefficient,
+                      trust_ratio_mask=decay_mask, momentum=optim.momentum)
+  if optim.name == 'sgd':
+    return optax.chain(
+        optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
+        optax.sgd(schedule, momentum=optim.momentum))
+  raise ValueError(f"Unknown optim.name={optim.name!r}; expected one of "
+                   f"{', '.join(OPTIMIZERS)}.")
+
+
+# --------------------------------------------------------------- tree helpers
+
+
+def select_like(tree: Mapping[str, Any], like: Mapping[str, Any]):
+  """The leaves of `tree` at the paths of `like` (e.g. online -> target)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+  paths = flax.traverse_util.flatten_dict(flax.core.unfreeze(like))
+  missing = [p for p in paths if p not in flat]
+  if missing:
+    raise ValueError(f'Paths missing from the source tree: {missing[:5]}')
+  return flax.traverse_util.unflatten_dict({p: flat[p] for p in paths})
+
+
+def ema_update(target, online, tau):
+  """target <- tau * target + (1 - tau) * online, leaf by leaf."""
+  return jax.tree.map(lambda t, o: tau * t + (1.0 - tau) * o, target, online)
+
+
+def thresholds(params) -> list[jax.Array]:
+  """All gate thresholds in a parameter tree."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  return [v for k, v in sorted(flat.items()) if k[-1] == 'threshold']
+
+
+# ------------------------------------------------------------------ the state
+
+
+def create_train_state(config, networks: Networks, num_train: int,
+                       rng: jax.Array) -> TrainState:
+  """Initialises parameters, optimiser, target, queue and probe."""
+  _check_framework(config)
+  size = config.data.image_size
+  x = jnp.zeros((2, size, size, 3), jnp.float32)
+  init_rng, probe_rng, state_rng = jax.random.split(rng, 3)
+  variables = networks.online.init(init_rng, x, train=False)
+  params, batch_stats = variables['params'], variables.get('batch_stats', {})
+  target_params, target_stats, queue = {}, {}, {}
+  if networks.target is not None:
+    # The target starts as a copy of the online encoder (minus the predictor,
+    # and minus gate parameters when it is dense).
+    shapes = jax.eval_shape(lambda: networks.target.init(init_rng, x))
+    # Copies, not views: the state is donated to the step, and one buffer
+    # cannot be donated twice.
+    target_params = jax.tree.map(jnp.copy, select_like(params, shapes['params']))
+    target_stats = jax.tree.map(
+        jnp.copy, select_like(batch_stats, shapes.get('batch_stats', {})))
+  if config.framework == 'mocov2':
+    queue_size = config.ssl.queue_size
+    if queue_size % config.batch_size:
+      raise ValueError(f'ssl.queue_size={queue_size} is not divisible by '
+                       f'batch_size={config.batch_size}; the queue is updated '
+                       f'a whole batch at a time.')
+    keys = jax.random.normal(state_rng, (queue_size, config.ssl.projector_dim))
+    queue = {'keys': losses.l2_normalize(keys),
+             'pointer': jnp.zeros((), jnp.int32)}
+  feature_dim = models.feature_dim(config.model.name, config.model.width)
+  probe_params = networks.probe.init(
+      probe_rng, jnp.zeros((1, feature_dim)))['params']
+  tx = make_optimizer(config, num_train)
+  probe_tx = optax.adam(config.probe.learning_rate)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+      opt_state=tx.init(params), target_params=target_params,
+      target_batch_stats=target_stats, queue=queue, probe_params=probe_params,
+      probe_opt_state=probe_tx.init(probe_params),
+      rng=jax.random.key_data(state_rng))
+
+
+# ------------------------------------------------------------------- the step
+
+
+def ssl_loss(framework: str, online: dict, target: dict | None, queue,
+             temperature: float) -> tuple[jax.Array, jax.Array]:
+  """The framework's loss and the embeddings used for the collapse metric.
+
+  Args:
+    framework: one of FRAMEWORKS.
+    online: outputs of the online network on [view1; view2] (on view1 only
+      for MoCo).
+    target: outputs of the target network on [view1; view2] (view2 only for
+      MoCo), gradient already stopped; None without a target.
+    queue: MoCo's (K, D) negative keys.
+    temperature: SimCLR/MoCo temperature.
+  """
+  if framework == 'simclr':
+    z1, z2 = jnp.split(online['projection'], 2)
+    return losses.nt_xent(z1, z2, temperature), online['projection']
+  if framework == 'mocov2':
+    return (losses.info_nce(online['projection'], target['projection'], queue,
+                            temperature), online['projection'])
+  p1, p2 = jnp.split(online['prediction'], 2)
+  if framework == 'byol':
+    z1, z2 = jnp.split(target['projection'], 2)
+    per_example = losses.normalized_mse(p1, z2) + losses.normalized_mse(p2, z1)
+    return jnp.mean(per_example), online['projection']
+  # SimSiam: the stop-gradient on the projections is what prevents collapse.
+  z1, z2 = jnp.split(jax.lax.stop_gradient(online['projection']), 2)
+  per_example = losses.negative_cosine(p1, z2) + losses.negative_cosine(p2, z1)
+  return 0.5 * jnp.mean(per_example), online['projection']
+
+
+def density_target_schedule(spec: GatingSpec, num_steps: int
+                            ) -> Callable[[jax.Array], jax.Array]:
+  """The density regulariser's target at a step.
+
+  `spec.density_target` throughout, or, with `spec.target_anneal_fraction`
+  f > 0 (our option, not the paper's), a linear fall from 1.0 (no gate
+  closed) at step 0 to `density_target` at step f * num_steps, constant after.
+  """
+  target = spec.density_target
+  anneal_steps = spec.target_anneal_fraction * num_steps
+  if anneal_steps <= 0:
+    return lambda step: jnp.asarray(target, jnp.float32)
+
+  def schedule(step):
+    progress = jnp.minimum(step / anneal_steps, 1.0)
+    return (1.0 - progress * (1.0 - target)).astype(jnp.float32)
+  return schedule
+
+
+def gate_regularizer(spec: GatingSpec, params, densities: Mapping[str, Any],
+                     aux: Mapping[str, Any] | None = None,
+                     density_target: jax.Array | float | None = None):
+  """The gates' auxiliary loss, times lambda = `spec.weight` (0 without gates).
+
+  Args:
+    spec: the gating spec.
+    params: online parameters (CDG thresholds).
+    densities: {layer: mean density} from this step's straight-through masks.
+    aux: the 'gate_aux' collection sown in the same forward pass (channel
+      predictor: per-sample saliency L1 norms).
+    density_target: this step's density target (`density_target_schedule`);
+      None: `spec.density_target`.
+
+  Returns:
+    CDG: lambda * sum_layers mean((delta - target)^2) ('threshold'),
+    lambda * sum over all thresholds (delta - target)^2 ('threshold_sum') or
+    lambda * sum_layers (density - target)^2 ('density').
+    'channel_predictor': FBS's lambda * sum_layers mean_samples ||s||_1.
+    'spatial_predictor': lambda * sum_layers (density - density_target)^2,
+    the density being the mean of the straight-through hard masks, so the
+    gradient reaches the predictors.
+  """
+  if not spec.enabled:
+    return jnp.zeros(())
+  if density_target is None:
+    density_target = spec.density_target
+  if spec.kind == 'channel_predictor':
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(aux or {}))
+    values = [jnp.concatenate([jnp.reshape(v, (-1,)) for v in
+                               (vs if isinstance(vs, tuple) else (vs,))])
+              for k, vs in sorted(flat.items()) if k[-1] == 'saliency_l1']
+    return spec.weight * predictors.saliency_l1_regularizer(values)
+  if spec.kind == 'spatial_predictor' or spec.regularizer == 'density':
+    return spec.weight * gating.density_regularizer(list(densities.values()),
+                                                    density_target)
+  regularizer = {'threshold': gating.threshold_regularizer,
+                 'threshold_sum': gating.threshold_sum_regularizer
+                 }[spec.regularizer]
+  return spec.weight * regularizer(thresholds(params), spec.threshold_target)
+
+
+def make_train_step(config, networks: Networks, num_train: int,
+                    costs: tuple[flops.LayerCost, ...]) -> Callable:
+  """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted).
+
+  Args:
+    config: the run config.
+    networks: from `build_networks`.
+    num_train: training-set size (for the schedules).
+    costs: `flops.layer_costs` of the online network (names prefixed
+      'backbone/'), for the FLOPs reduction metric.
+
+  The batch is {'image': uint8 (B, H, W, 3), 'label': int (B,)}; both views
+  are augmented inside the step from per-image keys.
+  """
+  framework = config.framework
+  spec = GatingSpec.from_config(config.gating)
+  stat_groups = 2 if spec.saliency_stats == 'per_branch' else 1
+  if spec.branches == 'dense_partner':
+    # Only view 1 is gated (`GatedConv` in 'partner' mode): one branch.
+    stat_groups = 1
+  tx = make_optimizer(config, num_train)
+  probe_tx = optax.adam(config.probe.learning_rate)
+  lr_schedule = learning_rate_schedule(config, num_train)
+  tau_fn = tau_schedule(config, num_train)
+  target_fn = density_target_schedule(spec, total_steps(config, num_train))
+  augment_config = config.augment
+  temperature = config.ssl.temperature
+  gated_costs = [c for c in costs if c.gated]
+  online_mutable = ['batch_stats', DENSITY_COLLECTION]
+  if spec.kind == 'channel_predictor':
+    online_mutable.append(AUX_COLLECTION)   # FBS's saliency L1 terms
+  gated_macs = sum(c.macs for c in gated_costs)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    view1, view2 = augment.two_views(rng, batch['image'], augment_config)
+    # Gumbel noise of spatial-predictor gates, one stream per branch; folded
+    # in so the augmentation keys are unchanged. Other kinds get no extra RNG
+    # or collection, so their step is the same computation as before.
+    online_rngs = target_rngs = None
+    if spec.kind == 'spatial_predictor':
+      online_gumbel, target_gumbel = jax.random.split(
+          jax.random.fold_in(rng, _GUMBEL_SALT))
+      online_rngs = {GUMBEL_RNG: online_gumbel}
+      target_rngs = {GUMBEL_RNG: target_gumbel}
+    n = view1.shape[0]
+    both = jnp.concatenate([view1, view2], axis=0)
+    # MoCo v2 is asymmetric: queries from view 1, keys from view 2, so each
+    # branch sees one view and its statistics are per branch by construction.
+    online_input, online_groups = ((view1, 1) if framework == 'mocov2'
+                                   else (both, stat_groups))
+
+    target_out, target_stats = None, state.target_batch_stats
+    if networks.target is not None:
+      target_input = view2 if framework == 'mocov2' else both
+      target_groups = 1 if framework == 'mocov2' else stat_groups
+      target_out, target_vars = networks.target.apply(
+          {'params': state.target_params,
+           'batch_stats': state.target_batch_stats},
+          target_input, train=True, stat_groups=target_groups,
+          rngs=target_rngs, mutable=['batch_stats'])
+      target_out = jax.lax.stop_gradient(target_out)
+      target_stats = target_vars['batch_stats']
+    queue_keys = state.queue['keys'] if framework == 'mocov2' else None
+
+    def loss_fn(params):
+      out, new_vars = networks.online.apply(
+          {'params': params, 'batch_stats': state.batch_stats}, online_input,
+          train=True, stat_groups=online_groups,
+          rngs=online_rngs, mutable=online_mutable)
+      loss, embeddings = ssl_loss(framework, out, target_out, queue_keys,
+                                  temperature)
+      densities = flops.mean_densities(new_vars.get(DENSITY_COLLECTION, {}))
+      gate_loss = gate_regularizer(spec, params, densities,
+                                   new_vars.get(AUX_COLLECTION, {}),
+                                   target_fn(state.step))
+      aux = dict(batch_stats=new_vars['batch_stats'], densities=densities,
+                 embeddings=embeddings, features=out['features'], ssl_loss=loss,
+                 gate_loss=gate_loss)
+      return loss + gate_loss, aux
+
+    (total_loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    tau = tau_fn(state.step)
+    target_params = state.target_params
+    if networks.target is not None:
+      target_params = ema_update(
+          state.target_params, select_like(params, state.target_params), tau)
+    queue = state.queue
+    if framework == 'mocov2':
+      keys = losses.l2_normalize(target_out['projection'])
+      queue = {'keys': jax.lax.dynamic_update_slice(
+                   state.queue['keys'], keys, (state.queue['pointer'], 0)),
+               'pointer': (state.queue['pointer'] + keys.shape[0])
+                          % state.queue['keys'].shape[0]}
+
+    # Online linear probe on the first view's features; the stop-gradient
+    # keeps label information out of the encoder.
+    features = jax.lax.stop_gradient(aux['features'][:n])
+    labels = batch['label']
+
+    def probe_loss_fn(probe_params):
+      logits = networks.probe.apply({'params': probe_params}, features)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      return jnp.mean(loss), logits
+    (probe_loss, logits), probe_grads = jax.value_and_grad(
+        probe_loss_fn, has_aux=True)(state.probe_params)
+    probe_updates, probe_opt_state = probe_tx.update(
+        probe_grads, state.probe_opt_state, state.probe_params)
+    probe_params = optax.apply_updates(state.probe_params, probe_updates)
+
+    densities = aux['densities']
+    metrics = {
+        'loss': total_loss, 'ssl_loss': aux['ssl_loss'],
+        'gate_loss': aux['gate_loss'], 'learning_rate': lr_schedule(state.step),
+        'tau': tau, 'probe_loss': probe_loss,
+        'probe_accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
+        'embedding_std': losses.embedding_std(aux['embeddings']),
+        'flops_reduction': flops.flops_reduction(costs, densities),
+    }
+    if spec.target_anneal_fraction > 0:
+      metrics['density_target'] = target_fn(state.step)
+    if gated_costs:
+      metrics['gate_density'] = sum(
+          c.macs * densities[c.name] for c in gated_costs) / gated_macs
+      metrics['layer_density'] = dict(densities)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=aux['batch_stats'],
+        opt_state=opt_state, target_params=target_params,
+        target_batch_stats=target_stats, queue=queue,
+        probe_params=probe_params, probe_opt_state=probe_opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def online_costs(config, networks: Networks) -> tuple[flops.LayerCost, ...]:
+  """Per-example layer costs of the online network (backbone + heads)."""
+  size = config.data.image_size
+  x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  variables = jax.eval_shape(
+      lambda: networks.online.init(jax.random.key(0), jnp.zeros(x.shape)))
+  return flops.layer_costs(networks.online, variables, x, train=False)
+
+
+def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh) -> Callable:
+  """jit over the mesh: batch sharded over 'data', state replicated, donated."""
+  return jax.jit(train_step,
+                 in_shardings=(parallel.replicated(mesh),
+                               parallel.data_sharding(mesh)),
+                 out_shardings=(parallel.replicated(mesh),
+                                parallel.replicated(mesh)),
+                 donate_argnums=(0,))

@@ -1,0 +1,354 @@
+"""The training program: pretraining with CDG, checkpoints, evaluation, reports.
+
+`train_and_evaluate(config, workdir)` is what `cdg_jax.main` calls and what
+tests call directly. It checks the whole config and the data before touching
+the workdir, takes the workdir's lock (one run per workdir), resumes
+automatically from the newest checkpoint that restores, logs metrics
+(TensorBoard events, `metrics.jsonl` with one row per logged step, console),
+runs the kNN monitor every `eval.every_steps` steps and at the end, and
+writes an end-of-run summary (`summary.json`), the exported backbone and
+plots. SIGTERM or SIGINT stops it after the current step with a checkpoint
+(`run_control.Preempted`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+# clu's parameter_overview imports without TensorFlow; its metric_writers and
+# periodic_actions do not, hence cdg_jax.metric_logging.
+from clu import parameter_overview
+import jax
+import numpy as np
+import tqdm
+
+from cdg_jax import batching
+from cdg_jax import checkpoints
+from cdg_jax import config_lib
+from cdg_jax import evaluation
+from cdg_jax import input_pipeline
+from cdg_jax import layers
+from cdg_jax import metric_logging
+from cdg_jax import models
+from cdg_jax import parallel
+from cdg_jax import plots
+from cdg_jax import run_control
+from cdg_jax import ssl
+
+METRICS_FILE = 'metrics.jsonl'
+SUMMARY_FILE = 'summary.json'
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Creates `workdir` and checks it is writable, with a clear error if not."""
+  if not workdir:
+    raise ValueError('A --workdir is required.')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    # Every process writes checkpoints (orbax), so every process checks;
+    # one probe file each, so that they do not race.
+    probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f'workdir {workdir!r} is not writable: {e}') from e
+  return workdir
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+  """Flattens fetched metrics ('layer_density' -> 'density/<layer>')."""
+  out = {}
+  for key, value in metrics.items():
+    if key == 'layer_density':
+      out.update({f'density/{name}': float(v) for name, v in value.items()})
+    else:
+      out[key] = float(value)
+  return out
+
+
+def _eval_scalars(results: dict[str, Any]) -> dict[str, float]:
+  return {f'eval/{k}': float(v) for k, v in results.items()
+          if isinstance(v, (int, float, np.floating, np.integer))}
+
+
+def backbone_variables(state: ssl.TrainState) -> dict[str, Any]:
+  """The online backbone's variables (params incl. thresholds, batch stats)."""
+  return {'params': state.params['backbone'],
+          'batch_stats': state.batch_stats.get('backbone', {})}
+
+
+def _create_state(config, networks, num_train, mesh):
+  create = lambda rng: ssl.create_train_state(config, networks, num_train, rng)
+  return jax.jit(create, out_shardings=parallel.replicated(mesh))(
+      jax.random.key(config.seed))
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Pretrains with CDG under `config.framework`, evaluates, reports.
+
+  Args:
+    config: a config from `configs/` (see `cdg_jax.config_lib`).
+    workdir: where checkpoints, metrics, summary, backbone and plots go; a
+      run already there is resumed.
+
+  Returns:
+    The end-of-run summary (also written to `<workdir>/summary.json`): kNN
+    top-1/top-5, FLOPs reduction and gate densities measured on the test set
+    (or on the held-out validation split: `eval_split`),
+    the last training metrics, steps and wall time.
+  """
+  start_time = time.time()
+  # Everything that can be checked is checked before the workdir is touched:
+  # the config, the data, the devices.
+  config_lib.validate(config)
+  check_same_config_in_every_process(config)
+  source = input_pipeline.create_source(config.data)
+  mesh = parallel.make_mesh()
+  # The evaluation batch is rounded up to the devices (eval_batch_size).
+  parallel.check_batch_divisible(config.batch_size, mesh)
+  num_train = source.num_train
+  total_steps = ssl.total_steps(config, num_train)
+  check_shapes(config, source, mesh)
+  is_main = jax.process_index() == 0
+  prepare_workdir(workdir)
+  with run_control.WorkdirLock(workdir, enabled=is_main):
+    checkpoints.check_compatible(config, workdir)
+    checkpoints.write_config(config, workdir)
+    return _train_and_evaluate(config, workdir, source, mesh, total_steps,
+                               start_time)
+
+
+def check_same_config_in_every_process(config) -> None:
+  """ValueError in every process if any was started with another config.
+
+  The processes of one run must train the same thing; a difference (a
+  forgotten override on one host) would otherwise surface as a hang or a
+  shape error deep in the first collective. The differing process names
+  the fields; the others name the process.
+  """
+  if jax.process_count() == 1:
+    return
+  mine = checkpoints.flat_fields(json.loads(config.to_json_best_effort()))
+  reference = checkpoints.flat_fields(json.loads(parallel.broadcast_text(
+      config.to_json_best_effort())))
+  differ = [f'{key}: process 0 {reference.get(key)!r}, process '
+            f'{jax.process_index()} {mine.get(key)!r}'
+            for key in sorted(set(mine) | set(reference))
+            if mine.get(key) != reference.get(key)]
+  others = parallel.processes_where(bool(differ))
+  if differ:
+    raise ValueError(f'Process {jax.process_index()} was started with another '
+                     f'config than process 0; these fields differ:\n  ' +
+                     '\n  '.join(differ) + '\nStart every process with the '
+                     'same --config and overrides.')
+  if others:
+    raise ValueError(f'Process(es) {others} were started with another config '
+                     f'than process 0 (their output names the fields); start '
+                     f'every process with the same --config and overrides.')
+
+
+def check_shapes(config, source: input_pipeline.Source,
+                 mesh: jax.sharding.Mesh) -> None:
+  """Traces the whole run on the data's real shapes; computes nothing.
+
+  The state's initialisation, the train step and the evaluation forward
+  (block-sparse if `eval.sparse_inference`) are traced abstractly
+  (`jax.eval_shape`), so an error that only the shapes reveal -- a gate
+  block that does not divide a feature map, input-channel groups that do
+  not divide a layer's channels, images too small for the network -- is
+  raised before the workdir is touched, naming the config.
+
+  Raises:
+    ValueError: the config cannot run on this data.
+  """
+  height, width, channels = source.image_shape
+  try:
+    networks = ssl.build_networks(config)
+    state = jax.eval_shape(lambda: ssl.create_train_state(
+        config, networks, source.num_train, jax.random.key(0)))
+    step = ssl.make_train_step(config, networks, source.num_train,
+                               ssl.online_costs(config, networks))
+    batch = {'image': jax.ShapeDtypeStruct(
+                 (config.batch_size, height, width, channels), np.uint8),
+             'label': jax.ShapeDtypeStruct((config.batch_size,), np.int32)}
+    jax.eval_shape(step, state, batch)
+    backbone = evaluation.inference_backbone(
+        models.create_resnet(config.model, config.gating), config.eval)
+    eval_images = jax.ShapeDtypeStruct(
+        (evaluation.eval_batch_size(config.eval.batch_size, mesh), height,
+         width, channels), np.float32)
+    jax.eval_shape(
+        lambda variables, x: backbone.apply(
+            variables, x, train=False, mutable=[layers.DENSITY_COLLECTION]),
+        backbone_variables(state), eval_images)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f'This config cannot run on this data ({height}x{width} images, '
+        f'{source.num_train} for training, data.source='
+        f'{config.data.source!r}): {e}') from e
+
+
+def _train_and_evaluate(config, workdir, source, mesh, total_steps,
+                        start_time) -> dict[str, Any]:
+  """`train_and_evaluate` once the config, data and workdir are checked."""
+  is_main = jax.process_index() == 0
+  num_train = source.num_train
+  networks = ssl.build_networks(config)
+  backbone = models.create_resnet(config.model, config.gating)
+
+  state = _create_state(config, networks, num_train, mesh)
+  manager = checkpoints.checkpoint_manager(workdir, config.checkpoint.keep)
+  restored = checkpoints.restore_latest(
+      manager, state, os.path.join(workdir, checkpoints.DAMAGED_DIR))
+  if restored is not None:
+    state = restored
+    if is_main:
+      print(f'Resumed from {manager.directory} at step {int(state.step)}.',
+            flush=True)
+  start_step = int(state.step)
+
+  writer = metric_logging.create_writer(workdir, is_main, METRICS_FILE,
+                                        resume_step=start_step)
+  if start_step == 0:
+    parameter_overview.log_parameter_overview(state.params)
+    writer.write_hparams(scalar_hparams(config))
+
+  train_step = ssl.jit_train_step(
+      ssl.make_train_step(config, networks, num_train,
+                          ssl.online_costs(config, networks)), mesh)
+  batches = batching.prefetch(
+      (batching.shard_batch(b, mesh) for b in source.train_batches(
+          config.batch_size, config.seed, start_step)),
+      config.data.prefetch)
+  report_progress = metric_logging.ReportProgress(
+      total_steps, writer, config.log_every_steps)
+  progress = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
+                       disable=not is_main, dynamic_ncols=True)
+  eval_every = config.eval.every_steps
+  last_metrics: dict[str, float] = {}
+  step = start_step
+  # SIGTERM/SIGINT stop the loop at a step boundary, with a checkpoint.
+  with run_control.PreemptionWatcher() as preemption:
+    try:
+      while step < total_steps:
+        batch = next(batches)
+        state, metrics = train_step(state, batch)
+        step += 1
+        report_progress(step)
+        save_now = (step % config.checkpoint.every_steps == 0
+                    or step == total_steps)
+        if step % config.log_every_steps == 0 or save_now:
+          # The only host synchronisation of the loop: this step's metrics.
+          last_metrics = scalar_metrics(jax.device_get(metrics))
+          if not math.isfinite(last_metrics['loss']):
+            raise FloatingPointError(
+                f'Loss is {last_metrics["loss"]} at step {step}; training '
+                f'stopped without saving this state. The last good '
+                f'checkpoint is step {manager.latest_step()} in '
+                f'{manager.directory}; resume from it with a lower learning '
+                f'rate or a smaller gating.alpha.')
+          writer.write_scalars(step, last_metrics)
+          progress.set_postfix(
+              loss=f'{last_metrics["loss"]:.3f}',
+              flops=f'{last_metrics["flops_reduction"]:.2f}x')
+          progress.update(step - progress.n)
+        if save_now:
+          checkpoints.save(manager, state, step)
+        if preemption.should_stop(step) and step < total_steps:
+          if not save_now:
+            checkpoints.save(manager, state, step)
+          checkpoints.wait(manager)
+          writer.close()
+          cause = preemption.signal_name or 'a preemption notice'
+          message = (f'Stopped by {cause} after step {step} of {total_steps}; '
+                     f'checkpoint saved in {manager.directory}. Run the same '
+                     f'command again to resume from step {step}.')
+          logging.warning('%s', message)
+          raise run_control.Preempted(message)
+        if eval_every > 0 and step % eval_every == 0 and step < total_steps:
+          knn = evaluation.knn_eval(backbone, backbone_variables(state),
+                                    source, config, mesh)
+          writer.write_scalars(step, _eval_scalars(knn))
+    finally:
+      progress.close()
+      batches.close()   # joins the prefetch thread before anything exits
+      checkpoints.wait(manager)
+
+  variables = backbone_variables(state)
+  knn = evaluation.knn_eval(backbone, variables, source, config, mesh)
+  writer.write_scalars(step, _eval_scalars(knn))
+  dense_network = None
+  if has_dense_partner(config):
+    # One dense-partner run trains two networks: report the dense one too.
+    dense_knn = evaluation.knn_eval(models.dense_path(backbone), variables,
+                                    source, config, mesh)
+    dense_network = {k: dense_knn[k] for k in
+                     ('knn_top1', 'knn_top5', 'flops_reduction')}
+    writer.write_scalars(step, {f'eval_dense/{k}': v
+                                for k, v in dense_network.items()})
+  writer.close()
+  summary = {
+      'framework': config.framework, 'model': config.model.name,
+      'gating': config.gating.kind, 'steps': step,
+      'resumed_from_step': start_step,
+      'eval_split': source.eval_split_name,
+      'num_train': source.num_train, 'num_eval': source.num_test,
+      'wall_time_s': time.time() - start_time,
+      **knn,
+      **({'dense_network': dense_network} if dense_network else {}),
+      'last_train_metrics': {k: v for k, v in last_metrics.items()
+                             if not k.startswith('density/')},
+  }
+  checkpoints.export_backbone(workdir, variables['params'],
+                              variables['batch_stats'])
+  if is_main:
+    with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
+      json.dump(summary, f, indent=2, default=float)
+    if config.plot_images > 0:
+      test_images = next(iter(source.eval_batches('test', config.plot_images)))
+      plots.write_run_plots(workdir, backbone, jax.device_get(variables),
+                            test_images['image'][:config.plot_images],
+                            config.augment, knn.get('layer_density'))
+    print(format_summary(summary), flush=True)
+  return summary
+
+
+def has_dense_partner(config) -> bool:
+  """Whether the run trains a dense partner path (`GatingSpec.branches`)."""
+  return config.gating.get('branches') == 'dense_partner'
+
+
+def scalar_hparams(config) -> dict[str, Any]:
+  """A few headline hyperparameters for TensorBoard's HParams tab."""
+  return {'framework': config.framework, 'model': config.model.name,
+          'gating': config.gating.kind, 'batch_size': config.batch_size,
+          'groups': config.gating.groups, 'reg_weight': config.gating.weight}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  """Human-readable end-of-run summary."""
+  split = summary.get('eval_split', 'test')
+  lines = [f'Finished {summary["framework"]} / {summary["model"]} / gating '
+           f'{summary["gating"]} after {summary["steps"]} steps '
+           f'({summary["wall_time_s"]:.0f} s).',
+           f'kNN top-1 {100 * summary["knn_top1"]:.2f}%, top-5 '
+           f'{100 * summary["knn_top5"]:.2f}% ({split} split); backbone '
+           f'FLOPs reduction {summary["flops_reduction"]:.3f}x measured on '
+           f'the {split} split.']
+  if summary.get('dense_network'):
+    dense = summary['dense_network']
+    lines.append(f'Dense network of the same run (every gate open): kNN '
+                 f'top-1 {100 * dense["knn_top1"]:.2f}%, top-5 '
+                 f'{100 * dense["knn_top5"]:.2f}% ({split} split), FLOPs '
+                 f'reduction {dense["flops_reduction"]:.3f}x.')
+  if summary.get('layer_density'):
+    lines.append(f'Gate density per layer ({split} split):')
+    lines += [f'  {name:<32} {d:.3f}'
+              for name, d in summary['layer_density'].items()]
+  return '\n'.join(lines)
