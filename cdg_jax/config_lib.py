@@ -135,13 +135,29 @@ def base_config() -> ml_collections.ConfigDict:
       sparse_inference=False,      # skip closed tiles (CDG with gating.block
                                    # (bh, bw, 0)); same features, less time
   ))
-  # Linear evaluation on frozen features (cdg_jax/linear_eval.py): SGD with
-  # Nesterov momentum and cosine decay on standardised features.
+  # Linear evaluation of the frozen backbone (cdg_jax/linear_eval.py).
   config.linear_eval = ml_collections.ConfigDict(dict(
+      # 'fast': features extracted once without augmentation, standardised,
+      # SGD Nesterov + cosine (ours, quick). 'augmented': the SSL
+      # literature's protocol (solo-learn's linear scripts, SimCLR's linear
+      # evaluation): random resized crop + flip recomputed every epoch, SGD,
+      # step decay; centre (unaugmented) test images.
+      protocol='fast',
       epochs=100,
       batch_size=256,
       learning_rate=0.1,
-      weight_decay=1e-4,           # L2 on the weights, not the bias
+      weight_decay=1e-4,           # fast protocol: L2 on the weights, not
+                                   # the bias
+      # The augmented protocol's settings, solo-learn's (linear/cifar): SGD
+      # momentum 0.9, lr 0.1 at batch 256, no weight decay, lr x0.1 after
+      # 60% and 80% of the epochs (epochs 60 and 80 of 100).
+      augmented=ml_collections.ConfigDict(dict(
+          learning_rate=0.1,
+          momentum=0.9,
+          weight_decay=0.0,
+          decay_fractions=(0.6, 0.8),
+          crop_scale=(0.08, 1.0),
+      )),
   ))
   return config
 
@@ -293,6 +309,9 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
        f'linear_eval.epochs={config.linear_eval.epochs} must be positive.')
   need(config.linear_eval.batch_size > 0, f'linear_eval.batch_size='
        f'{config.linear_eval.batch_size} must be positive.')
+  need(config.linear_eval.protocol in ('fast', 'augmented'),
+       f'linear_eval.protocol={config.linear_eval.protocol!r} must be one of '
+       f"('fast', 'augmented').")
   try:
     spec = layers.GatingSpec.from_config(config.gating)
     if config.framework in ssl.FRAMEWORKS:

@@ -441,3 +441,75 @@ def test_knn_eval_with_sparse_inference_gives_the_same_results(tiny):
                              masked['flops_reduction'], rtol=1e-6)
   for name, density in masked['layer_density'].items():
     np.testing.assert_allclose(fast['layer_density'][name], density, rtol=1e-6)
+
+
+def _augmented_settings(epochs=2, batch_size=8):
+  settings = linear_eval.linear_settings(tiny_config())
+  settings.update(protocol='augmented', epochs=epochs, batch_size=batch_size)
+  settings['augmented'].update(learning_rate=0.5, decay_fractions=(0.5,))
+  return settings
+
+
+def test_augmented_protocol_equals_a_step_by_step_reference(tiny):
+  """Frozen backbone in eval mode, new crops and flips in every epoch: the
+  classifier equals one trained by a plain loop that does exactly that."""
+  config, backbone, variables, source, mesh = tiny
+  settings = _augmented_settings()
+  params, losses = linear_eval.train_augmented_classifier(
+      backbone, variables, source, config.augment, NUM_CLASSES, settings,
+      seed=3, mesh=mesh)
+  assert losses.shape == (2,) and np.all(np.isfinite(losses))
+
+  # The reference: the same batches, one key per step, eval-mode features.
+  view = augment.view_config(crop_scale=(0.08, 1.0), jitter_prob=0.0,
+                             grayscale_prob=0.0)
+  view.mean, view.std = config.augment.mean, config.augment.std
+  steps = NUM_TRAIN // 8
+  features_of = jax.jit(lambda v, x: backbone.apply(
+      v, x, train=False, mutable=['gating'])[0])
+  augmented = jax.jit(lambda key, images: augment.augment_view(key, images,
+                                                               view))
+  dim = features_of(variables, jnp.zeros((1, 16, 16, 3))).shape[-1]
+  kernel, bias = np.zeros((dim, NUM_CLASSES)), np.zeros(NUM_CLASSES)
+  velocity = [np.zeros_like(kernel), np.zeros_like(bias)]
+  batches = source.train_batches(8, 3)
+  seen = {}
+  for t in range(2 * steps):
+    batch = next(batches)
+    images = augmented(jax.random.fold_in(jax.random.key(3), t),
+                       jnp.asarray(batch['image']))
+    seen.setdefault(t % steps, []).append(np.asarray(images))
+    features = np.asarray(features_of(variables, images), np.float64)
+    logits = features @ kernel + bias
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    probs[np.arange(8), batch['label']] -= 1
+    grads = [features.T @ probs / 8, probs.sum(0) / 8]
+    lr = 0.5 if t < steps else 0.05          # x0.1 after half the epochs
+    for i, (param, grad) in enumerate(zip((kernel, bias), grads)):
+      velocity[i] = 0.9 * velocity[i] + grad   # optax.sgd's momentum
+      param -= lr * velocity[i]
+  np.testing.assert_allclose(params['kernel'], kernel, rtol=2e-3, atol=2e-5)
+  np.testing.assert_allclose(params['bias'], bias, rtol=2e-3, atol=2e-5)
+  # Each epoch saw other crops of its images (the same batch order would
+  # give the same crops if the keys repeated).
+  first, second = seen[0]
+  assert np.max(np.abs(first - second)) > 0.1
+
+
+def test_augmented_protocol_runs_end_to_end_and_records_itself(tmp_path):
+  workdir = str(tmp_path)
+  config = _export_tiny_backbone(workdir)
+  config.linear_eval.protocol = 'augmented'
+  config.linear_eval.epochs = 2
+  results = linear_eval.run_linear_eval(config, workdir)
+  assert results['linear_eval']['protocol'] == 'augmented'
+  assert results['protocol'] == linear_eval.PROTOCOLS['augmented']
+  assert tuple(results['linear_eval']['augmented']['decay_fractions']) == (
+      0.6, 0.8)
+  assert 0.0 <= results['top1'] <= 1.0 and results['num_test'] == 30
+  with open(os.path.join(workdir, linear_eval.RESULTS_FILE)) as f:
+    assert json.load(f)['linear_eval']['protocol'] == 'augmented'
+  config.linear_eval.protocol = 'sideways'
+  with pytest.raises(ValueError, match="protocol='sideways'"):
+    linear_eval.run_linear_eval(config, workdir)
