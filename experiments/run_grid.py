@@ -932,7 +932,7 @@ def write_gap_plot(results: list[dict[str, Any]], results_dir: str) -> None:
     for method, cells in gaps.items():
       points = [(i, c[measure]) for i, c in enumerate(cells) if c is not None]
       if points:
-        ax.plot(*zip(*points), 'o-', label=method,
+        ax.plot(*zip(*points), marker='o', label=method,
                 ls='--' if method == _PARTNER_DENSE_PATH else '-')
     ax.axhline(0, color='black', lw=1)
     ax.axhline(-1, color='gray', ls=':', lw=0.8)
