@@ -8,7 +8,7 @@ Hyperparameters as solo-learn's BYOL CIFAR recipe (see byol_cifar10.py).
 
 Expected result: not yet measured by this project at this length. Reference:
 dense BYOL ResNet-18 reaches 70.5% online-probe top-1 on CIFAR-100 after 1000
-epochs (solo-learn). The smoke run finishes in well under a minute on a 2-core
+epochs (solo-learn). The smoke run takes about a minute on a 2-core
 CPU and its accuracy is at chance (synthetic data); it checks the program.
 """
 

@@ -2,7 +2,7 @@ r"""SimCLR + CDG, CIFAR ResNet-18 on CIFAR-10 (the paper's main CIFAR setting).
 
   python -m cdg_jax.main --config=configs/simclr_cifar10.py --workdir=/tmp/simclr_c10
 
-Smoke run (tiny network, synthetic data, 20 steps, well under a minute on CPU):
+Smoke run (tiny network, synthetic data, 20 steps, about a minute on a 2-core CPU):
 
   python -m cdg_jax.main --config=configs/simclr_cifar10.py:smoke --workdir=/tmp/smoke
 
