@@ -513,3 +513,20 @@ def test_augmented_protocol_runs_end_to_end_and_records_itself(tmp_path):
   config.linear_eval.protocol = 'sideways'
   with pytest.raises(ValueError, match="protocol='sideways'"):
     linear_eval.run_linear_eval(config, workdir)
+
+
+def test_linear_eval_notes_another_dataset_normalisation_and_framework():
+  trained = config_lib.apply_variants(config_lib.base_config(), 'smoke')
+  same = trained.copy_and_resolve_references()
+  assert linear_eval.data_notes(same, trained) == []
+  other = trained.copy_and_resolve_references()
+  other.data.dataset, other.data.num_classes = 'cifar100', 100
+  other.augment.mean = (0.5, 0.5, 0.5)
+  other.framework = 'byol'
+  notes = linear_eval.data_notes(other, trained)
+  assert ("data.dataset='cifar100' differs from the 'cifar10' the backbone "
+          'was trained with.') in notes
+  assert any(n.startswith('data.num_classes=100 differs') for n in notes)
+  assert any(n.startswith('augment.mean=[0.5, 0.5, 0.5]') for n in notes)
+  assert any(n.startswith("framework='byol' differs") for n in notes)
+  assert len(notes) == 4

@@ -174,3 +174,10 @@ def test_command_line_rejects_missing_config_and_unknown_override(tmp_path):
   assert result.stderr.strip().splitlines() == [
       "FATAL: Bad config override --config.gating.grups=2: 'grups'",
       'Did you mean "groups" instead of "grups"?']
+  # The typo is in the second override: that is the flag named.
+  result = run('--config=configs/byol_cifar100.py:smoke',
+               '--config.num_steps=4', '--config.batch_sise=4',
+               f'--workdir={tmp_path}')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[0] == (
+      "FATAL: Bad config override --config.batch_sise=4: 'batch_sise'")
