@@ -9,6 +9,7 @@ config file addressed by its path, as a user of `pip install cdg_jax` would.
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -74,9 +75,16 @@ def test_importing_flops_does_not_import_evaluation():
 def installed(tmp_path_factory):
   """A fresh virtual environment with only the project's wheel installed."""
   root = tmp_path_factory.mktemp('wheel')
+  # Built from a copy of what the wheel is made of, so that setuptools'
+  # build/ and *.egg-info land there, not in the checkout.
+  source = root / 'source'
+  shutil.copytree(PACKAGE, source / 'cdg_jax',
+                  ignore=shutil.ignore_patterns('__pycache__'))
+  for name in ('pyproject.toml', 'README.md'):
+    shutil.copy(os.path.join(ROOT, name), source / name)
   wheels = root / 'dist'
   subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps',
-                  '--quiet', '-w', str(wheels), ROOT], check=True,
+                  '--quiet', '-w', str(wheels), str(source)], check=True,
                  capture_output=True, text=True)
   [wheel] = [w for w in os.listdir(wheels) if w.endswith('.whl')]
   venv = root / 'venv'
