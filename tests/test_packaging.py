@@ -119,12 +119,25 @@ def test_the_wheel_runs_the_commands_without_tensorflow(installed, tmp_path):
   assert str(installed) in location                 # not the repository's
   config = os.path.join(ROOT, 'configs', 'simclr_cifar10.py') + ':smoke'
   workdir = str(tmp_path / 'run')
+  # -v 0: the INFO lines (metrics, progress rate and ETA) on the console too.
   result = _command(installed, 'cdg-train', f'--config={config}',
                     f'--workdir={workdir}', '--config.num_steps=4',
-                    '--config.plot_images=1', cwd=outside)
+                    '--config.log_every_steps=2',
+                    '--config.checkpoint.every_steps=2',
+                    '--config.plot_images=1', '-v', '0', cwd=outside)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'kNN top-1' in result.stdout
   assert os.path.exists(os.path.join(workdir, 'summary.json'))
+  # Progress reports (rate and ETA) and TensorBoard event files without
+  # TensorFlow, as clu gives them with it.
+  assert 'steps/s, ETA' in result.stdout + result.stderr
+  events = [f for f in os.listdir(workdir)
+            if f.startswith('events.out.tfevents')]
+  assert events and os.path.getsize(os.path.join(workdir, events[0])) > 0
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  assert [r['step'] for r in records if 'loss' in r] == [2, 4]
+  assert any('steps_per_sec' in r for r in records)
   result = _command(installed, 'cdg-linear-eval', f'--config={config}',
                     f'--workdir={workdir}', '--config.linear_eval.epochs=2',
                     cwd=outside)
