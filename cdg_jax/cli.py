@@ -275,8 +275,15 @@ def _exit(message: str, status: int, abandon: bool = False) -> None:
   handlers: after a peer is lost, JAX's distributed shutdown would wait at a
   barrier the dead process never reaches, then abort (status 134)."""
   sys.stdout.flush()
-  print(message, file=sys.stderr, flush=True)
   if abandon:
+    # The runtime's own threads (heartbeat, error polling) still log to
+    # stderr as they notice the lost peer; point descriptor 2 at /dev/null
+    # first, so that this message stays the last line.
     sys.stderr.flush()
+    console = os.dup(2)
+    with open(os.devnull, 'wb') as devnull:
+      os.dup2(devnull.fileno(), 2)
+    os.write(console, (message + '\n').encode())
     os._exit(status)  # pylint: disable=protected-access
+  print(message, file=sys.stderr, flush=True)
   sys.exit(status)

@@ -119,7 +119,8 @@ def test_weighted_mean_densities_ignore_padding():
 
 def test_flops_command_prints_table():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, 'PYTHONPATH': root, 'XLA_FLAGS': ''}
+  env = {**os.environ, 'PYTHONPATH': root,
+         'XLA_FLAGS': '--xla_backend_optimization_level=0'}
   result = subprocess.run(
       [sys.executable, '-m', 'cdg_jax.flops_table',
        f'--config={root}/configs/default.py:smoke', '--batch_size=4'],
