@@ -26,6 +26,9 @@ def gating_config() -> ml_collections.ConfigDict:
       grouping='first',            # 'first' | 'diagonal' (CGNet's block-
                                    # diagonal base path)
       block=(1, 1, 1),             # (bh, bw, bc); (1, 1, 1) is unstructured
+      stage_blocks=(),             # CDG: one (bh, bw, bc) per ResNet stage
+                                   # instead of `block`, e.g. ((8, 8, 0),
+                                   # (8, 8, 0), (4, 4, 0), (4, 4, 0))
       alpha=2.0,                   # surrogate steepness (STE backward)
       surrogate='sigmoid',         # 'sigmoid' | 'hard_sigmoid'
       threshold_init=0.0,
@@ -316,6 +319,13 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     spec = layers.GatingSpec.from_config(config.gating)
     if config.framework in ssl.FRAMEWORKS:
       ssl.check_branches(config.framework, spec)
+    num_stages = len(models.ARCHITECTURES.get(config.model.name,
+                                              ((),))[0])
+    if spec.stage_blocks and len(spec.stage_blocks) != num_stages:
+      problems.append(
+          f'gating.stage_blocks has {len(spec.stage_blocks)} entries; '
+          f'model.name={config.model.name!r} has {num_stages} stages: give '
+          f'one (bh, bw, bc) per stage.')
     if config.eval.sparse_inference:
       models.with_sparse_inference(models.create_resnet(config.model,
                                                         config.gating))

@@ -161,7 +161,7 @@ class ResNet(nn.Module):
       the pooled features are returned in float32.
     sparse_inference: with `train=False`, gated layers skip the conditional
       work of closed tiles (`cdg_jax.sparse`; CDG with gating.block =
-      (bh, bw, 0)). Same outputs as the masked form; faster where gates are
+      (bh, bw, 0), and `stage_blocks` so if set). Same outputs as the masked form; faster where gates are
       closed.
     gate_mode: 'gated' (default), 'open' (every CDG gate open: the dense
       network with the same weights, and under a separate partner norm the
@@ -215,9 +215,10 @@ class ResNet(nn.Module):
       raise ValueError(f"Unknown model.stem={self.stem!r}; expected 'cifar' or "
                        f"'imagenet'.")
     for i, num_blocks in enumerate(self.stage_sizes):
+      stage_spec = spec.for_stage(i, len(self.stage_sizes))
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = self.block_cls(self.width * 2**i, strides, spec, self.dtype,
+        x = self.block_cls(self.width * 2**i, strides, stage_spec, self.dtype,
                            self.sparse_inference, self.gate_mode,
                            name=f'stage{i + 1}_block{j}')(x, train, stat_groups)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -291,11 +292,15 @@ def with_sparse_inference(backbone: ResNet) -> ResNet:
       with tile-structured gates, gating.block = (bh, bw, 0).
   """
   spec = backbone.gating
-  if spec.enabled and (spec.kind != 'cdg' or int(spec.block[2]) != 0):
+  if spec.enabled and (spec.kind != 'cdg' or
+                       any(int(block[2]) != 0 for block in spec.blocks)):
+    stages = (f', gating.stage_blocks={spec.stage_blocks}'
+              if spec.stage_blocks else '')
     raise ValueError(
         f'Sparse inference skips closed tiles of CDG gates, which needs '
-        f"gating.kind='cdg' and gating.block=(bh, bw, 0); this network has "
-        f'gating.kind={spec.kind!r}, gating.block={spec.block}.')
+        f"gating.kind='cdg' and gating.block=(bh, bw, 0) (and every entry of "
+        f'gating.stage_blocks so); this network has gating.kind='
+        f'{spec.kind!r}, gating.block={spec.block}{stages}.')
   return backbone.clone(sparse_inference=True)
 
 

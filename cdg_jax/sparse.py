@@ -10,7 +10,7 @@ computed for the open tiles only, as SBNet did for detection:
   2. gather each open tile's input window, with the halo the kernel needs
      (stride handled), into a dense batch of windows;
   3. run one dense VALID convolution over that batch;
-  4. scatter-add the results into the base path's output.
+  4. add the results to the base path's output at their tiles.
 
 Shapes are static under `jit`: the list of open tiles is padded to one of a
 few capacities (by default every eighth of all tiles, up to 7/8); a
@@ -114,25 +114,29 @@ def gather_windows(x: Array, tile_ids: Array, grid: tuple[int, int],
   return jax.vmap(window)(sample, row, col)
 
 
-def add_tiles(y: Array, tiles: Array, tile_ids: Array,
-              grid: tuple[int, int]) -> Array:
-  """`y` with `tiles[k]` added at output tile `tile_ids[k]`.
+def assemble_tiles(tiles: Array, tile_mask: Array) -> Array:
+  """The (N, H, W, C) map holding `tiles` at the open tiles, zero elsewhere.
 
   Args:
-    y: (N, H, W, C) output; H = gh * bh, W = gw * bw.
-    tiles: (K, bh, bw, C) values to add.
-    tile_ids: (K,) flat tile ids n * gh * gw + i * gw + j (repeats add up).
-    grid: (gh, gw).
+    tiles: (K, bh, bw, C) values of the open tiles, in the order of
+      `jnp.nonzero(tile_mask.reshape(-1))` (rows past the open tiles unused).
+    tile_mask: (N, gh, gw) booleans; at most K are True.
+
+  Returns:
+    (N, gh * bh, gw * bw, C) in `tiles`' dtype.
   """
-  n, h, w, c = y.shape
-  gh, gw = grid
-  bh, bw = h // gh, w // gw
-  sample, rest = jnp.divmod(tile_ids, gh * gw)
-  row, col = jnp.divmod(rest, gw)
-  # A reshape (no transpose, no copy) exposes the tiles; the advanced indices
-  # select (sample, tile row, tile column) and the slices take the tile.
-  blocks = y.reshape(n, gh, bh, gw, bw, c)
-  return blocks.at[sample, row, :, col, :, :].add(tiles).reshape(y.shape)
+  n, gh, gw = tile_mask.shape
+  capacity, bh, bw, c = tiles.shape
+  flat = tile_mask.reshape(-1)
+  # Every output tile reads its row of `tiles` (closed tiles: an appended zero
+  # tile) instead of the open tiles being scattered into the output: XLA:CPU
+  # runs this gather of contiguous tiles as a copy, while the scatter-add it
+  # replaces cost 3x the gather and, inside the capacity `lax.switch`, twice
+  # more (ResNet-18 width 64, 32x32 map, 8x8 tiles; experiments/README.md).
+  slot = jnp.where(flat, jnp.cumsum(flat.astype(jnp.int32)) - 1, capacity)
+  padded = jnp.concatenate([tiles, jnp.zeros((1, bh, bw, c), tiles.dtype)])
+  blocks = padded[slot].reshape(n, gh, gw, bh, bw, c)
+  return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(n, gh * bh, gw * bw, c)
 
 
 def sparse_add_conditional(y_base: Array, x_cond: Array, kernel_cond: Array,
@@ -173,10 +177,8 @@ def sparse_add_conditional(y_base: Array, x_cond: Array, kernel_cond: Array,
       windows = gather_windows(x, tile_ids, (gh, gw), tile_hw, kernel_hw,
                                strides)
       cond = gating.conv(windows, kernel_cond, strides, 'VALID')
-      # Slots past the open tiles hold tile 0 again: add nothing there.
-      used = (jnp.arange(capacity) < num_open).astype(cond.dtype)
-      return add_tiles(y, cond * used[:, None, None, None], tile_ids,
-                       (gh, gw))
+      # Slots past the open tiles (tile 0 again) are never read back.
+      return y + assemble_tiles(cond, tile_mask).astype(y.dtype)
     return run
 
   def dense_branch(operands):

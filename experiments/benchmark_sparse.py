@@ -41,7 +41,12 @@ sys.path.insert(0, REPO_ROOT)
 flags.DEFINE_integer('width', 64, 'Backbone width.')
 flags.DEFINE_integer('image_size', 32, 'Image size.')
 flags.DEFINE_integer('batch_size', 256, 'Images per forward pass.')
-flags.DEFINE_list('tiles', ['4'], 'Tile sizes t (gating.block = (t, t, 0)).')
+flags.DEFINE_list('tiles', ['4', '8-8-4-4'],
+                  'Tile schemes: t (gating.block = (t, t, 0) everywhere) or '
+                  't1-t2-t3-t4, one tile size per ResNet stage '
+                  '(gating.stage_blocks).')
+flags.DEFINE_list('profile_densities', ['0.1', '0.25', '0.4', '0.55', '0.7'],
+                  'Tile densities of the per-stage profile (empty: none).')
 flags.DEFINE_list('densities', ['0.1', '0.2', '0.3', '0.4', '0.5', '0.6',
                                 '0.7', '0.8', '0.9'],
                   'Target tile densities of the gated layers.')
@@ -94,14 +99,31 @@ def _with_thresholds(variables, value):
   return {**variables, 'params': params}
 
 
-def random_network_rows(tile: int) -> list[dict]:
+def stage_tiles(scheme: str) -> tuple[int, ...]:
+  """Tile size per stage of a `--tiles` scheme ('4' or '8-8-4-4')."""
+  sizes = tuple(int(t) for t in scheme.split('-'))
+  if len(sizes) not in (1, 4) or min(sizes) < 1:
+    raise ValueError(f'A --tiles scheme is one tile size or four (one per '
+                     f'stage) joined by "-", got {scheme!r}.')
+  return sizes * 4 if len(sizes) == 1 else sizes
+
+
+def gating_config_of(scheme: str) -> dict:
+  """The CDG `gating` config of a tile scheme (all channels per tile)."""
+  sizes = stage_tiles(scheme)
+  blocks = tuple((t, t, 0) for t in sizes)
+  return {'kind': 'cdg', 'block': blocks[0],
+          'stage_blocks': () if len(set(sizes)) == 1 else blocks}
+
+
+def random_network_rows(tile: str) -> list[dict]:
   """Dense, masked and sparse images/s at each target density."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cdg_jax import flops, models  # pylint: disable=g-import-not-at-top
   size, batch = FLAGS.image_size, FLAGS.batch_size
   model_config = {'name': 'resnet18', 'width': FLAGS.width}
-  gating_config = {'kind': 'cdg', 'block': (tile, tile, 0)}
+  gating_config = gating_config_of(tile)
   dense = models.create_resnet(model_config, {'kind': 'none'})
   masked = models.create_resnet(model_config, gating_config)
   fast = models.with_sparse_inference(masked)
@@ -114,14 +136,17 @@ def random_network_rows(tile: int) -> list[dict]:
   variables = {'params': variables['params'], **stats}
   costs = flops.layer_costs(masked, variables, images[:1], train=False)
   dense_s = _time(_forward(dense, _strip_gates(variables)), images)
-  print(f'tile {tile}: dense {batch / dense_s:.1f} images/s', flush=True)
+  print(f'tiles {tile}: dense {batch / dense_s:.1f} images/s', flush=True)
   # One compiled density measurement; the shared threshold is an argument.
+  # The bisection looks at a quarter of the batch (4x cheaper); the density
+  # reported is the whole batch's.
   density_at = jax.jit(lambda threshold: _density_array(
-      masked, _with_thresholds(variables, threshold), images, costs))
+      masked, _with_thresholds(variables, threshold), images[:batch // 4],
+      costs))
   rows = []
   for target in (float(d) for d in FLAGS.densities):
     low, high = -5.0, 5.0   # threshold bounds: density falls as it rises
-    for _ in range(16):
+    for _ in range(12):
       middle = (low + high) / 2
       if float(density_at(middle)) > target:
         low = middle
@@ -144,6 +169,101 @@ def random_network_rows(tile: int) -> list[dict]:
           f'masked {batch / masked_s:.1f}, sparse {batch / sparse_s:.1f} '
           f'images/s; sparse / dense speed {dense_s / sparse_s:.2f}x',
           flush=True)
+  return rows
+
+
+def profile_rows(scheme: str) -> list[dict]:
+  """Where the time of one stride-1 gated layer per stage goes.
+
+  For each stage of the network (map size, channels and tile of `scheme`),
+  a 3x3 C -> C layer on random inputs, each part compiled and timed on its
+  own: the dense convolution, the masked (training) form, the base path, the
+  saliency and gate, the gather of the open tiles' windows, their
+  convolution, and adding them back; and the whole sparse layer in one
+  function. The open tiles are a random draw at each tile density; the
+  whole layer computes its gate and then takes that draw (the gate's tiles
+  XOR a fixed pattern), so it pays for the gate like a real layer.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cdg_jax import gating, sparse  # pylint: disable=g-import-not-at-top
+  batch, groups = FLAGS.batch_size, 4
+  rng = np.random.default_rng(0)
+  rows = []
+  for stage, tile in enumerate(stage_tiles(scheme)):
+    size = FLAGS.image_size // 2**stage
+    channels = FLAGS.width * 2**stage
+    block = (tile, tile, 0)
+    bh, bw = sparse.effective_tile((size, size), (tile, tile))
+    grid = (size // bh, size // bw)
+    keys = jax.random.split(jax.random.key(stage), 2)
+    x = jax.random.normal(keys[0], (batch, size, size, channels))
+    kernel = jax.random.normal(keys[1], (3, 3, channels, channels)) * (
+        2.0 / (9 * channels)) ** 0.5
+    y_base = jax.jit(lambda x, k: gating.base_conv(x, k, groups))(x, kernel)
+    gate_stats = dict(running_mean=jnp.mean(y_base, axis=(0, 1, 2)),
+                      running_var=jnp.var(y_base, axis=(0, 1, 2)))
+    threshold = jnp.zeros((channels,))
+    x_cond, k_cond = gating.conditional_operands(x, kernel, groups)
+
+    def gate_tiles(y):
+      mask, _ = gating.saliency_gate(y, threshold, block=block, **gate_stats)
+      return sparse.tile_mask_of(mask, block)
+
+    def sparse_layer(x, flip):
+      y = gating.base_conv(x, kernel, groups)
+      operands = gating.conditional_operands(x, kernel, groups)
+      return sparse.sparse_add_conditional(
+          y, *operands, jnp.logical_xor(gate_tiles(y), flip))
+
+    masked_layer = jax.jit(lambda x: gating.gated_conv(
+        x, kernel, threshold, groups=groups, block=block, **gate_stats)[0])
+    times = {'dense': _time(jax.jit(gating.conv), x, kernel),
+             'masked': _time(masked_layer, x),
+             'base': _time(jax.jit(lambda x, k: gating.base_conv(x, k, groups)),
+                           x, kernel),
+             'gate': _time(jax.jit(gate_tiles), y_base)}
+    gate_now = jax.jit(gate_tiles)(y_base)
+    sparse_layer = jax.jit(sparse_layer)
+    num_tiles = batch * grid[0] * grid[1]
+    caps = sparse.capacities(num_tiles)
+    for target in (float(d) for d in FLAGS.profile_densities):
+      tile_mask = jnp.asarray(rng.random((batch, *grid)) < target)
+      num_open = int(tile_mask.sum())
+      capacity = next((c for c in caps if c >= num_open), None)
+      row = {'tiles': scheme, 'stage': stage + 1, 'map': size,
+             'channels': channels, 'tile': [bh, bw],
+             'density': num_open / num_tiles, 'capacity': capacity,
+             'num_tiles': num_tiles, **{f'{k}_ms': 1e3 * v
+                                        for k, v in times.items()}}
+      if capacity is not None:
+        gather = jax.jit(lambda x, m, capacity=capacity: sparse.gather_windows(
+            x, jnp.nonzero(m.reshape(-1), size=capacity, fill_value=0)[0],
+            grid, (bh, bw), (3, 3), (1, 1)))
+        tile_conv = jax.jit(lambda w: gating.conv(w, k_cond, (1, 1), 'VALID'))
+        assemble = jax.jit(lambda y, t, m: y + sparse.assemble_tiles(t, m))
+        windows = gather(x_cond, tile_mask)
+        tiles = tile_conv(windows)
+        row.update(gather_ms=1e3 * _time(gather, x_cond, tile_mask),
+                   tile_conv_ms=1e3 * _time(tile_conv, windows),
+                   assemble_ms=1e3 * _time(assemble, y_base, tiles,
+                                           tile_mask))
+      row['sparse_ms'] = 1e3 * _time(sparse_layer, x,
+                                     jnp.logical_xor(gate_now, tile_mask))
+      row['sparse_speedup'] = row['dense_ms'] / row['sparse_ms']
+      # MACs of the layer relative to dense: base path 1/G, conditional
+      # (G-1)/G times the density.
+      row['macs_reduction'] = 1 / (1 / groups + (1 - 1 / groups)
+                                   * row['density'])
+      rows.append(row)
+      parts = ', '.join(f'{k} {row[k + "_ms"]:.1f}' for k in
+                        ('base', 'gate', 'gather', 'tile_conv', 'assemble')
+                        if k + '_ms' in row)
+      print(f'  profile {scheme} stage {stage + 1} ({size}x{size}x{channels}, '
+            f'{bh}x{bw} tiles) density {row["density"]:.2f}: dense '
+            f'{row["dense_ms"]:.1f} ms, sparse layer {row["sparse_ms"]:.1f} ms '
+            f'({parts}); {row["sparse_speedup"]:.2f}x', flush=True)
   return rows
 
 
@@ -185,7 +305,10 @@ def trained_rows(workdir: str) -> dict:
   masked_s = _time(_forward(masked, variables), images)
   sparse_s = _time(_forward(fast, variables), images)
   n = images.shape[0]
-  row = {'workdir': workdir, 'block': list(config.gating.block),
+  spec = masked.gating
+  blocks = spec.stage_blocks or (spec.block,)
+  row = {'workdir': workdir,
+         'block': '-'.join(f'{b[0]}x{b[1]}x{b[2]}' for b in blocks),
          'model': f'{config.model.name} width {config.model.width}',
          'image_size': config.data.image_size, 'density': density,
          'flops_reduction': float(flops.flops_reduction(costs, densities)),
@@ -231,16 +354,40 @@ def write_outputs(report: dict) -> None:
            'masked CDG images/s | sparse CDG images/s | sparse / dense | '
            'masked / dense |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
   for r in report['random']:
-    lines.append(f'| {r["tile"]}x{r["tile"]} | {r["density"]:.3f} | '
+    lines.append(f'| {r["tile"]} | {r["density"]:.3f} | '
                  f'{r["flops_reduction"]:.2f}x | {r["dense_images_per_s"]:.1f} '
                  f'| {r["masked_images_per_s"]:.1f} | '
                  f'{r["sparse_images_per_s"]:.1f} | {r["sparse_speedup"]:.2f}x '
                  f'| {r["masked_speedup"]:.2f}x |')
   for tile, density in report['break_even'].items():
     lines.append('')
-    lines.append(f'Break-even density (tile {tile}): '
+    lines.append(f'Break-even density (tiles {tile}): '
                  + ('none in the measured range' if density is None else
                     f'{density:.2f} (sparse faster than dense below it)'))
+  if report['profile']:
+    lines += ['', '## Profile: one stride-1 gated layer per stage', '',
+              f'3x3 C -> C convolution at the stage\'s map size, batch '
+              f'{FLAGS.batch_size}, random inputs and a random draw of open '
+              f'tiles at each density; each part compiled and timed alone '
+              f'(ms, median of {FLAGS.repeats}); "sparse layer" is the whole '
+              f'executor in one function (base, gate, capacity switch, '
+              f'gather, tile convolution, add back). MACs: the layer\'s '
+              f'dense / gated multiply-accumulates.', '',
+              '| tiles | stage (map x C, tile) | tile density | dense | '
+              'masked | base path | saliency + gate | gather | tile conv | '
+              'add back | sparse layer | dense / sparse | MACs reduction |',
+              '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | '
+              '--- | --- | --- |']
+    for r in report['profile']:
+      part = lambda k: f'{r[k]:.1f}' if k in r else 'dense fallback'
+      lines.append(
+          f'| {r["tiles"]} | {r["stage"]} ({r["map"]}x{r["map"]}x'
+          f'{r["channels"]}, {r["tile"][0]}x{r["tile"][1]}) | '
+          f'{r["density"]:.2f} | {r["dense_ms"]:.1f} | {r["masked_ms"]:.1f} | '
+          f'{r["base_ms"]:.1f} | {r["gate_ms"]:.1f} | {part("gather_ms")} | '
+          f'{part("tile_conv_ms")} | {part("assemble_ms")} | '
+          f'{r["sparse_ms"]:.1f} | {r["sparse_speedup"]:.2f}x | '
+          f'{r["macs_reduction"]:.2f}x |')
   if report['trained']:
     lines += ['', '## Trained tile-structured backbones (their own test '
               'images)', '', '| run | model | block | gated-layer density | '
@@ -264,7 +411,7 @@ def write_outputs(report: dict) -> None:
     ax.plot([r['density'] for r in rows], [r['sparse_speedup'] for r in rows],
             'o-', label=f'sparse CDG, {tile}x{tile} tiles')
     ax.plot([r['density'] for r in rows], [r['masked_speedup'] for r in rows],
-            's--', label=f'masked CDG, {tile}x{tile} tiles')
+            's--', label=f'masked CDG, tiles {tile}')
   for r in report['trained']:
     ax.plot(r['density'], r['sparse_speedup'], '*', ms=12,
             label=f'trained {os.path.basename(r["workdir"])} (own size)')
@@ -300,12 +447,17 @@ def main(argv):
       'jax': jax.__version__, 'devices': len(jax.devices()),
       'date': time.strftime('%Y-%m-%d', time.gmtime())},
             'command': ' '.join(['python'] + sys.argv), 'random': [],
-            'trained': []}
-  for tile in (int(t) for t in FLAGS.tiles):
-    report['random'] += random_network_rows(tile)
+            'profile': [], 'trained': []}
+  for scheme in FLAGS.tiles:
+    stage_tiles(scheme)   # a bad scheme fails before anything is timed
+  if FLAGS.profile_densities:
+    for scheme in FLAGS.tiles:
+      report['profile'] += profile_rows(scheme)
+  for scheme in FLAGS.tiles:
+    report['random'] += random_network_rows(scheme)
   report['break_even'] = {
-      str(tile): break_even([r for r in report['random'] if r['tile'] == tile])
-      for tile in (int(t) for t in FLAGS.tiles)}
+      scheme: break_even([r for r in report['random'] if r['tile'] == scheme])
+      for scheme in FLAGS.tiles}
   for workdir in FLAGS.workdirs:
     report['trained'].append(trained_rows(workdir))
   write_outputs(report)

@@ -499,7 +499,7 @@ def load_results(results_dir: str) -> list[dict[str, Any]]:
 LINEAGE_DEFAULTS = {'grouping': 'first', 'saliency_norm': 'batch',
                     'saliency_grad': False, 'surrogate': 'sigmoid',
                     'target_anneal_fraction': 0.0, 'partner_norm': 'shared',
-                    'predictor_saliency': 'bounded'}
+                    'predictor_saliency': 'bounded', 'stage_blocks': []}
 
 
 def with_defaults(result: dict[str, Any]) -> dict[str, Any]:

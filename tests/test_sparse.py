@@ -25,6 +25,20 @@ def test_tile_rules_padding_and_capacities_by_hand():
   assert gating.effective_block((1, 2, 2, 8), (4, 4, 0)) == (2, 2, 8)
 
 
+def test_assemble_tiles_places_open_tiles_by_hand():
+  # Two samples, a 2x2 grid of 1x2 tiles; open: sample 0 tile (0, 1), sample 1
+  # tiles (0, 0) and (1, 1). Tile k holds the value k + 1 (row 3 is unused).
+  tile_mask = jnp.asarray([[[False, True], [False, False]],
+                           [[True, False], [False, True]]])
+  tiles = jnp.arange(1.0, 5.0)[:, None, None, None] * jnp.ones((4, 1, 2, 1))
+  expected = np.zeros((2, 2, 4, 1))
+  expected[0, 0, 2:4] = 1.0
+  expected[1, 0, 0:2] = 2.0
+  expected[1, 1, 2:4] = 3.0
+  np.testing.assert_array_equal(sparse.assemble_tiles(tiles, tile_mask),
+                                expected)
+
+
 def _layer(h, c_in=8, c_out=12, seed=0):
   kx, kk = jax.random.split(jax.random.key(seed))
   x = jax.random.normal(kx, (3, h, h, c_in))
@@ -103,3 +117,68 @@ def test_sparse_backbone_equals_masked_backbone_and_compiles_once():
   with pytest.raises(ValueError, match="gating.kind='spatial_predictor'"):
     models.with_sparse_inference(models.create_resnet(
         model_config, {'kind': 'spatial_predictor', 'block': (2, 2, 0)}))
+
+
+def test_stage_blocks_give_each_stage_its_tile_and_sparse_equals_masked():
+  x = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
+  model_config = {'name': 'resnet10', 'width': 8}
+  # Maps 16/8/4/2: 4x4 tiles on the first stage, 2x2 after, one tile (the
+  # whole 2x2 map) on the last.
+  stage_blocks = ((4, 4, 0), (2, 2, 0), (2, 2, 0), (2, 2, 0))
+  gating_config = {'kind': 'cdg', 'block': (1, 1, 1),
+                   'stage_blocks': stage_blocks}
+  masked = models.create_resnet(model_config, gating_config)
+  fast = models.with_sparse_inference(masked)
+  variables = masked.init(jax.random.key(0), x)
+  _, updates = masked.apply(variables, x, train=True, mutable=['batch_stats'])
+  variables = {'params': variables['params'], **updates}
+  expected, collections = masked.apply(variables, x, train=False,
+                                       mutable=['gate_masks'])
+  got = jax.jit(lambda v, images: fast.apply(v, images, train=False))(
+      variables, x)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  masks = collections['gate_masks']
+  for stage, (tile, _, _) in enumerate(stage_blocks):
+    mask = np.asarray(masks[f'stage{stage + 1}_block0']['conv2']['mask'][0])
+    n, h, w, c = mask.shape
+    tiles = mask.reshape(n, h // tile, tile, w // tile, tile, c)
+    # One decision per tile, across all channels ...
+    assert (tiles == tiles[:, :, :1, :, :1, :1]).all(), stage
+    # ... and not a coarser one: the first stage's 4x4 tiles differ.
+    if stage == 0:
+      assert len(np.unique(tiles[:, :, 0, :, 0, 0])) == 2
+  # The same tile everywhere through stage_blocks is `block` itself.
+  uniform = models.create_resnet(model_config, {
+      'kind': 'cdg', 'block': (2, 2, 0), 'stage_blocks': ((2, 2, 0),) * 4})
+  plain = models.create_resnet(model_config, {'kind': 'cdg',
+                                              'block': (2, 2, 0)})
+  np.testing.assert_array_equal(
+      uniform.apply(variables, x, train=False),
+      plain.apply(variables, x, train=False))
+
+
+def test_stage_blocks_are_validated_with_the_bad_value_named():
+  from cdg_jax import layers
+  with pytest.raises(ValueError, match=r'stage_blocks\[1\] must be three ints'):
+    layers.GatingSpec(stage_blocks=((4, 4, 0), (4, 0, 0)))
+  with pytest.raises(ValueError, match="applies to gating.kind='cdg'"):
+    layers.GatingSpec(kind='spatial_predictor', stage_blocks=((4, 4, 0),) * 4)
+  spec = layers.GatingSpec(stage_blocks=((8, 8, 0), (4, 4, 0)))
+  assert spec.for_stage(1, 2).block == (4, 4, 0)
+  assert spec.blocks == ((8, 8, 0), (4, 4, 0))   # the stem is not gated
+  assert layers.GatingSpec(layers=('stem',), stage_blocks=((8, 8, 0),)
+                           ).blocks == ((1, 1, 1), (8, 8, 0))
+  with pytest.raises(ValueError, match=r'2 entries for a ResNet of 4 stages'):
+    spec.for_stage(0, 4)
+  # Sparse inference needs every stage's block to cover all channels.
+  with pytest.raises(ValueError, match=r'stage_blocks=\(\(4, 4, 0\), \(2, 2, 4\)'):
+    models.create_resnet({'name': 'resnet10', 'width': 8}, {
+        'kind': 'cdg', 'block': (4, 4, 0),
+        'stage_blocks': ((4, 4, 0), (2, 2, 4), (2, 2, 0), (2, 2, 0))},
+                         sparse_inference=True)
+  from cdg_jax import config_lib
+  config = config_lib.base_config()
+  config.gating.stage_blocks = ((4, 4, 0),) * 3
+  with pytest.raises(ValueError, match=r"3 entries; model.name='resnet18' has "
+                     r'4 stages'):
+    config_lib.validate(config)
