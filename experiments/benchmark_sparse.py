@@ -241,12 +241,15 @@ def profile_rows(scheme: str) -> list[dict]:
         gather = jax.jit(lambda x, m, capacity=capacity: sparse.gather_windows(
             x, jnp.nonzero(m.reshape(-1), size=capacity, fill_value=0)[0],
             grid, (bh, bw), (3, 3), (1, 1)))
-        tile_conv = jax.jit(lambda w: gating.conv(w, k_cond, (1, 1), 'VALID'))
+        tile_conv = {method: jax.jit(
+            lambda w, method=method: sparse.tile_convolution(
+                w, k_cond, (1, 1), method)) for method in ('conv', 'patches')}
         assemble = jax.jit(lambda y, t, m: y + sparse.assemble_tiles(t, m))
         windows = gather(x_cond, tile_mask)
-        tiles = tile_conv(windows)
+        tiles = tile_conv['conv'](windows)
         row.update(gather_ms=1e3 * _time(gather, x_cond, tile_mask),
-                   tile_conv_ms=1e3 * _time(tile_conv, windows),
+                   tile_conv_ms=1e3 * _time(tile_conv['conv'], windows),
+                   tile_patches_ms=1e3 * _time(tile_conv['patches'], windows),
                    assemble_ms=1e3 * _time(assemble, y_base, tiles,
                                            tile_mask))
       row['sparse_ms'] = 1e3 * _time(sparse_layer, x,
@@ -258,7 +261,8 @@ def profile_rows(scheme: str) -> list[dict]:
                                    * row['density'])
       rows.append(row)
       parts = ', '.join(f'{k} {row[k + "_ms"]:.1f}' for k in
-                        ('base', 'gate', 'gather', 'tile_conv', 'assemble')
+                        ('base', 'gate', 'gather', 'tile_conv',
+                         'tile_patches', 'assemble')
                         if k + '_ms' in row)
       print(f'  profile {scheme} stage {stage + 1} ({size}x{size}x{channels}, '
             f'{bh}x{bw} tiles) density {row["density"]:.2f}: dense '
@@ -369,15 +373,19 @@ def write_outputs(report: dict) -> None:
               f'3x3 C -> C convolution at the stage\'s map size, batch '
               f'{FLAGS.batch_size}, random inputs and a random draw of open '
               f'tiles at each density; each part compiled and timed alone '
-              f'(ms, median of {FLAGS.repeats}); "sparse layer" is the whole '
-              f'executor in one function (base, gate, capacity switch, '
-              f'gather, tile convolution, add back). MACs: the layer\'s '
-              f'dense / gated multiply-accumulates.', '',
+              f'(ms, median of {FLAGS.repeats}); the open tiles\' '
+              f'convolution both as a convolution of the windows and as one '
+              f'matrix product over their patches; "sparse layer" is the '
+              f'whole executor in one function (base, gate, capacity switch, '
+              f'gather, tile convolution as `tile_conv=\'auto\'` picks it, '
+              f'add back). MACs: the layer\'s dense / gated '
+              f'multiply-accumulates.', '',
               '| tiles | stage (map x C, tile) | tile density | dense | '
               'masked | base path | saliency + gate | gather | tile conv | '
-              'add back | sparse layer | dense / sparse | MACs reduction |',
+              'tile patches x kernel | add back | sparse layer | dense / '
+              'sparse | MACs reduction |',
               '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | '
-              '--- | --- | --- |']
+              '--- | --- | --- | --- |']
     for r in report['profile']:
       part = lambda k: f'{r[k]:.1f}' if k in r else 'dense fallback'
       lines.append(
@@ -385,7 +393,8 @@ def write_outputs(report: dict) -> None:
           f'{r["channels"]}, {r["tile"][0]}x{r["tile"][1]}) | '
           f'{r["density"]:.2f} | {r["dense_ms"]:.1f} | {r["masked_ms"]:.1f} | '
           f'{r["base_ms"]:.1f} | {r["gate_ms"]:.1f} | {part("gather_ms")} | '
-          f'{part("tile_conv_ms")} | {part("assemble_ms")} | '
+          f'{part("tile_conv_ms")} | {part("tile_patches_ms")} | '
+          f'{part("assemble_ms")} | '
           f'{r["sparse_ms"]:.1f} | {r["sparse_speedup"]:.2f}x | '
           f'{r["macs_reduction"]:.2f}x |')
   if report['trained']:

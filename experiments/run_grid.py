@@ -38,6 +38,8 @@ test set from the traced masks (summary.json of the run). Grids (see GRIDS):
              operating point nearest 2.2x.
   tiles      tile-structured CDG, (4, 4, 0) blocks (what sparse inference
              skips; the ':tiles' variant).
+  tiles32    tile-structured CDG at 32x32 with one tile size per stage
+             (8, 8, 4, 4): the scheme of the sparse-inference benchmark.
   partner_selection  the dense partner (issue 20; ours, after Krishna et
              al.) on the validation split: SimCLR with shared and with
              separate BatchNorm for the dense path; BYOL with the target
@@ -252,6 +254,15 @@ GRIDS: dict[str, list[Run]] = {
     'tiles': [
         Run('simclr_c10_cdg_tiles4', 'tiles', 'CDG tiles 4x4x0', _SIMCLR,
             (('gating.block', '(4,4,0)'),)),
+    ],
+    # Issue 22: the tile scheme block-sparse inference settled on (8x8 tiles
+    # on the 32x32 and 16x16 maps, 4x4 on the 8x8 and 4x4 ones), trained at
+    # 32x32 beside unstructured CDG's 32x32 row of the 'resolution' grid.
+    'tiles32': [
+        Run('simclr_c10_cdg_tiles8844_32px', 'tiles',
+            'CDG tiles 8-8-4-4 (per stage), 32x32', _SIMCLR,
+            (('gating.stage_blocks', '((8,8,0),(8,8,0),(4,4,0),(4,4,0))'),
+             ('data.image_size', 32))),
     ],
     # Issue 20 item 4: the dense partner and BYOL's dense target, chosen on
     # the validation split (density target 0.25, seed 0).

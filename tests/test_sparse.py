@@ -18,8 +18,9 @@ def test_tile_rules_padding_and_capacities_by_hand():
   assert sparse.same_padding(8, 3, 1) == (1, 1)
   assert sparse.same_padding(8, 3, 2) == (0, 1)   # XLA SAME, even input
   assert sparse.same_padding(7, 3, 2) == (1, 1)
-  assert sparse.capacities(64) == [8, 16, 24, 32, 40, 48, 56]
+  assert sparse.capacities(64) == [4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56]
   assert sparse.capacities(4) == [1, 2, 3]
+  assert sparse.capacities(64, (0.125, 0.25)) == [8, 16]
   assert sparse.capacities(100, (0.3, 0.31)) == [30, 31]
   # The gate's block rule: bc = 0 is all channels, blocks clamp to the map.
   assert gating.effective_block((1, 2, 2, 8), (4, 4, 0)) == (2, 2, 8)
@@ -46,10 +47,12 @@ def _layer(h, c_in=8, c_out=12, seed=0):
   return x, kernel
 
 
+@pytest.mark.parametrize('tile_conv', ['conv', 'patches'])
 @pytest.mark.parametrize('h,tile,stride', [(8, 1, 1), (8, 2, 1), (8, 4, 2),
                                            (16, 4, 1), (16, 8, 2), (4, 8, 1),
                                            (7, 1, 2)])
-def test_sparse_conditional_equals_masked_for_every_capacity(h, tile, stride):
+def test_sparse_conditional_equals_masked_for_every_capacity(h, tile, stride,
+                                                            tile_conv):
   x, kernel = _layer(h)
   strides = (stride, stride)
   y_base = gating.base_conv(x, kernel, 4, 'first', strides)
@@ -57,15 +60,24 @@ def test_sparse_conditional_equals_masked_for_every_capacity(h, tile, stride):
   out = y_base.shape[1]
   bh, _ = sparse.effective_tile((out, out), (tile, tile))
   run = jax.jit(lambda y, m: sparse.sparse_add_conditional(
-      y, x_cond, k_cond, m, strides))
+      y, x_cond, k_cond, m, strides, tile_conv=tile_conv))
   rng = np.random.default_rng(h * 10 + tile)
-  # All off, all on, and densities that land in every capacity branch.
-  for density in (0.0, 0.05, 0.2, 0.4, 0.7, 0.9, 1.0):
-    tile_mask = jnp.asarray(rng.random((3, out // bh, out // bh)) < density)
+  grid = (3, out // bh, out // bh)
+  num_tiles = int(np.prod(grid))
+  # Exactly each capacity open, and one more (the next branch up), so every
+  # capacity branch and the dense fallback run; none and all open too.
+  caps = sparse.capacities(num_tiles)
+  counts = sorted({0, num_tiles} | {c for cap in caps for c in (cap, cap + 1)
+                                    if c <= num_tiles})
+  assert len(counts) >= min(num_tiles, 4)
+  for count in counts:
+    flat = np.zeros(num_tiles, bool)
+    flat[rng.choice(num_tiles, count, replace=False)] = True
+    tile_mask = jnp.asarray(flat.reshape(grid))
     mask = jnp.repeat(jnp.repeat(tile_mask, bh, 1), bh, 2)[..., None]
     expected = y_base + mask * gating.conv(x_cond, k_cond, strides)
     np.testing.assert_allclose(run(y_base, tile_mask), expected, rtol=1e-5,
-                               atol=1e-5, err_msg=f'density {density}')
+                               atol=1e-5, err_msg=f'{count} tiles open')
 
 
 def test_sparse_gated_conv_equals_gated_conv_for_both_groupings():
