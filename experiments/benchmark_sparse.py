@@ -68,6 +68,25 @@ def _time(fn, *args) -> float:
   return statistics.median(times)
 
 
+def _time_together(functions: dict, *args) -> dict:
+  """Median seconds of each function, timed in turn within every repeat.
+
+  Interleaving puts every function under the same machine state in each
+  round: on a shared 2-core machine the speed drifts by 20% over minutes,
+  which timing one function after the other would turn into a ratio.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  for fn in functions.values():
+    jax.block_until_ready(fn(*args))   # compile and warm up
+  times = {name: [] for name in functions}
+  for _ in range(FLAGS.repeats):
+    for name, fn in functions.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _forward(model, variables):
   """A jitted forward; the variables are arguments, not baked-in constants."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -135,20 +154,21 @@ def random_network_rows(tile: str) -> list[dict]:
                           mutable=['batch_stats'])
   variables = {'params': variables['params'], **stats}
   costs = flops.layer_costs(masked, variables, images[:1], train=False)
-  dense_s = _time(_forward(dense, _strip_gates(variables)), images)
-  print(f'tiles {tile}: dense {batch / dense_s:.1f} images/s', flush=True)
-  # One compiled density measurement; the shared threshold is an argument.
-  # The bisection looks at a quarter of the batch (4x cheaper); the density
-  # reported is the whole batch's.
-  density_at = jax.jit(lambda threshold: _density_array(
-      masked, _with_thresholds(variables, threshold), images[:batch // 4],
-      costs))
+  dense_forward = _forward(dense, _strip_gates(variables))
+  # One compiled density measurement; variables, images and the shared
+  # threshold are arguments (closed over, XLA would constant-fold the
+  # network). The bisection looks at a quarter of the batch (4x cheaper);
+  # the density reported is the whole batch's.
+  density_of = jax.jit(lambda v, x, threshold: _density_array(
+      masked, _with_thresholds(v, threshold), x, costs))
   rows = []
   for target in (float(d) for d in FLAGS.densities):
     low, high = -5.0, 5.0   # threshold bounds: density falls as it rises
-    for _ in range(12):
+    # Tile densities jump with the threshold (a tile's saliency averages
+    # many positions and channels): 16 halvings, not fewer.
+    for _ in range(16):
       middle = (low + high) / 2
-      if float(density_at(middle)) > target:
+      if float(density_of(variables, images[:batch // 4], middle)) > target:
         low = middle
       else:
         high = middle
@@ -156,8 +176,11 @@ def random_network_rows(tile: str) -> list[dict]:
     density = _density(masked, gated, images, costs)
     reduction = flops.flops_reduction(costs, _layer_densities(
         masked, gated, images))
-    masked_s = _time(_forward(masked, gated), images)
-    sparse_s = _time(_forward(fast, gated), images)
+    seconds = _time_together({'dense': dense_forward,
+                              'masked': _forward(masked, gated),
+                              'sparse': _forward(fast, gated)}, images)
+    dense_s, masked_s, sparse_s = (seconds[k] for k in
+                                   ('dense', 'masked', 'sparse'))
     rows.append({'tile': tile, 'target_density': target, 'density': density,
                  'flops_reduction': float(reduction),
                  'dense_images_per_s': batch / dense_s,
@@ -165,8 +188,9 @@ def random_network_rows(tile: str) -> list[dict]:
                  'sparse_images_per_s': batch / sparse_s,
                  'sparse_speedup': dense_s / sparse_s,
                  'masked_speedup': dense_s / masked_s})
-    print(f'  density {density:.3f} ({float(reduction):.2f}x fewer FLOPs): '
-          f'masked {batch / masked_s:.1f}, sparse {batch / sparse_s:.1f} '
+    print(f'  tiles {tile}, density {density:.3f} ({float(reduction):.2f}x '
+          f'fewer FLOPs): dense {batch / dense_s:.1f}, masked '
+          f'{batch / masked_s:.1f}, sparse {batch / sparse_s:.1f} '
           f'images/s; sparse / dense speed {dense_s / sparse_s:.2f}x',
           flush=True)
   return rows
@@ -219,7 +243,8 @@ def profile_rows(scheme: str) -> list[dict]:
 
     masked_layer = jax.jit(lambda x: gating.gated_conv(
         x, kernel, threshold, groups=groups, block=block, **gate_stats)[0])
-    times = {'dense': _time(jax.jit(gating.conv), x, kernel),
+    dense_conv = jax.jit(gating.conv)
+    times = {'dense': _time(dense_conv, x, kernel),
              'masked': _time(masked_layer, x),
              'base': _time(jax.jit(lambda x, k: gating.base_conv(x, k, groups)),
                            x, kernel),
@@ -252,9 +277,13 @@ def profile_rows(scheme: str) -> list[dict]:
                    tile_patches_ms=1e3 * _time(tile_conv['patches'], windows),
                    assemble_ms=1e3 * _time(assemble, y_base, tiles,
                                            tile_mask))
-      row['sparse_ms'] = 1e3 * _time(sparse_layer, x,
-                                     jnp.logical_xor(gate_now, tile_mask))
-      row['sparse_speedup'] = row['dense_ms'] / row['sparse_ms']
+      # The whole layer's ratio to dense is timed in alternation with it.
+      flip = jnp.logical_xor(gate_now, tile_mask)
+      seconds = _time_together({'dense': lambda: dense_conv(x, kernel),
+                                'sparse': lambda: sparse_layer(x, flip)})
+      row['dense_ms'] = 1e3 * seconds['dense']
+      row['sparse_ms'] = 1e3 * seconds['sparse']
+      row['sparse_speedup'] = seconds['dense'] / seconds['sparse']
       # MACs of the layer relative to dense: base path 1/G, conditional
       # (G-1)/G times the density.
       row['macs_reduction'] = 1 / (1 / groups + (1 - 1 / groups)
@@ -305,9 +334,11 @@ def trained_rows(workdir: str) -> dict:
   costs = flops.layer_costs(masked, variables, images[:1], train=False)
   densities = _layer_densities(masked, variables, images)
   density = _density(masked, variables, images, costs)
-  dense_s = _time(_forward(dense, _strip_gates(variables)), images)
-  masked_s = _time(_forward(masked, variables), images)
-  sparse_s = _time(_forward(fast, variables), images)
+  seconds = _time_together({'dense': _forward(dense, _strip_gates(variables)),
+                            'masked': _forward(masked, variables),
+                            'sparse': _forward(fast, variables)}, images)
+  dense_s, masked_s, sparse_s = (seconds[k] for k in
+                                 ('dense', 'masked', 'sparse'))
   n = images.shape[0]
   spec = masked.gating
   blocks = spec.stage_blocks or (spec.block,)

@@ -13,6 +13,8 @@ import pytest
 from cdg_jax import flops
 from cdg_jax import models
 
+import xla_env
+
 # CIFAR ResNet-18 at 32x32, per image, counted by hand (see _hand_count below).
 PADDED_BACKBONE_MACS = 555_417_600   # k*k*Cin*Cout*Hout*Wout, the usual 0.56 G
 BACKBONE_MACS = 481_854_208          # without taps on the zero padding
@@ -120,7 +122,7 @@ def test_weighted_mean_densities_ignore_padding():
 def test_flops_command_prints_table():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, 'PYTHONPATH': root,
-         'XLA_FLAGS': '--xla_backend_optimization_level=0'}
+         'XLA_FLAGS': xla_env.xla_flags()}
   result = subprocess.run(
       [sys.executable, '-m', 'cdg_jax.flops_table',
        f'--config={root}/configs/default.py:smoke', '--batch_size=4'],

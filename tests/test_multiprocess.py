@@ -22,6 +22,7 @@ from cdg_jax import checkpoints
 from cdg_jax import parallel
 from cdg_jax import run_control
 from test_train import ROOT
+import xla_env
 
 STEPS = 8
 SMOKE = ['--config=configs/simclr_cifar10.py:smoke',
@@ -60,9 +61,7 @@ def _free_port():
 def _env():
   """The test environment without conftest's two forced host devices: each
   process splits its host as --config.cpu_devices says."""
-  flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
-                   if not f.startswith('--xla_force_host_platform_device_count'))
-  return {**os.environ, 'PYTHONPATH': ROOT, 'XLA_FLAGS': flags}
+  return {**os.environ, 'PYTHONPATH': ROOT, 'XLA_FLAGS': xla_env.xla_flags()}
 
 
 def _launch(workdir, *args, num_processes=2, module='cdg_jax.main',

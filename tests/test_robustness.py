@@ -18,6 +18,7 @@ from cdg_jax import metric_logging
 from cdg_jax import run_control
 from cdg_jax import train
 from test_train import ROOT, load_config
+import xla_env
 
 _SMOKE = ['--config=configs/simclr_cifar10.py:smoke', '--config.num_steps=40',
           '--config.log_every_steps=1', '--config.checkpoint.every_steps=1000',
@@ -215,16 +216,14 @@ def test_eight_devices_evaluate_with_the_default_eval_batch(tmp_path):
   """eval.batch_size=500 is rounded up to 504 for 8 devices, not refused."""
   workdir = str(tmp_path / 'run')
   result = _main(f'--workdir={workdir}', '--config.num_steps=2',
-                 env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8 '
-                                     '--xla_backend_optimization_level=0'})
+                 env={'XLA_FLAGS': xla_env.xla_flags(device_count=8)})
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
   assert summary['steps'] == 2 and 0 <= summary['knn_top1'] <= 1
   result = _main(f'--workdir={workdir}', '--config.linear_eval.epochs=1',
                  module='cdg_jax.linear_eval',
-                 env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8 '
-                                     '--xla_backend_optimization_level=0'})
+                 env={'XLA_FLAGS': xla_env.xla_flags(device_count=8)})
   assert result.returncode == 0, result.stderr[-3000:]
 
 

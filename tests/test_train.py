@@ -15,6 +15,8 @@ from cdg_jax import input_pipeline
 from cdg_jax import linear_eval
 from cdg_jax import train
 
+import xla_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -60,8 +62,7 @@ def test_smoke_run_writes_results_resumes_and_feeds_linear_eval(tmp_path):
       [sys.executable, '-m', 'cdg_jax.flops_table', f'--workdir={workdir}'],
       capture_output=True, text=True, cwd=ROOT, timeout=300,
       env={**os.environ, 'PYTHONPATH': ROOT,
-           'XLA_FLAGS': '--xla_force_host_platform_device_count=1 '
-                        '--xla_backend_optimization_level=0'})
+           'XLA_FLAGS': xla_env.xla_flags(device_count=1)})
   assert result.returncode == 0, result.stderr[-2000:]
   assert f'reduction {summary["flops_reduction"]:.3f}x' in result.stdout
   # The exported backbone has no heads: said so, rather than "0 MMACs".
