@@ -189,12 +189,14 @@ def sparse_add_conditional(y_base: Array, x_cond: Array, kernel_cond: Array,
                            tile_mask: Array, strides: Sequence[int] = (1, 1),
                            capacity_fractions: Sequence[float] =
                            DEFAULT_CAPACITIES,
-                           tile_conv: str = 'auto') -> Array:
+                           tile_conv: str = 'auto',
+                           cond_channels_from: int = 0) -> Array:
   """`y_base + d * conv(x_cond, kernel_cond)`, computing open tiles only.
 
   Args:
     y_base: (N, Ho, Wo, Co) base-path output (SAME convolution).
-    x_cond: (N, H, W, Ci) conditional input.
+    x_cond: (N, H, W, C) input whose channels from `cond_channels_from` on,
+      (N, H, W, Ci), are the conditional input.
     kernel_cond: (kh, kw, Ci, Co) conditional kernel.
     tile_mask: (N, gh, gw) booleans, True where the tile's gate is open;
       gh = Ho / bh, gw = Wo / bw.
@@ -202,6 +204,11 @@ def sparse_add_conditional(y_base: Array, x_cond: Array, kernel_cond: Array,
     capacity_fractions: static capacities, as fractions of all tiles; above
       the largest, the masked dense convolution is used.
     tile_conv: how the open tiles are convolved (see `tile_convolution`).
+    cond_channels_from: first channel of `x_cond` that the conditional path
+      reads. Pass the whole input and this offset rather than a slice of it:
+      the slice is then taken inside the compiled branches, where XLA fuses
+      it into the gather; a slice taken before the `lax.switch` is copied
+      in full first (experiments/results/sparse/sparse_speed.md).
 
   Returns:
     (N, Ho, Wo, Co) in y_base's dtype.
@@ -211,6 +218,11 @@ def sparse_add_conditional(y_base: Array, x_cond: Array, kernel_cond: Array,
   if out_h % gh or out_w % gw or tile_mask.shape[0] != n:
     raise ValueError(f'Tile mask of shape {tile_mask.shape} does not fit an '
                      f'output of shape {y_base.shape}.')
+  if x_cond.shape[-1] - cond_channels_from != kernel_cond.shape[2]:
+    raise ValueError(
+        f'The conditional input has {x_cond.shape[-1]} - '
+        f'{cond_channels_from} channels; the kernel expects '
+        f'{kernel_cond.shape[2]} (kernel shape {kernel_cond.shape}).')
   tile_hw = (out_h // gh, out_w // gw)
   kernel_hw = kernel_cond.shape[:2]
   flat = tile_mask.reshape(-1)
@@ -218,27 +230,29 @@ def sparse_add_conditional(y_base: Array, x_cond: Array, kernel_cond: Array,
   num_open = jnp.sum(flat.astype(jnp.int32))
   caps = capacities(num_tiles, capacity_fractions)
 
+  # Each branch gives the conditional path's contribution, and the base path
+  # is added after the switch: operands and results of a `lax.switch` are
+  # whole buffers on XLA:CPU, so the branches take and give as little as
+  # they can.
   def sparse_branch(capacity):
-    def run(operands):
-      y, x = operands
+    def run(x):
       tile_ids = jnp.nonzero(flat, size=capacity, fill_value=0)[0]
-      windows = gather_windows(x, tile_ids, (gh, gw), tile_hw, kernel_hw,
-                               strides)
+      windows = gather_windows(x[..., cond_channels_from:], tile_ids,
+                               (gh, gw), tile_hw, kernel_hw, strides)
       cond = tile_convolution(windows, kernel_cond, strides, tile_conv)
       # Slots past the open tiles (tile 0 again) are never read back.
-      return y + assemble_tiles(cond, tile_mask).astype(y.dtype)
+      return assemble_tiles(cond, tile_mask)
     return run
 
-  def dense_branch(operands):
-    y, x = operands
+  def dense_branch(x):
     mask = jnp.repeat(jnp.repeat(tile_mask, tile_hw[0], axis=1), tile_hw[1],
                       axis=2)[..., None]
-    return gating.masked_combine(y, gating.conv(x, kernel_cond, strides),
-                                 mask.astype(y.dtype))
+    cond = gating.conv(x[..., cond_channels_from:], kernel_cond, strides)
+    return mask.astype(cond.dtype) * cond
 
   branches = [sparse_branch(c) for c in caps] + [dense_branch]
   index = jnp.searchsorted(jnp.asarray(caps + [num_tiles]), num_open)
-  return jax.lax.switch(index, branches, (y_base, x_cond))
+  return y_base + jax.lax.switch(index, branches, x_cond).astype(y_base.dtype)
 
 
 def check_tile_block(block: Sequence[int], out_channels: int) -> None:
@@ -269,8 +283,12 @@ def sparse_gated_conv(x: Array, kernel: Array, threshold: Array, *,
   mask, stats = gating.saliency_gate(
       y_base, threshold, block=block, epsilon=epsilon, norm=norm,
       running_mean=running_mean, running_var=running_var)
-  x_cond, k_cond = gating.conditional_operands(x, kernel, groups, grouping)
-  y = sparse_add_conditional(y_base, x_cond, k_cond,
+  _, k_cond = gating.conditional_operands(x, kernel, groups, grouping)
+  # 'first': the conditional input is x's last (G-1)/G channels, sliced
+  # inside the executor's branches; 'diagonal': all of x.
+  offset = (gating.base_channels(x.shape[-1], groups)
+            if grouping == 'first' else 0)
+  y = sparse_add_conditional(y_base, x, k_cond,
                              tile_mask_of(mask, block), strides,
-                             capacity_fractions)
+                             capacity_fractions, cond_channels_from=offset)
   return y, mask, stats

@@ -237,9 +237,9 @@ def profile_rows(scheme: str) -> list[dict]:
 
     def sparse_layer(x, flip):
       y = gating.base_conv(x, kernel, groups)
-      operands = gating.conditional_operands(x, kernel, groups)
       return sparse.sparse_add_conditional(
-          y, *operands, jnp.logical_xor(gate_tiles(y), flip))
+          y, x, k_cond, jnp.logical_xor(gate_tiles(y), flip),
+          cond_channels_from=channels // groups)
 
     masked_layer = jax.jit(lambda x: gating.gated_conv(
         x, kernel, threshold, groups=groups, block=block, **gate_stats)[0])

@@ -59,11 +59,14 @@ def test_sparse_conditional_equals_masked_for_every_capacity(h, tile, stride,
   x_cond, k_cond = gating.conditional_operands(x, kernel, 4, 'first')
   out = y_base.shape[1]
   bh, _ = sparse.effective_tile((out, out), (tile, tile))
+  # The whole input goes in; the executor reads channels 2: (C_in / G = 2).
   run = jax.jit(lambda y, m: sparse.sparse_add_conditional(
-      y, x_cond, k_cond, m, strides, tile_conv=tile_conv))
+      y, x, k_cond, m, strides, tile_conv=tile_conv, cond_channels_from=2))
   rng = np.random.default_rng(h * 10 + tile)
   grid = (3, out // bh, out // bh)
   num_tiles = int(np.prod(grid))
+  with pytest.raises(ValueError, match=r'8 - 0 channels; the kernel expects 6'):
+    sparse.sparse_add_conditional(y_base, x, k_cond, jnp.ones(grid, bool))
   # Exactly each capacity open, and one more (the next branch up), so every
   # capacity branch and the dense fallback run; none and all open too.
   caps = sparse.capacities(num_tiles)
