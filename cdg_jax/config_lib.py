@@ -319,13 +319,8 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     spec = layers.GatingSpec.from_config(config.gating)
     if config.framework in ssl.FRAMEWORKS:
       ssl.check_branches(config.framework, spec)
-    num_stages = len(models.ARCHITECTURES.get(config.model.name,
-                                              ((),))[0])
-    if spec.stage_blocks and len(spec.stage_blocks) != num_stages:
-      problems.append(
-          f'gating.stage_blocks has {len(spec.stage_blocks)} entries; '
-          f'model.name={config.model.name!r} has {num_stages} stages: give '
-          f'one (bh, bw, bc) per stage.')
+    if config.model.name in models.ARCHITECTURES:
+      spec.for_stage(0, len(models.ARCHITECTURES[config.model.name][0]))
     if config.eval.sparse_inference:
       models.with_sparse_inference(models.create_resnet(config.model,
                                                         config.gating))

@@ -161,8 +161,8 @@ class ResNet(nn.Module):
       the pooled features are returned in float32.
     sparse_inference: with `train=False`, gated layers skip the conditional
       work of closed tiles (`cdg_jax.sparse`; CDG with gating.block =
-      (bh, bw, 0), and `stage_blocks` so if set). Same outputs as the masked form; faster where gates are
-      closed.
+      (bh, bw, 0), and `stage_blocks` so if set). Same outputs as the
+      masked form; faster where gates are closed.
     gate_mode: 'gated' (default), 'open' (every CDG gate open: the dense
       network with the same weights, and under a separate partner norm the
       dense path's BatchNorms) or 'partner' (the dense-partner training
@@ -289,7 +289,8 @@ def with_sparse_inference(backbone: ResNet) -> ResNet:
 
   Raises:
     ValueError: unless the network is dense (nothing to skip) or CDG-gated
-      with tile-structured gates, gating.block = (bh, bw, 0).
+      with tile-structured gates: every block it uses (`GatingSpec.blocks`)
+      is (bh, bw, 0).
   """
   spec = backbone.gating
   if spec.enabled and (spec.kind != 'cdg' or

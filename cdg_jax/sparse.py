@@ -9,11 +9,12 @@ computed for the open tiles only, as SBNet did for detection:
   1. reduce the mask to the list of open tiles (per layer and batch);
   2. gather each open tile's input window, with the halo the kernel needs
      (stride handled), into a dense batch of windows;
-  3. run one dense VALID convolution over that batch;
+  3. convolve that batch of windows (VALID; a convolution, or one matrix
+     product over their patches for wide layers, see `tile_convolution`);
   4. add the results to the base path's output at their tiles.
 
 Shapes are static under `jit`: the list of open tiles is padded to one of a
-few capacities (by default every eighth of all tiles, up to 7/8); a
+few capacities (`DEFAULT_CAPACITIES`: sixteenths up to 1/2, eighths to 7/8); a
 `lax.switch` inside the compiled function picks the smallest capacity that
 holds this batch's open tiles, and falls back to the masked dense form when
 more than the largest capacity are open. Every branch gives the masked
@@ -145,7 +146,8 @@ def assemble_tiles(tiles: Array, tile_mask: Array) -> Array:
   # tile) instead of the open tiles being scattered into the output: XLA:CPU
   # runs this gather of contiguous tiles as a copy, 1.3-1.5x faster than the
   # scatter-add it replaces (18 against 27 ms for 26% of the 8x8 tiles of a
-  # 256 x 32 x 32 x 64 map, 2-core Xeon).
+  # 256 x 32 x 32 x 64 map, 2-core Xeon; a one-off comparison, not part of
+  # experiments/benchmark_sparse.py).
   slot = jnp.where(flat, jnp.cumsum(flat.astype(jnp.int32)) - 1, capacity)
   padded = jnp.concatenate([tiles, jnp.zeros((1, bh, bw, c), tiles.dtype)])
   blocks = padded[slot].reshape(n, gh, gw, bh, bw, c)
@@ -187,17 +189,17 @@ def tile_convolution(windows: Array, kernel: Array, strides: Sequence[int],
   return out.reshape(k, bh, bw, c_out)
 
 
-def sparse_add_conditional(y_base: Array, x_cond: Array, kernel_cond: Array,
+def sparse_add_conditional(y_base: Array, x: Array, kernel_cond: Array,
                            tile_mask: Array, strides: Sequence[int] = (1, 1),
                            capacity_fractions: Sequence[float] =
                            DEFAULT_CAPACITIES,
                            tile_conv: str = 'auto',
                            cond_channels_from: int = 0) -> Array:
-  """`y_base + d * conv(x_cond, kernel_cond)`, computing open tiles only.
+  """`y_base + d * conv(x[..., cond_channels_from:], kernel_cond)`, open tiles only.
 
   Args:
     y_base: (N, Ho, Wo, Co) base-path output (SAME convolution).
-    x_cond: (N, H, W, C) input whose channels from `cond_channels_from` on,
+    x: (N, H, W, C) input whose channels from `cond_channels_from` on,
       (N, H, W, Ci), are the conditional input.
     kernel_cond: (kh, kw, Ci, Co) conditional kernel.
     tile_mask: (N, gh, gw) booleans, True where the tile's gate is open;
@@ -206,12 +208,13 @@ def sparse_add_conditional(y_base: Array, x_cond: Array, kernel_cond: Array,
     capacity_fractions: static capacities, as fractions of all tiles; above
       the largest, the masked dense convolution is used.
     tile_conv: how the open tiles are convolved (see `tile_convolution`).
-    cond_channels_from: first channel of `x_cond` that the conditional path
+    cond_channels_from: first channel of `x` that the conditional path
       reads. Pass the whole input and this offset rather than a slice of it:
       the slice is then taken inside the compiled branches, where XLA can
       fuse it into the gather, instead of being copied whole before the
       `lax.switch` (with the base path added after the switch: 3-10% faster
-      per layer on the 2-core Xeon, ResNet-18 width 64 at 32x32).
+      per layer on the 2-core Xeon, ResNet-18 width 64 at 32x32; a one-off
+      comparison, not part of experiments/benchmark_sparse.py).
 
   Returns:
     (N, Ho, Wo, Co) in y_base's dtype.
@@ -221,9 +224,9 @@ def sparse_add_conditional(y_base: Array, x_cond: Array, kernel_cond: Array,
   if out_h % gh or out_w % gw or tile_mask.shape[0] != n:
     raise ValueError(f'Tile mask of shape {tile_mask.shape} does not fit an '
                      f'output of shape {y_base.shape}.')
-  if x_cond.shape[-1] - cond_channels_from != kernel_cond.shape[2]:
+  if x.shape[-1] - cond_channels_from != kernel_cond.shape[2]:
     raise ValueError(
-        f'The conditional input has {x_cond.shape[-1]} - '
+        f'The conditional input has {x.shape[-1]} - '
         f'{cond_channels_from} channels; the kernel expects '
         f'{kernel_cond.shape[2]} (kernel shape {kernel_cond.shape}).')
   tile_hw = (out_h // gh, out_w // gw)
@@ -238,24 +241,24 @@ def sparse_add_conditional(y_base: Array, x_cond: Array, kernel_cond: Array,
   # whole buffers on XLA:CPU, so the branches take and give as little as
   # they can.
   def sparse_branch(capacity):
-    def run(x):
+    def run(x_all):
       tile_ids = jnp.nonzero(flat, size=capacity, fill_value=0)[0]
-      windows = gather_windows(x[..., cond_channels_from:], tile_ids,
+      windows = gather_windows(x_all[..., cond_channels_from:], tile_ids,
                                (gh, gw), tile_hw, kernel_hw, strides)
       cond = tile_convolution(windows, kernel_cond, strides, tile_conv)
       # Slots past the open tiles (tile 0 again) are never read back.
       return assemble_tiles(cond, tile_mask)
     return run
 
-  def dense_branch(x):
+  def dense_branch(x_all):
     mask = jnp.repeat(jnp.repeat(tile_mask, tile_hw[0], axis=1), tile_hw[1],
                       axis=2)[..., None]
-    cond = gating.conv(x[..., cond_channels_from:], kernel_cond, strides)
+    cond = gating.conv(x_all[..., cond_channels_from:], kernel_cond, strides)
     return mask.astype(cond.dtype) * cond
 
   branches = [sparse_branch(c) for c in caps] + [dense_branch]
   index = jnp.searchsorted(jnp.asarray(caps + [num_tiles]), num_open)
-  return y_base + jax.lax.switch(index, branches, x_cond).astype(y_base.dtype)
+  return y_base + jax.lax.switch(index, branches, x).astype(y_base.dtype)
 
 
 def check_tile_block(block: Sequence[int], out_channels: int) -> None:

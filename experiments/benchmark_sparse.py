@@ -340,10 +340,9 @@ def trained_rows(workdir: str) -> dict:
   dense_s, masked_s, sparse_s = (seconds[k] for k in
                                  ('dense', 'masked', 'sparse'))
   n = images.shape[0]
-  spec = masked.gating
-  blocks = spec.stage_blocks or (spec.block,)
   row = {'workdir': workdir,
-         'block': '-'.join(f'{b[0]}x{b[1]}x{b[2]}' for b in blocks),
+         'block': '-'.join(f'{b[0]}x{b[1]}x{b[2]}'
+                           for b in masked.gating.blocks),
          'model': f'{config.model.name} width {config.model.width}',
          'image_size': config.data.image_size, 'density': density,
          'flops_reduction': float(flops.flops_reduction(costs, densities)),
@@ -449,7 +448,7 @@ def write_outputs(report: dict) -> None:
     rows = sorted((r for r in report['random'] if r['tile'] == tile),
                   key=lambda r: r['density'])
     ax.plot([r['density'] for r in rows], [r['sparse_speedup'] for r in rows],
-            'o-', label=f'sparse CDG, {tile}x{tile} tiles')
+            'o-', label=f'sparse CDG, tiles {tile}')
     ax.plot([r['density'] for r in rows], [r['masked_speedup'] for r in rows],
             's--', label=f'masked CDG, tiles {tile}')
   for r in report['trained']:

@@ -16,7 +16,8 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 # more compile time than they save run time (a smoke run: 54 s -> 35 s on the
 # 2-core machine). Numerics shift by rounding only; every test compares runs
 # compiled with the same flags or against references with a tolerance.
-# Subprocesses inherit the flag, except where a test sets XLA_FLAGS itself.
+# Subprocesses inherit the flags; a test that needs another device count takes
+# them from tests/xla_env.py with the count replaced.
 if '--xla_backend_optimization_level' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += ' --xla_backend_optimization_level=0'
 # XLA compilation dominates test time on CPU, and many tests compile the same
