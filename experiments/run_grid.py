@@ -480,7 +480,7 @@ def _describe(run: Run, config: dict[str, Any]) -> dict[str, Any]:
       'saliency_stats': gating['saliency_stats'],
       'branches': gating['branches'],
       **{field: gating.get(field, default)
-         for field, default in LINEAGE_DEFAULTS.items()},
+         for field, default in ADDED_GATING_DEFAULTS.items()},
       'threshold_target': gating['threshold_target'],
       'learning_rate': config['optim']['base_learning_rate'],
       'model': f'{config["model"]["name"]} width {config["model"]["width"]}',
@@ -505,9 +505,10 @@ def load_results(results_dir: str) -> list[dict[str, Any]]:
                                         r['name']))
 
 
-# Gating fields added with issues 12 and 20, with the value every earlier run
-# had.
-LINEAGE_DEFAULTS = {'grouping': 'first', 'saliency_norm': 'batch',
+# Gating fields added after the first runs (issues 12, 20 and 22), with the
+# value every earlier run had: a result saved before a field existed is read
+# as having run with it.
+ADDED_GATING_DEFAULTS = {'grouping': 'first', 'saliency_norm': 'batch',
                     'saliency_grad': False, 'surrogate': 'sigmoid',
                     'target_anneal_fraction': 0.0, 'partner_norm': 'shared',
                     'predictor_saliency': 'bounded', 'stage_blocks': []}
@@ -518,7 +519,7 @@ def with_defaults(result: dict[str, Any]) -> dict[str, Any]:
   return {'eval_split': 'test', 'learning_rate': 1.0, 'dense_knn_top1': None,
           'linear_protocol': 'fast', 'linear_epochs': 100,
           'dense_linear_top1': None, 'diverged_at_step': None,
-          **LINEAGE_DEFAULTS, **result}
+          **ADDED_GATING_DEFAULTS, **result}
 
 
 def trained(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -545,7 +546,7 @@ GATING_FIELDS = {
     'none': (),
     'cdg': ('block', 'regularizer', 'weight', 'density_target',
             'saliency_stats', 'branches',
-            *(f for f in LINEAGE_DEFAULTS if f != 'predictor_saliency')),
+            *(f for f in ADDED_GATING_DEFAULTS if f != 'predictor_saliency')),
     'channel_predictor': ('weight', 'density_target', 'branches',
                           'predictor_saliency'),
     'spatial_predictor': ('block', 'weight', 'density_target', 'branches'),
