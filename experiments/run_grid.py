@@ -939,20 +939,31 @@ def write_gap_plot(results: list[dict[str, Any]], results_dir: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   gaps = scale_gaps(results)
+  # The epoch points are one axis (length at 16x16) and are joined by a line
+  # only between neighbours that were both run; 32x32 is another axis (4
+  # epochs), drawn as a marker of the method's colour beyond a separator.
+  resolution = SCALE_POINTS.index('32x32')
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for ax, measure in zip(axes, ('knn', 'linear')):
-    for method, cells in gaps.items():
-      points = [(i, c[measure]) for i, c in enumerate(cells) if c is not None]
-      if points:
-        ax.plot(*zip(*points), marker='o', label=method,
-                ls='--' if method == _PARTNER_DENSE_PATH else '-')
+    for i, (method, cells) in enumerate(gaps.items()):
+      color = f'C{i}'
+      style = '--' if method == _PARTNER_DENSE_PATH else '-'
+      length = [None if c is None else c[measure] for c in cells[:resolution]]
+      ax.plot(range(resolution), [float('nan') if v is None else v
+                                  for v in length],
+              marker='o', ls=style, color=color, label=method)
+      if cells[resolution] is not None:
+        ax.plot([resolution], [cells[resolution][measure]], marker='s',
+                color=color, ls='none')
+    ax.axvline(resolution - 0.5, color='gray', lw=0.8)
     ax.axhline(0, color='black', lw=1)
     ax.axhline(-1, color='gray', ls=':', lw=0.8)
     ax.set_xticks(range(len(SCALE_POINTS)), SCALE_POINTS)
     ax.set_ylabel(f'{"kNN" if measure == "knn" else "linear"} top-1 minus '
                   f'dense (points)')
     ax.set_title('SimCLR, CIFAR-10, test split, seed 0; dotted: 1 point '
-                 'below dense', fontsize=8)
+                 'below dense\nleft of the separator: length at 16x16; '
+                 'right: 32x32 at 4 epochs', fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
