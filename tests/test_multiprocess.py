@@ -9,6 +9,7 @@ of `jax.distributed` is mocked.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -65,7 +66,7 @@ def _env():
 
 
 def _launch(workdir, *args, num_processes=2, module='cdg_jax.main',
-            record=None, port=None):
+            record=None, port=None, heartbeat_timeout_s=10):
   """Starts the processes of one run; returns (Popen list, port)."""
   port = port or _free_port()
   processes = []
@@ -73,7 +74,7 @@ def _launch(workdir, *args, num_processes=2, module='cdg_jax.main',
     flags = [f'--workdir={workdir}', *SMOKE, '--config.cpu_devices=1', *args,
              f'--coordinator_address=127.0.0.1:{port}',
              f'--num_processes={num_processes}', f'--process_id={process_id}',
-             '--heartbeat_timeout_seconds=10']
+             f'--heartbeat_timeout_seconds={heartbeat_timeout_s}']
     if record and process_id == 1:
       command = [sys.executable, '-c', _RECORD_WRITES, workdir, record, module]
     else:
@@ -91,6 +92,14 @@ def _finish(processes, timeout=600):
     out, err = process.communicate(timeout=timeout)
     results.append((process.returncode, out, err))
   return results
+
+
+def _excerpt(err):
+  """A failed process's stderr for an assertion message: its first lines
+  (where JAX's runtime says why it aborts) and its last (the traceback)."""
+  if len(err) <= 6000:
+    return err
+  return f'{err[:3000]}\n[...]\n{err[-3000:]}'
 
 
 def _single(workdir, *args, module='cdg_jax.main'):
@@ -122,9 +131,9 @@ def two_runs(tmp_path_factory):
   processes, _ = _launch(multi, record=record)
   results = _finish(processes)
   for code, _, err in results:
-    assert code == 0, err[-3000:]
+    assert code == 0, _excerpt(err)
   result = _single(single)
-  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.returncode == 0, _excerpt(result.stderr)
   return multi, single, results, record
 
 
@@ -175,9 +184,9 @@ def test_linear_eval_of_two_processes_matches_one(two_runs):
   multi, single, _, _ = two_runs
   processes, _ = _launch(multi, module='cdg_jax.linear_eval')
   for code, _, err in _finish(processes):
-    assert code == 0, err[-3000:]
+    assert code == 0, _excerpt(err)
   result = _single(single, module='cdg_jax.linear_eval')
-  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.returncode == 0, _excerpt(result.stderr)
   with open(os.path.join(multi, 'linear_eval.json')) as f:
     multi_eval = json.load(f)
   with open(os.path.join(single, 'linear_eval.json')) as f:
@@ -211,7 +220,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_they_resume(
   results = _finish(processes)
   stopped = set()
   for code, _, err in results:
-    assert code == 143, err[-3000:]
+    assert code == 143, _excerpt(err)
     line = _last_line(err)
     assert line.startswith('Stopped by a preemption notice after step'), line
     stopped.add(int(line.split('after step ')[1].split()[0]))
@@ -224,7 +233,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_they_resume(
   processes, _ = _launch(workdir, '--config.checkpoint.every_steps=1000')
   results = _finish(processes)
   for code, _, err in results:
-    assert code == 0, err[-3000:]
+    assert code == 0, _excerpt(err)
   # Process 0 prints for the run.
   assert f'Resumed from {workdir}/checkpoints at step {step}.' in results[0][1]
   for key, value in dict(zip(*_paths_and_leaves(_backbone(multi)))).items():
@@ -253,16 +262,23 @@ def test_a_killed_process_stops_the_other_naming_it_and_the_run_resumes(
     assert _last_line(err).startswith('FATAL: process 0 stops: lost process 1 '
                                       'of this run'), _last_line(err)
   else:
-    assert code == -signal.SIGABRT, err[-3000:]
-    assert 'Task 1 heartbeat timeout' in err
+    assert code == -signal.SIGABRT, _excerpt(err)
+    # The runtime's two wordings (which one depends on where the loss is
+    # noticed), both naming task 1.
+    assert re.search(r'Task 1 heartbeat timeout|stopped sending heartbeats\)'
+                     r':\s*1\s', err), _excerpt(err)
   saved = checkpoints.complete_steps(workdir)
   assert saved and saved[-1] >= 4
-  # The next start resumes from the newest checkpoint.
+  # The next start resumes from the newest checkpoint. It tests resuming,
+  # not loss detection: a longer heartbeat timeout, so that a start slowed
+  # by the other test worker on a 2-core machine is not taken for a lost
+  # process.
   processes, _ = _launch(workdir, '--config.num_steps=' + str(saved[-1] + 2),
-                         '--config.checkpoint.every_steps=4')
+                         '--config.checkpoint.every_steps=4',
+                         heartbeat_timeout_s=60)
   results = _finish(processes)
   for code, _, err in results:
-    assert code == 0, err[-3000:]
+    assert code == 0, _excerpt(err)
   assert f'at step {saved[-1]}.' in results[0][1]
 
 
@@ -275,7 +291,7 @@ def test_a_second_run_on_the_workdir_is_refused_by_every_process(tmp_path):
   processes, _ = _launch(workdir)
   results = _finish(processes, timeout=300)
   for code, _, err in results:
-    assert code == 2, err[-3000:]
+    assert code == 2, _excerpt(err)
   assert f'in use by process {os.getpid()}' in _last_line(results[0][2])
   assert 'process 0 of this one found its lock' in _last_line(results[1][2])
   assert sorted(os.listdir(workdir)) == [run_control.LOCK_FILE]
