@@ -509,9 +509,10 @@ def load_results(results_dir: str) -> list[dict[str, Any]]:
 # value every earlier run had: a result saved before a field existed is read
 # as having run with it.
 ADDED_GATING_DEFAULTS = {'grouping': 'first', 'saliency_norm': 'batch',
-                    'saliency_grad': False, 'surrogate': 'sigmoid',
-                    'target_anneal_fraction': 0.0, 'partner_norm': 'shared',
-                    'predictor_saliency': 'bounded', 'stage_blocks': []}
+                         'saliency_grad': False, 'surrogate': 'sigmoid',
+                         'target_anneal_fraction': 0.0,
+                         'partner_norm': 'shared',
+                         'predictor_saliency': 'bounded', 'stage_blocks': []}
 
 
 def with_defaults(result: dict[str, Any]) -> dict[str, Any]:
@@ -948,10 +949,11 @@ def write_gap_plot(results: list[dict[str, Any]], results_dir: str) -> None:
     for i, (method, cells) in enumerate(gaps.items()):
       color = f'C{i}'
       style = '--' if method == _PARTNER_DENSE_PATH else '-'
-      length = [None if c is None else c[measure] for c in cells[:resolution]]
-      ax.plot(range(resolution), [float('nan') if v is None else v
-                                  for v in length],
-              marker='o', ls=style, color=color, label=method)
+      # NaN for a point not run: matplotlib breaks the line there.
+      length = [float('nan') if c is None else c[measure]
+                for c in cells[:resolution]]
+      ax.plot(range(resolution), length, marker='o', ls=style, color=color,
+              label=method)
       if cells[resolution] is not None:
         ax.plot([resolution], [cells[resolution][measure]], marker='s',
                 color=color, ls='none')
