@@ -12,8 +12,10 @@ Layout of a workdir:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import time
 from typing import Any
@@ -95,11 +97,26 @@ def has_checkpoint(workdir: str) -> bool:
 
 
 def write_config(config, workdir: str) -> None:
-  """Writes the resolved config as JSON (process 0 only)."""
+  """Writes the resolved config as JSON (process 0 only).
+
+  Atomically (a temporary file renamed over the old one): on a resumed run
+  of several processes, process 0 writes config.json while the others read
+  it (`check_compatible`), and a reader must see the old file or the new
+  one, never a truncated one. A half-read file once stopped process 1 alone,
+  and process 0 then waited for it at orbax's start-up barrier until the
+  runtime's shutdown timeout aborted both.
+  """
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  path = os.path.join(workdir, CONFIG_FILE)
+  temporary = f'{path}.tmp'
+  try:
+    with open(temporary, 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(temporary, path)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -119,6 +136,10 @@ def checkpoint_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
 
+# In the name of a directory orbax writes a save into before renaming it.
+TMP_MARK = '.orbax-checkpoint-tmp'
+
+
 class NoValidCheckpointError(RuntimeError):
   """Checkpoints exist but none of them restores."""
 
@@ -135,26 +156,56 @@ def complete_steps(workdir: str) -> list[int]:
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
+def _is_disk_full(error: BaseException) -> bool:
+  text = str(error)
+  return (getattr(error, 'errno', None) in (errno.ENOSPC, errno.EDQUOT)
+          or 'No space left on device' in text or "os_error_code='28'" in text)
+
+
+def _resume_text(workdir: str) -> str:
+  finished = complete_steps(workdir)
+  return (f'it resumes from step {finished[-1]}, the newest complete '
+          f'checkpoint' if finished else 'no checkpoint is complete yet, so '
+          'it starts from step 0')
+
+
+_FULL = 'the disk is full (No space left on device)'
+_FREE_SPACE = ('Free space on that filesystem (or use a --workdir on a larger '
+               'one)')
+
+
 def _write_error(manager: ocp.CheckpointManager, step: int | None,
                  error: BaseException) -> CheckpointWriteError:
   """A CheckpointWriteError naming the directory, the cause and the fix."""
   directory = str(manager.directory)
   text = str(error)
-  full = ('No space left on device' in text or 'os_error_code=\'28\'' in text
-          or getattr(error, 'errno', None) == 28)
-  cause = ('the disk is full (No space left on device)' if full
+  full = _is_disk_full(error)
+  cause = (_FULL if full
            else f'{type(error).__name__}: {text.splitlines()[0][:300]}'
            if text else type(error).__name__)
-  finished = complete_steps(os.path.dirname(directory))
   what = f'the checkpoint of step {step}' if step is not None else 'a checkpoint'
-  resume = (f'it resumes from step {finished[-1]}, the newest complete '
-            f'checkpoint' if finished else 'no checkpoint is complete yet, so '
-            'it starts from step 0')
-  fix = (f'Free space on that filesystem (or use a --workdir on a larger '
-         f'one)' if full else 'Fix the cause')
+  fix = _FREE_SPACE if full else 'Fix the cause'
   return CheckpointWriteError(
       f'Could not write {what} in {directory}: {cause}. {fix} and run the '
-      f'same command again: {resume}.')
+      f'same command again: {_resume_text(os.path.dirname(directory))}.')
+
+
+def disk_full_error(workdir: str, error: OSError) -> CheckpointWriteError | None:
+  """For a write into `workdir` that failed on a full disk (the metrics, the
+  config, the lock, a plot): the error a failed checkpoint write gives,
+  naming the directory, the cause and the step the run resumes from. None
+  for any other OSError."""
+  if not _is_disk_full(error):
+    return None
+  path = str(getattr(error, 'filename', None) or '')
+  inside = os.path.abspath(path).startswith(os.path.abspath(workdir) + os.sep)
+  # A temporary file's name is ours, not the user's: name what it becomes.
+  name = os.path.relpath(path, workdir).removesuffix('.tmp') if (
+      path and inside) else path
+  what = f'{name} in {workdir}' if name else f'to {workdir}'
+  return CheckpointWriteError(
+      f'Could not write {what}: {_FULL}. {_FREE_SPACE} and run the same '
+      f'command again: {_resume_text(workdir)}.')
 
 
 def save(manager: ocp.CheckpointManager, state, step: int) -> None:
@@ -166,7 +217,9 @@ def save(manager: ocp.CheckpointManager, state, step: int) -> None:
   try:
     manager.save(step, args=ocp.args.StandardSave(state))
   except Exception as e:  # pylint: disable=broad-except
-    raise _write_error(manager, step, e) from e
+    error = _write_error(manager, step, e)
+    remove_unfinished(manager)
+    raise error from e
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
@@ -178,7 +231,28 @@ def wait(manager: ocp.CheckpointManager) -> None:
   try:
     manager.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except
-    raise _write_error(manager, _unfinished_step(manager), e) from e
+    error = _write_error(manager, _unfinished_step(manager), e)
+    remove_unfinished(manager)
+    raise error from e
+
+
+def remove_unfinished(manager: ocp.CheckpointManager) -> list[str]:
+  """Removes half-written checkpoints (orbax's `<step>.orbax-checkpoint-tmp`
+  directories) from the run's checkpoint directory; process 0 only.
+
+  A save that failed (a full disk) or was cut short (kill -9) leaves one
+  behind; it can never be restored, and on a full disk it holds the space
+  the next save needs. Returns the names removed.
+  """
+  directory = str(manager.directory)
+  if jax.process_index() != 0 or not os.path.isdir(directory):
+    return []
+  removed = []
+  for name in os.listdir(directory):
+    if TMP_MARK in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+      removed.append(name)
+  return removed
 
 
 def _unfinished_step(manager: ocp.CheckpointManager) -> int | None:
@@ -187,6 +261,41 @@ def _unfinished_step(manager: ocp.CheckpointManager) -> int | None:
   steps = [int(name.split('.')[0]) for name in os.listdir(directory)
            if name.split('.')[0].isdigit() and not name.isdigit()]
   return max(steps) if steps else None
+
+
+# Signs of damage in the errors orbax and TensorStore raise, in words.
+_DAMAGE = (
+    ('JSONDecodeError', 'a metadata file is not valid JSON (truncated or '
+                        'overwritten)'),
+    ('OUT_OF_RANGE', 'a data file is shorter than the checkpoint\'s index '
+                     'says (truncated)'),
+    ('DATA_LOSS', 'a file is corrupt (it fails its own checks)'),
+    ('NOT_FOUND', 'a file is missing'),
+)
+
+
+def restore_failure(error: BaseException) -> str:
+  """Why a checkpoint does not restore, in words.
+
+  Orbax wraps TensorStore's error (which names the array and the file) in
+  one whose message embeds a repr of a bound method; this reads the whole
+  chain of causes, says what kind of damage it is and which array could
+  not be read, and never prints a repr.
+  """
+  chain = []
+  while error is not None and len(chain) < 8:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  whole = '\n'.join(f'{type(e).__name__}: {e}' for e in chain)
+  kind = next((words for sign, words in _DAMAGE if sign in whole), None)
+  if kind is None:
+    readable = [e for e in reversed(chain)
+                if str(e) and '<bound method' not in str(e)]
+    inner = readable[0] if readable else chain[0]
+    first = str(inner).splitlines()[0] if str(inner) else ''
+    kind = f'{type(inner).__name__}: {first[:200]}'.rstrip(': ')
+  array = re.search(r'Error reading "([^"/]+)', whole)
+  return kind + (f', while reading {array.group(1)}' if array else '')
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state,
@@ -211,6 +320,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state,
     NoValidCheckpointError: checkpoints exist but none restores; names the
       directory and the fix.
   """
+  for name in remove_unfinished(manager):
+    logging.warning('Removed the half-written checkpoint %s/%s (a save that '
+                    'did not finish).', manager.directory, name)
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
     return None
@@ -221,11 +333,10 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state,
       state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and TensorStore raise many types for damaged files.
-      reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-      failures.append(f'step {step}: {type(e).__name__}: {reason}')
-      logging.warning('Checkpoint %s/%d does not restore (%s: %s); trying '
-                      'the previous one.', manager.directory, step,
-                      type(e).__name__, reason)
+      reason = restore_failure(e)
+      failures.append(f'step {step}: {reason}')
+      logging.warning('Checkpoint %s/%d does not restore: %s. Trying the '
+                      'previous one.', manager.directory, step, reason)
       continue
     if failures and quarantine_dir and jax.process_index() == 0:
       _quarantine(manager, [int(f.split(':')[0].split()[1]) for f in failures],

@@ -116,6 +116,20 @@ def _override_with_key(argv: Sequence[str], error: BaseException
   return overrides[0] if len(overrides) == 1 else None
 
 
+def _flag_error_message(argv: Sequence[str], error: BaseException) -> str:
+  """A flag error in one line: for a config file that raised while it was
+  loaded (an unknown variant, a bad value in the file), its own message
+  instead of the traceback that ml_collections puts before it."""
+  text = str(error)
+  if 'Traceback (most recent call last)' not in text:
+    return text
+  inner = error
+  while (inner.__cause__ or inner.__context__) is not None:
+    inner = inner.__cause__ or inner.__context__
+  kind = '' if isinstance(inner, ValueError) else f'{type(inner).__name__}: '
+  return f'--config={_flag_value(argv, "config")}: {kind}{inner}'
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with one clear line for a bad --config.
 
@@ -127,7 +141,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
       return flags.FLAGS(argv)
     except flags.Error as e:
-      message = str(e)
+      message = _flag_error_message(argv, e)
     except (AttributeError, KeyError, ValueError, TypeError, OSError) as e:
       # Raised while applying `--config.x.y=...` overrides to the config:
       # name the override whose key the error names.
@@ -231,12 +245,32 @@ def reported_errors() -> Iterator[None]:
     _exit(f'FATAL: {e}', 2)
   except _expected_errors() as e:
     logging.info('%s', traceback.format_exc())
-    _exit(f'FATAL: {e}', 1)
+    _exit(f'FATAL: {e}', 1, abandon=_several_processes())
   except Exception as e:  # pylint: disable=broad-except
     if _peer_failure(e):
       _exit(_lost_peer_message(e), LOST_PROCESS_EXIT_CODE, abandon=True)
-    traceback.print_exc()
-    _exit(f'FATAL: {type(e).__name__}: {e}', 1)
+    # Not raised on purpose: the traceback is what a bug report needs, in
+    # the log (-v 0) as the README says; the console keeps one last line.
+    logging.info('%s', traceback.format_exc())
+    hint = ('' if _verbose() else ' (an unexpected error: its traceback is '
+            'shown with -v 0)')
+    _exit(f'FATAL: {type(e).__name__}: {e}{hint}', 1,
+          abandon=_several_processes())
+
+
+def _several_processes() -> bool:
+  """Whether this process is one of several of a run.
+
+  A process of such a run that fails leaves at once, without JAX's
+  distributed shutdown: that shutdown waits at a barrier for every process
+  (5 minutes), while the others may be waiting for this one in a collective
+  or a barrier of their own, so both would hang until the runtime aborts
+  them. Leaving at once closes its connections (the others' collectives
+  fail and they stop, status 75) and stops its heartbeats (the coordination
+  service stops the others within --heartbeat_timeout_seconds, naming it).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_count() > 1
 
 
 # Status of a process that stops because another process of its run died.

@@ -251,7 +251,7 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
   """Every out-of-range value of a config (see `validate`)."""
   # Imported here, not at the top: every config file imports this module,
   # and these pull in Flax, Optax and the data pipeline.
-  from cdg_jax import input_pipeline, layers, models, ssl  # pylint: disable=g-import-not-at-top
+  from cdg_jax import input_pipeline, layers, linear_eval, models, ssl  # pylint: disable=g-import-not-at-top
   problems = []
 
   def need(ok: bool, message: str) -> None:
@@ -308,13 +308,7 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
        f'{config.eval.knn_temperature} must be positive.')
   need(config.eval.every_steps >= 0, f'eval.every_steps='
        f'{config.eval.every_steps} must be >= 0 (0: only at the end).')
-  need(config.linear_eval.epochs > 0,
-       f'linear_eval.epochs={config.linear_eval.epochs} must be positive.')
-  need(config.linear_eval.batch_size > 0, f'linear_eval.batch_size='
-       f'{config.linear_eval.batch_size} must be positive.')
-  need(config.linear_eval.protocol in ('fast', 'augmented'),
-       f'linear_eval.protocol={config.linear_eval.protocol!r} must be one of '
-       f"('fast', 'augmented').")
+  problems += linear_eval.settings_problems(config.linear_eval.to_dict())
   try:
     spec = layers.GatingSpec.from_config(config.gating)
     if config.framework in ssl.FRAMEWORKS:

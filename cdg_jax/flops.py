@@ -360,3 +360,10 @@ def measure(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
                                                mutable=mutable))(variables, x)
   densities = mean_densities(state.get(DENSITY_COLLECTION, {}))
   return flops_report(costs, jax.device_get(densities))
+
+
+if __name__ == '__main__':
+  # The FLOPs command is `cdg_jax.flops_table` (`cdg-flops`); it moved there
+  # from this module, and `python -m cdg_jax.flops` still runs it.
+  from cdg_jax import flops_table  # pylint: disable=g-import-not-at-top
+  flops_table.run()

@@ -233,6 +233,38 @@ def normalize_saliency(y_base: Array, mean: Array, var: Array,
   return (y_base - mean) * jax.lax.rsqrt(var + epsilon)
 
 
+class BlockTilingError(ValueError):
+  """A gate block that does not tile a gated feature map.
+
+  `field` is the config field the block came from: 'gating.block', or
+  'gating.stage_blocks[i]' once the ResNet stage that uses it re-raises it
+  (`for_field`), so that the message names the value the user set.
+  """
+
+  def __init__(self, block: Sequence[int], shape: Sequence[int],
+               dimension: str, size: int, block_size: int,
+               field: str = 'gating.block'):
+    self.block, self.shape = tuple(int(b) for b in block), tuple(shape)
+    self.dimension, self.size, self.block_size = dimension, size, block_size
+    self.field = field
+    _, h, w, c = self.shape
+    super().__init__(
+        f'{field}={self.block} does not tile a gated feature map of shape '
+        f'(H, W, C)=({h}, {w}, {c}): block {dimension} {block_size} does not '
+        f'divide {size}. Choose a {dimension} that divides {size} (or one at '
+        f'least {size}, which covers the whole map).'
+        if dimension != 'channels' else
+        f'{field}={self.block} does not tile a gated feature map of shape '
+        f'(H, W, C)=({h}, {w}, {c}): block channels {block_size} does not '
+        f'divide {size}. Choose bc dividing every gated layer\'s channels, '
+        f'or 0 (all channels).')
+
+  def for_field(self, field: str) -> 'BlockTilingError':
+    """The same error, naming `field` as the block's origin."""
+    return BlockTilingError(self.block, self.shape, self.dimension, self.size,
+                            self.block_size, field)
+
+
 def effective_block(shape: Sequence[int], block: Sequence[int]
                     ) -> tuple[int, int, int]:
   """The (bh, bw, bc) decision block used on a gated output of `shape`.
@@ -248,8 +280,8 @@ def effective_block(shape: Sequence[int], block: Sequence[int]
     block: (bh, bw, bc) block of positions and channels sharing one decision.
 
   Raises:
-    ValueError naming the bad value if `block` is malformed or does not tile
-    `shape`.
+    ValueError naming the bad value if `block` is malformed;
+    BlockTilingError (a ValueError) if it does not tile `shape`.
   """
   if (len(block) != 3 or any(int(b) < 1 for b in block[:2])
       or int(block[2]) < 0):
@@ -262,10 +294,7 @@ def effective_block(shape: Sequence[int], block: Sequence[int]
   for name, size, b in (('height', h, effective[0]), ('width', w, effective[1]),
                         ('channels', c, effective[2])):
     if size % b:
-      raise ValueError(
-          f'gating.block={tuple(block)} does not tile a gated feature map of '
-          f'shape (H, W, C)=({h}, {w}, {c}): block {name} {b} does not divide '
-          f'{size}.')
+      raise BlockTilingError(block, shape, name, size, b)
   return effective
 
 

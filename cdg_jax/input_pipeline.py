@@ -386,8 +386,11 @@ def fake_arrays(num_examples: int, image_size: int, num_classes: int,
   patterns = patterns.repeat(cells, axis=1).repeat(cells, axis=2)
   patterns = patterns[:, :image_size, :image_size] + colours
   images = np.empty((num_examples, image_size, image_size, 3), np.uint8)
-  for start in range(0, num_examples, 4096):  # Bounded float32 temporaries.
-    stop = min(start + 4096, num_examples)
+  # Chunks of at most 64 MiB of float32 temporaries (the noise and the
+  # class patterns), whatever the image size.
+  chunk = max(1, 2**24 // (image_size * image_size * 3))
+  for start in range(0, num_examples, chunk):
+    stop = min(start + chunk, num_examples)
     noise = rng.standard_normal((stop - start, image_size, image_size, 3),
                                 dtype=np.float32) * 24
     images[start:stop] = np.clip(patterns[labels[start:stop]] + noise, 0, 255)

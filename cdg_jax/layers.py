@@ -10,8 +10,9 @@ same kernel parameter, so dense and gated networks share one parameter tree
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -50,6 +51,17 @@ AUX_COLLECTION = 'gate_aux'
 # RNG stream of the spatial predictor's Gumbel noise (training only):
 # `model.apply(..., rngs={GUMBEL_RNG: key})`.
 GUMBEL_RNG = 'gumbel'
+
+
+def _block_value(field: str, value: Any) -> tuple[int, int, int]:
+  """A config's (bh, bw, bc) as ints, or ValueError naming `field`."""
+  if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)
+      or len(value) != 3 or not all(isinstance(b, numbers.Integral)
+                                    and not isinstance(b, bool) for b in value)):
+    raise ValueError(f'{field}={value!r} must be three ints (bh, bw, bc), e.g. '
+                     f'(4, 4, 0): a block of bh x bw positions and bc channels '
+                     f'(0: all channels).')
+  return tuple(int(b) for b in value)
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -245,10 +257,18 @@ class GatingSpec:
       raise ValueError(f'Unknown gating config field(s) {unknown}; known fields: '
                        f'{sorted(known)}.')
     if 'block' in values:
-      values['block'] = tuple(int(b) for b in values['block'])
+      values['block'] = _block_value('gating.block', values['block'])
     if 'stage_blocks' in values:
-      values['stage_blocks'] = tuple(tuple(int(b) for b in block)
-                                     for block in values['stage_blocks'])
+      stage_blocks = values['stage_blocks']
+      if isinstance(stage_blocks, (str, bytes)) or not isinstance(
+          stage_blocks, Sequence):
+        raise ValueError(
+            f'gating.stage_blocks={stage_blocks!r} must be a tuple of one '
+            f'(bh, bw, bc) per ResNet stage, e.g. ((8, 8, 0), (8, 8, 0), '
+            f'(4, 4, 0), (4, 4, 0)), or () to use gating.block everywhere.')
+      values['stage_blocks'] = tuple(
+          _block_value(f'gating.stage_blocks[{i}]', block)
+          for i, block in enumerate(stage_blocks))
     if 'layers' in values:
       layers = values['layers']
       if isinstance(layers, str):

@@ -295,11 +295,12 @@ def run_linear_eval(config: ml_collections.ConfigDict,
   Raises:
     FileNotFoundError: no config.json or no exported backbone in `workdir`.
   """
+  # The settings first: a bad value stops before the backbone is loaded.
+  settings = linear_settings(config)
   backbone_config, backbone, variables = checkpoints.load_backbone(workdir)
   config, notes = use_backbone_config(config, backbone_config)
   for note in notes:
     logging.warning('%s', note)
-  settings = linear_settings(config)
   for note in data_notes(config, backbone_config):
     notes.append(note)
     logging.warning('%s', note)
@@ -352,10 +353,51 @@ def linear_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   given = given.to_dict() if hasattr(given, 'to_dict') else dict(given or {})
   settings.update({k: v for k, v in given.items() if k != 'augmented'})
   settings['augmented'].update(given.get('augmented') or {})
-  if settings['protocol'] not in PROTOCOLS:
-    raise ValueError(f'linear_eval.protocol={settings["protocol"]!r} must be '
-                     f'one of {sorted(PROTOCOLS)}.')
+  problems = settings_problems(settings)
+  if problems:
+    raise ValueError('Invalid linear_eval settings:\n  ' +
+                     '\n  '.join(problems))
   return settings
+
+
+def settings_problems(settings: Mapping[str, Any]) -> list[str]:
+  """Every out-of-range value of a `linear_eval` block, each naming its field.
+
+  Checked before any work: by `linear_settings` (the linear evaluation
+  command) and by `config_lib.validate` (training, whose config carries the
+  block for a later evaluation).
+  """
+  problems = []
+
+  def need(ok: bool, message: str) -> None:
+    if not ok:
+      problems.append(message)
+
+  need(settings['protocol'] in PROTOCOLS, f'linear_eval.protocol='
+       f'{settings["protocol"]!r} must be one of {sorted(PROTOCOLS)}.')
+  need(settings['epochs'] > 0, f'linear_eval.epochs={settings["epochs"]} must '
+       f'be a positive number of passes over the training set.')
+  need(settings['batch_size'] > 0, f'linear_eval.batch_size='
+       f'{settings["batch_size"]} must be positive.')
+  need(settings['learning_rate'] > 0, f'linear_eval.learning_rate='
+       f'{settings["learning_rate"]} must be positive.')
+  need(settings['weight_decay'] >= 0, f'linear_eval.weight_decay='
+       f'{settings["weight_decay"]} must be >= 0.')
+  hyper = settings['augmented']
+  need(hyper['learning_rate'] > 0, f'linear_eval.augmented.learning_rate='
+       f'{hyper["learning_rate"]} must be positive.')
+  need(0 <= hyper['momentum'] < 1, f'linear_eval.augmented.momentum='
+       f'{hyper["momentum"]} must be in [0, 1).')
+  need(hyper['weight_decay'] >= 0, f'linear_eval.augmented.weight_decay='
+       f'{hyper["weight_decay"]} must be >= 0.')
+  need(all(0 < f <= 1 for f in hyper['decay_fractions']),
+       f'linear_eval.augmented.decay_fractions={tuple(hyper["decay_fractions"])}'
+       f' must be fractions of the epochs in (0, 1].')
+  scale = tuple(hyper['crop_scale'])
+  need(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+       f'linear_eval.augmented.crop_scale={scale} must be (low, high) with '
+       f'0 < low <= high <= 1.')
+  return problems
 
 
 def train_augmented_classifier(
@@ -515,6 +557,9 @@ def format_summary(results: Mapping[str, Any], workdir: str) -> str:
       f'split)',
       f'  protocol: {results["protocol"]}',
   ]
+  if results.get('sparse_inference'):
+    lines.append('  features computed with block-sparse inference '
+                 '(eval.sparse_inference=True): closed tiles skipped')
   if results.get('dense_network'):
     dense = results['dense_network']
     lines.insert(-1, f'  dense network of the same run (every gate open): '

@@ -101,9 +101,15 @@ class JsonlWriter:
           rows.setdefault(int(row['step']), {}).update(row)
     lines = [json.dumps(rows[step]) + '\n' for step in sorted(rows)]
     temporary = self.path + '.tmp'
-    with open(temporary, 'w') as f:
-      f.writelines(lines)
-    os.replace(temporary, self.path)
+    try:
+      with open(temporary, 'w') as f:
+        f.writelines(lines)
+      os.replace(temporary, self.path)
+    finally:
+      # Left behind only when the write failed (a full disk): the original
+      # file is intact, the partial copy is not kept.
+      if os.path.exists(temporary):
+        os.remove(temporary)
     if lines:
       self._last_row = rows[max(rows)]
       self._last_offset = sum(len(line.encode()) for line in lines[:-1])

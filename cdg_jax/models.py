@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cdg_jax.gating import BlockTilingError
 from cdg_jax.layers import check_gate_mode, GatedConv, GatingSpec
 
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
@@ -218,9 +219,16 @@ class ResNet(nn.Module):
       stage_spec = spec.for_stage(i, len(self.stage_sizes))
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = self.block_cls(self.width * 2**i, strides, stage_spec, self.dtype,
-                           self.sparse_inference, self.gate_mode,
-                           name=f'stage{i + 1}_block{j}')(x, train, stat_groups)
+        try:
+          x = self.block_cls(self.width * 2**i, strides, stage_spec,
+                             self.dtype, self.sparse_inference, self.gate_mode,
+                             name=f'stage{i + 1}_block{j}')(x, train,
+                                                            stat_groups)
+        except BlockTilingError as e:
+          if not spec.stage_blocks:
+            raise
+          # The block is this stage's entry of stage_blocks: name that.
+          raise e.for_field(f'gating.stage_blocks[{i}]') from None
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes is None:
       return features

@@ -90,7 +90,10 @@ def initialize_distributed(coordinator_address: str | None = None,
           f'--{" --".join(missing)} missing: several processes are started '
           f'with all three of --coordinator_address, --num_processes and '
           f'--process_id (got {given}).')
-    if num_processes < 1 or not 0 <= process_id < num_processes:
+    if num_processes < 1:
+      raise ValueError(f'--num_processes={num_processes} must be at least 1 '
+                       f'(the number of processes of the run).')
+    if not 0 <= process_id < num_processes:
       raise ValueError(f'--process_id={process_id} must be in [0, '
                        f'--num_processes={num_processes}).')
     if ':' not in coordinator_address:

@@ -47,28 +47,38 @@ def gate_masks(backbone, variables, images: np.ndarray, augment_config
           for k, v in flat.items()}
 
 
-def plot_masks(images: np.ndarray, masks: dict[str, np.ndarray], path: str,
-               max_layers: int = 6) -> None:
-  """Images (rows) next to the fraction of open gates per position in layers."""
+def plot_masks(images: np.ndarray, masks: dict[str, np.ndarray],
+               path: str) -> list[str]:
+  """Images (rows) next to the fraction of open gates per position, one
+  column per gated layer (every gated layer, in network order), with a
+  colour key. Returns the column titles: the layers shown."""
   layers = list(masks)
-  if len(layers) > max_layers:  # spread the picked layers over the depth
-    layers = [layers[i] for i in np.linspace(0, len(layers) - 1, max_layers
-                                             ).round().astype(int)]
+  titles = [name.replace('backbone/', '') for name in layers]
   rows, cols = images.shape[0], len(layers) + 1
-  fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows),
+  fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols + 0.8, 1.5 * rows),
                            squeeze=False)
+  shown = None
   for r in range(rows):
     axes[r, 0].imshow(images[r])
+    if r == 0:
+      axes[r, 0].set_title('test image', fontsize=6)
     for c, name in enumerate(layers, start=1):
-      axes[r, c].imshow(masks[name][r], vmin=0, vmax=1, cmap='viridis')
+      shown = axes[r, c].imshow(masks[name][r], vmin=0, vmax=1,
+                                cmap='viridis')
       if r == 0:
-        axes[r, c].set_title(name.replace('backbone/', ''), fontsize=6)
+        axes[r, c].set_title(titles[c - 1].replace('/', '\n'), fontsize=5)
   for ax in axes.ravel():
     ax.axis('off')
-  fig.suptitle('open-gate fraction per position (yellow: computed)', fontsize=8)
-  fig.tight_layout()
+  fig.suptitle(f'Fraction of open gates per position in each of the '
+               f'{len(layers)} gated layers (0: skipped, 1: computed)',
+               fontsize=8)
+  fig.tight_layout(rect=(0, 0, 0.93, 1))
+  if shown is not None:
+    key = fig.add_axes((0.945, 0.15, 0.012, 0.7))
+    fig.colorbar(shown, cax=key).ax.tick_params(labelsize=6)
   fig.savefig(path, dpi=120)
   plt.close(fig)
+  return titles
 
 
 def write_run_plots(workdir: str, backbone, variables, images: np.ndarray,

@@ -73,6 +73,22 @@ class WorkdirLock:
     except (OSError, ValueError):
       return {}   # unreadable: treated as held by an unknown owner
 
+  def check(self) -> None:
+    """Raises WorkdirLockedError if another live run holds the lock.
+
+    Reads the lock file only (the workdir is not touched): a training
+    command calls it first, so that a second run on a workdir is refused in
+    seconds, before its data are read. `acquire` takes the lock later.
+    """
+    self._everyone_learns(self._check)
+
+  def _check(self) -> None:
+    if not self.enabled:
+      return
+    owner = self._owner()
+    if owner is not None and not self._stale(owner):
+      raise self._locked_error(owner)
+
   def acquire(self) -> None:
     """Takes the lock, or raises WorkdirLockedError naming its owner.
 
@@ -80,9 +96,14 @@ class WorkdirLock:
     learns the outcome: a workdir in use stops all of them, not just the
     one that looked.
     """
+    self._everyone_learns(self._acquire)
+
+  def _everyone_learns(self, look) -> None:
+    """Runs `look` (which may raise WorkdirLockedError) and stops every
+    process of the run if it raised in any."""
     error = None
     try:
-      self._acquire()
+      look()
     except WorkdirLockedError as e:
       error = e
     if jax.process_count() > 1:
@@ -108,26 +129,35 @@ class WorkdirLock:
         owner = self._owner()
         if owner is None:
           continue   # released between our two calls; try again
-        if (owner.get('host') == me['host'] and isinstance(owner.get('pid'), int)
-            and not _process_alive(owner['pid'])):
+        if self._stale(owner):
           logging.warning('Taking over the stale lock %s of process %d (no '
                           'longer running).', self.path, owner['pid'])
           os.remove(self.path)
           continue
-        where = (f'process {owner.get("pid")} on host {owner.get("host")}, '
-                 f'started {owner.get("started")}' if owner else
-                 'an unknown process (unreadable lock file)')
-        raise WorkdirLockedError(
-            f'The workdir {os.path.dirname(self.path)} is in use by {where}. '
-            f'Two runs on one workdir would overwrite each other\'s '
-            f'checkpoints and metrics: use another --workdir, or wait for '
-            f'that run to end. If you are sure it is gone, delete '
-            f'{self.path}.')
+        raise self._locked_error(owner)
       with os.fdopen(fd, 'w') as f:
         json.dump(me, f)
       self._held = True
       return
     raise WorkdirLockedError(f'Could not take the lock {self.path}.')
+
+  @staticmethod
+  def _stale(owner: dict[str, Any]) -> bool:
+    """Whether the lock's owner is a process of this host that is gone."""
+    return (owner.get('host') == socket.gethostname()
+            and isinstance(owner.get('pid'), int)
+            and not _process_alive(owner['pid']))
+
+  def _locked_error(self, owner: dict[str, Any]) -> WorkdirLockedError:
+    where = (f'process {owner.get("pid")} on host {owner.get("host")}, '
+             f'started {owner.get("started")}' if owner else
+             'an unknown process (unreadable lock file)')
+    return WorkdirLockedError(
+        f'The workdir {os.path.dirname(self.path)} is in use by {where}. '
+        f'Two runs on one workdir would overwrite each other\'s '
+        f'checkpoints and metrics: use another --workdir, or wait for '
+        f'that run to end. If you are sure it is gone, delete '
+        f'{self.path}.')
 
   def release(self) -> None:
     if self._held:

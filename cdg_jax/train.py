@@ -13,6 +13,7 @@ plots. SIGTERM or SIGINT stops it after the current step with a checkpoint
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from cdg_jax import config_lib
 from cdg_jax import evaluation
 from cdg_jax import input_pipeline
 from cdg_jax import layers
+from cdg_jax import memory
 from cdg_jax import metric_logging
 from cdg_jax import models
 from cdg_jax import parallel
@@ -53,10 +55,15 @@ def prepare_workdir(workdir: str) -> str:
     # Every process writes checkpoints (orbax), so every process checks;
     # one probe file each, so that they do not race.
     probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
+    try:
+      with open(probe, 'w') as f:
+        f.write('ok')
+    finally:
+      if os.path.exists(probe):
+        os.remove(probe)
   except OSError as e:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+      raise   # a full disk, not a permission: reported as such
     raise PermissionError(f'workdir {workdir!r} is not writable: {e}') from e
   return workdir
 
@@ -104,24 +111,45 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     the last training metrics, steps and wall time.
   """
   start_time = time.time()
-  # Everything that can be checked is checked before the workdir is touched:
-  # the config, the data, the devices.
+  is_main = jax.process_index() == 0
+  # A workdir in use by another run is refused first (reading its lock
+  # only); then everything that can be checked is checked before the
+  # workdir is touched: the config, the memory, the data, the devices.
+  if workdir:
+    run_control.WorkdirLock(workdir, enabled=is_main).check()
   config_lib.validate(config)
   check_same_config_in_every_process(config)
-  source = input_pipeline.create_source(config.data)
   mesh = parallel.make_mesh()
+  # Before the data are made or read: an image size or batch whose train
+  # step cannot fit is refused with the estimate, not found by swapping.
+  size = config.data.image_size
+  memory_note = memory.check_fits(config, (size, size, 3),
+                                  list(mesh.devices.flat))
+  if is_main and memory_note:
+    print(memory_note, flush=True)
+  source = input_pipeline.create_source(config.data)
   # The evaluation batch is rounded up to the devices (eval_batch_size).
   parallel.check_batch_divisible(config.batch_size, mesh)
   num_train = source.num_train
   total_steps = ssl.total_steps(config, num_train)
   check_shapes(config, source, mesh)
-  is_main = jax.process_index() == 0
-  prepare_workdir(workdir)
-  with run_control.WorkdirLock(workdir, enabled=is_main):
-    checkpoints.check_compatible(config, workdir)
-    checkpoints.write_config(config, workdir)
-    return _train_and_evaluate(config, workdir, source, mesh, total_steps,
-                               start_time)
+  try:
+    prepare_workdir(workdir)
+    with run_control.WorkdirLock(workdir, enabled=is_main):
+      checkpoints.check_compatible(config, workdir)
+      checkpoints.write_config(config, workdir)
+      return _train_and_evaluate(config, workdir, source, mesh, total_steps,
+                                 start_time)
+  except checkpoints.CheckpointWriteError:
+    raise
+  except OSError as e:
+    # A full disk met outside a checkpoint save (the metrics, the config,
+    # the lock, a plot, a rerun on a disk still full) ends as a failed save
+    # does: the directory, the cause and the step the run resumes from.
+    full = checkpoints.disk_full_error(workdir, e)
+    if full is None:
+      raise
+    raise full from e
 
 
 def check_same_config_in_every_process(config) -> None:
@@ -298,6 +326,8 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
       'gating': config.gating.kind, 'steps': step,
       'resumed_from_step': start_step,
       'eval_split': source.eval_split_name,
+      # Whether evaluation skipped the closed tiles (eval.sparse_inference).
+      'sparse_inference': bool(config.eval.sparse_inference),
       'num_train': source.num_train, 'num_eval': source.num_test,
       'wall_time_s': time.time() - start_time,
       **knn,
@@ -341,6 +371,10 @@ def format_summary(summary: dict[str, Any]) -> str:
            f'{100 * summary["knn_top5"]:.2f}% ({split} split); backbone '
            f'FLOPs reduction {summary["flops_reduction"]:.3f}x measured on '
            f'the {split} split.']
+  if summary.get('sparse_inference'):
+    lines.append('Evaluated with block-sparse inference '
+                 '(eval.sparse_inference=True): the closed tiles were '
+                 'skipped, not computed and masked.')
   if summary.get('dense_network'):
     dense = summary['dense_network']
     lines.append(f'Dense network of the same run (every gate open): kNN '

@@ -34,3 +34,18 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import launch  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+atexit.register(launch.kill_all)
+
+
+@pytest.fixture(autouse=True)
+def _no_program_outlives_its_test():
+  """Kills what a test started and left running (a failed assertion, a
+  timeout), so that it cannot hold cores, ports or locks for later tests."""
+  yield
+  launch.kill_all()

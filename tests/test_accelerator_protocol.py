@@ -8,7 +8,6 @@ image.
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 import build_accelerator_data  # pylint: disable=g-import-not-at-top,wrong-import-position
+import launch
 
 
 def _fake_cifar(path, per_class_train=30, per_class_test=12):
@@ -55,7 +55,7 @@ def test_protocol_runs_end_to_end_without_tensorflow(tmp_path):
   source, data = tmp_path / 'cifar.npz', tmp_path / 'subset.npz'
   _fake_cifar(source)
   env = {**os.environ, 'PYTHONPATH': ROOT}
-  subprocess.run([sys.executable, 'experiments/build_accelerator_data.py',
+  launch.run([sys.executable, 'experiments/build_accelerator_data.py',
                   f'--source={source}', f'--output={data}',
                   '--train_per_class=25', '--test_per_class=10'],
                  check=True, cwd=ROOT, env=env, timeout=120)
@@ -72,7 +72,7 @@ def test_protocol_runs_end_to_end_without_tensorflow(tmp_path):
           f"sys.argv = {argv!r}; "
           "runpy.run_path('experiments/accelerator_protocol.py', "
           "run_name='__main__')")
-  result = subprocess.run([sys.executable, '-c', code], capture_output=True,
+  result = launch.run([sys.executable, '-c', code], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Device: cpu' in result.stdout.replace('Device: CPU', 'Device: cpu')

@@ -1,7 +1,6 @@
 """Tests of the analytic FLOPs against hand counts and XLA's cost analysis."""
 
 import os
-import subprocess
 import sys
 
 import flax
@@ -13,6 +12,7 @@ import pytest
 from cdg_jax import flops
 from cdg_jax import models
 
+import launch
 import xla_env
 
 # CIFAR ResNet-18 at 32x32, per image, counted by hand (see _hand_count below).
@@ -123,7 +123,7 @@ def test_flops_command_prints_table():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, 'PYTHONPATH': root,
          'XLA_FLAGS': xla_env.xla_flags()}
-  result = subprocess.run(
+  result = launch.run(
       [sys.executable, '-m', 'cdg_jax.flops_table',
        f'--config={root}/configs/default.py:smoke', '--batch_size=4'],
       capture_output=True, text=True, env=env, cwd=root, timeout=300)

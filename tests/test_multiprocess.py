@@ -23,6 +23,7 @@ from cdg_jax import checkpoints
 from cdg_jax import parallel
 from cdg_jax import run_control
 from test_train import ROOT
+import launch
 import xla_env
 
 STEPS = 8
@@ -79,7 +80,7 @@ def _launch(workdir, *args, num_processes=2, module='cdg_jax.main',
       command = [sys.executable, '-c', _RECORD_WRITES, workdir, record, module]
     else:
       command = [sys.executable, '-m', module]
-    processes.append(subprocess.Popen(
+    processes.append(launch.popen(
         command + flags, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True))
   return processes, port
@@ -102,8 +103,15 @@ def _excerpt(err):
   return f'{err[:3000]}\n[...]\n{err[-3000:]}'
 
 
+def _report(results):
+  """Every process's status and stderr: when one process of a run fails,
+  the reason is often in another's output (the one that stopped first)."""
+  return '\n'.join(f'--- process {i}: status {code} ---\n{_excerpt(err)}'
+                    for i, (code, _, err) in enumerate(results))
+
+
 def _single(workdir, *args, module='cdg_jax.main'):
-  return subprocess.run(
+  return launch.run(
       [sys.executable, '-m', module, f'--workdir={workdir}', *SMOKE,
        '--config.cpu_devices=2', *args], cwd=ROOT, env=_env(),
       capture_output=True, text=True, timeout=600)
@@ -131,7 +139,7 @@ def two_runs(tmp_path_factory):
   processes, _ = _launch(multi, record=record)
   results = _finish(processes)
   for code, _, err in results:
-    assert code == 0, _excerpt(err)
+    assert code == 0, _report(results)
   result = _single(single)
   assert result.returncode == 0, _excerpt(result.stderr)
   return multi, single, results, record
@@ -183,8 +191,9 @@ def _paths_and_leaves(tree):
 def test_linear_eval_of_two_processes_matches_one(two_runs):
   multi, single, _, _ = two_runs
   processes, _ = _launch(multi, module='cdg_jax.linear_eval')
-  for code, _, err in _finish(processes):
-    assert code == 0, _excerpt(err)
+  results = _finish(processes)
+  for code, _, err in results:
+    assert code == 0, _report(results)
   result = _single(single, module='cdg_jax.linear_eval')
   assert result.returncode == 0, _excerpt(result.stderr)
   with open(os.path.join(multi, 'linear_eval.json')) as f:
@@ -220,7 +229,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_they_resume(
   results = _finish(processes)
   stopped = set()
   for code, _, err in results:
-    assert code == 143, _excerpt(err)
+    assert code == 143, _report(results)
     line = _last_line(err)
     assert line.startswith('Stopped by a preemption notice after step'), line
     stopped.add(int(line.split('after step ')[1].split()[0]))
@@ -233,7 +242,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_they_resume(
   processes, _ = _launch(workdir, '--config.checkpoint.every_steps=1000')
   results = _finish(processes)
   for code, _, err in results:
-    assert code == 0, _excerpt(err)
+    assert code == 0, _report(results)
   # Process 0 prints for the run.
   assert f'Resumed from {workdir}/checkpoints at step {step}.' in results[0][1]
   for key, value in dict(zip(*_paths_and_leaves(_backbone(multi)))).items():
@@ -278,7 +287,7 @@ def test_a_killed_process_stops_the_other_naming_it_and_the_run_resumes(
                          heartbeat_timeout_s=60)
   results = _finish(processes)
   for code, _, err in results:
-    assert code == 0, _excerpt(err)
+    assert code == 0, _report(results)
   assert f'at step {saved[-1]}.' in results[0][1]
 
 
@@ -291,7 +300,7 @@ def test_a_second_run_on_the_workdir_is_refused_by_every_process(tmp_path):
   processes, _ = _launch(workdir)
   results = _finish(processes, timeout=300)
   for code, _, err in results:
-    assert code == 2, _excerpt(err)
+    assert code == 2, _report(results)
   assert f'in use by process {os.getpid()}' in _last_line(results[0][2])
   assert 'process 0 of this one found its lock' in _last_line(results[1][2])
   assert sorted(os.listdir(workdir)) == [run_control.LOCK_FILE]
@@ -302,7 +311,7 @@ def test_bad_launch_values_fail_fast_with_the_reason(tmp_path):
   port = _free_port()
 
   def run(*flags, timeout=120):
-    return subprocess.run(
+    return launch.run(
         [sys.executable, '-m', 'cdg_jax.main', f'--workdir={workdir}', *SMOKE,
          '--config.cpu_devices=1', *flags], cwd=ROOT, env=_env(),
         capture_output=True, text=True, timeout=timeout)
@@ -327,7 +336,7 @@ def test_bad_launch_values_fail_fast_with_the_reason(tmp_path):
   # Processes started with different configs: all stop before training.
   processes = []
   for process_id, extra in ((0, []), (1, ['--config.gating.groups=2'])):
-    processes.append(subprocess.Popen(
+    processes.append(launch.popen(
         [sys.executable, '-m', 'cdg_jax.main', f'--workdir={workdir}', *SMOKE,
          '--config.cpu_devices=1', *extra,
          f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',

@@ -8,12 +8,12 @@ TensorFlow is truly absent: the wheel in a fresh virtual environment
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from cdg_jax import metric_logging
+import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +22,7 @@ def test_tfds_source_without_tensorflow_says_what_to_install():
   code = ("import sys; sys.modules['tensorflow'] = None; "
           "from cdg_jax import config_lib, input_pipeline; "
           "input_pipeline.create_source(config_lib.base_config().data)")
-  result = subprocess.run([sys.executable, '-c', code], capture_output=True,
+  result = launch.run([sys.executable, '-c', code], capture_output=True,
                           text=True, cwd=ROOT, timeout=300,
                           env={**os.environ, 'PYTHONPATH': ROOT})
   assert result.returncode != 0

@@ -10,11 +10,11 @@ import ast
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
+import launch
 from test_train import ROOT
 
 PACKAGE = os.path.join(ROOT, 'cdg_jax')
@@ -62,7 +62,7 @@ def test_no_module_imports_one_that_imports_it_back():
 
 
 def test_importing_flops_does_not_import_evaluation():
-  result = subprocess.run(
+  result = launch.run(
       [sys.executable, '-c', 'import sys, cdg_jax.flops; print(sorted(m for m '
        'in sys.modules if m.startswith("cdg_jax")))'],
       cwd=ROOT, capture_output=True, text=True, check=True,
@@ -83,13 +83,13 @@ def installed(tmp_path_factory):
   for name in ('pyproject.toml', 'README.md'):
     shutil.copy(os.path.join(ROOT, name), source / name)
   wheels = root / 'dist'
-  subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps',
+  launch.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps',
                   '--quiet', '-w', str(wheels), str(source)], check=True,
                  capture_output=True, text=True)
   [wheel] = [w for w in os.listdir(wheels) if w.endswith('.whl')]
   venv = root / 'venv'
-  subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True)
-  result = subprocess.run(
+  launch.run([sys.executable, '-m', 'venv', str(venv)], check=True)
+  result = launch.run(
       [str(venv / 'bin' / 'pip'), 'install', '--quiet', str(wheels / wheel)],
       capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -102,7 +102,7 @@ def _command(venv, name, *args, cwd):
   env = {k: v for k, v in os.environ.items()
          if k not in ('PYTHONPATH', 'XLA_FLAGS')}
   env['PATH'] = f'{venv / "bin"}{os.pathsep}{env.get("PATH", "")}'
-  return subprocess.run([str(venv / 'bin' / name), *args], cwd=cwd, env=env,
+  return launch.run([str(venv / 'bin' / name), *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=900)
 
 
@@ -110,7 +110,7 @@ def test_the_wheel_runs_the_commands_without_tensorflow(installed, tmp_path):
   outside = tmp_path / 'elsewhere'
   outside.mkdir()
   python = str(installed / 'bin' / 'python')
-  probe = subprocess.run(
+  probe = launch.run(
       [python, '-c', 'import importlib.util as u, cdg_jax; '
        'print(u.find_spec("tensorflow") is None, cdg_jax.__file__)'],
       cwd=outside, capture_output=True, text=True, check=True)
@@ -148,7 +148,7 @@ def test_the_wheel_runs_the_commands_without_tensorflow(installed, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'reduction' in result.stdout.lower()
   # The package data came along (ImageNet-100's class list).
-  listing = subprocess.run(
+  listing = launch.run(
       [python, '-c', 'import importlib.resources as r; print(r.files("cdg_jax")'
        '.joinpath("imagenet100_classes.txt").read_text().split())'],
       cwd=outside, capture_output=True, text=True, check=True)

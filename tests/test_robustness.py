@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from cdg_jax import metric_logging
 from cdg_jax import run_control
 from cdg_jax import train
 from test_train import ROOT, load_config
+import launch
 import xla_env
 
 _SMOKE = ['--config=configs/simclr_cifar10.py:smoke', '--config.num_steps=40',
@@ -62,7 +64,7 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_matches(
   straight = straight_run
   # The same run as a real process, sent the signal once it has logged step 3.
   workdir = str(tmp_path / 'preempted')
-  process = subprocess.Popen(
+  process = launch.popen(
       [sys.executable, '-m', 'cdg_jax.main', *_SMOKE, f'--workdir={workdir}'],
       cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT},
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -159,7 +161,7 @@ def _main(*args, env=None, module='cdg_jax.main'):
   config = [a for a in args if a.startswith('--config=')] or [
       '--config=configs/simclr_cifar10.py:smoke']
   args = [a for a in args if not a.startswith('--config=')]
-  return subprocess.run(
+  return launch.run(
       [sys.executable, '-m', module, *config, '--config.plot_images=0', *args],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env={**os.environ, 'PYTHONPATH': ROOT, **(env or {})})
@@ -182,8 +184,13 @@ def test_shape_errors_come_before_the_workdir_and_the_fix_reruns_there(
   config = _smoke_config()
   config.num_steps = 4
   config.gating.block = (2, 2, 0)
+  config.eval.sparse_inference = True
   summary = train.train_and_evaluate(config, workdir)
   assert summary['steps'] == 4
+  # The summary says that evaluation skipped the closed tiles.
+  assert summary['sparse_inference'] is True
+  with open(os.path.join(workdir, train.SUMMARY_FILE)) as f:
+    assert json.load(f)['sparse_inference'] is True
   # Sparse inference on untiled gates: refused before training.
   other = str(tmp_path / 'sparse')
   result = _main(f'--workdir={other}', '--config.eval.sparse_inference=True')
@@ -230,7 +237,7 @@ def test_eight_devices_evaluate_with_the_default_eval_batch(tmp_path):
 def _small_filesystem(path, size):
   """Mounts a tmpfs of `size` at `path`; False where this is not permitted."""
   os.makedirs(path, exist_ok=True)
-  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}',
+  mounted = launch.run(['mount', '-t', 'tmpfs', '-o', f'size={size}',
                             'tmpfs', str(path)], capture_output=True)
   return mounted.returncode == 0
 
@@ -261,7 +268,7 @@ def test_a_full_disk_ends_with_one_clear_line_and_loses_nothing(tmp_path):
     if real:
       result = _main(*args)
     else:
-      result = subprocess.run(
+      result = launch.run(
           [sys.executable, '-c', _ENOSPC_WRAPPER, *args], cwd=ROOT,
           capture_output=True, text=True, timeout=600,
           env={**os.environ, 'PYTHONPATH': ROOT})
@@ -275,12 +282,31 @@ def test_a_full_disk_ends_with_one_clear_line_and_loses_nothing(tmp_path):
         f'complete checkpoint.'), lines[-5:]
     assert 'Event loop is closed' not in result.stderr
     assert len(_messages(result.stderr)) < 5, lines
+    if real:
+      # Run again on the disk still full: the same kind of last line (what
+      # could not be written, where, the step it resumes from), no
+      # traceback, and no temporary file or lock left behind.
+      again = _main(*args)
+      assert again.returncode == 1, again.stderr[-3000:]
+      last = again.stderr.strip().splitlines()[-1]
+      assert re.fullmatch(
+          rf'FATAL: Could not write .+ in {re.escape(workdir)}(/checkpoints)?'
+          r': the disk is full \(No space left on device\)\. Free space on '
+          r'that filesystem \(or use a --workdir on a larger one\) and run '
+          r'the same command again: it resumes from step 10, the newest '
+          r'complete checkpoint\.', last), last
+      assert 'Traceback' not in again.stderr
+      left = [os.path.join(folder, name)
+              for folder, folders, files in os.walk(workdir)
+              for name in files + folders if 'tmp' in name]
+      assert not left, left
+      assert not os.path.exists(os.path.join(workdir, run_control.LOCK_FILE))
     # Nothing saved is lost: on a larger disk the run resumes from step 10.
     moved = str(tmp_path / 'moved')
     shutil.copytree(workdir, moved)
   finally:
     if real:
-      subprocess.run(['umount', str(small)], check=False)
+      launch.run(['umount', str(small)], check=False)
   summary = train.train_and_evaluate(load_config('simclr_cifar10'), moved)
   assert summary['resumed_from_step'] == 10 and summary['steps'] == 20
 
@@ -298,7 +324,7 @@ def test_a_second_run_on_a_workdir_is_refused_and_stale_locks_are_taken(
     train.train_and_evaluate(load_config('simclr_cifar10'), workdir)
   assert os.listdir(workdir) == [run_control.LOCK_FILE]   # nothing touched
 
-  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+  dead = launch.run([sys.executable, '-c', 'import os; print(os.getpid())'],
                         capture_output=True, text=True, check=True)
   with open(lock, 'w') as f:
     json.dump({'host': os.uname().nodename, 'pid': int(dead.stdout),

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -15,6 +14,7 @@ from cdg_jax import input_pipeline
 from cdg_jax import linear_eval
 from cdg_jax import train
 
+import launch
 import xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +58,7 @@ def test_smoke_run_writes_results_resumes_and_feeds_linear_eval(tmp_path):
 
   # The FLOPs command measures the trained backbone on the same test split,
   # on one device: the backbone exported by this 2-device run loads anywhere.
-  result = subprocess.run(
+  result = launch.run(
       [sys.executable, '-m', 'cdg_jax.flops_table', f'--workdir={workdir}'],
       capture_output=True, text=True, cwd=ROOT, timeout=300,
       env={**os.environ, 'PYTHONPATH': ROOT,
@@ -158,7 +158,7 @@ def test_bad_workdir_incompatible_checkpoint_and_typos_are_reported(tmp_path):
 def test_command_line_rejects_missing_config_and_unknown_override(tmp_path):
   env = {**os.environ, 'PYTHONPATH': ROOT}
   def run(*args):
-    return subprocess.run([sys.executable, '-m', 'cdg_jax.main', *args],
+    return launch.run([sys.executable, '-m', 'cdg_jax.main', *args],
                           capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=300)
   result = run('--config=configs/does_not_exist.py', f'--workdir={tmp_path}')
