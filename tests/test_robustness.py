@@ -411,3 +411,32 @@ def test_bad_npz_files_name_the_path_and_the_problem(tmp_path):
     # Resizing (32 -> 16) an empty split used to fail inside numpy.
     with pytest.raises(ValueError, match=f'x_{split} holds no images'):
       input_pipeline.create_source(_npz_config(empty))
+
+
+def test_config_json_is_replaced_whole_never_seen_half_written(
+    tmp_path, monkeypatch):
+  """On a resumed run of several processes, process 0 rewrites config.json
+  while the others read it (`checkpoints.check_compatible`): a reader must
+  find the old file or the new one. A truncated read once stopped process 1
+  alone and left process 0 waiting at orbax's start-up barrier."""
+  workdir = str(tmp_path)
+  path = os.path.join(workdir, checkpoints.CONFIG_FILE)
+  old = _smoke_config()
+  checkpoints.write_config(old, workdir)
+  new = _smoke_config()
+  new.num_steps = 41
+  seen = []
+  replace = os.replace
+
+  def replace_and_look(source, target):
+    # What a reader finds just before the new file takes its place.
+    with open(path) as f:
+      seen.append(json.load(f)['num_steps'])
+    replace(source, target)
+
+  monkeypatch.setattr(os, 'replace', replace_and_look)
+  checkpoints.write_config(new, workdir)
+  assert seen == [old.num_steps]
+  with open(path) as f:
+    assert json.load(f)['num_steps'] == 41
+  assert os.listdir(workdir) == [checkpoints.CONFIG_FILE]
