@@ -54,7 +54,7 @@ def train_step_bytes(config, image_shape: tuple[int, int, int],
   Args:
     config: the run config (`model`, `gating`, `batch_size`).
     image_shape: (H, W, C) of the training images.
-    num_devices: devices the batch is split over.
+    num_devices: devices the batch is split over (of every process).
   """
   backbone = models.create_resnet(config.model, config.gating)
   per_device = max(1, config.batch_size // max(1, num_devices))
@@ -120,8 +120,9 @@ def check_fits(config, image_shape: tuple[int, int, int],
                devices: list[jax.Device]) -> str | None:
   """Raises ValueError if the train step cannot fit; else describes its cost.
 
-  CPU devices split one host's memory, so on CPU the estimate of every
-  device counts against the host; an accelerator's against its own limit.
+  CPU devices split one host's memory, so on CPU the estimate of each of
+  this process's devices counts against the host; an accelerator's against
+  its own limit. `devices`: every device of the run (the mesh's).
 
   Returns:
     A line for the console: the estimate and the memory it was compared to;
@@ -137,13 +138,16 @@ def check_fits(config, image_shape: tuple[int, int, int],
     memory = train_step_bytes(config, image_shape, len(devices))
   except (ValueError, TypeError):
     return None
-  available, what = available_bytes(devices[0])
-  cpu = devices[0].platform == 'cpu'
-  needed = memory.total * (len(devices) if cpu else 1)
+  # The batch is split over every device of the run; this host's memory
+  # holds the share of its own devices.
+  local = [d for d in devices if d.process_index == jax.process_index()]
+  available, what = available_bytes(local[0])
+  cpu = local[0].platform == 'cpu'
+  needed = memory.total * (len(local) if cpu else 1)
   text = describe(config, image_shape, len(devices), memory)
   if available is None:
     return f'Train step memory: {text}; {what}.'
-  where = (f'{len(devices)} CPU device(s) sharing {available / GIB:.1f} GiB of '
+  where = (f'{len(local)} CPU device(s) sharing {available / GIB:.1f} GiB of '
            f'{what}' if cpu else f'{available / GIB:.1f} GiB, {what}')
   if needed > available:
     raise ValueError(
