@@ -8,9 +8,15 @@ files be loaded from any working directory.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
 
 from cdg_jax import augment
+
+# Protocols of `linear_eval.protocol` (described in cdg_jax/linear_eval.py).
+LINEAR_PROTOCOLS = ('fast', 'augmented')
 
 VARIANTS = ('smoke', 'dense', 'structured', 'tiles', 'channel_predictor',
             'spatial_predictor', 'dense_partner')
@@ -251,7 +257,7 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
   """Every out-of-range value of a config (see `validate`)."""
   # Imported here, not at the top: every config file imports this module,
   # and these pull in Flax, Optax and the data pipeline.
-  from cdg_jax import input_pipeline, layers, linear_eval, models, ssl  # pylint: disable=g-import-not-at-top
+  from cdg_jax import input_pipeline, layers, models, ssl  # pylint: disable=g-import-not-at-top
   problems = []
 
   def need(ok: bool, message: str) -> None:
@@ -308,7 +314,7 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
        f'{config.eval.knn_temperature} must be positive.')
   need(config.eval.every_steps >= 0, f'eval.every_steps='
        f'{config.eval.every_steps} must be >= 0 (0: only at the end).')
-  problems += linear_eval.settings_problems(config.linear_eval.to_dict())
+  problems += linear_eval_problems(config.linear_eval.to_dict())
   try:
     spec = layers.GatingSpec.from_config(config.gating)
     if config.framework in ssl.FRAMEWORKS:
@@ -320,6 +326,46 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
                                                         config.gating))
   except ValueError as e:
     problems.append(str(e))
+  return problems
+
+
+def linear_eval_problems(settings: Mapping[str, Any]) -> list[str]:
+  """Every out-of-range value of a `linear_eval` block, each naming its field.
+
+  Checked before any work: by `linear_eval.linear_settings` (the linear
+  evaluation command) and by `validate` (training, whose config carries the
+  block for a later evaluation).
+  """
+  problems = []
+
+  def need(ok: bool, message: str) -> None:
+    if not ok:
+      problems.append(message)
+
+  need(settings['protocol'] in LINEAR_PROTOCOLS, f'linear_eval.protocol='
+       f'{settings["protocol"]!r} must be one of {sorted(LINEAR_PROTOCOLS)}.')
+  need(settings['epochs'] > 0, f'linear_eval.epochs={settings["epochs"]} must '
+       f'be a positive number of passes over the training set.')
+  need(settings['batch_size'] > 0, f'linear_eval.batch_size='
+       f'{settings["batch_size"]} must be positive.')
+  need(settings['learning_rate'] > 0, f'linear_eval.learning_rate='
+       f'{settings["learning_rate"]} must be positive.')
+  need(settings['weight_decay'] >= 0, f'linear_eval.weight_decay='
+       f'{settings["weight_decay"]} must be >= 0.')
+  hyper = settings['augmented']
+  need(hyper['learning_rate'] > 0, f'linear_eval.augmented.learning_rate='
+       f'{hyper["learning_rate"]} must be positive.')
+  need(0 <= hyper['momentum'] < 1, f'linear_eval.augmented.momentum='
+       f'{hyper["momentum"]} must be in [0, 1).')
+  need(hyper['weight_decay'] >= 0, f'linear_eval.augmented.weight_decay='
+       f'{hyper["weight_decay"]} must be >= 0.')
+  need(all(0 < f <= 1 for f in hyper['decay_fractions']),
+       f'linear_eval.augmented.decay_fractions={tuple(hyper["decay_fractions"])}'
+       f' must be fractions of the epochs in (0, 1].')
+  scale = tuple(hyper['crop_scale'])
+  need(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+       f'linear_eval.augmented.crop_scale={scale} must be (low, high) with '
+       f'0 < low <= high <= 1.')
   return problems
 
 

@@ -362,8 +362,13 @@ def measure(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
   return flops_report(costs, jax.device_get(densities))
 
 
+
 if __name__ == '__main__':
-  # The FLOPs command is `cdg_jax.flops_table` (`cdg-flops`); it moved there
-  # from this module, and `python -m cdg_jax.flops` still runs it.
-  from cdg_jax import flops_table  # pylint: disable=g-import-not-at-top
-  flops_table.run()
+  # This module is the FLOPs library and imports no command; the command is
+  # `cdg_jax.flops_table` (`cdg-flops`), which lived here before. Run it.
+  import runpy  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  print('The FLOPs command is python -m cdg_jax.flops_table (installed: '
+        'cdg-flops); running it.', file=sys.stderr, flush=True)
+  runpy.run_module('cdg_jax.flops_table', run_name='__main__',
+                   alter_sys=True)

@@ -353,51 +353,11 @@ def linear_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   given = given.to_dict() if hasattr(given, 'to_dict') else dict(given or {})
   settings.update({k: v for k, v in given.items() if k != 'augmented'})
   settings['augmented'].update(given.get('augmented') or {})
-  problems = settings_problems(settings)
+  problems = config_lib.linear_eval_problems(settings)
   if problems:
     raise ValueError('Invalid linear_eval settings:\n  ' +
                      '\n  '.join(problems))
   return settings
-
-
-def settings_problems(settings: Mapping[str, Any]) -> list[str]:
-  """Every out-of-range value of a `linear_eval` block, each naming its field.
-
-  Checked before any work: by `linear_settings` (the linear evaluation
-  command) and by `config_lib.validate` (training, whose config carries the
-  block for a later evaluation).
-  """
-  problems = []
-
-  def need(ok: bool, message: str) -> None:
-    if not ok:
-      problems.append(message)
-
-  need(settings['protocol'] in PROTOCOLS, f'linear_eval.protocol='
-       f'{settings["protocol"]!r} must be one of {sorted(PROTOCOLS)}.')
-  need(settings['epochs'] > 0, f'linear_eval.epochs={settings["epochs"]} must '
-       f'be a positive number of passes over the training set.')
-  need(settings['batch_size'] > 0, f'linear_eval.batch_size='
-       f'{settings["batch_size"]} must be positive.')
-  need(settings['learning_rate'] > 0, f'linear_eval.learning_rate='
-       f'{settings["learning_rate"]} must be positive.')
-  need(settings['weight_decay'] >= 0, f'linear_eval.weight_decay='
-       f'{settings["weight_decay"]} must be >= 0.')
-  hyper = settings['augmented']
-  need(hyper['learning_rate'] > 0, f'linear_eval.augmented.learning_rate='
-       f'{hyper["learning_rate"]} must be positive.')
-  need(0 <= hyper['momentum'] < 1, f'linear_eval.augmented.momentum='
-       f'{hyper["momentum"]} must be in [0, 1).')
-  need(hyper['weight_decay'] >= 0, f'linear_eval.augmented.weight_decay='
-       f'{hyper["weight_decay"]} must be >= 0.')
-  need(all(0 < f <= 1 for f in hyper['decay_fractions']),
-       f'linear_eval.augmented.decay_fractions={tuple(hyper["decay_fractions"])}'
-       f' must be fractions of the epochs in (0, 1].')
-  scale = tuple(hyper['crop_scale'])
-  need(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
-       f'linear_eval.augmented.crop_scale={scale} must be (low, high) with '
-       f'0 < low <= high <= 1.')
-  return problems
 
 
 def train_augmented_classifier(

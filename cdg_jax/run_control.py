@@ -68,8 +68,8 @@ class WorkdirLock:
     try:
       with open(self.path) as f:
         return json.load(f)
-    except FileNotFoundError:
-      return None
+    except (FileNotFoundError, NotADirectoryError):
+      return None   # no lock, or no such directory: nobody holds it
     except (OSError, ValueError):
       return {}   # unreadable: treated as held by an unknown owner
 

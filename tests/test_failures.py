@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cdg_jax import checkpoints
+from cdg_jax import config_lib
 from cdg_jax import linear_eval
 from cdg_jax import memory
 from cdg_jax import plots
@@ -130,6 +131,8 @@ def test_linear_eval_settings_are_refused_before_the_backbone_is_loaded(
     with pytest.raises(ValueError, match=r'linear_eval\.epochs=0 must be a '
                                          r'positive number'):
       linear_eval.run_linear_eval(config, missing)
+  # One list of protocols: the checks' and the command's.
+  assert set(config_lib.LINEAR_PROTOCOLS) == set(linear_eval.PROTOCOLS)
   config = load_config('simclr_cifar10')
   config.linear_eval.augmented.crop_scale = (0.5, 0.2)
   with pytest.raises(ValueError, match=r'crop_scale=\(0\.5, 0\.2\) must be'):
