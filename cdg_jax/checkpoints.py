@@ -129,10 +129,15 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def checkpoint_dir(workdir: str) -> str:
+  """`<workdir>/checkpoints`, absolute."""
+  return os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+
+
 def checkpoint_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
   """Orbax manager over `<workdir>/checkpoints`, keeping the last `keep`."""
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+      checkpoint_dir(workdir),
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
 
@@ -218,7 +223,8 @@ def save(manager: ocp.CheckpointManager, state, step: int) -> None:
     manager.save(step, args=ocp.args.StandardSave(state))
   except Exception as e:  # pylint: disable=broad-except
     error = _write_error(manager, step, e)
-    remove_unfinished(manager)
+    _settle(manager)
+    remove_unfinished(str(manager.directory))
     raise error from e
 
 
@@ -232,19 +238,28 @@ def wait(manager: ocp.CheckpointManager) -> None:
     manager.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except
     error = _write_error(manager, _unfinished_step(manager), e)
-    remove_unfinished(manager)
+    remove_unfinished(str(manager.directory))
     raise error from e
 
 
-def remove_unfinished(manager: ocp.CheckpointManager) -> list[str]:
+def _settle(manager: ocp.CheckpointManager) -> None:
+  """Lets orbax's background writes of a failed save end (their error is
+  the one already being reported), so that nothing writes into the
+  half-written checkpoint while it is removed."""
+  try:
+    manager.wait_until_finished()
+  except Exception:  # pylint: disable=broad-except
+    pass
+
+
+def remove_unfinished(directory: str) -> list[str]:
   """Removes half-written checkpoints (orbax's `<step>.orbax-checkpoint-tmp`
-  directories) from the run's checkpoint directory; process 0 only.
+  directories) from a run's checkpoint `directory`; process 0 only.
 
   A save that failed (a full disk) or was cut short (kill -9) leaves one
   behind; it can never be restored, and on a full disk it holds the space
   the next save needs. Returns the names removed.
   """
-  directory = str(manager.directory)
   if jax.process_index() != 0 or not os.path.isdir(directory):
     return []
   removed = []
@@ -320,7 +335,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state,
     NoValidCheckpointError: checkpoints exist but none restores; names the
       directory and the fix.
   """
-  for name in remove_unfinished(manager):
+  for name in remove_unfinished(str(manager.directory)):
     logging.warning('Removed the half-written checkpoint %s/%s (a save that '
                     'did not finish).', manager.directory, name)
   steps = sorted(manager.all_steps(), reverse=True)

@@ -141,6 +141,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       return _train_and_evaluate(config, workdir, source, mesh, total_steps,
                                  start_time)
   except checkpoints.CheckpointWriteError:
+    # Once every write of the run has ended (the loop's `finally` waited for
+    # them): no half-written checkpoint is left behind.
+    checkpoints.remove_unfinished(checkpoints.checkpoint_dir(workdir))
     raise
   except OSError as e:
     # A full disk met outside a checkpoint save (the metrics, the config,
@@ -149,6 +152,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     full = checkpoints.disk_full_error(workdir, e)
     if full is None:
       raise
+    checkpoints.remove_unfinished(checkpoints.checkpoint_dir(workdir))
     raise full from e
 
 
