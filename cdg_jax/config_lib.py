@@ -61,12 +61,18 @@ def gating_config() -> ml_collections.ConfigDict:
       # (experiments/README.md).
       regularizer='density',       # 'density' | 'threshold' (per-layer
                                    # mean) | 'threshold_sum' (channel gating)
+                                   # | 'flops' (one FLOPs budget for the
+                                   # network, the layers share it)
       weight=1.0,                  # lambda
       threshold_target=1.0,        # threshold form only
       density_target=0.25,         # also: channel_predictor keeps
                                    # ceil(target * C_out) channels
       target_anneal_fraction=0.0,  # ours: density target 1 -> target over
                                    # this fraction of training
+      budget_bounds_fraction=0.0,  # 'flops': per-layer bounds relaxing over
+                                   # this fraction (DynConv: 1/3); 0: none
+      budget_start_fraction=0.0,   # 'flops': off for this fraction, then
+      budget_ramp_fraction=0.0,    # ramped in linearly over this one
       gumbel_temperature=1.0,      # spatial_predictor's Gumbel-sigmoid
   ))
 

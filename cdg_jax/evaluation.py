@@ -415,8 +415,10 @@ def knn_eval(backbone: nn.Module, variables: Mapping[str, Any],
 
   Returns:
     {'knn_top1', 'knn_top5', 'flops_reduction', 'gate_density' (MAC-weighted
-    over gated layers; 1.0 for a dense backbone), 'layer_density': {name:
-    density}}, Python floats.
+    over gated layers; 1.0 for a dense backbone), 'gated_flops_fraction'
+    (the gated layers' effective / dense MACs; 1.0 dense), 'layer_density':
+    {name: density}, 'layer_flops_share': {gated layer: its share of the
+    backbone's dense MACs}}, Python floats.
   """
   eval_config = config.get('eval') or {}
   backbone = inference_backbone(backbone, eval_config)
@@ -439,5 +441,10 @@ def knn_eval(backbone: nn.Module, variables: Mapping[str, Any],
       'knn_top5': knn['top5'],
       'flops_reduction': float(report.reduction),
       'gate_density': 1.0 if gated is None else float(gated),
+      'gated_flops_fraction': (1.0 if report.gated_flops_fraction is None
+                               else float(report.gated_flops_fraction)),
       'layer_density': dict(test['densities']),
+      'layer_flops_share': {name: share for name, share
+                            in report.layer_flops_share.items()
+                            if name in test['densities']},
   }

@@ -250,6 +250,20 @@ def backbone_macs(costs: Sequence[LayerCost],
   return dense, effective
 
 
+def gated_macs(costs: Sequence[LayerCost],
+               densities: Mapping[str, Any]) -> tuple[int, Any]:
+  """(dense, effective) MACs per example of the gated backbone layers only.
+
+  The one computation behind the FLOPs-budget regulariser (on the traced
+  densities of a train step) and the report's `gated_flops_fraction` (on
+  measured ones): their ratio is what the budget constrains.
+  """
+  gated = [c for c in costs if c.gated and c.part == 'backbone']
+  dense = sum(c.macs for c in gated)
+  effective = sum(c.effective_macs(densities[c.name]) for c in gated)
+  return dense, effective
+
+
 def flops_reduction(costs: Sequence[LayerCost],
                     densities: Mapping[str, Any]) -> Any:
   """Backbone dense MACs / effective MACs (1.0 for a dense network)."""
@@ -274,6 +288,8 @@ class FlopsReport:
   backbone_effective_macs: float
   head_macs: int
   backbone_padded_macs: int
+  # (dense, effective) MACs of the gated layers (`gated_macs`).
+  gated_macs: tuple[int, float] = (0, 0.0)
 
   @property
   def reduction(self) -> float:
@@ -288,6 +304,22 @@ class FlopsReport:
     total = sum(r.dense_macs for r in gated)
     return sum(r.dense_macs * r.density for r in gated) / total
 
+  @property
+  def gated_flops_fraction(self) -> float | None:
+    """Effective over dense MACs of the gated layers (None without gates).
+
+    The quantity the FLOPs-budget regulariser (`gating.regularizer='flops'`)
+    holds at its target.
+    """
+    dense, effective = self.gated_macs
+    return None if not dense else effective / dense
+
+  @property
+  def layer_flops_share(self) -> dict[str, float]:
+    """Each backbone layer's share of the backbone's dense MACs."""
+    return {r.name: r.dense_macs / self.backbone_dense_macs
+            for r in self.rows if r.part == 'backbone'}
+
   def as_dict(self) -> dict[str, Any]:
     return {
         'backbone_dense_macs': self.backbone_dense_macs,
@@ -296,23 +328,35 @@ class FlopsReport:
         'backbone_padded_macs': self.backbone_padded_macs,
         'flops_reduction': self.reduction,
         'gated_density': self.gated_density,
+        'gated_flops_fraction': self.gated_flops_fraction,
         'layers': [dataclasses.asdict(r) for r in self.rows],
     }
 
   def format_table(self) -> str:
-    """A plain-text table: one row per layer, then totals."""
+    """A plain-text table: one row per layer, then totals.
+
+    'share' is the layer's part of the backbone's dense MACs, so a reader sees
+    which layers a budget closed and what that bought.
+    """
     width = max([len(r.name) for r in self.rows] + [5])
+    share = self.layer_flops_share
     lines = [f'{"layer":<{width}}  {"part":<8}  {"dense MMACs":>11}  '
-             f'{"density":>7}  {"MMACs":>9}']
+             f'{"share":>6}  {"density":>7}  {"MMACs":>9}']
     for r in self.rows:
       density = '-' if r.density is None else f'{r.density:.3f}'
+      layer_share = (f'{100 * share[r.name]:.1f}%' if r.name in share
+                     else '-')
       lines.append(f'{r.name:<{width}}  {r.part:<8}  {r.dense_macs / 1e6:>11.3f}'
-                   f'  {density:>7}  {r.effective_macs / 1e6:>9.3f}')
+                   f'  {layer_share:>6}  {density:>7}'
+                   f'  {r.effective_macs / 1e6:>9.3f}')
     lines.append(f'backbone: {self.backbone_dense_macs / 1e6:.2f} MMACs dense, '
                  f'{self.backbone_effective_macs / 1e6:.2f} MMACs gated, '
                  f'reduction {self.reduction:.3f}x'
                  + ('' if self.gated_density is None else
-                    f', gated-layer density {self.gated_density:.3f}'))
+                    f', gated-layer density {self.gated_density:.3f} '
+                    f'(the gated layers run '
+                    f'{100 * self.gated_flops_fraction:.1f}% of their dense '
+                    f'MACs)'))
     heads = (f'heads: {self.head_macs / 1e6:.3f} MMACs (not in the '
              f'reduction).' if any(r.part == 'head' for r in self.rows) else
              'heads: not traced (the backbone alone was measured; heads are '
@@ -336,10 +380,13 @@ def flops_report(costs: Sequence[LayerCost],
       density = float(densities[c.name])
     rows.append(LayerRow(c.name, c.part, c.macs, density,
                          float(c.effective_macs(density))))
-  dense, effective = backbone_macs(costs, {r.name: r.density for r in rows})
+  measured = {r.name: r.density for r in rows}
+  dense, effective = backbone_macs(costs, measured)
   head = sum(c.macs for c in costs if c.part == 'head')
   padded = sum(c.padded_macs for c in costs if c.part == 'backbone')
-  return FlopsReport(tuple(rows), dense, float(effective), head, padded)
+  gated_dense, gated_effective = gated_macs(costs, measured)
+  return FlopsReport(tuple(rows), dense, float(effective), head, padded,
+                     (gated_dense, float(gated_effective)))
 
 
 def measure(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,

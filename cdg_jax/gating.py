@@ -26,6 +26,10 @@ Options where CDG's public lineage (channel gating / CGNet, DESIGN.md section
   regulariser per-layer mean of (delta - target)^2, its sum over every
              threshold (channel gating's form), or a density target.
 
+The network-level FLOPs budget (ours to add: the form of DynConv, DGNet and
+Krishna et al., not known to be CDG's) is `flops_budget_regularizer` plus the
+per-layer bounds of `layer_bounds` / `bound_regularizer`.
+
 The predictor baselines' ops (FBS-style channel predictor, dual-gating-style
 spatial predictor) are in `cdg_jax.predictors`.
 """
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -519,3 +524,58 @@ def density_regularizer(densities: Sequence[Array], target: float = 0.5
   if not densities:
     return jnp.zeros(())
   return sum(jnp.square(d - target) for d in densities)
+
+
+def flops_budget_regularizer(gated_flops_fraction: Array,
+                             target_fraction: Array | float) -> Array:
+  """One FLOPs budget for the network: `(F_gated / F_dense - target)^2`.
+
+  Args:
+    gated_flops_fraction: the gated layers' effective MACs over their dense
+      MACs (`cdg_jax.flops.gated_macs`), computed from the straight-through
+      masks' densities so the gradient reaches every threshold, each layer in
+      proportion to its share of the MACs.
+    target_fraction: the budget, as the same fraction.
+
+  Returns:
+    The squared gap (multiply by lambda). The layers share the budget: a layer
+    may stay open if others close more.
+  """
+  return jnp.square(gated_flops_fraction - target_fraction)
+
+
+def bound_tightness(progress: Array | float) -> Array:
+  """How tight the per-layer bounds are at `progress` in [0, 1] of relaxation.
+
+  DynConv's schedule, `cos^2(pi/2 * progress)`: 1 (both bounds at the target)
+  at 0, falling smoothly to 0 (bounds [0, 1], no constraint) at 1; clipped
+  outside [0, 1].
+  """
+  progress = jnp.clip(jnp.asarray(progress, jnp.float32), 0.0, 1.0)
+  return jnp.square(jnp.cos(0.5 * math.pi * progress))
+
+
+def layer_bounds(target_density: Array | float, tightness: Array | float
+                 ) -> tuple[Array, Array]:
+  """(lower, upper) bounds on each layer's density at a bound tightness.
+
+  `lower = tightness * target`, `upper = 1 - tightness * (1 - target)`: at
+  tightness 1 every layer is held at the target (the uniform per-layer
+  regulariser), at 0 the bounds are [0, 1] and only the budget remains.
+  """
+  target = jnp.asarray(target_density, jnp.float32)
+  return tightness * target, 1.0 - tightness * (1.0 - target)
+
+
+def bound_regularizer(densities: Sequence[Array], lower: Array | float,
+                      upper: Array | float) -> Array:
+  """`mean_layers relu(d - upper)^2 + relu(lower - d)^2` (0 inside the bounds).
+
+  The mean (not the sum) over layers, as DynConv: the bounds' weight does not
+  grow with depth. `densities` are straight-through mask means.
+  """
+  if not densities:
+    return jnp.zeros(())
+  return sum(jnp.square(jax.nn.relu(d - upper)) +
+             jnp.square(jax.nn.relu(lower - d)) for d in densities
+             ) / len(densities)

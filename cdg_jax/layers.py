@@ -40,7 +40,7 @@ PARTNER_NORMS = ('shared', 'separate')
 # or 'partner' (the dense-partner training forward: the first half of the
 # batch gated, the second half with every gate open).
 GATE_MODES = ('gated', 'open', 'partner')
-REGULARIZERS = ('threshold', 'threshold_sum', 'density')
+REGULARIZERS = ('threshold', 'threshold_sum', 'density', 'flops')
 
 # Collections written by gated layers during `apply`.
 DENSITY_COLLECTION = 'gating'      # per-sample gate density of each gated layer
@@ -147,10 +147,32 @@ class GatingSpec:
       of the straight-through mask (sets the FLOPs operating point);
       'threshold' -- sum_layers mean_channels (delta - threshold_target)^2;
       'threshold_sum' -- sum over every threshold (delta -
-      threshold_target)^2, channel gating's form (lambda 1e-4, target 1.0).
+      threshold_target)^2, channel gating's form (lambda 1e-4, target 1.0);
+      'flops' -- one FLOPs budget for the network (ours to add; the form of
+      DynConv, DGNet and Krishna et al., not known to be the paper's):
+      (F_gated / F_dense - t)^2 over the gated layers' MACs as
+      `cdg_jax.flops` counts them, t the fraction those layers run when
+      their MAC-weighted mean density is `density_target`; the layers share
+      the budget (one may stay open if others close more), optionally with
+      per-layer bounds (`budget_bounds_fraction`) and a late start
+      (`budget_start_fraction`).
     weight: regulariser weight lambda.
     threshold_target: target of the threshold regularisers.
-    density_target: target of the density regulariser, in (0, 1].
+    density_target: target of the density regulariser, in (0, 1]; of the
+      'flops' form, the gated layers' MAC-weighted mean density (the
+      `gate_density` a run reports), so both forms at the same target cost
+      about the same FLOPs.
+    budget_bounds_fraction: 'flops' form: per-layer density bounds
+      [p t, 1 - p (1 - t)] with p = cos^2(pi/2 * s / (f T)) at step s of T
+      (DynConv): every layer held at the target at the start, the bounds
+      relaxed to [0, 1] by this fraction f of training (counted from the
+      budget's start); 0: no bounds. DynConv uses 1/3.
+    budget_start_fraction: 'flops' form: the regulariser is off for this
+      fraction of training (Learning Dynamic Routing starts its budget late),
+      then ramps in over `budget_ramp_fraction`; 0: on from the first step.
+    budget_ramp_fraction: 'flops' form: the regulariser's weight rises
+      linearly from 0 to lambda over this fraction of training after its
+      start; 0: at full weight at once.
     target_anneal_fraction: ours, not the paper's: over this fraction of the
       training steps the density regulariser's target falls linearly from
       1.0 (every gate open) to `density_target`; 0 keeps it fixed. Density
@@ -179,6 +201,9 @@ class GatingSpec:
   threshold_target: float = 1.0
   density_target: float = 0.25
   target_anneal_fraction: float = 0.0
+  budget_bounds_fraction: float = 0.0
+  budget_start_fraction: float = 0.0
+  budget_ramp_fraction: float = 0.0
   gumbel_temperature: float = 1.0
 
   def __post_init__(self):
@@ -210,7 +235,8 @@ class GatingSpec:
     if self.kind == 'cdg' and self.groups < 2:
       raise ValueError(f'gating.groups must be at least 2, got {self.groups}.')
     uses_density = (self.kind in PREDICTOR_KINDS or
-                    (self.kind == 'cdg' and self.regularizer == 'density'))
+                    (self.kind == 'cdg' and
+                     self.regularizer in ('density', 'flops')))
     if uses_density and not 0.0 < self.density_target <= 1.0:
       raise ValueError(f'gating.density_target must be in (0, 1] for '
                        f'gating.kind={self.kind!r}, got {self.density_target}.')
@@ -219,11 +245,28 @@ class GatingSpec:
                        f'{self.target_anneal_fraction}.')
     if self.target_anneal_fraction > 0 and not (
         self.kind == 'spatial_predictor' or
-        (self.kind == 'cdg' and self.regularizer == 'density')):
+        (self.kind == 'cdg' and self.regularizer in ('density', 'flops'))):
       raise ValueError(
           f'gating.target_anneal_fraction={self.target_anneal_fraction} '
           f'anneals the density target, but gating.kind={self.kind!r} with '
           f'gating.regularizer={self.regularizer!r} has none; set it to 0.')
+    for name in ('budget_bounds_fraction', 'budget_start_fraction',
+                 'budget_ramp_fraction'):
+      value = getattr(self, name)
+      if not 0.0 <= value <= 1.0:
+        raise ValueError(f'gating.{name} must be in [0, 1] (a fraction of '
+                         f'training), got {value}.')
+      if value > 0 and not (self.kind == 'cdg' and self.regularizer == 'flops'):
+        raise ValueError(
+            f"gating.{name}={value} applies to the FLOPs budget "
+            f"(gating.kind='cdg', gating.regularizer='flops'), but "
+            f'gating.kind={self.kind!r} with gating.regularizer='
+            f'{self.regularizer!r}; set it to 0.')
+    if self.budget_start_fraction + self.budget_ramp_fraction > 1.0:
+      raise ValueError(
+          f'gating.budget_start_fraction + gating.budget_ramp_fraction = '
+          f'{self.budget_start_fraction} + {self.budget_ramp_fraction} > 1: '
+          f'the budget would never reach full weight.')
     if self.kind == 'spatial_predictor' and self.gumbel_temperature <= 0:
       raise ValueError(f'gating.gumbel_temperature must be positive, got '
                        f'{self.gumbel_temperature}.')

@@ -25,7 +25,7 @@ jitted function over a device mesh.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 from typing import Any
 
@@ -362,9 +362,90 @@ def density_target_schedule(spec: GatingSpec, num_steps: int
   return schedule
 
 
+def budget_schedule(spec: GatingSpec, num_steps: int
+                    ) -> Callable[[jax.Array], dict[str, jax.Array]]:
+  """The FLOPs budget's weight scale and per-layer bound tightness at a step.
+
+  Returns `schedule(step) -> {'scale', 'tightness'}`: `scale` is 0 before
+  `spec.budget_start_fraction` of `num_steps`, then rises linearly to 1 over
+  `spec.budget_ramp_fraction` (at once if 0); `tightness`
+  (`gating.bound_tightness`) falls from 1 at the budget's start to 0 after
+  `spec.budget_bounds_fraction` of training; always 0 without bounds.
+  """
+  start = spec.budget_start_fraction * num_steps
+  ramp = spec.budget_ramp_fraction * num_steps
+  relax = spec.budget_bounds_fraction * num_steps
+
+  def schedule(step):
+    since_start = jnp.asarray(step, jnp.float32) - start
+    if ramp > 0:
+      scale = jnp.clip(since_start / ramp, 0.0, 1.0)
+    else:
+      scale = (since_start >= 0).astype(jnp.float32)
+    tightness = (gating.bound_tightness(jnp.maximum(since_start, 0.0) / relax)
+                 if relax > 0 else jnp.zeros((), jnp.float32))
+    return {'scale': scale, 'tightness': tightness}
+  return schedule
+
+
+def budget_fraction(costs: Sequence[flops.LayerCost],
+                    density: jax.Array | float) -> jax.Array:
+  """The gated layers' FLOPs fraction when every one is at `density`.
+
+  The FLOPs budget's target, from the density a user states: the same
+  `flops.gated_macs` computation the regulariser and the report use.
+  """
+  dense, effective = flops.gated_macs(
+      costs, {c.name: density for c in costs if c.gated})
+  return effective / dense
+
+
+def budget_summary(spec: GatingSpec, costs: Sequence[flops.LayerCost]
+                   ) -> dict[str, float] | None:
+  """The FLOPs budget in the numbers a user reads (None without one).
+
+  Returns {'density': the gated layers' MAC-weighted density target,
+  'gated_flops_fraction': the fraction of their dense MACs it leaves,
+  'flops_reduction': the backbone's dense / effective MACs at it}.
+  """
+  if not (spec.kind == 'cdg' and spec.regularizer == 'flops'):
+    return None
+  at_target = {c.name: spec.density_target for c in costs if c.gated}
+  return {'density': spec.density_target,
+          'gated_flops_fraction': float(budget_fraction(
+              costs, spec.density_target)),
+          'flops_reduction': float(flops.flops_reduction(costs, at_target))}
+
+
+def describe_budget(spec: GatingSpec, costs: Sequence[flops.LayerCost]
+                    ) -> str | None:
+  """One line saying what the FLOPs budget asks for (None without one)."""
+  budget = budget_summary(spec, costs)
+  if budget is None:
+    return None
+  parts = [f"Gate regulariser: one FLOPs budget (gating.regularizer='flops', "
+           f"lambda {spec.weight:g}): the gated layers' MAC-weighted density "
+           f"{budget['density']:.3f}, i.e. "
+           f"{100 * budget['gated_flops_fraction']:.1f}% of their dense MACs; "
+           f"backbone FLOPs reduction {budget['flops_reduction']:.2f}x at the "
+           f'budget.']
+  if spec.budget_bounds_fraction > 0:
+    parts.append(f'Per-layer bounds start at the target and relax to [0, 1] '
+                 f'over {100 * spec.budget_bounds_fraction:.0f}% of training.')
+  if spec.budget_start_fraction > 0:
+    parts.append(f'The budget is off for the first '
+                 f'{100 * spec.budget_start_fraction:.0f}% of training'
+                 + (f', then ramps in over '
+                    f'{100 * spec.budget_ramp_fraction:.0f}%.'
+                    if spec.budget_ramp_fraction > 0 else '.'))
+  return ' '.join(parts)
+
+
 def gate_regularizer(spec: GatingSpec, params, densities: Mapping[str, Any],
                      aux: Mapping[str, Any] | None = None,
-                     density_target: jax.Array | float | None = None):
+                     density_target: jax.Array | float | None = None,
+                     costs: Sequence[flops.LayerCost] = (),
+                     budget: Mapping[str, Any] | None = None):
   """The gates' auxiliary loss, times lambda = `spec.weight` (0 without gates).
 
   Args:
@@ -375,11 +456,18 @@ def gate_regularizer(spec: GatingSpec, params, densities: Mapping[str, Any],
       predictor: per-sample saliency L1 norms).
     density_target: this step's density target (`density_target_schedule`);
       None: `spec.density_target`.
+    costs: the online network's `flops.LayerCost`s (names as in
+      `densities`); the 'flops' form needs them.
+    budget: this step's `budget_schedule` values; None: full weight, no
+      bounds.
 
   Returns:
     CDG: lambda * sum_layers mean((delta - target)^2) ('threshold'),
-    lambda * sum over all thresholds (delta - target)^2 ('threshold_sum') or
-    lambda * sum_layers (density - target)^2 ('density').
+    lambda * sum over all thresholds (delta - target)^2 ('threshold_sum'),
+    lambda * sum_layers (density - target)^2 ('density'), or
+    lambda * scale * [(F_gated / F_dense - t_F)^2 + mean_layers
+    relu(d - upper)^2 + relu(lower - d)^2] ('flops', `budget_schedule` gives
+    scale and the bounds' tightness; t_F = `budget_fraction` at the target).
     'channel_predictor': FBS's lambda * sum_layers mean_samples ||s||_1.
     'spatial_predictor': lambda * sum_layers (density - density_target)^2,
     the density being the mean of the straight-through hard masks, so the
@@ -395,6 +483,19 @@ def gate_regularizer(spec: GatingSpec, params, densities: Mapping[str, Any],
                                (vs if isinstance(vs, tuple) else (vs,))])
               for k, vs in sorted(flat.items()) if k[-1] == 'saliency_l1']
     return spec.weight * predictors.saliency_l1_regularizer(values)
+  if spec.kind == 'cdg' and spec.regularizer == 'flops':
+    if not any(c.gated for c in costs):
+      raise ValueError("gating.regularizer='flops' needs the network's layer "
+                       'costs (flops.layer_costs) with its gated layers.')
+    budget = budget or {'scale': 1.0, 'tightness': 0.0}
+    dense, effective = flops.gated_macs(costs, densities)
+    value = gating.flops_budget_regularizer(
+        effective / dense, budget_fraction(costs, density_target))
+    if spec.budget_bounds_fraction > 0:
+      lower, upper = gating.layer_bounds(density_target, budget['tightness'])
+      value = value + gating.bound_regularizer(list(densities.values()),
+                                               lower, upper)
+    return spec.weight * budget['scale'] * value
   if spec.kind == 'spatial_predictor' or spec.regularizer == 'density':
     return spec.weight * gating.density_regularizer(list(densities.values()),
                                                     density_target)
@@ -429,6 +530,7 @@ def make_train_step(config, networks: Networks, num_train: int,
   lr_schedule = learning_rate_schedule(config, num_train)
   tau_fn = tau_schedule(config, num_train)
   target_fn = density_target_schedule(spec, total_steps(config, num_train))
+  budget_fn = budget_schedule(spec, total_steps(config, num_train))
   augment_config = config.augment
   temperature = config.ssl.temperature
   gated_costs = [c for c in costs if c.gated]
@@ -479,7 +581,8 @@ def make_train_step(config, networks: Networks, num_train: int,
       densities = flops.mean_densities(new_vars.get(DENSITY_COLLECTION, {}))
       gate_loss = gate_regularizer(spec, params, densities,
                                    new_vars.get(AUX_COLLECTION, {}),
-                                   target_fn(state.step))
+                                   target_fn(state.step), costs,
+                                   budget_fn(state.step))
       aux = dict(batch_stats=new_vars['batch_stats'], densities=densities,
                  embeddings=embeddings, features=out['features'], ssl_loss=loss,
                  gate_loss=gate_loss)
@@ -529,6 +632,11 @@ def make_train_step(config, networks: Networks, num_train: int,
     }
     if spec.target_anneal_fraction > 0:
       metrics['density_target'] = target_fn(state.step)
+    if spec.regularizer == 'flops' and spec.kind == 'cdg':
+      budget = budget_fn(state.step)
+      metrics['budget_scale'] = budget['scale']
+      if spec.budget_bounds_fraction > 0:
+        metrics['bound_tightness'] = budget['tightness']
     if gated_costs:
       metrics['gate_density'] = sum(
           c.macs * densities[c.name] for c in gated_costs) / gated_macs

@@ -251,9 +251,13 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams(scalar_hparams(config))
 
+  costs = ssl.online_costs(config, networks)
+  spec = layers.GatingSpec.from_config(config.gating)
+  budget_note = ssl.describe_budget(spec, costs)
+  if is_main and budget_note:
+    print(budget_note, flush=True)
   train_step = ssl.jit_train_step(
-      ssl.make_train_step(config, networks, num_train,
-                          ssl.online_costs(config, networks)), mesh)
+      ssl.make_train_step(config, networks, num_train, costs), mesh)
   batches = batching.prefetch(
       (batching.shard_batch(b, mesh) for b in source.train_batches(
           config.batch_size, config.seed, start_step)),
@@ -336,6 +340,8 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
       'wall_time_s': time.time() - start_time,
       **knn,
       **({'dense_network': dense_network} if dense_network else {}),
+      **({'gate_budget': ssl.budget_summary(spec, costs)}
+         if budget_note else {}),
       'last_train_metrics': {k: v for k, v in last_metrics.items()
                              if not k.startswith('density/')},
   }
@@ -348,7 +354,9 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
       test_images = next(iter(source.eval_batches('test', config.plot_images)))
       plots.write_run_plots(workdir, backbone, jax.device_get(variables),
                             test_images['image'][:config.plot_images],
-                            config.augment, knn.get('layer_density'))
+                            config.augment, knn.get('layer_density'),
+                            knn.get('layer_flops_share'),
+                            source.eval_split_name)
     print(format_summary(summary), flush=True)
   return summary
 
@@ -385,8 +393,19 @@ def format_summary(summary: dict[str, Any]) -> str:
                  f'top-1 {100 * dense["knn_top1"]:.2f}%, top-5 '
                  f'{100 * dense["knn_top5"]:.2f}% ({split} split), FLOPs '
                  f'reduction {dense["flops_reduction"]:.3f}x.')
+  if summary.get('gate_budget'):
+    budget = summary['gate_budget']
+    lines.append(f"FLOPs budget: gated-layer density {budget['density']:.3f} "
+                 f"({100 * budget['gated_flops_fraction']:.1f}% of their dense "
+                 f"MACs, {budget['flops_reduction']:.2f}x); reached: "
+                 f"{summary['gate_density']:.3f} "
+                 f"({100 * summary['gated_flops_fraction']:.1f}%, "
+                 f"{summary['flops_reduction']:.2f}x).")
   if summary.get('layer_density'):
-    lines.append(f'Gate density per layer ({split} split):')
-    lines += [f'  {name:<32} {d:.3f}'
+    share = summary.get('layer_flops_share') or {}
+    lines.append(f'Gate density per layer ({split} split), and the layer\'s '
+                 f"share of the backbone's dense MACs:")
+    lines += [f'  {name:<32} {d:.3f}' + (f'   {100 * share[name]:5.1f}%'
+                                         if name in share else '')
               for name, d in summary['layer_density'].items()]
   return '\n'.join(lines)

@@ -151,6 +151,16 @@ _FBS_RELU = (('gating.predictor_saliency', 'relu'), ('log_every_steps', 1))
 # partner with the dense path's own BatchNorm.
 _PARTNER = _DENSE_PARTNER + (('gating.partner_norm', 'separate'),)
 _PARTNER_LABEL = 'CDG dense partner'
+# One FLOPs budget for the network (issue 30), and the forms selected among.
+_FLOPS_BUDGET = (('gating.regularizer', 'flops'),)
+_BUDGET_FORMS = (
+    ('_bounds', ' with bounds relaxing over 1/3',
+     (('gating.budget_bounds_fraction', 0.33),)),
+    ('', ', no bounds', ()),
+    ('_delayed', ', no bounds, from 1/4 ramped over 1/10',
+     (('gating.budget_start_fraction', 0.25),
+      ('gating.budget_ramp_fraction', 0.1))),
+)
 # The rows compared along resolution and length: each as at 16x16 / 4 epochs
 # except the named axis (the channel predictor at density 0.4, its point
 # nearest CDG's 2.2x).
@@ -332,6 +342,21 @@ GRIDS: dict[str, list[Run]] = {
         for name, label, config in (('dense', 'dense', f'{_SIMCLR},dense'),
                                     ('cdg', 'CDG', _SIMCLR))
     ],
+    # Issue 30: one FLOPs budget for the whole network (the field's form,
+    # DESIGN "How the field sets a compute budget") against today's uniform
+    # per-layer target (sel_cdg, lambda 1), on the validation split, seed 0,
+    # at the same gated-layer density 0.25: with per-layer bounds relaxing
+    # over the first third (DynConv), without bounds, and without bounds but
+    # off for the first quarter then ramped in over a tenth (Learning Dynamic
+    # Routing); lambda 10 (DynConv's) and 30.
+    'budget_selection': [
+        _selection(f'cdg_flops{name}_l{weight}',
+                   f'CDG FLOPs budget{label}, lambda {weight}',
+                   _FLOPS_BUDGET + (('gating.weight', weight),) + overrides,
+                   group='budget_selection')
+        for weight in (10, 30)
+        for name, label, overrides in _BUDGET_FORMS
+    ],
     'smoke': [
         Run('smoke_dense', 'smoke', 'dense', 'configs/simclr_cifar10.py:'
             'smoke,dense', (('num_steps', 4), ('linear_eval.epochs', 2))),
@@ -422,6 +447,10 @@ def run_one(run: Run, results_dir: str, workdir_root: str) -> dict[str, Any]:
       'knn_top1': summary['knn_top1'], 'linear_top1': linear['top1'],
       'flops_reduction': summary['flops_reduction'],
       'gate_density': linear['gate_density'],
+      # Where the network spent its FLOPs (issue 30): each gated layer's
+      # density and share of the backbone's dense MACs, on the eval split.
+      'layer_density': summary.get('layer_density'),
+      'layer_flops_share': summary.get('layer_flops_share'),
       # The dense network of a dense-partner run (every gate open).
       'dense_knn_top1': dense_knn, 'dense_linear_top1': dense_linear,
       'diverged_at_step': None,
@@ -512,7 +541,10 @@ ADDED_GATING_DEFAULTS = {'grouping': 'first', 'saliency_norm': 'batch',
                          'saliency_grad': False, 'surrogate': 'sigmoid',
                          'target_anneal_fraction': 0.0,
                          'partner_norm': 'shared',
-                         'predictor_saliency': 'bounded', 'stage_blocks': []}
+                         'predictor_saliency': 'bounded', 'stage_blocks': [],
+                         'budget_bounds_fraction': 0.0,
+                         'budget_start_fraction': 0.0,
+                         'budget_ramp_fraction': 0.0}
 
 
 def with_defaults(result: dict[str, Any]) -> dict[str, Any]:

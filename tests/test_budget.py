@@ -1,0 +1,163 @@
+"""Tests of the FLOPs-budget gate regulariser (`gating.regularizer='flops'`).
+
+Values and gradients against hand computations, the schedules at their end
+points, and the regulariser's FLOPs fraction against the report's (one
+computation, `flops.gated_macs`).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdg_jax import flops
+from cdg_jax import gating
+from cdg_jax import ssl
+from cdg_jax.layers import GatingSpec
+
+import test_ssl
+
+# Two gated layers (G = 4) of 1,000 and 3,000 MACs, an ungated one, a head.
+COSTS = (
+    flops.LayerCost('a', 'conv', 'backbone', 1000, 4, (2, 2, 8), 1200),
+    flops.LayerCost('b', 'conv', 'backbone', 3000, 4, (2, 2, 8), 3400),
+    flops.LayerCost('c', 'conv', 'backbone', 500, 0, (2, 2, 8), 600),
+    flops.LayerCost('h', 'dense', 'head', 50, 0, (5,), 50),
+)
+DENSITIES = {'a': 0.5, 'b': 0.1}
+
+
+def flops_spec(**kwargs):
+  return GatingSpec(regularizer='flops', weight=2.0, density_target=0.25,
+                    **kwargs)
+
+
+def test_gated_macs_and_budget_fraction_by_hand():
+  dense, effective = flops.gated_macs(COSTS, DENSITIES)
+  # 1000 (1/4 + 3/4 0.5) + 3000 (1/4 + 3/4 0.1) = 625 + 975.
+  assert dense == 4000
+  np.testing.assert_allclose(effective, 1600.0)
+  # Every gated layer at 0.25: 1/4 + 3/4 * 1/4.
+  np.testing.assert_allclose(ssl.budget_fraction(COSTS, 0.25), 0.4375)
+
+
+def test_flops_regulariser_value_and_gradient_by_hand():
+  spec = flops_spec()
+
+  def loss(d):
+    return ssl.gate_regularizer(spec, {}, {'a': d[0], 'b': d[1]}, costs=COSTS)
+  d = jnp.array([DENSITIES['a'], DENSITIES['b']])
+  # lambda (1600/4000 - 0.4375)^2 = 2 * 0.0375^2.
+  np.testing.assert_allclose(loss(d), 2 * 0.0375 ** 2, rtol=1e-6)
+  # d/dd_l = 2 lambda (F - t) * 3/4 * macs_l / 4000: each layer in proportion
+  # to its MACs (the budget is shared, not per layer).
+  np.testing.assert_allclose(
+      jax.grad(loss)(d), [2 * 2 * -0.0375 * 0.75 * 1000 / 4000,
+                          2 * 2 * -0.0375 * 0.75 * 3000 / 4000], rtol=1e-5)
+
+
+def test_bounds_hold_every_layer_at_the_target_then_relax():
+  np.testing.assert_allclose(
+      [gating.bound_tightness(p) for p in (-1.0, 0.0, 0.5, 1.0, 2.0)],
+      [1.0, 1.0, 0.5, 0.0, 0.0], atol=1e-7)
+  np.testing.assert_allclose(gating.layer_bounds(0.25, 1.0), (0.25, 0.25))
+  np.testing.assert_allclose(gating.layer_bounds(0.25, 0.0), (0.0, 1.0))
+  np.testing.assert_allclose(gating.layer_bounds(0.25, 0.5), (0.125, 0.625))
+  # One above the upper bound by 0.1, one below the lower by 0.1: mean of 2.
+  np.testing.assert_allclose(
+      gating.bound_regularizer([jnp.array(0.5), jnp.array(0.1)], 0.2, 0.4),
+      0.01, rtol=1e-6)
+  assert float(gating.bound_regularizer([jnp.array(0.3)], 0.2, 0.4)) == 0.0
+
+  spec = flops_spec(budget_bounds_fraction=0.3)
+  schedule = ssl.budget_schedule(spec, 100)
+  value = lambda step: float(ssl.gate_regularizer(
+      spec, {}, DENSITIES, costs=COSTS, budget=schedule(step)))
+  budget_only = 2 * 0.0375 ** 2
+  # Step 0: both bounds at 0.25: (0.5 - 0.25)^2 and (0.25 - 0.1)^2, mean.
+  np.testing.assert_allclose(value(0), budget_only + 2 * (0.0625 + 0.0225) / 2,
+                             rtol=1e-5)
+  # Relaxed by step 30 = 0.3 of training: the budget alone.
+  np.testing.assert_allclose(value(30), budget_only, rtol=1e-5)
+  np.testing.assert_allclose(value(99), budget_only, rtol=1e-5)
+
+
+def test_late_start_ramps_in_and_starts_the_bounds_with_it():
+  spec = flops_spec(budget_start_fraction=0.25, budget_ramp_fraction=0.1,
+                    budget_bounds_fraction=0.2)
+  schedule = ssl.budget_schedule(spec, 100)
+  at = lambda step, key: float(schedule(step)[key])
+  np.testing.assert_allclose([at(s, 'scale') for s in (0, 24, 25, 30, 35, 99)],
+                             [0, 0, 0, 0.5, 1, 1], atol=1e-6)
+  # The bounds relax over 20 steps from the start at 25.
+  np.testing.assert_allclose(
+      [at(s, 'tightness') for s in (0, 25, 35, 45, 99)],
+      [1, 1, 0.5, 0, 0], atol=1e-6)
+  assert float(ssl.gate_regularizer(spec, {}, DENSITIES, costs=COSTS,
+                                    budget=schedule(10))) == 0.0
+  # No ramp: full weight from the start step on.
+  sharp = ssl.budget_schedule(flops_spec(budget_start_fraction=0.5), 10)
+  np.testing.assert_allclose([float(sharp(s)['scale']) for s in (4, 5, 9)],
+                             [0, 1, 1])
+  # Without bounds the tightness is 0 throughout.
+  assert float(sharp(0)['tightness']) == 0.0
+
+
+def test_regulariser_and_report_are_one_computation():
+  config = test_ssl.tiny_config('simclr')
+  networks = ssl.build_networks(config)
+  costs = ssl.online_costs(config, networks)
+  gated = [c.name for c in costs if c.gated]
+  assert len(gated) == 8
+  densities = dict(zip(gated, np.random.default_rng(0).uniform(0, 1, 8)))
+  report = flops.flops_report(costs, densities)
+  spec = flops_spec()
+  target = ssl.budget_fraction(costs, 0.25)
+  np.testing.assert_allclose(
+      ssl.gate_regularizer(spec, {}, densities, costs=costs),
+      2 * (report.gated_flops_fraction - target) ** 2, rtol=1e-6)
+  summary = ssl.budget_summary(spec, costs)
+  np.testing.assert_allclose(summary['flops_reduction'], flops.flops_report(
+      costs, {name: 0.25 for name in gated}).reduction, rtol=1e-6)
+  np.testing.assert_allclose(summary['gated_flops_fraction'], 0.4375)
+  # Each layer's share of the backbone's dense MACs sums to 1 with the
+  # ungated layers.
+  np.testing.assert_allclose(sum(report.layer_flops_share.values()), 1.0)
+  assert ssl.budget_summary(GatingSpec(), costs) is None
+  line = ssl.describe_budget(flops_spec(budget_bounds_fraction=1 / 3), costs)
+  assert '43.8% of their dense MACs' in line and 'over 33% of training' in line
+
+
+def test_train_step_minimises_the_budget_and_reports_its_schedule():
+  config = test_ssl.tiny_config('simclr', num_steps=4)
+  config.gating.regularizer = 'flops'
+  config.gating.weight = 3.0
+  config.gating.budget_bounds_fraction = 0.5
+  networks, state, mesh, step_fn = test_ssl.setup(config)
+  costs = ssl.online_costs(config, networks)
+  step = ssl.jit_train_step(step_fn, mesh)
+  state, metrics = step(state, test_ssl.fixed_batch())
+  metrics = jax.device_get(metrics)
+  assert metrics['budget_scale'] == 1.0 and metrics['bound_tightness'] == 1.0
+  densities = metrics['layer_density']
+  dense, effective = flops.gated_macs(costs, densities)
+  bounds = np.mean([(d - 0.25) ** 2 for d in densities.values()])
+  np.testing.assert_allclose(
+      metrics['gate_loss'], 3.0 * ((effective / dense - 0.4375) ** 2 + bounds),
+      rtol=1e-5)
+
+
+@pytest.mark.parametrize('fields,words', [
+    (dict(budget_bounds_fraction=0.3), "gating.budget_bounds_fraction=0.3 "
+     "applies to the FLOPs budget"),
+    (dict(regularizer='flops', budget_start_fraction=1.5),
+     'gating.budget_start_fraction must be in [0, 1]'),
+    (dict(regularizer='flops', budget_start_fraction=0.8,
+          budget_ramp_fraction=0.4), 'would never reach full weight'),
+    (dict(regularizer='flops', density_target=0.0),
+     'gating.density_target must be in (0, 1]'),
+])
+def test_budget_fields_are_checked(fields, words):
+  with pytest.raises(ValueError, match=words.replace('(', r'\(').replace(
+      ')', r'\)').replace('[', r'\[').replace(']', r'\]')):
+    GatingSpec(**fields)
