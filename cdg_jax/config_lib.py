@@ -17,6 +17,9 @@ from cdg_jax import augment
 
 # Protocols of `linear_eval.protocol` (described in cdg_jax/linear_eval.py).
 LINEAR_PROTOCOLS = ('fast', 'augmented')
+# Feature normalisation of the augmented protocol (`linear_eval.augmented.
+# feature_norm`).
+FEATURE_NORMS = ('batchnorm', 'none')
 
 VARIANTS = ('smoke', 'dense', 'structured', 'tiles', 'channel_predictor',
             'spatial_predictor', 'dense_partner')
@@ -172,6 +175,10 @@ def base_config() -> ml_collections.ConfigDict:
           weight_decay=0.0,
           decay_fractions=(0.6, 0.8),
           crop_scale=(0.08, 1.0),
+          # 'batchnorm': a non-affine BatchNorm before the classifier (MAE's
+          # linear probe; frozen features of any scale train at one lr) |
+          # 'none': raw features (solo-learn; runs before 2026-12-03).
+          feature_norm='batchnorm',
       )),
   ))
   return config
@@ -368,6 +375,9 @@ def linear_eval_problems(settings: Mapping[str, Any]) -> list[str]:
   need(all(0 < f <= 1 for f in hyper['decay_fractions']),
        f'linear_eval.augmented.decay_fractions={tuple(hyper["decay_fractions"])}'
        f' must be fractions of the epochs in (0, 1].')
+  need(hyper.get('feature_norm', 'none') in FEATURE_NORMS,
+       f'linear_eval.augmented.feature_norm={hyper.get("feature_norm")!r} '
+       f'must be one of {list(FEATURE_NORMS)}.')
   scale = tuple(hyper['crop_scale'])
   need(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
        f'linear_eval.augmented.crop_scale={scale} must be (low, high) with '

@@ -350,12 +350,23 @@ GRIDS: dict[str, list[Run]] = {
     # off for the first quarter then ramped in over a tenth (Learning Dynamic
     # Routing); lambda 10 (DynConv's) and 30.
     'budget_selection': [
-        _selection(f'cdg_flops{name}_l{weight}',
-                   f'CDG FLOPs budget{label}, lambda {weight}',
+        _selection(f'cdg_flops{name}_l{weight:g}',
+                   f'CDG FLOPs budget{label}, lambda {weight:g}',
                    _FLOPS_BUDGET + (('gating.weight', weight),) + overrides,
                    group='budget_selection')
-        for weight in (10, 30)
+        for weight in (10.0, 30.0)
         for name, label, overrides in _BUDGET_FORMS
+    ],
+    # Issue 30 item 5: the same two backbones scored with the augmented
+    # protocol behind a non-affine feature BatchNorm (MAE's linear probe).
+    'linear_protocols_bn': [
+        Run(f'simclr_c10_{name}_augmented_linear_bn', 'linear_protocols',
+            f'{label} (augmented linear + feature BatchNorm, 30 epochs)',
+            config, (('linear_eval.protocol', 'augmented'),
+                     ('linear_eval.epochs', 30),
+                     ('linear_eval.augmented.feature_norm', 'batchnorm')))
+        for name, label, config in (('dense', 'dense', f'{_SIMCLR},dense'),
+                                    ('cdg', 'CDG', _SIMCLR))
     ],
     'smoke': [
         Run('smoke_dense', 'smoke', 'dense', 'configs/simclr_cifar10.py:'
@@ -457,6 +468,8 @@ def run_one(run: Run, results_dir: str, workdir_root: str) -> dict[str, Any]:
       # Which linear protocol made linear_top1 (cdg_jax.linear_eval).
       'linear_protocol': linear.get('linear_eval', {}).get('protocol', 'fast'),
       'linear_epochs': linear.get('linear_eval', {}).get('epochs'),
+      # The augmented protocol's feature normalisation (issue 30).
+      'linear_feature_norm': linear_feature_norm(linear),
       # The wall time of the commands as run by this grid (a run resumed from
       # a checkpoint counts only its last part; see resumed_from_step).
       'train_wall_s': train_s, 'linear_eval_wall_s': eval_s,
@@ -467,6 +480,16 @@ def run_one(run: Run, results_dir: str, workdir_root: str) -> dict[str, Any]:
   }
   _save_result(results_dir, run.name, result)
   return result
+
+
+def linear_feature_norm(linear: dict[str, Any]) -> str:
+  """The augmented protocol's feature normalisation in a linear_eval.json
+  ('none' for the fast protocol, which standardises on its own, and for
+  results written before the field existed)."""
+  settings = linear.get('linear_eval', {})
+  if settings.get('protocol') != 'augmented':
+    return 'none'
+  return (settings.get('augmented') or {}).get('feature_norm', 'none')
 
 
 def divergence_step(log_text: str) -> int | None:
@@ -551,6 +574,7 @@ def with_defaults(result: dict[str, Any]) -> dict[str, Any]:
   """A result with the fields earlier runs did not record, at their values."""
   return {'eval_split': 'test', 'learning_rate': 1.0, 'dense_knn_top1': None,
           'linear_protocol': 'fast', 'linear_epochs': 100,
+          'linear_feature_norm': 'none',
           'dense_linear_top1': None, 'diverged_at_step': None,
           **ADDED_GATING_DEFAULTS, **result}
 
@@ -574,7 +598,7 @@ TABLE_COLUMNS = ('name', 'framework', 'dataset', 'eval_split', 'method',
 # rows trained before a default changed still group with later ones.
 SETTING_FIELDS = ('framework', 'dataset', 'eval_split', 'model', 'image_size',
                   'batch_size', 'steps', 'learning_rate', 'linear_protocol',
-                  'gating')
+                  'linear_feature_norm', 'gating')
 GATING_FIELDS = {
     'none': (),
     'cdg': ('block', 'regularizer', 'weight', 'density_target',
@@ -685,6 +709,7 @@ def write_table(results: list[dict[str, Any]], results_dir: str) -> None:
           f'| {spread("flops_reduction", 1, "x")} |')
   lines += matched_lines(results)
   lines += gap_lines(results)
+  lines += layer_lines(results)
   lines += ['', 'Commands (run from the repository root; each run\'s workdir '
             'under --workdir_root):', '']
   for r in results:
@@ -693,6 +718,38 @@ def write_table(results: list[dict[str, Any]], results_dir: str) -> None:
     lines.append(f'- `{r["name"]}`: `{r["train_command"]}`{then}')
   with open(os.path.join(results_dir, 'results.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
+
+
+def layer_lines(results: list[dict[str, Any]]) -> list[str]:
+  """Per-layer gate densities of the runs that recorded them (issue 30 on).
+
+  One table per network shape (the same gated layers with the same MAC
+  shares): its first row is each layer's share of the backbone's dense MACs,
+  then one row of densities per run, on the run's evaluation split.
+  """
+  tables: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+  for r in map(with_defaults, results):
+    if r.get('layer_density') and r.get('layer_flops_share'):
+      shape = tuple((name, round(r['layer_flops_share'][name], 4))
+                    for name in r['layer_density'])
+      tables.setdefault(shape, []).append(r)
+  if not tables:
+    return []
+  lines = ['', 'Per-layer gate density (fraction of open gates on the run\'s '
+           'split) and each gated layer\'s share of the backbone\'s dense '
+           'MACs: where each run spent its FLOPs.']
+  for shape, rows in tables.items():
+    names = [name.replace('backbone/', '').replace('stage', 's')
+             .replace('_block', 'b').replace('/conv', 'c')
+             for name, _ in shape]
+    lines += ['', '| run | split | ' + ' | '.join(names) + ' |',
+              '| --- | --- |' + ' --- |' * len(names),
+              '| MAC share | - | ' + ' | '.join(
+                  f'{100 * share:.1f}%' for _, share in shape) + ' |']
+    lines += [f'| {r["name"]} | {r["eval_split"]} | ' + ' | '.join(
+        f'{r["layer_density"][name]:.3f}' for name, _ in shape) + ' |'
+              for r in rows]
+  return lines
 
 
 def write_plot(results: list[dict[str, Any]], results_dir: str) -> None:

@@ -443,18 +443,23 @@ def test_knn_eval_with_sparse_inference_gives_the_same_results(tiny):
     np.testing.assert_allclose(fast['layer_density'][name], density, rtol=1e-6)
 
 
-def _augmented_settings(epochs=2, batch_size=8):
+def _augmented_settings(epochs=2, batch_size=8, feature_norm='batchnorm'):
   settings = linear_eval.linear_settings(tiny_config())
   settings.update(protocol='augmented', epochs=epochs, batch_size=batch_size)
-  settings['augmented'].update(learning_rate=0.5, decay_fractions=(0.5,))
+  settings['augmented'].update(learning_rate=0.5, decay_fractions=(0.5,),
+                               feature_norm=feature_norm)
   return settings
 
 
-def test_augmented_protocol_equals_a_step_by_step_reference(tiny):
-  """Frozen backbone in eval mode, new crops and flips in every epoch: the
-  classifier equals one trained by a plain loop that does exactly that."""
+@pytest.mark.parametrize('feature_norm', ['none', 'batchnorm'])
+def test_augmented_protocol_equals_a_step_by_step_reference(tiny,
+                                                            feature_norm):
+  """Frozen backbone in eval mode, new crops and flips in every epoch (and
+  a non-affine BatchNorm on the features, running statistics folded into the
+  classifier at the end): the classifier equals one trained by a plain loop
+  that does exactly that."""
   config, backbone, variables, source, mesh = tiny
-  settings = _augmented_settings()
+  settings = _augmented_settings(feature_norm=feature_norm)
   params, losses = linear_eval.train_augmented_classifier(
       backbone, variables, source, config.augment, NUM_CLASSES, settings,
       seed=3, mesh=mesh)
@@ -472,6 +477,7 @@ def test_augmented_protocol_equals_a_step_by_step_reference(tiny):
   dim = features_of(variables, jnp.zeros((1, 16, 16, 3))).shape[-1]
   kernel, bias = np.zeros((dim, NUM_CLASSES)), np.zeros(NUM_CLASSES)
   velocity = [np.zeros_like(kernel), np.zeros_like(bias)]
+  running_mean, running_var = np.zeros(dim), np.ones(dim)
   batches = source.train_batches(8, 3)
   seen = {}
   for t in range(2 * steps):
@@ -480,6 +486,11 @@ def test_augmented_protocol_equals_a_step_by_step_reference(tiny):
                        jnp.asarray(batch['image']))
     seen.setdefault(t % steps, []).append(np.asarray(images))
     features = np.asarray(features_of(variables, images), np.float64)
+    if feature_norm == 'batchnorm':
+      mean, var = features.mean(0), features.var(0)
+      features = (features - mean) / np.sqrt(var + 1e-6)
+      running_mean = 0.9 * running_mean + 0.1 * mean
+      running_var = 0.9 * running_var + 0.1 * var
     logits = features @ kernel + bias
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
@@ -489,6 +500,10 @@ def test_augmented_protocol_equals_a_step_by_step_reference(tiny):
     for i, (param, grad) in enumerate(zip((kernel, bias), grads)):
       velocity[i] = 0.9 * velocity[i] + grad   # optax.sgd's momentum
       param -= lr * velocity[i]
+  if feature_norm == 'batchnorm':
+    # Test time: (x - running mean) / running std, then the classifier.
+    scale = 1 / np.sqrt(running_var + 1e-6)
+    kernel, bias = kernel * scale[:, None], bias - (running_mean * scale) @ kernel
   np.testing.assert_allclose(params['kernel'], kernel, rtol=2e-3, atol=2e-5)
   np.testing.assert_allclose(params['bias'], bias, rtol=2e-3, atol=2e-5)
   # Each epoch saw other crops of its images (the same batch order would

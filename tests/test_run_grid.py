@@ -67,7 +67,7 @@ def test_every_grid_row_is_a_valid_command(run, monkeypatch):
   assert (config.seed != 0) == (run.group == 'seeds')
   # Model selection is scored on held-out training images, never the test set.
   assert (config.data.validation_size == 5000) == (
-      run.group in ('selection', 'partner_selection'))
+      run.group in ('selection', 'partner_selection', 'budget_selection'))
   overrides = dict(run.overrides)
   if run.method.startswith('dense'):
     assert spec.kind == 'none'
@@ -152,6 +152,52 @@ def test_seed_summary_groups_settings_across_seeds(tmp_path):
   assert ('| cdg | simclr | cifar10 | test | 388 | 0, 1, 2 | 37.00 (34.00-40.00) '
           '| 39.00 (36.00-42.00) | 2.10x (2.00-2.20) |') in table
 
+
+
+def test_layer_table_shows_each_runs_densities_beside_the_mac_shares(
+    tmp_path):
+  shares = {'backbone/stage1_block0/conv1': 0.25,
+            'backbone/stage4_block1/conv2': 0.125}
+  results = [
+      _result('uniform', 0, 0.40,
+              layer_density={'backbone/stage1_block0/conv1': 0.25,
+                             'backbone/stage4_block1/conv2': 0.26},
+              layer_flops_share=shares),
+      _result('budget', 0, 0.41, regularizer='flops',
+              layer_density={'backbone/stage1_block0/conv1': 0.1,
+                             'backbone/stage4_block1/conv2': 0.9},
+              layer_flops_share=shares),
+      _result('old', 0, 0.39),     # saved before densities were recorded
+  ]
+  lines = run_grid.layer_lines(results)
+  assert lines[3:] == [
+      '| run | split | s1b0c1 | s4b1c2 |', '| --- | --- | --- | --- |',
+      '| MAC share | - | 25.0% | 12.5% |',
+      '| uniform | test | 0.250 | 0.260 |', '| budget | test | 0.100 | 0.900 |']
+  assert run_grid.layer_lines(results[2:]) == []
+  run_grid.write_table(results, str(tmp_path))
+  assert '| budget | test | 0.100 | 0.900 |' in (
+      tmp_path / 'results.md').read_text()
+
+
+def test_linear_feature_norm_is_recorded_only_where_it_applies():
+  augmented = {'linear_eval': {'protocol': 'augmented',
+                               'augmented': {'feature_norm': 'batchnorm'}}}
+  assert run_grid.linear_feature_norm(augmented) == 'batchnorm'
+  # Written before the field existed: raw features.
+  assert run_grid.linear_feature_norm(
+      {'linear_eval': {'protocol': 'augmented', 'augmented': {}}}) == 'none'
+  # The fast protocol standardises on its own: the field does not apply.
+  assert run_grid.linear_feature_norm(
+      {'linear_eval': {'protocol': 'fast',
+                       'augmented': {'feature_norm': 'batchnorm'}}}) == 'none'
+  # So an augmented score with and without it are two settings.
+  rows = [_result('raw', 0, 0.3, linear_protocol='augmented'),
+          _result('raw_seed1', 1, 0.3, linear_protocol='augmented'),
+          _result('bn', 0, 0.4, linear_protocol='augmented',
+                  linear_feature_norm='batchnorm')]
+  assert [e['runs'] for e in run_grid.seed_summary(rows)] == [
+      ['raw', 'raw_seed1']]
 
 
 def test_matched_flops_reads_each_curve_at_equal_reduction():
