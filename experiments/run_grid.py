@@ -368,6 +368,17 @@ GRIDS: dict[str, list[Run]] = {
         for name, label, config in (('dense', 'dense', f'{_SIMCLR},dense'),
                                     ('cdg', 'CDG', _SIMCLR))
     ],
+    # Issue 30 item 4: the gap to dense along width (32 instead of the
+    # protocol's 16; the paper's is 64), 16x16, seed 0, test split.
+    'width32': [
+        Run(f'simclr_c10_{name}_w32', 'scale', f'{label}, width 32', config,
+            overrides + (('model.width', 32),))
+        for name, label, config, overrides in (
+            ('dense', 'dense', f'{_SIMCLR},dense', ()),
+            # The form selected on validation (budget_selection): the
+            # uniform per-layer target, the default.
+            ('cdg', 'CDG', _SIMCLR, ()))
+    ],
     'smoke': [
         Run('smoke_dense', 'smoke', 'dense', 'configs/simclr_cifar10.py:'
             'smoke,dense', (('num_steps', 4), ('linear_eval.epochs', 2))),

@@ -57,8 +57,9 @@ def test_every_grid_row_is_a_valid_command(run, monkeypatch):
   # The CPU protocol: real CIFAR subset at 16x16, ResNet-18 width 16.
   assert config.data.source == 'npz'
   assert config.data.npz_path.endswith(f'{config.data.dataset}.npz')
-  assert (config.model.name, config.model.width) == ('resnet18', 16)
   overrides = dict(run.overrides)
+  assert (config.model.name, config.model.width) == (
+      'resnet18', overrides.get('model.width', 16))
   assert config.data.image_size == overrides.get('data.image_size', 16)
   assert config.augment.image_size == config.data.image_size
   assert config.num_epochs == overrides.get('num_epochs', 4.0)
