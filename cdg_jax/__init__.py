@@ -1,4 +1,68 @@
 """cdg_jax: Contrastive Dual Gating (dynamic spatial pruning learned during
-contrastive self-supervised learning) in JAX and Flax."""
+contrastive self-supervised learning) in JAX and Flax.
+
+The public API, for gating your own Flax network (README, "Gate your own Flax
+network"):
+
+  GatingSpec          the gate's settings (groups, block, regulariser, ...)
+  GatedConv           a Flax convolution gated by CDG (or plain, spec None)
+  gated_conv          the same as a pure function of arrays
+  DENSITY_COLLECTION  the collection where gated layers sow their densities
+  MASK_COLLECTION     ... and, when mutable, their masks
+  mean_densities      {layer: mean density} from the sown collection
+  gate_regularizer    the gates' auxiliary loss (per-layer target, FLOPs
+                      budget, threshold forms), times lambda
+  budget_schedule     the FLOPs budget's start/ramp and bound schedule
+  layer_costs         per-layer MACs of any Flax model, from traced shapes
+  flops_report        per-layer and total MACs at given densities
+  FlopsReport         its result (`.reduction`, `.format_table()`, ...)
+  create_resnet       the gated ResNets of this project
+
+These names are stable; everything else is reachable through its module
+(`cdg_jax.gating`, `cdg_jax.layers`, ...) and may change. They are imported
+on first use, so `import cdg_jax` stays light and `python -m cdg_jax.<module>`
+runs each module once.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = '0.1.0'
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    'GatingSpec': 'cdg_jax.layers',
+    'GatedConv': 'cdg_jax.layers',
+    'DENSITY_COLLECTION': 'cdg_jax.layers',
+    'MASK_COLLECTION': 'cdg_jax.layers',
+    'gated_conv': 'cdg_jax.gating',
+    'mean_densities': 'cdg_jax.flops',
+    'layer_costs': 'cdg_jax.flops',
+    'flops_report': 'cdg_jax.flops',
+    'FlopsReport': 'cdg_jax.flops',
+    'gate_regularizer': 'cdg_jax.pretraining',
+    'budget_schedule': 'cdg_jax.pretraining',
+    'create_resnet': 'cdg_jax.models',
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+  from cdg_jax.flops import FlopsReport, flops_report, layer_costs, mean_densities  # pylint: disable=g-multiple-import
+  from cdg_jax.gating import gated_conv
+  from cdg_jax.layers import DENSITY_COLLECTION, MASK_COLLECTION, GatedConv, GatingSpec  # pylint: disable=g-multiple-import
+  from cdg_jax.models import create_resnet
+  from cdg_jax.pretraining import budget_schedule, gate_regularizer
+
+
+def __getattr__(name: str):
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value   # later lookups skip this function
+    return value
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)

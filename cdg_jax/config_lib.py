@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
       # normalisation, threshold comparison) stay float32 either way.
       dtype='float32'))
   config.gating = gating_config()
-  # Self-supervised framework and its heads (see cdg_jax/ssl.py).
+  # Self-supervised framework and its heads (see cdg_jax/pretraining.py).
   config.framework = 'simclr'      # 'simclr' | 'mocov2' | 'byol' | 'simsiam'
   config.ssl = ml_collections.ConfigDict(dict(
       projector_hidden_dims=(2048,),
@@ -270,7 +270,7 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
   """Every out-of-range value of a config (see `validate`)."""
   # Imported here, not at the top: every config file imports this module,
   # and these pull in Flax, Optax and the data pipeline.
-  from cdg_jax import input_pipeline, layers, models, ssl  # pylint: disable=g-import-not-at-top
+  from cdg_jax import input_pipeline, layers, models, pretraining  # pylint: disable=g-import-not-at-top
   problems = []
 
   def need(ok: bool, message: str) -> None:
@@ -293,10 +293,10 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
        f'checkpoint.keep={config.checkpoint.keep} must be at least 1.')
   need(config.cpu_devices >= 0,
        f'cpu_devices={config.cpu_devices} must be >= 0 (0: one per core).')
-  need(config.framework in ssl.FRAMEWORKS, f'framework={config.framework!r} '
-       f'must be one of {ssl.FRAMEWORKS}.')
-  need(config.optim.name in ssl.OPTIMIZERS, f'optim.name={config.optim.name!r}'
-       f' must be one of {ssl.OPTIMIZERS}.')
+  need(config.framework in pretraining.FRAMEWORKS, f'framework={config.framework!r} '
+       f'must be one of {pretraining.FRAMEWORKS}.')
+  need(config.optim.name in pretraining.OPTIMIZERS, f'optim.name={config.optim.name!r}'
+       f' must be one of {pretraining.OPTIMIZERS}.')
   need(config.optim.base_learning_rate >= 0, f'optim.base_learning_rate='
        f'{config.optim.base_learning_rate} must be >= 0.')
   need(config.optim.warmup_epochs >= 0, f'optim.warmup_epochs='
@@ -330,8 +330,8 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
   problems += linear_eval_problems(config.linear_eval.to_dict())
   try:
     spec = layers.GatingSpec.from_config(config.gating)
-    if config.framework in ssl.FRAMEWORKS:
-      ssl.check_branches(config.framework, spec)
+    if config.framework in pretraining.FRAMEWORKS:
+      pretraining.check_branches(config.framework, spec)
     if config.model.name in models.ARCHITECTURES:
       spec.for_stage(0, len(models.ARCHITECTURES[config.model.name][0]))
     if config.eval.sparse_inference:

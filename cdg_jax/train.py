@@ -40,7 +40,7 @@ from cdg_jax import models
 from cdg_jax import parallel
 from cdg_jax import plots
 from cdg_jax import run_control
-from cdg_jax import ssl
+from cdg_jax import pretraining
 
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
@@ -84,14 +84,14 @@ def _eval_scalars(results: dict[str, Any]) -> dict[str, float]:
           if isinstance(v, (int, float, np.floating, np.integer))}
 
 
-def backbone_variables(state: ssl.TrainState) -> dict[str, Any]:
+def backbone_variables(state: pretraining.TrainState) -> dict[str, Any]:
   """The online backbone's variables (params incl. thresholds, batch stats)."""
   return {'params': state.params['backbone'],
           'batch_stats': state.batch_stats.get('backbone', {})}
 
 
 def _create_state(config, networks, num_train, mesh):
-  create = lambda rng: ssl.create_train_state(config, networks, num_train, rng)
+  create = lambda rng: pretraining.create_train_state(config, networks, num_train, rng)
   return jax.jit(create, out_shardings=parallel.replicated(mesh))(
       jax.random.key(config.seed))
 
@@ -131,7 +131,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # The evaluation batch is rounded up to the devices (eval_batch_size).
   parallel.check_batch_divisible(config.batch_size, mesh)
   num_train = source.num_train
-  total_steps = ssl.total_steps(config, num_train)
+  total_steps = pretraining.total_steps(config, num_train)
   check_shapes(config, source, mesh)
   try:
     prepare_workdir(workdir)
@@ -201,11 +201,11 @@ def check_shapes(config, source: input_pipeline.Source,
   """
   height, width, channels = source.image_shape
   try:
-    networks = ssl.build_networks(config)
-    state = jax.eval_shape(lambda: ssl.create_train_state(
+    networks = pretraining.build_networks(config)
+    state = jax.eval_shape(lambda: pretraining.create_train_state(
         config, networks, source.num_train, jax.random.key(0)))
-    step = ssl.make_train_step(config, networks, source.num_train,
-                               ssl.online_costs(config, networks))
+    step = pretraining.make_train_step(config, networks, source.num_train,
+                               pretraining.online_costs(config, networks))
     batch = {'image': jax.ShapeDtypeStruct(
                  (config.batch_size, height, width, channels), np.uint8),
              'label': jax.ShapeDtypeStruct((config.batch_size,), np.int32)}
@@ -231,7 +231,7 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
   """`train_and_evaluate` once the config, data and workdir are checked."""
   is_main = jax.process_index() == 0
   num_train = source.num_train
-  networks = ssl.build_networks(config)
+  networks = pretraining.build_networks(config)
   backbone = models.create_resnet(config.model, config.gating)
 
   state = _create_state(config, networks, num_train, mesh)
@@ -251,13 +251,13 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams(scalar_hparams(config))
 
-  costs = ssl.online_costs(config, networks)
+  costs = pretraining.online_costs(config, networks)
   spec = layers.GatingSpec.from_config(config.gating)
-  budget_note = ssl.describe_budget(spec, costs)
+  budget_note = pretraining.describe_budget(spec, costs)
   if is_main and budget_note:
     print(budget_note, flush=True)
-  train_step = ssl.jit_train_step(
-      ssl.make_train_step(config, networks, num_train, costs), mesh)
+  train_step = pretraining.jit_train_step(
+      pretraining.make_train_step(config, networks, num_train, costs), mesh)
   batches = batching.prefetch(
       (batching.shard_batch(b, mesh) for b in source.train_batches(
           config.batch_size, config.seed, start_step)),
@@ -340,7 +340,7 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
       'wall_time_s': time.time() - start_time,
       **knn,
       **({'dense_network': dense_network} if dense_network else {}),
-      **({'gate_budget': ssl.budget_summary(spec, costs)}
+      **({'gate_budget': pretraining.budget_summary(spec, costs)}
          if budget_note else {}),
       'last_train_metrics': {k: v for k, v in last_metrics.items()
                              if not k.startswith('density/')},

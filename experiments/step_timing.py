@@ -18,17 +18,17 @@ def time_step(config, steps: int, num_train: int = 50_000) -> dict:
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cdg_jax import parallel, ssl  # pylint: disable=g-import-not-at-top
+  from cdg_jax import parallel, pretraining  # pylint: disable=g-import-not-at-top
 
-  networks = ssl.build_networks(config)
+  networks = pretraining.build_networks(config)
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(config.batch_size, mesh)
   state = parallel.replicate(
-      ssl.create_train_state(config, networks, num_train, jax.random.key(0)),
+      pretraining.create_train_state(config, networks, num_train, jax.random.key(0)),
       mesh)
-  step = ssl.jit_train_step(
-      ssl.make_train_step(config, networks, num_train,
-                          ssl.online_costs(config, networks)), mesh)
+  step = pretraining.jit_train_step(
+      pretraining.make_train_step(config, networks, num_train,
+                          pretraining.online_costs(config, networks)), mesh)
   size = config.data.image_size
   rng = np.random.default_rng(0)
   batch = jax.device_put(

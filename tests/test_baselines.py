@@ -13,9 +13,9 @@ from cdg_jax import flops
 from cdg_jax import gating
 from cdg_jax import models
 from cdg_jax import predictors
-from cdg_jax import ssl
+from cdg_jax import pretraining
 from cdg_jax.layers import GatedConv, GatingSpec
-from tests.test_ssl import fixed_batch, setup, tiny_config
+from tests.test_pretraining import fixed_batch, setup, tiny_config
 
 
 def _apply(layer, variables, x, **kwargs):
@@ -52,7 +52,7 @@ def test_channel_predictor_keeps_top_k_and_scales_dense_conv():
   l1 = np.asarray(state['gate_aux']['saliency_l1'][0])
   np.testing.assert_allclose(l1, s.sum(axis=-1), rtol=1e-5)
   # FBS's auxiliary loss: lambda * sum_layers mean_samples ||s||_1.
-  reg = ssl.gate_regularizer(spec, variables['params'], {}, state['gate_aux'])
+  reg = pretraining.gate_regularizer(spec, variables['params'], {}, state['gate_aux'])
   np.testing.assert_allclose(reg, 1e-4 * s.sum(axis=-1).mean(), rtol=1e-5)
 
   # The gradient of the output reaches the predictor (through the saliency).
@@ -158,7 +158,7 @@ def test_spatial_predictor_block_mask_is_hard_and_trains_the_predictor():
                      rngs={'gumbel': jax.random.key(2)})
     densities = flops.mean_densities(st['gating'])
     return (jnp.sum(out * jnp.arange(6.0))
-            + ssl.gate_regularizer(GatingSpec(kind='spatial_predictor',
+            + pretraining.gate_regularizer(GatingSpec(kind='spatial_predictor',
                                               density_target=0.1, weight=1.0),
                                    params, densities))
   grads = jax.grad(loss)(variables['params'])
@@ -167,7 +167,7 @@ def test_spatial_predictor_block_mask_is_hard_and_trains_the_predictor():
   # Density loss alone: lambda * sum_layers (density - target)^2.
   spec_d = GatingSpec(kind='spatial_predictor', density_target=0.5, weight=2.0)
   np.testing.assert_allclose(
-      ssl.gate_regularizer(spec_d, {}, {'a': 0.7, 'b': 0.2}),
+      pretraining.gate_regularizer(spec_d, {}, {'a': 0.7, 'b': 0.2}),
       2.0 * (0.2**2 + 0.3**2), rtol=1e-6)
 
 

@@ -17,7 +17,7 @@ from cdg_jax import gating
 from cdg_jax import layers
 from cdg_jax import models
 from cdg_jax import predictors
-from cdg_jax import ssl
+from cdg_jax import pretraining
 
 MODEL = {'name': 'resnet10', 'width': 8}
 SIZE = 8
@@ -203,11 +203,11 @@ def _simclr_partner_config(partner_norm='shared'):
 
 def test_train_step_gates_view_one_and_meters_the_gated_path_only():
   config = _simclr_partner_config()
-  networks = ssl.build_networks(config)
+  networks = pretraining.build_networks(config)
   assert networks.online.backbone.gate_mode == 'partner'
-  state = ssl.create_train_state(config, networks, 64, jax.random.key(0))
-  costs = ssl.online_costs(config, networks)
-  step = jax.jit(ssl.make_train_step(config, networks, 64, costs))
+  state = pretraining.create_train_state(config, networks, 64, jax.random.key(0))
+  costs = pretraining.online_costs(config, networks)
+  step = jax.jit(pretraining.make_train_step(config, networks, 64, costs))
   images = np.asarray(jax.random.randint(jax.random.key(3), (4, SIZE, SIZE, 3),
                                          0, 256), np.uint8)
   new_state, metrics = step(state, {'image': images,

@@ -102,15 +102,15 @@ def test_the_memory_estimate_bounds_what_xla_allocates():
   """The estimate is an upper estimate of the step's memory, within 2x of
   what XLA's buffer assignment of the whole compiled SimCLR step needs."""
   import jax  # pylint: disable=g-import-not-at-top
-  from cdg_jax import ssl  # pylint: disable=g-import-not-at-top
+  from cdg_jax import pretraining  # pylint: disable=g-import-not-at-top
   config = load_config('simclr_cifar10')
   config.data.image_size = 32
   estimate = memory.train_step_bytes(config, (32, 32, 3), num_devices=1)
-  networks = ssl.build_networks(config)
-  state = jax.eval_shape(lambda: ssl.create_train_state(
+  networks = pretraining.build_networks(config)
+  state = jax.eval_shape(lambda: pretraining.create_train_state(
       config, networks, 512, jax.random.key(0)))
-  step = ssl.make_train_step(config, networks, 512,
-                             ssl.online_costs(config, networks))
+  step = pretraining.make_train_step(config, networks, 512,
+                             pretraining.online_costs(config, networks))
   batch = {'image': jax.ShapeDtypeStruct((32, 32, 32, 3), np.uint8),
            'label': jax.ShapeDtypeStruct((32,), np.int32)}
   compiled = jax.jit(step).lower(state, batch).compile().memory_analysis()

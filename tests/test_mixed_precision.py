@@ -8,8 +8,8 @@ import pytest
 
 from cdg_jax import gating
 from cdg_jax import models
-from cdg_jax import ssl
-from test_ssl import NUM_TRAIN, fixed_batch, setup, tiny_config
+from cdg_jax import pretraining
+from test_pretraining import NUM_TRAIN, fixed_batch, setup, tiny_config
 
 
 def test_gate_decision_is_float32_and_flips_only_near_the_threshold():
@@ -76,7 +76,7 @@ def test_bfloat16_step_is_finite_and_close_to_the_float32_step(
     config.model.dtype = dtype
     _, state, mesh, step_fn = setup(config)
     initial = jax.device_get(state.params)
-    step = ssl.jit_train_step(step_fn, mesh)
+    step = pretraining.jit_train_step(step_fn, mesh)
     state, metrics = step(state, fixed_batch(seed=0))
     results[dtype] = (jax.device_get(metrics), jax.device_get(state))
   (metrics32, state32), (metrics16, state16) = (results['float32'],

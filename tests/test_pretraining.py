@@ -11,7 +11,7 @@ from cdg_jax import augment
 from cdg_jax import config_lib
 from cdg_jax import losses
 from cdg_jax import parallel
-from cdg_jax import ssl
+from cdg_jax import pretraining
 
 NUM_TRAIN = 256
 
@@ -65,12 +65,12 @@ def fixed_batch(batch_size=8, seed=0):
 
 
 def setup(config, num_devices=1):
-  networks = ssl.build_networks(config)
-  state = ssl.create_train_state(config, networks, NUM_TRAIN, jax.random.key(0))
+  networks = pretraining.build_networks(config)
+  state = pretraining.create_train_state(config, networks, NUM_TRAIN, jax.random.key(0))
   mesh = parallel.make_mesh(num_devices)
   state = parallel.replicate(state, mesh)
-  step_fn = ssl.make_train_step(config, networks, NUM_TRAIN,
-                                ssl.online_costs(config, networks))
+  step_fn = pretraining.make_train_step(config, networks, NUM_TRAIN,
+                                pretraining.online_costs(config, networks))
   return networks, state, mesh, step_fn
 
 
@@ -115,14 +115,14 @@ def test_byol_and_simsiam_losses():
 def test_tau_and_learning_rate_schedules_follow_their_formulas():
   config = tiny_config('byol', num_steps=100)
   config.optim.warmup_epochs = 10.0        # 32 steps/epoch -> capped below 100
-  tau = ssl.tau_schedule(config, NUM_TRAIN)
+  tau = pretraining.tau_schedule(config, NUM_TRAIN)
   for step in [0, 25, 50, 100]:
     expected = 1 - (1 - 0.99) * (np.cos(np.pi * step / 100) + 1) / 2
     np.testing.assert_allclose(tau(step), expected, rtol=1e-6)
   config.ssl.tau_schedule = 'constant'
-  np.testing.assert_allclose(ssl.tau_schedule(config, NUM_TRAIN)(50), 0.99)
+  np.testing.assert_allclose(pretraining.tau_schedule(config, NUM_TRAIN)(50), 0.99)
   config.optim.warmup_epochs = 0.5         # 16 warm-up steps
-  lr = ssl.learning_rate_schedule(config, NUM_TRAIN)
+  lr = pretraining.learning_rate_schedule(config, NUM_TRAIN)
   peak = 3.2 * 8 / 256
   np.testing.assert_allclose(lr(8), peak * 8 / 16, rtol=1e-6)
   np.testing.assert_allclose(
@@ -131,9 +131,9 @@ def test_tau_and_learning_rate_schedules_follow_their_formulas():
 
 def test_density_target_schedule_and_regulariser_forms():
   from cdg_jax.layers import GatingSpec
-  fixed = ssl.density_target_schedule(GatingSpec(density_target=0.25), 100)
+  fixed = pretraining.density_target_schedule(GatingSpec(density_target=0.25), 100)
   np.testing.assert_allclose([fixed(s) for s in (0, 50, 100)], 0.25)
-  annealed = ssl.density_target_schedule(
+  annealed = pretraining.density_target_schedule(
       GatingSpec(density_target=0.25, target_anneal_fraction=0.4), 100)
   # 1.0 at step 0, linear to 0.25 at step 40, constant after.
   np.testing.assert_allclose([annealed(s) for s in (0, 10, 40, 90)],
@@ -141,7 +141,7 @@ def test_density_target_schedule_and_regulariser_forms():
   params = {'a': {'threshold': jnp.array([0.0, 3.0])},
             'b': {'threshold': jnp.array([1.0])}}
   densities = {'a': jnp.array(0.5), 'b': jnp.array(0.25)}
-  value = lambda **kw: float(ssl.gate_regularizer(
+  value = lambda **kw: float(pretraining.gate_regularizer(
       GatingSpec(weight=2.0, **kw), params, densities,
       density_target=kw.get('density_target')))
   # (0-1)^2 + (3-1)^2 + 0 = 5, times lambda 2.
@@ -150,7 +150,7 @@ def test_density_target_schedule_and_regulariser_forms():
   np.testing.assert_allclose(value(regularizer='threshold'), 5.0)
   # (0.5-0.25)^2 + 0, times 2; a scheduled target replaces the fixed one.
   np.testing.assert_allclose(value(density_target=0.25), 0.125)
-  np.testing.assert_allclose(float(ssl.gate_regularizer(
+  np.testing.assert_allclose(float(pretraining.gate_regularizer(
       GatingSpec(weight=2.0), params, densities, density_target=0.5)),
       2 * 0.0625)
 
@@ -158,9 +158,9 @@ def test_density_target_schedule_and_regulariser_forms():
 def test_ema_update_and_decay_mask():
   target = {'a': jnp.array([1.0, 2.0])}
   online = {'a': jnp.array([3.0, 6.0])}
-  np.testing.assert_allclose(ssl.ema_update(target, online, 0.9)['a'],
+  np.testing.assert_allclose(pretraining.ema_update(target, online, 0.9)['a'],
                              [1.2, 2.4], rtol=1e-6)
-  mask = ssl.decay_mask({'kernel': jnp.ones((3, 3)), 'bias': jnp.ones(3),
+  mask = pretraining.decay_mask({'kernel': jnp.ones((3, 3)), 'bias': jnp.ones(3),
                          'threshold': jnp.ones(3)})
   assert mask == {'kernel': True, 'bias': False, 'threshold': False}
 
@@ -168,16 +168,16 @@ def test_ema_update_and_decay_mask():
 # ------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize('framework', ssl.FRAMEWORKS)
+@pytest.mark.parametrize('framework', pretraining.FRAMEWORKS)
 def test_each_framework_learns_and_moves_gates(framework):
   # MoCo learns more slowly (its keys come from a lagging encoder).
   config = tiny_config(framework, num_steps=64 if framework == 'mocov2' else 32)
   _, state, mesh, step_fn = setup(config)
-  step = ssl.jit_train_step(step_fn, mesh)
+  step = pretraining.jit_train_step(step_fn, mesh)
   # Fixed synthetic data: 8 batches of 8 images, cycled. (MoCo's queue of 4
   # batches then never holds keys of the images being queried.)
   batches = [fixed_batch(seed=i) for i in range(8)]
-  first_threshold = np.asarray(ssl.thresholds(state.params)[0])
+  first_threshold = np.asarray(pretraining.thresholds(state.params)[0])
   first_kernel = np.asarray(
       state.params['backbone']['stage1_block0']['conv1']['kernel'])
   history = []
@@ -190,7 +190,7 @@ def test_each_framework_learns_and_moves_gates(framework):
   # (harder negatives); compare from the first step with a full queue.
   start = config.ssl.queue_size // config.batch_size if framework == 'mocov2' else 0
   assert np.mean(ssl_loss[-8:]) < np.mean(ssl_loss[start:start + 8]) - 0.02, ssl_loss
-  threshold = np.asarray(ssl.thresholds(state.params)[0])
+  threshold = np.asarray(pretraining.thresholds(state.params)[0])
   kernel = np.asarray(state.params['backbone']['stage1_block0']['conv1']['kernel'])
   assert np.abs(threshold - first_threshold).max() > 1e-4
   # The base path is the first quarter of the input channels.
@@ -228,19 +228,19 @@ def test_moco_queue_and_byol_ema_follow_their_formulas():
   new_state, metrics = jax.jit(step_fn)(state, batch)
   tau = 1 - (1 - 0.99) * (np.cos(0.0) + 1) / 2
   np.testing.assert_allclose(metrics['tau'], tau, rtol=1e-6)
-  online = ssl.select_like(new_state.params, old_target)
+  online = pretraining.select_like(new_state.params, old_target)
   expected = jax.tree.map(lambda t, o: tau * t + (1 - tau) * o, old_target, online)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                new_state.target_params, expected)
   assert 'predictor' not in new_state.target_params
-  assert ssl.thresholds(new_state.target_params)  # the target is gated too
+  assert pretraining.thresholds(new_state.target_params)  # the target is gated too
 
 
 def test_online_only_gating_leaves_the_target_dense():
   config = tiny_config('byol')
   config.gating.branches = 'online'
   _, state, _, _ = setup(config)
-  assert ssl.thresholds(state.params) and not ssl.thresholds(state.target_params)
+  assert pretraining.thresholds(state.params) and not pretraining.thresholds(state.target_params)
 
 
 @pytest.mark.parametrize('framework,kind', [
@@ -260,7 +260,7 @@ def test_two_devices_match_one_device(framework, kind):
     _, state, mesh, step_fn = setup(config, num_devices)
     chex.clear_trace_counter()   # a new mesh is a legitimate new trace
     traced = chex.assert_max_traces(step_fn, n=1)
-    step = ssl.jit_train_step(traced, mesh)
+    step = pretraining.jit_train_step(traced, mesh)
     sharded = jax.device_put(batch, parallel.data_sharding(mesh))
     state, metrics = step(state, sharded)
     # Fetch before the next call donates this state's buffers.
@@ -285,13 +285,13 @@ def test_bad_input_is_reported_clearly():
     parallel.check_batch_divisible(config.batch_size, mesh)
   config = tiny_config('swav')
   with pytest.raises(ValueError, match="framework='swav'"):
-    ssl.build_networks(config)
+    pretraining.build_networks(config)
   config = tiny_config('simclr')
   config.optim.name = 'adamw'
   with pytest.raises(ValueError, match="optim.name='adamw'"):
-    ssl.make_optimizer(config, NUM_TRAIN)
+    pretraining.make_optimizer(config, NUM_TRAIN)
   config = tiny_config('mocov2')
   config.ssl.queue_size = 30
   with pytest.raises(ValueError, match='queue_size=30 is not divisible by batch_size=8'):
-    ssl.create_train_state(config, ssl.build_networks(config), NUM_TRAIN,
+    pretraining.create_train_state(config, pretraining.build_networks(config), NUM_TRAIN,
                            jax.random.key(0))
