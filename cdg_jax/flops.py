@@ -7,7 +7,7 @@ zero padding are not counted, which is what XLA's cost analysis counts (it
 agrees with this module to 0.4% on CIFAR ResNet-18). The conventional count of
 the literature, `kh * kw * C_in * C_out * H_out * W_out` (0.56 GMACs for CIFAR
 ResNet-18), includes them; it is reported too as `padded_macs`. A dense layer
-costs `C_in * C_out`. A CDG-gated convolution costs (DESIGN.md section 2)
+costs `C_in * C_out`. A CDG-gated convolution costs (docs/method.md [flops])
 
     dense_macs * (1/G + (G - 1)/G * density)
 

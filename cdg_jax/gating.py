@@ -6,7 +6,7 @@ differentiable; the Flax layer in `cdg_jax.layers` only holds the parameters
 and statistics and calls them. Shapes use NHWC for activations and HWIO for
 kernels, as `flax.linen.Conv` does.
 
-The gated convolution (DESIGN.md section 2), for kernel `W` (k, k, C_in, C_out)
+The gated convolution (docs/method.md [gated convolution]), for kernel `W` (k, k, C_in, C_out)
 split into `G` input-channel groups:
 
     Y_base = conv(X[..., :C_in/G], W[:, :, :C_in/G])          # always computed
@@ -14,8 +14,8 @@ split into `G` input-channel groups:
     d      = 1[block_mean(S - delta) > 0]                       # hard 0/1 gate, STE
     Y      = Y_base + d * conv(X[..., C_in/G:], W[:, :, C_in/G:])
 
-Options where CDG's public lineage (channel gating / CGNet, DESIGN.md section
-2) reads differently, each kept next to our first reading:
+Options where CDG's public lineage (channel gating / CGNet; docs/method.md
+[what is whose]) reads differently, each kept next to our first reading:
 
   grouping   'first': every output's base path sees the first C_in/G input
              channels (above); 'diagonal': output-channel group i's base path
@@ -205,7 +205,7 @@ def saliency_moments(y_base: Array, norm: str = 'batch', num_groups: int = 1
     num_groups: for 'batch', the batch axis is split into this many equal
       consecutive groups (e.g. the two augmented views of a contrastive pair)
       and statistics are computed per group ("per-branch" statistics,
-      DESIGN.md section 2.7). 1 pools the whole batch ("joint").
+      docs/method.md [dual gating]). 1 pools the whole batch ("joint").
 
   Returns:
     (mean, var), each broadcastable against `y_base`: shape

@@ -23,7 +23,7 @@ from cdg_jax import gating
 from cdg_jax import predictors
 from cdg_jax import sparse
 
-# Gating kinds: dense, CDG, and the predictor baselines of DESIGN.md section 2
+# Gating kinds: dense, CDG, and the predictor baselines of docs/method.md [baselines]
 # (a feature-boosting-style channel predictor and a dual-gating-style spatial
 # predictor).
 GATING_KINDS = ('none', 'cdg', 'channel_predictor', 'spatial_predictor')

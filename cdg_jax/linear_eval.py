@@ -585,7 +585,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
   from cdg_jax import cli  # pylint: disable=g-import-not-at-top
   cli.quiet_logging()
-  # Before JAX starts its backends: one CPU device per core (DESIGN.md sec. 3).
+  # Before JAX starts its backends: one CPU device per core.
   parallel.split_host_into_devices(flags.FLAGS.config.get('cpu_devices', 0))
   cli.initialize_distributed_from_flags()
   workdir = flags.FLAGS.workdir

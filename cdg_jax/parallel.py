@@ -1,7 +1,7 @@
 """Device set-up: host CPU splitting, multi-host initialisation, the data mesh.
 
 Data parallelism is `jax.jit` over a one-axis `Mesh` named 'data': the batch is
-sharded over it, the train state replicated (DESIGN.md section 3). No `pmap`.
+sharded over it, the train state replicated (docs/method.md [training]). No `pmap`.
 """
 
 from __future__ import annotations

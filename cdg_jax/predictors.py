@@ -1,4 +1,4 @@
-"""Pure-function ops of the predictor baselines (DESIGN.md section 2, "Baselines").
+"""Pure-function ops of the predictor baselines (docs/method.md [baselines]).
 
 Both baselines compute the full dense convolution and multiply its output by
 a mask chosen by a small auxiliary predictor that looks at the layer's input;

@@ -221,7 +221,7 @@ def tau_schedule(config, num_train: int) -> optax.Schedule:
 
 def decay_mask(params):
   """Weight decay and LARS adaptation only for kernels: biases, norm params
-  and gate thresholds are 1-D and excluded (LESSONS.md: by ndim, not name)."""
+  and gate thresholds are 1-D and excluded (docs/method.md [training]: by ndim, not name)."""
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 

@@ -5,7 +5,7 @@ r"""Median train-step time: CDG-gated vs dense SimCLR, 1 device vs one per core.
 
 CIFAR ResNet-18 (width 64), SimCLR, batch 128 images (256 views of 32x32),
 synthetic uint8 images (the step's cost does not depend on pixel values:
-masked work is computed and multiplied by zero, see DESIGN.md section 2).
+masked work is computed and multiplied by zero, see docs/method.md [gated convolution]).
 Each configuration is compiled, warmed up for one step, then timed over
 `--steps` steps; the median is printed. The device count must be fixed before
 JAX starts, so without `--devices` the script runs itself once per count.

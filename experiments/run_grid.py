@@ -126,7 +126,7 @@ _SIMCLR = f'{PROTOCOL}:simclr_cifar10'
 # images, scored on the other 5,000 (class balanced, the same for every run);
 # the test set is not touched.
 VALIDATION = (('data.validation_size', 5000),)
-# CDG's public lineage (channel gating / CGNet; DESIGN.md section 2), as
+# CDG's public lineage (channel gating / CGNet; docs/method.md [what is whose]), as
 # gating overrides.
 _DIAGONAL = (('gating.grouping', 'diagonal'),)
 _INSTANCE_NORM = (('gating.saliency_norm', 'sample'),
@@ -343,7 +343,7 @@ GRIDS: dict[str, list[Run]] = {
                                     ('cdg', 'CDG', _SIMCLR))
     ],
     # Issue 30: one FLOPs budget for the whole network (the field's form,
-    # DESIGN "How the field sets a compute budget") against today's uniform
+    # docs/method.md [regulariser]) against today's uniform
     # per-layer target (sel_cdg, lambda 1), on the validation split, seed 0,
     # at the same gated-layer density 0.25: with per-layer bounds relaxing
     # over the first third (DynConv), without bounds, and without bounds but
