@@ -184,6 +184,83 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+# The SSL frameworks' recipes on CIFAR, as the literature's CIFAR scripts set
+# them (solo-learn; SimCLR's and MoCo v2's papers for the temperatures):
+# what `recipe_config` sets on top of `base_config()`. The config files in
+# configs/ pick a recipe and a dataset; their docstrings say where each
+# number comes from and what to expect.
+CIFAR_RECIPES = {
+    'simclr': dict(
+        augment='simclr_cifar',
+        ssl=dict(projector_hidden_dims=(2048,), projector_dim=128,
+                 temperature=0.2),
+        # lr x batch/256 (SimCLR: 0.3 * B/256 for 1000 epochs on ImageNet).
+        optim=dict(name='lars', base_learning_rate=1.0, weight_decay=1e-6,
+                   warmup_epochs=10.0),
+        batch_size=512, num_epochs=800.0),
+    'mocov2': dict(
+        augment='simclr_cifar',
+        ssl=dict(projector_hidden_dims=(512,), projector_dim=128,
+                 temperature=0.1, queue_size=4096, base_tau=0.99,
+                 tau_schedule='constant'),
+        # lr x batch/256 -> 0.06 at 512.
+        optim=dict(name='sgd', base_learning_rate=0.03, weight_decay=5e-4,
+                   warmup_epochs=0.0),
+        batch_size=512, num_epochs=200.0),
+    'byol': dict(
+        augment='byol_cifar',
+        ssl=dict(projector_hidden_dims=(4096,), projector_dim=256,
+                 predictor_hidden_dims=(4096,), predictor_dim=256,
+                 base_tau=0.99, tau_schedule='cosine'),
+        optim=dict(name='lars', base_learning_rate=1.0, weight_decay=1e-5,
+                   warmup_epochs=10.0),
+        batch_size=256, num_epochs=1000.0),
+    'simsiam': dict(
+        augment='simclr_cifar',
+        ssl=dict(projector_hidden_dims=(2048, 2048), projector_dim=2048,
+                 projector_last_bn=True, predictor_hidden_dims=(512,),
+                 predictor_dim=2048),
+        optim=dict(name='sgd', base_learning_rate=0.03, weight_decay=5e-4,
+                   warmup_epochs=0.0),
+        batch_size=512, num_epochs=800.0),
+}
+# Number of classes of each dataset a config file names.
+NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet100': 100}
+
+
+def recipe_config(framework: str, dataset: str,
+                  recipe: dict[str, Any] | None = None,
+                  augment_name: str | None = None,
+                  image_size: int = 32) -> ml_collections.ConfigDict:
+  """`base_config()` with a framework's recipe on a dataset.
+
+  Args:
+    framework: a key of `CIFAR_RECIPES` (and `config.framework`).
+    dataset: 'cifar10', 'cifar100' or 'imagenet100'.
+    recipe: the recipe to apply instead of `CIFAR_RECIPES[framework]` (same
+      keys: 'augment', 'ssl', 'optim', 'batch_size', 'num_epochs').
+    augment_name: the `augment.augment_preset` name instead of the
+      recipe's.
+    image_size: `data.image_size`; the augmentation block follows it by
+      reference, so an override of `data.image_size` moves both.
+  """
+  recipe = CIFAR_RECIPES[framework] if recipe is None else recipe
+  config = base_config()
+  config.framework = framework
+  config.data.dataset = dataset
+  config.data.num_classes = NUM_CLASSES[dataset]
+  if image_size != config.data.image_size:
+    config.data.image_size = image_size
+  config.augment = augment.augment_preset(
+      augment_name or recipe['augment'], image_size, dataset)
+  config.augment.image_size = config.data.get_ref('image_size')
+  for block in ('ssl', 'optim'):
+    config[block].update(recipe[block])
+  config.batch_size = recipe['batch_size']
+  config.num_epochs = recipe['num_epochs']
+  return config
+
+
 def apply_variants(config: ml_collections.ConfigDict,
                    arg: str | None) -> ml_collections.ConfigDict:
   """Applies comma-separated variants: smoke, dense, structured.

@@ -11,27 +11,9 @@ Expected result: not yet measured by this project; dense BYOL ResNet-18 is
 reported at about 92% on CIFAR-10 after 1000 epochs (solo-learn).
 """
 
-from cdg_jax import augment
 from cdg_jax import config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.base_config()
-  config.framework = 'byol'
-  config.data.dataset = 'cifar10'
-  config.data.num_classes = 10
-  config.augment = augment.augment_preset('byol_cifar', 32, 'cifar10')
-  config.augment.image_size = config.data.get_ref('image_size')
-  config.ssl.projector_hidden_dims = (4096,)
-  config.ssl.projector_dim = 256
-  config.ssl.predictor_hidden_dims = (4096,)
-  config.ssl.predictor_dim = 256
-  config.ssl.base_tau = 0.99
-  config.ssl.tau_schedule = 'cosine'
-  config.optim.name = 'lars'
-  config.optim.base_learning_rate = 1.0
-  config.optim.weight_decay = 1e-5
-  config.optim.warmup_epochs = 10.0
-  config.batch_size = 256
-  config.num_epochs = 1000.0
-  return config_lib.apply_variants(config, arg)
+  return config_lib.apply_variants(
+      config_lib.recipe_config('byol', 'cifar10'), arg)

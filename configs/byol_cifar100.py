@@ -12,27 +12,9 @@ epochs (solo-learn). The smoke run takes about a minute on a 2-core
 CPU and its accuracy is at chance (synthetic data); it checks the program.
 """
 
-from cdg_jax import augment
 from cdg_jax import config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.base_config()
-  config.framework = 'byol'
-  config.data.dataset = 'cifar100'
-  config.data.num_classes = 100
-  config.augment = augment.augment_preset('byol_cifar', 32, 'cifar100')
-  config.augment.image_size = config.data.get_ref('image_size')
-  config.ssl.projector_hidden_dims = (4096,)
-  config.ssl.projector_dim = 256
-  config.ssl.predictor_hidden_dims = (4096,)
-  config.ssl.predictor_dim = 256
-  config.ssl.base_tau = 0.99
-  config.ssl.tau_schedule = 'cosine'
-  config.optim.name = 'lars'
-  config.optim.base_learning_rate = 1.0
-  config.optim.weight_decay = 1e-5
-  config.optim.warmup_epochs = 10.0
-  config.batch_size = 256
-  config.num_epochs = 1000.0
-  return config_lib.apply_variants(config, arg)
+  return config_lib.apply_variants(
+      config_lib.recipe_config('byol', 'cifar100'), arg)

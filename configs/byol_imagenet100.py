@@ -12,30 +12,14 @@ Expected result: not yet measured by this project. The CDG paper reports up to
 structured blocks must divide 7 there (e.g. `--config.gating.block='(1,1,8)'`).
 """
 
-from cdg_jax import augment
 from cdg_jax import config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.base_config()
-  config.framework = 'byol'
-  config.model.name = 'resnet18'
+  config = config_lib.recipe_config('byol', 'imagenet100',
+                                    augment_name='byol_imagenet',
+                                    image_size=224)
   config.model.stem = 'imagenet'
-  config.data.dataset = 'imagenet100'
-  config.data.num_classes = 100
-  config.data.image_size = 224
-  config.augment = augment.augment_preset('byol_imagenet', 224, 'imagenet100')
-  config.augment.image_size = config.data.get_ref('image_size')
-  config.ssl.projector_hidden_dims = (4096,)
-  config.ssl.projector_dim = 256
-  config.ssl.predictor_hidden_dims = (4096,)
-  config.ssl.predictor_dim = 256
-  config.ssl.base_tau = 0.99
-  config.optim.name = 'lars'
-  config.optim.base_learning_rate = 1.0
-  config.optim.weight_decay = 1e-5
-  config.optim.warmup_epochs = 10.0
-  config.batch_size = 256
   config.num_epochs = 400.0
   config.checkpoint.every_steps = 2000
   return config_lib.apply_variants(config, arg)

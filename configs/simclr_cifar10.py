@@ -17,25 +17,9 @@ the CDG paper reports up to 2.25x fewer backbone FLOPs on CIFAR at close to
 dense accuracy. The smoke run only checks the program end to end.
 """
 
-from cdg_jax import augment
 from cdg_jax import config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.base_config()
-  config.framework = 'simclr'
-  config.data.dataset = 'cifar10'
-  config.data.num_classes = 10
-  config.augment = augment.augment_preset('simclr_cifar', 32, 'cifar10')
-  config.augment.image_size = config.data.get_ref('image_size')
-  config.ssl.projector_hidden_dims = (2048,)
-  config.ssl.projector_dim = 128
-  config.ssl.temperature = 0.2
-  config.optim.name = 'lars'
-  config.optim.base_learning_rate = 1.0     # x batch/256 (SimCLR: 0.3 * B/256
-                                            # for 1000 epochs on ImageNet)
-  config.optim.weight_decay = 1e-6
-  config.optim.warmup_epochs = 10.0
-  config.batch_size = 512
-  config.num_epochs = 800.0
-  return config_lib.apply_variants(config, arg)
+  return config_lib.apply_variants(
+      config_lib.recipe_config('simclr', 'cifar10'), arg)

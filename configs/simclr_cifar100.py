@@ -10,24 +10,9 @@ paper reports up to 2.25x fewer backbone FLOPs on CIFAR-10/100 at close to
 dense accuracy. Compare with the `:dense` run trained the same way.
 """
 
-from cdg_jax import augment
 from cdg_jax import config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.base_config()
-  config.framework = 'simclr'
-  config.data.dataset = 'cifar100'
-  config.data.num_classes = 100
-  config.augment = augment.augment_preset('simclr_cifar', 32, 'cifar100')
-  config.augment.image_size = config.data.get_ref('image_size')
-  config.ssl.projector_hidden_dims = (2048,)
-  config.ssl.projector_dim = 128
-  config.ssl.temperature = 0.2
-  config.optim.name = 'lars'
-  config.optim.base_learning_rate = 1.0
-  config.optim.weight_decay = 1e-6
-  config.optim.warmup_epochs = 10.0
-  config.batch_size = 512
-  config.num_epochs = 800.0
-  return config_lib.apply_variants(config, arg)
+  return config_lib.apply_variants(
+      config_lib.recipe_config('simclr', 'cifar100'), arg)

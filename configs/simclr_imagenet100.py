@@ -10,27 +10,17 @@ Expected result: not yet measured by this project. The CDG paper reports up to
 1.65x fewer backbone FLOPs on ImageNet-100.
 """
 
-from cdg_jax import augment
 from cdg_jax import config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.base_config()
-  config.framework = 'simclr'
+  config = config_lib.recipe_config('simclr', 'imagenet100',
+                                    augment_name='simclr_imagenet',
+                                    image_size=224)
   config.model.name = 'resnet50'
   config.model.stem = 'imagenet'
-  config.data.dataset = 'imagenet100'
-  config.data.num_classes = 100
-  config.data.image_size = 224
-  config.augment = augment.augment_preset('simclr_imagenet', 224, 'imagenet100')
-  config.augment.image_size = config.data.get_ref('image_size')
-  config.ssl.projector_hidden_dims = (2048,)
-  config.ssl.projector_dim = 128
   config.ssl.temperature = 0.1
-  config.optim.name = 'lars'
   config.optim.base_learning_rate = 0.3
-  config.optim.weight_decay = 1e-6
-  config.optim.warmup_epochs = 10.0
   config.batch_size = 256
   config.num_epochs = 400.0
   config.checkpoint.every_steps = 2000
