@@ -66,8 +66,9 @@ def compute_dtype(name: str) -> Any:
   return COMPUTE_DTYPES[name]
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convolutions with an identity or 1x1-projection shortcut."""
+class ResidualBlock(nn.Module):
+  """What every residual block shares: its fields, its layer factories and
+  its shortcut. Subclasses define `expansion` and `__call__`."""
   features: int
   strides: int = 1
   gating: GatingSpec = GatingSpec(kind='none')
@@ -76,8 +77,12 @@ class BasicBlock(nn.Module):
   gate_mode: str = 'gated'
   expansion = 1
 
-  @nn.compact
-  def __call__(self, x, train: bool = False, stat_groups: int = 1):
+  def layer_factories(self, train: bool):
+    """(gate, norm, conv): the spec of a convolution role (None: dense), the
+    normalisation after a convolution (`path_norm`, by name) and the
+    convolution, all in this block's dtype and gate mode. Each convolution
+    applies the BatchNorm after it (the channel-predictor baseline scales its
+    channels after the normalisation)."""
     spec = self.gating
     gate = lambda role: spec if spec.gates(role) else None
     norm = functools.partial(
@@ -88,45 +93,40 @@ class BasicBlock(nn.Module):
     conv = functools.partial(GatedConv, dtype=self.dtype,
                              sparse_inference=self.sparse_inference,
                              gate_mode=self.gate_mode)
+    return gate, norm, conv
+
+  def shortcut(self, x, out_features: int, train: bool, stat_groups: int):
+    """Identity, or a 1x1 projection when the stride or width changes."""
+    if self.strides == 1 and x.shape[-1] == out_features:
+      return x
+    gate, norm, conv = self.layer_factories(train)
+    return conv(out_features, (1, 1), (self.strides, self.strides),
+                gate('shortcut'), name='shortcut_conv')(
+                    x, train, stat_groups, norm=norm('shortcut_bn'))
+
+
+class BasicBlock(ResidualBlock):
+  """Two 3x3 convolutions with an identity or 1x1-projection shortcut."""
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, stat_groups: int = 1):
+    gate, norm, conv = self.layer_factories(train)
     s = (self.strides, self.strides)
-    # Each convolution applies the BatchNorm after it (the channel-predictor
-    # baseline scales its channels after the normalisation).
     y = conv(self.features, (3, 3), s, gate('block_3x3'), name='conv1')(
         x, train, stat_groups, norm=norm('bn1'))
     y = conv(self.features, (3, 3), (1, 1), gate('block_3x3'),
-             name='conv2')(nn.relu(y), train, stat_groups,
-                                norm=norm('bn2'))
-    shortcut = x
-    if self.strides != 1 or x.shape[-1] != self.features:
-      shortcut = conv(self.features, (1, 1), s, gate('shortcut'),
-                      name='shortcut_conv')(
-                               x, train, stat_groups,
-                               norm=norm('shortcut_bn'))
-    return nn.relu(y + shortcut)
+             name='conv2')(nn.relu(y), train, stat_groups, norm=norm('bn2'))
+    return nn.relu(y + self.shortcut(x, self.features, train, stat_groups))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
   """1x1 reduce, 3x3 (strided, as in torchvision v1.5), 1x1 expand by 4."""
-  features: int
-  strides: int = 1
-  gating: GatingSpec = GatingSpec(kind='none')
-  dtype: Any = jnp.float32
-  sparse_inference: bool = False
-  gate_mode: str = 'gated'
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool = False, stat_groups: int = 1):
-    spec = self.gating
-    gate = lambda role: spec if spec.gates(role) else None
-    norm = functools.partial(
-        path_norm, functools.partial(BatchNorm, use_running_average=not train,
-                                     dtype=self.dtype),
-        gate_mode=self.gate_mode, separate=spec.separate_partner_norm,
-        initializing=self.is_initializing())
-    conv = functools.partial(GatedConv, dtype=self.dtype,
-                             sparse_inference=self.sparse_inference,
-                             gate_mode=self.gate_mode)
+    gate, norm, conv = self.layer_factories(train)
     s = (self.strides, self.strides)
     out_features = self.features * self.expansion
     y = conv(self.features, (1, 1), (1, 1), gate('block_1x1'),
@@ -134,15 +134,8 @@ class Bottleneck(nn.Module):
     y = conv(self.features, (3, 3), s, gate('block_3x3'), name='conv2')(
         nn.relu(y), train, stat_groups, norm=norm('bn2'))
     y = conv(out_features, (1, 1), (1, 1), gate('block_1x1'),
-             name='conv3')(nn.relu(y), train, stat_groups,
-                                norm=norm('bn3'))
-    shortcut = x
-    if self.strides != 1 or x.shape[-1] != out_features:
-      shortcut = conv(out_features, (1, 1), s, gate('shortcut'),
-                      name='shortcut_conv')(
-                               x, train, stat_groups,
-                               norm=norm('shortcut_bn'))
-    return nn.relu(y + shortcut)
+             name='conv3')(nn.relu(y), train, stat_groups, norm=norm('bn3'))
+    return nn.relu(y + self.shortcut(x, out_features, train, stat_groups))
 
 
 class ResNet(nn.Module):
