@@ -206,6 +206,17 @@ def resize_images(images: np.ndarray, size: int,
 # ---------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _TrainPlan:
+  """What a source's training iterator needs, checked by `train_batches`."""
+  global_batch_size: int
+  local: int            # this process's rows of each global batch
+  index: int            # this process's index ...
+  count: int            # ... among this many
+  seed: int
+  steps_per_epoch: int
+
+
 class Source(abc.ABC):
   """A dataset the training loop reads from; see the module docstring."""
 
@@ -233,7 +244,6 @@ class Source(abc.ABC):
     """Batches `eval_batches(split, batch_size)` yields (the last padded)."""
     return math.ceil(self.num_examples(split) / batch_size)
 
-  @abc.abstractmethod
   def train_batches(self, global_batch_size: int, seed: int,
                     start_step: int = 0, *, process_index: int | None = None,
                     process_count: int | None = None) -> Iterator[Batch]:
@@ -249,6 +259,19 @@ class Source(abc.ABC):
       {'image': uint8 (B, H, W, 3), 'label': int32 (B,)},
       B = global_batch_size // process_count.
     """
+    index, count = _process_info(process_index, process_count)
+    local = _local_batch_size(global_batch_size, count)
+    steps_per_epoch = self.steps_per_epoch(global_batch_size)
+    if start_step < 0:
+      raise ValueError(f'start_step must be >= 0, got {start_step}.')
+    _epoch_seed(seed, 0)  # Validates the seed now rather than at first next().
+    return self._train_iterator(_TrainPlan(
+        global_batch_size, local, index, count, seed, steps_per_epoch),
+                                start_step)
+
+  @abc.abstractmethod
+  def _train_iterator(self, plan: '_TrainPlan', step: int) -> Iterator[Batch]:
+    """The batches of `train_batches` from `step` on (arguments checked)."""
 
   @abc.abstractmethod
   def eval_batches(self, split: str, batch_size: int, *,
@@ -306,29 +329,17 @@ class ArraySource(Source):
     self.num_classes = num_classes
     self.image_shape = tuple(x_train.shape[1:])
 
-  def train_batches(self, global_batch_size: int, seed: int,
-                    start_step: int = 0, *, process_index: int | None = None,
-                    process_count: int | None = None) -> Iterator[Batch]:
-    index, count = _process_info(process_index, process_count)
-    local = _local_batch_size(global_batch_size, count)
-    steps_per_epoch = self.steps_per_epoch(global_batch_size)
-    if start_step < 0:
-      raise ValueError(f'start_step must be >= 0, got {start_step}.')
-    _epoch_seed(seed, 0)  # Validates the seed now rather than at first next().
-    return self._train_iterator(global_batch_size, local, index * local, seed,
-                                start_step, steps_per_epoch)
-
-  def _train_iterator(self, global_batch_size, local, offset, seed, step,
-                      steps_per_epoch):
+  def _train_iterator(self, plan, step):
     images, labels = self._images['train'], self._labels['train']
+    offset = plan.index * plan.local
     epoch, order = None, None
     while True:
-      step_epoch, batch_index = divmod(step, steps_per_epoch)
+      step_epoch, batch_index = divmod(step, plan.steps_per_epoch)
       if step_epoch != epoch:
         epoch = step_epoch
-        order = epoch_permutation(seed, epoch, self.num_train)
-      start = batch_index * global_batch_size + offset
-      rows = order[start:start + local]
+        order = epoch_permutation(plan.seed, epoch, self.num_train)
+      start = batch_index * plan.global_batch_size + offset
+      rows = order[start:start + plan.local]
       yield {'image': images[rows], 'label': labels[rows]}
       step += 1
 
@@ -677,18 +688,6 @@ class TfdsStreamSource(Source):
     image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
     return tf.ensure_shape(image, self.image_shape)
 
-  def train_batches(self, global_batch_size: int, seed: int,
-                    start_step: int = 0, *, process_index: int | None = None,
-                    process_count: int | None = None) -> Iterator[Batch]:
-    index, count = _process_info(process_index, process_count)
-    local = _local_batch_size(global_batch_size, count)
-    steps_per_epoch = self.steps_per_epoch(global_batch_size)
-    if start_step < 0:
-      raise ValueError(f'start_step must be >= 0, got {start_step}.')
-    _epoch_seed(seed, 0)
-    return self._train_iterator(local, seed, start_step, steps_per_epoch,
-                                index, count)
-
   def _train_epoch(self, epoch, skip_steps, local, seed, steps_per_epoch,
                    index, count):
     tf, tfds = self._tf, self._tfds
@@ -703,11 +702,11 @@ class TfdsStreamSource(Source):
                 num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
-  def _train_iterator(self, local, seed, step, steps_per_epoch, index, count):
-    epoch, skip_steps = divmod(step, steps_per_epoch)
+  def _train_iterator(self, plan, step):
+    epoch, skip_steps = divmod(step, plan.steps_per_epoch)
     while True:
-      ds = self._train_epoch(epoch, skip_steps, local, seed, steps_per_epoch,
-                             index, count)
+      ds = self._train_epoch(epoch, skip_steps, plan.local, plan.seed,
+                             plan.steps_per_epoch, plan.index, plan.count)
       for image, label in ds.as_numpy_iterator():
         yield {'image': image, 'label': label.astype(np.int32)}
       epoch, skip_steps = epoch + 1, 0
