@@ -206,6 +206,22 @@ def resize_images(images: np.ndarray, size: int,
 # ---------------------------------------------------------------------------
 
 
+def steps_per_epoch(num_train: int, batch_size: int,
+                    validation_size: int = 0) -> int:
+  """Full training batches per epoch (the partial last one is dropped).
+
+  Raises:
+    ValueError: the batch is larger than the training set, naming the
+      validation holdout when one shrank it.
+  """
+  if batch_size > num_train:
+    where = (f' left after holding out data.validation_size={validation_size} '
+             f'for validation' if validation_size else '')
+    raise ValueError(f'batch_size={batch_size} exceeds the {num_train} '
+                     f'training images{where}; lower the batch size.')
+  return num_train // batch_size
+
+
 @dataclasses.dataclass(frozen=True)
 class _TrainPlan:
   """What a source's training iterator needs, checked by `train_batches`."""
@@ -229,12 +245,7 @@ class Source(abc.ABC):
 
   def steps_per_epoch(self, global_batch_size: int) -> int:
     """Full training batches per epoch (the partial last one is dropped)."""
-    steps = self.num_train // global_batch_size
-    if steps == 0:
-      raise ValueError(
-          f'Global batch size {global_batch_size} is larger than the '
-          f'{self.num_train} training examples; lower the batch size.')
-    return steps
+    return steps_per_epoch(self.num_train, global_batch_size)
 
   def num_examples(self, split: str) -> int:
     _check_split(split)

@@ -38,6 +38,7 @@ import optax
 from cdg_jax import augment
 from cdg_jax import flops
 from cdg_jax import gating
+from cdg_jax import input_pipeline
 from cdg_jax import losses
 from cdg_jax import models
 from cdg_jax import parallel
@@ -184,14 +185,9 @@ def total_steps(config, num_train: int) -> int:
 
 
 def steps_per_epoch(config, num_train: int) -> int:
-  """Full batches per epoch (the last partial batch of an epoch is dropped)."""
-  if config.batch_size > num_train:
-    held_out = config.data.get('validation_size', 0)
-    where = (f' left after holding out data.validation_size={held_out} for '
-             f'validation' if held_out else '')
-    raise ValueError(f'batch_size={config.batch_size} exceeds the '
-                     f'{num_train} training images{where}.')
-  return num_train // config.batch_size
+  """Full batches per epoch (`input_pipeline.steps_per_epoch`)."""
+  return input_pipeline.steps_per_epoch(
+      num_train, config.batch_size, config.data.get('validation_size', 0))
 
 
 def learning_rate_schedule(config, num_train: int) -> optax.Schedule:

@@ -303,7 +303,7 @@ def test_bad_config_values(npz_source):
   with pytest.raises(ValueError, match='num_classes=10.*cifar100 has 100'):
     input_pipeline.create_source(_data_config(source='tfds',
                                               dataset='cifar100'))
-  with pytest.raises(ValueError, match='64 is larger than the 50'):
+  with pytest.raises(ValueError, match='batch_size=64 exceeds the 50 training images; lower'):
     npz_source.train_batches(64, seed=0)
   with pytest.raises(ValueError, match='Batch size 15.*2'):
     npz_source.train_batches(15, seed=0, process_count=2, process_index=0)
