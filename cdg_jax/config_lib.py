@@ -11,9 +11,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import dataclasses
+
 import ml_collections
 
 from cdg_jax import augment
+from cdg_jax import evaluation
+from cdg_jax import input_pipeline
+from cdg_jax import layers
+from cdg_jax import models
+from cdg_jax import pretraining
 
 # Protocols of `linear_eval.protocol` (described in cdg_jax/linear_eval.py).
 LINEAR_PROTOCOLS = ('fast', 'augmented')
@@ -26,58 +33,16 @@ VARIANTS = ('smoke', 'dense', 'structured', 'tiles', 'channel_predictor',
 
 
 def gating_config() -> ml_collections.ConfigDict:
-  """The `gating` block: the one place gating is configured (see GatingSpec)."""
-  return ml_collections.ConfigDict(dict(
-      kind='cdg',                  # 'none' | 'cdg' | 'channel_predictor' |
-                                   # 'spatial_predictor' (baselines: see
-                                   # GatingSpec for the fields they use)
-      groups=4,                    # G: the base path sees 1/G input channels
-      grouping='first',            # 'first' | 'diagonal' (CGNet's block-
-                                   # diagonal base path)
-      block=(1, 1, 1),             # (bh, bw, bc); (1, 1, 1) is unstructured
-      stage_blocks=(),             # CDG: one (bh, bw, bc) per ResNet stage
-                                   # instead of `block`, e.g. ((8, 8, 0),
-                                   # (8, 8, 0), (4, 4, 0), (4, 4, 0))
-      alpha=2.0,                   # surrogate steepness (STE backward)
-      surrogate='sigmoid',         # 'sigmoid' | 'hard_sigmoid'
-      threshold_init=0.0,
-      layers='block_3x3',          # comma-separated roles: stem, block_3x3,
-                                   # block_1x1, shortcut
-      saliency_norm='batch',       # 'batch' (running stats at eval) | 'sample'
-      saliency_grad=False,         # gradient through saliency statistics
-      saliency_momentum=0.9,
-      epsilon=1e-5,
-      saliency_stats='per_branch',  # 'per_branch' | 'joint'
-      branches='both',             # 'both' | 'online' (MoCo/BYOL target
-                                   # left dense) | 'dense_partner' (SimCLR/
-                                   # SimSiam: view 2 through the same
-                                   # weights with every gate open; ours)
-      partner_norm='shared',       # dense partner's BatchNorm: 'shared' |
-                                   # 'separate' (its own, stats and affine)
-      predictor_saliency='bounded',  # channel predictor: 'bounded'
-                                   # (2 sigmoid) | 'relu' (FBS as published)
-      # Density-target form, lambda * sum_layers (density - target)^2: it
-      # lands on the FLOPs it is given (0.25: about 2.2x on CIFAR ResNet-18),
-      # at any run length. The channel-gating threshold form (lambda ~1e-4
-      # toward threshold 1.0) barely moves thresholds in a short run and gave
-      # the same accuracy-vs-FLOPs curve at lambda 0.1 in our CIFAR runs
-      # (experiments/README.md).
-      regularizer='density',       # 'density' | 'threshold' (per-layer
-                                   # mean) | 'threshold_sum' (channel gating)
-                                   # | 'flops' (one FLOPs budget for the
-                                   # network, the layers share it)
-      weight=1.0,                  # lambda
-      threshold_target=1.0,        # threshold form only
-      density_target=0.25,         # also: channel_predictor keeps
-                                   # ceil(target * C_out) channels
-      target_anneal_fraction=0.0,  # ours: density target 1 -> target over
-                                   # this fraction of training
-      budget_bounds_fraction=0.0,  # 'flops': per-layer bounds relaxing over
-                                   # this fraction (DynConv: 1/3); 0: none
-      budget_start_fraction=0.0,   # 'flops': off for this fraction, then
-      budget_ramp_fraction=0.0,    # ramped in linearly over this one
-      gumbel_temperature=1.0,      # spatial_predictor's Gumbel-sigmoid
-  ))
+  """The `gating` block: the one place gating is configured.
+
+  Built from `layers.GatingSpec`'s defaults, where every field is described
+  (the defaults are stated once, there); `layers` is written as a
+  comma-separated string of roles, as on the command line.
+  """
+  defaults = {field.name: getattr(layers.GatingSpec, field.name)
+              for field in dataclasses.fields(layers.GatingSpec)}
+  defaults['layers'] = ','.join(defaults['layers'])
+  return ml_collections.ConfigDict(defaults)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -146,9 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Evaluation (cdg_jax/evaluation.py): weighted kNN monitor (bank = train
   # split, queries = test split) and FLOPs measured on the test split.
   config.eval = ml_collections.ConfigDict(dict(
-      knn_k=200,
-      knn_temperature=0.1,
-      batch_size=500,              # rounded up to a multiple of the devices
+      knn_k=evaluation.DEFAULT_KNN_K,
+      knn_temperature=evaluation.DEFAULT_KNN_TEMPERATURE,
+      batch_size=evaluation.DEFAULT_EVAL_BATCH_SIZE,  # rounded up to a
+                                   # multiple of the devices
       every_steps=0,
       sparse_inference=False,      # skip closed tiles (CDG with gating.block
                                    # (bh, bw, 0)); same features, less time
@@ -345,9 +311,6 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
 
 def _problems(config: ml_collections.ConfigDict) -> list[str]:
   """Every out-of-range value of a config (see `validate`)."""
-  # Imported here, not at the top: every config file imports this module,
-  # and these pull in Flax, Optax and the data pipeline.
-  from cdg_jax import input_pipeline, layers, models, pretraining  # pylint: disable=g-import-not-at-top
   problems = []
 
   def need(ok: bool, message: str) -> None:

@@ -324,7 +324,7 @@ def run_linear_eval(config: ml_collections.ConfigDict,
       evaluation.inference_backbone(backbone, eval_config), variables, source,
       config, settings, batch_size, mesh)
   dense_network = None
-  if backbone_config.gating.get('branches') == 'dense_partner':
+  if backbone.gating.has_dense_partner:
     # The dense network of the same run: the same weights, every gate open.
     dense_scores = evaluate_network(
         evaluation.inference_backbone(models.dense_path(backbone), eval_config),

@@ -320,7 +320,7 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
   knn = evaluation.knn_eval(backbone, variables, source, config, mesh)
   writer.write_scalars(step, _eval_scalars(knn))
   dense_network = None
-  if has_dense_partner(config):
+  if spec.has_dense_partner:
     # One dense-partner run trains two networks: report the dense one too.
     dense_knn = evaluation.knn_eval(models.dense_path(backbone), variables,
                                     source, config, mesh)
@@ -359,11 +359,6 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
                             source.eval_split_name)
     print(format_summary(summary), flush=True)
   return summary
-
-
-def has_dense_partner(config) -> bool:
-  """Whether the run trains a dense partner path (`GatingSpec.branches`)."""
-  return config.gating.get('branches') == 'dense_partner'
 
 
 def scalar_hparams(config) -> dict[str, Any]:
