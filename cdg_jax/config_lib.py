@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
       dtype='float32'))
   config.gating = gating_config()
   # Self-supervised framework and its heads (see cdg_jax/pretraining.py).
-  config.framework = 'simclr'      # 'simclr' | 'mocov2' | 'byol' | 'simsiam'
+  config.framework = 'simclr'      # a key of pretraining.FRAMEWORK_TABLE
   config.ssl = ml_collections.ConfigDict(dict(
       projector_hidden_dims=(2048,),
       projector_dim=128,
@@ -274,8 +274,9 @@ def apply_variants(config: ml_collections.ConfigDict,
       config.gating.density_target = 0.5
       config.gating.weight = 1e-4      # FBS-style L1 on the saliencies
     elif variant == 'dense_partner':
-      config.gating.branches = ('online' if config.framework in
-                                ('mocov2', 'byol') else 'dense_partner')
+      # A framework with a target encoder leaves it dense instead.
+      has_target = pretraining.FRAMEWORK_TABLE[config.framework].target
+      config.gating.branches = 'online' if has_target else 'dense_partner'
     elif variant == 'spatial_predictor':
       config.gating.kind = 'spatial_predictor'
       config.gating.density_target = 0.5

@@ -48,10 +48,7 @@ from cdg_jax.layers import DENSITY_COLLECTION
 from cdg_jax.layers import GatingSpec
 from cdg_jax.layers import GUMBEL_RNG
 
-FRAMEWORKS = ('simclr', 'mocov2', 'byol', 'simsiam')
 OPTIMIZERS = ('lars', 'sgd')
-_WITH_TARGET = ('mocov2', 'byol')
-_WITH_PREDICTOR = ('byol', 'simsiam')
 _GUMBEL_SALT = 0x67756D62   # 'gumb': folds the Gumbel key out of the step key
 
 
@@ -112,14 +109,15 @@ def _check_framework(config) -> None:
 
 def check_branches(framework: str, spec: GatingSpec) -> None:
   """ValueError when `gating.branches` has no meaning for the framework."""
-  if spec.branches == 'dense_partner' and framework in _WITH_TARGET:
+  has_target = FRAMEWORK_TABLE[framework].target
+  if spec.branches == 'dense_partner' and has_target:
     raise ValueError(
         f"gating.branches='dense_partner' is for the shared-encoder "
         f"frameworks (simclr, simsiam); framework={framework!r} has a "
         f"target encoder, and its dense-partner form is "
         f"gating.branches='online' (the target left dense).")
   if spec.branches == 'online' and spec.enabled and (
-      framework not in _WITH_TARGET):
+      not has_target):
     raise ValueError(
         f"gating.branches='online' leaves a target encoder dense; "
         f"framework={framework!r} has none (its dense-partner form is "
@@ -134,7 +132,8 @@ def build_networks(config) -> Networks:
   projector = MLP(tuple(ssl.projector_hidden_dims), ssl.projector_dim,
                   ssl.projector_last_bn, dtype)
   predictor = None
-  if config.framework in _WITH_PREDICTOR:
+  framework = FRAMEWORK_TABLE[config.framework]
+  if framework.predictor:
     if ssl.predictor_dim <= 0:
       raise ValueError(f'framework={config.framework!r} needs a predictor: set '
                        f'ssl.predictor_dim > 0 (got {ssl.predictor_dim}).')
@@ -149,7 +148,7 @@ def build_networks(config) -> Networks:
       models.create_resnet(config.model, config.gating, gate_mode=gate_mode),
       projector, predictor)
   target = None
-  if config.framework in _WITH_TARGET:
+  if framework.target:
     target_gating = config.gating if spec.branches == 'both' else None
     target = SSLNetwork(models.create_resnet(config.model, target_gating),
                         projector)
@@ -284,7 +283,7 @@ def create_train_state(config, networks: Networks, num_train: int,
     target_params = jax.tree.map(jnp.copy, select_like(params, shapes['params']))
     target_stats = jax.tree.map(
         jnp.copy, select_like(batch_stats, shapes.get('batch_stats', {})))
-  if config.framework == 'mocov2':
+  if FRAMEWORK_TABLE[config.framework].queue:
     queue_size = config.ssl.queue_size
     if queue_size % config.batch_size:
       raise ValueError(f'ssl.queue_size={queue_size} is not divisible by '
@@ -309,6 +308,70 @@ def create_train_state(config, networks: Networks, num_train: int,
 # ------------------------------------------------------------------- the step
 
 
+def _simclr_loss(online, target, queue, temperature):
+  del target, queue
+  z1, z2 = jnp.split(online['projection'], 2)
+  return losses.nt_xent(z1, z2, temperature)
+
+
+def _mocov2_loss(online, target, queue, temperature):
+  return losses.info_nce(online['projection'], target['projection'], queue,
+                         temperature)
+
+
+def _byol_loss(online, target, queue, temperature):
+  del queue, temperature
+  p1, p2 = jnp.split(online['prediction'], 2)
+  z1, z2 = jnp.split(target['projection'], 2)
+  return jnp.mean(losses.normalized_mse(p1, z2) + losses.normalized_mse(p2, z1))
+
+
+def _simsiam_loss(online, target, queue, temperature):
+  del target, queue, temperature
+  p1, p2 = jnp.split(online['prediction'], 2)
+  # The stop-gradient on the projections is what prevents collapse.
+  z1, z2 = jnp.split(jax.lax.stop_gradient(online['projection']), 2)
+  return 0.5 * jnp.mean(losses.negative_cosine(p1, z2)
+                        + losses.negative_cosine(p2, z1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Framework:
+  """What an SSL framework adds to the shared encoder and train step.
+
+  Attributes:
+    target: a momentum/EMA target encoder (`ssl.base_tau`, `tau_schedule`).
+    predictor: a predictor head on the online branch (`ssl.predictor_*`).
+    queue: a queue of negative keys (`ssl.queue_size`), refreshed with the
+      target's keys of each batch.
+    asymmetric_views: the online encoder sees view 1 only and the target
+      view 2 (each branch then has its own statistics by construction);
+      otherwise every network sees [view 1; view 2].
+    loss: `loss(online_out, target_out, queue_keys, temperature)`, the
+      outputs being dicts with 'projection' (and 'prediction'); the target's
+      gradient already stopped.
+  """
+  target: bool
+  predictor: bool
+  queue: bool
+  asymmetric_views: bool
+  loss: Callable[..., jax.Array]
+
+
+# The frameworks (`config.framework`). A new one is one entry and its loss.
+FRAMEWORK_TABLE = {
+    'simclr': Framework(target=False, predictor=False, queue=False,
+                        asymmetric_views=False, loss=_simclr_loss),
+    'mocov2': Framework(target=True, predictor=False, queue=True,
+                        asymmetric_views=True, loss=_mocov2_loss),
+    'byol': Framework(target=True, predictor=True, queue=False,
+                      asymmetric_views=False, loss=_byol_loss),
+    'simsiam': Framework(target=False, predictor=True, queue=False,
+                         asymmetric_views=False, loss=_simsiam_loss),
+}
+FRAMEWORKS = tuple(FRAMEWORK_TABLE)
+
+
 def ssl_loss(framework: str, online: dict, target: dict | None, queue,
              temperature: float) -> tuple[jax.Array, jax.Array]:
   """The framework's loss and the embeddings used for the collapse metric.
@@ -316,27 +379,14 @@ def ssl_loss(framework: str, online: dict, target: dict | None, queue,
   Args:
     framework: one of FRAMEWORKS.
     online: outputs of the online network on [view1; view2] (on view1 only
-      for MoCo).
+      for asymmetric views, MoCo).
     target: outputs of the target network on [view1; view2] (view2 only for
-      MoCo), gradient already stopped; None without a target.
+      asymmetric views), gradient already stopped; None without a target.
     queue: MoCo's (K, D) negative keys.
     temperature: SimCLR/MoCo temperature.
   """
-  if framework == 'simclr':
-    z1, z2 = jnp.split(online['projection'], 2)
-    return losses.nt_xent(z1, z2, temperature), online['projection']
-  if framework == 'mocov2':
-    return (losses.info_nce(online['projection'], target['projection'], queue,
-                            temperature), online['projection'])
-  p1, p2 = jnp.split(online['prediction'], 2)
-  if framework == 'byol':
-    z1, z2 = jnp.split(target['projection'], 2)
-    per_example = losses.normalized_mse(p1, z2) + losses.normalized_mse(p2, z1)
-    return jnp.mean(per_example), online['projection']
-  # SimSiam: the stop-gradient on the projections is what prevents collapse.
-  z1, z2 = jnp.split(jax.lax.stop_gradient(online['projection']), 2)
-  per_example = losses.negative_cosine(p1, z2) + losses.negative_cosine(p2, z1)
-  return 0.5 * jnp.mean(per_example), online['projection']
+  loss = FRAMEWORK_TABLE[framework].loss(online, target, queue, temperature)
+  return loss, online['projection']
 
 
 def density_target_schedule(spec: GatingSpec, num_steps: int
@@ -501,6 +551,61 @@ def gate_regularizer(spec: GatingSpec, params, densities: Mapping[str, Any],
   return spec.weight * regularizer(thresholds(params), spec.threshold_target)
 
 
+def _branch_inputs(framework: Framework, view1, view2, stat_groups: int):
+  """(online input, its statistics groups, target input, its groups).
+
+  Asymmetric frameworks (MoCo v2: queries from view 1, keys from view 2) give
+  each branch one view, so its statistics are per branch by construction;
+  the others give every network [view 1; view 2].
+  """
+  if framework.asymmetric_views:
+    return view1, 1, view2, 1
+  both = jnp.concatenate([view1, view2], axis=0)
+  return both, stat_groups, both, stat_groups
+
+
+def _gumbel_rngs(spec: GatingSpec, rng):
+  """(online, target) RNG streams of spatial-predictor gates, else Nones.
+
+  Folded out of the step key, so the augmentation keys are unchanged; other
+  kinds get no extra RNG or collection (the same computation as without).
+  """
+  if spec.kind != 'spatial_predictor':
+    return None, None
+  online_gumbel, target_gumbel = jax.random.split(
+      jax.random.fold_in(rng, _GUMBEL_SALT))
+  return {GUMBEL_RNG: online_gumbel}, {GUMBEL_RNG: target_gumbel}
+
+
+def _updated_queue(queue, target_projection):
+  """MoCo's queue with this batch's keys written at the pointer."""
+  keys = losses.l2_normalize(target_projection)
+  return {'keys': jax.lax.dynamic_update_slice(
+              queue['keys'], keys, (queue['pointer'], 0)),
+          'pointer': (queue['pointer'] + keys.shape[0])
+                     % queue['keys'].shape[0]}
+
+
+def _probe_step(probe: nn.Module, probe_tx, state: TrainState, features,
+                labels):
+  """One step of the online linear probe: (params, opt state, loss, logits).
+
+  On stop-gradient features: no label information reaches the encoder.
+  """
+  features = jax.lax.stop_gradient(features)
+
+  def probe_loss_fn(probe_params):
+    logits = probe.apply({'params': probe_params}, features)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.mean(loss), logits
+  (probe_loss, logits), probe_grads = jax.value_and_grad(
+      probe_loss_fn, has_aux=True)(state.probe_params)
+  probe_updates, probe_opt_state = probe_tx.update(
+      probe_grads, state.probe_opt_state, state.probe_params)
+  return (optax.apply_updates(state.probe_params, probe_updates),
+          probe_opt_state, probe_loss, logits)
+
+
 def make_train_step(config, networks: Networks, num_train: int,
                     costs: tuple[flops.LayerCost, ...]) -> Callable:
   """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted).
@@ -513,9 +618,11 @@ def make_train_step(config, networks: Networks, num_train: int,
       'backbone/'), for the FLOPs reduction metric.
 
   The batch is {'image': uint8 (B, H, W, 3), 'label': int (B,)}; both views
-  are augmented inside the step from per-image keys.
+  are augmented inside the step from per-image keys. The step: views ->
+  target branch -> online loss and gradient (SSL loss + gate regulariser)
+  -> optimiser -> EMA target and queue -> online probe -> metrics.
   """
-  framework = config.framework
+  framework = FRAMEWORK_TABLE[config.framework]
   spec = GatingSpec.from_config(config.gating)
   stat_groups = 2 if spec.saliency_stats == 'per_branch' else 1
   if spec.branches == 'dense_partner':
@@ -535,88 +642,37 @@ def make_train_step(config, networks: Networks, num_train: int,
     online_mutable.append(AUX_COLLECTION)   # FBS's saliency L1 terms
   gated_macs = sum(c.macs for c in gated_costs)
 
-  def train_step(state: TrainState, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    view1, view2 = augment.two_views(rng, batch['image'], augment_config)
-    # Gumbel noise of spatial-predictor gates, one stream per branch; folded
-    # in so the augmentation keys are unchanged. Other kinds get no extra RNG
-    # or collection, so their step is the same computation as before.
-    online_rngs = target_rngs = None
-    if spec.kind == 'spatial_predictor':
-      online_gumbel, target_gumbel = jax.random.split(
-          jax.random.fold_in(rng, _GUMBEL_SALT))
-      online_rngs = {GUMBEL_RNG: online_gumbel}
-      target_rngs = {GUMBEL_RNG: target_gumbel}
-    n = view1.shape[0]
-    both = jnp.concatenate([view1, view2], axis=0)
-    # MoCo v2 is asymmetric: queries from view 1, keys from view 2, so each
-    # branch sees one view and its statistics are per branch by construction.
-    online_input, online_groups = ((view1, 1) if framework == 'mocov2'
-                                   else (both, stat_groups))
+  def target_branch(state, target_input, target_groups, target_rngs):
+    """The target's outputs (gradient stopped) and new statistics."""
+    if networks.target is None:
+      return None, state.target_batch_stats
+    target_out, target_vars = networks.target.apply(
+        {'params': state.target_params,
+         'batch_stats': state.target_batch_stats},
+        target_input, train=True, stat_groups=target_groups,
+        rngs=target_rngs, mutable=['batch_stats'])
+    return jax.lax.stop_gradient(target_out), target_vars['batch_stats']
 
-    target_out, target_stats = None, state.target_batch_stats
-    if networks.target is not None:
-      target_input = view2 if framework == 'mocov2' else both
-      target_groups = 1 if framework == 'mocov2' else stat_groups
-      target_out, target_vars = networks.target.apply(
-          {'params': state.target_params,
-           'batch_stats': state.target_batch_stats},
-          target_input, train=True, stat_groups=target_groups,
-          rngs=target_rngs, mutable=['batch_stats'])
-      target_out = jax.lax.stop_gradient(target_out)
-      target_stats = target_vars['batch_stats']
-    queue_keys = state.queue['keys'] if framework == 'mocov2' else None
+  def online_loss(params, state, online_input, online_groups, online_rngs,
+                  target_out, queue_keys):
+    """SSL loss + gate regulariser of the online branch, and its outputs."""
+    out, new_vars = networks.online.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, online_input,
+        train=True, stat_groups=online_groups,
+        rngs=online_rngs, mutable=online_mutable)
+    loss, embeddings = ssl_loss(config.framework, out, target_out, queue_keys,
+                                temperature)
+    densities = flops.mean_densities(new_vars.get(DENSITY_COLLECTION, {}))
+    gate_loss = gate_regularizer(spec, params, densities,
+                                 new_vars.get(AUX_COLLECTION, {}),
+                                 target_fn(state.step), costs,
+                                 budget_fn(state.step))
+    aux = dict(batch_stats=new_vars['batch_stats'], densities=densities,
+               embeddings=embeddings, features=out['features'], ssl_loss=loss,
+               gate_loss=gate_loss)
+    return loss + gate_loss, aux
 
-    def loss_fn(params):
-      out, new_vars = networks.online.apply(
-          {'params': params, 'batch_stats': state.batch_stats}, online_input,
-          train=True, stat_groups=online_groups,
-          rngs=online_rngs, mutable=online_mutable)
-      loss, embeddings = ssl_loss(framework, out, target_out, queue_keys,
-                                  temperature)
-      densities = flops.mean_densities(new_vars.get(DENSITY_COLLECTION, {}))
-      gate_loss = gate_regularizer(spec, params, densities,
-                                   new_vars.get(AUX_COLLECTION, {}),
-                                   target_fn(state.step), costs,
-                                   budget_fn(state.step))
-      aux = dict(batch_stats=new_vars['batch_stats'], densities=densities,
-                 embeddings=embeddings, features=out['features'], ssl_loss=loss,
-                 gate_loss=gate_loss)
-      return loss + gate_loss, aux
-
-    (total_loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-
-    tau = tau_fn(state.step)
-    target_params = state.target_params
-    if networks.target is not None:
-      target_params = ema_update(
-          state.target_params, select_like(params, state.target_params), tau)
-    queue = state.queue
-    if framework == 'mocov2':
-      keys = losses.l2_normalize(target_out['projection'])
-      queue = {'keys': jax.lax.dynamic_update_slice(
-                   state.queue['keys'], keys, (state.queue['pointer'], 0)),
-               'pointer': (state.queue['pointer'] + keys.shape[0])
-                          % state.queue['keys'].shape[0]}
-
-    # Online linear probe on the first view's features; the stop-gradient
-    # keeps label information out of the encoder.
-    features = jax.lax.stop_gradient(aux['features'][:n])
-    labels = batch['label']
-
-    def probe_loss_fn(probe_params):
-      logits = networks.probe.apply({'params': probe_params}, features)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-      return jnp.mean(loss), logits
-    (probe_loss, logits), probe_grads = jax.value_and_grad(
-        probe_loss_fn, has_aux=True)(state.probe_params)
-    probe_updates, probe_opt_state = probe_tx.update(
-        probe_grads, state.probe_opt_state, state.probe_params)
-    probe_params = optax.apply_updates(state.probe_params, probe_updates)
-
+  def step_metrics(state, total_loss, aux, tau, probe_loss, logits, labels):
     densities = aux['densities']
     metrics = {
         'loss': total_loss, 'ssl_loss': aux['ssl_loss'],
@@ -637,6 +693,40 @@ def make_train_step(config, networks: Networks, num_train: int,
       metrics['gate_density'] = sum(
           c.macs * densities[c.name] for c in gated_costs) / gated_macs
       metrics['layer_density'] = dict(densities)
+    return metrics
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    view1, view2 = augment.two_views(rng, batch['image'], augment_config)
+    online_rngs, target_rngs = _gumbel_rngs(spec, rng)
+    online_input, online_groups, target_input, target_groups = _branch_inputs(
+        framework, view1, view2, stat_groups)
+    target_out, target_stats = target_branch(state, target_input,
+                                             target_groups, target_rngs)
+    queue_keys = state.queue['keys'] if framework.queue else None
+
+    (total_loss, aux), grads = jax.value_and_grad(online_loss, has_aux=True)(
+        state.params, state, online_input, online_groups, online_rngs,
+        target_out, queue_keys)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    tau = tau_fn(state.step)
+    target_params = state.target_params
+    if networks.target is not None:
+      target_params = ema_update(
+          state.target_params, select_like(params, state.target_params), tau)
+    queue = state.queue
+    if framework.queue:
+      queue = _updated_queue(state.queue, target_out['projection'])
+
+    # The probe reads the first view's features.
+    labels = batch['label']
+    probe_params, probe_opt_state, probe_loss, logits = _probe_step(
+        networks.probe, probe_tx, state, aux['features'][:view1.shape[0]],
+        labels)
+    metrics = step_metrics(state, total_loss, aux, tau, probe_loss, logits,
+                           labels)
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=aux['batch_stats'],
         opt_state=opt_state, target_params=target_params,
