@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -735,6 +736,35 @@ def make_train_step(config, networks: Networks, num_train: int,
     return new_state, metrics
 
   return train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretraining:
+  """A run's networks, layer costs, state initialiser and train step.
+
+  Attributes:
+    networks: from `build_networks`.
+    costs: `online_costs` of the online network.
+    init_state: `init_state(rng) -> TrainState` (`create_train_state`).
+    train_step: `make_train_step`'s function, not yet jitted
+      (`jit_train_step` places it on a mesh).
+  """
+  networks: Networks
+  costs: tuple[flops.LayerCost, ...]
+  init_state: Callable[[jax.Array], TrainState]
+  train_step: Callable
+
+
+def assemble(config, num_train: int) -> Pretraining:
+  """Builds everything a train step needs, in one place: training, the
+  abstract shape check and the step-timing benchmark all call this."""
+  networks = build_networks(config)
+  costs = online_costs(config, networks)
+  return Pretraining(
+      networks=networks, costs=costs,
+      init_state=functools.partial(create_train_state, config, networks,
+                                   num_train),
+      train_step=make_train_step(config, networks, num_train, costs))
 
 
 def online_costs(config, networks: Networks) -> tuple[flops.LayerCost, ...]:

@@ -90,10 +90,9 @@ def backbone_variables(state: pretraining.TrainState) -> dict[str, Any]:
           'batch_stats': state.batch_stats.get('backbone', {})}
 
 
-def _create_state(config, networks, num_train, mesh):
-  create = lambda rng: pretraining.create_train_state(config, networks, num_train, rng)
-  return jax.jit(create, out_shardings=parallel.replicated(mesh))(
-      jax.random.key(config.seed))
+def _create_state(run: pretraining.Pretraining, seed: int, mesh):
+  return jax.jit(run.init_state, out_shardings=parallel.replicated(mesh))(
+      jax.random.key(seed))
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -201,15 +200,12 @@ def check_shapes(config, source: input_pipeline.Source,
   """
   height, width, channels = source.image_shape
   try:
-    networks = pretraining.build_networks(config)
-    state = jax.eval_shape(lambda: pretraining.create_train_state(
-        config, networks, source.num_train, jax.random.key(0)))
-    step = pretraining.make_train_step(config, networks, source.num_train,
-                               pretraining.online_costs(config, networks))
+    run = pretraining.assemble(config, source.num_train)
+    state = jax.eval_shape(lambda: run.init_state(jax.random.key(0)))
     batch = {'image': jax.ShapeDtypeStruct(
                  (config.batch_size, height, width, channels), np.uint8),
              'label': jax.ShapeDtypeStruct((config.batch_size,), np.int32)}
-    jax.eval_shape(step, state, batch)
+    jax.eval_shape(run.train_step, state, batch)
     backbone = evaluation.inference_backbone(
         models.create_resnet(config.model, config.gating), config.eval)
     eval_images = jax.ShapeDtypeStruct(
@@ -231,10 +227,10 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
   """`train_and_evaluate` once the config, data and workdir are checked."""
   is_main = jax.process_index() == 0
   num_train = source.num_train
-  networks = pretraining.build_networks(config)
+  run = pretraining.assemble(config, num_train)
   backbone = models.create_resnet(config.model, config.gating)
 
-  state = _create_state(config, networks, num_train, mesh)
+  state = _create_state(run, config.seed, mesh)
   manager = checkpoints.checkpoint_manager(workdir, config.checkpoint.keep)
   restored = checkpoints.restore_latest(
       manager, state, os.path.join(workdir, checkpoints.DAMAGED_DIR))
@@ -251,13 +247,12 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams(scalar_hparams(config))
 
-  costs = pretraining.online_costs(config, networks)
-  spec = layers.GatingSpec.from_config(config.gating)
+  costs = run.costs
+  spec = backbone.gating
   budget_note = pretraining.describe_budget(spec, costs)
   if is_main and budget_note:
     print(budget_note, flush=True)
-  train_step = pretraining.jit_train_step(
-      pretraining.make_train_step(config, networks, num_train, costs), mesh)
+  train_step = pretraining.jit_train_step(run.train_step, mesh)
   batches = batching.prefetch(
       (batching.shard_batch(b, mesh) for b in source.train_batches(
           config.batch_size, config.seed, start_step)),

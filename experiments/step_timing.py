@@ -20,15 +20,11 @@ def time_step(config, steps: int, num_train: int = 50_000) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cdg_jax import parallel, pretraining  # pylint: disable=g-import-not-at-top
 
-  networks = pretraining.build_networks(config)
+  run = pretraining.assemble(config, num_train)
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(config.batch_size, mesh)
-  state = parallel.replicate(
-      pretraining.create_train_state(config, networks, num_train, jax.random.key(0)),
-      mesh)
-  step = pretraining.jit_train_step(
-      pretraining.make_train_step(config, networks, num_train,
-                          pretraining.online_costs(config, networks)), mesh)
+  state = parallel.replicate(run.init_state(jax.random.key(0)), mesh)
+  step = pretraining.jit_train_step(run.train_step, mesh)
   size = config.data.image_size
   rng = np.random.default_rng(0)
   batch = jax.device_put(
