@@ -16,16 +16,11 @@ from cdg_jax import layers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_runner():
-  spec = importlib.util.spec_from_file_location(
-      'run_grid', os.path.join(ROOT, 'experiments', 'run_grid.py'))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules['run_grid'] = module  # dataclasses look their module up
-  spec.loader.exec_module(module)
-  return module
-
-
-run_grid = _load_runner()
+# experiments/ is no package: its modules import each other by name.
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+import grids  # pylint: disable=g-import-not-at-top,wrong-import-position
+import report  # pylint: disable=g-import-not-at-top,wrong-import-position
+import runner  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_command(command):
@@ -40,7 +35,7 @@ def parse_command(command):
   return flag_values.config
 
 
-@pytest.mark.parametrize('run', [r for runs in run_grid.GRIDS.values()
+@pytest.mark.parametrize('run', [r for runs in grids.GRIDS.values()
                                  for r in runs], ids=lambda r: r.name)
 def test_every_grid_row_is_a_valid_command(run, monkeypatch):
   monkeypatch.chdir(ROOT)  # config paths are relative to the repository root
@@ -99,10 +94,10 @@ def test_cpu_protocol_names_the_bad_config_file():
 
 def test_select_runs_rejects_unknown_names():
   with pytest.raises(ValueError, match='nope'):
-    run_grid.select_runs(['nope'], [])
+    runner.select_runs(['nope'], [])
   with pytest.raises(ValueError, match='byol_c10_dense'):
-    run_grid.select_runs(['core'], ['byol_c10_dense'])
-  assert [r.name for r in run_grid.select_runs(['core'], ['simclr_c10_cdg'])
+    runner.select_runs(['core'], ['byol_c10_dense'])
+  assert [r.name for r in runner.select_runs(['core'], ['simclr_c10_cdg'])
           ] == ['simclr_c10_cdg']
 
 
@@ -135,7 +130,7 @@ def test_seed_summary_groups_settings_across_seeds(tmp_path):
       _result('target', 1, 0.1, density_target=0.15),
       _result('long', 1, 0.5, steps=1164),
   ]
-  summary = run_grid.seed_summary(results)
+  summary = report.seed_summary(results)
   assert [e['runs'] for e in summary] == [
       ['cdg', 'cdg_seed1', 'cdg_seed2'], ['dense', 'dense_seed1', 'dense_seed2']]
   cdg, dense = summary
@@ -147,8 +142,8 @@ def test_seed_summary_groups_settings_across_seeds(tmp_path):
   assert cdg['flops_reduction_mean'] == pytest.approx(2.1)
   assert (cdg['flops_reduction_min'], cdg['flops_reduction_max']) == (2.0, 2.2)
   assert dense['knn_top1_mean'] == pytest.approx(0.42 + 1 / 300)
-  assert run_grid.seed_summary(results[:1] + results[-2:]) == []
-  run_grid.write_table(results, str(tmp_path))
+  assert report.seed_summary(results[:1] + results[-2:]) == []
+  report.write_table(results, str(tmp_path))
   table = (tmp_path / 'results.md').read_text()
   assert ('| cdg | simclr | cifar10 | test | 388 | 0, 1, 2 | 37.00 (34.00-40.00) '
           '| 39.00 (36.00-42.00) | 2.10x (2.00-2.20) |') in table
@@ -170,13 +165,13 @@ def test_layer_table_shows_each_runs_densities_beside_the_mac_shares(
               layer_flops_share=shares),
       _result('old', 0, 0.39),     # saved before densities were recorded
   ]
-  lines = run_grid.layer_lines(results)
+  lines = report.layer_lines(results)
   assert lines[3:] == [
       '| run | split | s1b0c1 | s4b1c2 |', '| --- | --- | --- | --- |',
       '| MAC share | - | 25.0% | 12.5% |',
       '| uniform | test | 0.250 | 0.260 |', '| budget | test | 0.100 | 0.900 |']
-  assert run_grid.layer_lines(results[2:]) == []
-  run_grid.write_table(results, str(tmp_path))
+  assert report.layer_lines(results[2:]) == []
+  report.write_table(results, str(tmp_path))
   assert '| budget | test | 0.100 | 0.900 |' in (
       tmp_path / 'results.md').read_text()
 
@@ -184,12 +179,12 @@ def test_layer_table_shows_each_runs_densities_beside_the_mac_shares(
 def test_linear_feature_norm_is_recorded_only_where_it_applies():
   augmented = {'linear_eval': {'protocol': 'augmented',
                                'augmented': {'feature_norm': 'batchnorm'}}}
-  assert run_grid.linear_feature_norm(augmented) == 'batchnorm'
+  assert runner.linear_feature_norm(augmented) == 'batchnorm'
   # Written before the field existed: raw features.
-  assert run_grid.linear_feature_norm(
+  assert runner.linear_feature_norm(
       {'linear_eval': {'protocol': 'augmented', 'augmented': {}}}) == 'none'
   # The fast protocol standardises on its own: the field does not apply.
-  assert run_grid.linear_feature_norm(
+  assert runner.linear_feature_norm(
       {'linear_eval': {'protocol': 'fast',
                        'augmented': {'feature_norm': 'batchnorm'}}}) == 'none'
   # So an augmented score with and without it are two settings.
@@ -197,12 +192,12 @@ def test_linear_feature_norm_is_recorded_only_where_it_applies():
           _result('raw_seed1', 1, 0.3, linear_protocol='augmented'),
           _result('bn', 0, 0.4, linear_protocol='augmented',
                   linear_feature_norm='batchnorm')]
-  assert [e['runs'] for e in run_grid.seed_summary(rows)] == [
+  assert [e['runs'] for e in report.seed_summary(rows)] == [
       ['raw', 'raw_seed1']]
 
 
 def test_matched_flops_reads_each_curve_at_equal_reduction():
-  setting = {'model': 'resnet18 width 16'}   # run_grid.MATCHED_SETTING's model
+  setting = {'model': 'resnet18 width 16'}   # report.MATCHED_SETTING's model
 
   def point(name, reduction, knn, linear, seed=0, **fields):
     result = _result(name, seed, knn, flops_reduction=reduction, **setting,
@@ -230,7 +225,7 @@ def test_matched_flops_reads_each_curve_at_equal_reduction():
       point('dense', 1.0, 0.44, 0.46, gating='none'),
       point('dense_seed1', 1.0, 0.46, 0.48, gating='none', seed=1),
   ]
-  curves = run_grid.curves(results)
+  curves = report.curves(results)
   assert {label: [r['name'] for r in rows] for label, rows in curves.items()
           } == {'CDG (default)': ['cdg_a', 'cdg_b', 'cdg_c'],
                 'CDG dense partner': ['partner'],
@@ -238,12 +233,12 @@ def test_matched_flops_reads_each_curve_at_equal_reduction():
                 'spatial predictor': ['spatial']}
   cdg = curves['CDG (default)']
   # Linear between the two nearest points; exact at a measured point only.
-  assert run_grid.interpolate(cdg, 2.0, 'knn_top1') == pytest.approx(0.38)
-  assert run_grid.interpolate(cdg, 2.5, 'knn_top1') == pytest.approx(0.345)
-  assert run_grid.interpolate(cdg, 2.2, 'linear_top1') == pytest.approx(0.40)
-  assert run_grid.interpolate(cdg, 1.7, 'knn_top1') is None
-  assert run_grid.interpolate(cdg, 2.7, 'knn_top1') is None
-  lines = run_grid.matched_lines(results)
+  assert report.interpolate(cdg, 2.0, 'knn_top1') == pytest.approx(0.38)
+  assert report.interpolate(cdg, 2.5, 'knn_top1') == pytest.approx(0.345)
+  assert report.interpolate(cdg, 2.2, 'linear_top1') == pytest.approx(0.40)
+  assert report.interpolate(cdg, 1.7, 'knn_top1') is None
+  assert report.interpolate(cdg, 2.7, 'knn_top1') is None
+  lines = report.matched_lines(results)
   assert 'Dense (mean of seeds [0, 1]): kNN 45.00, linear 47.00.' in lines
   assert '| CDG (default) | 38.00 | 41.00 | 34.50 | 40.00 |' in lines
   # 0.42 + (2.0 - 1.5) / (2.2 - 1.5) * (0.41 - 0.42); 2.5x is past the curve.
@@ -251,7 +246,7 @@ def test_matched_flops_reads_each_curve_at_equal_reduction():
   assert '| spatial predictor | 30.00 | 33.00 | n/a | n/a |' in lines
 
 def test_gap_to_dense_along_scale_against_hand_computed_values(tmp_path):
-  runs = run_grid.SCALE_RUNS
+  runs = report.SCALE_RUNS
   results = [
       _result(runs['dense'][0], 0, 0.40, gating='none'),
       _result(runs['dense'][3], 0, 0.50, gating='none', image_size=32),
@@ -263,7 +258,7 @@ def test_gap_to_dense_along_scale_against_hand_computed_values(tmp_path):
       # Without its dense partner a column is '-'.
       _result(runs['CDG'][1], 0, 0.30, steps=1164),
   ]
-  gaps = run_grid.scale_gaps(results)
+  gaps = report.scale_gaps(results)
   assert gaps['CDG'][0] == pytest.approx({'knn': -3.0, 'linear': -3.0,
                                           'flops': 2.0})
   assert gaps['CDG'][1] is None and gaps['CDG'][2] is None
@@ -272,23 +267,23 @@ def test_gap_to_dense_along_scale_against_hand_computed_values(tmp_path):
   # 0.49 - 0.50 kNN; 0.53 - 0.52 linear (linear = kNN + 0.02 in _result).
   assert partner_dense == pytest.approx({'knn': -1.0, 'linear': 1.0,
                                          'flops': 1.0})
-  lines = run_grid.gap_lines(results)
+  lines = report.gap_lines(results)
   assert ('| dense (kNN / linear top-1) | 40.00 / 42.00 | - | - | '
           '50.00 / 52.00 |') in lines
   assert '| CDG | -3.00 / -3.00 (2.00x) | - | - | -2.00 / -2.00 (2.00x) |' \
       in lines
   assert ('| CDG dense partner | - | - | - | -5.00 / -5.00 (2.00x) |'
           in lines)
-  run_grid.write_gap_plot(results, str(tmp_path))
+  report.write_gap_plot(results, str(tmp_path))
   assert (tmp_path / 'gap_to_dense.png').stat().st_size > 10_000
   # Before any scale run there is no section.
-  assert run_grid.gap_lines(results[:1] + results[2:3]) == []
+  assert report.gap_lines(results[:1] + results[2:3]) == []
 
 
 def test_smoke_grid_runs_saves_each_result_and_skips_finished_runs(
     tmp_path, monkeypatch):
   results_dir, workdir_root = str(tmp_path / 'results'), str(tmp_path / 'work')
-  results = run_grid.run_grid(['smoke'], results_dir, workdir_root)
+  results = runner.run_grid(['smoke'], results_dir, workdir_root)
   assert [r['name'] for r in results] == ['smoke_dense', 'smoke_cdg']
   by_name = {r['name']: r for r in results}
   assert by_name['smoke_dense']['flops_reduction'] == pytest.approx(1.0)
@@ -302,7 +297,7 @@ def test_smoke_grid_runs_saves_each_result_and_skips_finished_runs(
     # The linear evaluation ran with the row's overrides too.
     with open(os.path.join(workdir_root, r['name'], 'linear_eval.json')) as f:
       assert json.load(f)['linear_eval']['epochs'] == 2
-    with open(run_grid.result_path(results_dir, r['name'])) as f:
+    with open(runner.result_path(results_dir, r['name'])) as f:
       assert json.load(f) == r
 
   with open(os.path.join(results_dir, 'results.csv')) as f:
@@ -320,39 +315,39 @@ def test_smoke_grid_runs_saves_each_result_and_skips_finished_runs(
   # Started again: finished runs are skipped, nothing is executed.
   def fail(command, log_path):
     raise AssertionError(f'ran {command}')
-  monkeypatch.setattr(run_grid, '_run_command', fail)
-  assert run_grid.run_grid(['smoke'], results_dir, workdir_root) == results
+  monkeypatch.setattr(runner, '_run_command', fail)
+  assert runner.run_grid(['smoke'], results_dir, workdir_root) == results
 
   # A run whose result is gone is run again (here: the fake command fails,
   # naming it), while the other result stays.
-  os.remove(run_grid.result_path(results_dir, 'smoke_cdg'))
+  os.remove(runner.result_path(results_dir, 'smoke_cdg'))
   with pytest.raises(AssertionError, match='smoke'):
-    run_grid.run_grid(['smoke'], results_dir, workdir_root)
-  assert [r['name'] for r in run_grid.load_results(results_dir)] == [
+    runner.run_grid(['smoke'], results_dir, workdir_root)
+  assert [r['name'] for r in report.load_results(results_dir)] == [
       'smoke_dense']
 
 
 def test_a_diverged_run_is_recorded_with_its_step(tmp_path):
   """FBS's unbounded saliency at a huge learning rate: the loss overflows in
   a few steps; the runner records the step instead of failing."""
-  run = run_grid.Run(
+  run = grids.Run(
       'smoke_diverges', 'fbs', 'channel predictor, FBS ReLU saliency',
       'configs/simclr_cifar10.py:smoke,channel_predictor',
       (('gating.predictor_saliency', 'relu'), ('log_every_steps', 1),
        ('optim.base_learning_rate', 1e6), ('num_steps', 8)))
   results_dir = str(tmp_path / 'results')
-  result = run_grid.run_one(run, results_dir, str(tmp_path / 'work'))
+  result = runner.run_one(run, results_dir, str(tmp_path / 'work'))
   step = result['diverged_at_step']
   assert step is not None and 1 <= step <= 8
   assert result['knn_top1'] is None and result['steps'] == step
   # The losses logged before it, every step up to the divergence.
   assert [s for s, _ in result['losses_before_divergence']] == list(
       range(max(1, step - 5), step))
-  run_grid.write_report(results_dir)
+  report.write_report(results_dir)
   with open(os.path.join(results_dir, 'results.md')) as f:
     table = f.read()
   assert f'| diverged at step {step} |' in table
   assert '(diverged: no evaluation)' in table
-  assert run_grid.divergence_step(
+  assert runner.divergence_step(
       'FloatingPointError: Loss is nan at step 17; training stopped') == 17
-  assert run_grid.divergence_step('RuntimeError: something else') is None
+  assert runner.divergence_step('RuntimeError: something else') is None
