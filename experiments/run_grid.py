@@ -52,7 +52,13 @@ by `experiments/report.py`:
   partner_final, resolution, length36  issue 20's final comparison and the
              gap to dense along resolution (32x32) and length (36 epochs).
   linear_protocols  the core dense and CDG runs scored with the augmented
-             linear protocol (30 epochs).
+             linear protocol (30 epochs, raw features).
+  linear_protocols_bn  the same, the features through a non-affine
+             BatchNorm before the classifier (the protocol's default now).
+  budget_selection  one FLOPs budget for the network (gating.regularizer=
+             'flops': with relaxing per-layer bounds, without, started
+             late; lambda 10 and 30) on the validation split.
+  width32    dense and CDG at width 32 (the gap to dense along width).
   smoke      two tiny runs on synthetic data (tests use it).
 """
 
