@@ -284,6 +284,13 @@ GRIDS: dict[str, list[Run]] = {
                    group='budget_selection')
         for weight in (10.0, 30.0)
         for name, label, overrides in _BUDGET_FORMS
+    ] + [
+        # sel_cdg ran on an AMD EPYC (2026-11-28), the budget rows on an
+        # Intel Xeon: XLA's CPU code differs between the two (the same dense
+        # command gave 41.91 and 41.97 kNN), so the uniform row again here,
+        # on the machine of the budget rows.
+        Run('sel_cdg_repro', 'repro', 'CDG (first reading), rerun on the '
+            'Intel Xeon', _SIMCLR, VALIDATION),
     ],
     # Issue 30 item 5: the same two backbones scored with the augmented
     # protocol behind a non-affine feature BatchNorm (MAE's linear probe).

@@ -63,7 +63,8 @@ def test_every_grid_row_is_a_valid_command(run, monkeypatch):
   assert (config.seed != 0) == (run.group == 'seeds')
   # Model selection is scored on held-out training images, never the test set.
   assert (config.data.validation_size == 5000) == (
-      run.group in ('selection', 'partner_selection', 'budget_selection'))
+      run.group in ('selection', 'partner_selection', 'budget_selection')
+      or run.name.startswith('sel_'))
   overrides = dict(run.overrides)
   if run.method.startswith('dense'):
     assert spec.kind == 'none'
