@@ -251,7 +251,8 @@ def test_knn_eval_reports_accuracy_and_test_set_flops(tiny):
   config, backbone, variables, source, mesh = tiny
   metrics = evaluation.knn_eval(backbone, variables, source, config, mesh)
   assert set(metrics) == {'knn_top1', 'knn_top5', 'flops_reduction',
-                          'gate_density', 'layer_density'}
+                          'gate_density', 'gated_flops_fraction',
+                          'layer_density', 'layer_flops_share'}
   assert 0.0 <= metrics['knn_top1'] <= metrics['knn_top5'] <= 1.0
   test = evaluation.extract_features(backbone, variables, source, 'test',
                                      BATCH, config.augment, mesh)
@@ -262,6 +263,12 @@ def test_knn_eval_reports_accuracy_and_test_set_flops(tiny):
   assert sorted(metrics['layer_density']) == sorted(gated)
   assert 0.0 < metrics['gate_density'] < 1.0
   assert metrics['flops_reduction'] > 1.0
+  # G = 4: the gated layers run 1/4 + 3/4 of their MAC-weighted density.
+  assert metrics['gated_flops_fraction'] == pytest.approx(
+      0.25 + 0.75 * metrics['gate_density'])
+  # Shares of the backbone's dense MACs, for the gated layers only.
+  assert sorted(metrics['layer_flops_share']) == sorted(gated)
+  assert 0.0 < sum(metrics['layer_flops_share'].values()) < 1.0
 
 
 def test_set_flops_from_densities(tiny):
