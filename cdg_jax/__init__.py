@@ -42,8 +42,8 @@ _EXPORTS = {
     'layer_costs': 'cdg_jax.flops',
     'flops_report': 'cdg_jax.flops',
     'FlopsReport': 'cdg_jax.flops',
-    'gate_regularizer': 'cdg_jax.pretraining',
-    'budget_schedule': 'cdg_jax.pretraining',
+    'gate_regularizer': 'cdg_jax.regularizers',
+    'budget_schedule': 'cdg_jax.regularizers',
     'create_resnet': 'cdg_jax.models',
 }
 __all__ = sorted(_EXPORTS)
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
   from cdg_jax.gating import gated_conv
   from cdg_jax.layers import DENSITY_COLLECTION, MASK_COLLECTION, GatedConv, GatingSpec  # pylint: disable=g-multiple-import
   from cdg_jax.models import create_resnet
-  from cdg_jax.pretraining import budget_schedule, gate_regularizer
+  from cdg_jax.regularizers import budget_schedule, gate_regularizer
 
 
 def __getattr__(name: str):

@@ -26,6 +26,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from cdg_jax import config_lib
+from cdg_jax import layers
 from cdg_jax import models
 
 CONFIG_FILE = 'config.json'
@@ -410,5 +411,6 @@ def load_backbone(workdir: str):
     raise FileNotFoundError(f'No exported backbone at {path}; it is written at '
                             f'the end of a training run.')
   variables = ocp.StandardCheckpointer().restore(path)
-  backbone = models.create_resnet(config.model, config.gating)
+  backbone = models.create_resnet(
+      config.model, layers.GatingSpec.from_config(config.gating))
   return config, backbone, variables

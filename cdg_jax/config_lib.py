@@ -310,22 +310,17 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
                      f'cdg_jax.config_lib.base_config() (a typo?).')
 
 
-def _problems(config: ml_collections.ConfigDict) -> list[str]:
-  """Every out-of-range value of a config (see `validate`)."""
+def _problems(config: ml_collections.ConfigDict
+              ) -> tuple[list[str], layers.GatingSpec | None]:
+  """Every out-of-range value of a config (see `validate`), and the gating
+  spec when the `gating` block parses."""
   problems = []
+  spec = None
 
   def need(ok: bool, message: str) -> None:
     if not ok:
       problems.append(message)
 
-  need(config.batch_size > 0,
-       f'batch_size={config.batch_size} must be a positive number of images.')
-  need(config.num_steps == -1 or config.num_steps > 0,
-       f'num_steps={config.num_steps} must be positive, or -1 to train '
-       f'num_epochs={config.num_epochs} epochs.')
-  if config.num_steps == -1:
-    need(config.num_epochs > 0, f'num_epochs={config.num_epochs} must be '
-         f'positive (or set num_steps > 0).')
   need(config.log_every_steps > 0,
        f'log_every_steps={config.log_every_steps} must be positive.')
   need(config.checkpoint.every_steps > 0, f'checkpoint.every_steps='
@@ -334,40 +329,11 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
        f'checkpoint.keep={config.checkpoint.keep} must be at least 1.')
   need(config.cpu_devices >= 0,
        f'cpu_devices={config.cpu_devices} must be >= 0 (0: one per core).')
-  need(config.framework in pretraining.FRAMEWORKS, f'framework={config.framework!r} '
-       f'must be one of {pretraining.FRAMEWORKS}.')
-  need(config.optim.name in pretraining.OPTIMIZERS, f'optim.name={config.optim.name!r}'
-       f' must be one of {pretraining.OPTIMIZERS}.')
-  need(config.optim.base_learning_rate >= 0, f'optim.base_learning_rate='
-       f'{config.optim.base_learning_rate} must be >= 0.')
-  need(config.optim.warmup_epochs >= 0, f'optim.warmup_epochs='
-       f'{config.optim.warmup_epochs} must be >= 0.')
-  need(config.optim.weight_decay >= 0,
-       f'optim.weight_decay={config.optim.weight_decay} must be >= 0.')
-  need(config.model.name in models.ARCHITECTURES, f'model.name='
-       f'{config.model.name!r} must be one of {sorted(models.ARCHITECTURES)}.')
-  need(config.model.width > 0,
-       f'model.width={config.model.width} must be positive.')
-  need(config.model.dtype in models.COMPUTE_DTYPES, f'model.dtype='
-       f'{config.model.dtype!r} must be one of {sorted(models.COMPUTE_DTYPES)}.')
-  need(config.data.source in input_pipeline.SOURCES, f'data.source='
-       f'{config.data.source!r} must be one of {input_pipeline.SOURCES}.')
-  need(config.data.image_size > 0,
-       f'data.image_size={config.data.image_size} must be positive.')
-  need(config.data.num_classes >= 2,
-       f'data.num_classes={config.data.num_classes} must be at least 2.')
-  need(config.data.validation_size >= 0, f'data.validation_size='
-       f'{config.data.validation_size} must be >= 0 (0: no validation split).')
-  need(config.data.prefetch >= 0,
-       f'data.prefetch={config.data.prefetch} must be >= 0.')
-  need(config.eval.batch_size > 0,
-       f'eval.batch_size={config.eval.batch_size} must be positive.')
-  need(config.eval.knn_k > 0, f'eval.knn_k={config.eval.knn_k} must be '
-       f'positive.')
-  need(config.eval.knn_temperature > 0, f'eval.knn_temperature='
-       f'{config.eval.knn_temperature} must be positive.')
-  need(config.eval.every_steps >= 0, f'eval.every_steps='
-       f'{config.eval.every_steps} must be >= 0 (0: only at the end).')
+  # Each block is checked by the module that reads it.
+  problems += pretraining.config_problems(config)
+  problems += models.config_problems(config.model)
+  problems += input_pipeline.config_problems(config.data)
+  problems += evaluation.config_problems(config.eval)
   problems += linear_eval_problems(config.linear_eval.to_dict())
   try:
     spec = layers.GatingSpec.from_config(config.gating)
@@ -376,11 +342,10 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     if config.model.name in models.ARCHITECTURES:
       spec.for_stage(0, len(models.ARCHITECTURES[config.model.name][0]))
     if config.eval.sparse_inference:
-      models.with_sparse_inference(models.create_resnet(config.model,
-                                                        config.gating))
+      models.with_sparse_inference(models.create_resnet(config.model, spec))
   except ValueError as e:
     problems.append(str(e))
-  return problems
+  return problems, spec
 
 
 def linear_eval_problems(settings: Mapping[str, Any]) -> list[str]:
@@ -426,14 +391,20 @@ def linear_eval_problems(settings: Mapping[str, Any]) -> list[str]:
   return problems
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict) -> layers.GatingSpec:
   """Checks field names and value ranges of a whole config, before any work.
+
+  Returns:
+    The `gating` block as a `layers.GatingSpec`: the run's one parse of it,
+    which the entry point passes down (`pretraining.read_settings`,
+    `models.create_resnet`).
 
   Raises:
     ValueError listing every unknown field or out-of-range value, each with
     the value and what it must be.
   """
   check_fields(config)
-  problems = _problems(config)
+  problems, spec = _problems(config)
   if problems:
     raise ValueError('Invalid config:\n  ' + '\n  '.join(problems))
+  return spec

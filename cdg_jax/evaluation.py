@@ -20,8 +20,8 @@ Typical use, on an exported backbone:
 
   config, backbone, variables = checkpoints.load_backbone(workdir)
   source = input_pipeline.create_source(config.data)
-  metrics = evaluation.knn_eval(backbone, variables, source, config,
-                                parallel.make_mesh())
+  metrics = evaluation.knn_eval(backbone, variables, source, config.eval,
+                                config.augment, parallel.make_mesh())
 """
 
 from __future__ import annotations
@@ -386,6 +386,21 @@ def open_gates(variables: Mapping[str, Any]) -> dict[str, Any]:
   return {**variables, 'params': params}
 
 
+def config_problems(eval_config: Mapping[str, Any]) -> list[str]:
+  """Every out-of-range value of an `eval` block, each naming its field."""
+  checks = [
+      (eval_config['batch_size'] > 0,
+       f"eval.batch_size={eval_config['batch_size']} must be positive."),
+      (eval_config['knn_k'] > 0,
+       f"eval.knn_k={eval_config['knn_k']} must be positive."),
+      (eval_config['knn_temperature'] > 0, f"eval.knn_temperature="
+       f"{eval_config['knn_temperature']} must be positive."),
+      (eval_config['every_steps'] >= 0, f"eval.every_steps="
+       f"{eval_config['every_steps']} must be >= 0 (0: only at the end)."),
+  ]
+  return [message for ok, message in checks if not ok]
+
+
 def inference_backbone(backbone: nn.Module,
                        eval_config: Mapping[str, Any]) -> nn.Module:
   """The backbone with block-sparse inference if `eval.sparse_inference`."""
@@ -395,7 +410,8 @@ def inference_backbone(backbone: nn.Module,
 
 
 def knn_eval(backbone: nn.Module, variables: Mapping[str, Any],
-             source: input_pipeline.Source, config: ml_collections.ConfigDict,
+             source: input_pipeline.Source, eval_config: Mapping[str, Any],
+             augment_config: ml_collections.ConfigDict,
              mesh: jax.sharding.Mesh) -> dict[str, Any]:
   """kNN accuracy and test-set FLOPs of a backbone, for the training loop.
 
@@ -407,10 +423,10 @@ def knn_eval(backbone: nn.Module, variables: Mapping[str, Any],
     backbone: the online backbone (no head).
     variables: its variables ('params', 'batch_stats').
     source: the data source.
-    config: the run's config; uses `eval.knn_k`, `eval.knn_temperature`,
-      `eval.batch_size` (defaults 200, 0.1, 500 when absent),
-      `eval.sparse_inference` (block-sparse execution of tile-gated layers;
-      the same features) and `augment`.
+    eval_config: the run's `eval` block: `knn_k`, `knn_temperature`,
+      `batch_size` (defaults 200, 0.1, 500 when absent), `sparse_inference`
+      (block-sparse execution of tile-gated layers; the same features).
+    augment_config: the run's `augment` block (the evaluation preprocessing).
     mesh: device mesh with a 'data' axis.
 
   Returns:
@@ -420,14 +436,14 @@ def knn_eval(backbone: nn.Module, variables: Mapping[str, Any],
     {name: density}, 'layer_flops_share': {gated layer: its share of the
     backbone's dense MACs}}, Python floats.
   """
-  eval_config = config.get('eval') or {}
+  eval_config = eval_config or {}
   backbone = inference_backbone(backbone, eval_config)
   batch_size = eval_batch_size(
       eval_config.get('batch_size', DEFAULT_EVAL_BATCH_SIZE), mesh)
   train = extract_features(backbone, variables, source, 'train', batch_size,
-                           config.augment, mesh)
+                           augment_config, mesh)
   test = extract_features(backbone, variables, source, 'test', batch_size,
-                          config.augment, mesh)
+                          augment_config, mesh)
   knn = knn_classify(train['features'], train['labels'], test['features'],
                      test['labels'], source.num_classes,
                      k=eval_config.get('knn_k', DEFAULT_KNN_K),

@@ -21,6 +21,7 @@ from cdg_jax import cli
 from cdg_jax import evaluation
 from cdg_jax import flops
 from cdg_jax import input_pipeline
+from cdg_jax import layers
 from cdg_jax import models
 from cdg_jax import parallel
 
@@ -67,7 +68,8 @@ def main(argv):
     raise app.UsageError('Give --config (random network) or --workdir '
                          '(trained run).')
   batch_size = flags.FLAGS.batch_size
-  model = models.create_resnet(config.model, config.gating)
+  model = models.create_resnet(config.model,
+                               layers.GatingSpec.from_config(config.gating))
   size = config.data.image_size
   rng = jax.random.key(config.seed)
   init_rng, data_rng = jax.random.split(rng)

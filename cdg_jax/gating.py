@@ -28,7 +28,8 @@ Options where CDG's public lineage (channel gating / CGNet; docs/method.md
 
 The network-level FLOPs budget (ours to add: the form of DynConv, DGNet and
 Krishna et al., not known to be CDG's) is `flops_budget_regularizer` plus the
-per-layer bounds of `layer_bounds` / `bound_regularizer`.
+per-layer bounds of `layer_bounds` / `bound_regularizer`. Which form a run
+uses, with its schedules, is chosen in `cdg_jax.regularizers`.
 
 The predictor baselines' ops (FBS-style channel predictor, dual-gating-style
 spatial predictor) are in `cdg_jax.predictors`.

@@ -48,7 +48,6 @@ from collections.abc import Iterator
 import dataclasses
 import math
 import os
-from typing import Any
 import zipfile
 import zlib
 
@@ -206,6 +205,24 @@ def resize_images(images: np.ndarray, size: int,
 # ---------------------------------------------------------------------------
 
 
+def config_problems(data_config) -> list[str]:
+  """Every out-of-range value of a `data` block, each naming its field."""
+  checks = [
+      (data_config.source in SOURCES, f'data.source={data_config.source!r} '
+       f'must be one of {SOURCES}.'),
+      (data_config.image_size > 0,
+       f'data.image_size={data_config.image_size} must be positive.'),
+      (data_config.num_classes >= 2,
+       f'data.num_classes={data_config.num_classes} must be at least 2.'),
+      (data_config.validation_size >= 0, f'data.validation_size='
+       f'{data_config.validation_size} must be >= 0 (0: no validation '
+       f'split).'),
+      (data_config.prefetch >= 0,
+       f'data.prefetch={data_config.prefetch} must be >= 0.'),
+  ]
+  return [message for ok, message in checks if not ok]
+
+
 def steps_per_epoch(num_train: int, batch_size: int,
                     validation_size: int = 0) -> int:
   """Full training batches per epoch (the partial last one is dropped).
@@ -284,7 +301,6 @@ class Source(abc.ABC):
   def _train_iterator(self, plan: '_TrainPlan', step: int) -> Iterator[Batch]:
     """The batches of `train_batches` from `step` on (arguments checked)."""
 
-  @abc.abstractmethod
   def eval_batches(self, split: str, batch_size: int, *,
                    process_index: int | None = None,
                    process_count: int | None = None) -> Iterator[Batch]:
@@ -300,6 +316,16 @@ class Source(abc.ABC):
       with B = batch_size // process_count; mask is 1 for real examples, 0 for
       the padding of the last global batch.
     """
+    _check_split(split)
+    index, count = _process_info(process_index, process_count)
+    local = _local_batch_size(batch_size, count)
+    return self._eval_iterator(split, batch_size, local, index * local)
+
+  @abc.abstractmethod
+  def _eval_iterator(self, split: str, batch_size: int, local: int,
+                     offset: int) -> Iterator[Batch]:
+    """The batches of `eval_batches` (arguments checked): `local` rows of
+    each global batch of `batch_size`, from row `offset` of it on."""
 
 
 class ArraySource(Source):
@@ -353,14 +379,6 @@ class ArraySource(Source):
       rows = order[start:start + plan.local]
       yield {'image': images[rows], 'label': labels[rows]}
       step += 1
-
-  def eval_batches(self, split: str, batch_size: int, *,
-                   process_index: int | None = None,
-                   process_count: int | None = None) -> Iterator[Batch]:
-    _check_split(split)
-    index, count = _process_info(process_index, process_count)
-    local = _local_batch_size(batch_size, count)
-    return self._eval_iterator(split, batch_size, local, index * local)
 
   def _eval_iterator(self, split, batch_size, local, offset):
     images, labels = self._images[split], self._labels[split]
@@ -722,20 +740,15 @@ class TfdsStreamSource(Source):
         yield {'image': image, 'label': label.astype(np.int32)}
       epoch, skip_steps = epoch + 1, 0
 
-  def eval_batches(self, split: str, batch_size: int, *,
-                   process_index: int | None = None,
-                   process_count: int | None = None) -> Iterator[Batch]:
-    _check_split(split)
-    index, count = _process_info(process_index, process_count)
-    local = _local_batch_size(batch_size, count)
+  def _eval_iterator(self, split, batch_size, local, offset):
     tf = self._tf
     tfds_split = 'train' if split == 'train' else self._spec.test_split
     ds = self._read(tfds_split, shuffle_files=False).batch(batch_size)
 
     def own_rows(encoded, label):
       # This process's rows of the global batch, padded to `local` rows.
-      encoded = encoded[index * local:(index + 1) * local]
-      label = label[index * local:(index + 1) * local]
+      encoded = encoded[offset:offset + local]
+      label = label[offset:offset + local]
       real = tf.shape(encoded)[0]
       pad = local - real
       return (tf.concat([encoded, tf.fill([pad], '')], 0),

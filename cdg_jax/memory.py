@@ -47,17 +47,20 @@ class StepMemory:
     return self.activations + self.views + self.state
 
 
-def train_step_bytes(config, image_shape: tuple[int, int, int],
+def train_step_bytes(model_config, gating_spec: layers.GatingSpec | None,
+                     batch_size: int, image_shape: tuple[int, int, int],
                      num_devices: int) -> StepMemory:
   """Estimated memory of one device's train step (see the module doc).
 
   Args:
-    config: the run config (`model`, `gating`, `batch_size`).
+    model_config: the `model` block.
+    gating_spec: the online encoder's gating spec (None: dense).
+    batch_size: the global batch size.
     image_shape: (H, W, C) of the training images.
     num_devices: devices the batch is split over (of every process).
   """
-  backbone = models.create_resnet(config.model, config.gating)
-  per_device = max(1, config.batch_size // max(1, num_devices))
+  backbone = models.create_resnet(model_config, gating_spec)
+  per_device = max(1, batch_size // max(1, num_devices))
   views = jax.ShapeDtypeStruct((2 * per_device, *image_shape), jnp.float32)
   variables = jax.eval_shape(
       lambda x: backbone.init(jax.random.key(0), x, train=True),
@@ -106,17 +109,19 @@ def available_bytes(device: jax.Device) -> tuple[int | None, str]:
     return None, 'this host does not report its memory'
 
 
-def describe(config, image_shape, num_devices: int, memory: StepMemory) -> str:
+def describe(model_config, batch_size: int, image_shape, num_devices: int,
+             memory: StepMemory) -> str:
   """One line: what the train step needs, and what decides it."""
   h, w, _ = image_shape
-  per_device = max(1, config.batch_size // max(1, num_devices))
+  per_device = max(1, batch_size // max(1, num_devices))
   return (f'about {memory.total / GIB:.2f} GiB per device '
           f'({memory.activations / GIB:.2f} GiB of activations kept for the '
           f'backward pass of 2 views x {per_device} images at {h}x{w} on '
-          f'{config.model.name} width {config.model.width})')
+          f'{model_config.name} width {model_config.width})')
 
 
-def check_fits(config, image_shape: tuple[int, int, int],
+def check_fits(model_config, gating_spec: layers.GatingSpec | None,
+               batch_size: int, image_shape: tuple[int, int, int],
                devices: list[jax.Device]) -> str | None:
   """Raises ValueError if the train step cannot fit; else describes its cost.
 
@@ -135,7 +140,8 @@ def check_fits(config, image_shape: tuple[int, int, int],
     estimate and the memory available.
   """
   try:
-    memory = train_step_bytes(config, image_shape, len(devices))
+    memory = train_step_bytes(model_config, gating_spec, batch_size,
+                              image_shape, len(devices))
   except (ValueError, TypeError):
     return None
   # The batch is split over every device of the run; this host's memory
@@ -144,15 +150,15 @@ def check_fits(config, image_shape: tuple[int, int, int],
   available, what = available_bytes(local[0])
   cpu = local[0].platform == 'cpu'
   needed = memory.total * (len(local) if cpu else 1)
-  text = describe(config, image_shape, len(devices), memory)
+  text = describe(model_config, batch_size, image_shape, len(devices), memory)
   if available is None:
     return f'Train step memory: {text}; {what}.'
   where = (f'{len(local)} CPU device(s) sharing {available / GIB:.1f} GiB of '
            f'{what}' if cpu else f'{available / GIB:.1f} GiB, {what}')
   if needed > available:
     raise ValueError(
-        f'data.image_size={config.data.image_size} with batch_size='
-        f'{config.batch_size} does not fit: the train step needs {text}, '
+        f'data.image_size={image_shape[0]} with batch_size='
+        f'{batch_size} does not fit: the train step needs {text}, '
         f'{needed / GIB:.1f} GiB in all, and this machine has {where}. Lower '
         f'data.image_size or batch_size, or use a smaller model.')
   return f'Train step memory: {text}; {where}.'

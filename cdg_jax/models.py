@@ -251,28 +251,51 @@ def _architecture(name: str):
   return ARCHITECTURES[name]
 
 
+def config_problems(model_config: Mapping[str, Any]) -> list[str]:
+  """Every out-of-range value of a `model` block, each naming its field."""
+  checks = [
+      (model_config['name'] in ARCHITECTURES, f"model.name="
+       f"{model_config['name']!r} must be one of {sorted(ARCHITECTURES)}."),
+      (model_config['width'] > 0,
+       f"model.width={model_config['width']} must be positive."),
+      (model_config['dtype'] in COMPUTE_DTYPES, f"model.dtype="
+       f"{model_config['dtype']!r} must be one of {sorted(COMPUTE_DTYPES)}."),
+  ]
+  return [message for ok, message in checks if not ok]
+
+
 def create_resnet(model_config: Mapping[str, Any],
-                  gating_config: Mapping[str, Any] | None = None,
+                  gating: GatingSpec | None = None,
                   num_classes: int | None = None,
                   sparse_inference: bool = False,
                   gate_mode: str = 'gated') -> ResNet:
-  """Builds a ResNet from the config's `model` and `gating` blocks.
+  """Builds a ResNet from the config's `model` block and a gating spec.
 
   Args:
     model_config: with `name` ('resnet18' | 'resnet34' | 'resnet50'),
       `stem` ('cifar' | 'imagenet'), `width` (default 64) and `dtype`
       ('float32' default | 'bfloat16').
-    gating_config: the `gating` block; None gives the dense network.
+    gating: the gating spec, parsed once from the config's `gating` block by
+      the entry point (`GatingSpec.from_config`); None gives the dense
+      network.
     num_classes: adds a linear head when given.
     sparse_inference: block-sparse execution at inference (see `ResNet`).
     gate_mode: 'gated', 'open' or 'partner' (see `ResNet`).
 
   Raises:
+    TypeError: for a `gating` that is not a GatingSpec (a config block).
     ValueError: for sparse inference without tile-structured CDG gates, or a
       gate mode other than 'gated' without CDG gates to open.
   """
   stage_sizes, block_cls = _architecture(model_config['name'])
-  spec = GatingSpec.from_config(gating_config)
+  if gating is None:
+    gating = GatingSpec(kind='none')
+  if not isinstance(gating, GatingSpec):
+    raise TypeError(
+        f'create_resnet takes a GatingSpec or None, got '
+        f'{type(gating).__name__}; parse the gating block once with '
+        f'GatingSpec.from_config(config.gating) and pass the spec.')
+  spec = gating
   width = int(model_config.get('width', 64))
   if width < 1:
     raise ValueError(f'model.width must be positive, got {width}.')

@@ -6,7 +6,6 @@ import os
 from typing import Any
 
 import flax
-import jax
 import jax.numpy as jnp
 import matplotlib
 matplotlib.use('Agg')  # headless: files only

@@ -25,7 +25,7 @@ jitted function over a device mesh.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 import dataclasses
 import functools
 from typing import Any
@@ -38,12 +38,11 @@ import optax
 
 from cdg_jax import augment
 from cdg_jax import flops
-from cdg_jax import gating
 from cdg_jax import input_pipeline
 from cdg_jax import losses
 from cdg_jax import models
 from cdg_jax import parallel
-from cdg_jax import predictors
+from cdg_jax import regularizers
 from cdg_jax.layers import AUX_COLLECTION
 from cdg_jax.layers import DENSITY_COLLECTION
 from cdg_jax.layers import GatingSpec
@@ -102,10 +101,102 @@ class Networks:
   probe: nn.Dense
 
 
-def _check_framework(config) -> None:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What pretraining reads from a run's config, read once (`read_settings`).
+
+  The entry points (training, the step-timing script) read the config once
+  into this record and pass it down; the functions of this module take it
+  (or the part they use), never the config. The blocks are the config's own
+  (`model`, `ssl`, `optim`, `augment`), read by field name.
+
+  Attributes:
+    framework: one of FRAMEWORKS.
+    gating: the online encoder's gating spec (parsed once, by the caller).
+    model: the `model` block (name, width, stem, dtype).
+    ssl: the `ssl` block (projector, predictor, temperature, tau, queue).
+    optim: the `optim` block (name, learning rate, warm-up, weight decay).
+    augment: the `augment` block (`view1`, `view2`).
+    probe_learning_rate: the online probe's Adam learning rate.
+    image_size: side of the (square) training images.
+    num_classes: classes of the online probe.
+    batch_size: global batch size.
+    steps_per_epoch: full batches per epoch (`input_pipeline.steps_per_epoch`).
+    total_steps: training length in steps: `num_steps` if > 0, else epochs x
+      steps per epoch.
+  """
+  framework: str
+  gating: GatingSpec
+  model: Any
+  ssl: Any
+  optim: Any
+  augment: Any
+  probe_learning_rate: float
+  image_size: int
+  num_classes: int
+  batch_size: int
+  steps_per_epoch: int
+  total_steps: int
+
+  @property
+  def framework_record(self) -> 'Framework':
+    return FRAMEWORK_TABLE[self.framework]
+
+
+def config_problems(config) -> list[str]:
+  """Every out-of-range value of the fields pretraining reads (the training
+  length, the framework, the `optim` block), each naming its field;
+  `config_lib.validate` collects them."""
+  checks = [
+      (config.batch_size > 0, f'batch_size={config.batch_size} must be a '
+       f'positive number of images.'),
+      (config.num_steps == -1 or config.num_steps > 0,
+       f'num_steps={config.num_steps} must be positive, or -1 to train '
+       f'num_epochs={config.num_epochs} epochs.'),
+      (config.num_steps != -1 or config.num_epochs > 0,
+       f'num_epochs={config.num_epochs} must be positive (or set num_steps '
+       f'> 0).'),
+      (config.framework in FRAMEWORKS, f'framework={config.framework!r} must '
+       f'be one of {FRAMEWORKS}.'),
+      (config.optim.name in OPTIMIZERS, f'optim.name={config.optim.name!r} '
+       f'must be one of {OPTIMIZERS}.'),
+      (config.optim.base_learning_rate >= 0, f'optim.base_learning_rate='
+       f'{config.optim.base_learning_rate} must be >= 0.'),
+      (config.optim.warmup_epochs >= 0, f'optim.warmup_epochs='
+       f'{config.optim.warmup_epochs} must be >= 0.'),
+      (config.optim.weight_decay >= 0,
+       f'optim.weight_decay={config.optim.weight_decay} must be >= 0.'),
+  ]
+  return [message for ok, message in checks if not ok]
+
+
+def read_settings(config, gating_spec: GatingSpec, num_train: int) -> Settings:
+  """The pretraining settings of a run's config, for a training set size.
+
+  Args:
+    config: the run config (already validated: `config_lib.validate`).
+    gating_spec: its `gating` block, parsed once by the caller.
+    num_train: training-set size (for the epochs and schedules).
+
+  Raises:
+    ValueError: for an unknown framework.
+  """
   if config.framework not in FRAMEWORKS:
     raise ValueError(f'Unknown framework={config.framework!r}; expected one of '
                      f'{", ".join(FRAMEWORKS)}.')
+  per_epoch = input_pipeline.steps_per_epoch(
+      num_train, config.batch_size, config.data.get('validation_size', 0))
+  if config.num_steps > 0:
+    steps = int(config.num_steps)
+  else:
+    steps = max(1, int(config.num_epochs * per_epoch))
+  return Settings(
+      framework=config.framework, gating=gating_spec, model=config.model,
+      ssl=config.ssl, optim=config.optim, augment=config.augment,
+      probe_learning_rate=config.probe.learning_rate,
+      image_size=config.data.image_size, num_classes=config.data.num_classes,
+      batch_size=config.batch_size, steps_per_epoch=per_epoch,
+      total_steps=steps)
 
 
 def check_branches(framework: str, spec: GatingSpec) -> None:
@@ -125,35 +216,34 @@ def check_branches(framework: str, spec: GatingSpec) -> None:
         f"gating.branches='dense_partner').")
 
 
-def build_networks(config) -> Networks:
-  """Builds the online/target encoders and the probe from the config."""
-  _check_framework(config)
-  ssl = config.ssl
-  dtype = models.compute_dtype(config.model.get('dtype', 'float32'))
+def build_networks(settings: Settings) -> Networks:
+  """Builds the online/target encoders and the probe."""
+  ssl = settings.ssl
+  dtype = models.compute_dtype(settings.model.get('dtype', 'float32'))
   projector = MLP(tuple(ssl.projector_hidden_dims), ssl.projector_dim,
                   ssl.projector_last_bn, dtype)
   predictor = None
-  framework = FRAMEWORK_TABLE[config.framework]
+  framework = settings.framework_record
   if framework.predictor:
     if ssl.predictor_dim <= 0:
-      raise ValueError(f'framework={config.framework!r} needs a predictor: set '
-                       f'ssl.predictor_dim > 0 (got {ssl.predictor_dim}).')
+      raise ValueError(f'framework={settings.framework!r} needs a predictor: '
+                       f'set ssl.predictor_dim > 0 (got {ssl.predictor_dim}).')
     predictor = MLP(tuple(ssl.predictor_hidden_dims), ssl.predictor_dim,
                     dtype=dtype)
-  spec = GatingSpec.from_config(config.gating)
-  check_branches(config.framework, spec)
+  spec = settings.gating
+  check_branches(settings.framework, spec)
   # Under the dense partner the online encoder's batch is [view 1 gated;
   # view 2 with every gate open].
   gate_mode = 'partner' if spec.branches == 'dense_partner' else 'gated'
   online = SSLNetwork(
-      models.create_resnet(config.model, config.gating, gate_mode=gate_mode),
+      models.create_resnet(settings.model, spec, gate_mode=gate_mode),
       projector, predictor)
   target = None
   if framework.target:
-    target_gating = config.gating if spec.branches == 'both' else None
-    target = SSLNetwork(models.create_resnet(config.model, target_gating),
+    target_gating = spec if spec.branches == 'both' else None
+    target = SSLNetwork(models.create_resnet(settings.model, target_gating),
                         projector)
-  return Networks(online, target, nn.Dense(config.data.num_classes))
+  return Networks(online, target, nn.Dense(settings.num_classes))
 
 
 @flax.struct.dataclass
@@ -177,37 +267,29 @@ class TrainState:
 # ------------------------------------------------------------------ schedules
 
 
-def total_steps(config, num_train: int) -> int:
-  """Training length in steps: `num_steps` if > 0, else epochs x steps/epoch."""
-  if config.num_steps > 0:
-    return int(config.num_steps)
-  return max(1, int(config.num_epochs * steps_per_epoch(config, num_train)))
-
-
-def steps_per_epoch(config, num_train: int) -> int:
-  """Full batches per epoch (`input_pipeline.steps_per_epoch`)."""
-  return input_pipeline.steps_per_epoch(
-      num_train, config.batch_size, config.data.get('validation_size', 0))
-
-
-def learning_rate_schedule(config, num_train: int) -> optax.Schedule:
+def learning_rate_schedule(settings: Settings) -> optax.Schedule:
   """Linear warm-up to base_lr * batch/256, then cosine decay to 0."""
-  steps = total_steps(config, num_train)
-  warmup = int(config.optim.warmup_epochs * steps_per_epoch(config, num_train))
+  steps = settings.total_steps
+  warmup = int(settings.optim.warmup_epochs * settings.steps_per_epoch)
   warmup = min(warmup, steps - 1) if steps > 1 else 0
-  peak = config.optim.base_learning_rate * config.batch_size / 256
+  peak = settings.optim.base_learning_rate * settings.batch_size / 256
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, steps, 0.0)
 
 
-def tau_schedule(config, num_train: int) -> optax.Schedule:
-  """EMA decay of the target: BYOL's cosine from base_tau to 1, or constant."""
-  base_tau = config.ssl.base_tau
-  if config.ssl.tau_schedule == 'constant':
+def tau_schedule(ssl_config, num_steps: int) -> optax.Schedule:
+  """EMA decay of the target: BYOL's cosine from base_tau to 1, or constant.
+
+  Args:
+    ssl_config: the `ssl` block (`base_tau`, `tau_schedule`).
+    num_steps: the training length.
+  """
+  base_tau = ssl_config.base_tau
+  if ssl_config.tau_schedule == 'constant':
     return lambda step: jnp.asarray(base_tau, jnp.float32)
-  if config.ssl.tau_schedule != 'cosine':
-    raise ValueError(f"Unknown ssl.tau_schedule={config.ssl.tau_schedule!r}; "
+  if ssl_config.tau_schedule != 'cosine':
+    raise ValueError(f"Unknown ssl.tau_schedule={ssl_config.tau_schedule!r}; "
                      f"expected 'cosine' or 'constant'.")
-  steps = total_steps(config, num_train)
+  steps = num_steps
 
   def schedule(step):
     progress = jnp.minimum(step / steps, 1.0)
@@ -221,10 +303,15 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(config, num_train: int) -> optax.GradientTransformation:
-  """LARS or SGD with momentum, warm-up + cosine, masked weight decay."""
-  optim = config.optim
-  schedule = learning_rate_schedule(config, num_train)
+def make_optimizer(optim, schedule: optax.Schedule
+                   ) -> optax.GradientTransformation:
+  """LARS or SGD with momentum, masked weight decay.
+
+  Args:
+    optim: the `optim` block (name, weight_decay, momentum,
+      trust_coefficient).
+    schedule: the learning rate (`learning_rate_schedule`).
+  """
   if optim.name == 'lars':
     return optax.lars(schedule, weight_decay=optim.weight_decay,
                       weight_decay_mask=decay_mask,
@@ -256,20 +343,13 @@ def ema_update(target, online, tau):
   return jax.tree.map(lambda t, o: tau * t + (1.0 - tau) * o, target, online)
 
 
-def thresholds(params) -> list[jax.Array]:
-  """All gate thresholds in a parameter tree."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-  return [v for k, v in sorted(flat.items()) if k[-1] == 'threshold']
-
-
 # ------------------------------------------------------------------ the state
 
 
-def create_train_state(config, networks: Networks, num_train: int,
+def create_train_state(settings: Settings, networks: Networks,
                        rng: jax.Array) -> TrainState:
   """Initialises parameters, optimiser, target, queue and probe."""
-  _check_framework(config)
-  size = config.data.image_size
+  size = settings.image_size
   x = jnp.zeros((2, size, size, 3), jnp.float32)
   init_rng, probe_rng, state_rng = jax.random.split(rng, 3)
   variables = networks.online.init(init_rng, x, train=False)
@@ -284,20 +364,21 @@ def create_train_state(config, networks: Networks, num_train: int,
     target_params = jax.tree.map(jnp.copy, select_like(params, shapes['params']))
     target_stats = jax.tree.map(
         jnp.copy, select_like(batch_stats, shapes.get('batch_stats', {})))
-  if FRAMEWORK_TABLE[config.framework].queue:
-    queue_size = config.ssl.queue_size
-    if queue_size % config.batch_size:
+  if settings.framework_record.queue:
+    queue_size = settings.ssl.queue_size
+    if queue_size % settings.batch_size:
       raise ValueError(f'ssl.queue_size={queue_size} is not divisible by '
-                       f'batch_size={config.batch_size}; the queue is updated '
-                       f'a whole batch at a time.')
-    keys = jax.random.normal(state_rng, (queue_size, config.ssl.projector_dim))
+                       f'batch_size={settings.batch_size}; the queue is '
+                       f'updated a whole batch at a time.')
+    keys = jax.random.normal(state_rng,
+                             (queue_size, settings.ssl.projector_dim))
     queue = {'keys': losses.l2_normalize(keys),
              'pointer': jnp.zeros((), jnp.int32)}
-  feature_dim = models.feature_dim(config.model.name, config.model.width)
+  feature_dim = models.feature_dim(settings.model.name, settings.model.width)
   probe_params = networks.probe.init(
       probe_rng, jnp.zeros((1, feature_dim)))['params']
-  tx = make_optimizer(config, num_train)
-  probe_tx = optax.adam(config.probe.learning_rate)
+  tx = make_optimizer(settings.optim, learning_rate_schedule(settings))
+  probe_tx = optax.adam(settings.probe_learning_rate)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
       opt_state=tx.init(params), target_params=target_params,
@@ -390,168 +471,6 @@ def ssl_loss(framework: str, online: dict, target: dict | None, queue,
   return loss, online['projection']
 
 
-def density_target_schedule(spec: GatingSpec, num_steps: int
-                            ) -> Callable[[jax.Array], jax.Array]:
-  """The density regulariser's target at a step.
-
-  `spec.density_target` throughout, or, with `spec.target_anneal_fraction`
-  f > 0 (our option, not the paper's), a linear fall from 1.0 (no gate
-  closed) at step 0 to `density_target` at step f * num_steps, constant after.
-  """
-  target = spec.density_target
-  anneal_steps = spec.target_anneal_fraction * num_steps
-  if anneal_steps <= 0:
-    return lambda step: jnp.asarray(target, jnp.float32)
-
-  def schedule(step):
-    progress = jnp.minimum(step / anneal_steps, 1.0)
-    return (1.0 - progress * (1.0 - target)).astype(jnp.float32)
-  return schedule
-
-
-def budget_schedule(spec: GatingSpec, num_steps: int
-                    ) -> Callable[[jax.Array], dict[str, jax.Array]]:
-  """The FLOPs budget's weight scale and per-layer bound tightness at a step.
-
-  Returns `schedule(step) -> {'scale', 'tightness'}`: `scale` is 0 before
-  `spec.budget_start_fraction` of `num_steps`, then rises linearly to 1 over
-  `spec.budget_ramp_fraction` (at once if 0); `tightness`
-  (`gating.bound_tightness`) falls from 1 at the budget's start to 0 after
-  `spec.budget_bounds_fraction` of training; always 0 without bounds.
-  """
-  start = spec.budget_start_fraction * num_steps
-  ramp = spec.budget_ramp_fraction * num_steps
-  relax = spec.budget_bounds_fraction * num_steps
-
-  def schedule(step):
-    since_start = jnp.asarray(step, jnp.float32) - start
-    if ramp > 0:
-      scale = jnp.clip(since_start / ramp, 0.0, 1.0)
-    else:
-      scale = (since_start >= 0).astype(jnp.float32)
-    tightness = (gating.bound_tightness(jnp.maximum(since_start, 0.0) / relax)
-                 if relax > 0 else jnp.zeros((), jnp.float32))
-    return {'scale': scale, 'tightness': tightness}
-  return schedule
-
-
-def budget_fraction(costs: Sequence[flops.LayerCost],
-                    density: jax.Array | float) -> jax.Array:
-  """The gated layers' FLOPs fraction when every one is at `density`.
-
-  The FLOPs budget's target, from the density a user states: the same
-  `flops.gated_macs` computation the regulariser and the report use.
-  """
-  dense, effective = flops.gated_macs(
-      costs, {c.name: density for c in costs if c.gated})
-  return effective / dense
-
-
-def budget_summary(spec: GatingSpec, costs: Sequence[flops.LayerCost]
-                   ) -> dict[str, float] | None:
-  """The FLOPs budget in the numbers a user reads (None without one).
-
-  Returns {'density': the gated layers' MAC-weighted density target,
-  'gated_flops_fraction': the fraction of their dense MACs it leaves,
-  'flops_reduction': the backbone's dense / effective MACs at it}.
-  """
-  if not (spec.kind == 'cdg' and spec.regularizer == 'flops'):
-    return None
-  at_target = {c.name: spec.density_target for c in costs if c.gated}
-  return {'density': spec.density_target,
-          'gated_flops_fraction': float(budget_fraction(
-              costs, spec.density_target)),
-          'flops_reduction': float(flops.flops_reduction(costs, at_target))}
-
-
-def describe_budget(spec: GatingSpec, costs: Sequence[flops.LayerCost]
-                    ) -> str | None:
-  """One line saying what the FLOPs budget asks for (None without one)."""
-  budget = budget_summary(spec, costs)
-  if budget is None:
-    return None
-  parts = [f"Gate regulariser: one FLOPs budget (gating.regularizer='flops', "
-           f"lambda {spec.weight:g}): the gated layers' MAC-weighted density "
-           f"{budget['density']:.3f}, i.e. "
-           f"{100 * budget['gated_flops_fraction']:.1f}% of their dense MACs; "
-           f"backbone FLOPs reduction {budget['flops_reduction']:.2f}x at the "
-           f'budget.']
-  if spec.budget_bounds_fraction > 0:
-    parts.append(f'Per-layer bounds start at the target and relax to [0, 1] '
-                 f'over {100 * spec.budget_bounds_fraction:.0f}% of training.')
-  if spec.budget_start_fraction > 0:
-    parts.append(f'The budget is off for the first '
-                 f'{100 * spec.budget_start_fraction:.0f}% of training'
-                 + (f', then ramps in over '
-                    f'{100 * spec.budget_ramp_fraction:.0f}%.'
-                    if spec.budget_ramp_fraction > 0 else '.'))
-  return ' '.join(parts)
-
-
-def gate_regularizer(spec: GatingSpec, params, densities: Mapping[str, Any],
-                     aux: Mapping[str, Any] | None = None,
-                     density_target: jax.Array | float | None = None,
-                     costs: Sequence[flops.LayerCost] = (),
-                     budget: Mapping[str, Any] | None = None):
-  """The gates' auxiliary loss, times lambda = `spec.weight` (0 without gates).
-
-  Args:
-    spec: the gating spec.
-    params: online parameters (CDG thresholds).
-    densities: {layer: mean density} from this step's straight-through masks.
-    aux: the 'gate_aux' collection sown in the same forward pass (channel
-      predictor: per-sample saliency L1 norms).
-    density_target: this step's density target (`density_target_schedule`);
-      None: `spec.density_target`.
-    costs: the online network's `flops.LayerCost`s (names as in
-      `densities`); the 'flops' form needs them.
-    budget: this step's `budget_schedule` values; None: full weight, no
-      bounds.
-
-  Returns:
-    CDG: lambda * sum_layers mean((delta - target)^2) ('threshold'),
-    lambda * sum over all thresholds (delta - target)^2 ('threshold_sum'),
-    lambda * sum_layers (density - target)^2 ('density'), or
-    lambda * scale * [(F_gated / F_dense - t_F)^2 + mean_layers
-    relu(d - upper)^2 + relu(lower - d)^2] ('flops', `budget_schedule` gives
-    scale and the bounds' tightness; t_F = `budget_fraction` at the target).
-    'channel_predictor': FBS's lambda * sum_layers mean_samples ||s||_1.
-    'spatial_predictor': lambda * sum_layers (density - density_target)^2,
-    the density being the mean of the straight-through hard masks, so the
-    gradient reaches the predictors.
-  """
-  if not spec.enabled:
-    return jnp.zeros(())
-  if density_target is None:
-    density_target = spec.density_target
-  if spec.kind == 'channel_predictor':
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(aux or {}))
-    values = [jnp.concatenate([jnp.reshape(v, (-1,)) for v in
-                               (vs if isinstance(vs, tuple) else (vs,))])
-              for k, vs in sorted(flat.items()) if k[-1] == 'saliency_l1']
-    return spec.weight * predictors.saliency_l1_regularizer(values)
-  if spec.kind == 'cdg' and spec.regularizer == 'flops':
-    if not any(c.gated for c in costs):
-      raise ValueError("gating.regularizer='flops' needs the network's layer "
-                       'costs (flops.layer_costs) with its gated layers.')
-    budget = budget or {'scale': 1.0, 'tightness': 0.0}
-    dense, effective = flops.gated_macs(costs, densities)
-    value = gating.flops_budget_regularizer(
-        effective / dense, budget_fraction(costs, density_target))
-    if spec.budget_bounds_fraction > 0:
-      lower, upper = gating.layer_bounds(density_target, budget['tightness'])
-      value = value + gating.bound_regularizer(list(densities.values()),
-                                               lower, upper)
-    return spec.weight * budget['scale'] * value
-  if spec.kind == 'spatial_predictor' or spec.regularizer == 'density':
-    return spec.weight * gating.density_regularizer(list(densities.values()),
-                                                    density_target)
-  regularizer = {'threshold': gating.threshold_regularizer,
-                 'threshold_sum': gating.threshold_sum_regularizer
-                 }[spec.regularizer]
-  return spec.weight * regularizer(thresholds(params), spec.threshold_target)
-
-
 def _branch_inputs(framework: Framework, view1, view2, stat_groups: int):
   """(online input, its statistics groups, target input, its groups).
 
@@ -607,14 +526,13 @@ def _probe_step(probe: nn.Module, probe_tx, state: TrainState, features,
           probe_opt_state, probe_loss, logits)
 
 
-def make_train_step(config, networks: Networks, num_train: int,
+def make_train_step(settings: Settings, networks: Networks,
                     costs: tuple[flops.LayerCost, ...]) -> Callable:
   """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted).
 
   Args:
-    config: the run config.
+    settings: the run's settings (`read_settings`).
     networks: from `build_networks`.
-    num_train: training-set size (for the schedules).
     costs: `flops.layer_costs` of the online network (names prefixed
       'backbone/'), for the FLOPs reduction metric.
 
@@ -623,20 +541,20 @@ def make_train_step(config, networks: Networks, num_train: int,
   target branch -> online loss and gradient (SSL loss + gate regulariser)
   -> optimiser -> EMA target and queue -> online probe -> metrics.
   """
-  framework = FRAMEWORK_TABLE[config.framework]
-  spec = GatingSpec.from_config(config.gating)
+  framework = settings.framework_record
+  spec = settings.gating
   stat_groups = 2 if spec.saliency_stats == 'per_branch' else 1
   if spec.branches == 'dense_partner':
     # Only view 1 is gated (`GatedConv` in 'partner' mode): one branch.
     stat_groups = 1
-  tx = make_optimizer(config, num_train)
-  probe_tx = optax.adam(config.probe.learning_rate)
-  lr_schedule = learning_rate_schedule(config, num_train)
-  tau_fn = tau_schedule(config, num_train)
-  target_fn = density_target_schedule(spec, total_steps(config, num_train))
-  budget_fn = budget_schedule(spec, total_steps(config, num_train))
-  augment_config = config.augment
-  temperature = config.ssl.temperature
+  lr_schedule = learning_rate_schedule(settings)
+  tx = make_optimizer(settings.optim, lr_schedule)
+  probe_tx = optax.adam(settings.probe_learning_rate)
+  tau_fn = tau_schedule(settings.ssl, settings.total_steps)
+  target_fn = regularizers.density_target_schedule(spec, settings.total_steps)
+  budget_fn = regularizers.budget_schedule(spec, settings.total_steps)
+  augment_config = settings.augment
+  temperature = settings.ssl.temperature
   gated_costs = [c for c in costs if c.gated]
   online_mutable = ['batch_stats', DENSITY_COLLECTION]
   if spec.kind == 'channel_predictor':
@@ -661,10 +579,10 @@ def make_train_step(config, networks: Networks, num_train: int,
         {'params': params, 'batch_stats': state.batch_stats}, online_input,
         train=True, stat_groups=online_groups,
         rngs=online_rngs, mutable=online_mutable)
-    loss, embeddings = ssl_loss(config.framework, out, target_out, queue_keys,
-                                temperature)
+    loss, embeddings = ssl_loss(settings.framework, out, target_out,
+                                queue_keys, temperature)
     densities = flops.mean_densities(new_vars.get(DENSITY_COLLECTION, {}))
-    gate_loss = gate_regularizer(spec, params, densities,
+    gate_loss = regularizers.gate_regularizer(spec, params, densities,
                                  new_vars.get(AUX_COLLECTION, {}),
                                  target_fn(state.step), costs,
                                  budget_fn(state.step))
@@ -755,21 +673,21 @@ class Pretraining:
   train_step: Callable
 
 
-def assemble(config, num_train: int) -> Pretraining:
+def assemble(settings: Settings) -> Pretraining:
   """Builds everything a train step needs, in one place: training, the
   abstract shape check and the step-timing benchmark all call this."""
-  networks = build_networks(config)
-  costs = online_costs(config, networks)
+  networks = build_networks(settings)
+  costs = online_costs(networks, settings.image_size)
   return Pretraining(
       networks=networks, costs=costs,
-      init_state=functools.partial(create_train_state, config, networks,
-                                   num_train),
-      train_step=make_train_step(config, networks, num_train, costs))
+      init_state=functools.partial(create_train_state, settings, networks),
+      train_step=make_train_step(settings, networks, costs))
 
 
-def online_costs(config, networks: Networks) -> tuple[flops.LayerCost, ...]:
+def online_costs(networks: Networks, image_size: int
+                 ) -> tuple[flops.LayerCost, ...]:
   """Per-example layer costs of the online network (backbone + heads)."""
-  size = config.data.image_size
+  size = image_size
   x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
   variables = jax.eval_shape(
       lambda: networks.online.init(jax.random.key(0), jnp.zeros(x.shape)))

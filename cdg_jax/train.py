@@ -39,8 +39,9 @@ from cdg_jax import metric_logging
 from cdg_jax import models
 from cdg_jax import parallel
 from cdg_jax import plots
-from cdg_jax import run_control
 from cdg_jax import pretraining
+from cdg_jax import regularizers
+from cdg_jax import run_control
 
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
@@ -116,28 +117,30 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # workdir is touched: the config, the memory, the data, the devices.
   if workdir:
     run_control.WorkdirLock(workdir, enabled=is_main).check()
-  config_lib.validate(config)
+  # The config's one parse: the gating spec and the pretraining settings
+  # are read here and passed down; nothing below reads `config.gating`.
+  gating_spec = config_lib.validate(config)
   check_same_config_in_every_process(config)
   mesh = parallel.make_mesh()
   # Before the data are made or read: an image size or batch whose train
   # step cannot fit is refused with the estimate, not found by swapping.
   size = config.data.image_size
-  memory_note = memory.check_fits(config, (size, size, 3),
+  memory_note = memory.check_fits(config.model, gating_spec,
+                                  config.batch_size, (size, size, 3),
                                   list(mesh.devices.flat))
   if is_main and memory_note:
     print(memory_note, flush=True)
   source = input_pipeline.create_source(config.data)
   # The evaluation batch is rounded up to the devices (eval_batch_size).
   parallel.check_batch_divisible(config.batch_size, mesh)
-  num_train = source.num_train
-  total_steps = pretraining.total_steps(config, num_train)
-  check_shapes(config, source, mesh)
+  settings = pretraining.read_settings(config, gating_spec, source.num_train)
+  check_shapes(config, settings, source, mesh)
   try:
     prepare_workdir(workdir)
     with run_control.WorkdirLock(workdir, enabled=is_main):
       checkpoints.check_compatible(config, workdir)
       checkpoints.write_config(config, workdir)
-      return _train_and_evaluate(config, workdir, source, mesh, total_steps,
+      return _train_and_evaluate(config, settings, workdir, source, mesh,
                                  start_time)
   except checkpoints.CheckpointWriteError:
     # Once every write of the run has ended (the loop's `finally` waited for
@@ -184,7 +187,8 @@ def check_same_config_in_every_process(config) -> None:
                      f'every process with the same --config and overrides.')
 
 
-def check_shapes(config, source: input_pipeline.Source,
+def check_shapes(config, settings: pretraining.Settings,
+                 source: input_pipeline.Source,
                  mesh: jax.sharding.Mesh) -> None:
   """Traces the whole run on the data's real shapes; computes nothing.
 
@@ -200,14 +204,14 @@ def check_shapes(config, source: input_pipeline.Source,
   """
   height, width, channels = source.image_shape
   try:
-    run = pretraining.assemble(config, source.num_train)
+    run = pretraining.assemble(settings)
     state = jax.eval_shape(lambda: run.init_state(jax.random.key(0)))
     batch = {'image': jax.ShapeDtypeStruct(
                  (config.batch_size, height, width, channels), np.uint8),
              'label': jax.ShapeDtypeStruct((config.batch_size,), np.int32)}
     jax.eval_shape(run.train_step, state, batch)
     backbone = evaluation.inference_backbone(
-        models.create_resnet(config.model, config.gating), config.eval)
+        models.create_resnet(config.model, settings.gating), config.eval)
     eval_images = jax.ShapeDtypeStruct(
         (evaluation.eval_batch_size(config.eval.batch_size, mesh), height,
          width, channels), np.float32)
@@ -222,13 +226,13 @@ def check_shapes(config, source: input_pipeline.Source,
         f'{config.data.source!r}): {e}') from e
 
 
-def _train_and_evaluate(config, workdir, source, mesh, total_steps,
-                        start_time) -> dict[str, Any]:
+def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
+                        source, mesh, start_time) -> dict[str, Any]:
   """`train_and_evaluate` once the config, data and workdir are checked."""
   is_main = jax.process_index() == 0
-  num_train = source.num_train
-  run = pretraining.assemble(config, num_train)
-  backbone = models.create_resnet(config.model, config.gating)
+  total_steps = settings.total_steps
+  run = pretraining.assemble(settings)
+  backbone = models.create_resnet(config.model, settings.gating)
 
   state = _create_state(run, config.seed, mesh)
   manager = checkpoints.checkpoint_manager(workdir, config.checkpoint.keep)
@@ -245,11 +249,11 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
                                         resume_step=start_step)
   if start_step == 0:
     parameter_overview.log_parameter_overview(state.params)
-    writer.write_hparams(scalar_hparams(config))
+    writer.write_hparams(scalar_hparams(config, settings.gating))
 
   costs = run.costs
-  spec = backbone.gating
-  budget_note = pretraining.describe_budget(spec, costs)
+  spec = settings.gating
+  budget_note = regularizers.describe_budget(spec, costs)
   if is_main and budget_note:
     print(budget_note, flush=True)
   train_step = pretraining.jit_train_step(run.train_step, mesh)
@@ -257,6 +261,58 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
       (batching.shard_batch(b, mesh) for b in source.train_batches(
           config.batch_size, config.seed, start_step)),
       config.data.prefetch)
+  state, step, last_metrics = _train_loop(
+      config, state, train_step, batches, manager, writer, start_step,
+      total_steps, evaluate=lambda state: evaluation.knn_eval(
+          backbone, backbone_variables(state), source, config.eval,
+          config.augment, mesh))
+  variables = backbone_variables(state)
+  knn, dense_network = _final_evaluation(config, spec, backbone, variables,
+                                         source, mesh, writer, step)
+  writer.close()
+  summary = {
+      'framework': config.framework, 'model': config.model.name,
+      'gating': spec.kind, 'steps': step,
+      'resumed_from_step': start_step,
+      'eval_split': source.eval_split_name,
+      # Whether evaluation skipped the closed tiles (eval.sparse_inference).
+      'sparse_inference': bool(config.eval.sparse_inference),
+      'num_train': source.num_train, 'num_eval': source.num_test,
+      'wall_time_s': time.time() - start_time,
+      **knn,
+      **({'dense_network': dense_network} if dense_network else {}),
+      **({'gate_budget': regularizers.budget_summary(spec, costs)}
+         if budget_note else {}),
+      'last_train_metrics': {k: v for k, v in last_metrics.items()
+                             if not k.startswith('density/')},
+  }
+  checkpoints.export_backbone(workdir, variables['params'],
+                              variables['batch_stats'])
+  if is_main:
+    with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
+      json.dump(summary, f, indent=2, default=float)
+    if config.plot_images > 0:
+      test_images = next(iter(source.eval_batches('test', config.plot_images)))
+      plots.write_run_plots(workdir, backbone, jax.device_get(variables),
+                            test_images['image'][:config.plot_images],
+                            config.augment, knn.get('layer_density'),
+                            knn.get('layer_flops_share'),
+                            source.eval_split_name)
+    print(format_summary(summary), flush=True)
+  return summary
+
+
+def _train_loop(config, state, train_step, batches, manager, writer,
+                start_step: int, total_steps: int, evaluate):
+  """Steps from `start_step` to `total_steps`: metrics every
+  `log_every_steps`, checkpoints every `checkpoint.every_steps` and at the
+  end, kNN every `eval.every_steps` (`evaluate(state)`), a checkpoint and
+  `run_control.Preempted` on SIGTERM/SIGINT.
+
+  Returns:
+    (state, the last step, the last logged metrics).
+  """
+  is_main = jax.process_index() == 0
   report_progress = metric_logging.ReportProgress(
       total_steps, writer, config.log_every_steps)
   progress = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
@@ -303,64 +359,44 @@ def _train_and_evaluate(config, workdir, source, mesh, total_steps,
           logging.warning('%s', message)
           raise run_control.Preempted(message)
         if eval_every > 0 and step % eval_every == 0 and step < total_steps:
-          knn = evaluation.knn_eval(backbone, backbone_variables(state),
-                                    source, config, mesh)
-          writer.write_scalars(step, _eval_scalars(knn))
+          writer.write_scalars(step, _eval_scalars(evaluate(state)))
     finally:
       progress.close()
       batches.close()   # joins the prefetch thread before anything exits
       checkpoints.wait(manager)
 
-  variables = backbone_variables(state)
-  knn = evaluation.knn_eval(backbone, variables, source, config, mesh)
+  return state, step, last_metrics
+
+
+def _final_evaluation(config, spec, backbone, variables, source, mesh,
+                      writer, step: int):
+  """kNN and test-set FLOPs of the trained backbone (and of its dense path
+  after a dense-partner run), written to the metrics at `step`.
+
+  Returns:
+    (knn_eval's dict, the dense path's {'knn_top1', 'knn_top5',
+    'flops_reduction'} or None).
+  """
+  knn = evaluation.knn_eval(backbone, variables, source, config.eval,
+                            config.augment, mesh)
   writer.write_scalars(step, _eval_scalars(knn))
   dense_network = None
   if spec.has_dense_partner:
     # One dense-partner run trains two networks: report the dense one too.
     dense_knn = evaluation.knn_eval(models.dense_path(backbone), variables,
-                                    source, config, mesh)
+                                    source, config.eval, config.augment, mesh)
     dense_network = {k: dense_knn[k] for k in
                      ('knn_top1', 'knn_top5', 'flops_reduction')}
     writer.write_scalars(step, {f'eval_dense/{k}': v
                                 for k, v in dense_network.items()})
-  writer.close()
-  summary = {
-      'framework': config.framework, 'model': config.model.name,
-      'gating': config.gating.kind, 'steps': step,
-      'resumed_from_step': start_step,
-      'eval_split': source.eval_split_name,
-      # Whether evaluation skipped the closed tiles (eval.sparse_inference).
-      'sparse_inference': bool(config.eval.sparse_inference),
-      'num_train': source.num_train, 'num_eval': source.num_test,
-      'wall_time_s': time.time() - start_time,
-      **knn,
-      **({'dense_network': dense_network} if dense_network else {}),
-      **({'gate_budget': pretraining.budget_summary(spec, costs)}
-         if budget_note else {}),
-      'last_train_metrics': {k: v for k, v in last_metrics.items()
-                             if not k.startswith('density/')},
-  }
-  checkpoints.export_backbone(workdir, variables['params'],
-                              variables['batch_stats'])
-  if is_main:
-    with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
-      json.dump(summary, f, indent=2, default=float)
-    if config.plot_images > 0:
-      test_images = next(iter(source.eval_batches('test', config.plot_images)))
-      plots.write_run_plots(workdir, backbone, jax.device_get(variables),
-                            test_images['image'][:config.plot_images],
-                            config.augment, knn.get('layer_density'),
-                            knn.get('layer_flops_share'),
-                            source.eval_split_name)
-    print(format_summary(summary), flush=True)
-  return summary
+  return knn, dense_network
 
 
-def scalar_hparams(config) -> dict[str, Any]:
+def scalar_hparams(config, spec: layers.GatingSpec) -> dict[str, Any]:
   """A few headline hyperparameters for TensorBoard's HParams tab."""
   return {'framework': config.framework, 'model': config.model.name,
-          'gating': config.gating.kind, 'batch_size': config.batch_size,
-          'groups': config.gating.groups, 'reg_weight': config.gating.weight}
+          'gating': spec.kind, 'batch_size': config.batch_size,
+          'groups': spec.groups, 'reg_weight': spec.weight}
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -139,12 +139,13 @@ def random_network_rows(tile: str) -> list[dict]:
   """Dense, masked and sparse images/s at each target density."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cdg_jax import flops, models  # pylint: disable=g-import-not-at-top
+  from cdg_jax import flops, layers, models  # pylint: disable=g-import-not-at-top
   size, batch = FLAGS.image_size, FLAGS.batch_size
   model_config = {'name': 'resnet18', 'width': FLAGS.width}
   gating_config = gating_config_of(tile)
-  dense = models.create_resnet(model_config, {'kind': 'none'})
-  masked = models.create_resnet(model_config, gating_config)
+  dense = models.create_resnet(model_config)
+  masked = models.create_resnet(model_config,
+                                layers.GatingSpec.from_config(gating_config))
   fast = models.with_sparse_inference(masked)
   rng = np.random.default_rng(0)
   images = jax.numpy.asarray(
@@ -326,7 +327,7 @@ def trained_rows(workdir: str) -> dict:
                        models)
   config, masked, variables = checkpoints.load_backbone(workdir)
   fast = models.with_sparse_inference(masked)
-  dense = models.create_resnet(config.model, {'kind': 'none'})
+  dense = models.create_resnet(config.model)
   source = input_pipeline.create_source(config.data)
   batch = next(iter(source.eval_batches('test', FLAGS.batch_size)))
   images = augment.preprocess_eval(jax.numpy.asarray(batch['image']),

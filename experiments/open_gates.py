@@ -47,8 +47,8 @@ def main(argv):
     source = input_pipeline.create_source(config.data)
     for gates, run_variables in (('as trained', variables),
                                  ('all open', evaluation.open_gates(variables))):
-      result = evaluation.knn_eval(backbone, run_variables, source, config,
-                                   mesh)
+      result = evaluation.knn_eval(backbone, run_variables, source,
+                                   config.eval, config.augment, mesh)
       print(f'| {os.path.basename(os.path.normpath(workdir))} | {gates} | '
             f'{100 * result["knn_top1"]:.2f} | '
             f'{result["flops_reduction"]:.2f}x | '

@@ -18,9 +18,11 @@ def time_step(config, steps: int, num_train: int = 50_000) -> dict:
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cdg_jax import parallel, pretraining  # pylint: disable=g-import-not-at-top
+  from cdg_jax import config_lib, parallel, pretraining  # pylint: disable=g-import-not-at-top
 
-  run = pretraining.assemble(config, num_train)
+  settings = pretraining.read_settings(config, config_lib.validate(config),
+                                       num_train)
+  run = pretraining.assemble(settings)
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(config.batch_size, mesh)
   state = parallel.replicate(run.init_state(jax.random.key(0)), mesh)

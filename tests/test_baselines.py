@@ -14,6 +14,7 @@ from cdg_jax import gating
 from cdg_jax import models
 from cdg_jax import predictors
 from cdg_jax import pretraining
+from cdg_jax import regularizers
 from cdg_jax.layers import GatedConv, GatingSpec
 from tests.test_pretraining import fixed_batch, setup, tiny_config
 
@@ -52,7 +53,7 @@ def test_channel_predictor_keeps_top_k_and_scales_dense_conv():
   l1 = np.asarray(state['gate_aux']['saliency_l1'][0])
   np.testing.assert_allclose(l1, s.sum(axis=-1), rtol=1e-5)
   # FBS's auxiliary loss: lambda * sum_layers mean_samples ||s||_1.
-  reg = pretraining.gate_regularizer(spec, variables['params'], {}, state['gate_aux'])
+  reg = regularizers.gate_regularizer(spec, variables['params'], {}, state['gate_aux'])
   np.testing.assert_allclose(reg, 1e-4 * s.sum(axis=-1).mean(), rtol=1e-5)
 
   # The gradient of the output reaches the predictor (through the saliency).
@@ -158,7 +159,7 @@ def test_spatial_predictor_block_mask_is_hard_and_trains_the_predictor():
                      rngs={'gumbel': jax.random.key(2)})
     densities = flops.mean_densities(st['gating'])
     return (jnp.sum(out * jnp.arange(6.0))
-            + pretraining.gate_regularizer(GatingSpec(kind='spatial_predictor',
+            + regularizers.gate_regularizer(GatingSpec(kind='spatial_predictor',
                                               density_target=0.1, weight=1.0),
                                    params, densities))
   grads = jax.grad(loss)(variables['params'])
@@ -167,14 +168,14 @@ def test_spatial_predictor_block_mask_is_hard_and_trains_the_predictor():
   # Density loss alone: lambda * sum_layers (density - target)^2.
   spec_d = GatingSpec(kind='spatial_predictor', density_target=0.5, weight=2.0)
   np.testing.assert_allclose(
-      pretraining.gate_regularizer(spec_d, {}, {'a': 0.7, 'b': 0.2}),
+      regularizers.gate_regularizer(spec_d, {}, {'a': 0.7, 'b': 0.2}),
       2.0 * (0.2**2 + 0.3**2), rtol=1e-6)
 
 
 @pytest.mark.parametrize('kind', ['channel_predictor', 'spatial_predictor'])
 def test_eval_mode_is_deterministic_and_batch_independent(kind):
   model = models.create_resnet({'name': 'resnet10', 'width': 8},
-                               {'kind': kind})   # 8x8: stage 4 is 1x1
+                               GatingSpec.from_config({'kind': kind}))   # 8x8: stage 4 is 1x1
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
   variables = model.init(jax.random.key(1), x[:1])
   run = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=['gating']))
@@ -206,8 +207,8 @@ def test_flops_of_predictor_layers_include_the_predictor():
 
   # Channel predictor: density is exactly k / C_out, k = ceil(0.3 * C_out).
   model = models.create_resnet({'name': 'resnet10', 'width': 8},
-                               {'kind': 'channel_predictor',
-                                'density_target': 0.3})
+                               GatingSpec.from_config({'kind': 'channel_predictor',
+                                'density_target': 0.3}))
   variables = model.init(jax.random.key(0), x)
   report = flops.measure(model, variables, x)
   rows = {r.name: r for r in report.rows}
@@ -226,7 +227,7 @@ def test_flops_of_predictor_layers_include_the_predictor():
   # Spatial predictor, (2, 2) blocks, gates forced shut (bias -1e9) or open:
   # the 3x3 predictor conv on a g x g grid reads (3g - 2)^2 taps (1 for g=1).
   model = models.create_resnet({'name': 'resnet10', 'width': 8},
-                               {'kind': 'spatial_predictor', 'block': (2, 2, 1)})
+                               GatingSpec.from_config({'kind': 'spatial_predictor', 'block': (2, 2, 1)}))
   variables = model.init(jax.random.key(0), x)
   taps = lambda g: (3 * g - 2) ** 2 if g > 1 else 1
   predictor = sum(taps(size // 2) * c_in for c_in, _, size in _GATED)

@@ -12,7 +12,9 @@ import pytest
 
 from cdg_jax import flops
 from cdg_jax import gating
+from cdg_jax import layers
 from cdg_jax import pretraining
+from cdg_jax import regularizers
 from cdg_jax.layers import GatingSpec
 
 import test_pretraining
@@ -32,20 +34,31 @@ def flops_spec(**kwargs):
                     **kwargs)
 
 
+def test_every_regulariser_name_has_one_form_in_the_table():
+  # A new form is one function and one entry of regularizers.CDG_REGULARIZERS;
+  # the spec accepts exactly the table's names.
+  assert tuple(regularizers.CDG_REGULARIZERS) == layers.REGULARIZERS
+  assert set(regularizers.KIND_REGULARIZERS) == set(layers.PREDICTOR_KINDS)
+  for name in layers.REGULARIZERS:
+    GatingSpec(regularizer=name)   # accepted by the spec
+  with pytest.raises(ValueError, match="regularizer='l1'"):
+    GatingSpec(regularizer='l1')
+
+
 def test_gated_macs_and_budget_fraction_by_hand():
   dense, effective = flops.gated_macs(COSTS, DENSITIES)
   # 1000 (1/4 + 3/4 0.5) + 3000 (1/4 + 3/4 0.1) = 625 + 975.
   assert dense == 4000
   np.testing.assert_allclose(effective, 1600.0)
   # Every gated layer at 0.25: 1/4 + 3/4 * 1/4.
-  np.testing.assert_allclose(pretraining.budget_fraction(COSTS, 0.25), 0.4375)
+  np.testing.assert_allclose(regularizers.budget_fraction(COSTS, 0.25), 0.4375)
 
 
 def test_flops_regulariser_value_and_gradient_by_hand():
   spec = flops_spec()
 
   def loss(d):
-    return pretraining.gate_regularizer(spec, {}, {'a': d[0], 'b': d[1]}, costs=COSTS)
+    return regularizers.gate_regularizer(spec, {}, {'a': d[0], 'b': d[1]}, costs=COSTS)
   d = jnp.array([DENSITIES['a'], DENSITIES['b']])
   # lambda (1600/4000 - 0.4375)^2 = 2 * 0.0375^2.
   np.testing.assert_allclose(loss(d), 2 * 0.0375 ** 2, rtol=1e-6)
@@ -70,8 +83,8 @@ def test_bounds_hold_every_layer_at_the_target_then_relax():
   assert float(gating.bound_regularizer([jnp.array(0.3)], 0.2, 0.4)) == 0.0
 
   spec = flops_spec(budget_bounds_fraction=0.3)
-  schedule = pretraining.budget_schedule(spec, 100)
-  value = lambda step: float(pretraining.gate_regularizer(
+  schedule = regularizers.budget_schedule(spec, 100)
+  value = lambda step: float(regularizers.gate_regularizer(
       spec, {}, DENSITIES, costs=COSTS, budget=schedule(step)))
   budget_only = 2 * 0.0375 ** 2
   # Step 0: both bounds at 0.25: (0.5 - 0.25)^2 and (0.25 - 0.1)^2, mean.
@@ -85,7 +98,7 @@ def test_bounds_hold_every_layer_at_the_target_then_relax():
 def test_late_start_ramps_in_and_starts_the_bounds_with_it():
   spec = flops_spec(budget_start_fraction=0.25, budget_ramp_fraction=0.1,
                     budget_bounds_fraction=0.2)
-  schedule = pretraining.budget_schedule(spec, 100)
+  schedule = regularizers.budget_schedule(spec, 100)
   at = lambda step, key: float(schedule(step)[key])
   np.testing.assert_allclose([at(s, 'scale') for s in (0, 24, 25, 30, 35, 99)],
                              [0, 0, 0, 0.5, 1, 1], atol=1e-6)
@@ -93,10 +106,10 @@ def test_late_start_ramps_in_and_starts_the_bounds_with_it():
   np.testing.assert_allclose(
       [at(s, 'tightness') for s in (0, 25, 35, 45, 99)],
       [1, 1, 0.5, 0, 0], atol=1e-6)
-  assert float(pretraining.gate_regularizer(spec, {}, DENSITIES, costs=COSTS,
+  assert float(regularizers.gate_regularizer(spec, {}, DENSITIES, costs=COSTS,
                                     budget=schedule(10))) == 0.0
   # No ramp: full weight from the start step on.
-  sharp = pretraining.budget_schedule(flops_spec(budget_start_fraction=0.5), 10)
+  sharp = regularizers.budget_schedule(flops_spec(budget_start_fraction=0.5), 10)
   np.testing.assert_allclose([float(sharp(s)['scale']) for s in (4, 5, 9)],
                              [0, 1, 1])
   # Without bounds the tightness is 0 throughout.
@@ -105,26 +118,25 @@ def test_late_start_ramps_in_and_starts_the_bounds_with_it():
 
 def test_regulariser_and_report_are_one_computation():
   config = test_pretraining.tiny_config('simclr')
-  networks = pretraining.build_networks(config)
-  costs = pretraining.online_costs(config, networks)
+  costs = pretraining.assemble(test_pretraining.settings_of(config)).costs
   gated = [c.name for c in costs if c.gated]
   assert len(gated) == 8
   densities = dict(zip(gated, np.random.default_rng(0).uniform(0, 1, 8)))
   report = flops.flops_report(costs, densities)
   spec = flops_spec()
-  target = pretraining.budget_fraction(costs, 0.25)
+  target = regularizers.budget_fraction(costs, 0.25)
   np.testing.assert_allclose(
-      pretraining.gate_regularizer(spec, {}, densities, costs=costs),
+      regularizers.gate_regularizer(spec, {}, densities, costs=costs),
       2 * (report.gated_flops_fraction - target) ** 2, rtol=1e-6)
-  summary = pretraining.budget_summary(spec, costs)
+  summary = regularizers.budget_summary(spec, costs)
   np.testing.assert_allclose(summary['flops_reduction'], flops.flops_report(
       costs, {name: 0.25 for name in gated}).reduction, rtol=1e-6)
   np.testing.assert_allclose(summary['gated_flops_fraction'], 0.4375)
   # Each layer's share of the backbone's dense MACs sums to 1 with the
   # ungated layers.
   np.testing.assert_allclose(sum(report.layer_flops_share.values()), 1.0)
-  assert pretraining.budget_summary(GatingSpec(), costs) is None
-  line = pretraining.describe_budget(flops_spec(budget_bounds_fraction=1 / 3), costs)
+  assert regularizers.budget_summary(GatingSpec(), costs) is None
+  line = regularizers.describe_budget(flops_spec(budget_bounds_fraction=1 / 3), costs)
   assert '43.8% of their dense MACs' in line and 'over 33% of training' in line
 
 
@@ -134,7 +146,7 @@ def test_train_step_minimises_the_budget_and_reports_its_schedule():
   config.gating.weight = 3.0
   config.gating.budget_bounds_fraction = 0.5
   networks, state, mesh, step_fn = test_pretraining.setup(config)
-  costs = pretraining.online_costs(config, networks)
+  costs = pretraining.online_costs(networks, config.data.image_size)
   step = pretraining.jit_train_step(step_fn, mesh)
   state, metrics = step(state, test_pretraining.fixed_batch())
   metrics = jax.device_get(metrics)

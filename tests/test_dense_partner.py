@@ -18,6 +18,9 @@ from cdg_jax import layers
 from cdg_jax import models
 from cdg_jax import predictors
 from cdg_jax import pretraining
+from cdg_jax.layers import GatingSpec
+
+import test_pretraining
 
 MODEL = {'name': 'resnet10', 'width': 8}
 SIZE = 8
@@ -29,8 +32,8 @@ def _images(n, seed=0):
 
 def _partner(partner_norm='shared'):
   return models.create_resnet(
-      MODEL, {'kind': 'cdg', 'branches': 'dense_partner',
-              'partner_norm': partner_norm}, gate_mode='partner')
+      MODEL, GatingSpec.from_config({'kind': 'cdg', 'branches': 'dense_partner',
+              'partner_norm': partner_norm}), gate_mode='partner')
 
 
 def _trained_like(variables, seed=1):
@@ -71,8 +74,8 @@ def test_partner_halves_equal_cdg_and_dense_networks_in_eval_mode(
   x = _images(6)
   partner = _partner().apply(shared_variables, x, train=False,
                              mutable=['gating'])[0]
-  gated = models.create_resnet(MODEL, {'kind': 'cdg'})
-  dense = models.create_resnet(MODEL, {'kind': 'none'})
+  gated = models.create_resnet(MODEL, GatingSpec.from_config({'kind': 'cdg'}))
+  dense = models.create_resnet(MODEL, None)
   gated_out = gated.apply(shared_variables, x[:3], train=False,
                           mutable=['gating'])[0]
   dense_vars = jax.eval_shape(lambda: dense.init(jax.random.key(0), x))
@@ -101,8 +104,8 @@ def test_separate_norm_partner_equals_two_networks_in_training(
   x = jnp.concatenate([_images(4)] * 2)
   (partner, updates) = _partner('separate').apply(
       separate_variables, x, train=True, mutable=['batch_stats', 'gating'])
-  gated = models.create_resnet(MODEL, {'kind': 'cdg'})
-  dense = models.create_resnet(MODEL, {'kind': 'none'})
+  gated = models.create_resnet(MODEL, GatingSpec.from_config({'kind': 'cdg'}))
+  dense = models.create_resnet(MODEL, None)
   gated_vars = jax.eval_shape(lambda: gated.init(jax.random.key(0), x))
   dense_vars = jax.eval_shape(lambda: dense.init(jax.random.key(0), x))
   gated_out = gated.apply(_select(separate_variables, gated_vars), x[:4],
@@ -178,13 +181,13 @@ def test_gradients_reach_the_weights_through_both_paths(partner_norm):
 
 
 def test_dense_path_costs_dense_flops(shared_variables):
-  gated = models.create_resnet(MODEL, {'kind': 'cdg'})
+  gated = models.create_resnet(MODEL, GatingSpec.from_config({'kind': 'cdg'}))
   x = jax.ShapeDtypeStruct((1, SIZE, SIZE, 3), jnp.float32)
   costs = flops.layer_costs(models.dense_path(gated), shared_variables, x,
                             train=False)
   assert costs and not any(c.gated for c in costs)
   dense_costs = flops.layer_costs(
-      models.create_resnet(MODEL, {'kind': 'none'}), shared_variables, x,
+      models.create_resnet(MODEL, None), shared_variables, x,
       train=False)
   assert [c.macs for c in costs] == [c.macs for c in dense_costs]
 
@@ -203,11 +206,12 @@ def _simclr_partner_config(partner_norm='shared'):
 
 def test_train_step_gates_view_one_and_meters_the_gated_path_only():
   config = _simclr_partner_config()
-  networks = pretraining.build_networks(config)
+  run = pretraining.assemble(test_pretraining.settings_of(config, num_train=64))
+  networks = run.networks
   assert networks.online.backbone.gate_mode == 'partner'
-  state = pretraining.create_train_state(config, networks, 64, jax.random.key(0))
-  costs = pretraining.online_costs(config, networks)
-  step = jax.jit(pretraining.make_train_step(config, networks, 64, costs))
+  state = run.init_state(jax.random.key(0))
+  costs = run.costs
+  step = jax.jit(run.train_step)
   images = np.asarray(jax.random.randint(jax.random.key(3), (4, SIZE, SIZE, 3),
                                          0, 256), np.uint8)
   new_state, metrics = step(state, {'image': images,

@@ -22,6 +22,7 @@ from cdg_jax import input_pipeline
 from cdg_jax import linear_eval
 from cdg_jax import models
 from cdg_jax import parallel
+from cdg_jax.layers import GatingSpec
 
 NUM_CLASSES = 4
 # Split sizes that are not multiples of the batch: the last batch is padded.
@@ -172,7 +173,7 @@ def _perturb_stats(variables, seed=0):
 @pytest.fixture(scope='module')
 def tiny():
   config = tiny_config()
-  backbone = models.create_resnet(config.model, config.gating)
+  backbone = models.create_resnet(config.model, GatingSpec.from_config(config.gating))
   variables = _init(backbone)
   variables = _perturb_stats(variables)
   rng = np.random.default_rng(0)
@@ -249,7 +250,8 @@ def test_extract_features_rejects_batch_not_divisible_by_devices(tiny):
 
 def test_knn_eval_reports_accuracy_and_test_set_flops(tiny):
   config, backbone, variables, source, mesh = tiny
-  metrics = evaluation.knn_eval(backbone, variables, source, config, mesh)
+  metrics = evaluation.knn_eval(backbone, variables, source, config.eval,
+                                config.augment, mesh)
   assert set(metrics) == {'knn_top1', 'knn_top5', 'flops_reduction',
                           'gate_density', 'gated_flops_fraction',
                           'layer_density', 'layer_flops_share'}
@@ -291,7 +293,7 @@ def test_set_flops_from_densities(tiny):
   # A dense backbone needs no densities and has no reduction.
   config = tiny_config()
   config.gating.kind = 'none'
-  dense_backbone = models.create_resnet(config.model, config.gating)
+  dense_backbone = models.create_resnet(config.model, GatingSpec.from_config(config.gating))
   dense_variables = jax.eval_shape(lambda: _init(dense_backbone))
   report = evaluation.test_set_flops(dense_backbone, dense_variables, {},
                                      (16, 16))
@@ -319,7 +321,7 @@ def test_open_gates_turns_a_cdg_backbone_into_the_dense_network(tiny):
   dense_config = tiny_config()
   dense_config.gating.kind = 'none'
   dense_backbone = models.create_resnet(dense_config.model,
-                                        dense_config.gating)
+                                        GatingSpec.from_config(dense_config.gating))
   dense_variables = drop_gates(variables)
   assert (jax.tree.structure(dense_variables) == jax.tree.structure(
       jax.eval_shape(lambda: _init(dense_backbone))))
@@ -393,7 +395,7 @@ def _export_tiny_backbone(workdir):
   config.eval.batch_size = 16          # 60 and 30 are not multiples of 16
   config.linear_eval.epochs = 10
   config.linear_eval.batch_size = 16
-  backbone = models.create_resnet(config.model, config.gating)
+  backbone = models.create_resnet(config.model, GatingSpec.from_config(config.gating))
   variables = _init(backbone)
   checkpoints.export_backbone(workdir, variables['params'],
                               variables['batch_stats'])
@@ -437,11 +439,13 @@ def test_knn_eval_with_sparse_inference_gives_the_same_results(tiny):
   config, _, _, source, mesh = tiny
   config = config.copy_and_resolve_references()
   config.gating.block = (2, 2, 0)   # tiles across all channels
-  backbone = models.create_resnet(config.model, config.gating)
+  backbone = models.create_resnet(config.model, GatingSpec.from_config(config.gating))
   variables = _perturb_stats(_init(backbone))
-  masked = evaluation.knn_eval(backbone, variables, source, config, mesh)
+  masked = evaluation.knn_eval(backbone, variables, source, config.eval,
+                                config.augment, mesh)
   config.eval.sparse_inference = True
-  fast = evaluation.knn_eval(backbone, variables, source, config, mesh)
+  fast = evaluation.knn_eval(backbone, variables, source, config.eval,
+                                config.augment, mesh)
   assert 0 < masked['gate_density'] < 1
   assert fast['knn_top1'] == masked['knn_top1']
   np.testing.assert_allclose(fast['flops_reduction'],

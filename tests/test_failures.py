@@ -16,6 +16,7 @@ from cdg_jax import checkpoints
 from cdg_jax import config_lib
 from cdg_jax import linear_eval
 from cdg_jax import memory
+from cdg_jax.layers import GatingSpec
 from cdg_jax import plots
 from cdg_jax import run_control
 from cdg_jax import train
@@ -105,12 +106,12 @@ def test_the_memory_estimate_bounds_what_xla_allocates():
   from cdg_jax import pretraining  # pylint: disable=g-import-not-at-top
   config = load_config('simclr_cifar10')
   config.data.image_size = 32
-  estimate = memory.train_step_bytes(config, (32, 32, 3), num_devices=1)
-  networks = pretraining.build_networks(config)
-  state = jax.eval_shape(lambda: pretraining.create_train_state(
-      config, networks, 512, jax.random.key(0)))
-  step = pretraining.make_train_step(config, networks, 512,
-                             pretraining.online_costs(config, networks))
+  spec = GatingSpec.from_config(config.gating)
+  estimate = memory.train_step_bytes(config.model, spec, config.batch_size,
+                                     (32, 32, 3), num_devices=1)
+  run = pretraining.assemble(pretraining.read_settings(config, spec, 512))
+  state = jax.eval_shape(lambda: run.init_state(jax.random.key(0)))
+  step = run.train_step
   batch = {'image': jax.ShapeDtypeStruct((32, 32, 32, 3), np.uint8),
            'label': jax.ShapeDtypeStruct((32,), np.int32)}
   compiled = jax.jit(step).lower(state, batch).compile().memory_analysis()

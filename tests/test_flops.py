@@ -11,6 +11,7 @@ import pytest
 
 from cdg_jax import flops
 from cdg_jax import models
+from cdg_jax.layers import GatingSpec
 
 import launch
 import xla_env
@@ -43,7 +44,7 @@ def _hand_count():
 @pytest.fixture(scope='module')
 def resnet18():
   model = models.create_resnet({'name': 'resnet18', 'stem': 'cifar'},
-                               {'kind': 'cdg'}, num_classes=10)
+                               GatingSpec.from_config({'kind': 'cdg'}), num_classes=10)
   variables = jax.jit(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))()
   return model, variables
@@ -63,7 +64,7 @@ def test_dense_macs_match_hand_count_and_xla_cost_analysis(resnet18):
   assert [c.macs for c in costs if c.part == 'head'] == [512 * 10]
   assert sum(c.gated for c in costs) == 16
 
-  dense = models.create_resnet({'name': 'resnet18'}, {'kind': 'none'},
+  dense = models.create_resnet({'name': 'resnet18'}, None,
                                num_classes=10)
   dense_vars = dense.init(jax.random.key(0), x, train=False)
   analysis = jax.jit(lambda v, x: dense.apply(v, x, train=False)).lower(

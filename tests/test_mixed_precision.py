@@ -9,6 +9,7 @@ import pytest
 from cdg_jax import gating
 from cdg_jax import models
 from cdg_jax import pretraining
+from cdg_jax.layers import GatingSpec
 from test_pretraining import NUM_TRAIN, fixed_batch, setup, tiny_config
 
 
@@ -38,7 +39,7 @@ def test_gate_decision_is_float32_and_flips_only_near_the_threshold():
 def test_bfloat16_network_keeps_float32_parameters_and_statistics():
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   model = models.create_resnet({'name': 'resnet10', 'width': 8,
-                                'dtype': 'bfloat16'}, {'kind': 'cdg'})
+                                'dtype': 'bfloat16'}, GatingSpec.from_config({'kind': 'cdg'}))
   variables = model.init(jax.random.key(0), x)
   features, new_vars = model.apply(variables, x, train=True,
                                    mutable=['batch_stats', 'gate_masks'])

@@ -9,6 +9,7 @@ import pytest
 from cdg_jax import config_lib
 from cdg_jax import layers
 from cdg_jax import models
+from cdg_jax.layers import GatingSpec
 
 
 def _param_count(tree):
@@ -30,14 +31,14 @@ def _shapes(model, size, **kwargs):
     ('resnet50', 'imagenet', 1000, 64, 25_557_032),
 ])
 def test_dense_parameter_counts(name, stem, classes, size, expected):
-  model = models.create_resnet({'name': name, 'stem': stem}, {'kind': 'none'},
+  model = models.create_resnet({'name': name, 'stem': stem}, None,
                                num_classes=classes)
   assert _param_count(_shapes(model, size)['params']) == expected
 
 
 def test_gated_tree_is_dense_tree_plus_thresholds():
-  dense = models.create_resnet({'name': 'resnet18'}, {'kind': 'none'})
-  gated = models.create_resnet({'name': 'resnet18'}, {'kind': 'cdg'})
+  dense = models.create_resnet({'name': 'resnet18'}, None)
+  gated = models.create_resnet({'name': 'resnet18'}, GatingSpec.from_config({'kind': 'cdg'}))
   flat_dense = flax.traverse_util.flatten_dict(_shapes(dense, 32)['params'])
   flat_gated = flax.traverse_util.flatten_dict(_shapes(gated, 32)['params'])
   extra = {k: v for k, v in flat_gated.items() if k not in flat_dense}
@@ -50,7 +51,7 @@ def test_gated_tree_is_dense_tree_plus_thresholds():
 
 def _tiny(kind, **gating):
   return models.create_resnet({'name': 'resnet18', 'width': 8},
-                              {'kind': kind, **gating})
+                              GatingSpec.from_config({'kind': kind, **gating}))
 
 
 @pytest.mark.parametrize('options', [
@@ -117,11 +118,15 @@ def test_eval_masks_of_a_sample_do_not_depend_on_the_batch():
 
 def test_bad_configuration_names_the_bad_value():
   with pytest.raises(ValueError, match="gating.kind='sparse'"):
-    models.create_resnet({'name': 'resnet18'}, {'kind': 'sparse'})
+    models.create_resnet({'name': 'resnet18'}, GatingSpec.from_config({'kind': 'sparse'}))
   with pytest.raises(ValueError, match="model.name='resnet19'"):
-    models.create_resnet({'name': 'resnet19'}, {'kind': 'none'})
+    models.create_resnet({'name': 'resnet19'}, None)
+  # The gating block is parsed once, by the entry point; a raw block here
+  # would be a second parse.
+  with pytest.raises(TypeError, match=r'takes a GatingSpec or None, got dict'):
+    models.create_resnet({'name': 'resnet18'}, {'kind': 'cdg'})
   with pytest.raises(ValueError, match=r"Unknown gating config field\(s\) \['grups'\]"):
-    models.create_resnet({'name': 'resnet18'}, {'kind': 'cdg', 'grups': 4})
+    models.create_resnet({'name': 'resnet18'}, GatingSpec.from_config({'kind': 'cdg', 'grups': 4}))
   # Gating the stem: 3 input channels are not divisible by 4 groups.
   model = _tiny('cdg', layers='stem,block_3x3')
   with pytest.raises(ValueError, match='groups=4 does not divide the 3 input'):

@@ -12,6 +12,8 @@ from cdg_jax import config_lib
 from cdg_jax import losses
 from cdg_jax import parallel
 from cdg_jax import pretraining
+from cdg_jax import regularizers
+from cdg_jax.layers import GatingSpec
 
 NUM_TRAIN = 256
 
@@ -64,14 +66,18 @@ def fixed_batch(batch_size=8, seed=0):
           'label': rng.integers(0, 4, (batch_size,)).astype(np.int32)}
 
 
+def settings_of(config, num_train=NUM_TRAIN):
+  """The run's settings, read as an entry point reads them."""
+  return pretraining.read_settings(config, GatingSpec.from_config(config.gating),
+                                   num_train)
+
+
 def setup(config, num_devices=1):
-  networks = pretraining.build_networks(config)
-  state = pretraining.create_train_state(config, networks, NUM_TRAIN, jax.random.key(0))
+  run = pretraining.assemble(settings_of(config))
+  state = run.init_state(jax.random.key(0))
   mesh = parallel.make_mesh(num_devices)
   state = parallel.replicate(state, mesh)
-  step_fn = pretraining.make_train_step(config, networks, NUM_TRAIN,
-                                pretraining.online_costs(config, networks))
-  return networks, state, mesh, step_fn
+  return run.networks, state, mesh, run.train_step
 
 
 # ---------------------------------------------------------------- losses
@@ -115,14 +121,14 @@ def test_byol_and_simsiam_losses():
 def test_tau_and_learning_rate_schedules_follow_their_formulas():
   config = tiny_config('byol', num_steps=100)
   config.optim.warmup_epochs = 10.0        # 32 steps/epoch -> capped below 100
-  tau = pretraining.tau_schedule(config, NUM_TRAIN)
+  tau = pretraining.tau_schedule(config.ssl, settings_of(config).total_steps)
   for step in [0, 25, 50, 100]:
     expected = 1 - (1 - 0.99) * (np.cos(np.pi * step / 100) + 1) / 2
     np.testing.assert_allclose(tau(step), expected, rtol=1e-6)
   config.ssl.tau_schedule = 'constant'
-  np.testing.assert_allclose(pretraining.tau_schedule(config, NUM_TRAIN)(50), 0.99)
+  np.testing.assert_allclose(pretraining.tau_schedule(config.ssl, 100)(50), 0.99)
   config.optim.warmup_epochs = 0.5         # 16 warm-up steps
-  lr = pretraining.learning_rate_schedule(config, NUM_TRAIN)
+  lr = pretraining.learning_rate_schedule(settings_of(config))
   peak = 3.2 * 8 / 256
   np.testing.assert_allclose(lr(8), peak * 8 / 16, rtol=1e-6)
   np.testing.assert_allclose(
@@ -130,10 +136,9 @@ def test_tau_and_learning_rate_schedules_follow_their_formulas():
 
 
 def test_density_target_schedule_and_regulariser_forms():
-  from cdg_jax.layers import GatingSpec
-  fixed = pretraining.density_target_schedule(GatingSpec(density_target=0.25), 100)
+  fixed = regularizers.density_target_schedule(GatingSpec(density_target=0.25), 100)
   np.testing.assert_allclose([fixed(s) for s in (0, 50, 100)], 0.25)
-  annealed = pretraining.density_target_schedule(
+  annealed = regularizers.density_target_schedule(
       GatingSpec(density_target=0.25, target_anneal_fraction=0.4), 100)
   # 1.0 at step 0, linear to 0.25 at step 40, constant after.
   np.testing.assert_allclose([annealed(s) for s in (0, 10, 40, 90)],
@@ -141,7 +146,7 @@ def test_density_target_schedule_and_regulariser_forms():
   params = {'a': {'threshold': jnp.array([0.0, 3.0])},
             'b': {'threshold': jnp.array([1.0])}}
   densities = {'a': jnp.array(0.5), 'b': jnp.array(0.25)}
-  value = lambda **kw: float(pretraining.gate_regularizer(
+  value = lambda **kw: float(regularizers.gate_regularizer(
       GatingSpec(weight=2.0, **kw), params, densities,
       density_target=kw.get('density_target')))
   # (0-1)^2 + (3-1)^2 + 0 = 5, times lambda 2.
@@ -150,7 +155,7 @@ def test_density_target_schedule_and_regulariser_forms():
   np.testing.assert_allclose(value(regularizer='threshold'), 5.0)
   # (0.5-0.25)^2 + 0, times 2; a scheduled target replaces the fixed one.
   np.testing.assert_allclose(value(density_target=0.25), 0.125)
-  np.testing.assert_allclose(float(pretraining.gate_regularizer(
+  np.testing.assert_allclose(float(regularizers.gate_regularizer(
       GatingSpec(weight=2.0), params, densities, density_target=0.5)),
       2 * 0.0625)
 
@@ -177,7 +182,7 @@ def test_each_framework_learns_and_moves_gates(framework):
   # Fixed synthetic data: 8 batches of 8 images, cycled. (MoCo's queue of 4
   # batches then never holds keys of the images being queried.)
   batches = [fixed_batch(seed=i) for i in range(8)]
-  first_threshold = np.asarray(pretraining.thresholds(state.params)[0])
+  first_threshold = np.asarray(regularizers.thresholds(state.params)[0])
   first_kernel = np.asarray(
       state.params['backbone']['stage1_block0']['conv1']['kernel'])
   history = []
@@ -190,7 +195,7 @@ def test_each_framework_learns_and_moves_gates(framework):
   # (harder negatives); compare from the first step with a full queue.
   start = config.ssl.queue_size // config.batch_size if framework == 'mocov2' else 0
   assert np.mean(ssl_loss[-8:]) < np.mean(ssl_loss[start:start + 8]) - 0.02, ssl_loss
-  threshold = np.asarray(pretraining.thresholds(state.params)[0])
+  threshold = np.asarray(regularizers.thresholds(state.params)[0])
   kernel = np.asarray(state.params['backbone']['stage1_block0']['conv1']['kernel'])
   assert np.abs(threshold - first_threshold).max() > 1e-4
   # The base path is the first quarter of the input channels.
@@ -233,14 +238,14 @@ def test_moco_queue_and_byol_ema_follow_their_formulas():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                new_state.target_params, expected)
   assert 'predictor' not in new_state.target_params
-  assert pretraining.thresholds(new_state.target_params)  # the target is gated too
+  assert regularizers.thresholds(new_state.target_params)  # the target is gated too
 
 
 def test_online_only_gating_leaves_the_target_dense():
   config = tiny_config('byol')
   config.gating.branches = 'online'
   _, state, _, _ = setup(config)
-  assert pretraining.thresholds(state.params) and not pretraining.thresholds(state.target_params)
+  assert regularizers.thresholds(state.params) and not regularizers.thresholds(state.target_params)
 
 
 @pytest.mark.parametrize('framework,kind', [
@@ -285,13 +290,14 @@ def test_bad_input_is_reported_clearly():
     parallel.check_batch_divisible(config.batch_size, mesh)
   config = tiny_config('swav')
   with pytest.raises(ValueError, match="framework='swav'"):
-    pretraining.build_networks(config)
+    settings_of(config)
   config = tiny_config('simclr')
   config.optim.name = 'adamw'
   with pytest.raises(ValueError, match="optim.name='adamw'"):
-    pretraining.make_optimizer(config, NUM_TRAIN)
+    pretraining.make_optimizer(config.optim, lambda step: 0.1)
   config = tiny_config('mocov2')
   config.ssl.queue_size = 30
   with pytest.raises(ValueError, match='queue_size=30 is not divisible by batch_size=8'):
-    pretraining.create_train_state(config, pretraining.build_networks(config), NUM_TRAIN,
-                           jax.random.key(0))
+    settings = settings_of(config)
+    pretraining.create_train_state(settings, pretraining.build_networks(settings),
+                                   jax.random.key(0))

@@ -8,6 +8,7 @@ import pytest
 from cdg_jax import gating
 from cdg_jax import models
 from cdg_jax import sparse
+from cdg_jax.layers import GatingSpec
 
 
 def test_tile_rules_padding_and_capacities_by_hand():
@@ -107,8 +108,8 @@ def test_sparse_backbone_equals_masked_backbone_and_compiles_once():
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   gating_config = {'kind': 'cdg', 'block': (2, 2, 0)}
   model_config = {'name': 'resnet10', 'width': 8}
-  masked = models.create_resnet(model_config, gating_config)
-  fast = models.create_resnet(model_config, gating_config,
+  masked = models.create_resnet(model_config, GatingSpec.from_config(gating_config))
+  fast = models.create_resnet(model_config, GatingSpec.from_config(gating_config),
                               sparse_inference=True)
   variables = masked.init(jax.random.key(0), x)
   # Running statistics from a training pass, so the gates are mixed.
@@ -128,10 +129,10 @@ def test_sparse_backbone_equals_masked_backbone_and_compiles_once():
     jax.tree.map(np.testing.assert_array_equal, fast_densities, densities)
   assert traces.count(True) == 1
   with pytest.raises(ValueError, match="gating.kind='cdg' and gating.block"):
-    models.create_resnet(model_config, {'kind': 'cdg'}, sparse_inference=True)
+    models.create_resnet(model_config, GatingSpec.from_config({'kind': 'cdg'}), sparse_inference=True)
   with pytest.raises(ValueError, match="gating.kind='spatial_predictor'"):
     models.with_sparse_inference(models.create_resnet(
-        model_config, {'kind': 'spatial_predictor', 'block': (2, 2, 0)}))
+        model_config, GatingSpec.from_config({'kind': 'spatial_predictor', 'block': (2, 2, 0)})))
 
 
 def test_stage_blocks_give_each_stage_its_tile_and_sparse_equals_masked():
@@ -142,7 +143,7 @@ def test_stage_blocks_give_each_stage_its_tile_and_sparse_equals_masked():
   stage_blocks = ((4, 4, 0), (2, 2, 0), (2, 2, 0), (2, 2, 0))
   gating_config = {'kind': 'cdg', 'block': (1, 1, 1),
                    'stage_blocks': stage_blocks}
-  masked = models.create_resnet(model_config, gating_config)
+  masked = models.create_resnet(model_config, GatingSpec.from_config(gating_config))
   fast = models.with_sparse_inference(masked)
   variables = masked.init(jax.random.key(0), x)
   _, updates = masked.apply(variables, x, train=True, mutable=['batch_stats'])
@@ -163,10 +164,10 @@ def test_stage_blocks_give_each_stage_its_tile_and_sparse_equals_masked():
     if stage == 0:
       assert len(np.unique(tiles[:, :, 0, :, 0, 0])) == 2
   # The same tile everywhere through stage_blocks is `block` itself.
-  uniform = models.create_resnet(model_config, {
-      'kind': 'cdg', 'block': (2, 2, 0), 'stage_blocks': ((2, 2, 0),) * 4})
-  plain = models.create_resnet(model_config, {'kind': 'cdg',
-                                              'block': (2, 2, 0)})
+  uniform = models.create_resnet(model_config, GatingSpec.from_config({
+      'kind': 'cdg', 'block': (2, 2, 0), 'stage_blocks': ((2, 2, 0),) * 4}))
+  plain = models.create_resnet(model_config, GatingSpec.from_config({'kind': 'cdg',
+                                              'block': (2, 2, 0)}))
   np.testing.assert_array_equal(
       uniform.apply(variables, x, train=False),
       plain.apply(variables, x, train=False))
@@ -187,9 +188,9 @@ def test_stage_blocks_are_validated_with_the_bad_value_named():
     spec.for_stage(0, 4)
   # Sparse inference needs every stage's block to cover all channels.
   with pytest.raises(ValueError, match=r'stage_blocks=\(\(4, 4, 0\), \(2, 2, 4\)'):
-    models.create_resnet({'name': 'resnet10', 'width': 8}, {
+    models.create_resnet({'name': 'resnet10', 'width': 8}, GatingSpec.from_config({
         'kind': 'cdg', 'block': (4, 4, 0),
-        'stage_blocks': ((4, 4, 0), (2, 2, 4), (2, 2, 0), (2, 2, 0))},
+        'stage_blocks': ((4, 4, 0), (2, 2, 4), (2, 2, 0), (2, 2, 0))}),
                          sparse_inference=True)
   from cdg_jax import config_lib
   config = config_lib.base_config()
