@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cdg_jax import predictors
+from cdg_jax.layers import CLOSED_TILE_RNG
 from cdg_jax.layers import DENSITY_COLLECTION
 from cdg_jax.layers import GatedConv
 from cdg_jax.layers import GUMBEL_RNG
@@ -401,8 +402,10 @@ def measure(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
   """
   costs = layer_costs(model, variables, x, train=False)
   mutable = [DENSITY_COLLECTION] + (['batch_stats'] if train else [])
-  # Gumbel noise of spatial-predictor gates in training mode (unused otherwise).
-  rngs = {GUMBEL_RNG: jax.random.key(0)} if train else None
+  # Gumbel noise of spatial-predictor gates and the sparse train step's
+  # sample of closed tiles, in training mode (unused otherwise).
+  rngs = ({GUMBEL_RNG: jax.random.key(0), CLOSED_TILE_RNG: jax.random.key(1)}
+          if train else None)
   _, state = jax.jit(lambda v, x: model.apply(v, x, train=train, rngs=rngs,
                                                mutable=mutable))(variables, x)
   densities = mean_densities(state.get(DENSITY_COLLECTION, {}))

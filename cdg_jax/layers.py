@@ -51,6 +51,9 @@ AUX_COLLECTION = 'gate_aux'
 # RNG stream of the spatial predictor's Gumbel noise (training only):
 # `model.apply(..., rngs={GUMBEL_RNG: key})`.
 GUMBEL_RNG = 'gumbel'
+# RNG stream of the sparse train step's sample of closed tiles
+# (`GatingSpec.closed_tile_gradient='sampled'`, training only).
+CLOSED_TILE_RNG = 'closed_tiles'
 
 
 def _block_value(field: str, value: Any) -> tuple[int, int, int]:
@@ -108,6 +111,20 @@ class GatingSpec:
       0, 1), the first author's channel-gating scripts).
     gumbel_temperature: temperature of the spatial predictor's Gumbel-sigmoid
       (its straight-through gradient is that of sigmoid(z / temperature)).
+    sparse_training: ours: training computes the conditional path at the
+      open tiles only, forward and backward (`sparse.sparse_train_gated_conv`),
+      instead of everywhere and masked; needs CDG with tile-structured gates
+      (`block` and every `stage_blocks` entry (bh, bw, 0)). The outputs,
+      masks and every gradient but the gate's at closed tiles are the masked
+      form's.
+    closed_tile_gradient: under `sparse_training`, the gate's task-loss
+      gradient at closed tiles: 'none' (only the regulariser moves their
+      thresholds) or 'sampled' (the conditional path also computed, forward
+      only, on a uniform sample of the closed tiles, their gate gradient
+      scaled by the inverse sampling rate: an unbiased estimate; random
+      stream `CLOSED_TILE_RNG`).
+    closed_tile_sample: the 'sampled' form's sample, as a fraction of all
+      tiles of the batch (its static capacity; the extra forward cost).
     threshold_init: initial value of every threshold delta.
     layers: which convolution roles are gated, a subset of `LAYER_ROLES`.
     saliency_norm: 'batch' (BatchNorm-style statistics, running averages at
@@ -210,6 +227,9 @@ class GatingSpec:
   budget_start_fraction: float = 0.0
   budget_ramp_fraction: float = 0.0
   gumbel_temperature: float = 1.0
+  sparse_training: bool = False
+  closed_tile_gradient: str = 'none'
+  closed_tile_sample: float = 0.0625
 
   def __post_init__(self):
     _one_of('kind', self.kind, GATING_KINDS)
@@ -292,6 +312,28 @@ class GatingSpec:
       if not 0.0 <= self.saliency_momentum < 1.0:
         raise ValueError(f'gating.saliency_momentum must be in [0, 1), got '
                          f'{self.saliency_momentum}.')
+    _one_of('closed_tile_gradient', self.closed_tile_gradient,
+            sparse.CLOSED_TILE_GRADIENTS)
+    if self.sparse_training:
+      tiles = (self.block, *self.stage_blocks)
+      if self.kind != 'cdg' or any(len(b) != 3 or int(b[2]) != 0
+                                   for b in tiles):
+        stages = (f', gating.stage_blocks={self.stage_blocks}'
+                  if self.stage_blocks else '')
+        raise ValueError(
+            f"gating.sparse_training skips closed tiles of CDG gates, which "
+            f"needs gating.kind='cdg' and gating.block=(bh, bw, 0) (and "
+            f"every entry of gating.stage_blocks so); got gating.kind="
+            f"{self.kind!r}, gating.block={self.block}{stages}.")
+    elif self.closed_tile_gradient != 'none':
+      raise ValueError(
+          f'gating.closed_tile_gradient={self.closed_tile_gradient!r} applies '
+          f'to the sparse train step: set gating.sparse_training=True or '
+          f"leave it at 'none'.")
+    if not 0.0 < self.closed_tile_sample <= 1.0:
+      raise ValueError(f'gating.closed_tile_sample must be in (0, 1] (a '
+                       f'fraction of the tiles), got '
+                       f'{self.closed_tile_sample}.')
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any] | None) -> 'GatingSpec':
@@ -489,14 +531,25 @@ class GatedConv(nn.Module):
           running_var=running_var.value if use_running else None)
       self._sow(mask)
       return y
-    y, mask, (mean, var) = gating.gated_conv(
-        x, kernel, threshold, groups=spec.groups, strides=self.strides,
-        block=spec.block, alpha=spec.alpha, epsilon=spec.epsilon,
-        norm=spec.saliency_norm, num_groups=stat_groups,
-        grouping=spec.grouping, saliency_grad=spec.saliency_grad,
-        surrogate=spec.surrogate,
-        running_mean=running_mean.value if use_running else None,
-        running_var=running_var.value if use_running else None)
+    if spec.sparse_training and train and not self.is_initializing():
+      y, mask, (mean, var) = sparse.sparse_train_gated_conv(
+          x, kernel, threshold, groups=spec.groups, grouping=spec.grouping,
+          strides=self.strides, block=spec.block, alpha=spec.alpha,
+          epsilon=spec.epsilon, norm=spec.saliency_norm,
+          num_groups=stat_groups, saliency_grad=spec.saliency_grad,
+          surrogate=spec.surrogate,
+          closed_tile_gradient=spec.closed_tile_gradient,
+          sample_fraction=spec.closed_tile_sample,
+          rng=self._closed_tile_rng())
+    else:
+      y, mask, (mean, var) = gating.gated_conv(
+          x, kernel, threshold, groups=spec.groups, strides=self.strides,
+          block=spec.block, alpha=spec.alpha, epsilon=spec.epsilon,
+          norm=spec.saliency_norm, num_groups=stat_groups,
+          grouping=spec.grouping, saliency_grad=spec.saliency_grad,
+          surrogate=spec.surrogate,
+          running_mean=running_mean.value if use_running else None,
+          running_var=running_var.value if use_running else None)
     if (spec.saliency_norm == 'batch' and train
         and not self.is_initializing()):
       m = spec.saliency_momentum
@@ -508,6 +561,15 @@ class GatedConv(nn.Module):
       running_var.value = m * running_var.value + (1 - m) * batch_var
     self._sow(mask)
     return y
+
+  def _closed_tile_rng(self) -> jax.Array | None:
+    if self.gating.closed_tile_gradient != 'sampled':
+      return None
+    if not self.has_rng(CLOSED_TILE_RNG):
+      raise ValueError(
+          f"gating.closed_tile_gradient='sampled' samples closed tiles in "
+          f"training: pass rngs={{'{CLOSED_TILE_RNG}': key}} to apply.")
+    return self.make_rng(CLOSED_TILE_RNG)
 
   def _sow(self, mask: jax.Array) -> None:
     if not self.is_initializing():  # keep sown values out of `init`'s variables

@@ -70,6 +70,8 @@ def train_step_bytes(model_config, gating_spec: layers.GatingSpec | None,
   def backward_residuals(params, others, x):
     forward = lambda p: backbone.apply(
         {'params': p, **others}, x, train=True,
+        rngs={layers.GUMBEL_RNG: jax.random.key(0),
+              layers.CLOSED_TILE_RNG: jax.random.key(1)},
         mutable=['batch_stats', layers.DENSITY_COLLECTION])[0]
     # The vjp function's leaves are exactly what the backward pass keeps.
     return jax.vjp(forward, params)[1]

@@ -44,12 +44,14 @@ from cdg_jax import models
 from cdg_jax import parallel
 from cdg_jax import regularizers
 from cdg_jax.layers import AUX_COLLECTION
+from cdg_jax.layers import CLOSED_TILE_RNG
 from cdg_jax.layers import DENSITY_COLLECTION
 from cdg_jax.layers import GatingSpec
 from cdg_jax.layers import GUMBEL_RNG
 
 OPTIMIZERS = ('lars', 'sgd')
 _GUMBEL_SALT = 0x67756D62   # 'gumb': folds the Gumbel key out of the step key
+_CLOSED_TILE_SALT = 0x74696C65   # 'tile': the closed-tile sample's key
 
 
 class MLP(nn.Module):
@@ -484,17 +486,22 @@ def _branch_inputs(framework: Framework, view1, view2, stat_groups: int):
   return both, stat_groups, both, stat_groups
 
 
-def _gumbel_rngs(spec: GatingSpec, rng):
-  """(online, target) RNG streams of spatial-predictor gates, else Nones.
+def _gate_rngs(spec: GatingSpec, rng):
+  """(online, target) RNG streams of the gates, or Nones when none draws.
 
-  Folded out of the step key, so the augmentation keys are unchanged; other
-  kinds get no extra RNG or collection (the same computation as without).
+  Spatial-predictor gates draw Gumbel noise; the sparse train step's
+  'sampled' closed-tile gradient draws its sample of closed tiles. Folded
+  out of the step key, so the augmentation keys are unchanged; other gates
+  get no extra RNG (the same computation as without).
   """
-  if spec.kind != 'spatial_predictor':
+  if spec.kind == 'spatial_predictor':
+    stream, salt = GUMBEL_RNG, _GUMBEL_SALT
+  elif spec.sparse_training and spec.closed_tile_gradient == 'sampled':
+    stream, salt = CLOSED_TILE_RNG, _CLOSED_TILE_SALT
+  else:
     return None, None
-  online_gumbel, target_gumbel = jax.random.split(
-      jax.random.fold_in(rng, _GUMBEL_SALT))
-  return {GUMBEL_RNG: online_gumbel}, {GUMBEL_RNG: target_gumbel}
+  online_key, target_key = jax.random.split(jax.random.fold_in(rng, salt))
+  return {stream: online_key}, {stream: target_key}
 
 
 def _updated_queue(queue, target_projection):
@@ -617,7 +624,7 @@ def make_train_step(settings: Settings, networks: Networks,
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     view1, view2 = augment.two_views(rng, batch['image'], augment_config)
-    online_rngs, target_rngs = _gumbel_rngs(spec, rng)
+    online_rngs, target_rngs = _gate_rngs(spec, rng)
     online_input, online_groups, target_input, target_groups = _branch_inputs(
         framework, view1, view2, stat_groups)
     target_out, target_stats = target_branch(state, target_input,

@@ -189,6 +189,68 @@ def tile_convolution(windows: Array, kernel: Array, strides: Sequence[int],
   return out.reshape(k, bh, bw, c_out)
 
 
+def _check_operands(out_shape: Sequence[int], x: Array, kernel_cond: Array,
+                    tile_mask: Array, cond_channels_from: int) -> None:
+  n, out_h, out_w = out_shape[:3]
+  gh, gw = tile_mask.shape[1:]
+  if out_h % gh or out_w % gw or tile_mask.shape[0] != n:
+    raise ValueError(f'Tile mask of shape {tile_mask.shape} does not fit an '
+                     f'output of shape {tuple(out_shape)}.')
+  if x.shape[-1] - cond_channels_from != kernel_cond.shape[2]:
+    raise ValueError(
+        f'The conditional input has {x.shape[-1]} - '
+        f'{cond_channels_from} channels; the kernel expects '
+        f'{kernel_cond.shape[2]} (kernel shape {kernel_cond.shape}).')
+
+
+def _tiles_branch(tile_mask: Array, capacity: int, strides: Sequence[int],
+                  tile_conv: str, cond_channels_from: int):
+  """`branch(x_all, kernel_cond)`: the conditional output at the tiles of
+  `tile_mask` (at most `capacity` of them), zero elsewhere."""
+  n, gh, gw = tile_mask.shape
+  flat = tile_mask.reshape(-1)
+
+  def run(x_all, kernel_cond):
+    out_h = -(-x_all.shape[1] // strides[0])
+    out_w = -(-x_all.shape[2] // strides[1])
+    tile_ids = jnp.nonzero(flat, size=capacity, fill_value=0)[0]
+    windows = gather_windows(x_all[..., cond_channels_from:], tile_ids,
+                             (gh, gw), (out_h // gh, out_w // gw),
+                             kernel_cond.shape[:2], strides)
+    cond = tile_convolution(windows, kernel_cond, strides, tile_conv)
+    # Slots past the open tiles (tile 0 again) are never read back.
+    return assemble_tiles(cond, tile_mask)
+  return run
+
+
+def _conditional_branches(tile_mask: Array, strides: Sequence[int],
+                          capacity_fractions: Sequence[float], tile_conv: str,
+                          cond_channels_from: int):
+  """(branches, index): the executor's `lax.switch` operands.
+
+  Each branch maps (x_all, kernel_cond) to the conditional output at the
+  open tiles, zero at the closed ones: one branch per static capacity and
+  the masked dense convolution last; `index` picks the smallest that holds
+  this batch's open tiles.
+  """
+  n, gh, gw = tile_mask.shape
+  flat = tile_mask.reshape(-1)
+  num_tiles = flat.shape[0]
+  caps = capacities(num_tiles, capacity_fractions)
+
+  def dense_branch(x_all, kernel_cond):
+    cond = gating.conv(x_all[..., cond_channels_from:], kernel_cond, strides)
+    bh, bw = cond.shape[1] // gh, cond.shape[2] // gw
+    mask = jnp.repeat(jnp.repeat(tile_mask, bh, axis=1), bw, axis=2)[..., None]
+    return mask.astype(cond.dtype) * cond
+
+  branches = [_tiles_branch(tile_mask, c, strides, tile_conv,
+                            cond_channels_from) for c in caps] + [dense_branch]
+  num_open = jnp.sum(flat.astype(jnp.int32))
+  index = jnp.searchsorted(jnp.asarray(caps + [num_tiles]), num_open)
+  return branches, index
+
+
 def sparse_add_conditional(y_base: Array, x: Array, kernel_cond: Array,
                            tile_mask: Array, strides: Sequence[int] = (1, 1),
                            capacity_fractions: Sequence[float] =
@@ -219,46 +281,92 @@ def sparse_add_conditional(y_base: Array, x: Array, kernel_cond: Array,
   Returns:
     (N, Ho, Wo, Co) in y_base's dtype.
   """
-  n, out_h, out_w, c_out = y_base.shape
-  gh, gw = tile_mask.shape[1:]
-  if out_h % gh or out_w % gw or tile_mask.shape[0] != n:
-    raise ValueError(f'Tile mask of shape {tile_mask.shape} does not fit an '
-                     f'output of shape {y_base.shape}.')
-  if x.shape[-1] - cond_channels_from != kernel_cond.shape[2]:
-    raise ValueError(
-        f'The conditional input has {x.shape[-1]} - '
-        f'{cond_channels_from} channels; the kernel expects '
-        f'{kernel_cond.shape[2]} (kernel shape {kernel_cond.shape}).')
-  tile_hw = (out_h // gh, out_w // gw)
-  kernel_hw = kernel_cond.shape[:2]
-  flat = tile_mask.reshape(-1)
-  num_tiles = flat.shape[0]
-  num_open = jnp.sum(flat.astype(jnp.int32))
-  caps = capacities(num_tiles, capacity_fractions)
-
+  _check_operands(y_base.shape, x, kernel_cond, tile_mask, cond_channels_from)
   # Each branch gives the conditional path's contribution, and the base path
   # is added after the switch: operands and results of a `lax.switch` are
   # whole buffers on XLA:CPU, so the branches take and give as little as
   # they can.
-  def sparse_branch(capacity):
-    def run(x_all):
-      tile_ids = jnp.nonzero(flat, size=capacity, fill_value=0)[0]
-      windows = gather_windows(x_all[..., cond_channels_from:], tile_ids,
-                               (gh, gw), tile_hw, kernel_hw, strides)
-      cond = tile_convolution(windows, kernel_cond, strides, tile_conv)
-      # Slots past the open tiles (tile 0 again) are never read back.
-      return assemble_tiles(cond, tile_mask)
-    return run
+  branches, index = _conditional_branches(tile_mask, strides,
+                                          capacity_fractions, tile_conv,
+                                          cond_channels_from)
+  return y_base + jax.lax.switch(index, branches, x,
+                                 kernel_cond).astype(y_base.dtype)
 
-  def dense_branch(x_all):
-    mask = jnp.repeat(jnp.repeat(tile_mask, tile_hw[0], axis=1), tile_hw[1],
-                      axis=2)[..., None]
-    cond = gating.conv(x_all[..., cond_channels_from:], kernel_cond, strides)
-    return mask.astype(cond.dtype) * cond
 
-  branches = [sparse_branch(c) for c in caps] + [dense_branch]
-  index = jnp.searchsorted(jnp.asarray(caps + [num_tiles]), num_open)
-  return y_base + jax.lax.switch(index, branches, x).astype(y_base.dtype)
+def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
+                              strides: Sequence[int] = (1, 1),
+                              capacity_fractions: Sequence[float] =
+                              DEFAULT_CAPACITIES,
+                              tile_conv: str = 'auto',
+                              cond_channels_from: int = 0) -> Array:
+  """The conditional output at the open tiles, zero at the closed ones,
+  differentiable in `x` and `kernel_cond` (training).
+
+  The forward pass is the executor's (`sparse_add_conditional` without the
+  base path); the backward pass is the VJP of the branch the forward took,
+  under the same `lax.switch` index (a custom VJP: differentiating the
+  switch directly would keep every branch's residuals, zero-filled, for the
+  branches not taken). The VJP recomputes the gather of the open tiles'
+  windows, not the convolution. Gradients reach `x` and `kernel_cond` from
+  the open tiles only, as in the masked form `d * Y_cond` with d = 0 at the
+  closed ones.
+
+  Args: as `sparse_add_conditional`, without `y_base`.
+
+  Returns:
+    (N, Ho, Wo, Co) in the dtype of `x` and `kernel_cond`.
+  """
+  n, gh, gw = tile_mask.shape
+  out_shape = (n, -(-x.shape[1] // strides[0]), -(-x.shape[2] // strides[1]))
+  _check_operands(out_shape, x, kernel_cond, tile_mask, cond_channels_from)
+  branches, index = _conditional_branches(tile_mask, strides,
+                                          capacity_fractions, tile_conv,
+                                          cond_channels_from)
+
+  @jax.custom_vjp
+  def conditional(x_all, kernel):
+    return jax.lax.switch(index, branches, x_all, kernel)
+
+  def forward(x_all, kernel):
+    return conditional(x_all, kernel), (x_all, kernel)
+
+  def backward(residuals, cotangent):
+    x_all, kernel = residuals
+    vjps = [lambda x_all, kernel, g, branch=branch:
+            jax.vjp(branch, x_all, kernel)[1](g) for branch in branches]
+    return jax.lax.switch(index, vjps, x_all, kernel, cotangent)
+
+  conditional.defvjp(forward, backward)
+  return conditional(x, kernel_cond)
+
+
+def sample_closed_tiles(rng: Array, tile_mask: Array, capacity: int
+                        ) -> tuple[Array, Array]:
+  """A uniform sample of the closed tiles, without replacement.
+
+  Args:
+    rng: PRNG key.
+    tile_mask: (N, gh, gw) booleans, True where a tile is open.
+    capacity: at most this many tiles are drawn (static).
+
+  Returns:
+    (sampled, scale): (N, gh, gw) booleans, True at m = min(capacity,
+    closed) closed tiles drawn uniformly without replacement, and the
+    inverse inclusion probability closed / m (0 when none is closed), so
+    that `scale * sum over sampled tiles` is an unbiased estimate of the sum
+    over every closed tile.
+  """
+  closed = ~tile_mask.reshape(-1)
+  # Open tiles sort after every closed one: the first `capacity` of the
+  # order are closed tiles while any are left.
+  keys = jnp.where(closed, jax.random.uniform(rng, closed.shape), 2.0)
+  first = jnp.argsort(keys)[:capacity]
+  sampled = jnp.zeros_like(closed).at[first].set(True) & closed
+  num_closed = jnp.sum(closed.astype(jnp.float32))
+  num_sampled = jnp.sum(sampled.astype(jnp.float32))
+  scale = jnp.where(num_sampled > 0, num_closed / jnp.maximum(num_sampled, 1.0),
+                    0.0)
+  return sampled.reshape(tile_mask.shape), scale
 
 
 def check_tile_block(block: Sequence[int], out_channels: int) -> None:
@@ -297,4 +405,82 @@ def sparse_gated_conv(x: Array, kernel: Array, threshold: Array, *,
   y = sparse_add_conditional(y_base, x, k_cond,
                              tile_mask_of(mask, block), strides,
                              capacity_fractions, cond_channels_from=offset)
+  return y, mask, stats
+
+
+# How a sparse train step gives the gate a task-loss gradient at closed tiles
+# (`GatingSpec.closed_tile_gradient`).
+CLOSED_TILE_GRADIENTS = ('none', 'sampled')
+
+
+def sparse_train_gated_conv(
+    x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
+    grouping: str = 'first', strides: Sequence[int] = (1, 1),
+    block: Sequence[int] = (4, 4, 0), alpha: float = 2.0,
+    epsilon: float = 1e-5, norm: str = 'batch', num_groups: int = 1,
+    saliency_grad: bool = False, surrogate: str = 'sigmoid',
+    closed_tile_gradient: str = 'none', sample_fraction: float = 0.0625,
+    rng: Array | None = None,
+    capacity_fractions: Sequence[float] = DEFAULT_CAPACITIES
+) -> tuple[Array, Array, tuple[Array, Array]]:
+  """`gating.gated_conv` for training, the closed tiles' conditional path skipped.
+
+  The same output, mask and statistics as `gating.gated_conv` with batch
+  statistics (SAME padding; `block` tile-structured, bc = 0 or C_out), and
+  the same gradients for every parameter and the input except through the
+  gate at closed tiles: `Y = Y_base + d * Y_cond` with `Y_cond` computed at
+  the open tiles only (`conditional_at_open_tiles`), so the conditional
+  weights and the input get exactly the masked form's gradient (d = 0
+  contributes nothing at a closed tile), and the gate's straight-through
+  gradient `dL/dd = <dL/dY, Y_cond>` is exact at open tiles. At closed tiles
+  it needs `Y_cond`, which is not computed:
+
+  * 'none': no task-loss gradient reaches a closed tile's gate (only the
+    regulariser moves its threshold);
+  * 'sampled': `Y_cond` is also computed, forward only, at a uniform sample
+    of the closed tiles (`sample_closed_tiles`, at most `sample_fraction` of
+    all tiles), and their gate gradient is scaled by the inverse inclusion
+    probability: an unbiased estimate of the masked form's gate gradient.
+    It adds `(d - stop_gradient(d)) * stop_gradient(Y_cond) * scale`, which
+    is zero in the forward pass and reaches nothing but the gate.
+
+  Args:
+    x, kernel, threshold, groups, grouping, strides, block, alpha, epsilon,
+    norm, num_groups, saliency_grad, surrogate: as `gating.gated_conv`.
+    closed_tile_gradient: 'none' or 'sampled'.
+    sample_fraction: 'sampled': the sample's static capacity, as a fraction
+      of all tiles of the batch.
+    rng: 'sampled': the key of the sample.
+    capacity_fractions: the executor's static capacities.
+
+  Returns:
+    (y, mask, (mean, var)) as `gating.gated_conv`.
+  """
+  if closed_tile_gradient not in CLOSED_TILE_GRADIENTS:
+    raise ValueError(f'Unknown gating.closed_tile_gradient='
+                     f'{closed_tile_gradient!r}; expected one of '
+                     f'{CLOSED_TILE_GRADIENTS}.')
+  check_tile_block(block, kernel.shape[-1])
+  y_base = gating.base_conv(x, kernel, groups, grouping, strides)
+  mask, stats = gating.saliency_gate(
+      y_base, threshold, block=block, alpha=alpha, epsilon=epsilon, norm=norm,
+      num_groups=num_groups, saliency_grad=saliency_grad, surrogate=surrogate)
+  _, kernel_cond = gating.conditional_operands(x, kernel, groups, grouping)
+  offset = (gating.base_channels(x.shape[-1], groups)
+            if grouping == 'first' else 0)
+  tile_mask = tile_mask_of(jax.lax.stop_gradient(mask), block)
+  cond = conditional_at_open_tiles(x, kernel_cond, tile_mask, strides,
+                                   capacity_fractions,
+                                   cond_channels_from=offset)
+  y = y_base + mask.astype(cond.dtype) * cond
+  if closed_tile_gradient == 'sampled':
+    if rng is None:
+      raise ValueError("closed_tile_gradient='sampled' needs an rng.")
+    capacity = max(1, math.ceil(sample_fraction * tile_mask.size))
+    sampled, scale = sample_closed_tiles(rng, tile_mask, capacity)
+    probe = jax.lax.stop_gradient(_tiles_branch(
+        sampled, capacity, strides, 'auto', offset)(x, kernel_cond))
+    # Zero in the forward pass; its only gradient is the gate's.
+    gate_only = mask - jax.lax.stop_gradient(mask)
+    y = y + (gate_only * scale).astype(probe.dtype) * probe
   return y, mask, stats

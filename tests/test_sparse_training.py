@@ -1,0 +1,201 @@
+"""Tests of the sparse train step: the conditional path at open tiles only."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdg_jax import gating
+from cdg_jax import models
+from cdg_jax import parallel
+from cdg_jax import pretraining
+from cdg_jax import sparse
+from cdg_jax.layers import CLOSED_TILE_RNG
+from cdg_jax.layers import DENSITY_COLLECTION
+from cdg_jax.layers import GatingSpec
+
+import test_pretraining
+
+BLOCK = (2, 2, 0)
+
+
+def _layer_inputs(seed=0, threshold_shift=0.0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(4, 8, 8, 8)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 8, 16)) * 0.2, jnp.float32)
+  threshold = jnp.asarray(rng.normal(size=(16,)) * 0.3 + threshold_shift,
+                          jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(4, 8, 8, 16)), jnp.float32)
+  return x, kernel, threshold, weights
+
+
+def _masked_loss(x, kernel, threshold, weights, cut_closed=False):
+  """The masked form by hand; `cut_closed` stops the gate's gradient at
+  closed tiles (what the 'none' form gives)."""
+  y_base, y_cond = gating.base_and_conditional(x, kernel, 4, 'first', (1, 1),
+                                               'SAME')
+  mask, _ = gating.saliency_gate(y_base, threshold, block=BLOCK)
+  if cut_closed:
+    mask = jnp.where(jax.lax.stop_gradient(mask) > 0, mask,
+                     jax.lax.stop_gradient(mask))
+  return jnp.sum(weights * (y_base + mask * y_cond))
+
+
+def _sparse_loss(x, kernel, threshold, weights, key, form='none',
+                 fraction=0.0625):
+  y, _, _ = sparse.sparse_train_gated_conv(
+      x, kernel, threshold, block=BLOCK, closed_tile_gradient=form,
+      sample_fraction=fraction, rng=key)
+  return jnp.sum(weights * y)
+
+
+_grad = jax.grad(_masked_loss, argnums=(0, 1, 2))
+_sparse_grad = jax.jit(jax.grad(_sparse_loss, argnums=(0, 1, 2)),
+                       static_argnames=('form', 'fraction'))
+
+
+def _assert_close(got, want):
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-5)
+
+
+def test_outputs_and_masks_equal_the_masked_form():
+  x, kernel, threshold, _ = _layer_inputs()
+  want, want_mask, want_stats = gating.gated_conv(x, kernel, threshold,
+                                                  block=BLOCK)
+  got, mask, stats = jax.jit(lambda *a: sparse.sparse_train_gated_conv(
+      *a, block=BLOCK))(x, kernel, threshold)
+  assert 0.2 < float(jnp.mean(mask)) < 0.8   # both open and closed tiles
+  np.testing.assert_array_equal(mask, want_mask)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, stats, want_stats)
+
+
+def test_none_form_is_the_masked_gradient_without_closed_gates():
+  inputs = _layer_inputs()
+  got = _sparse_grad(*inputs, jax.random.key(0))
+  _assert_close(got, _grad(*inputs, cut_closed=True))
+  # ... which differs from the masked form's exactly by the gate's gradient
+  # at closed tiles (it reaches the threshold and, through the saliency, the
+  # base path and the input).
+  full = _grad(*inputs)
+  assert float(jnp.max(jnp.abs(got[2] - full[2]))) > 1e-2
+
+
+def test_sampling_every_closed_tile_gives_the_masked_gradient():
+  inputs = _layer_inputs()
+  got = _sparse_grad(*inputs, jax.random.key(3), form='sampled', fraction=1.0)
+  _assert_close(got, _grad(*inputs))
+
+
+def test_sampled_gate_gradient_is_unbiased():
+  """The mean of the estimate over many samples approaches the masked
+  gradient of the thresholds; leaving out the inverse sampling rate would
+  miss it by several standard errors."""
+  inputs = _layer_inputs()
+  want = np.asarray(_grad(*inputs)[2])
+  cut = np.asarray(_grad(*inputs, cut_closed=True)[2])
+  keys = jax.random.split(jax.random.key(0), 400)
+  estimates = np.asarray(jax.jit(jax.vmap(
+      lambda key: jax.grad(_sparse_loss, argnums=2)(
+          *inputs, key, form='sampled', fraction=0.25)))(keys))
+  mean = estimates.mean(0)
+  standard_error = estimates.std(0) / np.sqrt(len(keys))
+  # A quarter of the tiles of the batch: the sample is most of the closed
+  # tiles' (a third open), so the estimate is noisy but unbiased.
+  z = np.abs(mean - want) / (standard_error + 1e-6)
+  assert z.max() < 4.5, (z, mean, want)
+  # Without the inverse sampling rate, the closed tiles' part would shrink
+  # by the inclusion probability m / closed.
+  _, mask, _ = gating.gated_conv(*inputs[:3], block=BLOCK)
+  closed = int((~sparse.tile_mask_of(mask, BLOCK)).sum())
+  sampled = min(16, closed)   # capacity: a quarter of the 64 tiles
+  assert sampled < closed
+  unscaled = cut + (mean - cut) * sampled / closed
+  wrong = np.abs(unscaled - want) / (standard_error * sampled / closed + 1e-6)
+  assert wrong.max() > 10, wrong
+
+
+def test_the_estimator_adds_nothing_to_the_forward_pass():
+  x, kernel, threshold, _ = _layer_inputs()
+  plain, _, _ = sparse.sparse_train_gated_conv(x, kernel, threshold,
+                                               block=BLOCK)
+  sampled, _, _ = sparse.sparse_train_gated_conv(
+      x, kernel, threshold, block=BLOCK, closed_tile_gradient='sampled',
+      sample_fraction=0.5, rng=jax.random.key(1))
+  np.testing.assert_array_equal(plain, sampled)
+
+
+def test_closed_tile_sample_is_uniform_and_scaled():
+  tile_mask = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 4, 4))
+                          < 0.3)
+  closed = int((~tile_mask).sum())
+  counts = np.zeros(tile_mask.shape)
+  for i in range(300):
+    sampled, scale = sparse.sample_closed_tiles(jax.random.key(i), tile_mask, 8)
+    sampled = np.asarray(sampled)
+    assert sampled.sum() == 8 and not (sampled & np.asarray(tile_mask)).any()
+    np.testing.assert_allclose(scale, closed / 8)
+    counts += sampled
+  # Each closed tile is drawn with probability 8 / closed.
+  frequency = counts[~np.asarray(tile_mask)] / 300
+  assert np.abs(frequency - 8 / closed).max() < 0.12
+  # More capacity than closed tiles: all of them, scale 1.
+  sampled, scale = sparse.sample_closed_tiles(jax.random.key(0), tile_mask, 32)
+  assert int(np.asarray(sampled).sum()) == closed and float(scale) == 1.0
+
+
+def test_gated_resnet_trains_the_same_forward_sparse():
+  model_config = {'name': 'resnet10', 'width': 8}
+  masked = models.create_resnet(model_config, GatingSpec(block=(4, 4, 0)))
+  fast = models.create_resnet(model_config, GatingSpec(
+      block=(4, 4, 0), sparse_training=True, closed_tile_gradient='sampled'))
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  variables = masked.init(jax.random.key(1), x)
+  apply = lambda model: jax.jit(lambda v, x: model.apply(
+      v, x, train=True, rngs={CLOSED_TILE_RNG: jax.random.key(2)},
+      mutable=['batch_stats', DENSITY_COLLECTION]))(variables, x)
+  (want, want_state), (got, got_state) = apply(masked), apply(fast)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               got_state[DENSITY_COLLECTION], want_state[DENSITY_COLLECTION])
+
+
+@pytest.mark.parametrize('fields, words', [
+    ({'sparse_training': True}, 'needs gating.kind=.cdg. and gating.block=\\(bh, bw, 0\\)'),
+    ({'sparse_training': True, 'block': (2, 2, 0), 'stage_blocks': ((2, 2, 0), (1, 1, 1), (1, 1, 0), (1, 1, 0))},
+     'stage_blocks'),
+    ({'closed_tile_gradient': 'sampled'}, 'set gating.sparse_training=True'),
+    ({'sparse_training': True, 'block': (2, 2, 0), 'closed_tile_gradient': 'all'},
+     "closed_tile_gradient='all'"),
+    ({'sparse_training': True, 'block': (2, 2, 0), 'closed_tile_sample': 0.0},
+     'closed_tile_sample must be in \\(0, 1\\]'),
+])
+def test_sparse_training_fields_are_checked(fields, words):
+  with pytest.raises(ValueError, match=words):
+    GatingSpec(**fields)
+
+
+def test_sparse_train_step_one_trace_and_two_devices_match_one():
+  config = test_pretraining.tiny_config('simclr')
+  config.gating.block = BLOCK
+  config.gating.sparse_training = True
+  config.gating.closed_tile_gradient = 'sampled'
+  batch = test_pretraining.fixed_batch()
+  results = []
+  for num_devices in (1, 2):
+    _, state, mesh, step_fn = test_pretraining.setup(config, num_devices)
+    chex.clear_trace_counter()
+    step = pretraining.jit_train_step(chex.assert_max_traces(step_fn, n=1),
+                                      mesh)
+    sharded = jax.device_put(batch, parallel.data_sharding(mesh))
+    state, metrics = step(state, sharded)
+    results.append(jax.device_get((state, metrics)))
+    state, _ = step(state, sharded)   # a second call, no second trace
+  (state1, metrics1), (state2, metrics2) = results
+  assert 0 < metrics1['gate_density'] < 1
+  np.testing.assert_allclose(metrics1['loss'], metrics2['loss'], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4,
+                                                       atol=2e-5),
+               state1, state2)
