@@ -35,6 +35,9 @@ import time
 from absl import app
 from absl import flags
 
+from tile_schemes import gating_config_of
+from tile_schemes import stage_tiles
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
@@ -116,23 +119,6 @@ def _with_thresholds(variables, value):
       lambda path, p: jnp.full_like(p, value)
       if path[-1].key == 'threshold' else p, variables['params'])
   return {**variables, 'params': params}
-
-
-def stage_tiles(scheme: str) -> tuple[int, ...]:
-  """Tile size per stage of a `--tiles` scheme ('4' or '8-8-4-4')."""
-  sizes = tuple(int(t) for t in scheme.split('-'))
-  if len(sizes) not in (1, 4) or min(sizes) < 1:
-    raise ValueError(f'A --tiles scheme is one tile size or four (one per '
-                     f'stage) joined by "-", got {scheme!r}.')
-  return sizes * 4 if len(sizes) == 1 else sizes
-
-
-def gating_config_of(scheme: str) -> dict:
-  """The CDG `gating` config of a tile scheme (all channels per tile)."""
-  sizes = stage_tiles(scheme)
-  blocks = tuple((t, t, 0) for t in sizes)
-  return {'kind': 'cdg', 'block': blocks[0],
-          'stage_blocks': () if len(set(sizes)) == 1 else blocks}
 
 
 def random_network_rows(tile: str) -> list[dict]:

@@ -1,0 +1,213 @@
+r"""Train-step speed of the sparse train step against masked CDG and dense.
+
+  python experiments/benchmark_sparse_step.py           # ~25 min, 2 cores
+  python experiments/benchmark_sparse_step.py --width=16 --image_size=16 \
+      --batch_size=32 --repeats=2 --out=/tmp/sparse_step   # a quick check
+
+The SimCLR train step (both views, SimCLR loss, gate regulariser, LARS,
+online probe: `pretraining.assemble`) of CIFAR ResNet-18 (`--width` 64,
+`--image_size` 32, `--batch_size` 128 images, synthetic uint8 images) for:
+
+  dense           `gating.kind='none'`;
+  masked          tile-gated CDG (`--tiles`, all channels per tile), the
+                  conditional path computed everywhere and masked;
+  sparse, none    the same with `gating.sparse_training=True`: the
+                  conditional path at the open tiles only, forward and
+                  backward; no gate gradient at closed tiles;
+  sparse, sampled the same plus a forward-only sample of
+                  `--sample_fraction` of the tiles for the closed tiles'
+                  gate gradient.
+
+The gates of the randomly initialised network are set to each tile density of
+`--densities` by one threshold shared by all channels, found by bisection on
+the MAC-weighted density of a training-mode pass; the state is then the same
+for every variant (the dense one has no thresholds). Each variant is
+compiled once (the density is a value, not a shape) and not donated, so every
+timed call starts from the same state; within every repeat the variants run
+in turn, so ratios compare like with like on a machine whose speed drifts.
+The FLOPs reduction is the step's own metric (backbone, both views). Writes
+`sparse_step.md` and `sparse_step.json` to `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import tile_schemes  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+flags.DEFINE_integer('width', 64, 'Backbone width.')
+flags.DEFINE_integer('image_size', 32, 'Image size.')
+flags.DEFINE_integer('batch_size', 128, 'Images per step (two views each).')
+flags.DEFINE_string('tiles', '8-8-4-4', 'Tile scheme: t or t1-t2-t3-t4 (see '
+                    'benchmark_sparse.py).')
+flags.DEFINE_list('densities', ['0.25', '0.4'], 'Target tile densities.')
+flags.DEFINE_float('sample_fraction', 0.0625, "The 'sampled' form's sample.")
+flags.DEFINE_integer('repeats', 3, 'Timed steps per variant and density.')
+flags.DEFINE_string('out', os.path.join(REPO_ROOT, 'experiments', 'results',
+                                        'sparse'), 'Output folder.')
+FLAGS = flags.FLAGS
+
+VARIANTS = ('dense', 'masked', 'sparse, none', 'sparse, sampled')
+
+
+def _config(variant: str):
+  from cdg_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
+  config.model.width = FLAGS.width
+  config.data.image_size = FLAGS.image_size
+  config.batch_size = FLAGS.batch_size
+  config.num_steps = 1000
+  if variant == 'dense':
+    config.gating.kind = 'none'
+    return config
+  tiling = tile_schemes.gating_config_of(FLAGS.tiles)
+  config.gating.block = tiling['block']
+  config.gating.stage_blocks = tiling['stage_blocks']
+  if variant.startswith('sparse'):
+    config.gating.sparse_training = True
+    if variant.endswith('sampled'):
+      config.gating.closed_tile_gradient = 'sampled'
+      config.gating.closed_tile_sample = FLAGS.sample_fraction
+  return config
+
+
+def _with_thresholds(state, value):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.full_like(p, value)
+      if path[-1].key == 'threshold' else p, state.params)
+  return state.replace(params=params)
+
+
+def _threshold_for(run, state, images, density: float) -> float:
+  """One threshold for every gate giving `density` (MAC-weighted) in a
+  training-mode pass of the online backbone, by bisection."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cdg_jax import flops  # pylint: disable=g-import-not-at-top
+  from cdg_jax import layers  # pylint: disable=g-import-not-at-top
+  backbone = run.networks.online.backbone
+  gated = [c for c in run.costs if c.gated]
+  names = [c.name.removeprefix('backbone/') for c in gated]
+
+  @jax.jit
+  def measured(state):
+    _, collections = backbone.apply(
+        {'params': state.params['backbone'],
+         'batch_stats': state.batch_stats['backbone']}, images, train=True,
+        mutable=['batch_stats', layers.DENSITY_COLLECTION])
+    densities = flops.mean_densities(collections[layers.DENSITY_COLLECTION])
+    return (sum(c.macs * densities[n] for c, n in zip(gated, names))
+            / sum(c.macs for c in gated))
+
+  low, high = -3.0, 3.0
+  for _ in range(20):
+    middle = (low + high) / 2
+    if float(measured(_with_thresholds(state, middle))) > density:
+      low = middle
+    else:
+      high = middle
+  return (low + high) / 2
+
+
+def _cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cdg_jax import augment  # pylint: disable=g-import-not-at-top
+  from cdg_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from cdg_jax import pretraining  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (FLAGS.batch_size, FLAGS.image_size,
+                                          FLAGS.image_size, 3), np.uint8),
+           'label': rng.integers(0, 10, (FLAGS.batch_size,)).astype(np.int32)}
+  runs, steps = {}, {}
+  for variant in VARIANTS:
+    config = _config(variant)
+    settings = pretraining.read_settings(config, config_lib.validate(config),
+                                         50_000)
+    runs[variant] = pretraining.assemble(settings)
+    steps[variant] = jax.jit(runs[variant].train_step)
+  base_state = runs['masked'].init_state(jax.random.key(0))
+  dense_state = runs['dense'].init_state(jax.random.key(0))
+  views = jax.numpy.concatenate(augment.two_views(
+      jax.random.key(1), jax.numpy.asarray(batch['image']),
+      _config('masked').augment))
+  rows = []
+  for density in (float(d) for d in FLAGS.densities):
+    threshold = _threshold_for(runs['masked'], base_state, views, density)
+    state = _with_thresholds(base_state, threshold)
+    states = {v: dense_state if v == 'dense' else state for v in VARIANTS}
+    metrics, times = {}, {v: [] for v in VARIANTS}
+    for variant in VARIANTS:   # compile (first density only) and warm up
+      start = time.perf_counter()
+      _, metrics[variant] = jax.block_until_ready(
+          steps[variant](states[variant], batch))
+      print(f'{variant}: first call {time.perf_counter() - start:.1f} s',
+            flush=True)
+    for _ in range(FLAGS.repeats):
+      for variant in VARIANTS:
+        start = time.perf_counter()
+        jax.block_until_ready(steps[variant](states[variant], batch))
+        times[variant].append(time.perf_counter() - start)
+    dense_s = statistics.median(times['dense'])
+    for variant in VARIANTS:
+      median = statistics.median(times[variant])
+      row = {'target_density': density, 'variant': variant,
+             'gate_density': float(metrics[variant].get('gate_density', 1.0)),
+             'flops_reduction': float(metrics[variant]['flops_reduction']),
+             'median_step_s': median, 'speedup_vs_dense': dense_s / median,
+             'times_s': times[variant]}
+      rows.append(row)
+      print(json.dumps({k: v for k, v in row.items() if k != 'times_s'}),
+            flush=True)
+  machine = f'{_cpu_model()}, {os.cpu_count()} cores'
+  os.makedirs(FLAGS.out, exist_ok=True)
+  with open(os.path.join(FLAGS.out, 'sparse_step.json'), 'w') as f:
+    json.dump({'machine': machine, 'flags': {
+        'width': FLAGS.width, 'image_size': FLAGS.image_size,
+        'batch_size': FLAGS.batch_size, 'tiles': FLAGS.tiles,
+        'sample_fraction': FLAGS.sample_fraction, 'repeats': FLAGS.repeats},
+               'rows': rows}, f, indent=1)
+  lines = [f'SimCLR train step, CIFAR ResNet-18 width {FLAGS.width}, '
+           f'{FLAGS.image_size}x{FLAGS.image_size}, batch {FLAGS.batch_size} '
+           f'images (2 views), tiles {FLAGS.tiles}, sample fraction '
+           f'{FLAGS.sample_fraction}; median of {FLAGS.repeats} steps, '
+           f'variants in turn within each repeat; {machine}.', '',
+           '| target density | variant | gate density | FLOPs reduction | '
+           'step s | speed vs dense |', '| --- | --- | --- | --- | --- | --- |']
+  lines += [f'| {r["target_density"]:.2f} | {r["variant"]} | '
+            f'{r["gate_density"]:.3f} | {r["flops_reduction"]:.2f}x | '
+            f'{r["median_step_s"]:.2f} | {r["speedup_vs_dense"]:.2f}x |'
+            for r in rows]
+  with open(os.path.join(FLAGS.out, 'sparse_step.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  app.run(main)
