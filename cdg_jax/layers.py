@@ -315,9 +315,7 @@ class GatingSpec:
     _one_of('closed_tile_gradient', self.closed_tile_gradient,
             sparse.CLOSED_TILE_GRADIENTS)
     if self.sparse_training:
-      tiles = (self.block, *self.stage_blocks)
-      if self.kind != 'cdg' or any(len(b) != 3 or int(b[2]) != 0
-                                   for b in tiles):
+      if self.kind != 'cdg' or any(int(b[2]) != 0 for b in self.blocks):
         stages = (f', gating.stage_blocks={self.stage_blocks}'
                   if self.stage_blocks else '')
         raise ValueError(

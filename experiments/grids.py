@@ -202,6 +202,17 @@ GRIDS: dict[str, list[Run]] = {
             (('gating.stage_blocks', '((8,8,0),(8,8,0),(4,4,0),(4,4,0))'),
              ('data.image_size', 32))),
     ],
+    # Issue 31 item 5: the same tile run trained with the sparse step, each
+    # closed-tile gradient form (test split, seed 0), against the masked
+    # row above.
+    'tiles32_sparse': [
+        Run(f'simclr_c10_cdg_tiles8844_32px_sparse_{form}', 'tiles',
+            f'CDG tiles 8-8-4-4, 32x32, sparse train step ({form})', _SIMCLR,
+            (('gating.stage_blocks', '((8,8,0),(8,8,0),(4,4,0),(4,4,0))'),
+             ('data.image_size', 32), ('gating.sparse_training', True),
+             ('gating.closed_tile_gradient', form)))
+        for form in ('none', 'sampled')
+    ],
     # Issue 20 item 4: the dense partner and BYOL's dense target, chosen on
     # the validation split (density target 0.25, seed 0).
     'partner_selection': [

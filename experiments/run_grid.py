@@ -42,6 +42,9 @@ by `experiments/report.py`:
              skips; the ':tiles' variant).
   tiles32    tile-structured CDG at 32x32 with one tile size per stage
              (8, 8, 4, 4): the scheme of the sparse-inference benchmark.
+  tiles32_sparse  the same trained with the sparse train step
+             (gating.sparse_training), closed-tile gradient 'none' and
+             'sampled'.
   partner_selection  the dense partner (issue 20; ours, after Krishna et
              al.) on the validation split: SimCLR with shared and with
              separate BatchNorm for the dense path; BYOL with the target

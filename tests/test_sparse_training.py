@@ -166,6 +166,9 @@ def test_gated_resnet_trains_the_same_forward_sparse():
     ({'sparse_training': True}, 'needs gating.kind=.cdg. and gating.block=\\(bh, bw, 0\\)'),
     ({'sparse_training': True, 'block': (2, 2, 0), 'stage_blocks': ((2, 2, 0), (1, 1, 1), (1, 1, 0), (1, 1, 0))},
      'stage_blocks'),
+    # The stem's block, used only when the stem is gated.
+    ({'sparse_training': True, 'stage_blocks': ((2, 2, 0),) * 3 + ((1, 1, 1),)},
+     'stage_blocks'),
     ({'closed_tile_gradient': 'sampled'}, 'set gating.sparse_training=True'),
     ({'sparse_training': True, 'block': (2, 2, 0), 'closed_tile_gradient': 'all'},
      "closed_tile_gradient='all'"),
@@ -175,6 +178,14 @@ def test_gated_resnet_trains_the_same_forward_sparse():
 def test_sparse_training_fields_are_checked(fields, words):
   with pytest.raises(ValueError, match=words):
     GatingSpec(**fields)
+
+
+def test_stage_tiles_leave_the_ungated_stem_block_alone():
+  spec = GatingSpec(sparse_training=True, stage_blocks=((2, 2, 0),) * 4)
+  assert spec.blocks == ((2, 2, 0),) * 4
+  with pytest.raises(ValueError, match='needs gating.kind'):
+    GatingSpec(sparse_training=True, stage_blocks=((2, 2, 0),) * 4,
+               layers=('stem', 'block_3x3'))
 
 
 def test_sparse_train_step_one_trace_and_two_devices_match_one():
