@@ -293,44 +293,43 @@ def sparse_add_conditional(y_base: Array, x: Array, kernel_cond: Array,
                                  kernel_cond).astype(y_base.dtype)
 
 
-def _tiles_backward(tile_mask: Array, capacity: int, strides: Sequence[int],
-                    tile_conv: str, cond_channels_from: int):
-  """`backward(x_all, kernel_cond, cotangent) -> (dx_all, dkernel)` of the
-  conditional output at the tiles of `tile_mask` (at most `capacity`).
+def _tiles_kernel_gradient(tile_mask: Array, capacity: int,
+                           strides: Sequence[int],
+                           cond_channels_from: int):
+  """`gradient(x_all, kernel_cond, cotangent) -> dkernel` of the conditional
+  output at the tiles of `tile_mask` (at most `capacity`): the open tiles'
+  windows against their gathered cotangent tiles.
 
   Written out rather than left to autodiff, whose transpose of the gathers
-  is a scatter-add (of every open tile's window into the input, of the
-  cotangent into the tile slots), which XLA:CPU runs element by element: 12x
-  slower than the dense step at width 64 when measured. Here the kernel's
-  gradient is the open tiles' windows against their gathered cotangent
-  tiles; the input's is the transposed convolution of the cotangent over the
-  whole map (zero at closed tiles already), dense, with no scatter.
+  is a scatter-add (of the cotangent into the tile slots, of every window
+  into the input), which XLA:CPU runs element by element: the step was 12x
+  slower than dense at width 64 when measured so.
   """
   n, gh, gw = tile_mask.shape
   flat = tile_mask.reshape(-1)
 
-  def backward(x_all, kernel_cond, cotangent):
-    x_cond = x_all[..., cond_channels_from:]
+  def gradient(x_all, kernel_cond, cotangent):
     out_h, out_w, c_out = cotangent.shape[1:]
     bh, bw = out_h // gh, out_w // gw
     tile_ids = jnp.nonzero(flat, size=capacity, fill_value=0)[0]
-    windows = gather_windows(x_cond, tile_ids, (gh, gw), (bh, bw),
-                             kernel_cond.shape[:2], strides)
+    windows = gather_windows(x_all[..., cond_channels_from:], tile_ids,
+                             (gh, gw), (bh, bw), kernel_cond.shape[:2],
+                             strides)
     tiles = cotangent.reshape(n, gh, bh, gw, bw, c_out).transpose(
         0, 1, 3, 2, 4, 5).reshape(n * gh * gw, bh, bw, c_out)
     # Slots past the open tiles repeat tile 0: no cotangent from them.
     used = jnp.arange(capacity) < jnp.sum(flat.astype(jnp.int32))
     cotangent_tiles = jnp.where(used[:, None, None, None], tiles[tile_ids], 0)
+    # As one matrix product over the windows' patches whatever `tile_conv`
+    # is: the same product transposed inside the switch, where XLA:CPU ran
+    # the convolution form's kernel gradient 100x slower than outside it
+    # (27 s against 0.26 s, 1,280 tiles of 8x8, 48 -> 64 channels, when
+    # measured), and the product at 0.14 s.
     _, kernel_vjp = jax.vjp(
-        lambda k: tile_convolution(windows, k, strides, tile_conv),
+        lambda k: tile_convolution(windows, k, strides, 'patches'),
         kernel_cond)
-    (dkernel,) = kernel_vjp(cotangent_tiles.astype(windows.dtype))
-    _, input_vjp = jax.vjp(lambda x: gating.conv(x, kernel_cond, strides),
-                           x_cond)
-    (dx_cond,) = input_vjp(cotangent.astype(x_cond.dtype))
-    dx_all = jnp.pad(dx_cond, ((0, 0),) * 3 + ((cond_channels_from, 0),))
-    return dx_all, dkernel
-  return backward
+    return kernel_vjp(cotangent_tiles.astype(windows.dtype))[0]
+  return gradient
 
 
 def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
@@ -343,10 +342,12 @@ def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
   differentiable in `x` and `kernel_cond` (training).
 
   The forward pass is the executor's (`sparse_add_conditional` without the
-  base path). The backward pass (a custom VJP, under the same `lax.switch`
-  index, so the unselected branches keep no residuals) computes the
-  kernel's gradient from the open tiles only and the input's as a dense
-  transposed convolution of the cotangent (`_tiles_backward`). Gradients
+  base path). The backward pass is a custom VJP (differentiating the
+  `lax.switch` would keep every branch's residuals, zero-filled, and
+  transpose the gathers into scatter-adds): the kernel's gradient from the
+  open tiles only, under the forward's switch index
+  (`_tiles_kernel_gradient`), and the input's as a dense transposed
+  convolution of the cotangent. Gradients
   reach `x` and `kernel_cond` from the open tiles only, as in the masked
   form `d * Y_cond` with d = 0 at the closed ones.
 
@@ -363,12 +364,14 @@ def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
                                           cond_channels_from)
   caps = capacities(tile_mask.size, capacity_fractions)
 
-  def dense_backward(x_all, kernel_cond, cotangent):
-    return jax.vjp(branches[-1], x_all, kernel_cond)[1](cotangent)
+  def dense_kernel_gradient(x_all, kernel_cond, cotangent):
+    x_cond = x_all[..., cond_channels_from:]
+    return jax.vjp(lambda k: gating.conv(x_cond, k, strides),
+                   kernel_cond)[1](cotangent)[0]
 
-  backwards = [_tiles_backward(tile_mask, c, strides, tile_conv,
-                               cond_channels_from) for c in caps]
-  backwards.append(dense_backward)
+  kernel_gradients = [_tiles_kernel_gradient(tile_mask, c, strides,
+                                             cond_channels_from)
+                      for c in caps] + [dense_kernel_gradient]
 
   @jax.custom_vjp
   def conditional(x_all, kernel):
@@ -379,7 +382,18 @@ def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
 
   def backward(residuals, cotangent):
     x_all, kernel = residuals
-    return jax.lax.switch(index, backwards, x_all, kernel, cotangent)
+    # The cotangent is zero at closed tiles (d = 0 there): the input's
+    # gradient is its transposed convolution over the whole map, dense and
+    # the same for every capacity, so it is taken outside the switch (a
+    # convolution inside an XLA:CPU conditional ran several times slower
+    # than the same one outside, when measured).
+    x_cond = x_all[..., cond_channels_from:]
+    dx_cond = jax.vjp(lambda x: gating.conv(x, kernel, strides),
+                      x_cond)[1](cotangent.astype(x_cond.dtype))[0]
+    dx_all = jnp.pad(dx_cond, ((0, 0),) * 3 + ((cond_channels_from, 0),))
+    dkernel = jax.lax.switch(index, kernel_gradients, x_all, kernel,
+                             cotangent)
+    return dx_all, dkernel
 
   conditional.defvjp(forward, backward)
   return conditional(x, kernel_cond)

@@ -389,6 +389,17 @@ def matched_lines(results: list[dict[str, Any]]) -> list[str]:
   return lines
 
 
+def _save_panels(fig, axes, path: str) -> None:
+  """A grid and a legend on every panel; the figure written and closed."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def write_matched_plot(results: list[dict[str, Any]], results_dir: str) -> None:
   """matched_flops.png: the methods' kNN curves against FLOPs, dense line."""
   curve = curves(results)
@@ -418,11 +429,7 @@ def write_matched_plot(results: list[dict[str, Any]], results_dir: str) -> None:
     ax.set_ylabel(f'{"kNN" if measure == "knn_top1" else "linear"} top-1 (%)')
     ax.set_title('SimCLR, CIFAR-10, CPU protocol (388 steps), seed 0; '
                  'dotted: 2.0x and 2.5x', fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(results_dir, 'matched_flops.png'), dpi=110)
-  plt.close(fig)
+  _save_panels(fig, axes, os.path.join(results_dir, 'matched_flops.png'))
 
 
 # The gap to dense along scale (issue 20 item 6): SimCLR, CIFAR-10, test
@@ -532,11 +539,7 @@ def write_gap_plot(results: list[dict[str, Any]], results_dir: str) -> None:
     ax.set_title('SimCLR, CIFAR-10, test split, seed 0; dotted: 1 point '
                  'below dense\nleft of the separator: length at 16x16; '
                  'right: 32x32 at 4 epochs', fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(results_dir, 'gap_to_dense.png'), dpi=110)
-  plt.close(fig)
+  _save_panels(fig, axes, os.path.join(results_dir, 'gap_to_dense.png'))
 
 
 def write_report(results_dir: str) -> list[dict[str, Any]]:
