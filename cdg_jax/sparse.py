@@ -320,8 +320,8 @@ def _tiles_kernel_gradient(tile_mask: Array, capacity: int,
     # Slots past the open tiles repeat tile 0: no cotangent from them.
     used = jnp.arange(capacity) < jnp.sum(flat.astype(jnp.int32))
     cotangent_tiles = jnp.where(used[:, None, None, None], tiles[tile_ids], 0)
-    # As one matrix product over the windows' patches whatever `tile_conv`
-    # is: the same product transposed inside the switch, where XLA:CPU ran
+    # As one matrix product over the windows' patches, whichever form the
+    # forward used: the same product transposed inside the switch, where XLA:CPU ran
     # the convolution form's kernel gradient 100x slower than outside it
     # (27 s against 0.26 s, 1,280 tiles of 8x8, 48 -> 64 channels, when
     # measured), and the product at 0.14 s.
