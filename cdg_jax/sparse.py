@@ -128,6 +128,24 @@ def gather_windows(x: Array, tile_ids: Array, grid: tuple[int, int],
   return jax.vmap(window)(sample, row, col)
 
 
+def _tiles_on_grid(tiles: Array, tile_mask: Array) -> Array:
+  """(N, gh, gw, ...) holding row k of `tiles` at the k-th open tile, zero at
+  the closed ones (`tiles` in the order of `jnp.nonzero(tile_mask)`)."""
+  n, gh, gw = tile_mask.shape
+  capacity = tiles.shape[0]
+  flat = tile_mask.reshape(-1)
+  # Every tile of the grid reads its row of `tiles` (closed tiles: an
+  # appended zero tile) instead of the open tiles being scattered into the
+  # grid: XLA:CPU runs this gather of contiguous tiles as a copy, 1.3-1.5x
+  # faster than the scatter-add it replaces (18 against 27 ms for 26% of the
+  # 8x8 tiles of a 256 x 32 x 32 x 64 map, 2-core Xeon; a one-off
+  # comparison, not part of experiments/benchmark_sparse.py).
+  slot = jnp.where(flat, jnp.cumsum(flat.astype(jnp.int32)) - 1, capacity)
+  padded = jnp.concatenate([tiles, jnp.zeros((1,) + tiles.shape[1:],
+                                             tiles.dtype)])
+  return padded[slot].reshape((n, gh, gw) + tiles.shape[1:])
+
+
 def assemble_tiles(tiles: Array, tile_mask: Array) -> Array:
   """The (N, H, W, C) map holding `tiles` at the open tiles, zero elsewhere.
 
@@ -140,18 +158,78 @@ def assemble_tiles(tiles: Array, tile_mask: Array) -> Array:
     (N, gh * bh, gw * bw, C) in `tiles`' dtype.
   """
   n, gh, gw = tile_mask.shape
-  capacity, bh, bw, c = tiles.shape
-  flat = tile_mask.reshape(-1)
-  # Every output tile reads its row of `tiles` (closed tiles: an appended zero
-  # tile) instead of the open tiles being scattered into the output: XLA:CPU
-  # runs this gather of contiguous tiles as a copy, 1.3-1.5x faster than the
-  # scatter-add it replaces (18 against 27 ms for 26% of the 8x8 tiles of a
-  # 256 x 32 x 32 x 64 map, 2-core Xeon; a one-off comparison, not part of
-  # experiments/benchmark_sparse.py).
-  slot = jnp.where(flat, jnp.cumsum(flat.astype(jnp.int32)) - 1, capacity)
-  padded = jnp.concatenate([tiles, jnp.zeros((1, bh, bw, c), tiles.dtype)])
-  blocks = padded[slot].reshape(n, gh, gw, bh, bw, c)
+  _, bh, bw, c = tiles.shape
+  blocks = _tiles_on_grid(tiles, tile_mask)
   return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(n, gh * bh, gw * bw, c)
+
+
+def overlap_add_windows(window_values: Array, tile_mask: Array,
+                        input_hw: Sequence[int], tile_hw: Sequence[int],
+                        kernel_hw: Sequence[int],
+                        strides: Sequence[int]) -> Array:
+  """The (N, H, W, C) sum of per-tile input windows, each at its place.
+
+  The transpose of `gather_windows` at the open tiles: window k, a value per
+  position of the SAME-padded input window of the k-th open output tile
+  (e.g. the gradient of that tile's convolution with respect to its window),
+  is added to the input positions it covers; windows overlap by their halo,
+  and positions in the padding are dropped.
+
+  Written with gathers, pads and slices only: a scatter-add of the windows
+  into the map is what autodiff of `gather_windows` gives, and XLA:CPU runs
+  it element by element. Instead every tile of the grid reads its window
+  (closed tiles: a zero window), each window is cut into the parts that
+  fall on the previous, its own and the next input tile along each axis,
+  and the parts are summed tile by tile.
+
+  Args:
+    window_values: (K, (bh - 1) * sh + kh, (bw - 1) * sw + kw, C) in the
+      order of `jnp.nonzero(tile_mask.reshape(-1))` (rows past the open
+      tiles unused).
+    tile_mask: (N, gh, gw) booleans; at most K are True.
+    input_hw: (H, W) of the unpadded input.
+    tile_hw, kernel_hw, strides: (bh, bw), (kh, kw), (sh, sw).
+
+  Returns:
+    (N, H, W, C) in `window_values`' dtype.
+  """
+  n, gh, gw = tile_mask.shape
+  c = window_values.shape[-1]
+  dense = _tiles_on_grid(window_values, tile_mask)
+  # dense: (N, gh, gw, Lh, Lw, C). Along each axis a window starts `before`
+  # positions ahead of its input tile of `size` = tile * stride positions.
+  for axis, (grid, size, length, before) in enumerate(zip(
+      (gh, gw), (tile_hw[0] * strides[0], tile_hw[1] * strides[1]),
+      window_values.shape[1:3],
+      (same_padding(input_hw[0], kernel_hw[0], strides[0])[0],
+       same_padding(input_hw[1], kernel_hw[1], strides[1])[0]))):
+    if before > size or length - before > 2 * size:
+      raise ValueError(f'A window of {length} positions reaches past the '
+                       f'neighbouring tiles of {size} positions.')
+    window_axis, grid_axis = 3 + axis, 1 + axis
+    # Cover [-size, 2 * size) around the tile: previous, own, next tile.
+    pad = [(0, 0)] * dense.ndim
+    pad[window_axis] = (size - before, 2 * size - (length - before))
+    padded = jnp.pad(dense, pad)
+    parts = padded.reshape(padded.shape[:window_axis] + (3, size)
+                           + padded.shape[window_axis + 1:])
+    previous, own, following = (jnp.take(parts, i, axis=window_axis)
+                                for i in range(3))
+    # Tile i gets its own part, the previous-part of tile i + 1 and the
+    # next-part of tile i - 1 (zero beyond the map's edges).
+    shift_up = [(0, 0)] * own.ndim
+    shift_up[grid_axis] = (0, 1)
+    shift_down = [(0, 0)] * own.ndim
+    shift_down[grid_axis] = (1, 0)
+    dense = (own
+             + jax.lax.slice_in_dim(jnp.pad(previous, shift_up), 1, grid + 1,
+                                    axis=grid_axis)
+             + jax.lax.slice_in_dim(jnp.pad(following, shift_down), 0, grid,
+                                    axis=grid_axis))
+  size_h, size_w = dense.shape[3:5]
+  full = dense.transpose(0, 1, 3, 2, 4, 5).reshape(n, gh * size_h,
+                                                   gw * size_w, c)
+  return full[:, :input_hw[0], :input_hw[1]]
 
 
 def tile_convolution(windows: Array, kernel: Array, strides: Sequence[int],
@@ -293,12 +371,30 @@ def sparse_add_conditional(y_base: Array, x: Array, kernel_cond: Array,
                                  kernel_cond).astype(y_base.dtype)
 
 
-def _tiles_kernel_gradient(tile_mask: Array, capacity: int,
-                           strides: Sequence[int],
-                           cond_channels_from: int):
-  """`gradient(x_all, kernel_cond, cotangent) -> dkernel` of the conditional
-  output at the tiles of `tile_mask` (at most `capacity`): the open tiles'
-  windows against their gathered cotangent tiles.
+def _windows_reach_neighbours_only(input_hw: Sequence[int],
+                                   tile_hw: Sequence[int],
+                                   kernel_hw: Sequence[int],
+                                   strides: Sequence[int]) -> bool:
+  """Whether each input window of an output tile lies within its input tile
+  and the two next to it along each axis (what `overlap_add_windows` adds)."""
+  for size, tile, kernel, stride in zip(input_hw, tile_hw, kernel_hw, strides):
+    before = same_padding(size, kernel, stride)[0]
+    length = (tile - 1) * stride + kernel
+    if before > tile * stride or length - before > 2 * tile * stride:
+      return False
+  return True
+
+
+def _tiles_gradients(tile_mask: Array, capacity: int, strides: Sequence[int],
+                     cond_channels_from: int, sparse_input: bool):
+  """`gradients(x_all, kernel_cond, cotangent) -> (dx_cond, dkernel)` of the
+  conditional output at the tiles of `tile_mask` (at most `capacity`).
+
+  Both from the open tiles only: their gathered cotangent tiles times the
+  transposed kernel give their windows' gradient, added back into the input
+  map with overlapping halos (`overlap_add_windows`); the windows' patches
+  against the cotangent tiles give the kernel's. With `sparse_input` False
+  the input's gradient is returned as None (the caller takes it densely).
 
   Written out rather than left to autodiff, whose transpose of the gathers
   is a scatter-add (of the cotangent into the tile slots, of every window
@@ -308,28 +404,42 @@ def _tiles_kernel_gradient(tile_mask: Array, capacity: int,
   n, gh, gw = tile_mask.shape
   flat = tile_mask.reshape(-1)
 
-  def gradient(x_all, kernel_cond, cotangent):
+  def gradients(x_all, kernel_cond, cotangent):
     out_h, out_w, c_out = cotangent.shape[1:]
     bh, bw = out_h // gh, out_w // gw
+    x_cond = x_all[..., cond_channels_from:]
     tile_ids = jnp.nonzero(flat, size=capacity, fill_value=0)[0]
-    windows = gather_windows(x_all[..., cond_channels_from:], tile_ids,
-                             (gh, gw), (bh, bw), kernel_cond.shape[:2],
-                             strides)
+    windows = gather_windows(x_cond, tile_ids, (gh, gw), (bh, bw),
+                             kernel_cond.shape[:2], strides)
     tiles = cotangent.reshape(n, gh, bh, gw, bw, c_out).transpose(
         0, 1, 3, 2, 4, 5).reshape(n * gh * gw, bh, bw, c_out)
     # Slots past the open tiles repeat tile 0: no cotangent from them.
     used = jnp.arange(capacity) < jnp.sum(flat.astype(jnp.int32))
     cotangent_tiles = jnp.where(used[:, None, None, None], tiles[tile_ids], 0)
     # As one matrix product over the windows' patches, whichever form the
-    # forward used: the same product transposed inside the switch, where XLA:CPU ran
-    # the convolution form's kernel gradient 100x slower than outside it
-    # (27 s against 0.26 s, 1,280 tiles of 8x8, 48 -> 64 channels, when
-    # measured), and the product at 0.14 s.
-    _, kernel_vjp = jax.vjp(
-        lambda k: tile_convolution(windows, k, strides, 'patches'),
-        kernel_cond)
-    return kernel_vjp(cotangent_tiles.astype(windows.dtype))[0]
-  return gradient
+    # forward used: the same product transposed inside the switch, where
+    # XLA:CPU ran the convolution form's kernel gradient 100x slower than
+    # outside it (27 s against 0.26 s, 1,280 tiles of 8x8, 48 -> 64
+    # channels, when measured), and the product at 0.14 s. The windows'
+    # gradient is the patches' gradient (cotangent times the transposed
+    # kernel: the open tiles' share of the dense transposed convolution's
+    # multiply-accumulates, no more) added back tap by tap.
+    _, tiles_vjp = jax.vjp(
+        lambda w, k: tile_convolution(w, k, strides, 'patches'),
+        windows, kernel_cond)
+    dwindows, dkernel = tiles_vjp(cotangent_tiles.astype(windows.dtype))
+    if not sparse_input:
+      return None, dkernel
+    dx_cond = overlap_add_windows(dwindows, tile_mask, x_cond.shape[1:3],
+                                  (bh, bw), kernel_cond.shape[:2], strides)
+    return dx_cond, dkernel
+  return gradients
+
+
+def _dense_input_gradient(x_cond: Array, kernel_cond: Array,
+                          cotangent: Array, strides: Sequence[int]) -> Array:
+  return jax.vjp(lambda x: gating.conv(x, kernel_cond, strides),
+                 x_cond)[1](cotangent.astype(x_cond.dtype))[0]
 
 
 def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
@@ -337,21 +447,26 @@ def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
                               capacity_fractions: Sequence[float] =
                               DEFAULT_CAPACITIES,
                               tile_conv: str = 'auto',
-                              cond_channels_from: int = 0) -> Array:
+                              cond_channels_from: int = 0,
+                              sparse_input_gradient: bool = True) -> Array:
   """The conditional output at the open tiles, zero at the closed ones,
   differentiable in `x` and `kernel_cond` (training).
 
   The forward pass is the executor's (`sparse_add_conditional` without the
   base path). The backward pass is a custom VJP (differentiating the
   `lax.switch` would keep every branch's residuals, zero-filled, and
-  transpose the gathers into scatter-adds): the kernel's gradient from the
-  open tiles only, under the forward's switch index
-  (`_tiles_kernel_gradient`), and the input's as a dense transposed
-  convolution of the cotangent. Gradients
-  reach `x` and `kernel_cond` from the open tiles only, as in the masked
-  form `d * Y_cond` with d = 0 at the closed ones.
+  transpose the gathers into scatter-adds) under the forward's switch
+  index: the kernel's and the input's gradients from the open tiles only
+  (`_tiles_gradients`); above the largest capacity, the dense convolution's.
+  Gradients reach `x` and `kernel_cond` from the open tiles only, as in the
+  masked form `d * Y_cond` with d = 0 at the closed ones.
 
-  Args: as `sparse_add_conditional`, without `y_base`.
+  Args: as `sparse_add_conditional`, without `y_base`, and
+    sparse_input_gradient: False takes the input's gradient as one dense
+      transposed convolution of the cotangent (zero at closed tiles) outside
+      the switch: the same values, for comparison. Also used when a
+      window reaches past the neighbouring tiles (kernels much larger than
+      the tile).
 
   Returns:
     (N, Ho, Wo, Co) in the dtype of `x` and `kernel_cond`.
@@ -363,15 +478,29 @@ def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
                                           capacity_fractions, tile_conv,
                                           cond_channels_from)
   caps = capacities(tile_mask.size, capacity_fractions)
+  tile_hw = (out_shape[1] // gh, out_shape[2] // gw)
+  sparse_input = sparse_input_gradient and _windows_reach_neighbours_only(
+      x.shape[1:3], tile_hw, kernel_cond.shape[:2], strides)
 
-  def dense_kernel_gradient(x_all, kernel_cond, cotangent):
+  def open_only(cotangent):
+    # The output is zero at closed tiles whatever the operands: no gradient
+    # from there (a caller's cotangent need not be zero there).
+    bh, bw = tile_hw
+    mask = jnp.repeat(jnp.repeat(tile_mask, bh, axis=1), bw, axis=2)
+    return jnp.where(mask[..., None], cotangent, 0)
+
+  def dense_gradients(x_all, kernel_cond, cotangent):
     x_cond = x_all[..., cond_channels_from:]
-    return jax.vjp(lambda k: gating.conv(x_cond, k, strides),
-                   kernel_cond)[1](cotangent)[0]
+    cotangent = open_only(cotangent)
+    if not sparse_input:
+      return None, jax.vjp(lambda k: gating.conv(x_cond, k, strides),
+                           kernel_cond)[1](cotangent)[0]
+    return jax.vjp(lambda x, k: gating.conv(x, k, strides),
+                   x_cond, kernel_cond)[1](cotangent)
 
-  kernel_gradients = [_tiles_kernel_gradient(tile_mask, c, strides,
-                                             cond_channels_from)
-                      for c in caps] + [dense_kernel_gradient]
+  gradients = [_tiles_gradients(tile_mask, c, strides, cond_channels_from,
+                                sparse_input)
+               for c in caps] + [dense_gradients]
 
   @jax.custom_vjp
   def conditional(x_all, kernel):
@@ -382,17 +511,17 @@ def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
 
   def backward(residuals, cotangent):
     x_all, kernel = residuals
-    # The cotangent is zero at closed tiles (d = 0 there): the input's
-    # gradient is its transposed convolution over the whole map, dense and
-    # the same for every capacity, so it is taken outside the switch (a
-    # convolution inside an XLA:CPU conditional ran several times slower
-    # than the same one outside, when measured).
-    x_cond = x_all[..., cond_channels_from:]
-    dx_cond = jax.vjp(lambda x: gating.conv(x, kernel, strides),
-                      x_cond)[1](cotangent.astype(x_cond.dtype))[0]
-    dx_all = jnp.pad(dx_cond, ((0, 0),) * 3 + ((cond_channels_from, 0),))
-    dkernel = jax.lax.switch(index, kernel_gradients, x_all, kernel,
-                             cotangent)
+    dx_cond, dkernel = jax.lax.switch(index, gradients, x_all, kernel,
+                                      cotangent)
+    if dx_cond is None:
+      # One transposed convolution over the whole map, the same for every
+      # capacity, taken outside the switch (a convolution inside an XLA:CPU
+      # conditional ran several times slower than the same one outside,
+      # when measured).
+      dx_cond = _dense_input_gradient(x_all[..., cond_channels_from:],
+                                      kernel, open_only(cotangent), strides)
+    dx_all = jnp.pad(dx_cond.astype(x_all.dtype),
+                     ((0, 0),) * 3 + ((cond_channels_from, 0),))
     return dx_all, dkernel
 
   conditional.defvjp(forward, backward)

@@ -117,6 +117,77 @@ def test_sampled_gate_gradient_is_unbiased():
   assert wrong.max() > 10, wrong
 
 
+@pytest.mark.parametrize('h,tile,stride', [(8, 2, 1), (8, 4, 2), (16, 8, 1),
+                                           (16, 4, 2), (4, 8, 1), (7, 1, 2)])
+def test_open_tile_gradients_equal_the_masked_form_for_every_capacity(
+    h, tile, stride):
+  """Input and kernel gradients of the conditional path at open tiles, for
+  each capacity branch and the dense fallback, against autodiff of the
+  masked dense convolution: the windows' gradients added back with their
+  halos (stride 2 and an odd map included) and the dense transposed
+  convolution give the same input gradient."""
+  kx, kk, kw = jax.random.split(jax.random.key(h + tile + stride), 3)
+  x = jax.random.normal(kx, (2, h, h, 8))
+  kernel_cond = jax.random.normal(kk, (3, 3, 6, 5)) * 0.2
+  strides = (stride, stride)
+  out = -(-h // stride)
+  bh, _ = sparse.effective_tile((out, out), (tile, tile))
+  weights = jax.random.normal(kw, (2, out, out, 5))
+  grid = (2, out // bh, out // bh)
+
+  def masked(x, k, tile_mask):
+    mask = jnp.repeat(jnp.repeat(tile_mask, bh, 1), bh, 2)[..., None]
+    return jnp.sum(weights * mask * gating.conv(x[..., 2:], k, strides))
+
+  def sparse_loss(x, k, tile_mask, sparse_input):
+    return jnp.sum(weights * sparse.conditional_at_open_tiles(
+        x, k, tile_mask, strides, cond_channels_from=2,
+        sparse_input_gradient=sparse_input))
+
+  want_fn = jax.jit(jax.grad(masked, argnums=(0, 1)))
+  got_fn = jax.jit(jax.grad(sparse_loss, argnums=(0, 1)),
+                   static_argnames='sparse_input')
+  num_tiles = int(np.prod(grid))
+  caps = sparse.capacities(num_tiles)
+  counts = sorted({0, num_tiles} | {c for cap in caps for c in (cap, cap + 1)
+                                    if c <= num_tiles})
+  rng = np.random.default_rng(h * 10 + tile)
+  for count in counts:
+    flat = np.zeros(num_tiles, bool)
+    flat[rng.choice(num_tiles, count, replace=False)] = True
+    tile_mask = jnp.asarray(flat.reshape(grid))
+    want = want_fn(x, kernel_cond, tile_mask)
+    for sparse_input in (True, False):
+      got = got_fn(x, kernel_cond, tile_mask, sparse_input=sparse_input)
+      for g, w, name in zip(got, want, ('input', 'kernel')):
+        np.testing.assert_allclose(
+            g, w, rtol=1e-5, atol=1e-5,
+            err_msg=f'{name}, {count} tiles open, sparse input {sparse_input}')
+  assert float(jnp.max(jnp.abs(want[0][..., :2]))) == 0   # base channels
+
+
+def test_overlap_add_places_windows_by_hand():
+  # One 2x2 output tile at (0, 1) of a 4x4 map (3x3 kernel, stride 1): its
+  # window covers input rows -1..2 and columns 1..4; the padding row and
+  # column (-1 and 4) are dropped.
+  tile_mask = jnp.zeros((1, 2, 2), bool).at[0, 0, 1].set(True)
+  window = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  got = sparse.overlap_add_windows(window, tile_mask, (4, 4), (2, 2), (3, 3),
+                                   (1, 1))[0, ..., 0]
+  want = np.zeros((4, 4))
+  want[0:3, 1:4] = np.arange(16.0).reshape(4, 4)[1:4, 0:3]
+  np.testing.assert_array_equal(got, want)
+  # Two neighbouring tiles: their halos overlap and add.
+  both = tile_mask.at[0, 0, 0].set(True)
+  windows = jnp.ones((2, 4, 4, 1))
+  got = sparse.overlap_add_windows(windows, both, (4, 4), (2, 2), (3, 3),
+                                   (1, 1))[0, ..., 0]
+  want = np.zeros((4, 4))
+  want[0:3, 0:3] += 1
+  want[0:3, 1:4] += 1
+  np.testing.assert_array_equal(got, want)
+
+
 def test_the_estimator_adds_nothing_to_the_forward_pass():
   x, kernel, threshold, _ = _layer_inputs()
   plain, _, _ = sparse.sparse_train_gated_conv(x, kernel, threshold,
