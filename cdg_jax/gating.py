@@ -404,6 +404,27 @@ def masked_combine(y_base: Array, y_cond: Array, mask: Array) -> Array:
   return y_base + mask.astype(y_cond.dtype) * y_cond
 
 
+def saliency_statistics(y_base: Array, *, norm: str = 'batch',
+                        num_groups: int = 1, saliency_grad: bool = False,
+                        running_mean: Array | None = None,
+                        running_var: Array | None = None
+                        ) -> tuple[Array, Array]:
+  """The float32 (mean, var) a gate normalises its saliency with: the
+  running statistics when given (evaluation), else `saliency_moments` of
+  `y_base`. Args: see `gated_conv`."""
+  if (running_mean is None) != (running_var is None):
+    raise ValueError('Give both running_mean and running_var, or neither.')
+  if running_mean is not None:
+    return running_mean, running_var
+  # By default the statistics only set the operating point of the gate and
+  # no gradient is taken through them (the straight-through gradient still
+  # reaches the base-path weights through Y_base in the saliency); that is
+  # about 10% cheaper in a gated layer's backward pass on CPU. The lineage
+  # (an instance norm in the first author's code) differentiates them.
+  stats_input = y_base if saliency_grad else jax.lax.stop_gradient(y_base)
+  return saliency_moments(stats_input.astype(jnp.float32), norm, num_groups)
+
+
 def saliency_gate(y_base: Array, threshold: Array, *,
                   block: Sequence[int] = (1, 1, 1), alpha: float = 2.0,
                   epsilon: float = 1e-5, norm: str = 'batch',
@@ -420,19 +441,9 @@ def saliency_gate(y_base: Array, threshold: Array, *,
     (mask, (mean, var)): the float32 0/1 mask of `y_base`'s shape and the
     float32 saliency statistics used.
   """
-  if (running_mean is None) != (running_var is None):
-    raise ValueError('Give both running_mean and running_var, or neither.')
-  if running_mean is None:
-    # By default the statistics only set the operating point of the gate and
-    # no gradient is taken through them (the straight-through gradient still
-    # reaches the base-path weights through Y_base in the saliency); that is
-    # about 10% cheaper in a gated layer's backward pass on CPU. The lineage
-    # (an instance norm in the first author's code) differentiates them.
-    stats_input = y_base if saliency_grad else jax.lax.stop_gradient(y_base)
-    mean, var = saliency_moments(stats_input.astype(jnp.float32), norm,
-                                 num_groups)
-  else:
-    mean, var = running_mean, running_var
+  mean, var = saliency_statistics(
+      y_base, norm=norm, num_groups=num_groups, saliency_grad=saliency_grad,
+      running_mean=running_mean, running_var=running_var)
   # The gate decision is taken in float32 even when the convolutions run in
   # bfloat16 (mixed precision): normalising and thresholding in bfloat16
   # would flip gates near the threshold through rounding alone.

@@ -188,6 +188,43 @@ def test_overlap_add_places_windows_by_hand():
   np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize('norm, num_groups, running', [
+    ('batch', 2, False), ('sample', 1, False), ('batch', 1, True)])
+def test_tile_gate_is_the_block_gate_on_pooled_outputs(norm, num_groups,
+                                                       running):
+  """The gate decided on the tile-pooled base output: the same mask and the
+  same straight-through gradient (threshold and base output) as the block
+  mean of the normalised saliency."""
+  ky, kt, kw = jax.random.split(jax.random.key(7), 3)
+  y_base = jax.random.normal(ky, (4, 8, 8, 6)) + jnp.linspace(-1, 1, 6)
+  threshold = jax.random.normal(kt, (6,)) * 0.3
+  threshold -= jnp.mean(threshold)   # about half the tiles open
+  weights = jax.random.normal(kw, (4, 8, 8, 6))
+  stats = (dict(running_mean=jnp.linspace(-1, 1, 6),
+                running_var=jnp.linspace(0.5, 2.0, 6)) if running else {})
+  options = dict(norm=norm, num_groups=num_groups, saliency_grad=True,
+                 **stats)
+
+  def block_form(y, t):
+    mask, _ = gating.saliency_gate(y, t, block=(4, 2, 0), **options)
+    return jnp.sum(weights * mask), mask
+
+  def tile_form(y, t):
+    mask, _, _ = sparse.tile_gate(y, t, (4, 2), **options)
+    return jnp.sum(weights * mask), mask
+
+  (_, want_mask), want = jax.value_and_grad(block_form, (0, 1),
+                                            has_aux=True)(y_base, threshold)
+  (_, mask), got = jax.value_and_grad(tile_form, (0, 1),
+                                      has_aux=True)(y_base, threshold)
+  assert 0.2 < float(jnp.mean(mask)) < 0.8
+  np.testing.assert_array_equal(mask, want_mask)
+  _, tile_mask, _ = sparse.tile_gate(y_base, threshold, (4, 2), **options)
+  np.testing.assert_array_equal(tile_mask, sparse.tile_mask_of(mask, (4, 2)))
+  assert float(jnp.max(jnp.abs(want[1]))) > 1e-2
+  _assert_close(got, want)
+
+
 def test_the_estimator_adds_nothing_to_the_forward_pass():
   x, kernel, threshold, _ = _layer_inputs()
   plain, _, _ = sparse.sparse_train_gated_conv(x, kernel, threshold,
