@@ -219,8 +219,7 @@ def profile_rows(scheme: str) -> list[dict]:
     x_cond, k_cond = gating.conditional_operands(x, kernel, groups)
 
     def gate_tiles(y):
-      mask, _ = gating.saliency_gate(y, threshold, block=block, **gate_stats)
-      return sparse.tile_mask_of(mask, block)
+      return sparse.tile_gate(y, threshold, block[:2], **gate_stats)[1]
 
     def sparse_layer(x, flip):
       y = gating.base_conv(x, kernel, groups)
