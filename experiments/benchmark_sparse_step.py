@@ -1,6 +1,6 @@
 r"""Train-step speed of the sparse train step against masked CDG and dense.
 
-  python experiments/benchmark_sparse_step.py           # ~25 min, 2 cores
+  python experiments/benchmark_sparse_step.py           # ~12 min, 2 cores
   python experiments/benchmark_sparse_step.py --width=16 --image_size=16 \
       --batch_size=32 --repeats=2 --out=/tmp/sparse_step   # a quick check
 
