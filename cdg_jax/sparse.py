@@ -193,6 +193,11 @@ def overlap_add_windows(window_values: Array, tile_mask: Array,
   Returns:
     (N, H, W, C) in `window_values`' dtype.
   """
+  if not _windows_reach_neighbours_only(input_hw, tile_hw, kernel_hw, strides):
+    raise ValueError(
+        f'The input windows of {tuple(tile_hw)} output tiles of a '
+        f'{tuple(kernel_hw)} kernel with strides {tuple(strides)} reach past '
+        f'the neighbouring input tiles of an {tuple(input_hw)} map.')
   n, gh, gw = tile_mask.shape
   c = window_values.shape[-1]
   dense = _tiles_on_grid(window_values, tile_mask)
@@ -203,9 +208,6 @@ def overlap_add_windows(window_values: Array, tile_mask: Array,
       window_values.shape[1:3],
       (same_padding(input_hw[0], kernel_hw[0], strides[0])[0],
        same_padding(input_hw[1], kernel_hw[1], strides[1])[0]))):
-    if before > size or length - before > 2 * size:
-      raise ValueError(f'A window of {length} positions reaches past the '
-                       f'neighbouring tiles of {size} positions.')
     window_axis, grid_axis = 3 + axis, 1 + axis
     # Cover [-size, 2 * size) around the tile: previous, own, next tile.
     pad = [(0, 0)] * dense.ndim
@@ -213,8 +215,9 @@ def overlap_add_windows(window_values: Array, tile_mask: Array,
     padded = jnp.pad(dense, pad)
     parts = padded.reshape(padded.shape[:window_axis] + (3, size)
                            + padded.shape[window_axis + 1:])
-    previous, own, following = (jnp.take(parts, i, axis=window_axis)
-                                for i in range(3))
+    previous, own, following = (
+        jax.lax.index_in_dim(parts, i, axis=window_axis, keepdims=False)
+        for i in range(3))
     # Tile i gets its own part, the previous-part of tile i + 1 and the
     # next-part of tile i - 1 (zero beyond the map's edges).
     shift_up = [(0, 0)] * own.ndim

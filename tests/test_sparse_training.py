@@ -188,6 +188,22 @@ def test_overlap_add_places_windows_by_hand():
   np.testing.assert_array_equal(got, want)
 
 
+def test_windows_past_the_neighbouring_tiles_take_the_dense_input_gradient():
+  # A 5x5 kernel on 1x1 tiles: each window reaches two tiles out, which the
+  # halo add-back does not cover; the dense transposed convolution is used.
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+  kernel = jax.random.normal(jax.random.key(1), (5, 5, 3, 2))
+  tile_mask = jax.random.uniform(jax.random.key(2), (2, 4, 4)) < 0.3
+  with pytest.raises(ValueError, match=r'reach past the neighbouring input'):
+    sparse.overlap_add_windows(jnp.zeros((4, 5, 5, 3)), tile_mask, (4, 4),
+                               (1, 1), (5, 5), (1, 1))
+  got = jax.grad(lambda x: jnp.sum(sparse.conditional_at_open_tiles(
+      x, kernel, tile_mask) ** 2))(x)
+  want = jax.grad(lambda x: jnp.sum(
+      (tile_mask[..., None] * gating.conv(x, kernel)) ** 2))(x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('norm, num_groups, running', [
     ('batch', 2, False), ('sample', 1, False), ('batch', 1, True)])
 def test_tile_gate_is_the_block_gate_on_pooled_outputs(norm, num_groups,
