@@ -83,6 +83,12 @@ def tile_mask_of(mask: Array, tile: Sequence[int]) -> Array:
   return mask[:, ::bh, ::bw, 0] > 0
 
 
+def tile_map(tile_mask: Array, tile_hw: Sequence[int]) -> Array:
+  """(N, gh * bh, gw * bw) booleans: each tile's entry over its positions."""
+  return jnp.repeat(jnp.repeat(tile_mask, tile_hw[0], axis=1), tile_hw[1],
+                    axis=2)
+
+
 def capacities(num_tiles: int,
                fractions: Sequence[float] = DEFAULT_CAPACITIES) -> list[int]:
   """Distinct static capacities (open tiles) below `num_tiles`, ascending."""
@@ -322,8 +328,7 @@ def _conditional_branches(tile_mask: Array, strides: Sequence[int],
   def dense_branch(x_all, kernel_cond):
     cond = gating.conv(x_all[..., cond_channels_from:], kernel_cond, strides)
     bh, bw = cond.shape[1] // gh, cond.shape[2] // gw
-    mask = jnp.repeat(jnp.repeat(tile_mask, bh, axis=1), bw, axis=2)[..., None]
-    return mask.astype(cond.dtype) * cond
+    return tile_map(tile_mask, (bh, bw))[..., None].astype(cond.dtype) * cond
 
   branches = [_tiles_branch(tile_mask, c, strides, tile_conv,
                             cond_channels_from) for c in caps] + [dense_branch]
@@ -488,9 +493,7 @@ def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
   def open_only(cotangent):
     # The output is zero at closed tiles whatever the operands: no gradient
     # from there (a caller's cotangent need not be zero there).
-    bh, bw = tile_hw
-    mask = jnp.repeat(jnp.repeat(tile_mask, bh, axis=1), bw, axis=2)
-    return jnp.where(mask[..., None], cotangent, 0)
+    return jnp.where(tile_map(tile_mask, tile_hw)[..., None], cotangent, 0)
 
   def dense_gradients(x_all, kernel_cond, cotangent):
     x_cond = x_all[..., cond_channels_from:]
