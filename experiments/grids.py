@@ -325,6 +325,39 @@ GRIDS: dict[str, list[Run]] = {
             # uniform per-layer target, the default.
             ('cdg', 'CDG', _SIMCLR, ()))
     ],
+    # Issue 39: the gap along width settled. Width 32 at seeds 1 and 2
+    # (seed 0 is `width32`), the channel predictor at width 32 at its
+    # operating point nearest CDG's 2.2x (density 0.4, as in
+    # `matched_seeds`), seeds 0-2; width 64 (the paper's) at 16x16, seeds
+    # 0-2; and width 64 at 32x32, dense against tile CDG (8-8-4-4) trained
+    # with the sparse step. All on the test split; nothing is selected here.
+    'width32_seeds': [
+        Run(f'simclr_c10_{name}_w32_seed{seed}', 'scale', f'{label}, width 32',
+            config, overrides + (('model.width', 32), ('seed', seed)))
+        for seed in (1, 2)
+        for name, label, config, overrides in (
+            ('dense', 'dense', f'{_SIMCLR},dense', ()),
+            ('cdg', 'CDG', _SIMCLR, ()))
+    ],
+    'width32_channel_predictor': [
+        Run(f'simclr_c10_channel_predictor_d0.4_w32'
+            + (f'_seed{seed}' if seed else ''), 'scale',
+            'channel predictor density 0.4, width 32',
+            f'{_SIMCLR},channel_predictor',
+            (('gating.density_target', 0.4), ('model.width', 32))
+            + ((('seed', seed),) if seed else ()))
+        for seed in (0, 1, 2)
+    ],
+    'width64': [
+        Run(f'simclr_c10_{name}_w64' + (f'_seed{seed}' if seed else ''),
+            'scale', f'{label}, width 64', config,
+            overrides + (('model.width', 64),)
+            + ((('seed', seed),) if seed else ()))
+        for seed in (0, 1, 2)
+        for name, label, config, overrides in (
+            ('dense', 'dense', f'{_SIMCLR},dense', ()),
+            ('cdg', 'CDG', _SIMCLR, ()))
+    ],
     'smoke': [
         Run('smoke_dense', 'smoke', 'dense', 'configs/simclr_cifar10.py:'
             'smoke,dense', (('num_steps', 4), ('linear_eval.epochs', 2))),
