@@ -22,7 +22,9 @@ from typing import Any
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from cdg_jax import config_lib
@@ -41,9 +43,21 @@ STRUCTURAL_FIELDS = ('framework', 'model', 'gating.kind', 'gating.groups',
                      'ssl.projector_last_bn', 'ssl.predictor_hidden_dims',
                      'ssl.predictor_dim', 'ssl.queue_size', 'optim.name',
                      'data.num_classes', 'data.image_size')
-# Inside STRUCTURAL_FIELDS but free to change on resume: the compute dtype
-# leaves every saved array float32.
-RESUMABLE_FIELDS = ('model.dtype',)
+# Fields that change only how a step executes, or what is logged, saved and
+# evaluated, not what is trained: free to change on resume, without a word
+# (docs/running.md). The compute dtype leaves every saved array float32; the
+# sparse train step computes the masked step's outputs and every gradient
+# but the closed tiles' gate gradient (`GatingSpec.sparse_training`).
+EXECUTION_FIELDS = ('model.dtype', 'gating.sparse_training',
+                    'gating.closed_tile_gradient', 'gating.closed_tile_sample',
+                    'log_every_steps', 'checkpoint', 'cpu_devices',
+                    'plot_images', 'eval', 'linear_eval', 'data.prefetch',
+                    'data.data_dir', 'data.npz_path')
+# Every other field that differs on resume changes what the rest of the run
+# trains (the objective, the gates' meaning, the schedules, the data): the
+# run goes on, warns, and records the change with its step in
+# CHANGES_FILE, summary.json and metrics.jsonl.
+CHANGES_FILE = 'config_changes.json'
 
 
 def flat_fields(tree: Any, prefix: str = '') -> dict[str, Any]:
@@ -60,36 +74,87 @@ def _config_dict(config) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
-def check_compatible(config, workdir: str) -> None:
-  """Raises ValueError listing the fields that differ from the workdir's run.
+def _in(key: str, fields: tuple[str, ...]) -> bool:
+  return any(key == f or key.startswith(f + '.') for f in fields)
 
-  Only fields that change the shapes or meaning of the saved state count
-  (`STRUCTURAL_FIELDS`); schedules, logging and evaluation may change between
-  a run and its continuation. A workdir without a checkpoint (a run that
-  stopped before its first save) has nothing to be incompatible with. A
-  field that the saved config lacks (one added to the library after that
-  run) is taken at its default, the value the run had.
+
+def check_compatible(config, workdir: str) -> dict[str, tuple[Any, Any]]:
+  """Compares `config` with the config of the run saved in `workdir`.
+
+  A workdir without a checkpoint (a run that stopped before its first save)
+  has nothing to be compared with. A field that the saved config lacks (one
+  added to the library after that run) is taken at its default, the value
+  the run had.
+
+  Returns:
+    {field: (saved value, new value)} of the fields that change what the
+    rest of the run trains: every differing field except
+    `STRUCTURAL_FIELDS` (refused) and `EXECUTION_FIELDS` (free).
+
+  Raises:
+    ValueError listing the fields that change the shapes or meaning of the
+    saved state (`STRUCTURAL_FIELDS`), with which the checkpoint cannot be
+    resumed.
   """
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path) or not has_checkpoint(workdir):
-    return
+    return {}
   with open(path) as f:
     saved = flat_fields(json.load(f))
   current = flat_fields(_config_dict(config))
   defaults = flat_fields(_config_dict(config_lib.base_config()))
-  differ = []
+  differ, changes = [], {}
   for key in sorted(set(saved) | set(current)):
-    if (not any(key == f or key.startswith(f + '.') for f in STRUCTURAL_FIELDS)
-        or key in RESUMABLE_FIELDS):
+    before, after = saved.get(key, defaults.get(key)), current.get(key)
+    if before == after or _in(key, EXECUTION_FIELDS):
       continue
-    if saved.get(key, defaults.get(key)) != current.get(key):
+    if _in(key, STRUCTURAL_FIELDS):
       differ.append(f'{key}: checkpoint {saved.get(key)!r}, config '
                     f'{current.get(key)!r}')
+    else:
+      changes[key] = (before, after)
   if differ:
     raise ValueError(
         f'The checkpoint in {workdir} comes from an incompatible config; these '
         f'fields differ:\n  ' + '\n  '.join(differ) +
         '\nUse a new --workdir, or the config the checkpoint was trained with.')
+  return changes
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+  """'gating.weight 1.0 -> 2.0, ...' of `check_compatible`'s changes."""
+  return ', '.join(f'{key} {before!r} -> {after!r}'
+                   for key, (before, after) in changes.items())
+
+
+def record_changes(workdir: str, step: int,
+                   changes: dict[str, tuple[Any, Any]]) -> list[dict[str, Any]]:
+  """Appends a resume's changed fields, at `step`, to CHANGES_FILE (process
+  0 writes); returns every change recorded in the workdir so far."""
+  recorded = read_changes(workdir)
+  # A resume from an earlier checkpoint (a damaged newest one) drops what
+  # was recorded after it, as metrics.jsonl drops its rows.
+  history = [entry for entry in recorded
+             if entry['step'] < step or (entry['step'] == step and not changes)]
+  if changes:
+    history.append({'step': int(step),
+                    'changes': {key: {'before': before, 'after': after}
+                                for key, (before, after) in changes.items()}})
+  if history != recorded and jax.process_index() == 0:
+      path = os.path.join(workdir, CHANGES_FILE)
+      with open(f'{path}.tmp', 'w') as f:
+        json.dump(history, f, indent=2)
+      os.replace(f'{path}.tmp', path)
+  return history
+
+
+def read_changes(workdir: str) -> list[dict[str, Any]]:
+  """The changes recorded in a workdir (`record_changes`), oldest first."""
+  path = os.path.join(workdir, CHANGES_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -378,6 +443,37 @@ def _quarantine(manager: ocp.CheckpointManager, steps: list[int],
   manager.reload()
 
 
+@jax.jit
+def _all_finite(leaves):
+  return [jnp.all(jnp.isfinite(leaf)) for leaf in leaves]
+
+
+def nonfinite_arrays(tree: Any) -> list[str]:
+  """Paths ('params/backbone/conv1/kernel') of the floating-point arrays of
+  `tree` that hold a NaN or an infinity; [] when every value is finite.
+
+  One jitted reduction per array on device (a train state) or numpy on host
+  (a loaded backbone); only the flags come back to the host.
+  """
+  flat = [(jax.tree_util.keystr(path, simple=True, separator='/'), leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+          if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  if not flat:
+    return []
+  if all(isinstance(leaf, np.ndarray) for _, leaf in flat):
+    finite = [bool(np.all(np.isfinite(leaf))) for _, leaf in flat]
+  else:
+    finite = [bool(f) for f in jax.device_get(
+        _all_finite([leaf for _, leaf in flat]))]
+  return [path for (path, _), ok in zip(flat, finite) if not ok]
+
+
+def describe_nonfinite(paths: list[str], limit: int = 3) -> str:
+  """'3 arrays (a, b, c)' or '7 arrays (a, b, c, ...)'."""
+  shown = ', '.join(paths[:limit]) + (', ...' if len(paths) > limit else '')
+  return f'{len(paths)} array{"s" if len(paths) != 1 else ""} ({shown})'
+
+
 def export_backbone(workdir: str, params, batch_stats) -> str:
   """Writes the online backbone's variables to `<workdir>/backbone`.
 
@@ -411,6 +507,14 @@ def load_backbone(workdir: str):
     raise FileNotFoundError(f'No exported backbone at {path}; it is written at '
                             f'the end of a training run.')
   variables = ocp.StandardCheckpointer().restore(path)
+  bad = nonfinite_arrays(variables)
+  if bad:
+    raise ValueError(
+        f'The backbone exported in {path} holds NaN or infinite values in '
+        f'{describe_nonfinite(bad)}: the run that wrote it diverged, and its '
+        f'features would mean nothing. Train it again (a lower '
+        f'optim.base_learning_rate, or the gating fields named when that run '
+        f'stopped).')
   backbone = models.create_resnet(
       config.model, layers.GatingSpec.from_config(config.gating))
   return config, backbone, variables

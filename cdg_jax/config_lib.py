@@ -232,7 +232,8 @@ def apply_variants(config: ml_collections.ConfigDict,
   """Applies comma-separated variants: smoke, dense, structured.
 
   smoke: tiny network on synthetic data, for runs that finish in seconds.
-  dense: the same run without gating (`gating.kind='none'`).
+  dense: the same run without gating (`gating.kind='none'`, the other
+    gating fields at their defaults).
   structured: CDG with (2, 2, 4) blocks instead of unstructured gates.
   tiles: CDG with 4x4 tiles of positions across all channels, (4, 4, 0):
     what block-sparse inference skips (`eval.sparse_inference`).
@@ -264,6 +265,9 @@ def apply_variants(config: ml_collections.ConfigDict,
       config.log_every_steps = 5
       config.checkpoint.every_steps = 10
     elif variant == 'dense':
+      # Every other gating field is unread without gates (and refused when
+      # set): the dense run of a config file that tunes its gates.
+      config.gating = gating_config()
       config.gating.kind = 'none'
     elif variant == 'structured':
       config.gating.block = (2, 2, 4)

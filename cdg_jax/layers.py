@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+import math
 import numbers
 from typing import Any
 
@@ -78,6 +79,11 @@ class GatingSpec:
   """Validated gating configuration; its defaults are the config's
   (`config_lib.gating_config()` is built from them).
 
+  Every numeric field is range-checked (NaN included), and a field set away
+  from its default where the chosen kind, regulariser form or execution
+  does not read it is refused rather than ignored (`FIELD_READ_WHEN` states
+  where each field is read).
+
   Attributes:
     kind: 'none' (dense network), 'cdg', or a predictor baseline:
       'channel_predictor' (global pool -> MLP -> top-k channels, FBS-style) or
@@ -85,7 +91,7 @@ class GatingSpec:
       mask, dual-gating-style). For the predictor kinds only `block` (bh, bw;
       spatial), `gumbel_temperature` (spatial), `layers`, `branches`,
       `weight` and `density_target` apply; their auxiliary loss is fixed by
-      the kind (`regularizer` is ignored): the L1 norm of the saliencies
+      the kind (`regularizer` is not read): the L1 norm of the saliencies
       (channel) or `(density - density_target)^2` per layer (spatial), times
       `weight`. The channel predictor keeps ceil(density_target * C_out)
       channels per sample.
@@ -239,65 +245,24 @@ class GatingSpec:
     _one_of('partner_norm', self.partner_norm, PARTNER_NORMS)
     _one_of('predictor_saliency', self.predictor_saliency,
             predictors.PREDICTOR_SALIENCIES)
+    _one_of('regularizer', self.regularizer, REGULARIZERS)
+    _one_of('grouping', self.grouping, gating.GROUPINGS)
+    _one_of('surrogate', self.surrogate, gating.SURROGATES)
+    _one_of('closed_tile_gradient', self.closed_tile_gradient,
+            sparse.CLOSED_TILE_GRADIENTS)
+    for role in self.layers:
+      _one_of('layers entry', role, LAYER_ROLES)
+    _check_ranges(self)
+    _check_read(self)
     if self.branches == 'dense_partner' and self.kind != 'cdg':
       raise ValueError(
           f"gating.branches='dense_partner' is implemented for "
           f"gating.kind='cdg', got gating.kind={self.kind!r}.")
-    if self.partner_norm != 'shared' and self.branches != 'dense_partner':
-      raise ValueError(
-          f'gating.partner_norm={self.partner_norm!r} applies to the dense '
-          f"partner path only: set gating.branches='dense_partner' (got "
-          f'{self.branches!r}) or leave partner_norm at \'shared\'.')
-    if self.predictor_saliency != 'bounded' and self.kind != 'channel_predictor':
-      raise ValueError(
-          f'gating.predictor_saliency={self.predictor_saliency!r} applies to '
-          f"gating.kind='channel_predictor' only, got {self.kind!r}.")
-    _one_of('regularizer', self.regularizer, REGULARIZERS)
-    _one_of('grouping', self.grouping, gating.GROUPINGS)
-    _one_of('surrogate', self.surrogate, gating.SURROGATES)
-    for role in self.layers:
-      _one_of('layers entry', role, LAYER_ROLES)
-    if self.kind == 'cdg' and self.groups < 2:
-      raise ValueError(f'gating.groups must be at least 2, got {self.groups}.')
-    uses_density = (self.kind in PREDICTOR_KINDS or
-                    (self.kind == 'cdg' and
-                     self.regularizer in ('density', 'flops')))
-    if uses_density and not 0.0 < self.density_target <= 1.0:
-      raise ValueError(f'gating.density_target must be in (0, 1] for '
-                       f'gating.kind={self.kind!r}, got {self.density_target}.')
-    if not 0.0 <= self.target_anneal_fraction <= 1.0:
-      raise ValueError(f'gating.target_anneal_fraction must be in [0, 1], got '
-                       f'{self.target_anneal_fraction}.')
-    if self.target_anneal_fraction > 0 and not (
-        self.kind == 'spatial_predictor' or
-        (self.kind == 'cdg' and self.regularizer in ('density', 'flops'))):
-      raise ValueError(
-          f'gating.target_anneal_fraction={self.target_anneal_fraction} '
-          f'anneals the density target, but gating.kind={self.kind!r} with '
-          f'gating.regularizer={self.regularizer!r} has none; set it to 0.')
-    for name in ('budget_bounds_fraction', 'budget_start_fraction',
-                 'budget_ramp_fraction'):
-      value = getattr(self, name)
-      if not 0.0 <= value <= 1.0:
-        raise ValueError(f'gating.{name} must be in [0, 1] (a fraction of '
-                         f'training), got {value}.')
-      if value > 0 and not (self.kind == 'cdg' and self.regularizer == 'flops'):
-        raise ValueError(
-            f"gating.{name}={value} applies to the FLOPs budget "
-            f"(gating.kind='cdg', gating.regularizer='flops'), but "
-            f'gating.kind={self.kind!r} with gating.regularizer='
-            f'{self.regularizer!r}; set it to 0.')
     if self.budget_start_fraction + self.budget_ramp_fraction > 1.0:
       raise ValueError(
           f'gating.budget_start_fraction + gating.budget_ramp_fraction = '
           f'{self.budget_start_fraction} + {self.budget_ramp_fraction} > 1: '
           f'the budget would never reach full weight.')
-    if self.kind == 'spatial_predictor' and self.gumbel_temperature <= 0:
-      raise ValueError(f'gating.gumbel_temperature must be positive, got '
-                       f'{self.gumbel_temperature}.')
-    if self.stage_blocks and self.kind != 'cdg':
-      raise ValueError(f"gating.stage_blocks applies to gating.kind='cdg', got "
-                       f'{self.kind!r}; use gating.block.')
     if self.kind != 'none':
       for name, block in (('block', self.block),
                           *((f'stage_blocks[{i}]', b)
@@ -307,31 +272,15 @@ class GatingSpec:
           raise ValueError(f'gating.{name} must be three ints (bh, bw, bc) '
                            f'with bh, bw >= 1 and bc >= 0 (0: all channels), '
                            f'got {block}.')
-      if self.alpha <= 0:
-        raise ValueError(f'gating.alpha must be positive, got {self.alpha}.')
-      if not 0.0 <= self.saliency_momentum < 1.0:
-        raise ValueError(f'gating.saliency_momentum must be in [0, 1), got '
-                         f'{self.saliency_momentum}.')
-    _one_of('closed_tile_gradient', self.closed_tile_gradient,
-            sparse.CLOSED_TILE_GRADIENTS)
-    if self.sparse_training:
-      if self.kind != 'cdg' or any(int(b[2]) != 0 for b in self.blocks):
-        stages = (f', gating.stage_blocks={self.stage_blocks}'
-                  if self.stage_blocks else '')
-        raise ValueError(
-            f"gating.sparse_training skips closed tiles of CDG gates, which "
-            f"needs gating.kind='cdg' and gating.block=(bh, bw, 0) (and "
-            f"every entry of gating.stage_blocks so); got gating.kind="
-            f"{self.kind!r}, gating.block={self.block}{stages}.")
-    elif self.closed_tile_gradient != 'none':
+    if self.sparse_training and (
+        self.kind != 'cdg' or any(int(b[2]) != 0 for b in self.blocks)):
+      stages = (f', gating.stage_blocks={self.stage_blocks}'
+                if self.stage_blocks else '')
       raise ValueError(
-          f'gating.closed_tile_gradient={self.closed_tile_gradient!r} applies '
-          f'to the sparse train step: set gating.sparse_training=True or '
-          f"leave it at 'none'.")
-    if not 0.0 < self.closed_tile_sample <= 1.0:
-      raise ValueError(f'gating.closed_tile_sample must be in (0, 1] (a '
-                       f'fraction of the tiles), got '
-                       f'{self.closed_tile_sample}.')
+          f"gating.sparse_training skips closed tiles of CDG gates, which "
+          f"needs gating.kind='cdg' and gating.block=(bh, bw, 0) (and "
+          f"every entry of gating.stage_blocks so); got gating.kind="
+          f"{self.kind!r}, gating.block={self.block}{stages}.")
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any] | None) -> 'GatingSpec':
@@ -411,6 +360,125 @@ class GatingSpec:
     return self.branches == 'dense_partner' and self.partner_norm == 'separate'
 
 
+def _finite(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def _uses_density_target(spec: GatingSpec) -> bool:
+  return spec.kind in PREDICTOR_KINDS or (
+      spec.kind == 'cdg' and spec.regularizer in ('density', 'flops'))
+
+
+# The numeric fields' ranges, each (field, allowed in words, test, when the
+# field is read): a value outside them (NaN included) is refused before any
+# work. Fields not read by the spec's kind or form are not range-checked
+# here; `_check_read` refuses them when they are set at all.
+_RANGES = (
+    ('groups', 'an integer >= 2', lambda v: isinstance(v, numbers.Integral)
+     and v >= 2, lambda s: s.kind == 'cdg'),
+    ('alpha', 'finite and > 0', lambda v: _finite(v) and v > 0,
+     lambda s: s.kind == 'cdg'),
+    ('epsilon', 'finite and > 0 (it keeps the saliency variance away from '
+     '0)', lambda v: _finite(v) and v > 0, lambda s: s.kind == 'cdg'),
+    ('saliency_momentum', 'in [0, 1)', lambda v: _finite(v) and 0 <= v < 1,
+     lambda s: s.kind == 'cdg'),
+    ('threshold_init', 'finite', _finite, lambda s: s.kind == 'cdg'),
+    ('weight', 'finite and >= 0 (a negative weight rewards leaving the '
+     'target)', lambda v: _finite(v) and v >= 0, lambda s: s.enabled),
+    ('threshold_target', 'finite', _finite, lambda s: s.kind == 'cdg'),
+    ('density_target', 'in (0, 1]', lambda v: _finite(v) and 0 < v <= 1,
+     _uses_density_target),
+    ('target_anneal_fraction', 'in [0, 1]', lambda v: _finite(v)
+     and 0 <= v <= 1, lambda s: True),
+    ('budget_bounds_fraction', 'in [0, 1] (a fraction of training)',
+     lambda v: _finite(v) and 0 <= v <= 1, lambda s: True),
+    ('budget_start_fraction', 'in [0, 1] (a fraction of training)',
+     lambda v: _finite(v) and 0 <= v <= 1, lambda s: True),
+    ('budget_ramp_fraction', 'in [0, 1] (a fraction of training)',
+     lambda v: _finite(v) and 0 <= v <= 1, lambda s: True),
+    ('gumbel_temperature', 'finite and > 0', lambda v: _finite(v) and v > 0,
+     lambda s: s.kind == 'spatial_predictor'),
+    ('closed_tile_sample', 'in (0, 1] (a fraction of the tiles)',
+     lambda v: _finite(v) and 0 < v <= 1, lambda s: True),
+)
+
+
+def _check_ranges(spec: GatingSpec) -> None:
+  for name, allowed, ok, read in _RANGES:
+    value = getattr(spec, name)
+    if read(spec) and not ok(value):
+      raise ValueError(f'gating.{name} must be {allowed}, got {value!r}.')
+
+
+# Where each gating field is read -- the rule stated once, here: (the
+# fields the condition depends on, the condition in words, the condition).
+# A field set away from its default where nothing reads it would be
+# silently ignored, so it is refused before any work, naming the field, the
+# value and what to change. Fields without an entry are read whenever
+# gates are ('kind' itself, 'sparse_training' with its own tile rule).
+_CDG = (('kind',), "gating.kind='cdg'", lambda s: s.kind == 'cdg')
+_GATED = (('kind',), "a gated kind (gating.kind other than 'none')",
+          lambda s: s.enabled)
+_DENSITY = (('kind', 'regularizer'), "gating.kind='channel_predictor' or "
+            "'spatial_predictor', or gating.kind='cdg' with gating."
+            "regularizer='density' or 'flops'", _uses_density_target)
+_ANNEALED = (('kind', 'regularizer'), "gating.kind='spatial_predictor', or "
+             "gating.kind='cdg' with gating.regularizer='density' or 'flops' "
+             "(a density target to anneal)",
+             lambda s: s.kind == 'spatial_predictor' or (
+                 s.kind == 'cdg' and s.regularizer in ('density', 'flops')))
+_BUDGET = (('kind', 'regularizer'), "the FLOPs budget (gating.kind='cdg' "
+           "with gating.regularizer='flops')",
+           lambda s: s.kind == 'cdg' and s.regularizer == 'flops')
+FIELD_READ_WHEN = {
+    'groups': _CDG, 'grouping': _CDG, 'stage_blocks': _CDG, 'alpha': _CDG,
+    'surrogate': _CDG, 'threshold_init': _CDG, 'saliency_norm': _CDG,
+    'saliency_grad': _CDG, 'saliency_momentum': _CDG, 'epsilon': _CDG,
+    'saliency_stats': _CDG,
+    # The predictor kinds' auxiliary loss is fixed by the kind.
+    'regularizer': _CDG,
+    'block': (('kind',), "gating.kind='cdg' or 'spatial_predictor' (the "
+              "channel predictor gates whole channels)",
+              lambda s: s.kind in ('cdg', 'spatial_predictor')),
+    'layers': _GATED, 'branches': _GATED, 'weight': _GATED,
+    'partner_norm': (('branches',), "gating.branches='dense_partner'",
+                     lambda s: s.branches == 'dense_partner'),
+    'predictor_saliency': (('kind',), "gating.kind='channel_predictor'",
+                           lambda s: s.kind == 'channel_predictor'),
+    'threshold_target': (('kind', 'regularizer'), "gating.kind='cdg' with "
+                         "gating.regularizer='threshold' or 'threshold_sum'",
+                         lambda s: s.kind == 'cdg' and s.regularizer in (
+                             'threshold', 'threshold_sum')),
+    'density_target': _DENSITY,
+    'target_anneal_fraction': _ANNEALED,
+    'budget_bounds_fraction': _BUDGET, 'budget_start_fraction': _BUDGET,
+    'budget_ramp_fraction': _BUDGET,
+    'gumbel_temperature': (('kind',), "gating.kind='spatial_predictor'",
+                           lambda s: s.kind == 'spatial_predictor'),
+    'closed_tile_gradient': (('sparse_training',), 'the sparse train step '
+                             '(gating.sparse_training=True)',
+                             lambda s: s.sparse_training),
+    'closed_tile_sample': (('closed_tile_gradient',),
+                           "gating.closed_tile_gradient='sampled'",
+                           lambda s: s.closed_tile_gradient == 'sampled'),
+}
+
+
+def _check_read(spec: GatingSpec) -> None:
+  """ValueError for a field set away from its default where it is not read."""
+  defaults = {f.name: f.default for f in dataclasses.fields(GatingSpec)}
+  for name, (depends, where, read) in FIELD_READ_WHEN.items():
+    value = getattr(spec, name)
+    if value == defaults[name] or read(spec):
+      continue
+    given = ', '.join(f'gating.{d}={getattr(spec, d)!r}' for d in depends)
+    raise ValueError(
+        f'gating.{name}={value!r} would be ignored: it is read only with '
+        f'{where}, and this config has {given}. Remove the override (the '
+        f'default is {defaults[name]!r}) or change '
+        f'{" or ".join(f"gating.{d}" for d in depends)}.')
+
+
 def check_gate_mode(gate_mode: str, spec: GatingSpec | None) -> None:
   """ValueError unless `gate_mode` is one of GATE_MODES and fits `spec`."""
   _one_of('gate_mode', gate_mode, GATE_MODES)
@@ -476,6 +544,7 @@ class GatedConv(nn.Module):
     Returns:
       (N, H_out, W_out, features) output.
     """
+    self._check_input(x)
     kernel = self.param('kernel', self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features))
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
@@ -484,6 +553,28 @@ class GatedConv(nn.Module):
       return self._channel_predictor(x, kernel, norm)
     y = self._convolve(x, kernel, train, stat_groups)
     return y if norm is None else norm(y)
+
+  def _check_input(self, x: jax.Array) -> None:
+    """ValueError naming what a gated convolution takes, before any op."""
+    if len(self.kernel_size) != 2 or len(self.strides) != 2:
+      raise ValueError(
+          f'{type(self).__name__} is a 2-D convolution: kernel_size and '
+          f'strides must be (height, width) pairs, got kernel_size='
+          f'{tuple(self.kernel_size)}, strides={tuple(self.strides)}.')
+    if x.ndim != 4:
+      raise ValueError(
+          f'{type(self).__name__} takes a batch of images in NHWC layout, '
+          f'(N, H, W, C), got an input of shape {tuple(x.shape)}; add the '
+          f'missing axes (e.g. x[None] for one image, x[..., None] for one '
+          f'channel).')
+    if self.has_variable('params', 'kernel'):
+      channels = self.get_variable('params', 'kernel').shape[2]
+      if x.shape[-1] != channels:
+        named = f' {self.name!r}' if self.name else ''
+        raise ValueError(
+            f'{type(self).__name__}{named} was initialised for {channels} '
+            f'input channels, got an input of shape {tuple(x.shape)} '
+            f'({x.shape[-1]} channels).')
 
   def _convolve(self, x: jax.Array, kernel: jax.Array, train: bool,
                 stat_groups: int) -> jax.Array:

@@ -7,7 +7,9 @@ loads the backbone a training run exported into DIR (`checkpoints.
 load_backbone`), trains a linear classifier on its frozen features, and
 writes top-1/top-5 on the whole test set, together with the FLOPs reduction
 and gate densities measured on the test set, to `DIR/linear_eval.json`; a
-summary is printed.
+summary is printed. An earlier result of another evaluation (the other
+protocol, other settings) is kept beside it as `DIR/linear_eval.1.json`
+(`.2`, ...).
 
 Two protocols (`linear_eval.protocol`); every result records which one made
 it ('protocol', and 'linear_eval.protocol').
@@ -350,9 +352,48 @@ def run_linear_eval(config: ml_collections.ConfigDict,
       'config_notes': notes,
   }
   if jax.process_index() == 0:
+    kept = keep_earlier_result(workdir, results)
+    if kept:
+      results['earlier_result_kept_as'] = kept
     with open(os.path.join(workdir, RESULTS_FILE), 'w') as f:
       json.dump(results, f, indent=2)
   return results
+
+
+# What makes two linear evaluations of one backbone the same evaluation.
+_SAME_EVALUATION = ('linear_eval', 'data', 'sparse_inference', 'eval_split')
+
+
+def keep_earlier_result(workdir: str, results: Mapping[str, Any]) -> str | None:
+  """Moves an earlier `linear_eval.json` of another evaluation aside.
+
+  A second evaluation with other settings (the other protocol, other
+  epochs, other data) must not destroy the first: the earlier file becomes
+  `linear_eval.1.json` (then `.2`, ...), and the new result takes
+  `linear_eval.json`. The same evaluation run again replaces its own file.
+
+  Returns:
+    The earlier file's new name, or None when nothing was moved.
+  """
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      earlier = json.load(f)
+  except ValueError:
+    earlier = {}
+  # Compared as JSON (tuples in memory are lists in the file).
+  if all(earlier.get(key) == json.loads(json.dumps(results.get(key)))
+         for key in _SAME_EVALUATION):
+    return None
+  stem, extension = os.path.splitext(RESULTS_FILE)
+  number = 1
+  while os.path.exists(os.path.join(workdir, f'{stem}.{number}{extension}')):
+    number += 1
+  name = f'{stem}.{number}{extension}'
+  os.replace(path, os.path.join(workdir, name))
+  return name
 
 
 def linear_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -575,6 +616,9 @@ def format_summary(results: Mapping[str, Any], workdir: str) -> str:
                      f'{dense["flops_reduction"]:.3f}x')
   lines += [f'  note: {note}' for note in results['config_notes']]
   lines.append(f'  written to {os.path.join(workdir, RESULTS_FILE)}')
+  if results.get('earlier_result_kept_as'):
+    lines.append(f'  the earlier result (another evaluation) was kept as '
+                 f'{os.path.join(workdir, results["earlier_result_kept_as"])}')
   return '\n'.join(lines)
 
 

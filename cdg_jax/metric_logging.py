@@ -8,7 +8,8 @@ these small classes, on every machine alike:
   TensorBoardWriter  TensorBoard event files (`events.out.tfevents.*`) through
                      tensorboardX, which writes the same event protocol
                      without TensorFlow.
-  JsonlWriter        one JSON object per `write_scalars` call.
+  JsonlWriter        one JSON object per logged step (scalars, and texts
+                     such as a resume's changed fields).
   LoggingWriter      the console (absl logging), one line per call.
   MultiWriter        all of the above at once.
   ReportProgress     steps/s, uptime and ETA every N steps.
@@ -40,6 +41,9 @@ class MetricWriter(Protocol):
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     ...
 
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    ...
+
   def flush(self) -> None:
     ...
 
@@ -62,6 +66,10 @@ class LoggingWriter:
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     logging.info('Hyperparameters: %s', ', '.join(
         f'{k}={_format_value(v)}' for k, v in sorted(hparams.items())))
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    for name, text in sorted(texts.items()):
+      logging.info('[%d] %s: %s', step, name, text)
 
   def flush(self) -> None:
     pass
@@ -115,8 +123,13 @@ class JsonlWriter:
       self._last_offset = sum(len(line.encode()) for line in lines[:-1])
 
   def write_scalars(self, step: int, scalars: Scalars) -> None:
-    row = {'step': int(step)}
-    row.update({k: float(v) for k, v in scalars.items()})
+    self._write_row(step, {k: float(v) for k, v in scalars.items()})
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    self._write_row(step, {k: str(v) for k, v in texts.items()})
+
+  def _write_row(self, step: int, values: Mapping[str, Any]) -> None:
+    row = {'step': int(step), **values}
     with open(self.path, 'a+b') as f:
       if self._last_row is not None and self._last_row['step'] == row['step']:
         row = {**self._last_row, **row}
@@ -157,6 +170,10 @@ class TensorBoardWriter:
     for name, value in scalars.items():
       self._writer.add_scalar(name, float(value), global_step=int(step))
 
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    for name, text in texts.items():
+      self._writer.add_text(name, str(text), global_step=int(step))
+
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     rows = ['| hyperparameter | value |', '| --- | --- |']
     rows += [f'| {k} | {_format_value(v)} |' for k, v in sorted(hparams.items())]
@@ -182,6 +199,10 @@ class MultiWriter:
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     for writer in self.writers:
       writer.write_hparams(hparams)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    for writer in self.writers:
+      writer.write_texts(step, texts)
 
   def flush(self) -> None:
     for writer in self.writers:

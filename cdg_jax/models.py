@@ -287,6 +287,12 @@ def create_resnet(model_config: Mapping[str, Any],
     ValueError: for sparse inference without tile-structured CDG gates, or a
       gate mode other than 'gated' without CDG gates to open.
   """
+  missing = [key for key in ('name',) if key not in model_config]
+  if missing:
+    raise ValueError(
+        f'The model block {dict(model_config)} lacks {missing}: give at least '
+        f"'name' (one of {sorted(ARCHITECTURES)}); 'stem', 'width' and "
+        f"'dtype' default to 'cifar', 64 and 'float32'.")
   stage_sizes, block_cls = _architecture(model_config['name'])
   if gating is None:
     gating = GatingSpec(kind='none')

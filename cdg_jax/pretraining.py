@@ -28,6 +28,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 import dataclasses
 import functools
+import math
+import numbers
 from typing import Any
 
 import flax
@@ -50,6 +52,8 @@ from cdg_jax.layers import GatingSpec
 from cdg_jax.layers import GUMBEL_RNG
 
 OPTIMIZERS = ('lars', 'sgd')
+# The target encoder's EMA decay over training (`ssl.tau_schedule`).
+TAU_SCHEDULES = ('cosine', 'constant')
 _GUMBEL_SALT = 0x67756D62   # 'gumb': folds the Gumbel key out of the step key
 _CLOSED_TILE_SALT = 0x74696C65   # 'tile': the closed-tile sample's key
 
@@ -162,13 +166,64 @@ def config_problems(config) -> list[str]:
        f'be one of {FRAMEWORKS}.'),
       (config.optim.name in OPTIMIZERS, f'optim.name={config.optim.name!r} '
        f'must be one of {OPTIMIZERS}.'),
-      (config.optim.base_learning_rate >= 0, f'optim.base_learning_rate='
-       f'{config.optim.base_learning_rate} must be >= 0.'),
-      (config.optim.warmup_epochs >= 0, f'optim.warmup_epochs='
-       f'{config.optim.warmup_epochs} must be >= 0.'),
-      (config.optim.weight_decay >= 0,
-       f'optim.weight_decay={config.optim.weight_decay} must be >= 0.'),
+      (_finite(config.optim.base_learning_rate)
+       and config.optim.base_learning_rate >= 0, f'optim.base_learning_rate='
+       f'{config.optim.base_learning_rate} must be finite and >= 0.'),
+      (_finite(config.optim.warmup_epochs) and config.optim.warmup_epochs >= 0,
+       f'optim.warmup_epochs={config.optim.warmup_epochs} must be >= 0.'),
+      (_finite(config.optim.weight_decay) and config.optim.weight_decay >= 0,
+       f'optim.weight_decay={config.optim.weight_decay} must be finite and '
+       f'>= 0.'),
+      (_finite(config.optim.momentum) and 0 <= config.optim.momentum < 1,
+       f'optim.momentum={config.optim.momentum} must be in [0, 1).'),
+      (config.optim.name != 'lars' or (
+          _finite(config.optim.trust_coefficient)
+          and config.optim.trust_coefficient > 0),
+       f'optim.trust_coefficient={config.optim.trust_coefficient} must be '
+       f'finite and > 0 (LARS).'),
+      (_finite(config.probe.learning_rate) and config.probe.learning_rate > 0,
+       f'probe.learning_rate={config.probe.learning_rate} must be finite and '
+       f'> 0.'),
   ]
+  return ([message for ok, message in checks if not ok]
+          + ssl_problems(config.ssl, config.framework, config.batch_size))
+
+
+def _finite(value) -> bool:
+  return isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def ssl_problems(ssl, framework: str, batch_size: int) -> list[str]:
+  """Every out-of-range value of an `ssl` block for `framework`, each naming
+  its field (the queue's divisibility included: checked once, here)."""
+  record = FRAMEWORK_TABLE.get(framework)
+  checks = [
+      (_finite(ssl.temperature) and ssl.temperature > 0,
+       f'ssl.temperature={ssl.temperature} must be finite and > 0 (the '
+       f'contrastive losses divide the similarities by it; a negative one '
+       f'inverts the loss).'),
+      (_finite(ssl.base_tau) and 0 <= ssl.base_tau <= 1,
+       f'ssl.base_tau={ssl.base_tau} must be in [0, 1] (the EMA decay of the '
+       f'target encoder).'),
+      (ssl.tau_schedule in TAU_SCHEDULES, f'ssl.tau_schedule='
+       f'{ssl.tau_schedule!r} must be one of {list(TAU_SCHEDULES)}.'),
+      (ssl.projector_dim > 0 and all(d > 0 for d in ssl.projector_hidden_dims),
+       f'ssl.projector_dim={ssl.projector_dim} and ssl.projector_hidden_dims='
+       f'{tuple(ssl.projector_hidden_dims)} must be positive.'),
+      (all(d > 0 for d in ssl.predictor_hidden_dims),
+       f'ssl.predictor_hidden_dims={tuple(ssl.predictor_hidden_dims)} must be '
+       f'positive.'),
+  ]
+  if record is not None and record.predictor:
+    checks.append((ssl.predictor_dim > 0, f'framework={framework!r} needs a '
+                   f'predictor: set ssl.predictor_dim > 0 (got '
+                   f'{ssl.predictor_dim}).'))
+  if record is not None and record.queue:
+    checks.append((ssl.queue_size > 0 and batch_size > 0
+                   and ssl.queue_size % batch_size == 0,
+                   f'ssl.queue_size={ssl.queue_size} must be a positive '
+                   f'multiple of batch_size={batch_size}: the queue is '
+                   f'updated a whole batch at a time.'))
   return [message for ok, message in checks if not ok]
 
 
@@ -226,10 +281,10 @@ def build_networks(settings: Settings) -> Networks:
                   ssl.projector_last_bn, dtype)
   predictor = None
   framework = settings.framework_record
+  problems = ssl_problems(ssl, settings.framework, settings.batch_size)
+  if problems:
+    raise ValueError('Invalid ssl settings:\n  ' + '\n  '.join(problems))
   if framework.predictor:
-    if ssl.predictor_dim <= 0:
-      raise ValueError(f'framework={settings.framework!r} needs a predictor: '
-                       f'set ssl.predictor_dim > 0 (got {ssl.predictor_dim}).')
     predictor = MLP(tuple(ssl.predictor_hidden_dims), ssl.predictor_dim,
                     dtype=dtype)
   spec = settings.gating
@@ -288,9 +343,9 @@ def tau_schedule(ssl_config, num_steps: int) -> optax.Schedule:
   base_tau = ssl_config.base_tau
   if ssl_config.tau_schedule == 'constant':
     return lambda step: jnp.asarray(base_tau, jnp.float32)
-  if ssl_config.tau_schedule != 'cosine':
-    raise ValueError(f"Unknown ssl.tau_schedule={ssl_config.tau_schedule!r}; "
-                     f"expected 'cosine' or 'constant'.")
+  if ssl_config.tau_schedule not in TAU_SCHEDULES:
+    raise ValueError(f'Unknown ssl.tau_schedule={ssl_config.tau_schedule!r}; '
+                     f'expected one of {list(TAU_SCHEDULES)}.')
   steps = num_steps
 
   def schedule(step):
@@ -367,11 +422,8 @@ def create_train_state(settings: Settings, networks: Networks,
     target_stats = jax.tree.map(
         jnp.copy, select_like(batch_stats, shapes.get('batch_stats', {})))
   if settings.framework_record.queue:
+    # ssl_problems checked the queue's size (build_networks).
     queue_size = settings.ssl.queue_size
-    if queue_size % settings.batch_size:
-      raise ValueError(f'ssl.queue_size={queue_size} is not divisible by '
-                       f'batch_size={settings.batch_size}; the queue is '
-                       f'updated a whole batch at a time.')
     keys = jax.random.normal(state_rng,
                              (queue_size, settings.ssl.projector_dim))
     queue = {'keys': losses.l2_normalize(keys),

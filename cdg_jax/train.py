@@ -138,10 +138,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   try:
     prepare_workdir(workdir)
     with run_control.WorkdirLock(workdir, enabled=is_main):
-      checkpoints.check_compatible(config, workdir)
+      changes = checkpoints.check_compatible(config, workdir)
+      check_changes_can_act(changes, workdir, settings.total_steps)
       checkpoints.write_config(config, workdir)
       return _train_and_evaluate(config, settings, workdir, source, mesh,
-                                 start_time)
+                                 start_time, changes)
   except checkpoints.CheckpointWriteError:
     # Once every write of the run has ended (the loop's `finally` waited for
     # them): no half-written checkpoint is left behind.
@@ -156,6 +157,23 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       raise
     checkpoints.remove_unfinished(checkpoints.checkpoint_dir(workdir))
     raise full from e
+
+
+def check_changes_can_act(changes: dict[str, tuple[Any, Any]], workdir: str,
+                          total_steps: int) -> None:
+  """ValueError when a resume changes training fields with nothing to train.
+
+  The changes would act on no step, yet the summary would describe the run
+  under them (a FLOPs budget "reached" by a run never trained with it).
+  """
+  steps = checkpoints.complete_steps(workdir)
+  if changes and steps and max(steps) >= total_steps:
+    raise ValueError(
+        f'The run in {workdir} has trained all {total_steps} steps, so these '
+        f'changed fields would train nothing, yet its summary would describe '
+        f'the run under them: {checkpoints.describe_changes(changes)}. Revert '
+        f'them to evaluate this run again, or use a new --workdir to train '
+        f'with them.')
 
 
 def check_same_config_in_every_process(config) -> None:
@@ -227,7 +245,9 @@ def check_shapes(config, settings: pretraining.Settings,
 
 
 def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
-                        source, mesh, start_time) -> dict[str, Any]:
+                        source, mesh, start_time,
+                        changes: dict[str, tuple[Any, Any]]
+                        ) -> dict[str, Any]:
   """`train_and_evaluate` once the config, data and workdir are checked."""
   is_main = jax.process_index() == 0
   total_steps = settings.total_steps
@@ -247,6 +267,19 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
 
   writer = metric_logging.create_writer(workdir, is_main, METRICS_FILE,
                                         resume_step=start_step)
+  config_changes = checkpoints.record_changes(workdir, start_step, changes)
+  if changes:
+    # Going on (not refused): a resume with a lower learning rate or
+    # gating.alpha is the fix the divergence message itself suggests.
+    if is_main:
+      print(f'Resumed at step {start_step} with changed training fields: '
+            f'{checkpoints.describe_changes(changes)}. Steps from '
+            f'{start_step} on train under them; the change is recorded in '
+            f'{checkpoints.CHANGES_FILE}, summary.json and metrics.jsonl.',
+            flush=True)
+    writer.write_texts(start_step, {
+        f'config_change/{key}': f'{before!r} -> {after!r}'
+        for key, (before, after) in changes.items()})
   if start_step == 0:
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams(scalar_hparams(config, settings.gating))
@@ -265,8 +298,14 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
       config, state, train_step, batches, manager, writer, start_step,
       total_steps, evaluate=lambda state: evaluation.knn_eval(
           backbone, backbone_variables(state), source, config.eval,
-          config.augment, mesh))
+          config.augment, mesh), spec=spec)
   variables = backbone_variables(state)
+  # A run resumed at its last step trains nothing: its restored state is
+  # checked here, before evaluation and export.
+  nonfinite = checkpoints.nonfinite_arrays(state)
+  if nonfinite:
+    raise FloatingPointError(nonfinite_state_message(
+        nonfinite, step, manager, config, spec))
   knn, dense_network = _final_evaluation(config, spec, backbone, variables,
                                          source, mesh, writer, step)
   writer.close()
@@ -283,6 +322,9 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
       **({'dense_network': dense_network} if dense_network else {}),
       **({'gate_budget': regularizers.budget_summary(spec, costs)}
          if budget_note else {}),
+      # Training fields changed on a resume, each with the step it took
+      # effect at (checkpoints.check_compatible).
+      **({'config_changes': config_changes} if config_changes else {}),
       'last_train_metrics': {k: v for k, v in last_metrics.items()
                              if not k.startswith('density/')},
   }
@@ -302,8 +344,28 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
   return summary
 
 
+def nonfinite_state_message(paths: list[str], step: int, manager, config,
+                            spec: layers.GatingSpec) -> str:
+  """Why a run stopped on a non-finite train state, and the likely field."""
+  if any('saliency_' in p for p in paths):
+    likely = (f'the saliency statistics: gating.epsilon={spec.epsilon}, '
+              f'gating.saliency_momentum={spec.saliency_momentum}')
+  elif any('threshold' in p for p in paths):
+    likely = (f'the gate thresholds: gating.alpha={spec.alpha}, '
+              f'gating.weight={spec.weight}')
+  else:
+    likely = (f'the learning rate: optim.base_learning_rate='
+              f'{config.optim.base_learning_rate}')
+  return (f'NaN or infinite values in the train state at step {step}, in '
+          f'{checkpoints.describe_nonfinite(paths)}, while the loss was '
+          f'still finite; training stopped without saving or exporting this '
+          f'state. The last good checkpoint is step {manager.latest_step()} in '
+          f'{manager.directory}. Likely cause: {likely}.')
+
+
 def _train_loop(config, state, train_step, batches, manager, writer,
-                start_step: int, total_steps: int, evaluate):
+                start_step: int, total_steps: int, evaluate,
+                spec: layers.GatingSpec):
   """Steps from `start_step` to `total_steps`: metrics every
   `log_every_steps`, checkpoints every `checkpoint.every_steps` and at the
   end, kNN every `eval.every_steps` (`evaluate(state)`), a checkpoint and
@@ -340,6 +402,13 @@ def _train_loop(config, state, train_step, batches, manager, writer,
                 f'checkpoint is step {manager.latest_step()} in '
                 f'{manager.directory}; resume from it with a lower learning '
                 f'rate or a smaller gating.alpha.')
+          # A finite loss can sit on a state already partly NaN (saliency
+          # statistics, thresholds, the target encoder): checked before any
+          # checkpoint or export can keep it.
+          nonfinite = checkpoints.nonfinite_arrays(state)
+          if nonfinite:
+            raise FloatingPointError(nonfinite_state_message(
+                nonfinite, step, manager, config, spec))
           writer.write_scalars(step, last_metrics)
           progress.set_postfix(
               loss=f'{last_metrics["loss"]:.3f}',
@@ -427,6 +496,10 @@ def format_summary(summary: dict[str, Any]) -> str:
                  f"{summary['gate_density']:.3f} "
                  f"({100 * summary['gated_flops_fraction']:.1f}%, "
                  f"{summary['flops_reduction']:.2f}x).")
+  for entry in summary.get('config_changes', ()):
+    lines.append(f'Changed on the resume at step {entry["step"]}: ' + ', '.join(
+        f'{key} {change["before"]!r} -> {change["after"]!r}'
+        for key, change in entry['changes'].items()) + '.')
   if summary.get('layer_density'):
     share = summary.get('layer_flops_share') or {}
     lines.append(f'Gate density per layer ({split} split), and the layer\'s '

@@ -332,7 +332,7 @@ GRIDS: dict[str, list[Run]] = {
     # 0-2; and width 64 at 32x32, dense against tile CDG (8-8-4-4) trained
     # with the sparse step. All on the test split; nothing is selected here.
     'width32_seeds': [
-        Run(f'simclr_c10_{name}_w32_seed{seed}', 'scale', f'{label}, width 32',
+        Run(f'simclr_c10_{name}_w32_seed{seed}', 'seeds', f'{label}, width 32',
             config, overrides + (('model.width', 32), ('seed', seed)))
         for seed in (1, 2)
         for name, label, config, overrides in (
@@ -341,7 +341,7 @@ GRIDS: dict[str, list[Run]] = {
     ],
     'width32_channel_predictor': [
         Run(f'simclr_c10_channel_predictor_d0.4_w32'
-            + (f'_seed{seed}' if seed else ''), 'scale',
+            + (f'_seed{seed}' if seed else ''), 'seeds' if seed else 'scale',
             'channel predictor density 0.4, width 32',
             f'{_SIMCLR},channel_predictor',
             (('gating.density_target', 0.4), ('model.width', 32))
@@ -350,7 +350,7 @@ GRIDS: dict[str, list[Run]] = {
     ],
     'width64': [
         Run(f'simclr_c10_{name}_w64' + (f'_seed{seed}' if seed else ''),
-            'scale', f'{label}, width 64', config,
+            'seeds' if seed else 'scale', f'{label}, width 64', config,
             overrides + (('model.width', 64),)
             + ((('seed', seed),) if seed else ()))
         for seed in (0, 1, 2)

@@ -250,7 +250,9 @@ def test_flops_of_predictor_layers_include_the_predictor():
 def test_train_step_trains_the_predictors(framework, kind):
   config = tiny_config(framework, num_steps=4)
   config.gating.kind = kind
-  config.gating.block = (2, 2, 1)
+  config.gating.regularizer = 'density'   # the predictors' loss is their own
+  if kind == 'spatial_predictor':
+    config.gating.block = (2, 2, 1)
   config.gating.weight = 1e-2
   _, state, _, step_fn = setup(config)
   if framework == 'byol':   # the target is gated the same way (EMA'd predictors)
@@ -276,9 +278,18 @@ def test_spec_validation_names_the_predictor_kinds():
     GatingSpec(kind='fbs')
   with pytest.raises(ValueError, match='density_target must be in'):
     GatingSpec(kind='channel_predictor', density_target=0.0)
-  with pytest.raises(ValueError, match='gumbel_temperature must be positive'):
+  with pytest.raises(ValueError, match='gumbel_temperature must be finite '
+                     'and > 0, got 0.0'):
     GatingSpec(kind='spatial_predictor', gumbel_temperature=0.0)
-  # CDG-only fields do not constrain the baselines.
-  assert GatingSpec(kind='spatial_predictor', groups=1).enabled
+  # CDG-only fields are not read by the baselines: setting one is refused,
+  # not ignored; at their defaults they do not constrain them.
+  with pytest.raises(ValueError, match=r"gating.groups=1 would be ignored: it "
+                     r"is read only with gating.kind='cdg', and this config "
+                     r"has gating.kind='spatial_predictor'"):
+    GatingSpec(kind='spatial_predictor', groups=1)
+  with pytest.raises(ValueError, match=r"gating.regularizer='flops' would be "
+                     r"ignored: .* gating.kind='channel_predictor'"):
+    GatingSpec(kind='channel_predictor', regularizer='flops')
+  assert GatingSpec(kind='spatial_predictor', weight=2.0).enabled
   assert predictors.num_kept_channels(10, 0.3) == 3
   assert predictors.num_kept_channels(8, 0.01) == 1

@@ -161,7 +161,7 @@ def test_train_step_minimises_the_budget_and_reports_its_schedule():
 
 @pytest.mark.parametrize('fields,words', [
     (dict(budget_bounds_fraction=0.3), "gating.budget_bounds_fraction=0.3 "
-     "applies to the FLOPs budget"),
+     "would be ignored: it is read only with the FLOPs budget"),
     (dict(regularizer='flops', budget_start_fraction=1.5),
      'gating.budget_start_fraction must be in [0, 1]'),
     (dict(regularizer='flops', budget_start_fraction=0.8,

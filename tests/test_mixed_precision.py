@@ -10,7 +10,7 @@ from cdg_jax import gating
 from cdg_jax import models
 from cdg_jax import pretraining
 from cdg_jax.layers import GatingSpec
-from test_pretraining import NUM_TRAIN, fixed_batch, setup, tiny_config
+from test_pretraining import NUM_TRAIN, fixed_batch, set_kind, setup, tiny_config
 
 
 def test_gate_decision_is_float32_and_flips_only_near_the_threshold():
@@ -71,9 +71,9 @@ def test_bfloat16_step_is_finite_and_close_to_the_float32_step(
     kind, framework, threshold_init, loss_rtol, min_cosine):
   results = {}
   for dtype in ('float32', 'bfloat16'):
-    config = tiny_config(framework)
-    config.gating.kind = kind
-    config.gating.threshold_init = threshold_init
+    config = set_kind(tiny_config(framework), kind)
+    if kind == 'cdg':
+      config.gating.threshold_init = threshold_init
     config.model.dtype = dtype
     _, state, mesh, step_fn = setup(config)
     initial = jax.device_get(state.params)

@@ -160,7 +160,16 @@ def test_lineage_options_are_validated_and_reach_the_layer():
     GatingSpec(density_target=1.5)
   with pytest.raises(ValueError, match='target_anneal_fraction must be in'):
     GatingSpec(target_anneal_fraction=-0.1)
-  with pytest.raises(ValueError, match='anneals the density target'):
+  with pytest.raises(ValueError, match=r"gating.target_anneal_fraction=0.5 "
+                     r"would be ignored: .* \(a density target to anneal\), "
+                     r"and this config has gating.kind='cdg', "
+                     r"gating.regularizer='threshold_sum'"):
     GatingSpec(regularizer='threshold_sum', target_anneal_fraction=0.5)
-  # The threshold forms have no density target to check.
-  GatingSpec(regularizer='threshold_sum', density_target=0.0)
+  # The threshold forms read no density target: setting one is refused.
+  with pytest.raises(ValueError, match=r'gating.density_target=0.3 would be '
+                     r'ignored'):
+    GatingSpec(regularizer='threshold_sum', density_target=0.3)
+  # ... and NaN is outside every range.
+  with pytest.raises(ValueError, match='gating.alpha must be finite and > 0, '
+                     'got nan'):
+    GatingSpec(alpha=float('nan'))

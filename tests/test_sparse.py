@@ -177,7 +177,7 @@ def test_stage_blocks_are_validated_with_the_bad_value_named():
   from cdg_jax import layers
   with pytest.raises(ValueError, match=r'stage_blocks\[1\] must be three ints'):
     layers.GatingSpec(stage_blocks=((4, 4, 0), (4, 0, 0)))
-  with pytest.raises(ValueError, match="applies to gating.kind='cdg'"):
+  with pytest.raises(ValueError, match="read only with gating.kind='cdg'"):
     layers.GatingSpec(kind='spatial_predictor', stage_blocks=((4, 4, 0),) * 4)
   spec = layers.GatingSpec(stage_blocks=((8, 8, 0), (4, 4, 0)))
   assert spec.for_stage(1, 2).block == (4, 4, 0)

@@ -293,7 +293,10 @@ def test_gated_resnet_trains_the_same_forward_sparse():
     # The stem's block, used only when the stem is gated.
     ({'sparse_training': True, 'stage_blocks': ((2, 2, 0),) * 3 + ((1, 1, 1),)},
      'stage_blocks'),
-    ({'closed_tile_gradient': 'sampled'}, 'set gating.sparse_training=True'),
+    ({'closed_tile_gradient': 'sampled'}, r'would be ignored: it is read only with the sparse train step \(gating.sparse_training=True\), and this config has gating.sparse_training=False. Remove the override \(the default is .none.\) or change gating.sparse_training.$'),
+    # The sample's size is read by the 'sampled' form only.
+    ({'sparse_training': True, 'block': (2, 2, 0), 'closed_tile_sample': 0.5},
+     r"gating.closed_tile_sample=0.5 would be ignored: it is read only with gating.closed_tile_gradient='sampled'"),
     ({'sparse_training': True, 'block': (2, 2, 0), 'closed_tile_gradient': 'all'},
      "closed_tile_gradient='all'"),
     ({'sparse_training': True, 'block': (2, 2, 0), 'closed_tile_sample': 0.0},
