@@ -186,6 +186,7 @@ def write_table(results: list[dict[str, Any]], results_dir: str) -> None:
           f'| {spread("flops_reduction", 1, "x")} |')
   lines += matched_lines(results)
   lines += gap_lines(results)
+  lines += width_lines(results)
   lines += layer_lines(results)
   lines += ['', 'Commands (run from the repository root; each run\'s workdir '
             'under --workdir_root):', '']
@@ -542,6 +543,144 @@ def write_gap_plot(results: list[dict[str, Any]], results_dir: str) -> None:
   _save_panels(fig, axes, os.path.join(results_dir, 'gap_to_dense.png'))
 
 
+# The gap along width (issue 39): SimCLR, CIFAR-10, 16x16, 4 epochs, test
+# split; per width and method, the run of each seed (0, 1, 2).
+WIDTHS = (16, 32, 64)
+WIDTH_METHODS = ('dense', 'CDG', 'channel predictor (density 0.4)')
+_WIDTH_PREFIXES = {'dense': 'simclr_c10_dense', 'CDG': 'simclr_c10_cdg',
+                   'channel predictor (density 0.4)':
+                       'simclr_c10_channel_predictor_d0.4'}
+
+
+def _width_run_name(method: str, width: int, seed: int) -> str:
+  suffix = '' if width == 16 else f'_w{width}'
+  return _WIDTH_PREFIXES[method] + suffix + (f'_seed{seed}' if seed else '')
+
+
+def width_rows(results: list[dict[str, Any]]
+               ) -> dict[int, dict[str, dict[int, dict[str, Any]]]]:
+  """{width: {method: {seed: result}}} of the runs there are."""
+  by_name = {r['name']: r for r in trained(results)}
+  rows: dict[int, dict[str, dict[int, dict[str, Any]]]] = {}
+  for width in WIDTHS:
+    for method in WIDTH_METHODS:
+      for seed in (0, 1, 2):
+        r = by_name.get(_width_run_name(method, width, seed))
+        if r is not None:
+          rows.setdefault(width, {}).setdefault(method, {})[seed] = r
+  return rows
+
+
+def width_gaps(results: list[dict[str, Any]], method: str
+               ) -> dict[int, dict[int, float]]:
+  """{width: {seed: kNN gap to the dense run of the same seed, points}}."""
+  gaps: dict[int, dict[int, float]] = {}
+  for width, methods in width_rows(results).items():
+    dense, gated = methods.get('dense', {}), methods.get(method, {})
+    for seed in sorted(set(dense) & set(gated)):
+      gaps.setdefault(width, {})[seed] = 100 * (
+          gated[seed]['knn_top1'] - dense[seed]['knn_top1'])
+  return gaps
+
+
+def _mean(values) -> float:
+  values = list(values)
+  return sum(values) / len(values)
+
+
+def _cell(runs: dict[int, dict[str, Any]], key: str) -> str:
+  if not runs:
+    return '-'
+  values = [100 * runs[s][key] for s in sorted(runs)]
+  if len(values) == 1:
+    return f'{values[0]:.2f}'
+  return (f'{_mean(values):.2f} ({min(values):.2f}-{max(values):.2f})')
+
+
+def width_lines(results: list[dict[str, Any]]) -> list[str]:
+  """The gap-along-width section of results.md (empty before width runs)."""
+  rows = width_rows(results)
+  if not any(width != 16 for width in rows):
+    return []
+  lines = ['', 'The gap along width (test split; SimCLR, CIFAR-10, 16x16, 4 '
+           'epochs, the CPU protocol except the width). kNN / linear top-1: '
+           'the mean over the seeds run (min-max); gap: the CDG (channel '
+           'predictor) run minus the dense run of the same seed, in kNN '
+           'points, mean and per seed; FLOPs reduction and per-layer gate '
+           'density range of CDG, mean over its seeds.', '',
+           '| width | seeds | dense kNN / linear | CDG kNN / linear | '
+           'channel predictor d0.4 kNN / linear | CDG gap (per seed) | '
+           'predictor gap (per seed) | CDG FLOPs red. | predictor FLOPs '
+           'red. | CDG layer density |',
+           '| --- |' + ' --- |' * 9]
+  cdg_gaps = width_gaps(results, 'CDG')
+  predictor_gaps = width_gaps(results, 'channel predictor (density 0.4)')
+  for width in WIDTHS:
+    methods = rows.get(width, {})
+    if not methods:
+      continue
+    seeds = sorted(set().union(*(set(m) for m in methods.values())))
+
+    def gap_text(gaps):
+      if not gaps:
+        return '-'
+      return (f'{_mean(gaps.values()):+.2f} (' + ', '.join(
+          f'{gaps[s]:+.2f}' for s in sorted(gaps)) + ')')
+
+    def reduction(method):
+      runs = methods.get(method, {})
+      return (f'{_mean(r["flops_reduction"] for r in runs.values()):.2f}x'
+              if runs else '-')
+
+    cdg = methods.get('CDG', {})
+    densities = [d for r in cdg.values()
+                 for d in (r.get('layer_density') or {}).values()]
+    density = (f'{min(densities):.2f}-{max(densities):.2f}' if densities
+               else '-')
+    cells = [' / '.join((_cell(methods.get(m, {}), 'knn_top1'),
+                         _cell(methods.get(m, {}), 'linear_top1')))
+             for m in WIDTH_METHODS]
+    lines.append(
+        f'| {width} | {",".join(map(str, seeds))} | ' + ' | '.join(cells) +
+        f' | {gap_text(cdg_gaps.get(width, {}))} | '
+        f'{gap_text(predictor_gaps.get(width, {}))} | {reduction("CDG")} | '
+        f'{reduction("channel predictor (density 0.4)")} | {density} |')
+  return lines
+
+
+def write_width_plot(results: list[dict[str, Any]], results_dir: str) -> None:
+  """gap_vs_width.png: kNN gap to dense against width, each seed a point,
+  the mean over seeds a line; CDG and the channel predictor."""
+  if not width_lines(results):
+    return
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for i, method in enumerate(('CDG', 'channel predictor (density 0.4)')):
+    gaps = width_gaps(results, method)
+    widths = [w for w in WIDTHS if gaps.get(w)]
+    if not widths:
+      continue
+    for width in widths:
+      ax.scatter([width] * len(gaps[width]), list(gaps[width].values()),
+                 color=f'C{i}', alpha=0.6, s=30)
+    ax.plot(widths, [_mean(gaps[w].values()) for w in widths], color=f'C{i}',
+            marker='o', label=f'{method} (mean over seeds)')
+  ax.axhline(0, color='black', lw=1)
+  ax.axhline(-1, color='gray', ls=':', lw=0.8)
+  ax.set_xscale('log', base=2)
+  ax.set_xticks(WIDTHS, [str(w) for w in WIDTHS])
+  ax.set_xlabel('ResNet-18 width (channels of the first stage)')
+  ax.set_ylabel('kNN top-1 minus dense, same seed (points)')
+  ax.set_title('SimCLR, CIFAR-10, 16x16, 4 epochs, test split; dots: seeds; '
+               'dotted: 1 point below dense', fontsize=8)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(results_dir, 'gap_vs_width.png'), dpi=120)
+  plt.close(fig)
+
+
 def write_report(results_dir: str) -> list[dict[str, Any]]:
   results = load_results(results_dir)
   if results:
@@ -549,4 +688,5 @@ def write_report(results_dir: str) -> list[dict[str, Any]]:
     write_plot(results, results_dir)
     write_matched_plot(results, results_dir)
     write_gap_plot(results, results_dir)
+    write_width_plot(results, results_dir)
   return results

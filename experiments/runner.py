@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -125,9 +126,23 @@ def run_one(run: Run, results_dir: str, workdir_root: str) -> dict[str, Any]:
       'train_command': _shell(train_command),
       'linear_eval_command': _shell(eval_command),
       'finished': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
+      # Training is deterministic per CPU model, not across models.
+      'cpu': cpu_model(),
   }
   _save_result(results_dir, run.name, result)
   return result
+
+
+def cpu_model() -> str:
+  """This machine's CPU model ('Intel(R) Xeon(R) Processor', ...)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def linear_feature_norm(linear: dict[str, Any]) -> str:
@@ -141,8 +156,10 @@ def linear_feature_norm(linear: dict[str, Any]) -> str:
 
 
 def divergence_step(log_text: str) -> int | None:
-  """The step of the training loop's non-finite-loss stop in a log, if any."""
-  match = re.search(r'Loss is \S+ at step (\d+)', log_text)
+  """The step of the training loop's non-finite stop (the loss, or the state
+  while the loss was finite) in a log, if any."""
+  match = re.search(r'(?:Loss is \S+|NaN or infinite values in the train '
+                    r'state) at step (\d+)', log_text)
   return int(match.group(1)) if match else None
 
 

@@ -351,4 +351,7 @@ def test_a_diverged_run_is_recorded_with_its_step(tmp_path):
   assert '(diverged: no evaluation)' in table
   assert runner.divergence_step(
       'FloatingPointError: Loss is nan at step 17; training stopped') == 17
+  assert runner.divergence_step(
+      'FATAL: NaN or infinite values in the train state at step 9, in 1 '
+      'array (batch_stats/backbone/...)') == 9
   assert runner.divergence_step('RuntimeError: something else') is None
