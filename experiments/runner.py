@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -22,6 +21,7 @@ from typing import Any
 from grids import GRIDS
 from grids import REPO_ROOT
 from grids import Run
+from machine import cpu_model
 from report import ADDED_GATING_DEFAULTS
 from report import write_report
 
@@ -131,18 +131,6 @@ def run_one(run: Run, results_dir: str, workdir_root: str) -> dict[str, Any]:
   }
   _save_result(results_dir, run.name, result)
   return result
-
-
-def cpu_model() -> str:
-  """This machine's CPU model ('Intel(R) Xeon(R) Processor', ...)."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def linear_feature_norm(linear: dict[str, Any]) -> str:

@@ -1,0 +1,206 @@
+r"""Train-step time under XLA:CPU options and device counts, and their numerics.
+
+  python experiments/benchmark_levers.py                      # ~20 min, 2 cores
+  python experiments/benchmark_levers.py --steps=2 --repeats=1 \
+      --steps_configs=protocol --levers=default,onednn_custom_call \
+      --out=/tmp/levers                                       # a quick check
+
+Times the train step of each `--steps_configs` entry under each lever of
+`--levers` (see LEVERS), every lever in a process of its own (XLA's flags
+are read once, when its CPU backend starts), the levers in turn within every
+repeat so that ratios compare like with like on a machine whose speed
+drifts. Each process compiles the step, runs one step, then times `--steps`
+steps (median). The loss after those steps, from the same state and batch,
+shows whether a lever changes numerics (0 difference: bit-identical).
+
+  protocol  the CPU protocol's CDG step: SimCLR, CIFAR ResNet-18 width 16,
+            16x16, batch 256 images (`configs/cpu_protocol.py:simclr_cifar10`,
+            synthetic images of that shape);
+  dense64   the dense SimCLR step of CIFAR ResNet-18 width 64, 32x32, batch
+            128 images (the peer benchmark's dense step).
+
+Writes `levers.md` and `levers.json` to `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+from machine import cpu_model
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (XLA_FLAGS added for CPU, host devices: 0 = one per core).
+LEVERS = {
+    'default': ('', 0),
+    'one_device': ('', 1),
+    'onednn_custom_call': ('--xla_cpu_experimental_onednn_custom_call=true', 0),
+    'use_onednn': ('--xla_cpu_use_onednn=true', 0),
+    'onednn_both': ('--xla_cpu_use_onednn=true '
+                    '--xla_cpu_experimental_onednn_custom_call=true', 0),
+    'xnnpack': ('--xla_cpu_use_xnnpack=true', 0),
+}
+
+flags.DEFINE_list('levers', list(LEVERS), f'Levers to time: {list(LEVERS)}.')
+flags.DEFINE_list('steps_configs', ['protocol', 'dense64'],
+                  'Steps to time: protocol, dense64.')
+flags.DEFINE_integer('steps', 4, 'Timed steps per process.')
+flags.DEFINE_integer('repeats', 2, 'Processes per lever and step.')
+flags.DEFINE_string('out', os.path.join(REPO_ROOT, 'experiments', 'results',
+                                        'levers'), 'Output folder.')
+# Internal: set in the child processes.
+flags.DEFINE_string('child', '', 'Time this steps config in this process.')
+FLAGS = flags.FLAGS
+
+
+def _config(name: str):
+  from cdg_jax import config_lib  # pylint: disable=g-import-not-at-top
+  if name == 'protocol':
+    sys.path.insert(0, os.path.join(REPO_ROOT, 'configs'))
+    import cpu_protocol  # pylint: disable=g-import-not-at-top
+    config = cpu_protocol.get_config('simclr_cifar10')
+    config.data.source = 'fake'
+    return config
+  if name == 'dense64':
+    config = config_lib.recipe_config('simclr', 'cifar10')
+    config = config_lib.apply_variants(config, 'dense')
+    config.batch_size = 128
+    config.num_steps = 1000
+    return config
+  raise ValueError(f'Unknown steps config {name!r}; expected protocol or '
+                   f'dense64.')
+
+
+def _child(name: str) -> dict:
+  sys.path.insert(0, REPO_ROOT)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import jax  # pylint: disable=g-import-not-at-top
+  import step_timing  # pylint: disable=g-import-not-at-top
+  result = step_timing.time_step(_config(name), FLAGS.steps)
+  result['xla_flags'] = os.environ.get('XLA_FLAGS', '')
+  result['backend'] = jax.default_backend()
+  return result
+
+
+def _run_child(name: str, lever: str) -> dict:
+  extra, devices = LEVERS[lever]
+  devices = devices or os.cpu_count() or 1
+  # The lever's flags after the user's own, which the benchmark keeps.
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = ' '.join(filter(None, (
+      env.get('XLA_FLAGS', ''), extra,
+      f'--xla_force_host_platform_device_count={devices}')))
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['PYTHONPATH'] = os.pathsep.join(filter(None, (REPO_ROOT,
+                                                    env.get('PYTHONPATH'))))
+  start = time.time()
+  process = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), f'--child={name}',
+       f'--steps={FLAGS.steps}'], env=env, cwd=REPO_ROOT, capture_output=True,
+      text=True, check=False)
+  if process.returncode != 0:
+    return {'error': process.stderr.strip().splitlines()[-1:] or ['?'],
+            'wall_s': time.time() - start}
+  lines = [l for l in process.stdout.splitlines() if l.startswith('{')]
+  return {**json.loads(lines[-1]), 'wall_s': time.time() - start}
+
+
+def summarise(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict]:
+  """Per steps config and lever: median step time over the repeats, the
+  median of the per-repeat ratios to 'default' (above 1: faster), and the
+  loss difference to 'default'."""
+  table = {}
+  for name, by_lever in runs.items():
+    base = by_lever.get('default', [])
+    table[name] = {}
+    for lever, results in by_lever.items():
+      good = [r for r in results if 'error' not in r]
+      if not good:
+        table[name][lever] = {'error': results[0].get('error')}
+        continue
+      ratios = [b['median_step_s'] / r['median_step_s']
+                for b, r in zip(base, results)
+                if 'error' not in b and 'error' not in r]
+      losses = [r['loss'] for r in good]
+      table[name][lever] = {
+          'median_step_s': statistics.median(r['median_step_s'] for r in good),
+          'speedup_vs_default': statistics.median(ratios) if ratios else None,
+          'loss': losses[0],
+          'loss_diff_vs_default': (losses[0] - base[0]['loss']
+                                   if base and 'error' not in base[0]
+                                   else None),
+          'first_step_s': statistics.median(r['first_step_s'] for r in good),
+      }
+  return table
+
+
+def main(argv):
+  del argv
+  if FLAGS.child:
+    print(json.dumps(_child(FLAGS.child)), flush=True)
+    return
+  unknown = [l for l in FLAGS.levers if l not in LEVERS]
+  if unknown:
+    raise app.UsageError(f'Unknown --levers {unknown}; expected any of '
+                         f'{list(LEVERS)}.')
+  levers = ['default'] + [l for l in FLAGS.levers if l != 'default']
+  runs: dict[str, dict[str, list[dict]]] = {
+      name: {lever: [] for lever in levers} for name in FLAGS.steps_configs}
+  for repeat in range(FLAGS.repeats):
+    for name in FLAGS.steps_configs:
+      for lever in levers:
+        result = _run_child(name, lever)
+        runs[name][lever].append(result)
+        shown = (f'{result["median_step_s"]:.3f} s/step' if 'error' not in
+                 result else f'failed: {result["error"]}')
+        print(f'[repeat {repeat + 1}/{FLAGS.repeats}] {name} {lever}: '
+              f'{shown}', flush=True)
+  table = summarise(runs)
+  machine = f'{cpu_model()}, {os.cpu_count()} cores'
+  import jax  # pylint: disable=g-import-not-at-top
+  command = 'python experiments/benchmark_levers.py ' + ' '.join(
+      sys.argv[1:])
+  lines = [f'# XLA:CPU levers ({time.strftime("%Y-%m-%d")}, {machine}, '
+           f'JAX {jax.__version__})', '', f'`{command.strip()}`', '',
+           f'Median of {FLAGS.steps} steps per process, {FLAGS.repeats} '
+           f'processes per lever, levers in turn; speed-up: median of the '
+           f'per-repeat ratios to the default (above 1: faster); loss '
+           f'difference after the timed steps (0: bit-identical).', '',
+           '| step | lever | XLA flags, devices | step (s) | speed-up | '
+           'loss difference | first step (s) |', '| --- |' + ' --- |' * 6]
+  for name, by_lever in table.items():
+    for lever, row in by_lever.items():
+      extra, devices = LEVERS[lever]
+      setting = f'{extra or "-"}, {devices or "one per core"}'
+      if 'error' in row:
+        lines.append(f'| {name} | {lever} | {setting} | failed: '
+                     f'{row["error"]} | | | |')
+        continue
+      speedup = ('-' if row['speedup_vs_default'] is None
+                 else f'{row["speedup_vs_default"]:.2f}x')
+      diff = ('-' if row['loss_diff_vs_default'] is None
+              else f'{row["loss_diff_vs_default"]:.2e}')
+      lines.append(f'| {name} | {lever} | {setting} | '
+                   f'{row["median_step_s"]:.3f} | {speedup} | {diff} | '
+                   f'{row["first_step_s"]:.1f} |')
+  os.makedirs(FLAGS.out, exist_ok=True)
+  with open(os.path.join(FLAGS.out, 'levers.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  with open(os.path.join(FLAGS.out, 'levers.json'), 'w') as f:
+    json.dump({'machine': machine, 'command': command.strip(),
+               'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
+               'jax': jax.__version__, 'summary': table, 'runs': runs}, f,
+              indent=2)
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  app.run(main)
