@@ -250,7 +250,7 @@ def reported_errors() -> Iterator[None]:
     if _peer_failure(e):
       _exit(_lost_peer_message(e), LOST_PROCESS_EXIT_CODE, abandon=True)
     # Not raised on purpose: the traceback is what a bug report needs, in
-    # the log (-v 0) as the README says; the console keeps one last line.
+    # the log (-v 0) as docs/running.md says; the console keeps one last line.
     logging.info('%s', traceback.format_exc())
     hint = ('' if _verbose() else ' (an unexpected error: its traceback is '
             'shown with -v 0)')

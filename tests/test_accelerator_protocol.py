@@ -1,7 +1,7 @@
 """The accelerator protocol, rehearsed end to end on CPU with a tiny model.
 
 So that the one call on a lent GPU works the first time: the data builder and
-the protocol script run as the README says, on synthetic CIFAR-shaped arrays
+the protocol script run as experiments/README.md says, on synthetic CIFAR-shaped arrays
 (tests never need ../shared), with TensorFlow blocked as on an accelerator
 image.
 """
