@@ -1,0 +1,544 @@
+r"""Peer benchmark: the same SimCLR train step in PyTorch and in cdg_jax.
+
+  python experiments/benchmark_peer.py            # full run, width 64
+  python experiments/benchmark_peer.py --cpu_devices=1   # cdg_jax on 1 device
+  python experiments/benchmark_peer.py --width=8 --image_size=16 \
+      --batch_size=16 --repeats=1 --out=/tmp/peer_check   # a quick check
+
+PyTorch is no dependency of the project: the PyTorch half needs an
+environment with torch as well (e.g. `python3 -m venv /root/venv-peer &&
+/root/venv-peer/bin/pip install -r requirements.txt torch`, then run the
+commands above with `/root/venv-peer/bin/python`). Without torch the script
+says so, times the cdg_jax half only and writes the files with the PyTorch
+fields null.
+
+The step (CIFAR ResNet-18 with a 3x3 stem and no max-pool, `--width` 64,
+`--image_size` 32, `--batch_size` 128 images = 256 views, synthetic uint8
+images; two augmented views, NT-Xent at `--temperature` 0.2, projector
+2048-128, gate regulariser, LARS, online linear probe):
+
+  cdg_jax  dense   `gating.kind='none'`;
+           masked  CDG tile gates (`--tiles`, all channels per tile), the
+                   conditional path computed everywhere and masked;
+           sparse  the same with `gating.sparse_training=True` (conditional
+                   path at the open tiles only; closed_tile_gradient 'none').
+  PyTorch  dense and masked (CDG, G=4, per position and output channel,
+           everything computed: `peer_torch.py`), each eager NCHW, eager
+           channels_last and `torch.compile`d (channels_last).
+
+The cdg_jax steps are `benchmark_sparse_step.py`'s (its `_config`,
+`_threshold_for`, `_with_thresholds`; `pretraining.assemble`): the tile
+density is set to `--density` by one threshold found by bisection, and every
+timed call starts from the same state (not donated). The PyTorch masked
+step's threshold is set the same way to the same MAC-weighted density
+(masked cost does not depend on it). Devices and threads: cdg_jax splits the
+host into one CPU device per core and shards the batch over them, as
+training does (`--cpu_devices`, `cdg_jax.parallel.split_host_into_devices`;
+`--cpu_devices=1` runs on one device as `benchmark_sparse_step.py` does);
+PyTorch runs with `torch.set_num_threads(os.cpu_count())`. On several
+devices the sparse step's open-tile gathers cross devices: its compiled
+program on 2 CPU devices (ResNet-10, width 8) holds about 350 all-gathers
+and 100 all-reduces, most of them of tile windows, against 3 and 1 for the
+dense and masked steps; the project's sparse speed-ups were measured on one
+device. Time both settings.
+
+Every variant is compiled (or warmed up) once, then within each of
+`--repeats` repeats the variants run in turn, with a `--pause` between
+them, so ratios compare like with like on a machine whose speed drifts.
+Writes `peer.md` and `peer.json` to `--out`, with the machine, versions,
+command and date. The headline ratios are `sparse_vs_torch_compiled_masked`
+(PyTorch compiled masked time / our sparse time) and
+`dense_vs_torch_compiled_dense` (PyTorch compiled dense / our dense), each
+the median of the per-repeat ratios, above 1 where ours is faster.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from absl import app
+from absl import flags
+
+EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(EXPERIMENTS)
+sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, EXPERIMENTS)
+
+# The cdg_jax half is benchmark_sparse_step.py's. Importing it defines its
+# flags; this script shares those it reads (--width, --image_size,
+# --batch_size, --tiles, --repeats, --out: the same meaning, this script's
+# defaults and help) and removes the two it does not, so that they are
+# refused rather than silently ignored.
+import benchmark_sparse_step as sparse_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+for _name in ('densities', 'sample_fraction'):
+  if _name in FLAGS:
+    delattr(FLAGS, _name)
+DEFAULT_OUT = os.path.join(REPO_ROOT, 'experiments', 'results', 'peer')
+FLAGS.set_default('out', DEFAULT_OUT)
+FLAGS.set_default('repeats', 5)
+FLAGS['out'].help = 'Output folder of peer.md and peer.json.'
+FLAGS['repeats'].help = ('Timed steps per variant; the variants run in turn '
+                         'within each repeat.')
+FLAGS['tiles'].help = ('Tile scheme of the cdg_jax masked and sparse steps: '
+                       't or t1-t2-t3-t4 (see benchmark_sparse.py).')
+flags.DEFINE_float('density', 0.25, 'Target MAC-weighted gate density of '
+                   'the masked and sparse steps (cdg_jax tiles; PyTorch '
+                   'positions x channels), set by bisection on one shared '
+                   'threshold.')
+flags.DEFINE_float('temperature', 0.2, 'SimCLR NT-Xent temperature (both '
+                   'libraries).')
+flags.DEFINE_integer('cpu_devices', 0, 'CPU devices of the cdg_jax half '
+                     '(0: one per core, the training default; 1: one '
+                     'device, as benchmark_sparse_step.py runs).')
+flags.DEFINE_bool('torch', True, 'Time the PyTorch half (needs torch).')
+flags.DEFINE_bool('torch_compile', True, 'Include the torch.compile variants '
+                  '(a compile error is recorded and the run goes on).')
+flags.DEFINE_float('pause', 0.5, 'Seconds of sleep before each timed step, '
+                   "so that one library's spinning worker threads do not "
+                   "overlap the other's step.")
+
+TORCH_MISSING = ('PyTorch is not installed: pip install torch in a separate '
+                 'environment (e.g. python3 -m venv /root/venv-peer && '
+                 '/root/venv-peer/bin/pip install -r requirements.txt torch) '
+                 'and run this script with its python; timing the cdg_jax '
+                 'half only')
+
+# (key, library, kind, execution); keys name rows of peer.json.
+JAX_VARIANTS = (('cdg_jax/dense', 'cdg_jax', 'dense', 'jit'),
+                ('cdg_jax/masked', 'cdg_jax', 'masked', 'jit'),
+                ('cdg_jax/sparse', 'cdg_jax', 'sparse', 'jit'))
+TORCH_EXECUTIONS = (('eager_nchw', 'eager NCHW', False, False),
+                    ('eager_channels_last', 'eager channels_last', True,
+                     False),
+                    ('compiled_channels_last', 'torch.compile channels_last',
+                     True, True))
+TORCH_VARIANTS = tuple(
+    (f'torch/{kind}/{key}', 'torch', kind, label)
+    for kind in ('dense', 'masked')
+    for key, label, _, _ in TORCH_EXECUTIONS)
+# name: (the peer's variant, ours); each ratio is peer time / our time.
+RATIOS = {
+    'sparse_vs_torch_compiled_masked': ('torch/masked/compiled_channels_last',
+                                        'cdg_jax/sparse'),
+    'dense_vs_torch_compiled_dense': ('torch/dense/compiled_channels_last',
+                                      'cdg_jax/dense'),
+    'masked_vs_torch_compiled_masked': ('torch/masked/compiled_channels_last',
+                                        'cdg_jax/masked'),
+    'sparse_vs_torch_compiled_dense': ('torch/dense/compiled_channels_last',
+                                       'cdg_jax/sparse'),
+    # The fastest PyTorch execution of each kind, taken within each repeat.
+    'sparse_vs_torch_fastest_masked': ('torch/masked/*', 'cdg_jax/sparse'),
+    'dense_vs_torch_fastest_dense': ('torch/dense/*', 'cdg_jax/dense'),
+}
+# Where the two steps differ (written into peer.md and peer.json).
+DIFFERENCES = (
+    'Augmentation: both draw SimCLR CIFAR views (crop scale (0.08, 1), ratio '
+    '(3/4, 4/3), flip 0.5, colour jitter 0.8 with (0.4, 0.4, 0.4, 0.1), '
+    'grayscale 0.2) on the fly inside the timed step. cdg_jax: torchvision\'s '
+    '10-attempt crop rule with antialiased bilinear resampling, jitter in a '
+    'random order with saturation and hue in HSV. PyTorch: one crop draw '
+    'clamped to the image, crop and flip as one bilinear grid_sample (no '
+    'antialiasing), jitter in a fixed order with saturation as a blend with '
+    'the luma and hue as a YIQ rotation.',
+    'Gates: cdg_jax decides one gate per tile (tiles --tiles, all channels); '
+    'PyTorch per position and output channel. The masked forms do the same '
+    'work either way (base path, full conditional path, multiply); only '
+    'cdg_jax sparse skips the closed tiles.',
+    'Optimiser: optax.lars in cdg_jax; in PyTorch a LARS with optax.lars\'s '
+    'update (peer_torch.LARS: weight decay and trust ratio for kernels only, '
+    'momentum 0.9), run eagerly as a Python loop over the parameters in every '
+    'PyTorch variant (torch.compile compiles the loss\'s forward and '
+    'backward, augmentation included, not the optimiser); the online probe '
+    'uses Adam on both sides. Both use the learning rate of our schedule at '
+    'the state\'s step (step 0: warm-up, 0.0): all the work is done, the '
+    'parameters do not move.',
+    'State: every cdg_jax call starts from the same state (not donated, as '
+    'benchmark_sparse_step.py), the output state is discarded; PyTorch '
+    'updates its modules in place (BatchNorm statistics move; at learning '
+    'rate 0 the parameters do not).',
+    'Stride-2 3x3 convolutions: XLA SAME padding (0, 1), PyTorch padding 1 '
+    'on both sides: the same output sizes and MACs.',
+    'The cdg_jax step also computes its metrics (FLOPs reduction, gate '
+    'densities, embedding std, probe accuracy); tiny next to the network.',
+    'Devices and threads: see the threads line.',
+)
+
+
+def speed_ratio(theirs: Sequence[float] | None,
+                ours: Sequence[float] | None) -> dict | None:
+  """How much faster ours is: {'paired': median over repeats of theirs[i] /
+  ours[i], 'of_medians': median(theirs) / median(ours)}; None if either
+  side has no times. Above 1 where ours is faster."""
+  if not theirs or not ours:
+    return None
+  if len(theirs) != len(ours):
+    raise ValueError(f'Times of {len(theirs)} and {len(ours)} repeats do not '
+                     f'pair up.')
+  return {'paired': statistics.median(t / o for t, o in zip(theirs, ours)),
+          'of_medians': statistics.median(theirs) / statistics.median(ours)}
+
+
+def _fastest(times: dict[str, list[float]], prefix: str) -> list[float] | None:
+  """Per repeat, the fastest time among the variants starting `prefix`."""
+  series = [t for key, t in times.items() if key.startswith(prefix) and t]
+  if not series:
+    return None
+  return [min(values) for values in zip(*series)]
+
+
+def ratios_of(times: dict[str, list[float]]) -> dict[str, dict | None]:
+  """Every ratio of `RATIOS` from the variants' per-repeat times."""
+  out = {}
+  for name, (theirs, ours) in RATIOS.items():
+    peer = (_fastest(times, theirs[:-1]) if theirs.endswith('*')
+            else times.get(theirs))
+    out[name] = speed_ratio(peer, times.get(ours))
+  return out
+
+
+def _load_average() -> float | None:
+  try:
+    return round(os.getloadavg()[0], 2)
+  except OSError:
+    return None
+
+
+def _versions(torch_module) -> dict[str, str | None]:
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  return {'python': platform.python_version(), 'jax': jax.__version__,
+          'jaxlib': jaxlib.__version__, 'flax': flax.__version__,
+          'optax': optax.__version__,
+          'torch': torch_module.__version__ if torch_module else None}
+
+
+# ------------------------------------------------------------- cdg_jax half
+
+
+class JaxHalf:
+  """The three cdg_jax steps, compiled, with their state and batch placed."""
+
+  def __init__(self, images, labels):
+    import jax  # pylint: disable=g-import-not-at-top
+    from cdg_jax import augment  # pylint: disable=g-import-not-at-top
+    from cdg_jax import config_lib  # pylint: disable=g-import-not-at-top
+    from cdg_jax import parallel  # pylint: disable=g-import-not-at-top
+    from cdg_jax import pretraining  # pylint: disable=g-import-not-at-top
+
+    self.configs, runs, self.calls = {}, {}, {}
+    self.metrics = {}
+    self.settings = {}
+    for key, _, kind, _ in JAX_VARIANTS:
+      config = sparse_step._config(  # pylint: disable=protected-access
+          'sparse, none' if kind == 'sparse' else kind)
+      config.ssl.temperature = FLAGS.temperature
+      self.configs[key] = config
+      self.settings[key] = pretraining.read_settings(
+          config, config_lib.validate(config), 50_000)
+      runs[key] = pretraining.assemble(self.settings[key])
+    mesh = parallel.make_mesh()
+    parallel.check_batch_divisible(FLAGS.batch_size, mesh)
+    self.devices = mesh.devices.size
+    batch = jax.device_put({'image': images, 'label': labels},
+                           parallel.data_sharding(mesh))
+    masked = runs['cdg_jax/masked']
+    gated_state = masked.init_state(jax.random.key(0))
+    views = jax.numpy.concatenate(augment.two_views(
+        jax.random.key(1), jax.numpy.asarray(images),
+        self.configs['cdg_jax/masked'].augment))
+    threshold = sparse_step._threshold_for(  # pylint: disable=protected-access
+        masked, gated_state, views, FLAGS.density)
+    gated_state = sparse_step._with_thresholds(  # pylint: disable=protected-access
+        gated_state, threshold)
+    # pretraining.jit_train_step's shardings, without donation: every timed
+    # call starts from the same state.
+    for key, _, kind, _ in JAX_VARIANTS:
+      state = (runs[key].init_state(jax.random.key(0)) if kind == 'dense'
+               else gated_state)
+      state = parallel.replicate(state, mesh)
+      step = jax.jit(runs[key].train_step,
+                     in_shardings=(parallel.replicated(mesh),
+                                   parallel.data_sharding(mesh)),
+                     out_shardings=(parallel.replicated(mesh),
+                                    parallel.replicated(mesh)))
+      self.calls[key] = (lambda step=step, state=state:
+                         jax.block_until_ready(step(state, batch)))
+    self.learning_rate = float(pretraining.learning_rate_schedule(
+        self.settings['cdg_jax/masked'])(0))
+
+  def warm_up(self, key: str) -> None:
+    """The first call (compilation included); keeps the step's metrics."""
+    _, metrics = self.calls[key]()
+    self.metrics[key] = {
+        'gate_density': float(metrics.get('gate_density', 1.0)),
+        'flops_reduction': float(metrics['flops_reduction'])}
+
+
+# ------------------------------------------------------------- PyTorch half
+
+
+def import_torch():
+  """(torch, peer_torch), or (None, message) when torch is missing."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None, TORCH_MISSING
+  import peer_torch  # pylint: disable=g-import-not-at-top
+  return torch, peer_torch
+
+
+def torch_step_config(peer_torch, jax_half: JaxHalf, gated: bool):
+  """The PyTorch step's hyperparameters, read from the cdg_jax config."""
+  config = jax_half.configs['cdg_jax/masked']
+  settings = jax_half.settings['cdg_jax/masked']
+  spec, view = settings.gating, config.augment.view1
+  return peer_torch.StepConfig(
+      width=config.model.width, num_classes=config.data.num_classes,
+      gated=gated, groups=spec.groups, alpha=spec.alpha,
+      epsilon=spec.epsilon, density_target=spec.density_target,
+      gate_weight=spec.weight, threshold_init=spec.threshold_init,
+      projector_hidden=tuple(config.ssl.projector_hidden_dims)[0],
+      projector_dim=config.ssl.projector_dim,
+      temperature=config.ssl.temperature,
+      learning_rate=jax_half.learning_rate,
+      weight_decay=config.optim.weight_decay,
+      momentum=config.optim.momentum,
+      trust_coefficient=config.optim.trust_coefficient,
+      probe_learning_rate=config.probe.learning_rate,
+      crop_scale=tuple(view.crop_scale), crop_ratio=tuple(view.crop_ratio),
+      flip_prob=view.flip_prob, jitter_prob=view.jitter_prob,
+      brightness=view.brightness, contrast=view.contrast,
+      saturation=view.saturation, hue=view.hue,
+      grayscale_prob=view.grayscale_prob, mean=tuple(config.augment.mean),
+      std=tuple(config.augment.std))
+
+
+def torch_steps(torch, peer_torch, jax_half: JaxHalf, images, labels
+                ) -> tuple[dict[str, Callable], dict]:
+  """The PyTorch variants' step callables and what was measured on the way
+  (gate density of the masked model, compile errors)."""
+  import copy  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+  y = torch.from_numpy(labels).long()
+  info = {'compile_errors': {}}
+  calls = {}
+  for kind in ('dense', 'masked'):
+    model = peer_torch.SimCLR(torch_step_config(peer_torch, jax_half,
+                                                kind == 'masked'))
+    if kind == 'masked':
+      info['masked_gate_density'] = peer_torch.set_threshold(
+          model, x, FLAGS.density, FLAGS.image_size)
+    for key, _, channels_last, compiled in TORCH_EXECUTIONS:
+      if compiled and not FLAGS.torch_compile:
+        continue
+      calls[f'torch/{kind}/{key}'] = peer_torch.TrainStep(
+          copy.deepcopy(model), x, y, channels_last, compiled)
+  return calls, info
+
+
+# --------------------------------------------------------------------- main
+
+
+def _row_text(value, fmt: str) -> str:
+  return '-' if value is None else format(value, fmt)
+
+
+def write_report(result: dict, out: str) -> str:
+  """Writes peer.json and peer.md to `out`; returns the Markdown."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'peer.json'), 'w') as f:
+    json.dump(result, f, indent=1)
+  f_ = result['flags']
+  lines = [
+      '# Peer benchmark: the SimCLR train step in PyTorch and cdg_jax', '',
+      f'CIFAR ResNet-18 width {f_["width"]}, {f_["image_size"]}x'
+      f'{f_["image_size"]}, batch {f_["batch_size"]} images (2 views each), '
+      f'NT-Xent T={f_["temperature"]}, projector 2048-128, gate regulariser, '
+      f'LARS, online probe; target gate density {f_["density"]} (cdg_jax '
+      f'tiles {f_["tiles"]}); median of {f_["repeats"]} steps, the variants '
+      f'in turn within each repeat.', '',
+      f'- machine: {result["machine"]}; 1-minute load average '
+      f'{result["load_average_1min"]["before_timing"]} before the timed '
+      f'steps, {result["load_average_1min"]["after_timing"]} after',
+      '- versions: ' + ', '.join(f'{k} {v}' for k, v in
+                                  result['versions'].items() if v),
+      f'- threads: {result["threads"]}',
+      f'- command: `{result["command"]}`',
+      f'- date: {result["date"]}', '']
+  if result['torch']['message']:
+    lines += [f'**{result["torch"]["message"]}.**', '']
+  lines += ['| library | variant | execution | gate density | FLOPs '
+            'reduction | step s (median) | time / cdg_jax dense (median of '
+            'per-repeat ratios) |',
+            '| --- | --- | --- | --- | --- | --- | --- |']
+  for row in result['rows']:
+    if row['median_step_s'] is None:
+      step = f'failed: {row["error"]}'
+      relative = '-'
+    else:
+      step = f'{row["median_step_s"]:.3f}'
+      relative = _row_text(row['relative_to_cdg_jax_dense'], '.2f')
+    lines.append(
+        f'| {row["library"]} | {row["kind"]} | {row["execution"]} | '
+        f'{_row_text(row["gate_density"], ".3f")} | '
+        f'{_row_text(row["flops_reduction"], ".2f")} | {step} | {relative} |')
+  lines += ['', 'Speed ratios (peer time / our time; above 1: ours faster; '
+            'median of per-repeat ratios, ratio of medians in brackets):', '']
+  for name, ratio in result['ratios'].items():
+    theirs, ours = RATIOS[name]
+    text = ('null (not timed)' if ratio is None else
+            f'**{ratio["paired"]:.2f}x** ({ratio["of_medians"]:.2f}x)')
+    lines.append(f'- `{name}` ({theirs} / {ours}): {text}')
+  lines += ['', 'Where the two steps differ:', '']
+  lines += [f'- {d}' for d in result['differences']]
+  text = '\n'.join(lines) + '\n'
+  with open(os.path.join(out, 'peer.md'), 'w') as f:
+    f.write(text)
+  return text
+
+
+def run() -> dict:
+  """The benchmark for the parsed flags: times, writes, returns peer.json's
+  content."""
+  from cdg_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.split_host_into_devices(FLAGS.cpu_devices)   # before JAX starts
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  torch, peer_torch = (import_torch() if FLAGS.torch
+                       else (None, 'PyTorch half skipped (--notorch)'))
+  torch_message = None
+  if torch is None:
+    torch_message, peer_torch = peer_torch, None
+    print(torch_message, flush=True)
+  else:
+    torch.set_num_threads(os.cpu_count() or 1)
+
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (FLAGS.batch_size, FLAGS.image_size,
+                                 FLAGS.image_size, 3), np.uint8)
+  labels = rng.integers(0, 10, (FLAGS.batch_size,)).astype(np.int32)
+  jax_half = JaxHalf(images, labels)
+  variants = {key: (library, kind, execution)
+              for key, library, kind, execution in JAX_VARIANTS}
+  calls = dict(jax_half.calls)
+  torch_info = {'compile_errors': {}}
+  if torch is not None:
+    torch_calls, torch_info = torch_steps(torch, peer_torch, jax_half,
+                                          images, labels)
+    calls.update(torch_calls)
+    variants.update({key: (library, kind, label) for key, library, kind, label
+                     in TORCH_VARIANTS if key in torch_calls})
+  errors, first_call_s = {}, {}
+  for key in list(calls):   # compile and warm up
+    start = time.perf_counter()
+    try:
+      if key in jax_half.calls:
+        jax_half.warm_up(key)
+      else:
+        calls[key]()
+    except Exception as e:  # pylint: disable=broad-except
+      if key in jax_half.calls:
+        raise
+      errors[key] = f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
+      del calls[key]
+      print(f'{key}: failed, {errors[key]}; going on without it', flush=True)
+      continue
+    first_call_s[key] = time.perf_counter() - start
+    print(f'{key}: first call {first_call_s[key]:.1f} s', flush=True)
+  torch_info['compile_errors'] = {k: v for k, v in errors.items()
+                                  if 'compiled' in k}
+  times = {key: [] for key in calls}
+  load_before = _load_average()
+  for repeat in range(FLAGS.repeats):
+    for key, call in calls.items():
+      time.sleep(FLAGS.pause)
+      start = time.perf_counter()
+      call()
+      times[key].append(time.perf_counter() - start)
+    print(f'repeat {repeat + 1}/{FLAGS.repeats}: ' + ', '.join(
+        f'{k} {t[-1]:.2f} s' for k, t in times.items()), flush=True)
+
+  load_after = _load_average()
+  rows = []
+  dense = times.get('cdg_jax/dense')
+  for key, (library, kind, execution) in variants.items():
+    measured = times.get(key)
+    relative = speed_ratio(measured, dense)   # its time / our dense time
+    metrics = jax_half.metrics.get(key, {})
+    gate_density = metrics.get('gate_density')
+    if key.startswith('torch/masked'):
+      gate_density = torch_info.get('masked_gate_density')
+    elif key.startswith('torch/dense'):
+      gate_density = 1.0
+    rows.append({
+        'key': key, 'library': library, 'kind': kind, 'execution': execution,
+        'gate_density': gate_density,
+        'flops_reduction': metrics.get('flops_reduction'),
+        'median_step_s': statistics.median(measured) if measured else None,
+        # time / our dense time, the median of the per-repeat ratios.
+        'relative_to_cdg_jax_dense': relative and relative['paired'],
+        'first_call_s': first_call_s.get(key),
+        'times_s': measured, 'error': errors.get(key)})
+  ratios = ratios_of(times)
+  cores = os.cpu_count()
+  torch_threads = (f'PyTorch torch.set_num_threads({cores}): '
+                   f'{torch.get_num_threads()} intra-op, '
+                   f'{torch.get_num_interop_threads()} inter-op threads'
+                   if torch is not None else 'PyTorch not run')
+  result = {
+      'date': datetime.datetime.now().isoformat(timespec='seconds'),
+      'command': shlex.join([sys.executable] + sys.argv),
+      'machine': f'{sparse_step._cpu_model()}, {cores} cores',  # pylint: disable=protected-access
+      'cores': cores,
+      # Other work on the machine skews the two libraries differently
+      # (PyTorch's OpenMP barriers suffer most when a core is taken).
+      'load_average_1min': {'before_timing': load_before,
+                            'after_timing': load_after},
+      'versions': _versions(torch),
+      'threads': (f'cdg_jax: {jax_half.devices} CPU device(s) '
+                  f'(--cpu_devices={FLAGS.cpu_devices}; XLA_FLAGS='
+                  f'{os.environ.get("XLA_FLAGS", "")!r}), the batch sharded '
+                  f'over them; {torch_threads}'),
+      'flags': {'width': FLAGS.width, 'image_size': FLAGS.image_size,
+                'batch_size': FLAGS.batch_size, 'tiles': FLAGS.tiles,
+                'density': FLAGS.density, 'temperature': FLAGS.temperature,
+                'repeats': FLAGS.repeats, 'cpu_devices': FLAGS.cpu_devices,
+                'torch_compile': FLAGS.torch_compile, 'pause': FLAGS.pause},
+      'learning_rate': jax_half.learning_rate,
+      'torch': {'available': torch is not None, 'message': torch_message,
+                'masked_gate_density': torch_info.get('masked_gate_density'),
+                'compile_errors': torch_info['compile_errors']},
+      'rows': rows,
+      'ratios': ratios,
+      'sparse_vs_torch_compiled_masked': (
+          ratios['sparse_vs_torch_compiled_masked'] or {}).get('paired'),
+      'dense_vs_torch_compiled_dense': (
+          ratios['dense_vs_torch_compiled_dense'] or {}).get('paired'),
+      'differences': list(DIFFERENCES),
+  }
+  print(write_report(result, FLAGS.out), flush=True)
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  run()
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,85 @@
+"""experiments/benchmark_peer.py: the cdg_jax half runs and writes its files
+without PyTorch; the speed ratios are computed as stated."""
+
+import json
+import os
+import sys
+
+from absl import flags
+from absl.testing import flagsaver
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# experiments/ is no package: its modules import each other by name.
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+import benchmark_peer  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_speed_ratio_on_hand_numbers():
+  # Per-repeat ratios 2, 4, 3: median 3; medians 4 / 1.
+  ratio = benchmark_peer.speed_ratio([2.0, 4.0, 9.0], [1.0, 1.0, 3.0])
+  assert ratio == {'paired': 3.0, 'of_medians': 4.0}
+  assert benchmark_peer.speed_ratio(None, [1.0]) is None
+  assert benchmark_peer.speed_ratio([1.0], []) is None
+  with pytest.raises(ValueError, match='pair up'):
+    benchmark_peer.speed_ratio([1.0, 2.0], [1.0])
+
+
+def test_named_ratios_on_hand_numbers():
+  times = {'cdg_jax/dense': [2.0, 2.0], 'cdg_jax/sparse': [1.0, 2.0],
+           'torch/dense/compiled_channels_last': [5.0, 7.0],
+           'torch/masked/eager_nchw': [2.0, 10.0],
+           'torch/masked/compiled_channels_last': [3.0, 6.0]}
+  ratios = benchmark_peer.ratios_of(times)
+  # PyTorch compiled masked / our sparse: 3/1, 6/2 -> 3.
+  assert ratios['sparse_vs_torch_compiled_masked'] == {
+      'paired': 3.0, 'of_medians': 4.5 / 1.5}
+  # PyTorch compiled dense / our dense: 2.5, 3.5 -> 3; medians 6 / 2.
+  assert ratios['dense_vs_torch_compiled_dense'] == {
+      'paired': 3.0, 'of_medians': 3.0}
+  # The fastest masked execution within each repeat: 2, then 6.
+  assert ratios['sparse_vs_torch_fastest_masked'] == {
+      'paired': 2.5, 'of_medians': 4.0 / 1.5}
+  assert ratios['masked_vs_torch_compiled_masked'] is None  # no masked time
+
+
+def test_jax_half_without_torch(tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, 'torch', None)   # `import torch` fails
+  # ResNet-10 (one block per stage): the same steps at about half the
+  # compile time (the sparse step's dominates this test).
+  config_of = benchmark_peer.sparse_step._config  # pylint: disable=protected-access
+
+  def resnet10_config(variant):
+    config = config_of(variant)
+    config.model.name = 'resnet10'
+    return config
+  monkeypatch.setattr(benchmark_peer.sparse_step, '_config', resnet10_config)
+  argv = ['benchmark_peer.py', '--width=8', '--image_size=16',
+          '--batch_size=8', '--repeats=1', '--pause=0', f'--out={tmp_path}']
+  with flagsaver.flagsaver():
+    flags.FLAGS(argv)
+    returned = benchmark_peer.run()
+  assert 'PyTorch is not installed' in capsys.readouterr().out
+  with open(tmp_path / 'peer.json') as f:
+    result = json.load(f)
+  assert result == json.loads(json.dumps(returned))
+  rows = {row['key']: row for row in result['rows']}
+  assert set(rows) == {'cdg_jax/dense', 'cdg_jax/masked', 'cdg_jax/sparse'}
+  for row in rows.values():
+    assert isinstance(row['median_step_s'], float)
+    assert row['median_step_s'] > 0
+    assert len(row['times_s']) == 1
+  assert rows['cdg_jax/dense']['flops_reduction'] == pytest.approx(1.0)
+  assert rows['cdg_jax/sparse']['flops_reduction'] > 1.0
+  assert rows['cdg_jax/sparse']['gate_density'] < 1.0
+  assert result['torch']['available'] is False
+  assert result['torch']['message'].startswith('PyTorch is not installed')
+  assert result['versions']['torch'] is None
+  assert result['sparse_vs_torch_compiled_masked'] is None
+  assert result['dense_vs_torch_compiled_dense'] is None
+  assert all(r is None for r in result['ratios'].values())
+  markdown = (tmp_path / 'peer.md').read_text()
+  assert 'PyTorch is not installed' in markdown
+  assert '| cdg_jax | sparse | jit |' in markdown
+  assert '`sparse_vs_torch_compiled_masked`' in markdown
