@@ -6,6 +6,7 @@ state with a finite loss, a resume that changes the objective) run the
 training program in-process on the smoke config.
 """
 
+import dataclasses
 import json
 import os
 
@@ -232,3 +233,50 @@ def test_the_public_layers_say_what_input_they_take():
   with pytest.raises(ValueError, match=r"The model block \{'width': 8\} lacks "
                      r"\['name'\]: give at least 'name'"):
     cdg_jax.create_resnet({'width': 8})
+
+
+# For every field of `FIELD_READ_WHEN`: a value in its range and a spec in
+# which it is not read.
+_UNREAD = {
+    'groups': (2, dict(kind='spatial_predictor')),
+    'grouping': ('diagonal', dict(kind='channel_predictor')),
+    'stage_blocks': (((4, 4, 0),) * 4, dict(kind='spatial_predictor')),
+    'alpha': (3.0, dict(kind='none')),
+    'surrogate': ('hard_sigmoid', dict(kind='channel_predictor')),
+    'threshold_init': (-1.0, dict(kind='spatial_predictor')),
+    'saliency_norm': ('sample', dict(kind='none')),
+    'saliency_grad': (True, dict(kind='channel_predictor')),
+    'saliency_momentum': (0.5, dict(kind='spatial_predictor')),
+    'epsilon': (1e-3, dict(kind='none')),
+    'saliency_stats': ('joint', dict(kind='channel_predictor')),
+    'regularizer': ('threshold', dict(kind='spatial_predictor')),
+    'block': ((2, 2, 4), dict(kind='channel_predictor')),
+    'layers': (('stem',), dict(kind='none')),
+    'branches': ('online', dict(kind='none')),
+    'weight': (2.0, dict(kind='none')),
+    'partner_norm': ('separate', dict()),
+    'predictor_saliency': ('relu', dict()),
+    'threshold_target': (0.5, dict()),
+    'density_target': (0.3, dict(regularizer='threshold')),
+    'target_anneal_fraction': (0.5, dict(kind='channel_predictor')),
+    'budget_bounds_fraction': (0.3, dict()),
+    'budget_start_fraction': (0.3, dict()),
+    'budget_ramp_fraction': (0.3, dict()),
+    'gumbel_temperature': (0.5, dict()),
+    'closed_tile_gradient': ('sampled', dict()),
+    'closed_tile_sample': (0.5, dict()),
+}
+
+
+def test_every_gating_field_is_classified_and_refused_where_unread():
+  from cdg_jax import layers  # pylint: disable=g-import-not-at-top
+  fields = {f.name for f in dataclasses.fields(layers.GatingSpec)}
+  # A new field must say where it is read (or be read wherever gates are).
+  assert set(layers.FIELD_READ_WHEN) == fields - {'kind', 'sparse_training'}
+  assert set(_UNREAD) == set(layers.FIELD_READ_WHEN)
+  for name, (value, context) in _UNREAD.items():
+    with pytest.raises(ValueError) as error:
+      layers.GatingSpec(**context, **{name: value})
+    assert str(error.value).startswith(
+        f'gating.{name}={value!r} would be ignored: it is read only with '), (
+            name, str(error.value))
