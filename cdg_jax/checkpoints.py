@@ -331,7 +331,15 @@ def remove_unfinished(directory: str) -> list[str]:
   removed = []
   for name in os.listdir(directory):
     if TMP_MARK in name:
-      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+      path = os.path.join(directory, name)
+      # Under load a background write of the failed save can still be
+      # creating files while the tree is removed (seen once in a loaded
+      # test run): try again for up to 2 s until it is gone.
+      for _ in range(20):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+          break
+        time.sleep(0.1)
       removed.append(name)
   return removed
 

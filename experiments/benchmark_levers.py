@@ -49,16 +49,22 @@ LEVERS = {
     'xnnpack': ('--xla_cpu_use_xnnpack=true', 0),
 }
 
-flags.DEFINE_list('levers', list(LEVERS), f'Levers to time: {list(LEVERS)}.')
-flags.DEFINE_list('steps_configs', ['protocol', 'dense64'],
-                  'Steps to time: protocol, dense64.')
-flags.DEFINE_integer('steps', 4, 'Timed steps per process.')
-flags.DEFINE_integer('repeats', 2, 'Processes per lever and step.')
-flags.DEFINE_string('out', os.path.join(REPO_ROOT, 'experiments', 'results',
-                                        'levers'), 'Output folder.')
-# Internal: set in the child processes.
-flags.DEFINE_string('child', '', 'Time this steps config in this process.')
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags: defined when run, not on import (tests import the
+  module beside other benchmarks that define `--repeats`, `--out`)."""
+  flags.DEFINE_list('levers', list(LEVERS),
+                    f'Levers to time: {list(LEVERS)}.')
+  flags.DEFINE_list('steps_configs', ['protocol', 'dense64'],
+                    'Steps to time: protocol, dense64.')
+  flags.DEFINE_integer('steps', 4, 'Timed steps per process.')
+  flags.DEFINE_integer('repeats', 2, 'Processes per lever and step.')
+  flags.DEFINE_string('out', os.path.join(REPO_ROOT, 'experiments', 'results',
+                                          'levers'), 'Output folder.')
+  # Internal: set in the child processes.
+  flags.DEFINE_string('child', '', 'Time this steps config in this process.')
 
 
 def _config(name: str):
@@ -203,4 +209,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
