@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from machine import cpu_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tile_schemes  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_integer('width', 64, 'Backbone width.')
@@ -122,15 +122,7 @@ def _threshold_for(run, state, images, density: float) -> float:
   return (low + high) / 2
 
 
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+_cpu_model = cpu_model   # benchmark_peer.py reads it here
 
 
 def main(argv):
