@@ -1,0 +1,234 @@
+r"""A fingerprint of the project's behaviour, to show that a refactor changed none.
+
+  python experiments/fingerprint.py --out=/tmp/before.json
+  (change the code)
+  python experiments/fingerprint.py --out=/tmp/after.json \
+      --compare=/tmp/before.json
+
+It records, through the stable surfaces only (config files, the public API
+`cdg_jax.create_resnet`/`GatingSpec`, the `cdg_jax.main` and
+`cdg_jax.linear_eval` command lines), so the same script runs on the code
+before and after a change:
+
+- every config file with no variant and with each variant, dumped as JSON;
+- the outputs, parameters, batch statistics and gate densities of gated
+  ResNets of every gate kind and block shape, train and eval mode;
+- the step metrics of 3-step smoke runs of every framework and gating form
+  (CDG, both predictors, the dense partner, tiles with the sparse train step,
+  the FLOPs budget, dense), their kNN summary, the sparse-inference kNN, and a
+  linear evaluation of one run.
+
+Each item is a SHA-256 of its bytes (floats as their exact bits), so equal
+means bit-identical. `--compare` prints the items that differ and exits 1 when
+any does. Wall times are left out. About 10 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl import app
+from absl import flags
+
+_OUT = flags.DEFINE_string('out', None, 'Where to write the fingerprint JSON.')
+_COMPARE = flags.DEFINE_string('compare', None,
+                               'An earlier fingerprint to compare with.')
+_ONLY = flags.DEFINE_list('only', None,
+                          'Parts to record: configs, models, runs (all).')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = ('smoke', 'dense', 'structured', 'tiles', 'channel_predictor',
+            'spatial_predictor', 'dense_partner')
+# Keys of metrics.jsonl and summary.json that measure time, not behaviour.
+_TIMING = ('time', 'sec', 'wall', 'throughput', 'per_s', 'seconds')
+
+
+def _digest(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _tree_digest(tree) -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  hasher = hashlib.sha256()
+  for path, leaf in leaves:
+    hasher.update(jax.tree_util.keystr(path).encode())
+    array = np.asarray(leaf)
+    hasher.update(str(array.dtype).encode() + str(array.shape).encode())
+    hasher.update(array.tobytes())
+  return hasher.hexdigest()[:16]
+
+
+def config_items() -> dict[str, str]:
+  items = {}
+  for path in sorted(glob.glob(os.path.join(REPO, 'configs', '*.py'))):
+    name = os.path.basename(path)[:-3]
+    spec = importlib.util.spec_from_file_location(f'config_{name}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if name == 'cpu_protocol':
+      args = [f'{base}{variant}' for base in ('simclr_cifar10', 'byol_cifar100')
+              for variant in [''] + [f',{v}' for v in VARIANTS]]
+    else:
+      args = [None] + list(VARIANTS)
+    for arg in args:
+      try:
+        config = module.get_config(arg) if arg is not None else (
+            module.get_config())
+        dumped = config.to_json_best_effort(sort_keys=True)
+      except Exception as error:  # pylint: disable=broad-except
+        dumped = f'{type(error).__name__}: {error}'
+      items[f'config/{name}:{arg or ""}'] = _digest(dumped.encode())
+  return items
+
+
+def model_items() -> dict[str, str]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import cdg_jax  # pylint: disable=g-import-not-at-top
+  specs = {
+      'none': None,
+      'cdg': cdg_jax.GatingSpec(),
+      'cdg_structured': cdg_jax.GatingSpec(block=(2, 2, 4)),
+      'cdg_tiles': cdg_jax.GatingSpec(block=(4, 4, 0)),
+      'cdg_all_roles': cdg_jax.GatingSpec(
+          layers=('block_3x3', 'block_1x1', 'shortcut')),
+      'channel_predictor': cdg_jax.GatingSpec(kind='channel_predictor',
+                                              density_target=0.5),
+      'spatial_predictor': cdg_jax.GatingSpec(kind='spatial_predictor',
+                                              density_target=0.5),
+  }
+  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  items = {}
+  for model_name in ('resnet10', 'resnet50'):
+    for spec_name, spec in specs.items():
+      if model_name == 'resnet50' and spec_name not in ('cdg', 'cdg_all_roles'):
+        continue
+      model = cdg_jax.create_resnet({'name': model_name, 'width': 8}, spec,
+                                    num_classes=5)
+      variables = model.init(jax.random.key(0), images, train=False)
+      rngs = {'gumbel': jax.random.key(2), 'closed_tiles': jax.random.key(3)}
+      train_out, train_state = model.apply(
+          variables, images, train=True, rngs=rngs,
+          mutable=['batch_stats', cdg_jax.DENSITY_COLLECTION])
+      eval_out, eval_state = model.apply(
+          variables, images, train=False,
+          mutable=[cdg_jax.DENSITY_COLLECTION])
+      key = f'model/{model_name}/{spec_name}'
+      items[f'{key}/params'] = _tree_digest(variables)
+      items[f'{key}/train'] = _tree_digest((train_out, train_state))
+      items[f'{key}/eval'] = _tree_digest((eval_out, eval_state))
+      grads = jax.grad(lambda p: jnp.sum(model.apply(  # pylint: disable=cell-var-from-loop
+          {**variables, 'params': p}, images, train=True, rngs=rngs,
+          mutable=['batch_stats'])[0] ** 2))(variables['params'])
+      items[f'{key}/grad'] = _tree_digest(grads)
+  return items
+
+
+RUNS = {
+    # name: (config argument, extra flags)
+    'simclr': ('configs/simclr_cifar10.py:smoke', []),
+    'mocov2': ('configs/mocov2_cifar10.py:smoke', []),
+    'byol': ('configs/byol_cifar10.py:smoke', []),
+    'simsiam': ('configs/simsiam_cifar10.py:smoke', []),
+    'simclr_dense': ('configs/simclr_cifar10.py:smoke,dense', []),
+    'simclr_channel_predictor':
+        ('configs/simclr_cifar10.py:smoke,channel_predictor', []),
+    'byol_spatial_predictor':
+        ('configs/byol_cifar10.py:smoke,spatial_predictor', []),
+    'simclr_dense_partner': ('configs/simclr_cifar10.py:smoke,dense_partner',
+                             []),
+    'byol_dense_partner': ('configs/byol_cifar10.py:smoke,dense_partner', []),
+    'simclr_tiles_sparse': (
+        'configs/simclr_cifar10.py:smoke,tiles',
+        ['--config.gating.sparse_training=True',
+         "--config.gating.closed_tile_gradient=sampled",
+         '--config.eval.sparse_inference=True']),
+    'simclr_budget': ('configs/simclr_cifar10.py:smoke',
+                      ['--config.gating.regularizer=flops',
+                       '--config.gating.budget_ramp_fraction=0.5']),
+}
+
+
+def _without_timing(record):
+  if isinstance(record, dict):
+    return {key: _without_timing(value) for key, value in record.items()
+            if not any(word in key for word in _TIMING)}
+  if isinstance(record, list):
+    return [_without_timing(value) for value in record]
+  return record
+
+
+def _run(args: list[str]) -> None:
+  result = subprocess.run([sys.executable, '-m', *args], cwd=REPO,
+                          capture_output=True, text=True, check=False)
+  if result.returncode:
+    raise RuntimeError(f'{args} failed:\n{result.stderr[-3000:]}')
+
+
+def run_items() -> dict[str, str]:
+  items = {}
+  with tempfile.TemporaryDirectory() as root:
+    for name, (config, extra) in RUNS.items():
+      workdir = os.path.join(root, name)
+      _run(['cdg_jax.main', f'--config={config}', f'--workdir={workdir}',
+            '--config.num_steps=3', '--config.log_every_steps=1',
+            '--config.checkpoint.every_steps=2', '--config.plot_images=0',
+            *extra])
+      with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        records = [_without_timing(json.loads(line)) for line in f]
+      items[f'run/{name}/metrics'] = _digest(
+          json.dumps(records, sort_keys=True).encode())
+      with open(os.path.join(workdir, 'summary.json')) as f:
+        summary = _without_timing(json.load(f))
+      summary.pop('workdir', None)
+      items[f'run/{name}/summary'] = _digest(
+          json.dumps(summary, sort_keys=True).encode())
+      if name == 'simclr':
+        _run(['cdg_jax.linear_eval', f'--config={config}',
+              f'--workdir={workdir}', '--config.linear_eval.epochs=2'])
+        with open(os.path.join(workdir, 'linear_eval.json')) as f:
+          result = _without_timing(json.load(f))
+        items['run/simclr/linear_eval'] = _digest(
+            json.dumps(result, sort_keys=True).encode())
+  return items
+
+
+def main(argv):
+  del argv
+  parts = _ONLY.value or ['configs', 'models', 'runs']
+  fingerprint = {}
+  for part, function in (('configs', config_items), ('models', model_items),
+                         ('runs', run_items)):
+    if part in parts:
+      fingerprint.update(function())
+      print(f'{part}: done', flush=True)
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(fingerprint, f, indent=1, sort_keys=True)
+  print(f'{len(fingerprint)} items.')
+  if _COMPARE.value:
+    with open(_COMPARE.value) as f:
+      earlier = json.load(f)
+    keys = sorted(set(earlier) & set(fingerprint))
+    differ = [key for key in keys if earlier[key] != fingerprint[key]]
+    only = sorted(set(earlier) ^ set(fingerprint))
+    for key in differ:
+      print(f'DIFFERS: {key}')
+    for key in only:
+      print(f'ONLY IN ONE: {key}')
+    print(f'{len(keys) - len(differ)} of {len(keys)} items identical.')
+    if differ:
+      sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)
