@@ -6,7 +6,7 @@ r"""Prints the FLOPs table of a config's network or of a trained run.
 With `--config`: a randomly initialised network on one batch of random images
 (gates use batch statistics, as in training). With `--workdir`: the backbone
 a training run exported, measured over the whole test split of its data
-(gates in eval mode). The counting itself is `cdg_jax.flops`.
+(gates in eval mode). The counting itself is `cdg_jax.gating.flops`.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cdg_jax import checkpoints
-from cdg_jax import cli
-from cdg_jax import evaluation
-from cdg_jax import flops
-from cdg_jax import input_pipeline
-from cdg_jax import layers
-from cdg_jax import models
-from cdg_jax import parallel
+from cdg_jax.data import input_pipeline
+from cdg_jax.evaluators import evaluation
+from cdg_jax.gating import flops
+from cdg_jax.gating import layers
+from cdg_jax.run import checkpoints
+from cdg_jax.run import cli
+from cdg_jax.run import parallel
+from cdg_jax.ssl import models
 
 
 def trained_report(workdir: str) -> tuple[Any, flops.FlopsReport]:

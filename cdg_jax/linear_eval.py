@@ -64,13 +64,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from cdg_jax import augment
-from cdg_jax import batching
-from cdg_jax import checkpoints
-from cdg_jax import evaluation
-from cdg_jax import input_pipeline
-from cdg_jax import models
-from cdg_jax import parallel
+from cdg_jax.data import augment
+from cdg_jax.data import batching
+from cdg_jax.data import input_pipeline
+from cdg_jax.evaluators import evaluation
+from cdg_jax.run import checkpoints
+from cdg_jax.run import parallel
+from cdg_jax.ssl import models
 
 RESULTS_FILE = 'linear_eval.json'
 # The augmented protocol's feature BatchNorm (MAE's linear probe: no affine
@@ -398,7 +398,7 @@ def keep_earlier_result(workdir: str, results: Mapping[str, Any]) -> str | None:
 
 def linear_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The `linear_eval` block as plain values, defaults filled in."""
-  from cdg_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import config_lib  # pylint: disable=g-import-not-at-top
   settings = config_lib.base_config().linear_eval.to_dict()
   given = config.get('linear_eval')
   given = given.to_dict() if hasattr(given, 'to_dict') else dict(given or {})
@@ -627,7 +627,7 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
-  from cdg_jax import cli  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import cli  # pylint: disable=g-import-not-at-top
   cli.quiet_logging()
   # Before JAX starts its backends: one CPU device per core.
   parallel.split_host_into_devices(flags.FLAGS.config.get('cpu_devices', 0))
@@ -646,7 +646,7 @@ def run() -> None:
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from cdg_jax import cli  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import cli  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file(
       'config', None, 'Config file, e.g. configs/default.py; its model and '
       'gating blocks are replaced by the workdir\'s.', lock_config=True)

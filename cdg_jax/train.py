@@ -22,26 +22,26 @@ from typing import Any
 
 from absl import logging
 # clu's parameter_overview imports without TensorFlow; its metric_writers and
-# periodic_actions do not, hence cdg_jax.metric_logging.
+# periodic_actions do not, hence cdg_jax.run.metric_logging.
 from clu import parameter_overview
 import jax
 import numpy as np
 import tqdm
 
-from cdg_jax import batching
-from cdg_jax import checkpoints
-from cdg_jax import config_lib
-from cdg_jax import evaluation
-from cdg_jax import input_pipeline
-from cdg_jax import layers
-from cdg_jax import memory
-from cdg_jax import metric_logging
-from cdg_jax import models
-from cdg_jax import parallel
-from cdg_jax import plots
-from cdg_jax import pretraining
-from cdg_jax import regularizers
-from cdg_jax import run_control
+from cdg_jax.data import batching
+from cdg_jax.data import input_pipeline
+from cdg_jax.evaluators import evaluation
+from cdg_jax.gating import layers
+from cdg_jax.gating import regularizers
+from cdg_jax.run import checkpoints
+from cdg_jax.run import config_lib
+from cdg_jax.run import memory
+from cdg_jax.run import metric_logging
+from cdg_jax.run import parallel
+from cdg_jax.run import plots
+from cdg_jax.run import run_control
+from cdg_jax.ssl import models
+from cdg_jax.ssl import pretraining
 
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
@@ -100,7 +100,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Pretrains with CDG under `config.framework`, evaluates, reports.
 
   Args:
-    config: a config from `configs/` (see `cdg_jax.config_lib`).
+    config: a config from `configs/` (see `cdg_jax.run.config_lib`).
     workdir: where checkpoints, metrics, summary, backbone and plots go; a
       run already there is resumed.
 

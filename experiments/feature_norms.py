@@ -15,9 +15,9 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from cdg_jax import checkpoints
-from cdg_jax import evaluation
-from cdg_jax import input_pipeline
+from cdg_jax.data import input_pipeline
+from cdg_jax.evaluators import evaluation
+from cdg_jax.run import checkpoints
 
 flags.DEFINE_list('workdirs', None, 'Run directories with an exported backbone.')
 flags.DEFINE_integer('batch_size', 500, 'Evaluation batch size.')

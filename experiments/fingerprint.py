@@ -44,6 +44,8 @@ _ONLY = flags.DEFINE_list('only', None,
                           'Parts to record: configs, models, runs (all).')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The checkout this script sits in, not an installed copy of the package.
+sys.path.insert(0, REPO)
 VARIANTS = ('smoke', 'dense', 'structured', 'tiles', 'channel_predictor',
             'spatial_predictor', 'dense_partner')
 # Keys of metrics.jsonl and summary.json that measure time, not behaviour.

@@ -22,8 +22,8 @@ from absl import flags
 # Runs as a script from the repository root: make `cdg_jax` importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cdg_jax import checkpoints  # pylint: disable=g-import-not-at-top
-from cdg_jax import parallel
+from cdg_jax.run import checkpoints  # pylint: disable=g-import-not-at-top
+from cdg_jax.run import parallel
 
 _WORKDIRS = flags.DEFINE_list('workdirs', None,
                               'Workdirs of CDG training runs.')
@@ -36,8 +36,8 @@ def main(argv):
   configs = [checkpoints.read_config(w) for w in _WORKDIRS.value]
   # Before JAX starts, as in cdg_jax.main.
   parallel.split_host_into_devices(configs[0].cpu_devices)
-  from cdg_jax import evaluation  # pylint: disable=g-import-not-at-top
-  from cdg_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cdg_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cdg_jax.evaluators import evaluation  # pylint: disable=g-import-not-at-top
 
   mesh = parallel.make_mesh()
   print('| run | gates | kNN top-1 | FLOPs reduction | gate density |')

@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import flops
-from cdg_jax import gating
-from cdg_jax import models
-from cdg_jax import predictors
-from cdg_jax import pretraining
-from cdg_jax import regularizers
-from cdg_jax.layers import GatedConv, GatingSpec
+from cdg_jax.gating import flops
+from cdg_jax.gating import ops
+from cdg_jax.gating import predictors
+from cdg_jax.gating import regularizers
+from cdg_jax.gating.layers import GatedConv, GatingSpec
+from cdg_jax.ssl import models
+from cdg_jax.ssl import pretraining
 from tests.test_pretraining import fixed_batch, setup, tiny_config
 
 
@@ -46,7 +46,7 @@ def test_channel_predictor_keeps_top_k_and_scales_dense_conv():
   assert set(np.unique(mask)) <= {0.0, 1.0}
   np.testing.assert_array_equal(mask.sum(axis=-1), k)  # every sample, position
   np.testing.assert_array_equal(mask, np.broadcast_to(keep[:, None, None], mask.shape))
-  dense = gating.conv(x, variables['params']['kernel'])
+  dense = ops.conv(x, variables['params']['kernel'])
   np.testing.assert_allclose(y, dense * (keep * s)[:, None, None], rtol=1e-5,
                              atol=1e-5)
   np.testing.assert_allclose(state['gating']['density'][0], [0.3] * 3, rtol=1e-6)
@@ -76,7 +76,7 @@ def test_channel_predictor_scales_after_batchnorm_whose_statistics_see_every_cha
   out, state = block.apply(variables, x, train=True,
                            mutable=['batch_stats', 'gate_masks'])
   p = variables['params']
-  y1 = gating.conv(x, p['conv1']['kernel'])
+  y1 = ops.conv(x, p['conv1']['kernel'])
   mean, var = np.asarray(y1).mean(axis=(0, 1, 2)), np.asarray(y1).var(
       axis=(0, 1, 2))
   # The running statistics of bn1 moved towards the dense conv's statistics,
@@ -125,7 +125,7 @@ def test_spatial_predictor_block_mask_is_hard_and_trains_the_predictor():
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 4))
   variables = layer.init(jax.random.key(1), x)
   p = jax.tree.map(np.asarray, variables['params'])
-  dense = gating.conv(x, variables['params']['kernel'], (2, 2))
+  dense = ops.conv(x, variables['params']['kernel'], (2, 2))
 
   # Eval: the deterministic gate 1[logits > 0] on the pooled grid.
   y, state = _apply(layer, variables, x, train=False)

@@ -11,14 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import config_lib
-from cdg_jax import flops
-from cdg_jax import gating
-from cdg_jax import layers
-from cdg_jax import models
-from cdg_jax import predictors
-from cdg_jax import pretraining
-from cdg_jax.layers import GatingSpec
+from cdg_jax.gating import flops
+from cdg_jax.gating import layers
+from cdg_jax.gating import predictors
+from cdg_jax.gating.layers import GatingSpec
+from cdg_jax.run import config_lib
+from cdg_jax.ssl import models
+from cdg_jax.ssl import pretraining
 
 import test_pretraining
 

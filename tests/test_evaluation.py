@@ -13,16 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import augment
-from cdg_jax import checkpoints
-from cdg_jax import config_lib
-from cdg_jax import evaluation
-from cdg_jax import flops
-from cdg_jax import input_pipeline
 from cdg_jax import linear_eval
-from cdg_jax import models
-from cdg_jax import parallel
-from cdg_jax.layers import GatingSpec
+from cdg_jax.data import augment
+from cdg_jax.data import input_pipeline
+from cdg_jax.evaluators import evaluation
+from cdg_jax.gating import flops
+from cdg_jax.gating.layers import GatingSpec
+from cdg_jax.run import checkpoints
+from cdg_jax.run import config_lib
+from cdg_jax.run import parallel
+from cdg_jax.ssl import models
 
 NUM_CLASSES = 4
 # Split sizes that are not multiples of the batch: the last batch is padded.

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import flops
-from cdg_jax import models
-from cdg_jax.layers import GatingSpec
+from cdg_jax.gating import flops
+from cdg_jax.gating.layers import GatingSpec
+from cdg_jax.ssl import models
 
 import launch
 import xla_env

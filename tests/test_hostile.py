@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 import cdg_jax
-from cdg_jax import checkpoints
 from cdg_jax import linear_eval
-from cdg_jax import pretraining
 from cdg_jax import train
+from cdg_jax.run import checkpoints
+from cdg_jax.ssl import pretraining
 from test_failures import SMOKE, _command, _last_line
 from test_train import load_config
 
@@ -269,7 +269,7 @@ _UNREAD = {
 
 
 def test_every_gating_field_is_classified_and_refused_where_unread():
-  from cdg_jax import layers  # pylint: disable=g-import-not-at-top
+  from cdg_jax.gating import layers  # pylint: disable=g-import-not-at-top
   fields = {f.name for f in dataclasses.fields(layers.GatingSpec)}
   # A new field must say where it is read (or be read wherever gates are).
   assert set(layers.FIELD_READ_WHEN) == fields - {'kind', 'sparse_training'}

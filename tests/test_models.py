@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import config_lib
-from cdg_jax import layers
-from cdg_jax import models
-from cdg_jax.layers import GatingSpec
+from cdg_jax.gating import layers
+from cdg_jax.gating.layers import GatingSpec
+from cdg_jax.run import config_lib
+from cdg_jax.ssl import models
 
 
 def _param_count(tree):
@@ -149,7 +149,7 @@ def test_gating_spec_defaults_are_the_config_defaults():
 
 
 def test_lineage_options_are_validated_and_reach_the_layer():
-  from cdg_jax.layers import GatingSpec
+  from cdg_jax.gating.layers import GatingSpec
   with pytest.raises(ValueError, match="grouping='block'"):
     GatingSpec(grouping='block')
   with pytest.raises(ValueError, match="surrogate='tanh'"):

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import augment
-from cdg_jax import config_lib
-from cdg_jax import losses
-from cdg_jax import parallel
-from cdg_jax import pretraining
-from cdg_jax import regularizers
-from cdg_jax.layers import GatingSpec
+from cdg_jax.data import augment
+from cdg_jax.gating import regularizers
+from cdg_jax.gating.layers import GatingSpec
+from cdg_jax.run import config_lib
+from cdg_jax.run import parallel
+from cdg_jax.ssl import losses
+from cdg_jax.ssl import pretraining
 
 NUM_TRAIN = 256
 

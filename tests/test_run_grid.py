@@ -10,8 +10,8 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from cdg_jax import config_lib
-from cdg_jax import layers
+from cdg_jax.gating import layers
+from cdg_jax.run import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,26 +5,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import gating
-from cdg_jax import models
-from cdg_jax import sparse
-from cdg_jax.layers import GatingSpec
+from cdg_jax.gating import ops
+from cdg_jax.gating import sparse
+from cdg_jax.gating import tiling
+from cdg_jax.gating.layers import GatingSpec
+from cdg_jax.ssl import models
 
 
 def test_tile_rules_padding_and_capacities_by_hand():
-  assert sparse.effective_tile((16, 16), (4, 4)) == (4, 4)
-  assert sparse.effective_tile((2, 2), (4, 4)) == (2, 2)    # clamped
+  assert tiling.effective_tile((16, 16), (4, 4)) == (4, 4)
+  assert tiling.effective_tile((2, 2), (4, 4)) == (2, 2)    # clamped
   with pytest.raises(ValueError, match=r'does not tile.*\(6, 6\)'):
-    sparse.effective_tile((6, 6), (4, 4))
-  assert sparse.same_padding(8, 3, 1) == (1, 1)
-  assert sparse.same_padding(8, 3, 2) == (0, 1)   # XLA SAME, even input
-  assert sparse.same_padding(7, 3, 2) == (1, 1)
-  assert sparse.capacities(64) == [4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56]
-  assert sparse.capacities(4) == [1, 2, 3]
-  assert sparse.capacities(64, (0.125, 0.25)) == [8, 16]
-  assert sparse.capacities(100, (0.3, 0.31)) == [30, 31]
+    tiling.effective_tile((6, 6), (4, 4))
+  assert tiling.same_padding(8, 3, 1) == (1, 1)
+  assert tiling.same_padding(8, 3, 2) == (0, 1)   # XLA SAME, even input
+  assert tiling.same_padding(7, 3, 2) == (1, 1)
+  assert tiling.capacities(64) == [4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56]
+  assert tiling.capacities(4) == [1, 2, 3]
+  assert tiling.capacities(64, (0.125, 0.25)) == [8, 16]
+  assert tiling.capacities(100, (0.3, 0.31)) == [30, 31]
   # The gate's block rule: bc = 0 is all channels, blocks clamp to the map.
-  assert gating.effective_block((1, 2, 2, 8), (4, 4, 0)) == (2, 2, 8)
+  assert ops.effective_block((1, 2, 2, 8), (4, 4, 0)) == (2, 2, 8)
 
 
 def test_assemble_tiles_places_open_tiles_by_hand():
@@ -37,7 +38,7 @@ def test_assemble_tiles_places_open_tiles_by_hand():
   expected[0, 0, 2:4] = 1.0
   expected[1, 0, 0:2] = 2.0
   expected[1, 1, 2:4] = 3.0
-  np.testing.assert_array_equal(sparse.assemble_tiles(tiles, tile_mask),
+  np.testing.assert_array_equal(tiling.assemble_tiles(tiles, tile_mask),
                                 expected)
 
 
@@ -56,10 +57,10 @@ def test_sparse_conditional_equals_masked_for_every_capacity(h, tile, stride,
                                                             tile_conv):
   x, kernel = _layer(h)
   strides = (stride, stride)
-  y_base = gating.base_conv(x, kernel, 4, 'first', strides)
-  x_cond, k_cond = gating.conditional_operands(x, kernel, 4, 'first')
+  y_base = ops.base_conv(x, kernel, 4, 'first', strides)
+  x_cond, k_cond = ops.conditional_operands(x, kernel, 4, 'first')
   out = y_base.shape[1]
-  bh, _ = sparse.effective_tile((out, out), (tile, tile))
+  bh, _ = tiling.effective_tile((out, out), (tile, tile))
   # The whole input goes in; the executor reads channels 2: (C_in / G = 2).
   run = jax.jit(lambda y, m: sparse.sparse_add_conditional(
       y, x, k_cond, m, strides, tile_conv=tile_conv, cond_channels_from=2))
@@ -70,7 +71,7 @@ def test_sparse_conditional_equals_masked_for_every_capacity(h, tile, stride,
     sparse.sparse_add_conditional(y_base, x, k_cond, jnp.ones(grid, bool))
   # Exactly each capacity open, and one more (the next branch up), so every
   # capacity branch and the dense fallback run; none and all open too.
-  caps = sparse.capacities(num_tiles)
+  caps = tiling.capacities(num_tiles)
   counts = sorted({0, num_tiles} | {c for cap in caps for c in (cap, cap + 1)
                                     if c <= num_tiles})
   assert len(counts) >= min(num_tiles, 4)
@@ -79,7 +80,7 @@ def test_sparse_conditional_equals_masked_for_every_capacity(h, tile, stride,
     flat[rng.choice(num_tiles, count, replace=False)] = True
     tile_mask = jnp.asarray(flat.reshape(grid))
     mask = jnp.repeat(jnp.repeat(tile_mask, bh, 1), bh, 2)[..., None]
-    expected = y_base + mask * gating.conv(x_cond, k_cond, strides)
+    expected = y_base + mask * ops.conv(x_cond, k_cond, strides)
     np.testing.assert_allclose(run(y_base, tile_mask), expected, rtol=1e-5,
                                atol=1e-5, err_msg=f'{count} tiles open')
 
@@ -91,7 +92,7 @@ def test_sparse_gated_conv_equals_gated_conv_for_both_groupings():
                running_var=jnp.full((8,), 2.0))
   for grouping in ('first', 'diagonal'):
     for strides in ((1, 1), (2, 2)):
-      masked, mask, _ = gating.gated_conv(
+      masked, mask, _ = ops.gated_conv(
           x, kernel, threshold, groups=4, grouping=grouping, strides=strides,
           block=(2, 2, 0), **stats)
       fast, fast_mask, _ = sparse.sparse_gated_conv(
@@ -174,7 +175,7 @@ def test_stage_blocks_give_each_stage_its_tile_and_sparse_equals_masked():
 
 
 def test_stage_blocks_are_validated_with_the_bad_value_named():
-  from cdg_jax import layers
+  from cdg_jax.gating import layers
   with pytest.raises(ValueError, match=r'stage_blocks\[1\] must be three ints'):
     layers.GatingSpec(stage_blocks=((4, 4, 0), (4, 0, 0)))
   with pytest.raises(ValueError, match="read only with gating.kind='cdg'"):
@@ -192,7 +193,7 @@ def test_stage_blocks_are_validated_with_the_bad_value_named():
         'kind': 'cdg', 'block': (4, 4, 0),
         'stage_blocks': ((4, 4, 0), (2, 2, 4), (2, 2, 0), (2, 2, 0))}),
                          sparse_inference=True)
-  from cdg_jax import config_lib
+  from cdg_jax.run import config_lib
   config = config_lib.base_config()
   config.gating.stage_blocks = ((4, 4, 0),) * 3
   with pytest.raises(ValueError, match=r'3 entries for a ResNet of 4 stages'):

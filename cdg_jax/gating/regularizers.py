@@ -5,7 +5,7 @@ function of `GateTerms` below and one entry of `CDG_REGULARIZERS` (its name
 is also the value of `gating.regularizer`, `layers.REGULARIZERS`, which a
 test holds equal to this table's keys); the predictor baselines' losses are
 `KIND_REGULARIZERS`, chosen by `gating.kind`. The pure math of each form
-lives in `cdg_jax.gating` (and `cdg_jax.predictors`); this module reads the
+lives in `cdg_jax.gating` (and `cdg_jax.gating.predictors`); this module reads the
 step's inputs (parameters, densities, the network's layer costs, the
 schedules) and picks the form from the spec. docs/method.md [regulariser]
 describes the forms and where each comes from.
@@ -21,10 +21,10 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from cdg_jax import flops
-from cdg_jax import gating
-from cdg_jax import predictors
-from cdg_jax.layers import GatingSpec
+from cdg_jax.gating import flops
+from cdg_jax.gating import ops
+from cdg_jax.gating import predictors
+from cdg_jax.gating.layers import GatingSpec
 
 
 def thresholds(params) -> list[jax.Array]:
@@ -72,7 +72,7 @@ def budget_schedule(spec: GatingSpec, num_steps: int
       scale = jnp.clip(since_start / ramp, 0.0, 1.0)
     else:
       scale = (since_start >= 0).astype(jnp.float32)
-    tightness = (gating.bound_tightness(jnp.maximum(since_start, 0.0) / relax)
+    tightness = (ops.bound_tightness(jnp.maximum(since_start, 0.0) / relax)
                  if relax > 0 else jnp.zeros((), jnp.float32))
     return {'scale': scale, 'tightness': tightness}
   return schedule
@@ -154,19 +154,19 @@ class GateTerms:
 
 
 def _threshold(spec: GatingSpec, terms: GateTerms) -> jax.Array:
-  return gating.threshold_regularizer(thresholds(terms.params),
-                                      spec.threshold_target)
+  return ops.threshold_regularizer(thresholds(terms.params),
+                                   spec.threshold_target)
 
 
 def _threshold_sum(spec: GatingSpec, terms: GateTerms) -> jax.Array:
-  return gating.threshold_sum_regularizer(thresholds(terms.params),
-                                          spec.threshold_target)
+  return ops.threshold_sum_regularizer(thresholds(terms.params),
+                                       spec.threshold_target)
 
 
 def _density(spec: GatingSpec, terms: GateTerms) -> jax.Array:
   del spec
-  return gating.density_regularizer(list(terms.densities.values()),
-                                    terms.density_target)
+  return ops.density_regularizer(list(terms.densities.values()),
+                                 terms.density_target)
 
 
 def _flops_budget(spec: GatingSpec, terms: GateTerms) -> jax.Array:
@@ -174,13 +174,13 @@ def _flops_budget(spec: GatingSpec, terms: GateTerms) -> jax.Array:
     raise ValueError("gating.regularizer='flops' needs the network's layer "
                      'costs (flops.layer_costs) with its gated layers.')
   dense, effective = flops.gated_macs(terms.costs, terms.densities)
-  value = gating.flops_budget_regularizer(
+  value = ops.flops_budget_regularizer(
       effective / dense, budget_fraction(terms.costs, terms.density_target))
   if spec.budget_bounds_fraction > 0:
-    lower, upper = gating.layer_bounds(terms.density_target,
-                                       terms.budget['tightness'])
-    value = value + gating.bound_regularizer(list(terms.densities.values()),
-                                             lower, upper)
+    lower, upper = ops.layer_bounds(terms.density_target,
+                                    terms.budget['tightness'])
+    value = value + ops.bound_regularizer(list(terms.densities.values()),
+                                          lower, upper)
   return terms.budget['scale'] * value
 
 

@@ -20,9 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cdg_jax import gating
-from cdg_jax import predictors
-from cdg_jax import sparse
+from cdg_jax.gating import ops
+from cdg_jax.gating import predictors
+from cdg_jax.gating import sparse
+from cdg_jax.gating import sparse_training
 
 # Gating kinds: dense, CDG, and the predictor baselines of docs/method.md [baselines]
 # (a feature-boosting-style channel predictor and a dual-gating-style spatial
@@ -102,7 +103,7 @@ class GatingSpec:
       grouping; G must then divide C_out too). Same FLOPs.
     block: (bh, bw, bc) decision granularity; (1, 1, 1) is unstructured;
       bc = 0 covers all output channels: a tile of bh x bw positions, which
-      `cdg_jax.sparse` can skip at inference. A block larger than a feature
+      `cdg_jax.gating.sparse` can skip at inference. A block larger than a feature
       map is clamped to the map (see `gating.effective_block`).
     stage_blocks: CDG only: one (bh, bw, bc) per stage of the ResNet, used
       instead of `block` by that stage's gated layers (the stem, if gated,
@@ -118,7 +119,7 @@ class GatingSpec:
     gumbel_temperature: temperature of the spatial predictor's Gumbel-sigmoid
       (its straight-through gradient is that of sigmoid(z / temperature)).
     sparse_training: ours: training computes the conditional path at the
-      open tiles only, forward and backward (`sparse.sparse_train_gated_conv`),
+      open tiles only, forward and backward (`sparse_training.sparse_train_gated_conv`),
       instead of everywhere and masked; needs CDG with tile-structured gates
       (`block` and every `stage_blocks` entry (bh, bw, 0)). The outputs,
       masks and every gradient but the gate's at closed tiles are the masked
@@ -175,7 +176,7 @@ class GatingSpec:
       'flops' -- one FLOPs budget for the network (ours to add; the form of
       DynConv, DGNet and Krishna et al., not known to be the paper's):
       (F_gated / F_dense - t)^2 over the gated layers' MACs as
-      `cdg_jax.flops` counts them, t the fraction those layers run when
+      `cdg_jax.gating.flops` counts them, t the fraction those layers run when
       their MAC-weighted mean density is `density_target`; the layers share
       the budget (one may stay open if others close more), optionally with
       per-layer bounds (`budget_bounds_fraction`) and a late start
@@ -246,10 +247,10 @@ class GatingSpec:
     _one_of('predictor_saliency', self.predictor_saliency,
             predictors.PREDICTOR_SALIENCIES)
     _one_of('regularizer', self.regularizer, REGULARIZERS)
-    _one_of('grouping', self.grouping, gating.GROUPINGS)
-    _one_of('surrogate', self.surrogate, gating.SURROGATES)
+    _one_of('grouping', self.grouping, ops.GROUPINGS)
+    _one_of('surrogate', self.surrogate, ops.SURROGATES)
     _one_of('closed_tile_gradient', self.closed_tile_gradient,
-            sparse.CLOSED_TILE_GRADIENTS)
+            sparse_training.CLOSED_TILE_GRADIENTS)
     for role in self.layers:
       _one_of('layers entry', role, LAYER_ROLES)
     _check_ranges(self)
@@ -260,7 +261,7 @@ class GatingSpec:
           f"gating.kind='cdg', got gating.kind={self.kind!r}.")
     if self.budget_start_fraction + self.budget_ramp_fraction > 1.0:
       raise ValueError(
-          f'gating.budget_start_fraction + gating.budget_ramp_fraction = '
+          f'gating.budget_start_fraction + ops.budget_ramp_fraction = '
           f'{self.budget_start_fraction} + {self.budget_ramp_fraction} > 1: '
           f'the budget would never reach full weight.')
     if self.kind != 'none':
@@ -516,7 +517,7 @@ class GatedConv(nn.Module):
   # per call. The gate decision is float32 whatever this is (gated_conv).
   dtype: Any = jnp.float32
   # Inference (train=False) only: skip the conditional path of closed tiles
-  # (cdg_jax.sparse); needs CDG with tile-structured gates, block (bh, bw, 0).
+  # (cdg_jax.gating.sparse); needs CDG with tile-structured gates, block (bh, bw, 0).
   sparse_inference: bool = False
   # 'gated', 'open' (every gate open: Y_base + Y_cond, the dense conv) or
   # 'partner' (first half of the batch gated, second half open); see
@@ -579,7 +580,7 @@ class GatedConv(nn.Module):
   def _convolve(self, x: jax.Array, kernel: jax.Array, train: bool,
                 stat_groups: int) -> jax.Array:
     if self.gating is None:
-      return gating.conv(x, kernel, self.strides)
+      return ops.conv(x, kernel, self.strides)
     spec = self.gating
     if spec.kind == 'spatial_predictor':
       return self._spatial_predictor(x, kernel, train)
@@ -587,7 +588,7 @@ class GatedConv(nn.Module):
     if self.gate_mode == 'gated' or self.is_initializing():
       return self._cdg(x, kernel, train, stat_groups)
     if self.gate_mode == 'open':
-      return gating.conv(x, kernel, self.strides)
+      return ops.conv(x, kernel, self.strides)
     n = x.shape[0] // 2
     if x.shape[0] != 2 * n:
       raise ValueError(f"gate_mode='partner' needs a batch of two equal "
@@ -596,7 +597,7 @@ class GatedConv(nn.Module):
     # running averages) come from its own samples only, never from the
     # dense path's.
     gated = self._cdg(x[:n], kernel, train, 1)
-    return jnp.concatenate([gated, gating.conv(x[n:], kernel, self.strides)])
+    return jnp.concatenate([gated, ops.conv(x[n:], kernel, self.strides)])
 
   def _cdg(self, x: jax.Array, kernel: jax.Array, train: bool,
            stat_groups: int) -> jax.Array:
@@ -621,7 +622,7 @@ class GatedConv(nn.Module):
       self._sow(mask)
       return y
     if spec.sparse_training and train and not self.is_initializing():
-      y, mask, (mean, var) = sparse.sparse_train_gated_conv(
+      y, mask, (mean, var) = sparse_training.sparse_train_gated_conv(
           x, kernel, threshold, groups=spec.groups, grouping=spec.grouping,
           strides=self.strides, block=spec.block, alpha=spec.alpha,
           epsilon=spec.epsilon, norm=spec.saliency_norm,
@@ -631,7 +632,7 @@ class GatedConv(nn.Module):
           sample_fraction=spec.closed_tile_sample,
           rng=self._closed_tile_rng())
     else:
-      y, mask, (mean, var) = gating.gated_conv(
+      y, mask, (mean, var) = ops.gated_conv(
           x, kernel, threshold, groups=spec.groups, strides=self.strides,
           block=spec.block, alpha=spec.alpha, epsilon=spec.epsilon,
           norm=spec.saliency_norm, num_groups=stat_groups,

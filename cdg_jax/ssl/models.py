@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cdg_jax.gating import BlockTilingError
-from cdg_jax.layers import check_gate_mode, GatedConv, GatingSpec
+from cdg_jax.gating.layers import check_gate_mode, GatedConv, GatingSpec
+from cdg_jax.gating.ops import BlockTilingError
 
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
@@ -154,7 +154,7 @@ class ResNet(nn.Module):
       parameters, BatchNorm statistics and gate decisions stay float32, and
       the pooled features are returned in float32.
     sparse_inference: with `train=False`, gated layers skip the conditional
-      work of closed tiles (`cdg_jax.sparse`; CDG with gating.block =
+      work of closed tiles (`cdg_jax.gating.sparse`; CDG with gating.block =
       (bh, bw, 0), and `stage_blocks` so if set). Same outputs as the
       masked form; faster where gates are closed.
     gate_mode: 'gated' (default), 'open' (every CDG gate open: the dense

@@ -27,9 +27,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cdg_jax import config_lib
-from cdg_jax import layers
-from cdg_jax import models
+from cdg_jax.gating import layers
+from cdg_jax.run import config_lib
+from cdg_jax.ssl import models
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'

@@ -15,12 +15,12 @@ import dataclasses
 
 import ml_collections
 
-from cdg_jax import augment
-from cdg_jax import evaluation
-from cdg_jax import input_pipeline
-from cdg_jax import layers
-from cdg_jax import models
-from cdg_jax import pretraining
+from cdg_jax.data import augment
+from cdg_jax.data import input_pipeline
+from cdg_jax.evaluators import evaluation
+from cdg_jax.gating import layers
+from cdg_jax.ssl import models
+from cdg_jax.ssl import pretraining
 
 # Protocols of `linear_eval.protocol` (described in cdg_jax/linear_eval.py).
 LINEAR_PROTOCOLS = ('fast', 'augmented')
@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
       # normalisation, threshold comparison) stay float32 either way.
       dtype='float32'))
   config.gating = gating_config()
-  # Self-supervised framework and its heads (see cdg_jax/pretraining.py).
+  # Self-supervised framework and its heads (see cdg_jax/ssl/pretraining.py).
   config.framework = 'simclr'      # a key of pretraining.FRAMEWORK_TABLE
   config.ssl = ml_collections.ConfigDict(dict(
       projector_hidden_dims=(2048,),
@@ -88,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.cpu_devices = 0           # CPU only: devices to split the host into
                                    # (0: one per core; 1: leave XLA alone)
   config.plot_images = 4           # test images in the end-of-run mask plot
-  # Input pipeline (cdg_jax/input_pipeline.py).
+  # Input pipeline (cdg_jax/data/input_pipeline.py).
   config.data = ml_collections.ConfigDict(dict(
       source='tfds',               # 'tfds' | 'npz' | 'fake'
       dataset='cifar10',           # tfds: cifar10 | cifar100 | imagenet100 |
@@ -105,10 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
                                    # instead of the test set (model selection)
       prefetch=2,                  # host batches prepared ahead
   ))
-  # On-device augmentation (cdg_jax/augment.py); mean/std per dataset.
+  # On-device augmentation (cdg_jax/data/augment.py); mean/std per dataset.
   config.augment = augment.augment_preset('simclr_cifar', 32)
   config.augment.image_size = config.data.get_ref('image_size')
-  # Evaluation (cdg_jax/evaluation.py): weighted kNN monitor (bank = train
+  # Evaluation (cdg_jax/evaluators/evaluation.py): weighted kNN monitor (bank = train
   # split, queries = test split) and FLOPs measured on the test split.
   config.eval = ml_collections.ConfigDict(dict(
       knn_k=evaluation.DEFAULT_KNN_K,
@@ -311,7 +311,7 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
   unknown = sorted(_field_paths(config) - known)
   if unknown:
     raise ValueError(f'Unknown config field(s) {unknown}: not defined in '
-                     f'cdg_jax.config_lib.base_config() (a typo?).')
+                     f'cdg_jax.run.config_lib.base_config() (a typo?).')
 
 
 def _problems(config: ml_collections.ConfigDict

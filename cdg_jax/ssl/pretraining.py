@@ -38,18 +38,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cdg_jax import augment
-from cdg_jax import flops
-from cdg_jax import input_pipeline
-from cdg_jax import losses
-from cdg_jax import models
-from cdg_jax import parallel
-from cdg_jax import regularizers
-from cdg_jax.layers import AUX_COLLECTION
-from cdg_jax.layers import CLOSED_TILE_RNG
-from cdg_jax.layers import DENSITY_COLLECTION
-from cdg_jax.layers import GatingSpec
-from cdg_jax.layers import GUMBEL_RNG
+from cdg_jax.data import augment
+from cdg_jax.data import input_pipeline
+from cdg_jax.gating import flops
+from cdg_jax.gating import regularizers
+from cdg_jax.gating.layers import AUX_COLLECTION
+from cdg_jax.gating.layers import CLOSED_TILE_RNG
+from cdg_jax.gating.layers import DENSITY_COLLECTION
+from cdg_jax.gating.layers import GatingSpec
+from cdg_jax.gating.layers import GUMBEL_RNG
+from cdg_jax.run import parallel
+from cdg_jax.ssl import losses
+from cdg_jax.ssl import models
 
 OPTIMIZERS = ('lars', 'sgd')
 # The target encoder's EMA decay over training (`ssl.tau_schedule`).

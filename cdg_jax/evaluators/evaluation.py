@@ -38,13 +38,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cdg_jax import augment
-from cdg_jax import batching
-from cdg_jax import flops
-from cdg_jax import input_pipeline
-from cdg_jax import models
-from cdg_jax import parallel
-from cdg_jax.layers import DENSITY_COLLECTION
+from cdg_jax.data import augment
+from cdg_jax.data import batching
+from cdg_jax.data import input_pipeline
+from cdg_jax.gating import flops
+from cdg_jax.gating.layers import DENSITY_COLLECTION
+from cdg_jax.run import parallel
+from cdg_jax.ssl import models
 
 # Defaults of `config.eval` (used when a config, e.g. an old run's, lacks it).
 DEFAULT_KNN_K = 200

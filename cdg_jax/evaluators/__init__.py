@@ -1,0 +1,1 @@
+"""Evaluation of a pretrained backbone: kNN, linear probes, test-set FLOPs."""
