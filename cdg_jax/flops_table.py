@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from cdg_jax.data import input_pipeline
-from cdg_jax.evaluators import evaluation
+from cdg_jax.evaluators import extraction
+from cdg_jax.evaluators import gate_flops
 from cdg_jax.gating import flops
 from cdg_jax.gating import layers
 from cdg_jax.run import checkpoints
@@ -38,11 +39,11 @@ def trained_report(workdir: str) -> tuple[Any, flops.FlopsReport]:
   config, backbone, variables = checkpoints.load_backbone(workdir)
   source = input_pipeline.create_source(config.data)
   mesh = parallel.make_mesh()
-  batch_size = evaluation.eval_batch_size(config.eval.batch_size, mesh)
-  densities = evaluation.extract_features(
+  batch_size = extraction.eval_batch_size(config.eval.batch_size, mesh)
+  densities = extraction.extract_features(
       backbone, variables, source, 'test', batch_size, config.augment,
       mesh)['densities']
-  return config, evaluation.test_set_flops(backbone, variables, densities,
+  return config, gate_flops.test_set_flops(backbone, variables, densities,
                                            config.data.image_size)
 
 

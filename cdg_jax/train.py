@@ -28,9 +28,10 @@ import jax
 import numpy as np
 import tqdm
 
+from cdg_jax import evaluators
 from cdg_jax.data import batching
 from cdg_jax.data import input_pipeline
-from cdg_jax.evaluators import evaluation
+from cdg_jax.evaluators import extraction
 from cdg_jax.gating import layers
 from cdg_jax.gating import regularizers
 from cdg_jax.run import checkpoints
@@ -228,10 +229,10 @@ def check_shapes(config, settings: pretraining.Settings,
                  (config.batch_size, height, width, channels), np.uint8),
              'label': jax.ShapeDtypeStruct((config.batch_size,), np.int32)}
     jax.eval_shape(run.train_step, state, batch)
-    backbone = evaluation.inference_backbone(
+    backbone = extraction.inference_backbone(
         models.create_resnet(config.model, settings.gating), config.eval)
     eval_images = jax.ShapeDtypeStruct(
-        (evaluation.eval_batch_size(config.eval.batch_size, mesh), height,
+        (extraction.eval_batch_size(config.eval.batch_size, mesh), height,
          width, channels), np.float32)
     jax.eval_shape(
         lambda variables, x: backbone.apply(
@@ -296,7 +297,7 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
       config.data.prefetch)
   state, step, last_metrics = _train_loop(
       config, state, train_step, batches, manager, writer, start_step,
-      total_steps, evaluate=lambda state: evaluation.knn_eval(
+      total_steps, evaluate=lambda state: evaluators.knn_eval(
           backbone, backbone_variables(state), source, config.eval,
           config.augment, mesh), spec=spec)
   variables = backbone_variables(state)
@@ -443,19 +444,19 @@ def _final_evaluation(config, spec, backbone, variables, source, mesh,
   after a dense-partner run), written to the metrics at `step`.
 
   Returns:
-    (knn_eval's dict, the dense path's {'knn_top1', 'knn_top5',
-    'flops_reduction'} or None).
+    (`evaluators.knn_eval`'s dict, the dense path's {'knn_top1',
+    'knn_top5', 'flops_reduction'} or None).
   """
-  knn = evaluation.knn_eval(backbone, variables, source, config.eval,
-                            config.augment, mesh)
+  context = evaluators.context_for(backbone, variables, source, config.eval,
+                                   config.augment, mesh)
+  results = evaluators.evaluate(evaluators.KNN_EVALUATORS, context)
+  knn = {key: results[key] for key in evaluators.KNN_EVAL_KEYS}
   writer.write_scalars(step, _eval_scalars(knn))
   dense_network = None
   if spec.has_dense_partner:
     # One dense-partner run trains two networks: report the dense one too.
-    dense_knn = evaluation.knn_eval(models.dense_path(backbone), variables,
-                                    source, config.eval, config.augment, mesh)
-    dense_network = {k: dense_knn[k] for k in
-                     ('knn_top1', 'knn_top5', 'flops_reduction')}
+    dense_network = evaluators.evaluate_dense_path(
+        evaluators.KNN_EVALUATORS, context, ('knn_top1', 'knn_top5', 'flops_reduction'))
     writer.write_scalars(step, {f'eval_dense/{k}': v
                                 for k, v in dense_network.items()})
   return knn, dense_network

@@ -16,7 +16,6 @@ from cdg_jax import linear_eval
 from cdg_jax import train
 from cdg_jax.gating.layers import GatingSpec
 from cdg_jax.run import checkpoints
-from cdg_jax.run import config_lib
 from cdg_jax.run import memory
 from cdg_jax.run import plots
 from cdg_jax.run import run_control
@@ -132,8 +131,6 @@ def test_linear_eval_settings_are_refused_before_the_backbone_is_loaded(
     with pytest.raises(ValueError, match=r'linear_eval\.epochs=0 must be a '
                                          r'positive number'):
       linear_eval.run_linear_eval(config, missing)
-  # One list of protocols: the checks' and the command's.
-  assert set(config_lib.LINEAR_PROTOCOLS) == set(linear_eval.PROTOCOLS)
   config = load_config('simclr_cifar10')
   config.linear_eval.augmented.crop_scale = (0.5, 0.2)
   with pytest.raises(ValueError, match=r'crop_scale=\(0\.5, 0\.2\) must be'):

@@ -17,13 +17,15 @@ import ml_collections
 
 from cdg_jax.data import augment
 from cdg_jax.data import input_pipeline
-from cdg_jax.evaluators import evaluation
+from cdg_jax.evaluators import extraction
+from cdg_jax.evaluators import knn
+from cdg_jax.evaluators import linear
 from cdg_jax.gating import layers
 from cdg_jax.ssl import models
 from cdg_jax.ssl import pretraining
 
-# Protocols of `linear_eval.protocol` (described in cdg_jax/linear_eval.py).
-LINEAR_PROTOCOLS = ('fast', 'augmented')
+# Protocols of `linear_eval.protocol` (described in cdg_jax/evaluators/linear.py).
+LINEAR_PROTOCOLS = tuple(linear.PROTOCOLS)
 # Feature normalisation of the augmented protocol (`linear_eval.augmented.
 # feature_norm`).
 FEATURE_NORMS = ('batchnorm', 'none')
@@ -108,12 +110,12 @@ def base_config() -> ml_collections.ConfigDict:
   # On-device augmentation (cdg_jax/data/augment.py); mean/std per dataset.
   config.augment = augment.augment_preset('simclr_cifar', 32)
   config.augment.image_size = config.data.get_ref('image_size')
-  # Evaluation (cdg_jax/evaluators/evaluation.py): weighted kNN monitor (bank = train
+  # Evaluation (cdg_jax/evaluators/): weighted kNN monitor (bank = train
   # split, queries = test split) and FLOPs measured on the test split.
   config.eval = ml_collections.ConfigDict(dict(
-      knn_k=evaluation.DEFAULT_KNN_K,
-      knn_temperature=evaluation.DEFAULT_KNN_TEMPERATURE,
-      batch_size=evaluation.DEFAULT_EVAL_BATCH_SIZE,  # rounded up to a
+      knn_k=knn.DEFAULT_KNN_K,
+      knn_temperature=knn.DEFAULT_KNN_TEMPERATURE,
+      batch_size=extraction.DEFAULT_EVAL_BATCH_SIZE,  # rounded up to a
                                    # multiple of the devices
       every_steps=0,
       sparse_inference=False,      # skip closed tiles (CDG with gating.block
@@ -337,7 +339,7 @@ def _problems(config: ml_collections.ConfigDict
   problems += pretraining.config_problems(config)
   problems += models.config_problems(config.model)
   problems += input_pipeline.config_problems(config.data)
-  problems += evaluation.config_problems(config.eval)
+  problems += extraction.config_problems(config.eval)
   problems += linear_eval_problems(config.linear_eval.to_dict())
   try:
     spec = layers.GatingSpec.from_config(config.gating)

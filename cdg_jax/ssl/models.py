@@ -342,6 +342,6 @@ def dense_path(backbone: ResNet) -> ResNet:
   gated layer computes Y_base + Y_cond, its full convolution, and under
   `partner_norm='separate'` the dense path's own BatchNorm layers are used.
   For a CDG network trained otherwise it is the gates-forced-open diagnostic
-  (`evaluation.open_gates`). A dense network is returned unchanged.
+  (`cdg_jax.evaluators.extraction.open_gates`). A dense network is returned unchanged.
   """
   return backbone.clone(gate_mode='open')
