@@ -245,34 +245,30 @@ def check_shapes(config, settings: pretraining.Settings,
         f'{config.data.source!r}): {e}') from e
 
 
-def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
-                        source, mesh, start_time,
-                        changes: dict[str, tuple[Any, Any]]
-                        ) -> dict[str, Any]:
-  """`train_and_evaluate` once the config, data and workdir are checked."""
-  is_main = jax.process_index() == 0
-  total_steps = settings.total_steps
-  run = pretraining.assemble(settings)
-  backbone = models.create_resnet(config.model, settings.gating)
-
+def _restore_or_init(run: pretraining.Pretraining, config, workdir, mesh):
+  """The train state (resumed from the workdir's latest checkpoint if any)
+  and its checkpoint manager."""
   state = _create_state(run, config.seed, mesh)
   manager = checkpoints.checkpoint_manager(workdir, config.checkpoint.keep)
   restored = checkpoints.restore_latest(
       manager, state, os.path.join(workdir, checkpoints.DAMAGED_DIR))
   if restored is not None:
     state = restored
-    if is_main:
+    if jax.process_index() == 0:
       print(f'Resumed from {manager.directory} at step {int(state.step)}.',
             flush=True)
-  start_step = int(state.step)
+  return state, manager
 
-  writer = metric_logging.create_writer(workdir, is_main, METRICS_FILE,
-                                        resume_step=start_step)
+
+def _record_changes(writer, workdir, start_step: int,
+                    changes: dict[str, tuple[Any, Any]]):
+  """Records training fields changed on a resume (`checkpoints.
+  check_compatible`); returns them with the step they took effect at."""
   config_changes = checkpoints.record_changes(workdir, start_step, changes)
   if changes:
     # Going on (not refused): a resume with a lower learning rate or
     # gating.alpha is the fix the divergence message itself suggests.
-    if is_main:
+    if jax.process_index() == 0:
       print(f'Resumed at step {start_step} with changed training fields: '
             f'{checkpoints.describe_changes(changes)}. Steps from '
             f'{start_step} on train under them; the change is recorded in '
@@ -281,13 +277,28 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
     writer.write_texts(start_step, {
         f'config_change/{key}': f'{before!r} -> {after!r}'
         for key, (before, after) in changes.items()})
+  return config_changes
+
+
+def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
+                        source, mesh, start_time,
+                        changes: dict[str, tuple[Any, Any]]
+                        ) -> dict[str, Any]:
+  """`train_and_evaluate` once the config, data and workdir are checked."""
+  run = pretraining.assemble(settings)
+  backbone = models.create_resnet(config.model, settings.gating)
+  state, manager = _restore_or_init(run, config, workdir, mesh)
+  start_step = int(state.step)
+  is_main = jax.process_index() == 0
+  writer = metric_logging.create_writer(workdir, is_main, METRICS_FILE,
+                                        resume_step=start_step)
+  config_changes = _record_changes(writer, workdir, start_step, changes)
   if start_step == 0:
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams(scalar_hparams(config, settings.gating))
 
-  costs = run.costs
   spec = settings.gating
-  budget_note = regularizers.describe_budget(spec, costs)
+  budget_note = regularizers.describe_budget(spec, run.costs)
   if is_main and budget_note:
     print(budget_note, flush=True)
   train_step = pretraining.jit_train_step(run.train_step, mesh)
@@ -297,7 +308,7 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
       config.data.prefetch)
   state, step, last_metrics = _train_loop(
       config, state, train_step, batches, manager, writer, start_step,
-      total_steps, evaluate=lambda state: evaluators.knn_eval(
+      settings.total_steps, evaluate=lambda state: evaluators.knn_eval(
           backbone, backbone_variables(state), source, config.eval,
           config.augment, mesh), spec=spec)
   variables = backbone_variables(state)
@@ -321,7 +332,7 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
       'wall_time_s': time.time() - start_time,
       **knn,
       **({'dense_network': dense_network} if dense_network else {}),
-      **({'gate_budget': regularizers.budget_summary(spec, costs)}
+      **({'gate_budget': regularizers.budget_summary(spec, run.costs)}
          if budget_note else {}),
       # Training fields changed on a resume, each with the step it took
       # effect at (checkpoints.check_compatible).
@@ -329,20 +340,27 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
       'last_train_metrics': {k: v for k, v in last_metrics.items()
                              if not k.startswith('density/')},
   }
+  _write_outputs(config, workdir, summary, backbone, variables, source, knn)
+  return summary
+
+
+def _write_outputs(config, workdir, summary, backbone, variables, source,
+                   knn) -> None:
+  """The exported backbone, summary.json, the gate plots, the console."""
   checkpoints.export_backbone(workdir, variables['params'],
                               variables['batch_stats'])
-  if is_main:
-    with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
-      json.dump(summary, f, indent=2, default=float)
-    if config.plot_images > 0:
-      test_images = next(iter(source.eval_batches('test', config.plot_images)))
-      plots.write_run_plots(workdir, backbone, jax.device_get(variables),
-                            test_images['image'][:config.plot_images],
-                            config.augment, knn.get('layer_density'),
-                            knn.get('layer_flops_share'),
-                            source.eval_split_name)
-    print(format_summary(summary), flush=True)
-  return summary
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
+    json.dump(summary, f, indent=2, default=float)
+  if config.plot_images > 0:
+    test_images = next(iter(source.eval_batches('test', config.plot_images)))
+    plots.write_run_plots(workdir, backbone, jax.device_get(variables),
+                          test_images['image'][:config.plot_images],
+                          config.augment, knn.get('layer_density'),
+                          knn.get('layer_flops_share'),
+                          source.eval_split_name)
+  print(format_summary(summary), flush=True)
 
 
 def nonfinite_state_message(paths: list[str], step: int, manager, config,

@@ -25,10 +25,17 @@ from cdg_jax.gating import predictors
 from cdg_jax.gating import sparse
 from cdg_jax.gating import sparse_training
 
-# Gating kinds: dense, CDG, and the predictor baselines of docs/method.md [baselines]
-# (a feature-boosting-style channel predictor and a dual-gating-style spatial
-# predictor).
-GATING_KINDS = ('none', 'cdg', 'channel_predictor', 'spatial_predictor')
+# Gating kinds -> the `GatedConv` method computing each (with its norm): dense,
+# CDG, and the predictor baselines of docs/method.md [baselines] (a
+# feature-boosting-style channel predictor and a dual-gating-style spatial
+# predictor). A new kind is one method and one entry.
+FORWARD_OF_KIND = {
+    'none': '_plain',
+    'cdg': '_cdg_in_mode',
+    'channel_predictor': '_channel_predictor',
+    'spatial_predictor': '_spatial_predictor',
+}
+GATING_KINDS = tuple(FORWARD_OF_KIND)
 PREDICTOR_KINDS = ('channel_predictor', 'spatial_predictor')
 # Roles of the convolutions of a ResNet; `gating.layers` selects among them.
 LAYER_ROLES = ('stem', 'block_3x3', 'block_1x1', 'shortcut')
@@ -549,11 +556,9 @@ class GatedConv(nn.Module):
     kernel = self.param('kernel', self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features))
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    spec = self.gating
-    if spec is not None and spec.kind == 'channel_predictor':
-      return self._channel_predictor(x, kernel, norm)
-    y = self._convolve(x, kernel, train, stat_groups)
-    return y if norm is None else norm(y)
+    kind = 'none' if self.gating is None else self.gating.kind
+    forward = getattr(self, FORWARD_OF_KIND[kind])
+    return forward(x, kernel, train, stat_groups, norm)
 
   def _check_input(self, x: jax.Array) -> None:
     """ValueError naming what a gated convolution takes, before any op."""
@@ -577,27 +582,35 @@ class GatedConv(nn.Module):
             f'input channels, got an input of shape {tuple(x.shape)} '
             f'({x.shape[-1]} channels).')
 
-  def _convolve(self, x: jax.Array, kernel: jax.Array, train: bool,
-                stat_groups: int) -> jax.Array:
-    if self.gating is None:
-      return ops.conv(x, kernel, self.strides)
+  def _plain(self, x: jax.Array, kernel: jax.Array, train: bool,
+             stat_groups: int, norm: Callable[[jax.Array], jax.Array] | None
+             ) -> jax.Array:
+    del train, stat_groups   # nothing gated
+    y = ops.conv(x, kernel, self.strides)
+    return y if norm is None else norm(y)
+
+  def _cdg_in_mode(self, x: jax.Array, kernel: jax.Array, train: bool,
+                   stat_groups: int,
+                   norm: Callable[[jax.Array], jax.Array] | None
+                   ) -> jax.Array:
+    """CDG in `gate_mode`: gated, every gate open, or the partner halves."""
     spec = self.gating
-    if spec.kind == 'spatial_predictor':
-      return self._spatial_predictor(x, kernel, train)
     check_gate_mode(self.gate_mode, spec)
     if self.gate_mode == 'gated' or self.is_initializing():
-      return self._cdg(x, kernel, train, stat_groups)
-    if self.gate_mode == 'open':
-      return ops.conv(x, kernel, self.strides)
-    n = x.shape[0] // 2
-    if x.shape[0] != 2 * n:
-      raise ValueError(f"gate_mode='partner' needs a batch of two equal "
-                       f"halves (gated, open), got {x.shape[0]} samples.")
-    # The gated half is one branch: its saliency statistics (and their
-    # running averages) come from its own samples only, never from the
-    # dense path's.
-    gated = self._cdg(x[:n], kernel, train, 1)
-    return jnp.concatenate([gated, ops.conv(x[n:], kernel, self.strides)])
+      y = self._cdg(x, kernel, train, stat_groups)
+    elif self.gate_mode == 'open':
+      y = ops.conv(x, kernel, self.strides)
+    else:
+      n = x.shape[0] // 2
+      if x.shape[0] != 2 * n:
+        raise ValueError(f"gate_mode='partner' needs a batch of two equal "
+                         f"halves (gated, open), got {x.shape[0]} samples.")
+      # The gated half is one branch: its saliency statistics (and their
+      # running averages) come from its own samples only, never from the
+      # dense path's.
+      gated = self._cdg(x[:n], kernel, train, 1)
+      y = jnp.concatenate([gated, ops.conv(x[n:], kernel, self.strides)])
+    return y if norm is None else norm(y)
 
   def _cdg(self, x: jax.Array, kernel: jax.Array, train: bool,
            stat_groups: int) -> jax.Array:
@@ -666,10 +679,16 @@ class GatedConv(nn.Module):
       self.sow(DENSITY_COLLECTION, 'density', jnp.mean(mask, axis=(1, 2, 3)))
       self.sow(MASK_COLLECTION, 'mask', mask)
 
-  def _channel_predictor(self, x: jax.Array, kernel: jax.Array,
+  def _channel_predictor(self, x: jax.Array, kernel: jax.Array, train: bool,
+                         stat_groups: int,
                          norm: Callable[[jax.Array], jax.Array] | None
                          ) -> jax.Array:
-    """FBS-style: dense conv times (top-k mask * saliency) per channel."""
+    """FBS-style: dense conv times (top-k mask * saliency) per channel.
+
+    The norm goes between the convolution and the channel scaling (FBS
+    order; see `predictors.channel_predictor_conv`).
+    """
+    del train, stat_groups   # the same computation in both modes
     spec = self.gating
     c_in, c_out = x.shape[-1], self.features
     hidden = predictors.predictor_hidden(c_in)
@@ -693,9 +712,12 @@ class GatedConv(nn.Module):
                jnp.sum(jnp.abs(saliency), axis=-1))
     return y
 
-  def _spatial_predictor(self, x: jax.Array, kernel: jax.Array,
-                         train: bool) -> jax.Array:
+  def _spatial_predictor(self, x: jax.Array, kernel: jax.Array, train: bool,
+                         stat_groups: int,
+                         norm: Callable[[jax.Array], jax.Array] | None
+                         ) -> jax.Array:
     """Dual-gating-style: dense conv times a Gumbel-sigmoid block mask."""
+    del stat_groups   # the mask is per sample
     spec = self.gating
     pred_kernel = self.param('predictor_kernel', nn.initializers.lecun_normal(),
                              (3, 3, x.shape[-1], 1))
@@ -712,4 +734,5 @@ class GatedConv(nn.Module):
         x, kernel, pred_kernel, pred_bias, block=spec.block,
         temperature=spec.gumbel_temperature, rng=rng, strides=self.strides)
     self._sow(mask)
-    return y
+    return y if norm is None else norm(y)
+

@@ -30,8 +30,6 @@ LINEAR_PROTOCOLS = tuple(linear.PROTOCOLS)
 # feature_norm`).
 FEATURE_NORMS = ('batchnorm', 'none')
 
-VARIANTS = ('smoke', 'dense', 'structured', 'tiles', 'channel_predictor',
-            'spatial_predictor', 'dense_partner')
 
 
 def gating_config() -> ml_collections.ConfigDict:
@@ -229,9 +227,67 @@ def recipe_config(framework: str, dataset: str,
   return config
 
 
+def _smoke(config: ml_collections.ConfigDict) -> None:
+  """A tiny network on synthetic data, for runs that finish in seconds."""
+  config.model.name = 'resnet10'
+  config.model.width = 8
+  config.data.source = 'fake'
+  config.data.image_size = 16
+  config.data.fake_num_train = 512
+  config.data.fake_num_test = 200
+  config.ssl.projector_hidden_dims = (64,)
+  config.ssl.projector_dim = 32
+  if config.ssl.predictor_dim > 0:
+    config.ssl.predictor_hidden_dims = (64,)
+    config.ssl.predictor_dim = 32
+  config.ssl.queue_size = 128
+  config.batch_size = 32
+  config.num_steps = 20
+  config.optim.warmup_epochs = 0.0
+  config.log_every_steps = 5
+  config.checkpoint.every_steps = 10
+
+
+def _dense(config: ml_collections.ConfigDict) -> None:
+  # Every other gating field is unread without gates (and refused when
+  # set): the dense run of a config file that tunes its gates.
+  config.gating = gating_config()
+  config.gating.kind = 'none'
+
+
+def _dense_partner(config: ml_collections.ConfigDict) -> None:
+  # A framework with a target encoder leaves it dense instead.
+  has_target = pretraining.FRAMEWORK_TABLE[config.framework].target
+  config.gating.branches = 'online' if has_target else 'dense_partner'
+
+
+def _gating_fields(**fields):
+  def apply(config: ml_collections.ConfigDict) -> None:
+    for name, value in fields.items():
+      config.gating[name] = value
+  return apply
+
+
+# Variant name -> what it changes (see `apply_variants`); a new variant is
+# one entry.
+VARIANT_TABLE = {
+    'smoke': _smoke,
+    'dense': _dense,
+    'structured': _gating_fields(block=(2, 2, 4)),
+    'tiles': _gating_fields(block=(4, 4, 0)),
+    # FBS-style L1 on the saliencies.
+    'channel_predictor': _gating_fields(kind='channel_predictor',
+                                        density_target=0.5, weight=1e-4),
+    'spatial_predictor': _gating_fields(kind='spatial_predictor',
+                                        density_target=0.5, weight=1.0),
+    'dense_partner': _dense_partner,
+}
+VARIANTS = tuple(VARIANT_TABLE)
+
+
 def apply_variants(config: ml_collections.ConfigDict,
                    arg: str | None) -> ml_collections.ConfigDict:
-  """Applies comma-separated variants: smoke, dense, structured.
+  """Applies comma-separated variants (`VARIANT_TABLE`), in order.
 
   smoke: tiny network on synthetic data, for runs that finish in seconds.
   dense: the same run without gating (`gating.kind='none'`, the other
@@ -248,48 +304,10 @@ def apply_variants(config: ml_collections.ConfigDict,
     (dense target) for MoCo v2 and BYOL.
   """
   for variant in [v.strip() for v in (arg or '').split(',') if v.strip()]:
-    if variant == 'smoke':
-      config.model.name = 'resnet10'
-      config.model.width = 8
-      config.data.source = 'fake'
-      config.data.image_size = 16
-      config.data.fake_num_train = 512
-      config.data.fake_num_test = 200
-      config.ssl.projector_hidden_dims = (64,)
-      config.ssl.projector_dim = 32
-      if config.ssl.predictor_dim > 0:
-        config.ssl.predictor_hidden_dims = (64,)
-        config.ssl.predictor_dim = 32
-      config.ssl.queue_size = 128
-      config.batch_size = 32
-      config.num_steps = 20
-      config.optim.warmup_epochs = 0.0
-      config.log_every_steps = 5
-      config.checkpoint.every_steps = 10
-    elif variant == 'dense':
-      # Every other gating field is unread without gates (and refused when
-      # set): the dense run of a config file that tunes its gates.
-      config.gating = gating_config()
-      config.gating.kind = 'none'
-    elif variant == 'structured':
-      config.gating.block = (2, 2, 4)
-    elif variant == 'tiles':
-      config.gating.block = (4, 4, 0)
-    elif variant == 'channel_predictor':
-      config.gating.kind = 'channel_predictor'
-      config.gating.density_target = 0.5
-      config.gating.weight = 1e-4      # FBS-style L1 on the saliencies
-    elif variant == 'dense_partner':
-      # A framework with a target encoder leaves it dense instead.
-      has_target = pretraining.FRAMEWORK_TABLE[config.framework].target
-      config.gating.branches = 'online' if has_target else 'dense_partner'
-    elif variant == 'spatial_predictor':
-      config.gating.kind = 'spatial_predictor'
-      config.gating.density_target = 0.5
-      config.gating.weight = 1.0
-    else:
+    if variant not in VARIANT_TABLE:
       raise ValueError(f'Unknown config variant {variant!r}; expected any of '
                        f'{VARIANTS}, comma-separated.')
+    VARIANT_TABLE[variant](config)
   return config
 
 

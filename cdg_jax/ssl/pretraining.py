@@ -51,7 +51,6 @@ from cdg_jax.run import parallel
 from cdg_jax.ssl import losses
 from cdg_jax.ssl import models
 
-OPTIMIZERS = ('lars', 'sgd')
 # The target encoder's EMA decay over training (`ssl.tau_schedule`).
 TAU_SCHEDULES = ('cosine', 'constant')
 _GUMBEL_SALT = 0x67756D62   # 'gumb': folds the Gumbel key out of the step key
@@ -360,26 +359,36 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def _lars(optim, schedule: optax.Schedule) -> optax.GradientTransformation:
+  return optax.lars(schedule, weight_decay=optim.weight_decay,
+                    weight_decay_mask=decay_mask,
+                    trust_coefficient=optim.trust_coefficient,
+                    trust_ratio_mask=decay_mask, momentum=optim.momentum)
+
+
+def _sgd(optim, schedule: optax.Schedule) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
+      optax.sgd(schedule, momentum=optim.momentum))
+
+
+# `optim.name` -> the optimiser, built from the `optim` block and the
+# learning-rate schedule; a new optimiser is one entry.
+OPTIMIZER_TABLE = {'lars': _lars, 'sgd': _sgd}
+OPTIMIZERS = tuple(OPTIMIZER_TABLE)
+
+
 def make_optimizer(optim, schedule: optax.Schedule
                    ) -> optax.GradientTransformation:
-  """LARS or SGD with momentum, masked weight decay.
+  """LARS or SGD with momentum, masked weight decay (`OPTIMIZER_TABLE`).
 
   Args:
     optim: the `optim` block (name, weight_decay, momentum,
       trust_coefficient).
     schedule: the learning rate (`learning_rate_schedule`).
   """
-  if optim.name == 'lars':
-    return optax.lars(schedule, weight_decay=optim.weight_decay,
-                      weight_decay_mask=decay_mask,
-                      trust_coefficient=optim.trust_coefficient,
-                      trust_ratio_mask=decay_mask, momentum=optim.momentum)
-  if optim.name == 'sgd':
-    return optax.chain(
-        optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
-        optax.sgd(schedule, momentum=optim.momentum))
-  raise ValueError(f"Unknown optim.name={optim.name!r}; expected one of "
-                   f"{', '.join(OPTIMIZERS)}.")
+  # optim.name is checked with the config (`config_problems`).
+  return OPTIMIZER_TABLE[optim.name](optim, schedule)
 
 
 # --------------------------------------------------------------- tree helpers
