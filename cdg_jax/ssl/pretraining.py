@@ -233,13 +233,7 @@ def read_settings(config, gating_spec: GatingSpec, num_train: int) -> Settings:
     config: the run config (already validated: `config_lib.validate`).
     gating_spec: its `gating` block, parsed once by the caller.
     num_train: training-set size (for the epochs and schedules).
-
-  Raises:
-    ValueError: for an unknown framework.
   """
-  if config.framework not in FRAMEWORKS:
-    raise ValueError(f'Unknown framework={config.framework!r}; expected one of '
-                     f'{", ".join(FRAMEWORKS)}.')
   per_epoch = input_pipeline.steps_per_epoch(
       num_train, config.batch_size, config.data.get('validation_size', 0))
   if config.num_steps > 0:
