@@ -179,8 +179,9 @@ def test_the_wheel_runs_the_commands_without_tensorflow(installed, tmp_path):
   assert 'reduction' in result.stdout.lower()
   # The package data came along (ImageNet-100's class list).
   listing = launch.run(
-      [python, '-c', 'import importlib.resources as r; print(r.files("cdg_jax")'
-       '.joinpath("imagenet100_classes.txt").read_text().split())'],
+      [python, '-c', 'import importlib.resources as r; print(r.files('
+       '"cdg_jax.data").joinpath("imagenet100_classes.txt").read_text()'
+       '.split())'],
       cwd=outside, capture_output=True, text=True, check=True)
   wnids = json.loads(listing.stdout.replace("'", '"'))
   assert len(wnids) == 100 and all(w.startswith('n') for w in wnids)
