@@ -101,6 +101,27 @@ def test_importing_the_gating_library_loads_no_training_stack():
   assert program == []
 
 
+MAX_FUNCTION_LINES = 80
+
+
+def _function_lengths(module_path):
+  """(function name, lines) of every function of a module, nested included."""
+  with open(module_path) as f:
+    tree = ast.parse(f.read())
+  return [(node.name, node.end_lineno - node.lineno + 1)
+          for node in ast.walk(tree)
+          if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_no_function_in_the_package_is_longer_than_80_lines():
+  too_long = sorted(
+      (os.path.relpath(path, ROOT).replace(os.sep, '/'), name, lines)
+      for path in _modules().values()
+      for name, lines in _function_lengths(path)
+      if lines > MAX_FUNCTION_LINES)
+  assert too_long == []
+
+
 @pytest.fixture(scope='module')
 def installed(tmp_path_factory):
   """A fresh virtual environment with only the project's wheel installed."""

@@ -74,6 +74,35 @@ def _tiles_gradients(tile_mask: Array, capacity: int, strides: Sequence[int],
   return gradients
 
 
+def _open_tiles_only(cotangent: Array, tile_mask: Array,
+                     tile_hw: tuple[int, int]) -> Array:
+  """`cotangent` with zeros at the closed tiles of `tile_mask`.
+
+  The output is zero at closed tiles whatever the operands: no gradient from
+  there (a caller's cotangent need not be zero there).
+  """
+  return jnp.where(tiling.tile_map(tile_mask, tile_hw)[..., None], cotangent, 0)
+
+
+def _dense_gradients(tile_mask: Array, tile_hw: tuple[int, int],
+                     strides: Sequence[int], cond_channels_from: int,
+                     sparse_input: bool):
+  """`gradients(x_all, kernel_cond, cotangent) -> (dx_cond, dkernel)` of the
+  conditional output above the largest capacity: the dense convolution's,
+  from the open tiles' cotangent only. With `sparse_input` False the input's
+  gradient is returned as None (the caller takes it densely)."""
+
+  def gradients(x_all, kernel_cond, cotangent):
+    x_cond = x_all[..., cond_channels_from:]
+    cotangent = _open_tiles_only(cotangent, tile_mask, tile_hw)
+    if not sparse_input:
+      return None, jax.vjp(lambda k: ops.conv(x_cond, k, strides),
+                           kernel_cond)[1](cotangent)[0]
+    return jax.vjp(lambda x, k: ops.conv(x, k, strides),
+                   x_cond, kernel_cond)[1](cotangent)
+  return gradients
+
+
 def _dense_input_gradient(x_cond: Array, kernel_cond: Array,
                           cotangent: Array, strides: Sequence[int]) -> Array:
   return jax.vjp(lambda x: ops.conv(x, kernel_cond, strides),
@@ -95,7 +124,8 @@ def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
   `lax.switch` would keep every branch's residuals, zero-filled, and
   transpose the gathers into scatter-adds) under the forward's switch
   index: the kernel's and the input's gradients from the open tiles only
-  (`_tiles_gradients`); above the largest capacity, the dense convolution's.
+  (`_tiles_gradients`); above the largest capacity, the dense convolution's
+  (`_dense_gradients`).
   Gradients reach `x` and `kernel_cond` from the open tiles only, as in the
   masked form `d * Y_cond` with d = 0 at the closed ones.
 
@@ -120,23 +150,11 @@ def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
   sparse_input = sparse_input_gradient and tiling.windows_reach_neighbours_only(
       x.shape[1:3], tile_hw, kernel_cond.shape[:2], strides)
 
-  def open_only(cotangent):
-    # The output is zero at closed tiles whatever the operands: no gradient
-    # from there (a caller's cotangent need not be zero there).
-    return jnp.where(tiling.tile_map(tile_mask, tile_hw)[..., None], cotangent, 0)
-
-  def dense_gradients(x_all, kernel_cond, cotangent):
-    x_cond = x_all[..., cond_channels_from:]
-    cotangent = open_only(cotangent)
-    if not sparse_input:
-      return None, jax.vjp(lambda k: ops.conv(x_cond, k, strides),
-                           kernel_cond)[1](cotangent)[0]
-    return jax.vjp(lambda x, k: ops.conv(x, k, strides),
-                   x_cond, kernel_cond)[1](cotangent)
-
   gradients = [_tiles_gradients(tile_mask, c, strides, cond_channels_from,
                                 sparse_input)
-               for c in caps] + [dense_gradients]
+               for c in caps] + [_dense_gradients(tile_mask, tile_hw, strides,
+                                                  cond_channels_from,
+                                                  sparse_input)]
 
   @jax.custom_vjp
   def conditional(x_all, kernel):
@@ -154,8 +172,9 @@ def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
       # capacity, taken outside the switch (a convolution inside an XLA:CPU
       # conditional ran several times slower than the same one outside,
       # when measured).
-      dx_cond = _dense_input_gradient(x_all[..., cond_channels_from:],
-                                      kernel, open_only(cotangent), strides)
+      x_cond = x_all[..., cond_channels_from:]
+      open_cotangent = _open_tiles_only(cotangent, tile_mask, tile_hw)
+      dx_cond = _dense_input_gradient(x_cond, kernel, open_cotangent, strides)
     dx_all = jnp.pad(dx_cond.astype(x_all.dtype),
                      ((0, 0),) * 3 + ((cond_channels_from, 0),))
     return dx_all, dkernel

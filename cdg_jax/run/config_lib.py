@@ -45,21 +45,20 @@ def gating_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(defaults)
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """CDG-gated CIFAR ResNet-18 on CIFAR-10 at 32x32."""
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.model = ml_collections.ConfigDict(dict(
+def _model_config() -> ml_collections.ConfigDict:
+  """The `model` block: the backbone and its compute dtype."""
+  return ml_collections.ConfigDict(dict(
       name='resnet18', stem='cifar', width=64,
       # Compute dtype of convolutions and matmuls: 'bfloat16' (mixed
       # precision, for GPUs and TPUs) or 'float32'. Parameters, optimiser
       # state, BatchNorm statistics, losses and the gate decision (saliency
       # normalisation, threshold comparison) stay float32 either way.
       dtype='float32'))
-  config.gating = gating_config()
-  # Self-supervised framework and its heads (see cdg_jax/ssl/pretraining.py).
-  config.framework = 'simclr'      # a key of pretraining.FRAMEWORK_TABLE
-  config.ssl = ml_collections.ConfigDict(dict(
+
+
+def _ssl_config() -> ml_collections.ConfigDict:
+  """The `ssl` block: the framework's heads, loss and target encoder."""
+  return ml_collections.ConfigDict(dict(
       projector_hidden_dims=(2048,),
       projector_dim=128,
       projector_last_bn=False,
@@ -70,7 +69,11 @@ def base_config() -> ml_collections.ConfigDict:
       base_tau=0.99,               # EMA of the target encoder
       tau_schedule='cosine',       # 'cosine' (BYOL: base -> 1) | 'constant'
   ))
-  config.optim = ml_collections.ConfigDict(dict(
+
+
+def _optim_config() -> ml_collections.ConfigDict:
+  """The `optim` block: the pretraining optimiser."""
+  return ml_collections.ConfigDict(dict(
       name='lars',                 # 'lars' | 'sgd'
       base_learning_rate=1.0,      # scaled by batch_size / 256
       weight_decay=1e-6,           # not applied to biases, norms, thresholds
@@ -78,18 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
       trust_coefficient=1e-3,      # LARS
       warmup_epochs=10.0,
   ))
-  config.probe = ml_collections.ConfigDict(dict(learning_rate=1e-3))
-  config.batch_size = 256          # global, images (each gives two views)
-  config.num_epochs = 800.0
-  config.num_steps = -1            # > 0 overrides num_epochs
-  # Training program (cdg_jax/train.py).
-  config.log_every_steps = 50      # metrics are fetched from device only here
-  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2))
-  config.cpu_devices = 0           # CPU only: devices to split the host into
-                                   # (0: one per core; 1: leave XLA alone)
-  config.plot_images = 4           # test images in the end-of-run mask plot
-  # Input pipeline (cdg_jax/data/input_pipeline.py).
-  config.data = ml_collections.ConfigDict(dict(
+
+
+def _data_config() -> ml_collections.ConfigDict:
+  """The `data` block: the input pipeline (cdg_jax/data/input_pipeline.py)."""
+  return ml_collections.ConfigDict(dict(
       source='tfds',               # 'tfds' | 'npz' | 'fake'
       dataset='cifar10',           # tfds: cifar10 | cifar100 | imagenet100 |
                                    # imagenet2012
@@ -105,12 +101,22 @@ def base_config() -> ml_collections.ConfigDict:
                                    # instead of the test set (model selection)
       prefetch=2,                  # host batches prepared ahead
   ))
-  # On-device augmentation (cdg_jax/data/augment.py); mean/std per dataset.
-  config.augment = augment.augment_preset('simclr_cifar', 32)
-  config.augment.image_size = config.data.get_ref('image_size')
-  # Evaluation (cdg_jax/evaluators/): weighted kNN monitor (bank = train
-  # split, queries = test split) and FLOPs measured on the test split.
-  config.eval = ml_collections.ConfigDict(dict(
+
+
+def _augment_config(data: ml_collections.ConfigDict
+                    ) -> ml_collections.ConfigDict:
+  """The `augment` block (cdg_jax/data/augment.py), its image size a
+  reference to `data.image_size`; mean/std per dataset."""
+  config = augment.augment_preset('simclr_cifar', 32)
+  config.image_size = data.get_ref('image_size')
+  return config
+
+
+def _eval_config() -> ml_collections.ConfigDict:
+  """The `eval` block (cdg_jax/evaluators/): weighted kNN monitor
+  (bank = train split, queries = test split) and FLOPs measured on the test
+  split."""
+  return ml_collections.ConfigDict(dict(
       knn_k=knn.DEFAULT_KNN_K,
       knn_temperature=knn.DEFAULT_KNN_TEMPERATURE,
       batch_size=extraction.DEFAULT_EVAL_BATCH_SIZE,  # rounded up to a
@@ -119,8 +125,12 @@ def base_config() -> ml_collections.ConfigDict:
       sparse_inference=False,      # skip closed tiles (CDG with gating.block
                                    # (bh, bw, 0)); same features, less time
   ))
-  # Linear evaluation of the frozen backbone (cdg_jax/linear_eval.py).
-  config.linear_eval = ml_collections.ConfigDict(dict(
+
+
+def _linear_eval_config() -> ml_collections.ConfigDict:
+  """The `linear_eval` block: linear evaluation of the frozen backbone
+  (cdg_jax/linear_eval.py)."""
+  return ml_collections.ConfigDict(dict(
       # 'fast': features extracted once without augmentation, standardised,
       # SGD Nesterov + cosine (ours, quick). 'augmented': the SSL
       # literature's protocol (solo-learn's linear scripts, SimCLR's linear
@@ -147,6 +157,32 @@ def base_config() -> ml_collections.ConfigDict:
           feature_norm='batchnorm',
       )),
   ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """CDG-gated CIFAR ResNet-18 on CIFAR-10 at 32x32."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = _model_config()
+  config.gating = gating_config()
+  # Self-supervised framework and its heads (see cdg_jax/ssl/pretraining.py).
+  config.framework = 'simclr'      # a key of pretraining.FRAMEWORK_TABLE
+  config.ssl = _ssl_config()
+  config.optim = _optim_config()
+  config.probe = ml_collections.ConfigDict(dict(learning_rate=1e-3))
+  config.batch_size = 256          # global, images (each gives two views)
+  config.num_epochs = 800.0
+  config.num_steps = -1            # > 0 overrides num_epochs
+  # Training program (cdg_jax/train.py).
+  config.log_every_steps = 50      # metrics are fetched from device only here
+  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2))
+  config.cpu_devices = 0           # CPU only: devices to split the host into
+                                   # (0: one per core; 1: leave XLA alone)
+  config.plot_images = 4           # test images in the end-of-run mask plot
+  config.data = _data_config()
+  config.augment = _augment_config(config.data)
+  config.eval = _eval_config()
+  config.linear_eval = _linear_eval_config()
   return config
 
 

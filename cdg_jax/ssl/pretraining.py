@@ -16,11 +16,11 @@ network. With `gating.branches='dense_partner'` (SimCLR, SimSiam; ours, after
 Krishna et al.) view 1 goes through the gated encoder and view 2 through the
 same parameters with every gate open (`GatingSpec.branches`).
 Spatial-predictor gates draw Gumbel noise from the 'gumbel' RNG
-stream, derived from the step's key. The step (`make_train_step`) composes
-augmentation, both branches, the SSL loss, the gate regulariser, the optax
-update, EMA/queue updates, an online linear probe on stop-gradient features and
-the metrics (gate densities and FLOPs reduction from this step's masks) in one
-jitted function over a device mesh.
+stream, derived from the step's key. The step (`pretraining_step`, bound to a
+run by `make_train_step`) composes augmentation, both branches, the SSL loss,
+the gate regulariser, the optax update, EMA/queue updates, an online linear
+probe on stop-gradient features and the metrics (gate densities and FLOPs
+reduction from this step's masks) in one jitted function over a device mesh.
 """
 
 from __future__ import annotations
@@ -332,13 +332,12 @@ def tau_schedule(ssl_config, num_steps: int) -> optax.Schedule:
   Args:
     ssl_config: the `ssl` block (`base_tau`, `tau_schedule`).
     num_steps: the training length.
+
+  `tau_schedule` is checked with the config (`ssl_problems`).
   """
   base_tau = ssl_config.base_tau
   if ssl_config.tau_schedule == 'constant':
     return lambda step: jnp.asarray(base_tau, jnp.float32)
-  if ssl_config.tau_schedule not in TAU_SCHEDULES:
-    raise ValueError(f'Unknown ssl.tau_schedule={ssl_config.tau_schedule!r}; '
-                     f'expected one of {list(TAU_SCHEDULES)}.')
   steps = num_steps
 
   def schedule(step):
@@ -588,133 +587,168 @@ def _probe_step(probe: nn.Module, probe_tx, state: TrainState, features,
           probe_opt_state, probe_loss, logits)
 
 
-def make_train_step(settings: Settings, networks: Networks,
-                    costs: tuple[flops.LayerCost, ...]) -> Callable:
-  """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted).
+def _stat_groups(spec: GatingSpec) -> int:
+  """Batch-statistics groups of a [view 1; view 2] batch (`stat_groups`)."""
+  if spec.branches == 'dense_partner':
+    # Only view 1 is gated (`GatedConv` in 'partner' mode): one branch.
+    return 1
+  return 2 if spec.saliency_stats == 'per_branch' else 1
+
+
+def _online_mutable(spec: GatingSpec) -> list[str]:
+  """The collections the online network writes in a train step."""
+  mutable = ['batch_stats', DENSITY_COLLECTION]
+  if spec.kind == 'channel_predictor':
+    mutable.append(AUX_COLLECTION)   # FBS's saliency L1 terms
+  return mutable
+
+
+def target_branch(networks: Networks, state: TrainState, target_input,
+                  target_groups: int, target_rngs):
+  """The target's outputs (gradient stopped) and new statistics."""
+  if networks.target is None:
+    return None, state.target_batch_stats
+  target_out, target_vars = networks.target.apply(
+      {'params': state.target_params,
+       'batch_stats': state.target_batch_stats},
+      target_input, train=True, stat_groups=target_groups,
+      rngs=target_rngs, mutable=['batch_stats'])
+  return jax.lax.stop_gradient(target_out), target_vars['batch_stats']
+
+
+def online_loss(params, settings: Settings, networks: Networks,
+                costs: tuple[flops.LayerCost, ...], state: TrainState,
+                online_input, online_groups: int, online_rngs, target_out,
+                queue_keys):
+  """SSL loss + gate regulariser of the online branch, and its outputs.
+
+  Returns `(loss, aux)`, aux holding the new batch statistics, the gate
+  densities, the embeddings, the features and both loss terms; `params` is
+  first, the argument `jax.value_and_grad` differentiates.
+  """
+  spec = settings.gating
+  target_fn = regularizers.density_target_schedule(spec, settings.total_steps)
+  budget_fn = regularizers.budget_schedule(spec, settings.total_steps)
+  out, new_vars = networks.online.apply(
+      {'params': params, 'batch_stats': state.batch_stats}, online_input,
+      train=True, stat_groups=online_groups,
+      rngs=online_rngs, mutable=_online_mutable(spec))
+  loss, embeddings = ssl_loss(settings.framework, out, target_out,
+                              queue_keys, settings.ssl.temperature)
+  densities = flops.mean_densities(new_vars.get(DENSITY_COLLECTION, {}))
+  gate_loss = regularizers.gate_regularizer(spec, params, densities,
+                               new_vars.get(AUX_COLLECTION, {}),
+                               target_fn(state.step), costs,
+                               budget_fn(state.step))
+  aux = dict(batch_stats=new_vars['batch_stats'], densities=densities,
+             embeddings=embeddings, features=out['features'], ssl_loss=loss,
+             gate_loss=gate_loss)
+  return loss + gate_loss, aux
+
+
+def step_metrics(settings: Settings, costs: tuple[flops.LayerCost, ...],
+                 state: TrainState, total_loss, aux, tau, probe_loss, logits,
+                 labels) -> dict[str, Any]:
+  """The step's metrics: losses, schedules, probe, collapse and gating."""
+  spec = settings.gating
+  target_fn = regularizers.density_target_schedule(spec, settings.total_steps)
+  budget_fn = regularizers.budget_schedule(spec, settings.total_steps)
+  gated_costs = [c for c in costs if c.gated]
+  densities = aux['densities']
+  metrics = {
+      'loss': total_loss, 'ssl_loss': aux['ssl_loss'],
+      'gate_loss': aux['gate_loss'],
+      'learning_rate': learning_rate_schedule(settings)(state.step),
+      'tau': tau, 'probe_loss': probe_loss,
+      'probe_accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
+      'embedding_std': losses.embedding_std(aux['embeddings']),
+      'flops_reduction': flops.flops_reduction(costs, densities),
+  }
+  if spec.target_anneal_fraction > 0:
+    metrics['density_target'] = target_fn(state.step)
+  if spec.regularizer == 'flops' and spec.kind == 'cdg':
+    budget = budget_fn(state.step)
+    metrics['budget_scale'] = budget['scale']
+    if spec.budget_bounds_fraction > 0:
+      metrics['bound_tightness'] = budget['tightness']
+  if gated_costs:
+    gated_macs = sum(c.macs for c in gated_costs)
+    metrics['gate_density'] = sum(
+        c.macs * densities[c.name] for c in gated_costs) / gated_macs
+    metrics['layer_density'] = dict(densities)
+  return metrics
+
+
+def pretraining_step(settings: Settings, networks: Networks,
+                     costs: tuple[flops.LayerCost, ...], state: TrainState,
+                     batch) -> tuple[TrainState, dict[str, Any]]:
+  """One pretraining step: `(new state, metrics)` (not jitted).
 
   Args:
     settings: the run's settings (`read_settings`).
     networks: from `build_networks`.
     costs: `flops.layer_costs` of the online network (names prefixed
-      'backbone/'), for the FLOPs reduction metric.
+      'backbone/'), for the gate regulariser and the FLOPs reduction metric.
+    state: the `TrainState` before the step.
+    batch: {'image': uint8 (B, H, W, 3), 'label': int (B,)}; both views are
+      augmented inside the step from per-image keys.
 
-  The batch is {'image': uint8 (B, H, W, 3), 'label': int (B,)}; both views
-  are augmented inside the step from per-image keys. The step: views ->
-  target branch -> online loss and gradient (SSL loss + gate regulariser)
-  -> optimiser -> EMA target and queue -> online probe -> metrics.
+  The step: views -> target branch -> online loss and gradient (SSL loss +
+  gate regulariser) -> optimiser -> EMA target and queue -> online probe ->
+  metrics.
   """
   framework = settings.framework_record
   spec = settings.gating
-  stat_groups = 2 if spec.saliency_stats == 'per_branch' else 1
-  if spec.branches == 'dense_partner':
-    # Only view 1 is gated (`GatedConv` in 'partner' mode): one branch.
-    stat_groups = 1
-  lr_schedule = learning_rate_schedule(settings)
-  tx = make_optimizer(settings.optim, lr_schedule)
+  tx = make_optimizer(settings.optim, learning_rate_schedule(settings))
   probe_tx = optax.adam(settings.probe_learning_rate)
-  tau_fn = tau_schedule(settings.ssl, settings.total_steps)
-  target_fn = regularizers.density_target_schedule(spec, settings.total_steps)
-  budget_fn = regularizers.budget_schedule(spec, settings.total_steps)
-  augment_config = settings.augment
-  temperature = settings.ssl.temperature
-  gated_costs = [c for c in costs if c.gated]
-  online_mutable = ['batch_stats', DENSITY_COLLECTION]
-  if spec.kind == 'channel_predictor':
-    online_mutable.append(AUX_COLLECTION)   # FBS's saliency L1 terms
-  gated_macs = sum(c.macs for c in gated_costs)
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  view1, view2 = augment.two_views(rng, batch['image'], settings.augment)
+  online_rngs, target_rngs = _gate_rngs(spec, rng)
+  online_input, online_groups, target_input, target_groups = _branch_inputs(
+      framework, view1, view2, _stat_groups(spec))
+  target_out, target_stats = target_branch(networks, state, target_input,
+                                           target_groups, target_rngs)
+  queue_keys = state.queue['keys'] if framework.queue else None
 
-  def target_branch(state, target_input, target_groups, target_rngs):
-    """The target's outputs (gradient stopped) and new statistics."""
-    if networks.target is None:
-      return None, state.target_batch_stats
-    target_out, target_vars = networks.target.apply(
-        {'params': state.target_params,
-         'batch_stats': state.target_batch_stats},
-        target_input, train=True, stat_groups=target_groups,
-        rngs=target_rngs, mutable=['batch_stats'])
-    return jax.lax.stop_gradient(target_out), target_vars['batch_stats']
+  (total_loss, aux), grads = jax.value_and_grad(online_loss, has_aux=True)(
+      state.params, settings, networks, costs, state, online_input,
+      online_groups, online_rngs, target_out, queue_keys)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
 
-  def online_loss(params, state, online_input, online_groups, online_rngs,
-                  target_out, queue_keys):
-    """SSL loss + gate regulariser of the online branch, and its outputs."""
-    out, new_vars = networks.online.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, online_input,
-        train=True, stat_groups=online_groups,
-        rngs=online_rngs, mutable=online_mutable)
-    loss, embeddings = ssl_loss(settings.framework, out, target_out,
-                                queue_keys, temperature)
-    densities = flops.mean_densities(new_vars.get(DENSITY_COLLECTION, {}))
-    gate_loss = regularizers.gate_regularizer(spec, params, densities,
-                                 new_vars.get(AUX_COLLECTION, {}),
-                                 target_fn(state.step), costs,
-                                 budget_fn(state.step))
-    aux = dict(batch_stats=new_vars['batch_stats'], densities=densities,
-               embeddings=embeddings, features=out['features'], ssl_loss=loss,
-               gate_loss=gate_loss)
-    return loss + gate_loss, aux
+  tau = tau_schedule(settings.ssl, settings.total_steps)(state.step)
+  target_params = state.target_params
+  if networks.target is not None:
+    target_params = ema_update(
+        state.target_params, select_like(params, state.target_params), tau)
+  queue = state.queue
+  if framework.queue:
+    queue = _updated_queue(state.queue, target_out['projection'])
 
-  def step_metrics(state, total_loss, aux, tau, probe_loss, logits, labels):
-    densities = aux['densities']
-    metrics = {
-        'loss': total_loss, 'ssl_loss': aux['ssl_loss'],
-        'gate_loss': aux['gate_loss'], 'learning_rate': lr_schedule(state.step),
-        'tau': tau, 'probe_loss': probe_loss,
-        'probe_accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
-        'embedding_std': losses.embedding_std(aux['embeddings']),
-        'flops_reduction': flops.flops_reduction(costs, densities),
-    }
-    if spec.target_anneal_fraction > 0:
-      metrics['density_target'] = target_fn(state.step)
-    if spec.regularizer == 'flops' and spec.kind == 'cdg':
-      budget = budget_fn(state.step)
-      metrics['budget_scale'] = budget['scale']
-      if spec.budget_bounds_fraction > 0:
-        metrics['bound_tightness'] = budget['tightness']
-    if gated_costs:
-      metrics['gate_density'] = sum(
-          c.macs * densities[c.name] for c in gated_costs) / gated_macs
-      metrics['layer_density'] = dict(densities)
-    return metrics
+  # The probe reads the first view's features.
+  labels = batch['label']
+  probe_params, probe_opt_state, probe_loss, logits = _probe_step(
+      networks.probe, probe_tx, state, aux['features'][:view1.shape[0]],
+      labels)
+  metrics = step_metrics(settings, costs, state, total_loss, aux, tau,
+                         probe_loss, logits, labels)
+  new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=aux['batch_stats'],
+      opt_state=opt_state, target_params=target_params,
+      target_batch_stats=target_stats, queue=queue,
+      probe_params=probe_params, probe_opt_state=probe_opt_state)
+  return new_state, metrics
 
+
+def make_train_step(settings: Settings, networks: Networks,
+                    costs: tuple[flops.LayerCost, ...]) -> Callable:
+  """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted):
+  `pretraining_step` with the run's settings, networks and layer costs bound
+  (see it for the arguments)."""
+  # A function, not a functools.partial: callers inspect it (chex's trace
+  # counter reads its source file).
   def train_step(state: TrainState, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    view1, view2 = augment.two_views(rng, batch['image'], augment_config)
-    online_rngs, target_rngs = _gate_rngs(spec, rng)
-    online_input, online_groups, target_input, target_groups = _branch_inputs(
-        framework, view1, view2, stat_groups)
-    target_out, target_stats = target_branch(state, target_input,
-                                             target_groups, target_rngs)
-    queue_keys = state.queue['keys'] if framework.queue else None
-
-    (total_loss, aux), grads = jax.value_and_grad(online_loss, has_aux=True)(
-        state.params, state, online_input, online_groups, online_rngs,
-        target_out, queue_keys)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-
-    tau = tau_fn(state.step)
-    target_params = state.target_params
-    if networks.target is not None:
-      target_params = ema_update(
-          state.target_params, select_like(params, state.target_params), tau)
-    queue = state.queue
-    if framework.queue:
-      queue = _updated_queue(state.queue, target_out['projection'])
-
-    # The probe reads the first view's features.
-    labels = batch['label']
-    probe_params, probe_opt_state, probe_loss, logits = _probe_step(
-        networks.probe, probe_tx, state, aux['features'][:view1.shape[0]],
-        labels)
-    metrics = step_metrics(state, total_loss, aux, tau, probe_loss, logits,
-                           labels)
-    new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=aux['batch_stats'],
-        opt_state=opt_state, target_params=target_params,
-        target_batch_stats=target_stats, queue=queue,
-        probe_params=probe_params, probe_opt_state=probe_opt_state)
-    return new_state, metrics
-
+    return pretraining_step(settings, networks, costs, state, batch)
   return train_step
 
 
