@@ -9,7 +9,7 @@ Backbone inference (train=False, features only) images/s of CIFAR ResNet-18
   dense           the plain network;
   masked CDG      tile-gated CDG (gating.block = (t, t, 0)) computed densely
                   and masked, as in training;
-  sparse CDG      the same network with `sparse_inference=True`
+  sparse CDG      the same network with `models.with_sparse_inference`
                   (cdg_jax.gating.sparse: gather the open tiles with their halo, one
                   dense convolution, scatter-add).
 

@@ -272,7 +272,7 @@ def test_every_gating_field_is_classified_and_refused_where_unread():
   from cdg_jax.gating import layers  # pylint: disable=g-import-not-at-top
   fields = {f.name for f in dataclasses.fields(layers.GatingSpec)}
   # A new field must say where it is read (or be read wherever gates are).
-  assert set(layers.FIELD_READ_WHEN) == fields - {'kind', 'sparse_training'}
+  assert set(layers.FIELD_READ_WHEN) == fields - {'kind', 'execution'}
   assert set(_UNREAD) == set(layers.FIELD_READ_WHEN)
   for name, (value, context) in _UNREAD.items():
     with pytest.raises(ValueError) as error:

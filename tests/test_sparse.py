@@ -110,8 +110,8 @@ def test_sparse_backbone_equals_masked_backbone_and_compiles_once():
   gating_config = {'kind': 'cdg', 'block': (2, 2, 0)}
   model_config = {'name': 'resnet10', 'width': 8}
   masked = models.create_resnet(model_config, GatingSpec.from_config(gating_config))
-  fast = models.create_resnet(model_config, GatingSpec.from_config(gating_config),
-                              sparse_inference=True)
+  fast = models.with_sparse_inference(models.create_resnet(
+      model_config, GatingSpec.from_config(gating_config)))
   variables = masked.init(jax.random.key(0), x)
   # Running statistics from a training pass, so the gates are mixed.
   _, updates = masked.apply(variables, x, train=True, mutable=['batch_stats'])
@@ -130,7 +130,8 @@ def test_sparse_backbone_equals_masked_backbone_and_compiles_once():
     jax.tree.map(np.testing.assert_array_equal, fast_densities, densities)
   assert traces.count(True) == 1
   with pytest.raises(ValueError, match="gating.kind='cdg' and gating.block"):
-    models.create_resnet(model_config, GatingSpec.from_config({'kind': 'cdg'}), sparse_inference=True)
+    models.with_sparse_inference(models.create_resnet(
+        model_config, GatingSpec.from_config({'kind': 'cdg'})))
   with pytest.raises(ValueError, match="gating.kind='spatial_predictor'"):
     models.with_sparse_inference(models.create_resnet(
         model_config, GatingSpec.from_config({'kind': 'spatial_predictor', 'block': (2, 2, 0)})))
@@ -189,10 +190,10 @@ def test_stage_blocks_are_validated_with_the_bad_value_named():
     spec.for_stage(0, 4)
   # Sparse inference needs every stage's block to cover all channels.
   with pytest.raises(ValueError, match=r'stage_blocks=\(\(4, 4, 0\), \(2, 2, 4\)'):
-    models.create_resnet({'name': 'resnet10', 'width': 8}, GatingSpec.from_config({
-        'kind': 'cdg', 'block': (4, 4, 0),
-        'stage_blocks': ((4, 4, 0), (2, 2, 4), (2, 2, 0), (2, 2, 0))}),
-                         sparse_inference=True)
+    models.with_sparse_inference(models.create_resnet(
+        {'name': 'resnet10', 'width': 8}, GatingSpec.from_config({
+            'kind': 'cdg', 'block': (4, 4, 0),
+            'stage_blocks': ((4, 4, 0), (2, 2, 4), (2, 2, 0), (2, 2, 0))})))
   from cdg_jax.run import config_lib
   config = config_lib.base_config()
   config.gating.stage_blocks = ((4, 4, 0),) * 3

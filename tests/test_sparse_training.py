@@ -275,7 +275,7 @@ def test_gated_resnet_trains_the_same_forward_sparse():
   model_config = {'name': 'resnet10', 'width': 8}
   masked = models.create_resnet(model_config, GatingSpec(block=(4, 4, 0)))
   fast = models.create_resnet(model_config, GatingSpec(
-      block=(4, 4, 0), sparse_training=True, closed_tile_gradient='sampled'))
+      block=(4, 4, 0), execution='sparse_training', closed_tile_gradient='sampled'))
   x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   variables = masked.init(jax.random.key(1), x)
   apply = lambda model: jax.jit(lambda v, x: model.apply(
@@ -309,10 +309,10 @@ def test_sparse_training_fields_are_checked(fields, words):
 
 
 def test_stage_tiles_leave_the_ungated_stem_block_alone():
-  spec = GatingSpec(sparse_training=True, stage_blocks=((2, 2, 0),) * 4)
+  spec = GatingSpec(execution='sparse_training', stage_blocks=((2, 2, 0),) * 4)
   assert spec.blocks == ((2, 2, 0),) * 4
   with pytest.raises(ValueError, match='needs gating.kind'):
-    GatingSpec(sparse_training=True, stage_blocks=((2, 2, 0),) * 4,
+    GatingSpec(execution='sparse_training', stage_blocks=((2, 2, 0),) * 4,
                layers=('stem', 'block_3x3'))
 
 

@@ -49,6 +49,11 @@ PARTNER_NORMS = ('shared', 'separate')
 # or 'partner' (the dense-partner training forward: the first half of the
 # batch gated, the second half with every gate open).
 GATE_MODES = ('gated', 'open', 'partner')
+# How a CDG layer with tile gates executes (`GatingSpec.execution`): the
+# masked form everywhere, or the closed tiles skipped in training (the
+# config's `gating.sparse_training`), at inference (`eval.sparse_inference`,
+# `models.with_sparse_inference`), or both.
+EXECUTIONS = ('masked', 'sparse_training', 'sparse_inference', 'sparse')
 REGULARIZERS = ('threshold', 'threshold_sum', 'density', 'flops')
 
 # Collections written by gated layers during `apply`.
@@ -125,13 +130,17 @@ class GatingSpec:
       0, 1), the first author's channel-gating scripts).
     gumbel_temperature: temperature of the spatial predictor's Gumbel-sigmoid
       (its straight-through gradient is that of sigmoid(z / temperature)).
-    sparse_training: ours: training computes the conditional path at the
-      open tiles only, forward and backward (`sparse_training.sparse_train_gated_conv`),
-      instead of everywhere and masked; needs CDG with tile-structured gates
-      (`block` and every `stage_blocks` entry (bh, bw, 0)). The outputs,
-      masks and every gradient but the gate's at closed tiles are the masked
-      form's.
-    closed_tile_gradient: under `sparse_training`, the gate's task-loss
+    execution: 'masked' (every position computed, the closed ones zeroed),
+      'sparse_training' (ours: training computes the conditional path at
+      the open tiles only, forward and backward,
+      `sparse_training.sparse_train_gated_conv`; set by the config's
+      `gating.sparse_training`), 'sparse_inference' (inference skips the
+      closed tiles, `sparse.sparse_gated_conv`; `eval.sparse_inference`,
+      `models.with_sparse_inference`) or 'sparse' (both). Anything but
+      'masked' needs CDG with tile-structured gates (`block` and every
+      `stage_blocks` entry (bh, bw, 0)). The outputs, masks and every
+      gradient but the gate's at closed tiles are the masked form's.
+    closed_tile_gradient: under sparse training, the gate's task-loss
       gradient at closed tiles: 'none' (only the regulariser moves their
       thresholds) or 'sampled' (the conditional path also computed, forward
       only, on a uniform sample of the closed tiles, their gate gradient
@@ -241,12 +250,13 @@ class GatingSpec:
   budget_start_fraction: float = 0.0
   budget_ramp_fraction: float = 0.0
   gumbel_temperature: float = 1.0
-  sparse_training: bool = False
+  execution: str = 'masked'
   closed_tile_gradient: str = 'none'
   closed_tile_sample: float = 0.0625
 
   def __post_init__(self):
     _one_of('kind', self.kind, GATING_KINDS)
+    _one_of('execution', self.execution, EXECUTIONS)
     _one_of('saliency_norm', self.saliency_norm, SALIENCY_NORMS)
     _one_of('saliency_stats', self.saliency_stats, SALIENCY_STATS)
     _one_of('branches', self.branches, BRANCHES)
@@ -268,27 +278,25 @@ class GatingSpec:
           f"gating.kind='cdg', got gating.kind={self.kind!r}.")
     if self.budget_start_fraction + self.budget_ramp_fraction > 1.0:
       raise ValueError(
-          f'gating.budget_start_fraction + ops.budget_ramp_fraction = '
+          f'gating.budget_start_fraction + gating.budget_ramp_fraction = '
           f'{self.budget_start_fraction} + {self.budget_ramp_fraction} > 1: '
           f'the budget would never reach full weight.')
     if self.kind != 'none':
       for name, block in (('block', self.block),
                           *((f'stage_blocks[{i}]', b)
                             for i, b in enumerate(self.stage_blocks))):
-        if (len(block) != 3 or any(int(b) < 1 for b in block[:2])
-            or int(block[2]) < 0):
-          raise ValueError(f'gating.{name} must be three ints (bh, bw, bc) '
-                           f'with bh, bw >= 1 and bc >= 0 (0: all channels), '
-                           f'got {block}.')
-    if self.sparse_training and (
+        ops.check_block_shape(block, f'gating.{name}')
+    if self.execution != 'masked' and (
         self.kind != 'cdg' or any(int(b[2]) != 0 for b in self.blocks)):
       stages = (f', gating.stage_blocks={self.stage_blocks}'
                 if self.stage_blocks else '')
+      what = ('gating.sparse_training' if self.sparse_training
+              else 'Sparse inference')
       raise ValueError(
-          f"gating.sparse_training skips closed tiles of CDG gates, which "
-          f"needs gating.kind='cdg' and gating.block=(bh, bw, 0) (and "
-          f"every entry of gating.stage_blocks so); got gating.kind="
-          f"{self.kind!r}, gating.block={self.block}{stages}.")
+          f"{what} skips closed tiles of CDG gates, which needs "
+          f"gating.kind='cdg' and gating.block=(bh, bw, 0) (and every entry "
+          f"of gating.stage_blocks so); got gating.kind={self.kind!r}, "
+          f"gating.block={self.block}{stages}.")
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any] | None) -> 'GatingSpec':
@@ -296,7 +304,10 @@ class GatingSpec:
     if config is None:
       return cls(kind='none')
     values = dict(config.items()) if hasattr(config, 'items') else dict(config)
-    known = {f.name for f in dataclasses.fields(cls)}
+    # The config names the execution by its training half; inference is
+    # the evaluation's choice (`with_sparse_inference`).
+    known = {f.name for f in dataclasses.fields(cls)} - {'execution'} | {
+        'sparse_training'}
     unknown = sorted(set(values) - known)
     if unknown:
       raise ValueError(f'Unknown gating config field(s) {unknown}; known fields: '
@@ -319,11 +330,33 @@ class GatingSpec:
       if isinstance(layers, str):
         layers = [s.strip() for s in layers.split(',') if s.strip()]
       values['layers'] = tuple(layers)
+    if values.pop('sparse_training', False):
+      values['execution'] = 'sparse_training'
     return cls(**values)
 
   @property
   def enabled(self) -> bool:
     return self.kind != 'none'
+
+  @property
+  def sparse_training(self) -> bool:
+    """Whether training skips the closed tiles (`execution`)."""
+    return self.execution in ('sparse_training', 'sparse')
+
+  @property
+  def sparse_inference(self) -> bool:
+    """Whether inference skips the closed tiles (`execution`)."""
+    return self.execution in ('sparse_inference', 'sparse')
+
+  def with_sparse_inference(self) -> 'GatingSpec':
+    """This spec with inference skipping the closed tiles too.
+
+    Raises:
+      ValueError: unless CDG with tile-structured gates.
+    """
+    return dataclasses.replace(
+        self, execution='sparse' if self.sparse_training
+        else 'sparse_inference')
 
   @property
   def blocks(self) -> tuple[tuple[int, int, int], ...]:
@@ -423,7 +456,7 @@ def _check_ranges(spec: GatingSpec) -> None:
 # A field set away from its default where nothing reads it would be
 # silently ignored, so it is refused before any work, naming the field, the
 # value and what to change. Fields without an entry are read whenever
-# gates are ('kind' itself, 'sparse_training' with its own tile rule).
+# gates are ('kind' itself, 'execution' with its own tile rule).
 _CDG = (('kind',), "gating.kind='cdg'", lambda s: s.kind == 'cdg')
 _GATED = (('kind',), "a gated kind (gating.kind other than 'none')",
           lambda s: s.enabled)
@@ -523,9 +556,6 @@ class GatedConv(nn.Module):
   # Compute dtype of the convolutions; parameters are float32 and are cast
   # per call. The gate decision is float32 whatever this is (gated_conv).
   dtype: Any = jnp.float32
-  # Inference (train=False) only: skip the conditional path of closed tiles
-  # (cdg_jax.gating.sparse); needs CDG with tile-structured gates, block (bh, bw, 0).
-  sparse_inference: bool = False
   # 'gated', 'open' (every gate open: Y_base + Y_cond, the dense conv) or
   # 'partner' (first half of the batch gated, second half open); see
   # GATE_MODES. The parameters and statistics are the same in every mode.
@@ -625,7 +655,7 @@ class GatedConv(nn.Module):
                                    (self.features,))
       running_var = self.variable('batch_stats', 'saliency_var', jnp.ones,
                                   (self.features,))
-    if self.sparse_inference and not train and not self.is_initializing():
+    if spec.sparse_inference and not train and not self.is_initializing():
       y, mask, _ = sparse.sparse_gated_conv(
           x, kernel, threshold, groups=spec.groups, grouping=spec.grouping,
           strides=self.strides, block=spec.block, epsilon=spec.epsilon,

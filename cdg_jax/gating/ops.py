@@ -271,6 +271,17 @@ class BlockTilingError(ValueError):
                             self.block_size, field)
 
 
+def check_block_shape(block: Sequence[int], field: str = 'gating.block'
+                      ) -> None:
+  """ValueError naming `field` unless `block` is (bh, bw, bc) with bh, bw >= 1
+  and bc >= 0 (0: all channels)."""
+  if (len(block) != 3 or any(int(b) < 1 for b in block[:2])
+      or int(block[2]) < 0):
+    raise ValueError(f'{field} must be three ints (bh, bw, bc) with bh, '
+                     f'bw >= 1 and bc >= 0 (0: all channels), got '
+                     f'{tuple(block)}.')
+
+
 def effective_block(shape: Sequence[int], block: Sequence[int]
                     ) -> tuple[int, int, int]:
   """The (bh, bw, bc) decision block used on a gated output of `shape`.
@@ -289,11 +300,7 @@ def effective_block(shape: Sequence[int], block: Sequence[int]
     ValueError naming the bad value if `block` is malformed;
     BlockTilingError (a ValueError) if it does not tile `shape`.
   """
-  if (len(block) != 3 or any(int(b) < 1 for b in block[:2])
-      or int(block[2]) < 0):
-    raise ValueError(f'gating.block must be three ints (bh, bw, bc) with bh, '
-                     f'bw >= 1 and bc >= 0 (0: all channels), got '
-                     f'{tuple(block)}.')
+  check_block_shape(block)
   _, h, w, c = shape
   bh, bw, bc = (int(b) for b in block)
   effective = (min(bh, h), min(bw, w), c if bc == 0 else bc)

@@ -402,7 +402,7 @@ def _problems(config: ml_collections.ConfigDict
     if config.model.name in models.ARCHITECTURES:
       spec.for_stage(0, len(models.ARCHITECTURES[config.model.name][0]))
     if config.eval.sparse_inference:
-      models.with_sparse_inference(models.create_resnet(config.model, spec))
+      spec.with_sparse_inference()
   except ValueError as e:
     problems.append(str(e))
   return problems, spec

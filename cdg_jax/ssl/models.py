@@ -73,7 +73,6 @@ class ResidualBlock(nn.Module):
   strides: int = 1
   gating: GatingSpec = GatingSpec(kind='none')
   dtype: Any = jnp.float32
-  sparse_inference: bool = False
   gate_mode: str = 'gated'
   expansion = 1
 
@@ -91,7 +90,6 @@ class ResidualBlock(nn.Module):
         gate_mode=self.gate_mode, separate=spec.separate_partner_norm,
         initializing=self.is_initializing())
     conv = functools.partial(GatedConv, dtype=self.dtype,
-                             sparse_inference=self.sparse_inference,
                              gate_mode=self.gate_mode)
     return gate, norm, conv
 
@@ -149,14 +147,12 @@ class ResNet(nn.Module):
     stem: 'cifar' (3x3 stride-1 conv, no max-pool) or 'imagenet' (7x7
       stride-2 conv and 3x3 stride-2 max-pool).
     gating: the gating spec; `GatingSpec(kind='none')` is the dense network.
+      Its `execution` says whether closed tiles are skipped in training or
+      at inference (`with_sparse_inference`).
     num_classes: adds a linear head 'head' when given.
     dtype: compute dtype of convolutions (jnp.bfloat16 for mixed precision);
       parameters, BatchNorm statistics and gate decisions stay float32, and
       the pooled features are returned in float32.
-    sparse_inference: with `train=False`, gated layers skip the conditional
-      work of closed tiles (`cdg_jax.gating.sparse`; CDG with gating.block =
-      (bh, bw, 0), and `stage_blocks` so if set). Same outputs as the
-      masked form; faster where gates are closed.
     gate_mode: 'gated' (default), 'open' (every CDG gate open: the dense
       network with the same weights, and under a separate partner norm the
       dense path's BatchNorms) or 'partner' (the dense-partner training
@@ -170,7 +166,6 @@ class ResNet(nn.Module):
   gating: GatingSpec = GatingSpec(kind='none')
   num_classes: int | None = None
   dtype: Any = jnp.float32
-  sparse_inference: bool = False
   gate_mode: str = 'gated'
 
   @nn.compact
@@ -214,7 +209,7 @@ class ResNet(nn.Module):
         strides = 2 if i > 0 and j == 0 else 1
         try:
           x = self.block_cls(self.width * 2**i, strides, stage_spec,
-                             self.dtype, self.sparse_inference, self.gate_mode,
+                             self.dtype, self.gate_mode,
                              name=f'stage{i + 1}_block{j}')(x, train,
                                                             stat_groups)
         except BlockTilingError as e:
@@ -267,7 +262,6 @@ def config_problems(model_config: Mapping[str, Any]) -> list[str]:
 def create_resnet(model_config: Mapping[str, Any],
                   gating: GatingSpec | None = None,
                   num_classes: int | None = None,
-                  sparse_inference: bool = False,
                   gate_mode: str = 'gated') -> ResNet:
   """Builds a ResNet from the config's `model` block and a gating spec.
 
@@ -279,13 +273,12 @@ def create_resnet(model_config: Mapping[str, Any],
       the entry point (`GatingSpec.from_config`); None gives the dense
       network.
     num_classes: adds a linear head when given.
-    sparse_inference: block-sparse execution at inference (see `ResNet`).
     gate_mode: 'gated', 'open' or 'partner' (see `ResNet`).
 
   Raises:
     TypeError: for a `gating` that is not a GatingSpec (a config block).
-    ValueError: for sparse inference without tile-structured CDG gates, or a
-      gate mode other than 'gated' without CDG gates to open.
+    ValueError: for a gate mode other than 'gated' without CDG gates to
+      open.
   """
   missing = [key for key in ('name',) if key not in model_config]
   if missing:
@@ -311,28 +304,22 @@ def create_resnet(model_config: Mapping[str, Any],
                    dtype=compute_dtype(model_config.get('dtype', 'float32')),
                    gate_mode=gate_mode)
   check_gate_mode(gate_mode, spec)
-  return with_sparse_inference(network) if sparse_inference else network
+  return network
 
 
 def with_sparse_inference(backbone: ResNet) -> ResNet:
-  """The same network (same variables) with block-sparse inference.
+  """The same network (same variables) with block-sparse inference: with
+  `train=False` its gated layers skip the closed tiles' conditional work
+  (`cdg_jax.gating.sparse`). Same outputs as the masked form; faster where
+  gates are closed. A dense network is returned unchanged.
 
   Raises:
-    ValueError: unless the network is dense (nothing to skip) or CDG-gated
-      with tile-structured gates: every block it uses (`GatingSpec.blocks`)
-      is (bh, bw, 0).
+    ValueError: unless CDG-gated with tile-structured gates: every block it
+      uses (`GatingSpec.blocks`) is (bh, bw, 0).
   """
-  spec = backbone.gating
-  if spec.enabled and (spec.kind != 'cdg' or
-                       any(int(block[2]) != 0 for block in spec.blocks)):
-    stages = (f', gating.stage_blocks={spec.stage_blocks}'
-              if spec.stage_blocks else '')
-    raise ValueError(
-        f'Sparse inference skips closed tiles of CDG gates, which needs '
-        f"gating.kind='cdg' and gating.block=(bh, bw, 0) (and every entry of "
-        f'gating.stage_blocks so); this network has gating.kind='
-        f'{spec.kind!r}, gating.block={spec.block}{stages}.')
-  return backbone.clone(sparse_inference=True)
+  if not backbone.gating.enabled:
+    return backbone
+  return backbone.clone(gating=backbone.gating.with_sparse_inference())
 
 
 def dense_path(backbone: ResNet) -> ResNet:
