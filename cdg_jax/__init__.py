@@ -4,7 +4,8 @@ contrastive self-supervised learning) in JAX and Flax.
 The public API, for gating your own Flax network (README, "Gate your own Flax
 network"):
 
-  GatingSpec          the gate's settings (groups, block, regulariser, ...)
+  GatingSpec          what a gated layer computes (kind, groups, block, ...)
+  RegularizerSpec     the gates' loss (form, lambda, density target, budget)
   GatedConv           a Flax convolution gated by CDG (or plain, spec None)
   gated_conv          the same as a pure function of arrays
   DENSITY_COLLECTION  the collection where gated layers sow their densities
@@ -55,6 +56,7 @@ _EXPORTS = {
     'flops_report': 'cdg_jax.gating.flops',
     'FlopsReport': 'cdg_jax.gating.flops',
     'gate_regularizer': 'cdg_jax.gating.regularizers',
+    'RegularizerSpec': 'cdg_jax.gating.regularizers',
     'budget_schedule': 'cdg_jax.gating.regularizers',
     'create_resnet': 'cdg_jax.ssl.models',
 }
@@ -64,7 +66,7 @@ if TYPE_CHECKING:
   from cdg_jax.gating.flops import FlopsReport, flops_report, layer_costs, mean_densities  # pylint: disable=g-multiple-import
   from cdg_jax.gating.layers import DENSITY_COLLECTION, MASK_COLLECTION, GatedConv, GatingSpec  # pylint: disable=g-multiple-import
   from cdg_jax.gating.ops import gated_conv
-  from cdg_jax.gating.regularizers import budget_schedule, gate_regularizer
+  from cdg_jax.gating.regularizers import RegularizerSpec, budget_schedule, gate_regularizer  # pylint: disable=g-multiple-import
   from cdg_jax.ssl.models import create_resnet
 
 

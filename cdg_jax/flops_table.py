@@ -20,9 +20,9 @@ from cdg_jax.data import input_pipeline
 from cdg_jax.evaluators import extraction
 from cdg_jax.evaluators import gate_flops
 from cdg_jax.gating import flops
-from cdg_jax.gating import layers
 from cdg_jax.run import checkpoints
 from cdg_jax.run import cli
+from cdg_jax.run import config_lib
 from cdg_jax.run import parallel
 from cdg_jax.ssl import models
 
@@ -70,7 +70,7 @@ def main(argv):
                          '(trained run).')
   batch_size = flags.FLAGS.batch_size
   model = models.create_resnet(config.model,
-                               layers.GatingSpec.from_config(config.gating))
+                               config_lib.read_gating(config.gating).layer)
   size = config.data.image_size
   rng = jax.random.key(config.seed)
   init_rng, data_rng = jax.random.split(rng)

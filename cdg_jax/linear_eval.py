@@ -150,7 +150,7 @@ def run_linear_eval(config: ml_collections.ConfigDict,
   names = (f'linear_{settings["protocol"]}', 'flops')
   scores = evaluators.evaluate(names, context)
   dense_network = None
-  if backbone.gating.has_dense_partner:
+  if config_lib.read_gating(config.gating).branches.has_dense_partner:
     # The dense network of the same run: the same weights, every gate open.
     dense_network = evaluators.evaluate_dense_path(names, context,
                                                    DENSE_NETWORK_KEYS)

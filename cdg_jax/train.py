@@ -120,13 +120,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     run_control.WorkdirLock(workdir, enabled=is_main).check()
   # The config's one parse: the gating spec and the pretraining settings
   # are read here and passed down; nothing below reads `config.gating`.
-  gating_spec = config_lib.validate(config)
+  gating = config_lib.validate(config)
   check_same_config_in_every_process(config)
   mesh = parallel.make_mesh()
   # Before the data are made or read: an image size or batch whose train
   # step cannot fit is refused with the estimate, not found by swapping.
   size = config.data.image_size
-  memory_note = memory.check_fits(config.model, gating_spec,
+  memory_note = memory.check_fits(config.model, gating.layer,
                                   config.batch_size, (size, size, 3),
                                   list(mesh.devices.flat))
   if is_main and memory_note:
@@ -134,7 +134,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   source = input_pipeline.create_source(config.data)
   # The evaluation batch is rounded up to the devices (eval_batch_size).
   parallel.check_batch_divisible(config.batch_size, mesh)
-  settings = pretraining.read_settings(config, gating_spec, source.num_train)
+  settings = pretraining.read_settings(config, gating, source.num_train)
   check_shapes(config, settings, source, mesh)
   try:
     prepare_workdir(workdir)
@@ -230,7 +230,7 @@ def check_shapes(config, settings: pretraining.Settings,
              'label': jax.ShapeDtypeStruct((config.batch_size,), np.int32)}
     jax.eval_shape(run.train_step, state, batch)
     backbone = extraction.inference_backbone(
-        models.create_resnet(config.model, settings.gating), config.eval)
+        _backbone(config, settings), config.eval)
     eval_images = jax.ShapeDtypeStruct(
         (extraction.eval_batch_size(config.eval.batch_size, mesh), height,
          width, channels), np.float32)
@@ -243,6 +243,13 @@ def check_shapes(config, settings: pretraining.Settings,
         f'This config cannot run on this data ({height}x{width} images, '
         f'{source.num_train} for training, data.source='
         f'{config.data.source!r}): {e}') from e
+
+
+def _backbone(config, settings: pretraining.Settings):
+  """The run's online backbone, for evaluation and export."""
+  return models.create_resnet(
+      config.model, settings.gating,
+      separate_partner_norm=settings.branches.separate_partner_norm)
 
 
 def _restore_or_init(run: pretraining.Pretraining, config, workdir, mesh):
@@ -286,7 +293,7 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
                         ) -> dict[str, Any]:
   """`train_and_evaluate` once the config, data and workdir are checked."""
   run = pretraining.assemble(settings)
-  backbone = models.create_resnet(config.model, settings.gating)
+  backbone = _backbone(config, settings)
   state, manager = _restore_or_init(run, config, workdir, mesh)
   start_step = int(state.step)
   is_main = jax.process_index() == 0
@@ -295,10 +302,10 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
   config_changes = _record_changes(writer, workdir, start_step, changes)
   if start_step == 0:
     parameter_overview.log_parameter_overview(state.params)
-    writer.write_hparams(scalar_hparams(config, settings.gating))
+    writer.write_hparams(scalar_hparams(config, settings))
 
   spec = settings.gating
-  budget_note = regularizers.describe_budget(spec, run.costs)
+  budget_note = regularizers.describe_budget(settings.loss, run.costs)
   if is_main and budget_note:
     print(budget_note, flush=True)
   train_step = pretraining.jit_train_step(run.train_step, mesh)
@@ -310,15 +317,15 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
       config, state, train_step, batches, manager, writer, start_step,
       settings.total_steps, evaluate=lambda state: evaluators.knn_eval(
           backbone, backbone_variables(state), source, config.eval,
-          config.augment, mesh), spec=spec)
+          config.augment, mesh), settings=settings)
   variables = backbone_variables(state)
   # A run resumed at its last step trains nothing: its restored state is
   # checked here, before evaluation and export.
   nonfinite = checkpoints.nonfinite_arrays(state)
   if nonfinite:
     raise FloatingPointError(nonfinite_state_message(
-        nonfinite, step, manager, config, spec))
-  knn, dense_network = _final_evaluation(config, spec, backbone, variables,
+        nonfinite, step, manager, config, settings))
+  knn, dense_network = _final_evaluation(config, settings, backbone, variables,
                                          source, mesh, writer, step)
   writer.close()
   summary = {
@@ -332,7 +339,8 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
       'wall_time_s': time.time() - start_time,
       **knn,
       **({'dense_network': dense_network} if dense_network else {}),
-      **({'gate_budget': regularizers.budget_summary(spec, run.costs)}
+      **({'gate_budget': regularizers.budget_summary(settings.loss,
+                                                     run.costs)}
          if budget_note else {}),
       # Training fields changed on a resume, each with the step it took
       # effect at (checkpoints.check_compatible).
@@ -364,14 +372,16 @@ def _write_outputs(config, workdir, summary, backbone, variables, source,
 
 
 def nonfinite_state_message(paths: list[str], step: int, manager, config,
-                            spec: layers.GatingSpec) -> str:
+                            settings: pretraining.Settings) -> str:
   """Why a run stopped on a non-finite train state, and the likely field."""
+  spec = settings.gating
+  weight = (settings.loss or regularizers.RegularizerSpec()).weight
   if any('saliency_' in p for p in paths):
     likely = (f'the saliency statistics: gating.epsilon={spec.epsilon}, '
               f'gating.saliency_momentum={spec.saliency_momentum}')
   elif any('threshold' in p for p in paths):
     likely = (f'the gate thresholds: gating.alpha={spec.alpha}, '
-              f'gating.weight={spec.weight}')
+              f'gating.weight={weight}')
   else:
     likely = (f'the learning rate: optim.base_learning_rate='
               f'{config.optim.base_learning_rate}')
@@ -384,7 +394,7 @@ def nonfinite_state_message(paths: list[str], step: int, manager, config,
 
 def _train_loop(config, state, train_step, batches, manager, writer,
                 start_step: int, total_steps: int, evaluate,
-                spec: layers.GatingSpec):
+                settings: pretraining.Settings):
   """Steps from `start_step` to `total_steps`: metrics every
   `log_every_steps`, checkpoints every `checkpoint.every_steps` and at the
   end, kNN every `eval.every_steps` (`evaluate(state)`), a checkpoint and
@@ -427,7 +437,7 @@ def _train_loop(config, state, train_step, batches, manager, writer,
           nonfinite = checkpoints.nonfinite_arrays(state)
           if nonfinite:
             raise FloatingPointError(nonfinite_state_message(
-                nonfinite, step, manager, config, spec))
+                nonfinite, step, manager, config, settings))
           writer.write_scalars(step, last_metrics)
           progress.set_postfix(
               loss=f'{last_metrics["loss"]:.3f}',
@@ -456,7 +466,7 @@ def _train_loop(config, state, train_step, batches, manager, writer,
   return state, step, last_metrics
 
 
-def _final_evaluation(config, spec, backbone, variables, source, mesh,
+def _final_evaluation(config, settings, backbone, variables, source, mesh,
                       writer, step: int):
   """kNN and test-set FLOPs of the trained backbone (and of its dense path
   after a dense-partner run), written to the metrics at `step`.
@@ -471,7 +481,7 @@ def _final_evaluation(config, spec, backbone, variables, source, mesh,
   knn = {key: results[key] for key in evaluators.KNN_EVAL_KEYS}
   writer.write_scalars(step, _eval_scalars(knn))
   dense_network = None
-  if spec.has_dense_partner:
+  if settings.branches.has_dense_partner:
     # One dense-partner run trains two networks: report the dense one too.
     dense_network = evaluators.evaluate_dense_path(
         evaluators.KNN_EVALUATORS, context, ('knn_top1', 'knn_top5', 'flops_reduction'))
@@ -480,11 +490,12 @@ def _final_evaluation(config, spec, backbone, variables, source, mesh,
   return knn, dense_network
 
 
-def scalar_hparams(config, spec: layers.GatingSpec) -> dict[str, Any]:
+def scalar_hparams(config, settings: pretraining.Settings) -> dict[str, Any]:
   """A few headline hyperparameters for TensorBoard's HParams tab."""
   return {'framework': config.framework, 'model': config.model.name,
-          'gating': spec.kind, 'batch_size': config.batch_size,
-          'groups': spec.groups, 'reg_weight': spec.weight}
+          'gating': settings.gating.kind, 'batch_size': config.batch_size,
+          'groups': settings.gating.groups,
+          'reg_weight': (settings.loss or regularizers.RegularizerSpec()).weight}
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -308,7 +308,7 @@ def torch_step_config(peer_torch, jax_half: JaxHalf, gated: bool):
       width=config.model.width, num_classes=config.data.num_classes,
       gated=gated, groups=spec.groups, alpha=spec.alpha,
       epsilon=spec.epsilon, density_target=spec.density_target,
-      gate_weight=spec.weight, threshold_init=spec.threshold_init,
+      gate_weight=settings.loss.weight, threshold_init=spec.threshold_init,
       projector_hidden=tuple(config.ssl.projector_hidden_dims)[0],
       projector_dim=config.ssl.projector_dim,
       temperature=config.ssl.temperature,

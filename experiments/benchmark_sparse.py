@@ -126,14 +126,14 @@ def random_network_rows(tile: str) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cdg_jax.gating import flops  # pylint: disable=g-import-not-at-top
-  from cdg_jax.gating import layers
+  from cdg_jax.run import config_lib
   from cdg_jax.ssl import models
   size, batch = FLAGS.image_size, FLAGS.batch_size
   model_config = {'name': 'resnet18', 'width': FLAGS.width}
   gating_config = gating_config_of(tile)
   dense = models.create_resnet(model_config)
   masked = models.create_resnet(model_config,
-                                layers.GatingSpec.from_config(gating_config))
+                                config_lib.read_gating(gating_config).layer)
   fast = models.with_sparse_inference(masked)
   rng = np.random.default_rng(0)
   images = jax.numpy.asarray(

@@ -22,7 +22,6 @@ from cdg_jax.evaluators import gate_flops
 from cdg_jax.evaluators import knn
 from cdg_jax.evaluators import linear
 from cdg_jax.gating import flops
-from cdg_jax.gating.layers import GatingSpec
 from cdg_jax.run import checkpoints
 from cdg_jax.run import config_lib
 from cdg_jax.run import parallel
@@ -177,7 +176,7 @@ def _perturb_stats(variables, seed=0):
 @pytest.fixture(scope='module')
 def tiny():
   config = tiny_config()
-  backbone = models.create_resnet(config.model, GatingSpec.from_config(config.gating))
+  backbone = models.create_resnet(config.model, config_lib.read_gating(config.gating).layer)
   variables = _init(backbone)
   variables = _perturb_stats(variables)
   rng = np.random.default_rng(0)
@@ -297,7 +296,7 @@ def test_set_flops_from_densities(tiny):
   # A dense backbone needs no densities and has no reduction.
   config = tiny_config()
   config.gating.kind = 'none'
-  dense_backbone = models.create_resnet(config.model, GatingSpec.from_config(config.gating))
+  dense_backbone = models.create_resnet(config.model, config_lib.read_gating(config.gating).layer)
   dense_variables = jax.eval_shape(lambda: _init(dense_backbone))
   report = gate_flops.test_set_flops(dense_backbone, dense_variables, {},
                                      (16, 16))
@@ -325,7 +324,7 @@ def test_open_gates_turns_a_cdg_backbone_into_the_dense_network(tiny):
   dense_config = tiny_config()
   dense_config.gating.kind = 'none'
   dense_backbone = models.create_resnet(dense_config.model,
-                                        GatingSpec.from_config(dense_config.gating))
+                                        config_lib.read_gating(dense_config.gating).layer)
   dense_variables = drop_gates(variables)
   assert (jax.tree.structure(dense_variables) == jax.tree.structure(
       jax.eval_shape(lambda: _init(dense_backbone))))
@@ -399,7 +398,7 @@ def _export_tiny_backbone(workdir):
   config.eval.batch_size = 16          # 60 and 30 are not multiples of 16
   config.linear_eval.epochs = 10
   config.linear_eval.batch_size = 16
-  backbone = models.create_resnet(config.model, GatingSpec.from_config(config.gating))
+  backbone = models.create_resnet(config.model, config_lib.read_gating(config.gating).layer)
   variables = _init(backbone)
   checkpoints.export_backbone(workdir, variables['params'],
                               variables['batch_stats'])
@@ -443,7 +442,7 @@ def test_knn_eval_with_sparse_inference_gives_the_same_results(tiny):
   config, _, _, source, mesh = tiny
   config = config.copy_and_resolve_references()
   config.gating.block = (2, 2, 0)   # tiles across all channels
-  backbone = models.create_resnet(config.model, GatingSpec.from_config(config.gating))
+  backbone = models.create_resnet(config.model, config_lib.read_gating(config.gating).layer)
   variables = _perturb_stats(_init(backbone))
   masked = evaluators.knn_eval(backbone, variables, source, config.eval,
                                 config.augment, mesh)

@@ -14,8 +14,8 @@ import pytest
 
 from cdg_jax import linear_eval
 from cdg_jax import train
-from cdg_jax.gating.layers import GatingSpec
 from cdg_jax.run import checkpoints
+from cdg_jax.run import config_lib
 from cdg_jax.run import memory
 from cdg_jax.run import plots
 from cdg_jax.run import run_control
@@ -105,10 +105,11 @@ def test_the_memory_estimate_bounds_what_xla_allocates():
   from cdg_jax.ssl import pretraining  # pylint: disable=g-import-not-at-top
   config = load_config('simclr_cifar10')
   config.data.image_size = 32
-  spec = GatingSpec.from_config(config.gating)
-  estimate = memory.train_step_bytes(config.model, spec, config.batch_size,
-                                     (32, 32, 3), num_devices=1)
-  run = pretraining.assemble(pretraining.read_settings(config, spec, 512))
+  gating = config_lib.read_gating(config.gating)
+  estimate = memory.train_step_bytes(config.model, gating.layer,
+                                     config.batch_size, (32, 32, 3),
+                                     num_devices=1)
+  run = pretraining.assemble(pretraining.read_settings(config, gating, 512))
   state = jax.eval_shape(lambda: run.init_state(jax.random.key(0)))
   step = run.train_step
   batch = {'image': jax.ShapeDtypeStruct((32, 32, 32, 3), np.uint8),

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from cdg_jax.gating import ops
-from cdg_jax.gating.layers import GatingSpec
 from cdg_jax.ssl import models
 from cdg_jax.ssl import pretraining
+from cdg_jax.run import config_lib
 from test_pretraining import NUM_TRAIN, fixed_batch, set_kind, setup, tiny_config
 
 
@@ -39,7 +39,7 @@ def test_gate_decision_is_float32_and_flips_only_near_the_threshold():
 def test_bfloat16_network_keeps_float32_parameters_and_statistics():
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   model = models.create_resnet({'name': 'resnet10', 'width': 8,
-                                'dtype': 'bfloat16'}, GatingSpec.from_config({'kind': 'cdg'}))
+                                'dtype': 'bfloat16'}, config_lib.read_gating({'kind': 'cdg'}).layer)
   variables = model.init(jax.random.key(0), x)
   features, new_vars = model.apply(variables, x, train=True,
                                    mutable=['batch_stats', 'gate_masks'])

@@ -8,7 +8,7 @@ import pytest
 from cdg_jax.gating import ops
 from cdg_jax.gating import sparse
 from cdg_jax.gating import tiling
-from cdg_jax.gating.layers import GatingSpec
+from cdg_jax.run import config_lib
 from cdg_jax.ssl import models
 
 
@@ -109,9 +109,9 @@ def test_sparse_backbone_equals_masked_backbone_and_compiles_once():
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   gating_config = {'kind': 'cdg', 'block': (2, 2, 0)}
   model_config = {'name': 'resnet10', 'width': 8}
-  masked = models.create_resnet(model_config, GatingSpec.from_config(gating_config))
+  masked = models.create_resnet(model_config, config_lib.read_gating(gating_config).layer)
   fast = models.with_sparse_inference(models.create_resnet(
-      model_config, GatingSpec.from_config(gating_config)))
+      model_config, config_lib.read_gating(gating_config).layer))
   variables = masked.init(jax.random.key(0), x)
   # Running statistics from a training pass, so the gates are mixed.
   _, updates = masked.apply(variables, x, train=True, mutable=['batch_stats'])
@@ -131,10 +131,10 @@ def test_sparse_backbone_equals_masked_backbone_and_compiles_once():
   assert traces.count(True) == 1
   with pytest.raises(ValueError, match="gating.kind='cdg' and gating.block"):
     models.with_sparse_inference(models.create_resnet(
-        model_config, GatingSpec.from_config({'kind': 'cdg'})))
+        model_config, config_lib.read_gating({'kind': 'cdg'}).layer))
   with pytest.raises(ValueError, match="gating.kind='spatial_predictor'"):
     models.with_sparse_inference(models.create_resnet(
-        model_config, GatingSpec.from_config({'kind': 'spatial_predictor', 'block': (2, 2, 0)})))
+        model_config, config_lib.read_gating({'kind': 'spatial_predictor', 'block': (2, 2, 0)}).layer))
 
 
 def test_stage_blocks_give_each_stage_its_tile_and_sparse_equals_masked():
@@ -145,7 +145,7 @@ def test_stage_blocks_give_each_stage_its_tile_and_sparse_equals_masked():
   stage_blocks = ((4, 4, 0), (2, 2, 0), (2, 2, 0), (2, 2, 0))
   gating_config = {'kind': 'cdg', 'block': (1, 1, 1),
                    'stage_blocks': stage_blocks}
-  masked = models.create_resnet(model_config, GatingSpec.from_config(gating_config))
+  masked = models.create_resnet(model_config, config_lib.read_gating(gating_config).layer)
   fast = models.with_sparse_inference(masked)
   variables = masked.init(jax.random.key(0), x)
   _, updates = masked.apply(variables, x, train=True, mutable=['batch_stats'])
@@ -166,10 +166,10 @@ def test_stage_blocks_give_each_stage_its_tile_and_sparse_equals_masked():
     if stage == 0:
       assert len(np.unique(tiles[:, :, 0, :, 0, 0])) == 2
   # The same tile everywhere through stage_blocks is `block` itself.
-  uniform = models.create_resnet(model_config, GatingSpec.from_config({
-      'kind': 'cdg', 'block': (2, 2, 0), 'stage_blocks': ((2, 2, 0),) * 4}))
-  plain = models.create_resnet(model_config, GatingSpec.from_config({'kind': 'cdg',
-                                              'block': (2, 2, 0)}))
+  uniform = models.create_resnet(model_config, config_lib.read_gating({
+      'kind': 'cdg', 'block': (2, 2, 0), 'stage_blocks': ((2, 2, 0),) * 4}).layer)
+  plain = models.create_resnet(model_config, config_lib.read_gating({'kind': 'cdg',
+                                              'block': (2, 2, 0)}).layer)
   np.testing.assert_array_equal(
       uniform.apply(variables, x, train=False),
       plain.apply(variables, x, train=False))
@@ -191,9 +191,9 @@ def test_stage_blocks_are_validated_with_the_bad_value_named():
   # Sparse inference needs every stage's block to cover all channels.
   with pytest.raises(ValueError, match=r'stage_blocks=\(\(4, 4, 0\), \(2, 2, 4\)'):
     models.with_sparse_inference(models.create_resnet(
-        {'name': 'resnet10', 'width': 8}, GatingSpec.from_config({
+        {'name': 'resnet10', 'width': 8}, config_lib.read_gating({
             'kind': 'cdg', 'block': (4, 4, 0),
-            'stage_blocks': ((4, 4, 0), (2, 2, 4), (2, 2, 0), (2, 2, 0))})))
+            'stage_blocks': ((4, 4, 0), (2, 2, 4), (2, 2, 0), (2, 2, 0))}).layer))
   from cdg_jax.run import config_lib
   config = config_lib.base_config()
   config.gating.stage_blocks = ((4, 4, 0),) * 3

@@ -1,16 +1,16 @@
-"""The gating configuration and the Flax layer that holds a gated convolution.
+"""The gated layer's spec and the Flax layer that holds a gated convolution.
 
-`GatingSpec` is the validated, hashable form of the config's `gating` block --
-the one place gating is configured. `GatedConv` holds the kernel, the
+`GatingSpec` is the validated, hashable description of what a gated layer
+computes. `GatedConv` holds the kernel, the
 thresholds and the saliency running statistics and calls the pure ops in
-`cdg_jax.gating`; with gating off it is a plain bias-free convolution with the
+`cdg_jax.gating.ops`; with gating off it is a plain bias-free convolution with the
 same kernel parameter, so dense and gated networks share one parameter tree
 (minus the gate parameters).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 import dataclasses
 import math
 import numbers
@@ -40,10 +40,6 @@ PREDICTOR_KINDS = ('channel_predictor', 'spatial_predictor')
 # Roles of the convolutions of a ResNet; `gating.layers` selects among them.
 LAYER_ROLES = ('stem', 'block_3x3', 'block_1x1', 'shortcut')
 SALIENCY_NORMS = ('batch', 'sample')
-SALIENCY_STATS = ('per_branch', 'joint')
-BRANCHES = ('both', 'online', 'dense_partner')
-# BatchNorm of the dense partner path (`GatingSpec.partner_norm`).
-PARTNER_NORMS = ('shared', 'separate')
 # How a gated layer executes (`GatedConv.gate_mode`): 'gated' (the masks as
 # learned), 'open' (every gate open: the dense network with the same weights)
 # or 'partner' (the dense-partner training forward: the first half of the
@@ -54,7 +50,6 @@ GATE_MODES = ('gated', 'open', 'partner')
 # config's `gating.sparse_training`), at inference (`eval.sparse_inference`,
 # `models.with_sparse_inference`), or both.
 EXECUTIONS = ('masked', 'sparse_training', 'sparse_inference', 'sparse')
-REGULARIZERS = ('threshold', 'threshold_sum', 'density', 'flops')
 
 # Collections written by gated layers during `apply`.
 DENSITY_COLLECTION = 'gating'      # per-sample gate density of each gated layer
@@ -70,17 +65,6 @@ GUMBEL_RNG = 'gumbel'
 CLOSED_TILE_RNG = 'closed_tiles'
 
 
-def _block_value(field: str, value: Any) -> tuple[int, int, int]:
-  """A config's (bh, bw, bc) as ints, or ValueError naming `field`."""
-  if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)
-      or len(value) != 3 or not all(isinstance(b, numbers.Integral)
-                                    and not isinstance(b, bool) for b in value)):
-    raise ValueError(f'{field}={value!r} must be three ints (bh, bw, bc), e.g. '
-                     f'(4, 4, 0): a block of bh x bw positions and bc channels '
-                     f'(0: all channels).')
-  return tuple(int(b) for b in value)
-
-
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
   if value not in allowed:
     raise ValueError(f'Unknown gating.{name}={value!r}; expected one of '
@@ -89,25 +73,23 @@ def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class GatingSpec:
-  """Validated gating configuration; its defaults are the config's
-  (`config_lib.gating_config()` is built from them).
-
-  Every numeric field is range-checked (NaN included), and a field set away
-  from its default where the chosen kind, regulariser form or execution
-  does not read it is refused rather than ignored (`FIELD_READ_WHEN` states
-  where each field is read).
+  """What a gated layer computes: the gate kind, its granularity, its
+  saliency and how it executes. Made from the config's `gating` block by
+  `config_lib.read_gating` (the fields are the config's of the same names;
+  `execution` is read from `gating.sparse_training` and
+  `eval.sparse_inference`); the gates' loss is `regularizers.
+  RegularizerSpec`, the wiring of the SSL branches `pretraining.BranchSpec`.
+  Every numeric field is range-checked (NaN included).
 
   Attributes:
     kind: 'none' (dense network), 'cdg', or a predictor baseline:
       'channel_predictor' (global pool -> MLP -> top-k channels, FBS-style) or
       'spatial_predictor' (pooled input -> 3x3 conv -> Gumbel-sigmoid block
       mask, dual-gating-style). For the predictor kinds only `block` (bh, bw;
-      spatial), `gumbel_temperature` (spatial), `layers`, `branches`,
-      `weight` and `density_target` apply; their auxiliary loss is fixed by
-      the kind (`regularizer` is not read): the L1 norm of the saliencies
-      (channel) or `(density - density_target)^2` per layer (spatial), times
-      `weight`. The channel predictor keeps ceil(density_target * C_out)
-      channels per sample.
+      spatial), `gumbel_temperature` (spatial), `layers` and
+      `density_target` (channel) apply; their loss is
+      `regularizers.RegularizerSpec`'s. The channel predictor keeps
+      ceil(density_target * C_out) channels per sample.
     groups: G, input-channel groups; the base path convolves 1/G of them.
     grouping: which input group each output channel's base path convolves:
       'first' (the first group, for every output channel) or 'diagonal'
@@ -157,67 +139,12 @@ class GatingSpec:
       'batch') or treat them as constants (False, our first reading).
     saliency_momentum: decay of the saliency running averages.
     epsilon: added to the saliency variance.
-    saliency_stats: 'per_branch' or 'joint' batch statistics (train step).
-    branches: which contrastive branches are gated.
-      'both': every branch (the CDG paper: dual gating).
-      'online': MoCo v2 and BYOL only: the online encoder is gated, the
-      momentum/EMA target encoder is the dense network.
-      'dense_partner': ours, after Krishna et al. (BMVC 2023, "Unifying
-      Synergies between Self-supervised Learning and Dynamic
-      Computation"), not the CDG paper's; SimCLR and SimSiam, CDG only. The
-      encoder's weights are shared by two paths: view 1 goes through the
-      gated encoder, view 2 through the same parameters with every gate
-      open (the dense network), and the SSL loss is taken between the two
-      (both directions, so gradients reach the weights through both paths).
-      The gate regulariser, the gate densities and the FLOPs metric see the
-      gated path only. Views are i.i.d. draws of the same augmentation, so
-      the fixed assignment (view 1 gated) loses nothing. One training gives
-      a gated and a dense network; both are evaluated. The dense-partner
-      form of MoCo v2 and BYOL is 'online' (their dense target plays the
-      partner's part).
-    partner_norm: BatchNorm of the dense path under 'dense_partner':
-      'shared' (one BatchNorm per layer, its batch statistics over both
-      paths' samples) or 'separate' (the dense path has its own BatchNorm
-      layers, statistics and affine parameters, in every residual block, and
-      at the stem when the stem is gated; Krishna et al.'s separate_bn).
     predictor_saliency: the channel predictor's saliency, 'bounded'
       (2 * sigmoid, ours, the default) or 'relu' (FBS as published,
       unbounded); see `predictors.channel_saliency`.
-    regularizer: form of the CDG gate regulariser, times `weight`:
-      'density' -- sum_layers (density - density_target)^2, density the mean
-      of the straight-through mask (sets the FLOPs operating point);
-      'threshold' -- sum_layers mean_channels (delta - threshold_target)^2;
-      'threshold_sum' -- sum over every threshold (delta -
-      threshold_target)^2, channel gating's form (lambda 1e-4, target 1.0);
-      'flops' -- one FLOPs budget for the network (ours to add; the form of
-      DynConv, DGNet and Krishna et al., not known to be the paper's):
-      (F_gated / F_dense - t)^2 over the gated layers' MACs as
-      `cdg_jax.gating.flops` counts them, t the fraction those layers run when
-      their MAC-weighted mean density is `density_target`; the layers share
-      the budget (one may stay open if others close more), optionally with
-      per-layer bounds (`budget_bounds_fraction`) and a late start
-      (`budget_start_fraction`).
-    weight: regulariser weight lambda.
-    threshold_target: target of the threshold regularisers.
-    density_target: target of the density regulariser, in (0, 1]; of the
-      'flops' form, the gated layers' MAC-weighted mean density (the
-      `gate_density` a run reports), so both forms at the same target cost
-      about the same FLOPs.
-    budget_bounds_fraction: 'flops' form: per-layer density bounds
-      [p t, 1 - p (1 - t)] with p = cos^2(pi/2 * s / (f T)) at step s of T
-      (DynConv): every layer held at the target at the start, the bounds
-      relaxed to [0, 1] by this fraction f of training (counted from the
-      budget's start); 0: no bounds. DynConv uses 1/3.
-    budget_start_fraction: 'flops' form: the regulariser is off for this
-      fraction of training (Learning Dynamic Routing starts its budget late),
-      then ramps in over `budget_ramp_fraction`; 0: on from the first step.
-    budget_ramp_fraction: 'flops' form: the regulariser's weight rises
-      linearly from 0 to lambda over this fraction of training after its
-      start; 0: at full weight at once.
-    target_anneal_fraction: ours, not the paper's: over this fraction of the
-      training steps the density regulariser's target falls linearly from
-      1.0 (every gate open) to `density_target`; 0 keeps it fixed. Density
-      form (and the spatial predictor) only.
+    density_target: the channel predictor's kept fraction of channels, in
+      (0, 1] (the regulariser's target is `RegularizerSpec.density_target`,
+      the same config field).
   """
   kind: str = 'cdg'
   groups: int = 4
@@ -232,23 +159,8 @@ class GatingSpec:
   saliency_grad: bool = False
   saliency_momentum: float = 0.9
   epsilon: float = 1e-5
-  saliency_stats: str = 'per_branch'
-  branches: str = 'both'
-  partner_norm: str = 'shared'
   predictor_saliency: str = 'bounded'
-  # The density-target form lands on the FLOPs it is given (0.25: about
-  # 2.2x on CIFAR ResNet-18) at any run length; channel gating's threshold
-  # form (lambda ~1e-4 toward 1.0) barely moves thresholds in a short run and
-  # gave the same accuracy-vs-FLOPs curve at lambda 0.1 in our CIFAR runs;
-  # the FLOPs budget scored below it on validation (experiments/README.md).
-  regularizer: str = 'density'
-  weight: float = 1.0
-  threshold_target: float = 1.0
   density_target: float = 0.25
-  target_anneal_fraction: float = 0.0
-  budget_bounds_fraction: float = 0.0
-  budget_start_fraction: float = 0.0
-  budget_ramp_fraction: float = 0.0
   gumbel_temperature: float = 1.0
   execution: str = 'masked'
   closed_tile_gradient: str = 'none'
@@ -258,29 +170,18 @@ class GatingSpec:
     _one_of('kind', self.kind, GATING_KINDS)
     _one_of('execution', self.execution, EXECUTIONS)
     _one_of('saliency_norm', self.saliency_norm, SALIENCY_NORMS)
-    _one_of('saliency_stats', self.saliency_stats, SALIENCY_STATS)
-    _one_of('branches', self.branches, BRANCHES)
-    _one_of('partner_norm', self.partner_norm, PARTNER_NORMS)
     _one_of('predictor_saliency', self.predictor_saliency,
             predictors.PREDICTOR_SALIENCIES)
-    _one_of('regularizer', self.regularizer, REGULARIZERS)
     _one_of('grouping', self.grouping, ops.GROUPINGS)
     _one_of('surrogate', self.surrogate, ops.SURROGATES)
     _one_of('closed_tile_gradient', self.closed_tile_gradient,
             sparse_training.CLOSED_TILE_GRADIENTS)
     for role in self.layers:
       _one_of('layers entry', role, LAYER_ROLES)
-    _check_ranges(self)
-    _check_read(self)
-    if self.branches == 'dense_partner' and self.kind != 'cdg':
-      raise ValueError(
-          f"gating.branches='dense_partner' is implemented for "
-          f"gating.kind='cdg', got gating.kind={self.kind!r}.")
-    if self.budget_start_fraction + self.budget_ramp_fraction > 1.0:
-      raise ValueError(
-          f'gating.budget_start_fraction + gating.budget_ramp_fraction = '
-          f'{self.budget_start_fraction} + {self.budget_ramp_fraction} > 1: '
-          f'the budget would never reach full weight.')
+    for name, allowed, ok, read in _RANGES:
+      value = getattr(self, name)
+      if read(self) and not ok(value):
+        raise ValueError(f'gating.{name} must be {allowed}, got {value!r}.')
     if self.kind != 'none':
       for name, block in (('block', self.block),
                           *((f'stage_blocks[{i}]', b)
@@ -297,42 +198,6 @@ class GatingSpec:
           f"gating.kind='cdg' and gating.block=(bh, bw, 0) (and every entry "
           f"of gating.stage_blocks so); got gating.kind={self.kind!r}, "
           f"gating.block={self.block}{stages}.")
-
-  @classmethod
-  def from_config(cls, config: Mapping[str, Any] | None) -> 'GatingSpec':
-    """Builds a spec from the config's `gating` block; unknown fields are errors."""
-    if config is None:
-      return cls(kind='none')
-    values = dict(config.items()) if hasattr(config, 'items') else dict(config)
-    # The config names the execution by its training half; inference is
-    # the evaluation's choice (`with_sparse_inference`).
-    known = {f.name for f in dataclasses.fields(cls)} - {'execution'} | {
-        'sparse_training'}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f'Unknown gating config field(s) {unknown}; known fields: '
-                       f'{sorted(known)}.')
-    if 'block' in values:
-      values['block'] = _block_value('gating.block', values['block'])
-    if 'stage_blocks' in values:
-      stage_blocks = values['stage_blocks']
-      if isinstance(stage_blocks, (str, bytes)) or not isinstance(
-          stage_blocks, Sequence):
-        raise ValueError(
-            f'gating.stage_blocks={stage_blocks!r} must be a tuple of one '
-            f'(bh, bw, bc) per ResNet stage, e.g. ((8, 8, 0), (8, 8, 0), '
-            f'(4, 4, 0), (4, 4, 0)), or () to use gating.block everywhere.')
-      values['stage_blocks'] = tuple(
-          _block_value(f'gating.stage_blocks[{i}]', block)
-          for i, block in enumerate(stage_blocks))
-    if 'layers' in values:
-      layers = values['layers']
-      if isinstance(layers, str):
-        layers = [s.strip() for s in layers.split(',') if s.strip()]
-      values['layers'] = tuple(layers)
-    if values.pop('sparse_training', False):
-      values['execution'] = 'sparse_training'
-    return cls(**values)
 
   @property
   def enabled(self) -> bool:
@@ -389,135 +254,34 @@ class GatingSpec:
     """Whether a convolution of this role is gated."""
     return self.enabled and role in self.layers
 
-  @property
-  def has_dense_partner(self) -> bool:
-    """Whether training runs a dense partner path (`branches`), so one run
-    gives a gated and a dense network, both evaluated."""
-    return self.branches == 'dense_partner'
-
-  @property
-  def separate_partner_norm(self) -> bool:
-    """Whether the dense partner path has BatchNorm layers of its own."""
-    return self.branches == 'dense_partner' and self.partner_norm == 'separate'
-
 
 def _finite(value: Any) -> bool:
   return isinstance(value, numbers.Real) and math.isfinite(value)
 
 
-def _uses_density_target(spec: GatingSpec) -> bool:
-  return spec.kind in PREDICTOR_KINDS or (
-      spec.kind == 'cdg' and spec.regularizer in ('density', 'flops'))
+def _cdg(spec: GatingSpec) -> bool:
+  return spec.kind == 'cdg'
 
 
 # The numeric fields' ranges, each (field, allowed in words, test, when the
 # field is read): a value outside them (NaN included) is refused before any
-# work. Fields not read by the spec's kind or form are not range-checked
-# here; `_check_read` refuses them when they are set at all.
+# work.
 _RANGES = (
     ('groups', 'an integer >= 2', lambda v: isinstance(v, numbers.Integral)
-     and v >= 2, lambda s: s.kind == 'cdg'),
-    ('alpha', 'finite and > 0', lambda v: _finite(v) and v > 0,
-     lambda s: s.kind == 'cdg'),
+     and v >= 2, _cdg),
+    ('alpha', 'finite and > 0', lambda v: _finite(v) and v > 0, _cdg),
     ('epsilon', 'finite and > 0 (it keeps the saliency variance away from '
-     '0)', lambda v: _finite(v) and v > 0, lambda s: s.kind == 'cdg'),
+     '0)', lambda v: _finite(v) and v > 0, _cdg),
     ('saliency_momentum', 'in [0, 1)', lambda v: _finite(v) and 0 <= v < 1,
-     lambda s: s.kind == 'cdg'),
-    ('threshold_init', 'finite', _finite, lambda s: s.kind == 'cdg'),
-    ('weight', 'finite and >= 0 (a negative weight rewards leaving the '
-     'target)', lambda v: _finite(v) and v >= 0, lambda s: s.enabled),
-    ('threshold_target', 'finite', _finite, lambda s: s.kind == 'cdg'),
+     _cdg),
+    ('threshold_init', 'finite', _finite, _cdg),
     ('density_target', 'in (0, 1]', lambda v: _finite(v) and 0 < v <= 1,
-     _uses_density_target),
-    ('target_anneal_fraction', 'in [0, 1]', lambda v: _finite(v)
-     and 0 <= v <= 1, lambda s: True),
-    ('budget_bounds_fraction', 'in [0, 1] (a fraction of training)',
-     lambda v: _finite(v) and 0 <= v <= 1, lambda s: True),
-    ('budget_start_fraction', 'in [0, 1] (a fraction of training)',
-     lambda v: _finite(v) and 0 <= v <= 1, lambda s: True),
-    ('budget_ramp_fraction', 'in [0, 1] (a fraction of training)',
-     lambda v: _finite(v) and 0 <= v <= 1, lambda s: True),
+     lambda s: s.kind == 'channel_predictor'),
     ('gumbel_temperature', 'finite and > 0', lambda v: _finite(v) and v > 0,
      lambda s: s.kind == 'spatial_predictor'),
     ('closed_tile_sample', 'in (0, 1] (a fraction of the tiles)',
      lambda v: _finite(v) and 0 < v <= 1, lambda s: True),
 )
-
-
-def _check_ranges(spec: GatingSpec) -> None:
-  for name, allowed, ok, read in _RANGES:
-    value = getattr(spec, name)
-    if read(spec) and not ok(value):
-      raise ValueError(f'gating.{name} must be {allowed}, got {value!r}.')
-
-
-# Where each gating field is read -- the rule stated once, here: (the
-# fields the condition depends on, the condition in words, the condition).
-# A field set away from its default where nothing reads it would be
-# silently ignored, so it is refused before any work, naming the field, the
-# value and what to change. Fields without an entry are read whenever
-# gates are ('kind' itself, 'execution' with its own tile rule).
-_CDG = (('kind',), "gating.kind='cdg'", lambda s: s.kind == 'cdg')
-_GATED = (('kind',), "a gated kind (gating.kind other than 'none')",
-          lambda s: s.enabled)
-_DENSITY = (('kind', 'regularizer'), "gating.kind='channel_predictor' or "
-            "'spatial_predictor', or gating.kind='cdg' with gating."
-            "regularizer='density' or 'flops'", _uses_density_target)
-_ANNEALED = (('kind', 'regularizer'), "gating.kind='spatial_predictor', or "
-             "gating.kind='cdg' with gating.regularizer='density' or 'flops' "
-             "(a density target to anneal)",
-             lambda s: s.kind == 'spatial_predictor' or (
-                 s.kind == 'cdg' and s.regularizer in ('density', 'flops')))
-_BUDGET = (('kind', 'regularizer'), "the FLOPs budget (gating.kind='cdg' "
-           "with gating.regularizer='flops')",
-           lambda s: s.kind == 'cdg' and s.regularizer == 'flops')
-FIELD_READ_WHEN = {
-    'groups': _CDG, 'grouping': _CDG, 'stage_blocks': _CDG, 'alpha': _CDG,
-    'surrogate': _CDG, 'threshold_init': _CDG, 'saliency_norm': _CDG,
-    'saliency_grad': _CDG, 'saliency_momentum': _CDG, 'epsilon': _CDG,
-    'saliency_stats': _CDG,
-    # The predictor kinds' auxiliary loss is fixed by the kind.
-    'regularizer': _CDG,
-    'block': (('kind',), "gating.kind='cdg' or 'spatial_predictor' (the "
-              "channel predictor gates whole channels)",
-              lambda s: s.kind in ('cdg', 'spatial_predictor')),
-    'layers': _GATED, 'branches': _GATED, 'weight': _GATED,
-    'partner_norm': (('branches',), "gating.branches='dense_partner'",
-                     lambda s: s.branches == 'dense_partner'),
-    'predictor_saliency': (('kind',), "gating.kind='channel_predictor'",
-                           lambda s: s.kind == 'channel_predictor'),
-    'threshold_target': (('kind', 'regularizer'), "gating.kind='cdg' with "
-                         "gating.regularizer='threshold' or 'threshold_sum'",
-                         lambda s: s.kind == 'cdg' and s.regularizer in (
-                             'threshold', 'threshold_sum')),
-    'density_target': _DENSITY,
-    'target_anneal_fraction': _ANNEALED,
-    'budget_bounds_fraction': _BUDGET, 'budget_start_fraction': _BUDGET,
-    'budget_ramp_fraction': _BUDGET,
-    'gumbel_temperature': (('kind',), "gating.kind='spatial_predictor'",
-                           lambda s: s.kind == 'spatial_predictor'),
-    'closed_tile_gradient': (('sparse_training',), 'the sparse train step '
-                             '(gating.sparse_training=True)',
-                             lambda s: s.sparse_training),
-    'closed_tile_sample': (('closed_tile_gradient',),
-                           "gating.closed_tile_gradient='sampled'",
-                           lambda s: s.closed_tile_gradient == 'sampled'),
-}
-
-
-def _check_read(spec: GatingSpec) -> None:
-  """ValueError for a field set away from its default where it is not read."""
-  defaults = {f.name: f.default for f in dataclasses.fields(GatingSpec)}
-  for name, (depends, where, read) in FIELD_READ_WHEN.items():
-    value = getattr(spec, name)
-    if value == defaults[name] or read(spec):
-      continue
-    given = ', '.join(f'gating.{d}={getattr(spec, d)!r}' for d in depends)
-    raise ValueError(
-        f'gating.{name}={value!r} would be ignored: it is read only with '
-        f'{where}, and this config has {given}. Remove the override (the '
-        f'default is {defaults[name]!r}) or change '
-        f'{" or ".join(f"gating.{d}" for d in depends)}.')
 
 
 def check_gate_mode(gate_mode: str, spec: GatingSpec | None) -> None:

@@ -27,7 +27,6 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cdg_jax.gating import layers
 from cdg_jax.run import config_lib
 from cdg_jax.ssl import models
 
@@ -523,6 +522,8 @@ def load_backbone(workdir: str):
         f'features would mean nothing. Train it again (a lower '
         f'optim.base_learning_rate, or the gating fields named when that run '
         f'stopped).')
+  gating = config_lib.read_gating(config.gating)
   backbone = models.create_resnet(
-      config.model, layers.GatingSpec.from_config(config.gating))
+      config.model, gating.layer,
+      separate_partner_norm=gating.branches.separate_partner_norm)
   return config, backbone, variables

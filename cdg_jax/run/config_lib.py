@@ -8,10 +8,12 @@ files be loaded from any working directory.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+import dataclasses
+import numbers
+import types
 from typing import Any
 
-import dataclasses
 
 import ml_collections
 
@@ -21,6 +23,7 @@ from cdg_jax.evaluators import extraction
 from cdg_jax.evaluators import knn
 from cdg_jax.evaluators import linear
 from cdg_jax.gating import layers
+from cdg_jax.gating import regularizers
 from cdg_jax.ssl import models
 from cdg_jax.ssl import pretraining
 
@@ -32,17 +35,204 @@ FEATURE_NORMS = ('batchnorm', 'none')
 
 
 
+# The `gating` block's fields, in the config's order. Each is a field of the
+# same name of the spec that reads it (`GatingConfig`), but for
+# `sparse_training`, which sets the layer spec's `execution`.
+GATING_FIELDS = (
+    'kind', 'groups', 'grouping', 'block', 'stage_blocks', 'alpha',
+    'surrogate', 'threshold_init', 'layers', 'saliency_norm', 'saliency_grad',
+    'saliency_momentum', 'epsilon', 'saliency_stats', 'branches',
+    'partner_norm', 'predictor_saliency', 'regularizer', 'weight',
+    'threshold_target', 'density_target', 'target_anneal_fraction',
+    'budget_bounds_fraction', 'budget_start_fraction', 'budget_ramp_fraction',
+    'gumbel_temperature', 'sparse_training', 'closed_tile_gradient',
+    'closed_tile_sample')
+_GATING_SPECS = (layers.GatingSpec, regularizers.RegularizerSpec,
+                 pretraining.BranchSpec)
+
+
+def _gating_defaults() -> dict[str, Any]:
+  """Every `gating` field's default: its spec's (stated once, there)."""
+  defaults = {'sparse_training': False}
+  for spec in _GATING_SPECS:
+    for field in dataclasses.fields(spec):
+      defaults.setdefault(field.name, field.default)
+  return {name: defaults[name] for name in GATING_FIELDS}
+
+
 def gating_config() -> ml_collections.ConfigDict:
   """The `gating` block: the one place gating is configured.
 
-  Built from `layers.GatingSpec`'s defaults, where every field is described
-  (the defaults are stated once, there); `layers` is written as a
-  comma-separated string of roles, as on the command line.
+  Built from the specs' defaults (`GatingConfig`), where every field is
+  described; `layers` is written as a comma-separated string of roles, as on
+  the command line.
   """
-  defaults = {field.name: getattr(layers.GatingSpec, field.name)
-              for field in dataclasses.fields(layers.GatingSpec)}
+  defaults = _gating_defaults()
   defaults['layers'] = ','.join(defaults['layers'])
   return ml_collections.ConfigDict(defaults)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatingConfig:
+  """The config's `gating` block as typed specs (`read_gating`).
+
+  Attributes:
+    layer: what the gated layers compute (`layers.GatingSpec`).
+    loss: the gates' regulariser (`regularizers.RegularizerSpec`); None
+      without gates.
+    branches: how the SSL branches are wired (`pretraining.BranchSpec`).
+  """
+  layer: layers.GatingSpec
+  loss: regularizers.RegularizerSpec | None
+  branches: pretraining.BranchSpec
+
+
+def _block_value(field: str, value: Any) -> tuple[int, int, int]:
+  """A config's (bh, bw, bc) as ints, or ValueError naming `field`."""
+  if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence)
+      or len(value) != 3 or not all(isinstance(b, numbers.Integral)
+                                    and not isinstance(b, bool) for b in value)):
+    raise ValueError(f'{field}={value!r} must be three ints (bh, bw, bc), e.g. '
+                     f'(4, 4, 0): a block of bh x bw positions and bc channels '
+                     f'(0: all channels).')
+  return tuple(int(b) for b in value)
+
+
+def _gating_values(block: Mapping[str, Any] | None) -> dict[str, Any]:
+  """The block's values with defaults filled in and tuples made; unknown
+  fields are errors."""
+  given = {} if block is None else (
+      dict(block.items()) if hasattr(block, 'items') else dict(block))
+  unknown = sorted(set(given) - set(GATING_FIELDS))
+  if unknown:
+    raise ValueError(f'Unknown gating config field(s) {unknown}; known fields: '
+                     f'{sorted(GATING_FIELDS)}.')
+  values = {**_gating_defaults(), **given}
+  if block is None:
+    values['kind'] = 'none'
+  values['block'] = _block_value('gating.block', values['block'])
+  stage_blocks = values['stage_blocks']
+  if isinstance(stage_blocks, (str, bytes)) or not isinstance(
+      stage_blocks, Sequence):
+    raise ValueError(
+        f'gating.stage_blocks={stage_blocks!r} must be a tuple of one '
+        f'(bh, bw, bc) per ResNet stage, e.g. ((8, 8, 0), (8, 8, 0), '
+        f'(4, 4, 0), (4, 4, 0)), or () to use gating.block everywhere.')
+  values['stage_blocks'] = tuple(
+      _block_value(f'gating.stage_blocks[{i}]', block)
+      for i, block in enumerate(stage_blocks))
+  roles = values['layers']
+  if isinstance(roles, str):
+    roles = [s.strip() for s in roles.split(',') if s.strip()]
+  values['layers'] = tuple(roles)
+  return values
+
+
+def read_gating(block: Mapping[str, Any] | None) -> GatingConfig:
+  """The one parse of a config's `gating` block into typed specs.
+
+  A field set away from its default where nothing reads it is refused
+  (`FIELD_READ_WHEN`); each spec checks its own values' ranges.
+
+  Args:
+    block: the `gating` block (a ConfigDict or a dict, missing fields at
+      their defaults); None: the dense network.
+
+  Raises:
+    ValueError naming the field, its value and what it must be.
+  """
+  values = _gating_values(block)
+  _check_read(values)
+  def fields_of(spec):
+    return {f.name: values[f.name] for f in dataclasses.fields(spec)
+            if f.name in values}
+  branches = pretraining.BranchSpec(**fields_of(pretraining.BranchSpec))
+  layer = layers.GatingSpec(
+      **fields_of(layers.GatingSpec),
+      execution='sparse_training' if values['sparse_training'] else 'masked')
+  if branches.has_dense_partner and layer.kind != 'cdg':
+    raise ValueError(
+        f"gating.branches='dense_partner' is implemented for "
+        f"gating.kind='cdg', got gating.kind={layer.kind!r}.")
+  loss = (regularizers.RegularizerSpec(
+      **fields_of(regularizers.RegularizerSpec)) if layer.enabled else None)
+  return GatingConfig(layer=layer, loss=loss, branches=branches)
+
+
+def _uses_density_target(s) -> bool:
+  return s.kind in layers.PREDICTOR_KINDS or (
+      s.kind == 'cdg' and s.regularizer in ('density', 'flops'))
+
+
+# Where each gating field is read -- the rule stated once, here: (the
+# fields the condition depends on, the condition in words, the condition on
+# the block's values). A field set away from its default where nothing reads
+# it would be silently ignored, so it is refused before any work, naming the
+# field, the value and what to change. Fields without an entry are read
+# whenever gates are ('kind' itself, 'sparse_training' with its own tile
+# rule, `layers.GatingSpec`).
+_CDG = (('kind',), "gating.kind='cdg'", lambda s: s.kind == 'cdg')
+_GATED = (('kind',), "a gated kind (gating.kind other than 'none')",
+          lambda s: s.kind != 'none')
+_DENSITY = (('kind', 'regularizer'), "gating.kind='channel_predictor' or "
+            "'spatial_predictor', or gating.kind='cdg' with gating."
+            "regularizer='density' or 'flops'", _uses_density_target)
+_ANNEALED = (('kind', 'regularizer'), "gating.kind='spatial_predictor', or "
+             "gating.kind='cdg' with gating.regularizer='density' or 'flops' "
+             "(a density target to anneal)",
+             lambda s: s.kind == 'spatial_predictor' or (
+                 s.kind == 'cdg' and s.regularizer in ('density', 'flops')))
+_BUDGET = (('kind', 'regularizer'), "the FLOPs budget (gating.kind='cdg' "
+           "with gating.regularizer='flops')",
+           lambda s: s.kind == 'cdg' and s.regularizer == 'flops')
+FIELD_READ_WHEN = {
+    'groups': _CDG, 'grouping': _CDG, 'stage_blocks': _CDG, 'alpha': _CDG,
+    'surrogate': _CDG, 'threshold_init': _CDG, 'saliency_norm': _CDG,
+    'saliency_grad': _CDG, 'saliency_momentum': _CDG, 'epsilon': _CDG,
+    'saliency_stats': _CDG,
+    # The predictor kinds' auxiliary loss is fixed by the kind.
+    'regularizer': _CDG,
+    'block': (('kind',), "gating.kind='cdg' or 'spatial_predictor' (the "
+              "channel predictor gates whole channels)",
+              lambda s: s.kind in ('cdg', 'spatial_predictor')),
+    'layers': _GATED, 'branches': _GATED, 'weight': _GATED,
+    'partner_norm': (('branches',), "gating.branches='dense_partner'",
+                     lambda s: s.branches == 'dense_partner'),
+    'predictor_saliency': (('kind',), "gating.kind='channel_predictor'",
+                           lambda s: s.kind == 'channel_predictor'),
+    'threshold_target': (('kind', 'regularizer'), "gating.kind='cdg' with "
+                         "gating.regularizer='threshold' or 'threshold_sum'",
+                         lambda s: s.kind == 'cdg' and s.regularizer in (
+                             'threshold', 'threshold_sum')),
+    'density_target': _DENSITY,
+    'target_anneal_fraction': _ANNEALED,
+    'budget_bounds_fraction': _BUDGET, 'budget_start_fraction': _BUDGET,
+    'budget_ramp_fraction': _BUDGET,
+    'gumbel_temperature': (('kind',), "gating.kind='spatial_predictor'",
+                           lambda s: s.kind == 'spatial_predictor'),
+    'closed_tile_gradient': (('sparse_training',), 'the sparse train step '
+                             '(gating.sparse_training=True)',
+                             lambda s: s.sparse_training),
+    'closed_tile_sample': (('closed_tile_gradient',),
+                           "gating.closed_tile_gradient='sampled'",
+                           lambda s: s.closed_tile_gradient == 'sampled'),
+}
+
+
+def _check_read(values: Mapping[str, Any]) -> None:
+  """ValueError for a field set away from its default where it is not read."""
+  defaults = _gating_values({})
+  block = types.SimpleNamespace(**values)
+  for name, (depends, where, read) in FIELD_READ_WHEN.items():
+    value = values[name]
+    if value == defaults[name] or read(block):
+      continue
+    given = ', '.join(f'gating.{d}={values[d]!r}' for d in depends)
+    raise ValueError(
+        f'gating.{name}={value!r} would be ignored: it is read only with '
+        f'{where}, and this config has {given}. Remove the override (the '
+        f'default is {defaults[name]!r}) or change '
+        f'{" or ".join(f"gating.{d}" for d in depends)}.')
 
 
 def _model_config() -> ml_collections.ConfigDict:
@@ -371,7 +561,7 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
 
 
 def _problems(config: ml_collections.ConfigDict
-              ) -> tuple[list[str], layers.GatingSpec | None]:
+              ) -> tuple[list[str], GatingConfig | None]:
   """Every out-of-range value of a config (see `validate`), and the gating
   spec when the `gating` block parses."""
   problems = []
@@ -396,13 +586,13 @@ def _problems(config: ml_collections.ConfigDict
   problems += extraction.config_problems(config.eval)
   problems += linear_eval_problems(config.linear_eval.to_dict())
   try:
-    spec = layers.GatingSpec.from_config(config.gating)
+    spec = read_gating(config.gating)
     if config.framework in pretraining.FRAMEWORKS:
-      pretraining.check_branches(config.framework, spec)
+      pretraining.check_branches(config.framework, spec.layer, spec.branches)
     if config.model.name in models.ARCHITECTURES:
-      spec.for_stage(0, len(models.ARCHITECTURES[config.model.name][0]))
+      spec.layer.for_stage(0, len(models.ARCHITECTURES[config.model.name][0]))
     if config.eval.sparse_inference:
-      spec.with_sparse_inference()
+      spec.layer.with_sparse_inference()
   except ValueError as e:
     problems.append(str(e))
   return problems, spec
@@ -451,12 +641,12 @@ def linear_eval_problems(settings: Mapping[str, Any]) -> list[str]:
   return problems
 
 
-def validate(config: ml_collections.ConfigDict) -> layers.GatingSpec:
+def validate(config: ml_collections.ConfigDict) -> GatingConfig:
   """Checks field names and value ranges of a whole config, before any work.
 
   Returns:
-    The `gating` block as a `layers.GatingSpec`: the run's one parse of it,
-    which the entry point passes down (`pretraining.read_settings`,
+    The `gating` block as typed specs (`read_gating`): the run's one parse
+    of it, which the entry point passes down (`pretraining.read_settings`,
     `models.create_resnet`).
 
   Raises:

@@ -74,6 +74,7 @@ class ResidualBlock(nn.Module):
   gating: GatingSpec = GatingSpec(kind='none')
   dtype: Any = jnp.float32
   gate_mode: str = 'gated'
+  separate_partner_norm: bool = False
   expansion = 1
 
   def layer_factories(self, train: bool):
@@ -87,7 +88,7 @@ class ResidualBlock(nn.Module):
     norm = functools.partial(
         path_norm, functools.partial(BatchNorm, use_running_average=not train,
                                      dtype=self.dtype),
-        gate_mode=self.gate_mode, separate=spec.separate_partner_norm,
+        gate_mode=self.gate_mode, separate=self.separate_partner_norm,
         initializing=self.is_initializing())
     conv = functools.partial(GatedConv, dtype=self.dtype,
                              gate_mode=self.gate_mode)
@@ -157,7 +158,9 @@ class ResNet(nn.Module):
       network with the same weights, and under a separate partner norm the
       dense path's BatchNorms) or 'partner' (the dense-partner training
       forward: the first half of the batch gated, the second open); see
-      `GatingSpec.branches`.
+      `pretraining.BranchSpec.branches`.
+    separate_partner_norm: under 'open' and 'partner', the dense path uses
+      BatchNorm layers of its own (`BranchSpec.partner_norm='separate'`).
   """
   stage_sizes: Sequence[int]
   block_cls: Any
@@ -167,6 +170,7 @@ class ResNet(nn.Module):
   num_classes: int | None = None
   dtype: Any = jnp.float32
   gate_mode: str = 'gated'
+  separate_partner_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -188,7 +192,7 @@ class ResNet(nn.Module):
     stem_norm = path_norm(
         functools.partial(BatchNorm, use_running_average=not train,
                           dtype=self.dtype), 'stem_bn', self.gate_mode,
-        spec.separate_partner_norm and spec.gates('stem'),
+        self.separate_partner_norm and spec.gates('stem'),
         self.is_initializing())
     stem_conv = functools.partial(GatedConv, self.width, gating=gate('stem'),
                                   dtype=self.dtype, gate_mode=self.gate_mode,
@@ -208,10 +212,10 @@ class ResNet(nn.Module):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         try:
-          x = self.block_cls(self.width * 2**i, strides, stage_spec,
-                             self.dtype, self.gate_mode,
-                             name=f'stage{i + 1}_block{j}')(x, train,
-                                                            stat_groups)
+          x = self.block_cls(
+              self.width * 2**i, strides, stage_spec, self.dtype,
+              self.gate_mode, self.separate_partner_norm,
+              name=f'stage{i + 1}_block{j}')(x, train, stat_groups)
         except BlockTilingError as e:
           if not spec.stage_blocks:
             raise
@@ -262,7 +266,8 @@ def config_problems(model_config: Mapping[str, Any]) -> list[str]:
 def create_resnet(model_config: Mapping[str, Any],
                   gating: GatingSpec | None = None,
                   num_classes: int | None = None,
-                  gate_mode: str = 'gated') -> ResNet:
+                  gate_mode: str = 'gated',
+                  separate_partner_norm: bool = False) -> ResNet:
   """Builds a ResNet from the config's `model` block and a gating spec.
 
   Args:
@@ -270,10 +275,12 @@ def create_resnet(model_config: Mapping[str, Any],
       `stem` ('cifar' | 'imagenet'), `width` (default 64) and `dtype`
       ('float32' default | 'bfloat16').
     gating: the gating spec, parsed once from the config's `gating` block by
-      the entry point (`GatingSpec.from_config`); None gives the dense
+      the entry point (`config_lib.read_gating`); None gives the dense
       network.
     num_classes: adds a linear head when given.
     gate_mode: 'gated', 'open' or 'partner' (see `ResNet`).
+    separate_partner_norm: the dense partner path has BatchNorm layers of
+      its own (`pretraining.BranchSpec.separate_partner_norm`).
 
   Raises:
     TypeError: for a `gating` that is not a GatingSpec (a config block).
@@ -293,7 +300,7 @@ def create_resnet(model_config: Mapping[str, Any],
     raise TypeError(
         f'create_resnet takes a GatingSpec or None, got '
         f'{type(gating).__name__}; parse the gating block once with '
-        f'GatingSpec.from_config(config.gating) and pass the spec.')
+        f'config_lib.read_gating(config.gating).layer and pass the spec.')
   spec = gating
   width = int(model_config.get('width', 64))
   if width < 1:
@@ -302,7 +309,8 @@ def create_resnet(model_config: Mapping[str, Any],
                    stem=model_config.get('stem', 'cifar'), gating=spec,
                    num_classes=num_classes,
                    dtype=compute_dtype(model_config.get('dtype', 'float32')),
-                   gate_mode=gate_mode)
+                   gate_mode=gate_mode,
+                   separate_partner_norm=separate_partner_norm)
   check_gate_mode(gate_mode, spec)
   return network
 
@@ -325,7 +333,7 @@ def with_sparse_inference(backbone: ResNet) -> ResNet:
 def dense_path(backbone: ResNet) -> ResNet:
   """The same network (same variables) with every CDG gate open.
 
-  The dense network of a dense-partner run (`GatingSpec.branches`): each
+  The dense network of a dense-partner run (`pretraining.BranchSpec.branches`): each
   gated layer computes Y_base + Y_cond, its full convolution, and under
   `partner_norm='separate'` the dense path's own BatchNorm layers are used.
   For a CDG network trained otherwise it is the gates-forced-open diagnostic

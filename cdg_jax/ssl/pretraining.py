@@ -57,6 +57,69 @@ _GUMBEL_SALT = 0x67756D62   # 'gumb': folds the Gumbel key out of the step key
 _CLOSED_TILE_SALT = 0x74696C65   # 'tile': the closed-tile sample's key
 
 
+# Which contrastive branches are gated (`BranchSpec.branches`), how the
+# saliency statistics are grouped, and the dense partner path's BatchNorm.
+BRANCHES = ('both', 'online', 'dense_partner')
+SALIENCY_STATS = ('per_branch', 'joint')
+PARTNER_NORMS = ('shared', 'separate')
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchSpec:
+  """How the SSL branches are wired to the gates; the fields are the config's
+  `gating` fields of the same names (`config_lib.read_gating` makes it).
+
+  Attributes:
+    branches: which contrastive branches are gated.
+      'both': every branch (the CDG paper: dual gating).
+      'online': MoCo v2 and BYOL only: the online encoder is gated, the
+      momentum/EMA target encoder is the dense network.
+      'dense_partner': ours, after Krishna et al. (BMVC 2023, "Unifying
+      Synergies between Self-supervised Learning and Dynamic
+      Computation"), not the CDG paper's; SimCLR and SimSiam, CDG only. The
+      encoder's weights are shared by two paths: view 1 goes through the
+      gated encoder, view 2 through the same parameters with every gate
+      open (the dense network), and the SSL loss is taken between the two
+      (both directions, so gradients reach the weights through both paths).
+      The gate regulariser, the gate densities and the FLOPs metric see the
+      gated path only. Views are i.i.d. draws of the same augmentation, so
+      the fixed assignment (view 1 gated) loses nothing. One training gives
+      a gated and a dense network; both are evaluated. The dense-partner
+      form of MoCo v2 and BYOL is 'online' (their dense target plays the
+      partner's part).
+    partner_norm: BatchNorm of the dense path under 'dense_partner':
+      'shared' (one BatchNorm per layer, its batch statistics over both
+      paths' samples) or 'separate' (the dense path has its own BatchNorm
+      layers, statistics and affine parameters, in every residual block, and
+      at the stem when the stem is gated; Krishna et al.'s separate_bn).
+    saliency_stats: 'per_branch' or 'joint' batch statistics of the CDG
+      saliency over the two views in the train step.
+  """
+  branches: str = 'both'
+  partner_norm: str = 'shared'
+  saliency_stats: str = 'per_branch'
+
+  def __post_init__(self):
+    for name, allowed in (('branches', BRANCHES),
+                          ('partner_norm', PARTNER_NORMS),
+                          ('saliency_stats', SALIENCY_STATS)):
+      value = getattr(self, name)
+      if value not in allowed:
+        raise ValueError(f'Unknown gating.{name}={value!r}; expected one of '
+                         f'{", ".join(map(repr, allowed))}.')
+
+  @property
+  def has_dense_partner(self) -> bool:
+    """Whether training runs a dense partner path (`branches`), so one run
+    gives a gated and a dense network, both evaluated."""
+    return self.branches == 'dense_partner'
+
+  @property
+  def separate_partner_norm(self) -> bool:
+    """Whether the dense partner path has BatchNorm layers of its own."""
+    return self.has_dense_partner and self.partner_norm == 'separate'
+
+
 class MLP(nn.Module):
   """Projector/predictor: [Dense -> BN -> ReLU] x hidden, Dense, optional BN.
 
@@ -118,6 +181,8 @@ class Settings:
   Attributes:
     framework: one of FRAMEWORKS.
     gating: the online encoder's gating spec (parsed once, by the caller).
+    loss: the gates' regulariser (None without gates).
+    branches: how the SSL branches are wired to the gates.
     model: the `model` block (name, width, stem, dtype).
     ssl: the `ssl` block (projector, predictor, temperature, tau, queue).
     optim: the `optim` block (name, learning rate, warm-up, weight decay).
@@ -132,6 +197,8 @@ class Settings:
   """
   framework: str
   gating: GatingSpec
+  loss: regularizers.RegularizerSpec | None
+  branches: BranchSpec
   model: Any
   ssl: Any
   optim: Any
@@ -226,12 +293,13 @@ def ssl_problems(ssl, framework: str, batch_size: int) -> list[str]:
   return [message for ok, message in checks if not ok]
 
 
-def read_settings(config, gating_spec: GatingSpec, num_train: int) -> Settings:
+def read_settings(config, gating, num_train: int) -> Settings:
   """The pretraining settings of a run's config, for a training set size.
 
   Args:
     config: the run config (already validated: `config_lib.validate`).
-    gating_spec: its `gating` block, parsed once by the caller.
+    gating: its `gating` block, parsed once by the caller
+      (`config_lib.GatingConfig`: `layer`, `loss`, `branches`).
     num_train: training-set size (for the epochs and schedules).
   """
   per_epoch = input_pipeline.steps_per_epoch(
@@ -241,7 +309,8 @@ def read_settings(config, gating_spec: GatingSpec, num_train: int) -> Settings:
   else:
     steps = max(1, int(config.num_epochs * per_epoch))
   return Settings(
-      framework=config.framework, gating=gating_spec, model=config.model,
+      framework=config.framework, gating=gating.layer, loss=gating.loss,
+      branches=gating.branches, model=config.model,
       ssl=config.ssl, optim=config.optim, augment=config.augment,
       probe_learning_rate=config.probe.learning_rate,
       image_size=config.data.image_size, num_classes=config.data.num_classes,
@@ -249,17 +318,17 @@ def read_settings(config, gating_spec: GatingSpec, num_train: int) -> Settings:
       total_steps=steps)
 
 
-def check_branches(framework: str, spec: GatingSpec) -> None:
-  """ValueError when `gating.branches` has no meaning for the framework."""
+def check_branches(framework: str, spec: GatingSpec,
+                   branches: BranchSpec) -> None:
+  """ValueError when the branch wiring has no meaning for the framework."""
   has_target = FRAMEWORK_TABLE[framework].target
-  if spec.branches == 'dense_partner' and has_target:
+  if branches.has_dense_partner and has_target:
     raise ValueError(
         f"gating.branches='dense_partner' is for the shared-encoder "
         f"frameworks (simclr, simsiam); framework={framework!r} has a "
         f"target encoder, and its dense-partner form is "
         f"gating.branches='online' (the target left dense).")
-  if spec.branches == 'online' and spec.enabled and (
-      not has_target):
+  if branches.branches == 'online' and spec.enabled and not has_target:
     raise ValueError(
         f"gating.branches='online' leaves a target encoder dense; "
         f"framework={framework!r} has none (its dense-partner form is "
@@ -280,17 +349,18 @@ def build_networks(settings: Settings) -> Networks:
   if framework.predictor:
     predictor = MLP(tuple(ssl.predictor_hidden_dims), ssl.predictor_dim,
                     dtype=dtype)
-  spec = settings.gating
-  check_branches(settings.framework, spec)
+  spec, branches = settings.gating, settings.branches
   # Under the dense partner the online encoder's batch is [view 1 gated;
   # view 2 with every gate open].
-  gate_mode = 'partner' if spec.branches == 'dense_partner' else 'gated'
+  gate_mode = 'partner' if branches.has_dense_partner else 'gated'
   online = SSLNetwork(
-      models.create_resnet(settings.model, spec, gate_mode=gate_mode),
+      models.create_resnet(
+          settings.model, spec, gate_mode=gate_mode,
+          separate_partner_norm=branches.separate_partner_norm),
       projector, predictor)
   target = None
   if framework.target:
-    target_gating = spec if spec.branches == 'both' else None
+    target_gating = spec if branches.branches == 'both' else None
     target = SSLNetwork(models.create_resnet(settings.model, target_gating),
                         projector)
   return Networks(online, target, nn.Dense(settings.num_classes))
@@ -587,12 +657,12 @@ def _probe_step(probe: nn.Module, probe_tx, state: TrainState, features,
           probe_opt_state, probe_loss, logits)
 
 
-def _stat_groups(spec: GatingSpec) -> int:
+def _stat_groups(branches: BranchSpec) -> int:
   """Batch-statistics groups of a [view 1; view 2] batch (`stat_groups`)."""
-  if spec.branches == 'dense_partner':
+  if branches.has_dense_partner:
     # Only view 1 is gated (`GatedConv` in 'partner' mode): one branch.
     return 1
-  return 2 if spec.saliency_stats == 'per_branch' else 1
+  return 2 if branches.saliency_stats == 'per_branch' else 1
 
 
 def _online_mutable(spec: GatingSpec) -> list[str]:
@@ -616,6 +686,18 @@ def target_branch(networks: Networks, state: TrainState, target_input,
   return jax.lax.stop_gradient(target_out), target_vars['batch_stats']
 
 
+def _gate_loss(settings: Settings, params, densities, aux,
+               costs: tuple[flops.LayerCost, ...], step) -> jax.Array:
+  """The gate regulariser at `step`, with its schedules (0 without gates)."""
+  spec = settings.loss
+  if spec is None:
+    return jnp.zeros(())
+  target_fn = regularizers.density_target_schedule(spec, settings.total_steps)
+  budget_fn = regularizers.budget_schedule(spec, settings.total_steps)
+  return regularizers.gate_regularizer(spec, params, densities, aux,
+                                       target_fn(step), costs, budget_fn(step))
+
+
 def online_loss(params, settings: Settings, networks: Networks,
                 costs: tuple[flops.LayerCost, ...], state: TrainState,
                 online_input, online_groups: int, online_rngs, target_out,
@@ -626,20 +708,15 @@ def online_loss(params, settings: Settings, networks: Networks,
   densities, the embeddings, the features and both loss terms; `params` is
   first, the argument `jax.value_and_grad` differentiates.
   """
-  spec = settings.gating
-  target_fn = regularizers.density_target_schedule(spec, settings.total_steps)
-  budget_fn = regularizers.budget_schedule(spec, settings.total_steps)
   out, new_vars = networks.online.apply(
       {'params': params, 'batch_stats': state.batch_stats}, online_input,
       train=True, stat_groups=online_groups,
-      rngs=online_rngs, mutable=_online_mutable(spec))
+      rngs=online_rngs, mutable=_online_mutable(settings.gating))
   loss, embeddings = ssl_loss(settings.framework, out, target_out,
                               queue_keys, settings.ssl.temperature)
   densities = flops.mean_densities(new_vars.get(DENSITY_COLLECTION, {}))
-  gate_loss = regularizers.gate_regularizer(spec, params, densities,
-                               new_vars.get(AUX_COLLECTION, {}),
-                               target_fn(state.step), costs,
-                               budget_fn(state.step))
+  gate_loss = _gate_loss(settings, params, densities,
+                         new_vars.get(AUX_COLLECTION, {}), costs, state.step)
   aux = dict(batch_stats=new_vars['batch_stats'], densities=densities,
              embeddings=embeddings, features=out['features'], ssl_loss=loss,
              gate_loss=gate_loss)
@@ -650,9 +727,7 @@ def step_metrics(settings: Settings, costs: tuple[flops.LayerCost, ...],
                  state: TrainState, total_loss, aux, tau, probe_loss, logits,
                  labels) -> dict[str, Any]:
   """The step's metrics: losses, schedules, probe, collapse and gating."""
-  spec = settings.gating
-  target_fn = regularizers.density_target_schedule(spec, settings.total_steps)
-  budget_fn = regularizers.budget_schedule(spec, settings.total_steps)
+  spec = settings.loss
   gated_costs = [c for c in costs if c.gated]
   densities = aux['densities']
   metrics = {
@@ -664,10 +739,12 @@ def step_metrics(settings: Settings, costs: tuple[flops.LayerCost, ...],
       'embedding_std': losses.embedding_std(aux['embeddings']),
       'flops_reduction': flops.flops_reduction(costs, densities),
   }
-  if spec.target_anneal_fraction > 0:
-    metrics['density_target'] = target_fn(state.step)
-  if spec.regularizer == 'flops' and spec.kind == 'cdg':
-    budget = budget_fn(state.step)
+  if spec is not None and spec.target_anneal_fraction > 0:
+    metrics['density_target'] = regularizers.density_target_schedule(
+        spec, settings.total_steps)(state.step)
+  if spec is not None and spec.is_budget:
+    budget = regularizers.budget_schedule(spec, settings.total_steps)(
+        state.step)
     metrics['budget_scale'] = budget['scale']
     if spec.budget_bounds_fraction > 0:
       metrics['bound_tightness'] = budget['tightness']
@@ -705,7 +782,7 @@ def pretraining_step(settings: Settings, networks: Networks,
   view1, view2 = augment.two_views(rng, batch['image'], settings.augment)
   online_rngs, target_rngs = _gate_rngs(spec, rng)
   online_input, online_groups, target_input, target_groups = _branch_inputs(
-      framework, view1, view2, _stat_groups(spec))
+      framework, view1, view2, _stat_groups(settings.branches))
   target_out, target_stats = target_branch(networks, state, target_input,
                                            target_groups, target_rngs)
   queue_keys = state.queue['keys'] if framework.queue else None
