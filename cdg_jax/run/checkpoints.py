@@ -46,7 +46,7 @@ STRUCTURAL_FIELDS = ('framework', 'model', 'gating.kind', 'gating.groups',
 # evaluated, not what is trained: free to change on resume, without a word
 # (docs/running.md). The compute dtype leaves every saved array float32; the
 # sparse train step computes the masked step's outputs and every gradient
-# but the closed tiles' gate gradient (`GatingSpec.sparse_training`).
+# but the closed tiles' gate gradient (`GatingSpec.execution`).
 EXECUTION_FIELDS = ('model.dtype', 'gating.sparse_training',
                     'gating.closed_tile_gradient', 'gating.closed_tile_sample',
                     'log_every_steps', 'checkpoint', 'cpu_devices',

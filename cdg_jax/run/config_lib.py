@@ -526,8 +526,8 @@ def apply_variants(config: ml_collections.ConfigDict,
     0.25 with its always-computed base path); the channel predictor's L1
     saliency loss gets weight 1e-4, the spatial predictor's density loss 1.0.
   dense_partner: CDG's dense-partner form (ours, after Krishna et al.; see
-    `GatingSpec.branches`): 'dense_partner' for SimCLR and SimSiam, 'online'
-    (dense target) for MoCo v2 and BYOL.
+    `pretraining.BranchSpec.branches`): 'dense_partner' for SimCLR and
+    SimSiam, 'online' (dense target) for MoCo v2 and BYOL.
   """
   for variant in [v.strip() for v in (arg or '').split(',') if v.strip()]:
     if variant not in VARIANT_TABLE:

@@ -14,7 +14,7 @@ baselines, predictor parameters) follow the online ones by the same EMA as
 every other parameter; with `gating.branches='online'` the target is the dense
 network. With `gating.branches='dense_partner'` (SimCLR, SimSiam; ours, after
 Krishna et al.) view 1 goes through the gated encoder and view 2 through the
-same parameters with every gate open (`GatingSpec.branches`).
+same parameters with every gate open (`BranchSpec.branches`).
 Spatial-predictor gates draw Gumbel noise from the 'gumbel' RNG
 stream, derived from the step's key. The step (`pretraining_step`, bound to a
 run by `make_train_step`) composes augmentation, both branches, the SSL loss,
