@@ -58,11 +58,7 @@ def path_norm(make_norm: Callable[..., nn.Module], name: str, gate_mode: str,
 
 
 def compute_dtype(name: str) -> Any:
-  """The jnp dtype for `model.dtype`; ValueError naming a bad value."""
-  if name not in COMPUTE_DTYPES:
-    raise ValueError(f'Unknown model.dtype={name!r}; expected one of '
-                     f'{sorted(COMPUTE_DTYPES)} (bfloat16: mixed precision '
-                     f'for GPUs and TPUs).')
+  """The jnp dtype for `model.dtype` (checked by `config_problems`)."""
   return COMPUTE_DTYPES[name]
 
 
@@ -239,15 +235,8 @@ ARCHITECTURES = {
 
 def feature_dim(name: str, width: int = 64) -> int:
   """Width of the pooled features of a backbone."""
-  stage_sizes, block_cls = _architecture(name)
+  stage_sizes, block_cls = ARCHITECTURES[name]
   return width * 2**(len(stage_sizes) - 1) * block_cls.expansion
-
-
-def _architecture(name: str):
-  if name not in ARCHITECTURES:
-    raise ValueError(f'Unknown model.name={name!r}; expected one of '
-                     f'{sorted(ARCHITECTURES)}.')
-  return ARCHITECTURES[name]
 
 
 def config_problems(model_config: Mapping[str, Any]) -> list[str]:
@@ -258,7 +247,8 @@ def config_problems(model_config: Mapping[str, Any]) -> list[str]:
       (model_config['width'] > 0,
        f"model.width={model_config['width']} must be positive."),
       (model_config['dtype'] in COMPUTE_DTYPES, f"model.dtype="
-       f"{model_config['dtype']!r} must be one of {sorted(COMPUTE_DTYPES)}."),
+       f"{model_config['dtype']!r} must be one of {sorted(COMPUTE_DTYPES)} "
+       f"(bfloat16: mixed precision for GPUs and TPUs)."),
   ]
   return [message for ok, message in checks if not ok]
 
@@ -293,7 +283,12 @@ def create_resnet(model_config: Mapping[str, Any],
         f'The model block {dict(model_config)} lacks {missing}: give at least '
         f"'name' (one of {sorted(ARCHITECTURES)}); 'stem', 'width' and "
         f"'dtype' default to 'cifar', 64 and 'float32'.")
-  stage_sizes, block_cls = _architecture(model_config['name'])
+  model_config = {'stem': 'cifar', 'width': 64, 'dtype': 'float32',
+                  **model_config}
+  problems = config_problems(model_config)
+  if problems:
+    raise ValueError(' '.join(problems))
+  stage_sizes, block_cls = ARCHITECTURES[model_config['name']]
   if gating is None:
     gating = GatingSpec(kind='none')
   if not isinstance(gating, GatingSpec):
@@ -302,13 +297,11 @@ def create_resnet(model_config: Mapping[str, Any],
         f'{type(gating).__name__}; parse the gating block once with '
         f'config_lib.read_gating(config.gating).layer and pass the spec.')
   spec = gating
-  width = int(model_config.get('width', 64))
-  if width < 1:
-    raise ValueError(f'model.width must be positive, got {width}.')
-  network = ResNet(stage_sizes=stage_sizes, block_cls=block_cls, width=width,
-                   stem=model_config.get('stem', 'cifar'), gating=spec,
+  network = ResNet(stage_sizes=stage_sizes, block_cls=block_cls,
+                   width=int(model_config['width']),
+                   stem=model_config['stem'], gating=spec,
                    num_classes=num_classes,
-                   dtype=compute_dtype(model_config.get('dtype', 'float32')),
+                   dtype=compute_dtype(model_config['dtype']),
                    gate_mode=gate_mode,
                    separate_partner_norm=separate_partner_norm)
   check_gate_mode(gate_mode, spec)
