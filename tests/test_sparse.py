@@ -119,7 +119,7 @@ def test_sparse_backbone_equals_masked_backbone_and_compiles_once():
   traces = []
 
   def forward(model, images):
-    traces.append(model.sparse_inference)
+    traces.append(model.gating.sparse_inference)
     return model.apply(variables, images, train=False, mutable=['gating'])
 
   forward_fast = jax.jit(lambda images: forward(fast, images))
@@ -180,7 +180,8 @@ def test_stage_blocks_are_validated_with_the_bad_value_named():
   with pytest.raises(ValueError, match=r'stage_blocks\[1\] must be three ints'):
     layers.GatingSpec(stage_blocks=((4, 4, 0), (4, 0, 0)))
   with pytest.raises(ValueError, match="read only with gating.kind='cdg'"):
-    layers.GatingSpec(kind='spatial_predictor', stage_blocks=((4, 4, 0),) * 4)
+    config_lib.read_gating({'kind': 'spatial_predictor',
+                            'stage_blocks': ((4, 4, 0),) * 4})
   spec = layers.GatingSpec(stage_blocks=((8, 8, 0), (4, 4, 0)))
   assert spec.for_stage(1, 2).block == (4, 4, 0)
   assert spec.blocks == ((8, 8, 0), (4, 4, 0))   # the stem is not gated
@@ -194,7 +195,6 @@ def test_stage_blocks_are_validated_with_the_bad_value_named():
         {'name': 'resnet10', 'width': 8}, config_lib.read_gating({
             'kind': 'cdg', 'block': (4, 4, 0),
             'stage_blocks': ((4, 4, 0), (2, 2, 4), (2, 2, 0), (2, 2, 0))}).layer))
-  from cdg_jax.run import config_lib
   config = config_lib.base_config()
   config.gating.stage_blocks = ((4, 4, 0),) * 3
   with pytest.raises(ValueError, match=r'3 entries for a ResNet of 4 stages'):

@@ -12,6 +12,7 @@ from cdg_jax.gating import tiling
 from cdg_jax.gating.layers import CLOSED_TILE_RNG
 from cdg_jax.gating.layers import DENSITY_COLLECTION
 from cdg_jax.gating.layers import GatingSpec
+from cdg_jax.run import config_lib
 from cdg_jax.run import parallel
 from cdg_jax.ssl import models
 from cdg_jax.ssl import pretraining
@@ -300,12 +301,13 @@ def test_gated_resnet_trains_the_same_forward_sparse():
      r"gating.closed_tile_sample=0.5 would be ignored: it is read only with gating.closed_tile_gradient='sampled'"),
     ({'sparse_training': True, 'block': (2, 2, 0), 'closed_tile_gradient': 'all'},
      "closed_tile_gradient='all'"),
-    ({'sparse_training': True, 'block': (2, 2, 0), 'closed_tile_sample': 0.0},
+    ({'sparse_training': True, 'block': (2, 2, 0),
+      'closed_tile_gradient': 'sampled', 'closed_tile_sample': 0.0},
      'closed_tile_sample must be in \\(0, 1\\]'),
 ])
 def test_sparse_training_fields_are_checked(fields, words):
   with pytest.raises(ValueError, match=words):
-    GatingSpec(**fields)
+    config_lib.read_gating(fields)
 
 
 def test_stage_tiles_leave_the_ungated_stem_block_alone():
