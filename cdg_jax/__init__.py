@@ -4,7 +4,8 @@ contrastive self-supervised learning) in JAX and Flax.
 The public API, for gating your own Flax network (README, "Gate your own Flax
 network"):
 
-  GatingSpec          the gate's settings (groups, block, regulariser, ...)
+  GatingSpec          what a gated layer computes (kind, groups, block, ...)
+  RegularizerSpec     the gates' loss (form, lambda, density target, budget)
   GatedConv           a Flax convolution gated by CDG (or plain, spec None)
   gated_conv          the same as a pure function of arrays
   DENSITY_COLLECTION  the collection where gated layers sow their densities
@@ -18,8 +19,20 @@ network"):
   FlopsReport         its result (`.reduction`, `.format_table()`, ...)
   create_resnet       the gated ResNets of this project
 
+The package has two halves:
+
+  cdg_jax.gating      the library: gated Flax layers and their pure ops,
+                      predictors, FLOPs counting, regularisers, the sparse
+                      executors. Imports neither optax, orbax nor TensorFlow.
+  the program         cdg_jax.ssl (ResNets, SSL frameworks, the train step),
+                      cdg_jax.data (sources, batches, augmentation),
+                      cdg_jax.evaluators (kNN, linear, FLOPs), cdg_jax.run
+                      (config parse, checkpoints, logging, processes) and the
+                      commands cdg_jax.main, cdg_jax.linear_eval,
+                      cdg_jax.flops_table around cdg_jax.train.
+
 These names are stable; everything else is reachable through its module
-(`cdg_jax.gating`, `cdg_jax.layers`, ...) and may change. They are imported
+and may change. They are imported
 on first use, so `import cdg_jax` stays light and `python -m cdg_jax.<module>`
 runs each module once.
 """
@@ -33,27 +46,28 @@ __version__ = '0.1.0'
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    'GatingSpec': 'cdg_jax.layers',
-    'GatedConv': 'cdg_jax.layers',
-    'DENSITY_COLLECTION': 'cdg_jax.layers',
-    'MASK_COLLECTION': 'cdg_jax.layers',
-    'gated_conv': 'cdg_jax.gating',
-    'mean_densities': 'cdg_jax.flops',
-    'layer_costs': 'cdg_jax.flops',
-    'flops_report': 'cdg_jax.flops',
-    'FlopsReport': 'cdg_jax.flops',
-    'gate_regularizer': 'cdg_jax.regularizers',
-    'budget_schedule': 'cdg_jax.regularizers',
-    'create_resnet': 'cdg_jax.models',
+    'GatingSpec': 'cdg_jax.gating.layers',
+    'GatedConv': 'cdg_jax.gating.layers',
+    'DENSITY_COLLECTION': 'cdg_jax.gating.layers',
+    'MASK_COLLECTION': 'cdg_jax.gating.layers',
+    'gated_conv': 'cdg_jax.gating.ops',
+    'mean_densities': 'cdg_jax.gating.flops',
+    'layer_costs': 'cdg_jax.gating.flops',
+    'flops_report': 'cdg_jax.gating.flops',
+    'FlopsReport': 'cdg_jax.gating.flops',
+    'gate_regularizer': 'cdg_jax.gating.regularizers',
+    'RegularizerSpec': 'cdg_jax.gating.regularizers',
+    'budget_schedule': 'cdg_jax.gating.regularizers',
+    'create_resnet': 'cdg_jax.ssl.models',
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-  from cdg_jax.flops import FlopsReport, flops_report, layer_costs, mean_densities  # pylint: disable=g-multiple-import
-  from cdg_jax.gating import gated_conv
-  from cdg_jax.layers import DENSITY_COLLECTION, MASK_COLLECTION, GatedConv, GatingSpec  # pylint: disable=g-multiple-import
-  from cdg_jax.models import create_resnet
-  from cdg_jax.regularizers import budget_schedule, gate_regularizer
+  from cdg_jax.gating.flops import FlopsReport, flops_report, layer_costs, mean_densities  # pylint: disable=g-multiple-import
+  from cdg_jax.gating.layers import DENSITY_COLLECTION, MASK_COLLECTION, GatedConv, GatingSpec  # pylint: disable=g-multiple-import
+  from cdg_jax.gating.ops import gated_conv
+  from cdg_jax.gating.regularizers import RegularizerSpec, budget_schedule, gate_regularizer  # pylint: disable=g-multiple-import
+  from cdg_jax.ssl.models import create_resnet
 
 
 def __getattr__(name: str):

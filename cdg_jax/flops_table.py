@@ -6,7 +6,7 @@ r"""Prints the FLOPs table of a config's network or of a trained run.
 With `--config`: a randomly initialised network on one batch of random images
 (gates use batch statistics, as in training). With `--workdir`: the backbone
 a training run exported, measured over the whole test split of its data
-(gates in eval mode). The counting itself is `cdg_jax.flops`.
+(gates in eval mode). The counting itself is `cdg_jax.gating.flops`.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cdg_jax import checkpoints
-from cdg_jax import cli
-from cdg_jax import evaluation
-from cdg_jax import flops
-from cdg_jax import input_pipeline
-from cdg_jax import layers
-from cdg_jax import models
-from cdg_jax import parallel
+from cdg_jax.data import input_pipeline
+from cdg_jax.evaluators import extraction
+from cdg_jax.evaluators import gate_flops
+from cdg_jax.gating import flops
+from cdg_jax.run import checkpoints
+from cdg_jax.run import cli
+from cdg_jax.run import config_lib
+from cdg_jax.run import parallel
+from cdg_jax.ssl import models
 
 
 def trained_report(workdir: str) -> tuple[Any, flops.FlopsReport]:
@@ -38,11 +39,11 @@ def trained_report(workdir: str) -> tuple[Any, flops.FlopsReport]:
   config, backbone, variables = checkpoints.load_backbone(workdir)
   source = input_pipeline.create_source(config.data)
   mesh = parallel.make_mesh()
-  batch_size = evaluation.eval_batch_size(config.eval.batch_size, mesh)
-  densities = evaluation.extract_features(
+  batch_size = extraction.eval_batch_size(config.eval.batch_size, mesh)
+  densities = extraction.extract_features(
       backbone, variables, source, 'test', batch_size, config.augment,
       mesh)['densities']
-  return config, evaluation.test_set_flops(backbone, variables, densities,
+  return config, gate_flops.test_set_flops(backbone, variables, densities,
                                            config.data.image_size)
 
 
@@ -69,7 +70,7 @@ def main(argv):
                          '(trained run).')
   batch_size = flags.FLAGS.batch_size
   model = models.create_resnet(config.model,
-                               layers.GatingSpec.from_config(config.gating))
+                               config_lib.read_gating(config.gating).layer)
   size = config.data.image_size
   rng = jax.random.key(config.seed)
   init_rng, data_rng = jax.random.split(rng)

@@ -18,8 +18,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from cdg_jax import cli
-from cdg_jax import parallel
+from cdg_jax.run import cli
+from cdg_jax.run import parallel
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, optionally with variants: file.py:smoke,dense.',

@@ -22,26 +22,27 @@ from typing import Any
 
 from absl import logging
 # clu's parameter_overview imports without TensorFlow; its metric_writers and
-# periodic_actions do not, hence cdg_jax.metric_logging.
+# periodic_actions do not, hence cdg_jax.run.metric_logging.
 from clu import parameter_overview
 import jax
 import numpy as np
 import tqdm
 
-from cdg_jax import batching
-from cdg_jax import checkpoints
-from cdg_jax import config_lib
-from cdg_jax import evaluation
-from cdg_jax import input_pipeline
-from cdg_jax import layers
-from cdg_jax import memory
-from cdg_jax import metric_logging
-from cdg_jax import models
-from cdg_jax import parallel
-from cdg_jax import plots
-from cdg_jax import pretraining
-from cdg_jax import regularizers
-from cdg_jax import run_control
+from cdg_jax import evaluators
+from cdg_jax.data import batching
+from cdg_jax.data import input_pipeline
+from cdg_jax.evaluators import extraction
+from cdg_jax.gating import layers
+from cdg_jax.gating import regularizers
+from cdg_jax.run import checkpoints
+from cdg_jax.run import config_lib
+from cdg_jax.run import memory
+from cdg_jax.run import metric_logging
+from cdg_jax.run import parallel
+from cdg_jax.run import plots
+from cdg_jax.run import run_control
+from cdg_jax.ssl import models
+from cdg_jax.ssl import pretraining
 
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
@@ -100,7 +101,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Pretrains with CDG under `config.framework`, evaluates, reports.
 
   Args:
-    config: a config from `configs/` (see `cdg_jax.config_lib`).
+    config: a config from `configs/` (see `cdg_jax.run.config_lib`).
     workdir: where checkpoints, metrics, summary, backbone and plots go; a
       run already there is resumed.
 
@@ -119,13 +120,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     run_control.WorkdirLock(workdir, enabled=is_main).check()
   # The config's one parse: the gating spec and the pretraining settings
   # are read here and passed down; nothing below reads `config.gating`.
-  gating_spec = config_lib.validate(config)
+  gating = config_lib.validate(config)
   check_same_config_in_every_process(config)
   mesh = parallel.make_mesh()
   # Before the data are made or read: an image size or batch whose train
   # step cannot fit is refused with the estimate, not found by swapping.
   size = config.data.image_size
-  memory_note = memory.check_fits(config.model, gating_spec,
+  memory_note = memory.check_fits(config.model, gating.layer,
                                   config.batch_size, (size, size, 3),
                                   list(mesh.devices.flat))
   if is_main and memory_note:
@@ -133,7 +134,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   source = input_pipeline.create_source(config.data)
   # The evaluation batch is rounded up to the devices (eval_batch_size).
   parallel.check_batch_divisible(config.batch_size, mesh)
-  settings = pretraining.read_settings(config, gating_spec, source.num_train)
+  settings = pretraining.read_settings(config, gating, source.num_train)
   check_shapes(config, settings, source, mesh)
   try:
     prepare_workdir(workdir)
@@ -228,10 +229,10 @@ def check_shapes(config, settings: pretraining.Settings,
                  (config.batch_size, height, width, channels), np.uint8),
              'label': jax.ShapeDtypeStruct((config.batch_size,), np.int32)}
     jax.eval_shape(run.train_step, state, batch)
-    backbone = evaluation.inference_backbone(
-        models.create_resnet(config.model, settings.gating), config.eval)
+    backbone = extraction.inference_backbone(
+        _backbone(config, settings), config.eval)
     eval_images = jax.ShapeDtypeStruct(
-        (evaluation.eval_batch_size(config.eval.batch_size, mesh), height,
+        (extraction.eval_batch_size(config.eval.batch_size, mesh), height,
          width, channels), np.float32)
     jax.eval_shape(
         lambda variables, x: backbone.apply(
@@ -244,34 +245,37 @@ def check_shapes(config, settings: pretraining.Settings,
         f'{config.data.source!r}): {e}') from e
 
 
-def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
-                        source, mesh, start_time,
-                        changes: dict[str, tuple[Any, Any]]
-                        ) -> dict[str, Any]:
-  """`train_and_evaluate` once the config, data and workdir are checked."""
-  is_main = jax.process_index() == 0
-  total_steps = settings.total_steps
-  run = pretraining.assemble(settings)
-  backbone = models.create_resnet(config.model, settings.gating)
+def _backbone(config, settings: pretraining.Settings):
+  """The run's online backbone, for evaluation and export."""
+  return models.create_resnet(
+      config.model, settings.gating,
+      separate_partner_norm=settings.branches.separate_partner_norm)
 
+
+def _restore_or_init(run: pretraining.Pretraining, config, workdir, mesh):
+  """The train state (resumed from the workdir's latest checkpoint if any)
+  and its checkpoint manager."""
   state = _create_state(run, config.seed, mesh)
   manager = checkpoints.checkpoint_manager(workdir, config.checkpoint.keep)
   restored = checkpoints.restore_latest(
       manager, state, os.path.join(workdir, checkpoints.DAMAGED_DIR))
   if restored is not None:
     state = restored
-    if is_main:
+    if jax.process_index() == 0:
       print(f'Resumed from {manager.directory} at step {int(state.step)}.',
             flush=True)
-  start_step = int(state.step)
+  return state, manager
 
-  writer = metric_logging.create_writer(workdir, is_main, METRICS_FILE,
-                                        resume_step=start_step)
+
+def _record_changes(writer, workdir, start_step: int,
+                    changes: dict[str, tuple[Any, Any]]):
+  """Records training fields changed on a resume (`checkpoints.
+  check_compatible`); returns them with the step they took effect at."""
   config_changes = checkpoints.record_changes(workdir, start_step, changes)
   if changes:
     # Going on (not refused): a resume with a lower learning rate or
     # gating.alpha is the fix the divergence message itself suggests.
-    if is_main:
+    if jax.process_index() == 0:
       print(f'Resumed at step {start_step} with changed training fields: '
             f'{checkpoints.describe_changes(changes)}. Steps from '
             f'{start_step} on train under them; the change is recorded in '
@@ -280,13 +284,28 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
     writer.write_texts(start_step, {
         f'config_change/{key}': f'{before!r} -> {after!r}'
         for key, (before, after) in changes.items()})
+  return config_changes
+
+
+def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
+                        source, mesh, start_time,
+                        changes: dict[str, tuple[Any, Any]]
+                        ) -> dict[str, Any]:
+  """`train_and_evaluate` once the config, data and workdir are checked."""
+  run = pretraining.assemble(settings)
+  backbone = _backbone(config, settings)
+  state, manager = _restore_or_init(run, config, workdir, mesh)
+  start_step = int(state.step)
+  is_main = jax.process_index() == 0
+  writer = metric_logging.create_writer(workdir, is_main, METRICS_FILE,
+                                        resume_step=start_step)
+  config_changes = _record_changes(writer, workdir, start_step, changes)
   if start_step == 0:
     parameter_overview.log_parameter_overview(state.params)
-    writer.write_hparams(scalar_hparams(config, settings.gating))
+    writer.write_hparams(scalar_hparams(config, settings))
 
-  costs = run.costs
   spec = settings.gating
-  budget_note = regularizers.describe_budget(spec, costs)
+  budget_note = regularizers.describe_budget(settings.loss, run.costs)
   if is_main and budget_note:
     print(budget_note, flush=True)
   train_step = pretraining.jit_train_step(run.train_step, mesh)
@@ -296,17 +315,17 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
       config.data.prefetch)
   state, step, last_metrics = _train_loop(
       config, state, train_step, batches, manager, writer, start_step,
-      total_steps, evaluate=lambda state: evaluation.knn_eval(
+      settings.total_steps, evaluate=lambda state: evaluators.knn_eval(
           backbone, backbone_variables(state), source, config.eval,
-          config.augment, mesh), spec=spec)
+          config.augment, mesh), settings=settings)
   variables = backbone_variables(state)
   # A run resumed at its last step trains nothing: its restored state is
   # checked here, before evaluation and export.
   nonfinite = checkpoints.nonfinite_arrays(state)
   if nonfinite:
     raise FloatingPointError(nonfinite_state_message(
-        nonfinite, step, manager, config, spec))
-  knn, dense_network = _final_evaluation(config, spec, backbone, variables,
+        nonfinite, step, manager, config, settings))
+  knn, dense_network = _final_evaluation(config, settings, backbone, variables,
                                          source, mesh, writer, step)
   writer.close()
   summary = {
@@ -320,7 +339,8 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
       'wall_time_s': time.time() - start_time,
       **knn,
       **({'dense_network': dense_network} if dense_network else {}),
-      **({'gate_budget': regularizers.budget_summary(spec, costs)}
+      **({'gate_budget': regularizers.budget_summary(settings.loss,
+                                                     run.costs)}
          if budget_note else {}),
       # Training fields changed on a resume, each with the step it took
       # effect at (checkpoints.check_compatible).
@@ -328,31 +348,40 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
       'last_train_metrics': {k: v for k, v in last_metrics.items()
                              if not k.startswith('density/')},
   }
-  checkpoints.export_backbone(workdir, variables['params'],
-                              variables['batch_stats'])
-  if is_main:
-    with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
-      json.dump(summary, f, indent=2, default=float)
-    if config.plot_images > 0:
-      test_images = next(iter(source.eval_batches('test', config.plot_images)))
-      plots.write_run_plots(workdir, backbone, jax.device_get(variables),
-                            test_images['image'][:config.plot_images],
-                            config.augment, knn.get('layer_density'),
-                            knn.get('layer_flops_share'),
-                            source.eval_split_name)
-    print(format_summary(summary), flush=True)
+  _write_outputs(config, workdir, summary, backbone, variables, source, knn)
   return summary
 
 
+def _write_outputs(config, workdir, summary, backbone, variables, source,
+                   knn) -> None:
+  """The exported backbone, summary.json, the gate plots, the console."""
+  checkpoints.export_backbone(workdir, variables['params'],
+                              variables['batch_stats'])
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
+    json.dump(summary, f, indent=2, default=float)
+  if config.plot_images > 0:
+    test_images = next(iter(source.eval_batches('test', config.plot_images)))
+    plots.write_run_plots(workdir, backbone, jax.device_get(variables),
+                          test_images['image'][:config.plot_images],
+                          config.augment, knn.get('layer_density'),
+                          knn.get('layer_flops_share'),
+                          source.eval_split_name)
+  print(format_summary(summary), flush=True)
+
+
 def nonfinite_state_message(paths: list[str], step: int, manager, config,
-                            spec: layers.GatingSpec) -> str:
+                            settings: pretraining.Settings) -> str:
   """Why a run stopped on a non-finite train state, and the likely field."""
+  spec = settings.gating
+  weight = (settings.loss or regularizers.RegularizerSpec()).weight
   if any('saliency_' in p for p in paths):
     likely = (f'the saliency statistics: gating.epsilon={spec.epsilon}, '
               f'gating.saliency_momentum={spec.saliency_momentum}')
   elif any('threshold' in p for p in paths):
     likely = (f'the gate thresholds: gating.alpha={spec.alpha}, '
-              f'gating.weight={spec.weight}')
+              f'gating.weight={weight}')
   else:
     likely = (f'the learning rate: optim.base_learning_rate='
               f'{config.optim.base_learning_rate}')
@@ -365,7 +394,7 @@ def nonfinite_state_message(paths: list[str], step: int, manager, config,
 
 def _train_loop(config, state, train_step, batches, manager, writer,
                 start_step: int, total_steps: int, evaluate,
-                spec: layers.GatingSpec):
+                settings: pretraining.Settings):
   """Steps from `start_step` to `total_steps`: metrics every
   `log_every_steps`, checkpoints every `checkpoint.every_steps` and at the
   end, kNN every `eval.every_steps` (`evaluate(state)`), a checkpoint and
@@ -408,7 +437,7 @@ def _train_loop(config, state, train_step, batches, manager, writer,
           nonfinite = checkpoints.nonfinite_arrays(state)
           if nonfinite:
             raise FloatingPointError(nonfinite_state_message(
-                nonfinite, step, manager, config, spec))
+                nonfinite, step, manager, config, settings))
           writer.write_scalars(step, last_metrics)
           progress.set_postfix(
               loss=f'{last_metrics["loss"]:.3f}',
@@ -437,35 +466,36 @@ def _train_loop(config, state, train_step, batches, manager, writer,
   return state, step, last_metrics
 
 
-def _final_evaluation(config, spec, backbone, variables, source, mesh,
+def _final_evaluation(config, settings, backbone, variables, source, mesh,
                       writer, step: int):
   """kNN and test-set FLOPs of the trained backbone (and of its dense path
   after a dense-partner run), written to the metrics at `step`.
 
   Returns:
-    (knn_eval's dict, the dense path's {'knn_top1', 'knn_top5',
-    'flops_reduction'} or None).
+    (`evaluators.knn_eval`'s dict, the dense path's {'knn_top1',
+    'knn_top5', 'flops_reduction'} or None).
   """
-  knn = evaluation.knn_eval(backbone, variables, source, config.eval,
-                            config.augment, mesh)
+  context = evaluators.context_for(backbone, variables, source, config.eval,
+                                   config.augment, mesh)
+  results = evaluators.evaluate(evaluators.KNN_EVALUATORS, context)
+  knn = {key: results[key] for key in evaluators.KNN_EVAL_KEYS}
   writer.write_scalars(step, _eval_scalars(knn))
   dense_network = None
-  if spec.has_dense_partner:
+  if settings.branches.has_dense_partner:
     # One dense-partner run trains two networks: report the dense one too.
-    dense_knn = evaluation.knn_eval(models.dense_path(backbone), variables,
-                                    source, config.eval, config.augment, mesh)
-    dense_network = {k: dense_knn[k] for k in
-                     ('knn_top1', 'knn_top5', 'flops_reduction')}
+    dense_network = evaluators.evaluate_dense_path(
+        evaluators.KNN_EVALUATORS, context, ('knn_top1', 'knn_top5', 'flops_reduction'))
     writer.write_scalars(step, {f'eval_dense/{k}': v
                                 for k, v in dense_network.items()})
   return knn, dense_network
 
 
-def scalar_hparams(config, spec: layers.GatingSpec) -> dict[str, Any]:
+def scalar_hparams(config, settings: pretraining.Settings) -> dict[str, Any]:
   """A few headline hyperparameters for TensorBoard's HParams tab."""
   return {'framework': config.framework, 'model': config.model.name,
-          'gating': spec.kind, 'batch_size': config.batch_size,
-          'groups': spec.groups, 'reg_weight': spec.weight}
+          'gating': settings.gating.kind, 'batch_size': config.batch_size,
+          'groups': settings.gating.groups,
+          'reg_weight': (settings.loss or regularizers.RegularizerSpec()).weight}
 
 
 def format_summary(summary: dict[str, Any]) -> str:

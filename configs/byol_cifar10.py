@@ -11,7 +11,7 @@ Expected result: not yet measured by this project; dense BYOL ResNet-18 is
 reported at about 92% on CIFAR-10 after 1000 epochs (solo-learn).
 """
 
-from cdg_jax import config_lib
+from cdg_jax.run import config_lib
 
 
 def get_config(arg=None):

@@ -12,7 +12,7 @@ epochs (solo-learn). The smoke run takes about a minute on a 2-core
 CPU and its accuracy is at chance (synthetic data); it checks the program.
 """
 
-from cdg_jax import config_lib
+from cdg_jax.run import config_lib
 
 
 def get_config(arg=None):

@@ -12,7 +12,7 @@ Expected result: not yet measured by this project. The CDG paper reports up to
 structured blocks must divide 7 there (e.g. `--config.gating.block='(1,1,8)'`).
 """
 
-from cdg_jax import config_lib
+from cdg_jax.run import config_lib
 
 
 def get_config(arg=None):

@@ -17,7 +17,7 @@ the scale:
 - projector/predictor hidden width 512;
 - batch 256 images, 4 epochs (388 steps), 1 warm-up epoch, LARS at
   base learning rate 1.0 (x batch/256);
-- gating: as in the config file (the defaults of `cdg_jax.config_lib`:
+- gating: as in the config file (the defaults of `cdg_jax.run.config_lib`:
   density-target regulariser, lambda 1.0, density target 0.25; the
   predictor baselines, variants `:channel_predictor` and
   `:spatial_predictor`, at density target 0.5, which gives them about the

@@ -9,7 +9,7 @@ image, and a random network gates about half the conditional work (reduction
 near 1.6x).
 """
 
-from cdg_jax import config_lib
+from cdg_jax.run import config_lib
 
 
 def get_config(arg=None):

@@ -11,7 +11,7 @@ Expected result: not yet measured by this project; the MoCo authors' CIFAR-10
 demo reports about 82.6% kNN top-1 for dense ResNet-18 after 200 epochs.
 """
 
-from cdg_jax import config_lib
+from cdg_jax.run import config_lib
 
 
 def get_config(arg=None):

@@ -17,7 +17,7 @@ the CDG paper reports up to 2.25x fewer backbone FLOPs on CIFAR at close to
 dense accuracy. The smoke run only checks the program end to end.
 """
 
-from cdg_jax import config_lib
+from cdg_jax.run import config_lib
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ paper reports up to 2.25x fewer backbone FLOPs on CIFAR-10/100 at close to
 dense accuracy. Compare with the `:dense` run trained the same way.
 """
 
-from cdg_jax import config_lib
+from cdg_jax.run import config_lib
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ Expected result: not yet measured by this project. The CDG paper reports up to
 1.65x fewer backbone FLOPs on ImageNet-100.
 """
 
-from cdg_jax import config_lib
+from cdg_jax.run import config_lib
 
 
 def get_config(arg=None):

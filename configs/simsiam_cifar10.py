@@ -11,7 +11,7 @@ Expected result: not yet measured by this project; the SimSiam paper reports
 about 91.8% top-1 for dense ResNet-18 on CIFAR-10 after 800 epochs (appendix D).
 """
 
-from cdg_jax import config_lib
+from cdg_jax.run import config_lib
 
 
 def get_config(arg=None):

@@ -100,7 +100,7 @@ def environment() -> dict[str, Any]:
 
 def make_config(kind: str, dtype: str, epochs: float = 1.0):
   """The SimCLR CIFAR-10 config at this protocol's scale."""
-  from cdg_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.apply_variants(config_lib.base_config(), None)
   config.gating.kind = kind
   config.model.name = FLAGS.model
@@ -168,7 +168,8 @@ def choose_epochs(rows: list[dict[str, Any]], steps_per_epoch: int,
 def train_both(epochs: int, dtype: str) -> dict[str, dict[str, Any]]:
   """Trains and evaluates dense and CDG; returns their results."""
   import shutil  # pylint: disable=g-import-not-at-top
-  from cdg_jax import linear_eval, train  # pylint: disable=g-import-not-at-top
+  from cdg_jax import linear_eval  # pylint: disable=g-import-not-at-top
+  from cdg_jax import train
   results = {}
   for name, kind in (('dense', 'none'), ('cdg', 'cdg')):
     workdir = os.path.join(FLAGS.workdir_root, name)
@@ -248,7 +249,7 @@ def main(argv):
   if FLAGS.train_dtype not in FLAGS.bench_dtypes:
     raise ValueError(f'--train_dtype={FLAGS.train_dtype!r} must be one of '
                      f'--bench_dtypes={FLAGS.bench_dtypes}.')
-  from cdg_jax import parallel  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
   parallel.split_host_into_devices()   # CPU only; before JAX starts.
   start = time.time()
   env = environment()
@@ -259,7 +260,7 @@ def main(argv):
   print('Step benchmark:', flush=True)
   rows = benchmark()
   ratios = gated_ratios(rows)
-  from cdg_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cdg_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   source = input_pipeline.create_source(make_config('none', 'float32').data)
   plan = choose_epochs(rows, source.steps_per_epoch(FLAGS.batch_size),
                        FLAGS.budget_s, FLAGS.eval_reserve_s,

@@ -29,10 +29,10 @@ from absl import flags
 import jax
 import numpy as np
 
-from cdg_jax import augment
-from cdg_jax import batching
-from cdg_jax import config_lib
-from cdg_jax import input_pipeline
+from cdg_jax.data import augment
+from cdg_jax.data import batching
+from cdg_jax.data import input_pipeline
+from cdg_jax.run import config_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -68,7 +68,7 @@ def define_flags() -> None:
 
 
 def _config(name: str):
-  from cdg_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import config_lib  # pylint: disable=g-import-not-at-top
   if name == 'protocol':
     sys.path.insert(0, os.path.join(REPO_ROOT, 'configs'))
     import cpu_protocol  # pylint: disable=g-import-not-at-top

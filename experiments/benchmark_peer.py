@@ -33,7 +33,7 @@ timed call starts from the same state (not donated). The PyTorch masked
 step's threshold is set the same way to the same MAC-weighted density
 (masked cost does not depend on it). Devices and threads: cdg_jax splits the
 host into one CPU device per core and shards the batch over them, as
-training does (`--cpu_devices`, `cdg_jax.parallel.split_host_into_devices`;
+training does (`--cpu_devices`, `cdg_jax.run.parallel.split_host_into_devices`;
 `--cpu_devices=1` runs on one device as `benchmark_sparse_step.py` does);
 PyTorch runs with `torch.set_num_threads(os.cpu_count())`. On several
 devices the sparse step's open-tile gathers cross devices: its compiled
@@ -232,10 +232,10 @@ class JaxHalf:
 
   def __init__(self, images, labels):
     import jax  # pylint: disable=g-import-not-at-top
-    from cdg_jax import augment  # pylint: disable=g-import-not-at-top
-    from cdg_jax import config_lib  # pylint: disable=g-import-not-at-top
-    from cdg_jax import parallel  # pylint: disable=g-import-not-at-top
-    from cdg_jax import pretraining  # pylint: disable=g-import-not-at-top
+    from cdg_jax.data import augment  # pylint: disable=g-import-not-at-top
+    from cdg_jax.run import config_lib  # pylint: disable=g-import-not-at-top
+    from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
+    from cdg_jax.ssl import pretraining  # pylint: disable=g-import-not-at-top
 
     self.configs, runs, self.calls = {}, {}, {}
     self.metrics = {}
@@ -308,7 +308,7 @@ def torch_step_config(peer_torch, jax_half: JaxHalf, gated: bool):
       width=config.model.width, num_classes=config.data.num_classes,
       gated=gated, groups=spec.groups, alpha=spec.alpha,
       epsilon=spec.epsilon, density_target=spec.density_target,
-      gate_weight=spec.weight, threshold_init=spec.threshold_init,
+      gate_weight=settings.loss.weight, threshold_init=spec.threshold_init,
       projector_hidden=tuple(config.ssl.projector_hidden_dims)[0],
       projector_dim=config.ssl.projector_dim,
       temperature=config.ssl.temperature,
@@ -413,7 +413,7 @@ def write_report(result: dict, out: str) -> str:
 def run() -> dict:
   """The benchmark for the parsed flags: times, writes, returns peer.json's
   content."""
-  from cdg_jax import parallel  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
   parallel.split_host_into_devices(FLAGS.cpu_devices)   # before JAX starts
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top

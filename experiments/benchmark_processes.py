@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _time_here() -> dict:
   """Times the step in this process (after joining the others, if any)."""
-  from cdg_jax import parallel  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
   if FLAGS.num_processes > 1:
     parallel.initialize_distributed(f'127.0.0.1:{FLAGS.port}',
                                     FLAGS.num_processes, FLAGS.process_id)

@@ -9,8 +9,8 @@ Backbone inference (train=False, features only) images/s of CIFAR ResNet-18
   dense           the plain network;
   masked CDG      tile-gated CDG (gating.block = (t, t, 0)) computed densely
                   and masked, as in training;
-  sparse CDG      the same network with `sparse_inference=True`
-                  (cdg_jax.sparse: gather the open tiles with their halo, one
+  sparse CDG      the same network with `models.with_sparse_inference`
+                  (cdg_jax.gating.sparse: gather the open tiles with their halo, one
                   dense convolution, scatter-add).
 
 The gates of a randomly initialised network are set to each tile density of
@@ -99,7 +99,7 @@ def _forward(model, variables):
 
 def _density_array(model, variables, images, costs):
   """MAC-weighted mean gate density of the gated layers (a traced scalar)."""
-  from cdg_jax import flops  # pylint: disable=g-import-not-at-top
+  from cdg_jax.gating import flops  # pylint: disable=g-import-not-at-top
   _, collections = model.apply(variables, images, train=False,
                                mutable=['gating'])
   densities = flops.mean_densities(collections['gating'])
@@ -125,13 +125,15 @@ def random_network_rows(tile: str) -> list[dict]:
   """Dense, masked and sparse images/s at each target density."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cdg_jax import flops, layers, models  # pylint: disable=g-import-not-at-top
+  from cdg_jax.gating import flops  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import config_lib
+  from cdg_jax.ssl import models
   size, batch = FLAGS.image_size, FLAGS.batch_size
   model_config = {'name': 'resnet18', 'width': FLAGS.width}
   gating_config = gating_config_of(tile)
   dense = models.create_resnet(model_config)
   masked = models.create_resnet(model_config,
-                                layers.GatingSpec.from_config(gating_config))
+                                config_lib.read_gating(gating_config).layer)
   fast = models.with_sparse_inference(masked)
   rng = np.random.default_rng(0)
   images = jax.numpy.asarray(
@@ -198,7 +200,11 @@ def profile_rows(scheme: str) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cdg_jax import gating, sparse  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from cdg_jax.gating import ops
+  from cdg_jax.gating import sparse
+  from cdg_jax.gating import tiling
+  # pylint: enable=g-import-not-at-top
   batch, groups = FLAGS.batch_size, 4
   rng = np.random.default_rng(0)
   rows = []
@@ -206,39 +212,39 @@ def profile_rows(scheme: str) -> list[dict]:
     size = FLAGS.image_size // 2**stage
     channels = FLAGS.width * 2**stage
     block = (tile, tile, 0)
-    bh, bw = sparse.effective_tile((size, size), (tile, tile))
+    bh, bw = tiling.effective_tile((size, size), (tile, tile))
     grid = (size // bh, size // bw)
     keys = jax.random.split(jax.random.key(stage), 2)
     x = jax.random.normal(keys[0], (batch, size, size, channels))
     kernel = jax.random.normal(keys[1], (3, 3, channels, channels)) * (
         2.0 / (9 * channels)) ** 0.5
-    y_base = jax.jit(lambda x, k: gating.base_conv(x, k, groups))(x, kernel)
+    y_base = jax.jit(lambda x, k: ops.base_conv(x, k, groups))(x, kernel)
     gate_stats = dict(running_mean=jnp.mean(y_base, axis=(0, 1, 2)),
                       running_var=jnp.var(y_base, axis=(0, 1, 2)))
     threshold = jnp.zeros((channels,))
-    x_cond, k_cond = gating.conditional_operands(x, kernel, groups)
+    x_cond, k_cond = ops.conditional_operands(x, kernel, groups)
 
     def gate_tiles(y):
-      return sparse.tile_gate(y, threshold, block[:2], **gate_stats)[1]
+      return tiling.tile_gate(y, threshold, block[:2], **gate_stats)[1]
 
     def sparse_layer(x, flip):
-      y = gating.base_conv(x, kernel, groups)
+      y = ops.base_conv(x, kernel, groups)
       return sparse.sparse_add_conditional(
           y, x, k_cond, jnp.logical_xor(gate_tiles(y), flip),
           cond_channels_from=channels // groups)
 
-    masked_layer = jax.jit(lambda x: gating.gated_conv(
+    masked_layer = jax.jit(lambda x: ops.gated_conv(
         x, kernel, threshold, groups=groups, block=block, **gate_stats)[0])
-    dense_conv = jax.jit(gating.conv)
+    dense_conv = jax.jit(ops.conv)
     times = {'dense': _time(dense_conv, x, kernel),
              'masked': _time(masked_layer, x),
-             'base': _time(jax.jit(lambda x, k: gating.base_conv(x, k, groups)),
+             'base': _time(jax.jit(lambda x, k: ops.base_conv(x, k, groups)),
                            x, kernel),
              'gate': _time(jax.jit(gate_tiles), y_base)}
     gate_now = jax.jit(gate_tiles)(y_base)
     sparse_layer = jax.jit(sparse_layer)
     num_tiles = batch * grid[0] * grid[1]
-    caps = sparse.capacities(num_tiles)
+    caps = tiling.capacities(num_tiles)
     for target in (float(d) for d in FLAGS.profile_densities):
       tile_mask = jnp.asarray(rng.random((batch, *grid)) < target)
       num_open = int(tile_mask.sum())
@@ -249,13 +255,13 @@ def profile_rows(scheme: str) -> list[dict]:
              'num_tiles': num_tiles, **{f'{k}_ms': 1e3 * v
                                         for k, v in times.items()}}
       if capacity is not None:
-        gather = jax.jit(lambda x, m, capacity=capacity: sparse.gather_windows(
+        gather = jax.jit(lambda x, m, capacity=capacity: tiling.gather_windows(
             x, jnp.nonzero(m.reshape(-1), size=capacity, fill_value=0)[0],
             grid, (bh, bw), (3, 3), (1, 1)))
         tile_conv = {method: jax.jit(
-            lambda w, method=method: sparse.tile_convolution(
+            lambda w, method=method: tiling.tile_convolution(
                 w, k_cond, (1, 1), method)) for method in ('conv', 'patches')}
-        assemble = jax.jit(lambda y, t, m: y + sparse.assemble_tiles(t, m))
+        assemble = jax.jit(lambda y, t, m: y + tiling.assemble_tiles(t, m))
         windows = gather(x_cond, tile_mask)
         tiles = tile_conv['conv'](windows)
         row.update(gather_ms=1e3 * _time(gather, x_cond, tile_mask),
@@ -287,7 +293,7 @@ def profile_rows(scheme: str) -> list[dict]:
 
 
 def _layer_densities(model, variables, images):
-  from cdg_jax import flops  # pylint: disable=g-import-not-at-top
+  from cdg_jax.gating import flops  # pylint: disable=g-import-not-at-top
   _, collections = model.apply(variables, images, train=False,
                                mutable=['gating'])
   return flops.mean_densities(collections['gating'])
@@ -308,8 +314,13 @@ def _strip_gates(variables):
 def trained_rows(workdir: str) -> dict:
   """A trained tile-gated backbone on its own test images: the three speeds."""
   import jax  # pylint: disable=g-import-not-at-top
-  from cdg_jax import (augment, checkpoints, flops, input_pipeline,  # pylint: disable=g-import-not-at-top
-                       models)
+  # pylint: disable=g-import-not-at-top
+  from cdg_jax.data import augment
+  from cdg_jax.data import input_pipeline
+  from cdg_jax.gating import flops
+  from cdg_jax.run import checkpoints
+  from cdg_jax.ssl import models
+  # pylint: enable=g-import-not-at-top
   config, masked, variables = checkpoints.load_backbone(workdir)
   fast = models.with_sparse_inference(masked)
   dense = models.create_resnet(config.model)
@@ -455,7 +466,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   import platform  # pylint: disable=g-import-not-at-top
-  from cdg_jax import parallel  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
   parallel.split_host_into_devices()
   import jax  # pylint: disable=g-import-not-at-top
   machine = platform.processor() or platform.machine()

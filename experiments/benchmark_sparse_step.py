@@ -63,7 +63,7 @@ VARIANTS = ('dense', 'masked', 'sparse, none', 'sparse, sampled')
 
 
 def _config(variant: str):
-  from cdg_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
   config.model.width = FLAGS.width
   config.data.image_size = FLAGS.image_size
@@ -96,8 +96,8 @@ def _threshold_for(run, state, images, density: float) -> float:
   """One threshold for every gate giving `density` (MAC-weighted) in a
   training-mode pass of the online backbone, by bisection."""
   import jax  # pylint: disable=g-import-not-at-top
-  from cdg_jax import flops  # pylint: disable=g-import-not-at-top
-  from cdg_jax import layers  # pylint: disable=g-import-not-at-top
+  from cdg_jax.gating import flops  # pylint: disable=g-import-not-at-top
+  from cdg_jax.gating import layers  # pylint: disable=g-import-not-at-top
   backbone = run.networks.online.backbone
   gated = [c for c in run.costs if c.gated]
   names = [c.name.removeprefix('backbone/') for c in gated]
@@ -129,9 +129,9 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cdg_jax import augment  # pylint: disable=g-import-not-at-top
-  from cdg_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from cdg_jax import pretraining  # pylint: disable=g-import-not-at-top
+  from cdg_jax.data import augment  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import config_lib  # pylint: disable=g-import-not-at-top
+  from cdg_jax.ssl import pretraining  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (FLAGS.batch_size, FLAGS.image_size,

@@ -28,7 +28,7 @@ FLAGS = flags.FLAGS
 
 
 def _time_one(kind: str):
-  from cdg_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import config_lib  # pylint: disable=g-import-not-at-top
 
   config = config_lib.base_config()
   config.framework = FLAGS.framework

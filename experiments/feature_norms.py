@@ -15,9 +15,9 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from cdg_jax import checkpoints
-from cdg_jax import evaluation
-from cdg_jax import input_pipeline
+from cdg_jax.data import input_pipeline
+from cdg_jax.evaluators import extraction
+from cdg_jax.run import checkpoints
 
 flags.DEFINE_list('workdirs', None, 'Run directories with an exported backbone.')
 flags.DEFINE_integer('batch_size', 500, 'Evaluation batch size.')
@@ -27,11 +27,11 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
-  batch_size = evaluation.eval_batch_size(FLAGS.batch_size, mesh)
+  batch_size = extraction.eval_batch_size(FLAGS.batch_size, mesh)
   for workdir in FLAGS.workdirs:
     config, backbone, variables = checkpoints.load_backbone(workdir)
     source = input_pipeline.create_source(config.data)
-    features = evaluation.extract_features(
+    features = extraction.extract_features(
         backbone, variables, source, 'test', batch_size, config.augment,
         mesh)['features']
     print(f'{workdir}: mean L2 norm {np.linalg.norm(features, axis=1).mean():.2f}, '

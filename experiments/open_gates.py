@@ -5,7 +5,7 @@ r"""kNN accuracy of trained CDG backbones with their gates as trained and forced
 For each workdir of a CDG training run (one with an exported backbone), runs
 the kNN evaluation of the training loop (bank = train split, queries = test
 split, eval mode) twice: with the learned thresholds, and with every gate open
-(`evaluation.open_gates`: the trained kernels as a dense network). If opening
+(`extraction.open_gates`: the trained kernels as a dense network). If opening
 the gates does not recover the dense run's accuracy, the gap to dense comes
 from the weights learned under gating, not from the masks applied at test time.
 
@@ -22,8 +22,8 @@ from absl import flags
 # Runs as a script from the repository root: make `cdg_jax` importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cdg_jax import checkpoints  # pylint: disable=g-import-not-at-top
-from cdg_jax import parallel
+from cdg_jax.run import checkpoints  # pylint: disable=g-import-not-at-top
+from cdg_jax.run import parallel
 
 _WORKDIRS = flags.DEFINE_list('workdirs', None,
                               'Workdirs of CDG training runs.')
@@ -36,8 +36,9 @@ def main(argv):
   configs = [checkpoints.read_config(w) for w in _WORKDIRS.value]
   # Before JAX starts, as in cdg_jax.main.
   parallel.split_host_into_devices(configs[0].cpu_devices)
-  from cdg_jax import evaluation  # pylint: disable=g-import-not-at-top
-  from cdg_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cdg_jax import evaluators
+  from cdg_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cdg_jax.evaluators import extraction
 
   mesh = parallel.make_mesh()
   print('| run | gates | kNN top-1 | FLOPs reduction | gate density |')
@@ -46,8 +47,8 @@ def main(argv):
     config, backbone, variables = checkpoints.load_backbone(workdir)
     source = input_pipeline.create_source(config.data)
     for gates, run_variables in (('as trained', variables),
-                                 ('all open', evaluation.open_gates(variables))):
-      result = evaluation.knn_eval(backbone, run_variables, source,
+                                 ('all open', extraction.open_gates(variables))):
+      result = evaluators.knn_eval(backbone, run_variables, source,
                                    config.eval, config.augment, mesh)
       print(f'| {os.path.basename(os.path.normpath(workdir))} | {gates} | '
             f'{100 * result["knn_top1"]:.2f} | '

@@ -5,7 +5,7 @@ Imported only by `benchmark_peer.py`, and only when torch is installed
 `StepConfig` that `benchmark_peer.py` fills from the cdg_jax config of the
 same step, so both sides read the same values.
 
-The step, as close to `cdg_jax.pretraining`'s SimCLR step as the two
+The step, as close to `cdg_jax.ssl.pretraining`'s SimCLR step as the two
 libraries allow:
 
   two augmented views of a uint8 batch (`augment`) -> CIFAR ResNet-18 (3x3

@@ -314,7 +314,7 @@ DENSE_PARTNER = {**FIRST_READING, 'branches': 'dense_partner',
 def _cdg_default() -> dict[str, Any]:
   """The library's CDG defaults, in the fields a result records."""
   sys.path.insert(0, REPO_ROOT)
-  from cdg_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import config_lib  # pylint: disable=g-import-not-at-top
   defaults = config_lib.gating_config().to_dict()
   return {k: (list(defaults[k]) if k == 'block' else defaults[k])
           for k in FIRST_READING}

@@ -18,7 +18,9 @@ def time_step(config, steps: int, num_train: int = 50_000) -> dict:
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cdg_jax import config_lib, parallel, pretraining  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import config_lib  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import parallel
+  from cdg_jax.ssl import pretraining
 
   settings = pretraining.read_settings(config, config_lib.validate(config),
                                        num_train)

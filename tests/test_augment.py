@@ -1,4 +1,4 @@
-"""Tests of the on-device augmentation (cdg_jax/augment.py).
+"""Tests of the on-device augmentation (cdg_jax/data/augment.py).
 
 Small images (8x8 to 16x16) keep every compile short; each test compares
 against a hand-computed reference or an invariant that a real bug breaks.
@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cdg_jax import augment
+from cdg_jax.data import augment
 
 ZERO = (0.0, 0.0, 0.0)
 ONE = (1.0, 1.0, 1.0)

@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import flops
-from cdg_jax import gating
-from cdg_jax import models
-from cdg_jax import predictors
-from cdg_jax import pretraining
-from cdg_jax import regularizers
-from cdg_jax.layers import GatedConv, GatingSpec
+from cdg_jax.gating import flops
+from cdg_jax.gating import ops
+from cdg_jax.gating import predictors
+from cdg_jax.gating import regularizers
+from cdg_jax.gating.layers import GatedConv, GatingSpec
+from cdg_jax.ssl import models
+from cdg_jax.ssl import pretraining
+from cdg_jax.run import config_lib
 from tests.test_pretraining import fixed_batch, setup, tiny_config
 
 
@@ -25,7 +26,7 @@ def _apply(layer, variables, x, **kwargs):
 
 
 def test_channel_predictor_keeps_top_k_and_scales_dense_conv():
-  spec = GatingSpec(kind='channel_predictor', density_target=0.3, weight=1e-4)
+  spec = GatingSpec(kind='channel_predictor', density_target=0.3)
   layer = GatedConv(10, (3, 3), (1, 1), spec)
   x = jax.random.normal(jax.random.key(0), (3, 6, 6, 8))
   variables = layer.init(jax.random.key(1), x)
@@ -46,14 +47,16 @@ def test_channel_predictor_keeps_top_k_and_scales_dense_conv():
   assert set(np.unique(mask)) <= {0.0, 1.0}
   np.testing.assert_array_equal(mask.sum(axis=-1), k)  # every sample, position
   np.testing.assert_array_equal(mask, np.broadcast_to(keep[:, None, None], mask.shape))
-  dense = gating.conv(x, variables['params']['kernel'])
+  dense = ops.conv(x, variables['params']['kernel'])
   np.testing.assert_allclose(y, dense * (keep * s)[:, None, None], rtol=1e-5,
                              atol=1e-5)
   np.testing.assert_allclose(state['gating']['density'][0], [0.3] * 3, rtol=1e-6)
   l1 = np.asarray(state['gate_aux']['saliency_l1'][0])
   np.testing.assert_allclose(l1, s.sum(axis=-1), rtol=1e-5)
   # FBS's auxiliary loss: lambda * sum_layers mean_samples ||s||_1.
-  reg = regularizers.gate_regularizer(spec, variables['params'], {}, state['gate_aux'])
+  reg = regularizers.gate_regularizer(
+      regularizers.RegularizerSpec(kind='channel_predictor', weight=1e-4),
+      variables['params'], {}, state['gate_aux'])
   np.testing.assert_allclose(reg, 1e-4 * s.sum(axis=-1).mean(), rtol=1e-5)
 
   # The gradient of the output reaches the predictor (through the saliency).
@@ -76,7 +79,7 @@ def test_channel_predictor_scales_after_batchnorm_whose_statistics_see_every_cha
   out, state = block.apply(variables, x, train=True,
                            mutable=['batch_stats', 'gate_masks'])
   p = variables['params']
-  y1 = gating.conv(x, p['conv1']['kernel'])
+  y1 = ops.conv(x, p['conv1']['kernel'])
   mean, var = np.asarray(y1).mean(axis=(0, 1, 2)), np.asarray(y1).var(
       axis=(0, 1, 2))
   # The running statistics of bn1 moved towards the dense conv's statistics,
@@ -125,7 +128,7 @@ def test_spatial_predictor_block_mask_is_hard_and_trains_the_predictor():
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 4))
   variables = layer.init(jax.random.key(1), x)
   p = jax.tree.map(np.asarray, variables['params'])
-  dense = gating.conv(x, variables['params']['kernel'], (2, 2))
+  dense = ops.conv(x, variables['params']['kernel'], (2, 2))
 
   # Eval: the deterministic gate 1[logits > 0] on the pooled grid.
   y, state = _apply(layer, variables, x, train=False)
@@ -159,14 +162,16 @@ def test_spatial_predictor_block_mask_is_hard_and_trains_the_predictor():
                      rngs={'gumbel': jax.random.key(2)})
     densities = flops.mean_densities(st['gating'])
     return (jnp.sum(out * jnp.arange(6.0))
-            + regularizers.gate_regularizer(GatingSpec(kind='spatial_predictor',
-                                              density_target=0.1, weight=1.0),
-                                   params, densities))
+            + regularizers.gate_regularizer(
+                regularizers.RegularizerSpec(kind='spatial_predictor',
+                                             density_target=0.1, weight=1.0),
+                params, densities))
   grads = jax.grad(loss)(variables['params'])
   assert np.abs(grads['predictor_kernel']).max() > 0
   assert np.abs(grads['predictor_bias']).max() > 0
   # Density loss alone: lambda * sum_layers (density - target)^2.
-  spec_d = GatingSpec(kind='spatial_predictor', density_target=0.5, weight=2.0)
+  spec_d = regularizers.RegularizerSpec(kind='spatial_predictor',
+                                        density_target=0.5, weight=2.0)
   np.testing.assert_allclose(
       regularizers.gate_regularizer(spec_d, {}, {'a': 0.7, 'b': 0.2}),
       2.0 * (0.2**2 + 0.3**2), rtol=1e-6)
@@ -175,7 +180,7 @@ def test_spatial_predictor_block_mask_is_hard_and_trains_the_predictor():
 @pytest.mark.parametrize('kind', ['channel_predictor', 'spatial_predictor'])
 def test_eval_mode_is_deterministic_and_batch_independent(kind):
   model = models.create_resnet({'name': 'resnet10', 'width': 8},
-                               GatingSpec.from_config({'kind': kind}))   # 8x8: stage 4 is 1x1
+                               config_lib.read_gating({'kind': kind}).layer)   # 8x8: stage 4 is 1x1
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
   variables = model.init(jax.random.key(1), x[:1])
   run = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=['gating']))
@@ -207,8 +212,8 @@ def test_flops_of_predictor_layers_include_the_predictor():
 
   # Channel predictor: density is exactly k / C_out, k = ceil(0.3 * C_out).
   model = models.create_resnet({'name': 'resnet10', 'width': 8},
-                               GatingSpec.from_config({'kind': 'channel_predictor',
-                                'density_target': 0.3}))
+                               config_lib.read_gating({'kind': 'channel_predictor',
+                                'density_target': 0.3}).layer)
   variables = model.init(jax.random.key(0), x)
   report = flops.measure(model, variables, x)
   rows = {r.name: r for r in report.rows}
@@ -227,7 +232,7 @@ def test_flops_of_predictor_layers_include_the_predictor():
   # Spatial predictor, (2, 2) blocks, gates forced shut (bias -1e9) or open:
   # the 3x3 predictor conv on a g x g grid reads (3g - 2)^2 taps (1 for g=1).
   model = models.create_resnet({'name': 'resnet10', 'width': 8},
-                               GatingSpec.from_config({'kind': 'spatial_predictor', 'block': (2, 2, 1)}))
+                               config_lib.read_gating({'kind': 'spatial_predictor', 'block': (2, 2, 1)}).layer)
   variables = model.init(jax.random.key(0), x)
   taps = lambda g: (3 * g - 2) ** 2 if g > 1 else 1
   predictor = sum(taps(size // 2) * c_in for c_in, _, size in _GATED)
@@ -286,10 +291,12 @@ def test_spec_validation_names_the_predictor_kinds():
   with pytest.raises(ValueError, match=r"gating.groups=1 would be ignored: it "
                      r"is read only with gating.kind='cdg', and this config "
                      r"has gating.kind='spatial_predictor'"):
-    GatingSpec(kind='spatial_predictor', groups=1)
+    config_lib.read_gating({'kind': 'spatial_predictor', 'groups': 1})
   with pytest.raises(ValueError, match=r"gating.regularizer='flops' would be "
                      r"ignored: .* gating.kind='channel_predictor'"):
-    GatingSpec(kind='channel_predictor', regularizer='flops')
-  assert GatingSpec(kind='spatial_predictor', weight=2.0).enabled
+    config_lib.read_gating({'kind': 'channel_predictor',
+                            'regularizer': 'flops'})
+  assert config_lib.read_gating({'kind': 'spatial_predictor',
+                                 'weight': 2.0}).layer.enabled
   assert predictors.num_kept_channels(10, 0.3) == 3
   assert predictors.num_kept_channels(8, 0.01) == 1

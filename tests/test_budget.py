@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import flops
-from cdg_jax import gating
-from cdg_jax import layers
-from cdg_jax import pretraining
-from cdg_jax import regularizers
-from cdg_jax.layers import GatingSpec
+from cdg_jax.gating import flops
+from cdg_jax.gating import ops
+from cdg_jax.gating import regularizers
+from cdg_jax.gating.regularizers import RegularizerSpec
+from cdg_jax.run import config_lib
+from cdg_jax.ssl import pretraining
 
 import test_pretraining
 
@@ -30,19 +30,17 @@ DENSITIES = {'a': 0.5, 'b': 0.1}
 
 
 def flops_spec(**kwargs):
-  return GatingSpec(regularizer='flops', weight=2.0, density_target=0.25,
-                    **kwargs)
+  return RegularizerSpec(regularizer='flops', weight=2.0, density_target=0.25,
+                         **kwargs)
 
 
-def test_every_regulariser_name_has_one_form_in_the_table():
-  # A new form is one function and one entry of regularizers.CDG_REGULARIZERS;
-  # the spec accepts exactly the table's names.
-  assert tuple(regularizers.CDG_REGULARIZERS) == layers.REGULARIZERS
-  assert set(regularizers.KIND_REGULARIZERS) == set(layers.PREDICTOR_KINDS)
-  for name in layers.REGULARIZERS:
-    GatingSpec(regularizer=name)   # accepted by the spec
+def test_the_spec_accepts_the_forms_of_the_table():
+  # A new form is one function and one entry of regularizers.CDG_REGULARIZERS,
+  # the one list of their names.
+  for name in regularizers.CDG_REGULARIZERS:
+    RegularizerSpec(regularizer=name)
   with pytest.raises(ValueError, match="regularizer='l1'"):
-    GatingSpec(regularizer='l1')
+    RegularizerSpec(regularizer='l1')
 
 
 def test_gated_macs_and_budget_fraction_by_hand():
@@ -71,16 +69,16 @@ def test_flops_regulariser_value_and_gradient_by_hand():
 
 def test_bounds_hold_every_layer_at_the_target_then_relax():
   np.testing.assert_allclose(
-      [gating.bound_tightness(p) for p in (-1.0, 0.0, 0.5, 1.0, 2.0)],
+      [ops.bound_tightness(p) for p in (-1.0, 0.0, 0.5, 1.0, 2.0)],
       [1.0, 1.0, 0.5, 0.0, 0.0], atol=1e-7)
-  np.testing.assert_allclose(gating.layer_bounds(0.25, 1.0), (0.25, 0.25))
-  np.testing.assert_allclose(gating.layer_bounds(0.25, 0.0), (0.0, 1.0))
-  np.testing.assert_allclose(gating.layer_bounds(0.25, 0.5), (0.125, 0.625))
+  np.testing.assert_allclose(ops.layer_bounds(0.25, 1.0), (0.25, 0.25))
+  np.testing.assert_allclose(ops.layer_bounds(0.25, 0.0), (0.0, 1.0))
+  np.testing.assert_allclose(ops.layer_bounds(0.25, 0.5), (0.125, 0.625))
   # One above the upper bound by 0.1, one below the lower by 0.1: mean of 2.
   np.testing.assert_allclose(
-      gating.bound_regularizer([jnp.array(0.5), jnp.array(0.1)], 0.2, 0.4),
+      ops.bound_regularizer([jnp.array(0.5), jnp.array(0.1)], 0.2, 0.4),
       0.01, rtol=1e-6)
-  assert float(gating.bound_regularizer([jnp.array(0.3)], 0.2, 0.4)) == 0.0
+  assert float(ops.bound_regularizer([jnp.array(0.3)], 0.2, 0.4)) == 0.0
 
   spec = flops_spec(budget_bounds_fraction=0.3)
   schedule = regularizers.budget_schedule(spec, 100)
@@ -135,7 +133,8 @@ def test_regulariser_and_report_are_one_computation():
   # Each layer's share of the backbone's dense MACs sums to 1 with the
   # ungated layers.
   np.testing.assert_allclose(sum(report.layer_flops_share.values()), 1.0)
-  assert regularizers.budget_summary(GatingSpec(), costs) is None
+  assert regularizers.budget_summary(RegularizerSpec(), costs) is None
+  assert regularizers.budget_summary(None, costs) is None
   line = regularizers.describe_budget(flops_spec(budget_bounds_fraction=1 / 3), costs)
   assert '43.8% of their dense MACs' in line and 'over 33% of training' in line
 
@@ -172,4 +171,4 @@ def test_train_step_minimises_the_budget_and_reports_its_schedule():
 def test_budget_fields_are_checked(fields, words):
   with pytest.raises(ValueError, match=words.replace('(', r'\(').replace(
       ')', r'\)').replace('[', r'\[').replace(']', r'\]')):
-    GatingSpec(**fields)
+    config_lib.read_gating(fields)

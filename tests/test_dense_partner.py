@@ -11,14 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import config_lib
-from cdg_jax import flops
-from cdg_jax import gating
-from cdg_jax import layers
-from cdg_jax import models
-from cdg_jax import predictors
-from cdg_jax import pretraining
-from cdg_jax.layers import GatingSpec
+from cdg_jax.gating import flops
+from cdg_jax.gating import layers
+from cdg_jax.gating import predictors
+from cdg_jax.gating.layers import GatingSpec
+from cdg_jax.run import config_lib
+from cdg_jax.ssl import models
+from cdg_jax.ssl import pretraining
 
 import test_pretraining
 
@@ -32,8 +31,8 @@ def _images(n, seed=0):
 
 def _partner(partner_norm='shared'):
   return models.create_resnet(
-      MODEL, GatingSpec.from_config({'kind': 'cdg', 'branches': 'dense_partner',
-              'partner_norm': partner_norm}), gate_mode='partner')
+      MODEL, GatingSpec(), gate_mode='partner',
+      separate_partner_norm=partner_norm == 'separate')
 
 
 def _trained_like(variables, seed=1):
@@ -74,7 +73,7 @@ def test_partner_halves_equal_cdg_and_dense_networks_in_eval_mode(
   x = _images(6)
   partner = _partner().apply(shared_variables, x, train=False,
                              mutable=['gating'])[0]
-  gated = models.create_resnet(MODEL, GatingSpec.from_config({'kind': 'cdg'}))
+  gated = models.create_resnet(MODEL, config_lib.read_gating({'kind': 'cdg'}).layer)
   dense = models.create_resnet(MODEL, None)
   gated_out = gated.apply(shared_variables, x[:3], train=False,
                           mutable=['gating'])[0]
@@ -104,7 +103,7 @@ def test_separate_norm_partner_equals_two_networks_in_training(
   x = jnp.concatenate([_images(4)] * 2)
   (partner, updates) = _partner('separate').apply(
       separate_variables, x, train=True, mutable=['batch_stats', 'gating'])
-  gated = models.create_resnet(MODEL, GatingSpec.from_config({'kind': 'cdg'}))
+  gated = models.create_resnet(MODEL, config_lib.read_gating({'kind': 'cdg'}).layer)
   dense = models.create_resnet(MODEL, None)
   gated_vars = jax.eval_shape(lambda: gated.init(jax.random.key(0), x))
   dense_vars = jax.eval_shape(lambda: dense.init(jax.random.key(0), x))
@@ -181,7 +180,7 @@ def test_gradients_reach_the_weights_through_both_paths(partner_norm):
 
 
 def test_dense_path_costs_dense_flops(shared_variables):
-  gated = models.create_resnet(MODEL, GatingSpec.from_config({'kind': 'cdg'}))
+  gated = models.create_resnet(MODEL, config_lib.read_gating({'kind': 'cdg'}).layer)
   x = jax.ShapeDtypeStruct((1, SIZE, SIZE, 3), jnp.float32)
   costs = flops.layer_costs(models.dense_path(gated), shared_variables, x,
                             train=False)
@@ -259,7 +258,7 @@ def test_dense_partner_of_target_frameworks_points_to_online(framework):
 def test_bad_partner_and_saliency_options_name_the_value(gating_config,
                                                          message):
   with pytest.raises(ValueError, match=message):
-    layers.GatingSpec.from_config(gating_config)
+    config_lib.read_gating(gating_config).layer
 
 
 def test_online_branches_without_a_target_is_refused():

@@ -13,16 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import augment
-from cdg_jax import checkpoints
-from cdg_jax import config_lib
-from cdg_jax import evaluation
-from cdg_jax import flops
-from cdg_jax import input_pipeline
+from cdg_jax import evaluators
 from cdg_jax import linear_eval
-from cdg_jax import models
-from cdg_jax import parallel
-from cdg_jax.layers import GatingSpec
+from cdg_jax.data import augment
+from cdg_jax.data import input_pipeline
+from cdg_jax.evaluators import extraction
+from cdg_jax.evaluators import gate_flops
+from cdg_jax.evaluators import knn
+from cdg_jax.evaluators import linear
+from cdg_jax.gating import flops
+from cdg_jax.run import checkpoints
+from cdg_jax.run import config_lib
+from cdg_jax.run import parallel
+from cdg_jax.ssl import models
 
 NUM_CLASSES = 4
 # Split sizes that are not multiples of the batch: the last batch is padded.
@@ -48,19 +51,19 @@ def test_knn_weighted_vote_by_hand():
   # k=3 takes the first three entries. Votes at T=0.1:
   #   class 0: exp(1/0.1) = 22026;  class 1: exp(0.7071/0.1) + exp(0) = 1177.
   # A plain majority vote would say class 1 (two neighbours against one).
-  ranked = evaluation.knn_predict(BANK, BANK_LABELS, QUERY, 2, k=3,
+  ranked = knn.knn_predict(BANK, BANK_LABELS, QUERY, 2, k=3,
                                   temperature=0.1)
   np.testing.assert_array_equal(ranked, [[0, 1]])
   # At T=100 the weights are nearly equal (1.010, 1.007, 1.000): the two
   # class-1 votes (2.007) beat the single class-0 vote (1.010).
-  ranked = evaluation.knn_predict(BANK, BANK_LABELS, QUERY, 2, k=3,
+  ranked = knn.knn_predict(BANK, BANK_LABELS, QUERY, 2, k=3,
                                   temperature=100.0)
   np.testing.assert_array_equal(ranked, [[1, 0]])
   # k=2: class 0 gets exp(10), class 1 exp(7.07); class 0 wins at any T.
-  result = evaluation.knn_classify(BANK, BANK_LABELS, QUERY, np.array([0]), 2,
+  result = knn.knn_classify(BANK, BANK_LABELS, QUERY, np.array([0]), 2,
                                    k=2, temperature=100.0)
   assert result == {'top1': 1.0, 'top5': 1.0}
-  result = evaluation.knn_classify(BANK, BANK_LABELS, QUERY, np.array([1]), 2,
+  result = knn.knn_classify(BANK, BANK_LABELS, QUERY, np.array([1]), 2,
                                    k=2, temperature=0.1)
   assert result == {'top1': 0.0, 'top5': 1.0}  # Two classes: top-5 is all.
 
@@ -69,7 +72,7 @@ def test_knn_small_temperature_does_not_overflow():
   # exp(1 / 1e-3) overflows float32: with naive weights both classes would
   # get inf votes and the tie would go to class 0. The nearest entry is class 1
   # here, so it must win.
-  ranked = evaluation.knn_predict(BANK, 1 - BANK_LABELS, QUERY, 2, k=3,
+  ranked = knn.knn_predict(BANK, 1 - BANK_LABELS, QUERY, 2, k=3,
                                   temperature=1e-3)
   np.testing.assert_array_equal(ranked, [[1, 0]])
 
@@ -95,11 +98,11 @@ def test_knn_matches_reference_with_chunking():
   queries = rng.normal(size=(13, 6)).astype(np.float32)
   expected = _knn_reference(bank, labels, queries, 7, k=9, temperature=0.5)
   # 13 queries in chunks of 4: the last chunk is padded.
-  ranked = evaluation.knn_predict(bank, labels, queries, 7, k=9,
+  ranked = knn.knn_predict(bank, labels, queries, 7, k=9,
                                   temperature=0.5, chunk_size=4)
   np.testing.assert_array_equal(ranked, expected)
   assert ranked.shape == (13, 5)
-  result = evaluation.knn_classify(bank, labels, queries, expected[:, 0], 7,
+  result = knn.knn_classify(bank, labels, queries, expected[:, 0], 7,
                                    k=9, temperature=0.5, chunk_size=4)
   assert result['top1'] == 1.0
 
@@ -109,18 +112,18 @@ def test_knn_invariant_to_bank_permutation_and_feature_scale():
   bank = rng.normal(size=(40, 5)).astype(np.float32)
   labels = rng.integers(0, 6, 40)
   queries = rng.normal(size=(11, 5)).astype(np.float32)
-  ranked = evaluation.knn_predict(bank, labels, queries, 6, k=7)
+  ranked = knn.knn_predict(bank, labels, queries, 6, k=7)
   perm = rng.permutation(40)
   scale = rng.uniform(0.1, 10.0, (40, 1)).astype(np.float32)
-  permuted = evaluation.knn_predict(bank[perm] * scale, labels[perm], queries,
+  permuted = knn.knn_predict(bank[perm] * scale, labels[perm], queries,
                                     6, k=7)
   np.testing.assert_array_equal(ranked[:, 0], permuted[:, 0])
 
 
 def test_knn_k_larger_than_bank_uses_whole_bank():
-  default_k = evaluation.knn_predict(BANK, BANK_LABELS, QUERY, 2)  # k=200
+  default_k = knn.knn_predict(BANK, BANK_LABELS, QUERY, 2)  # k=200
   np.testing.assert_array_equal(
-      default_k, evaluation.knn_predict(BANK, BANK_LABELS, QUERY, 2, k=4))
+      default_k, knn.knn_predict(BANK, BANK_LABELS, QUERY, 2, k=4))
 
 
 @pytest.mark.parametrize('kwargs, message', [
@@ -134,7 +137,7 @@ def test_knn_rejects_bad_input(kwargs, message):
               test_features=QUERY, num_classes=2)
   args.update(kwargs)
   with pytest.raises(ValueError, match=message):
-    evaluation.knn_predict(**args)
+    knn.knn_predict(**args)
 
 
 # ---------------------------------------------------------------------------
@@ -173,7 +176,7 @@ def _perturb_stats(variables, seed=0):
 @pytest.fixture(scope='module')
 def tiny():
   config = tiny_config()
-  backbone = models.create_resnet(config.model, GatingSpec.from_config(config.gating))
+  backbone = models.create_resnet(config.model, config_lib.read_gating(config.gating).layer)
   variables = _init(backbone)
   variables = _perturb_stats(variables)
   rng = np.random.default_rng(0)
@@ -205,10 +208,10 @@ def _direct(backbone, variables, images, config, train=False):
 
 def test_extract_features_counts_each_example_once_in_eval_mode(tiny):
   config, backbone, variables, source, mesh = tiny
-  forward = evaluation._eval_forward(backbone, tuple(config.augment.mean),
+  forward = extraction._eval_forward(backbone, tuple(config.augment.mean),
                                      tuple(config.augment.std), mesh)
   traces_before = forward._cache_size()
-  result = {split: evaluation.extract_features(
+  result = {split: extraction.extract_features(
       backbone, variables, source, split, BATCH, config.augment, mesh)
             for split in ('train', 'test')}
   # Both splits, padded last batches included: at most one compilation.
@@ -244,19 +247,19 @@ def test_extract_features_counts_each_example_once_in_eval_mode(tiny):
 def test_extract_features_rejects_batch_not_divisible_by_devices(tiny):
   config, backbone, variables, source, mesh = tiny
   with pytest.raises(ValueError, match='not divisible by the 2 devices'):
-    evaluation.extract_features(backbone, variables, source, 'test', 7,
+    extraction.extract_features(backbone, variables, source, 'test', 7,
                                 config.augment, mesh)
 
 
 def test_knn_eval_reports_accuracy_and_test_set_flops(tiny):
   config, backbone, variables, source, mesh = tiny
-  metrics = evaluation.knn_eval(backbone, variables, source, config.eval,
+  metrics = evaluators.knn_eval(backbone, variables, source, config.eval,
                                 config.augment, mesh)
   assert set(metrics) == {'knn_top1', 'knn_top5', 'flops_reduction',
                           'gate_density', 'gated_flops_fraction',
                           'layer_density', 'layer_flops_share'}
   assert 0.0 <= metrics['knn_top1'] <= metrics['knn_top5'] <= 1.0
-  test = evaluation.extract_features(backbone, variables, source, 'test',
+  test = extraction.extract_features(backbone, variables, source, 'test',
                                      BATCH, config.augment, mesh)
   assert metrics['layer_density'] == pytest.approx(test['densities'])
   gated = [c.name for c in flops.layer_costs(
@@ -279,23 +282,23 @@ def test_set_flops_from_densities(tiny):
       backbone, variables, jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32),
       train=False)
   gated = [c for c in costs if c.gated]
-  full = evaluation.test_set_flops(backbone, variables,
+  full = gate_flops.test_set_flops(backbone, variables,
                                    {c.name: 1.0 for c in gated}, 16)
   assert full.reduction == pytest.approx(1.0)
   # All gates shut: a gated layer costs 1/G of its dense MACs (G = 4).
-  empty = evaluation.test_set_flops(backbone, variables,
+  empty = gate_flops.test_set_flops(backbone, variables,
                                     {c.name: 0.0 for c in gated}, 16)
   dense = sum(c.macs for c in costs if c.part == 'backbone')
   saved = sum(c.macs * 3 / 4 for c in gated)
   assert empty.reduction == pytest.approx(dense / (dense - saved))
   with pytest.raises(ValueError, match='No measured density'):
-    evaluation.test_set_flops(backbone, variables, {}, 16)
+    gate_flops.test_set_flops(backbone, variables, {}, 16)
   # A dense backbone needs no densities and has no reduction.
   config = tiny_config()
   config.gating.kind = 'none'
-  dense_backbone = models.create_resnet(config.model, GatingSpec.from_config(config.gating))
+  dense_backbone = models.create_resnet(config.model, config_lib.read_gating(config.gating).layer)
   dense_variables = jax.eval_shape(lambda: _init(dense_backbone))
-  report = evaluation.test_set_flops(dense_backbone, dense_variables, {},
+  report = gate_flops.test_set_flops(dense_backbone, dense_variables, {},
                                      (16, 16))
   assert report.reduction == 1.0 and report.gated_density is None
   assert report.backbone_dense_macs == dense
@@ -303,7 +306,7 @@ def test_set_flops_from_densities(tiny):
 
 def test_open_gates_turns_a_cdg_backbone_into_the_dense_network(tiny):
   config, backbone, variables, source, _ = tiny
-  opened = evaluation.open_gates(variables)
+  opened = extraction.open_gates(variables)
   images = source._images['test']
   features, densities = _direct(backbone, opened, images, config)
   assert densities and all(float(d) == 1.0 for d in densities.values())
@@ -321,7 +324,7 @@ def test_open_gates_turns_a_cdg_backbone_into_the_dense_network(tiny):
   dense_config = tiny_config()
   dense_config.gating.kind = 'none'
   dense_backbone = models.create_resnet(dense_config.model,
-                                        GatingSpec.from_config(dense_config.gating))
+                                        config_lib.read_gating(dense_config.gating).layer)
   dense_variables = drop_gates(variables)
   assert (jax.tree.structure(dense_variables) == jax.tree.structure(
       jax.eval_shape(lambda: _init(dense_backbone))))
@@ -333,14 +336,14 @@ def test_open_gates_turns_a_cdg_backbone_into_the_dense_network(tiny):
   # As trained, the gates change the features; the input is left alone.
   gated_features, _ = _direct(backbone, variables, images, config)
   assert not np.allclose(gated_features, dense_features, atol=1e-3)
-  assert not any(np.all(v == evaluation.OPEN_GATE_THRESHOLD)
+  assert not any(np.all(v == extraction.OPEN_GATE_THRESHOLD)
                  for v in jax.tree.leaves(variables['params']))
 
 
 def test_open_gates_rejects_a_backbone_without_thresholds():
   no_thresholds = {'params': {'conv': {'kernel': np.ones((3, 3, 1, 1))}}}
   with pytest.raises(ValueError, match="gating.kind='cdg'"):
-    evaluation.open_gates(no_thresholds)
+    extraction.open_gates(no_thresholds)
 
 
 # ---------------------------------------------------------------------------
@@ -359,16 +362,16 @@ def test_linear_classifier_separates_separable_features():
   train_x, train_y = make(300)
   test_x, test_y = make(100)
   # Shifted and scaled like real features; standardisation undoes it.
-  train_x, test_x = linear_eval.standardize(train_x * 30 + 50, test_x * 30 + 50)
+  train_x, test_x = linear.standardize(train_x * 30 + 50, test_x * 30 + 50)
   np.testing.assert_allclose(train_x.mean(0), 0, atol=1e-5)
   np.testing.assert_allclose(train_x.std(0), 1, atol=1e-4)
-  params, losses = linear_eval.train_linear_classifier(
+  params, losses = linear.train_linear_classifier(
       train_x, train_y, 5, epochs=20, batch_size=64, learning_rate=0.1,
       weight_decay=1e-4)
   assert params['kernel'].shape == (16, 5)
   assert losses.shape == (20,) and losses[-1] < 0.25 * losses[0]
-  assert linear_eval.classifier_accuracy(params, train_x, train_y)['top1'] > 0.99
-  assert linear_eval.classifier_accuracy(params, test_x, test_y)['top1'] > 0.97
+  assert linear.classifier_accuracy(params, train_x, train_y)['top1'] > 0.99
+  assert linear.classifier_accuracy(params, test_x, test_y)['top1'] > 0.97
 
 
 def test_classifier_accuracy_by_hand():
@@ -376,14 +379,14 @@ def test_classifier_accuracy_by_hand():
             'bias': np.zeros(6, np.float32)}
   # Logits are the features; class 5 ranks 6th in the second row.
   features = np.array([[0, 0, 0, 9, 0, 0], [6, 5, 4, 3, 2, 1]], np.float32)
-  result = linear_eval.classifier_accuracy(params, features, np.array([3, 5]))
+  result = linear.classifier_accuracy(params, features, np.array([3, 5]))
   assert result == {'top1': 0.5, 'top5': 0.5}
 
 
 def test_standardize_leaves_constant_dimensions_finite():
   train = np.array([[1.0, 3.0], [3.0, 3.0]])
   test = np.array([[2.0, 100.0]])
-  train_s, test_s = linear_eval.standardize(train, test)
+  train_s, test_s = linear.standardize(train, test)
   np.testing.assert_allclose(train_s, [[-1, 0], [1, 0]])
   np.testing.assert_allclose(test_s, [[0, 97]])
 
@@ -395,7 +398,7 @@ def _export_tiny_backbone(workdir):
   config.eval.batch_size = 16          # 60 and 30 are not multiples of 16
   config.linear_eval.epochs = 10
   config.linear_eval.batch_size = 16
-  backbone = models.create_resnet(config.model, GatingSpec.from_config(config.gating))
+  backbone = models.create_resnet(config.model, config_lib.read_gating(config.gating).layer)
   variables = _init(backbone)
   checkpoints.export_backbone(workdir, variables['params'],
                               variables['batch_stats'])
@@ -439,12 +442,12 @@ def test_knn_eval_with_sparse_inference_gives_the_same_results(tiny):
   config, _, _, source, mesh = tiny
   config = config.copy_and_resolve_references()
   config.gating.block = (2, 2, 0)   # tiles across all channels
-  backbone = models.create_resnet(config.model, GatingSpec.from_config(config.gating))
+  backbone = models.create_resnet(config.model, config_lib.read_gating(config.gating).layer)
   variables = _perturb_stats(_init(backbone))
-  masked = evaluation.knn_eval(backbone, variables, source, config.eval,
+  masked = evaluators.knn_eval(backbone, variables, source, config.eval,
                                 config.augment, mesh)
   config.eval.sparse_inference = True
-  fast = evaluation.knn_eval(backbone, variables, source, config.eval,
+  fast = evaluators.knn_eval(backbone, variables, source, config.eval,
                                 config.augment, mesh)
   assert 0 < masked['gate_density'] < 1
   assert fast['knn_top1'] == masked['knn_top1']
@@ -471,7 +474,7 @@ def test_augmented_protocol_equals_a_step_by_step_reference(tiny,
   that does exactly that."""
   config, backbone, variables, source, mesh = tiny
   settings = _augmented_settings(feature_norm=feature_norm)
-  params, losses = linear_eval.train_augmented_classifier(
+  params, losses = linear.train_augmented_classifier(
       backbone, variables, source, config.augment, NUM_CLASSES, settings,
       seed=3, mesh=mesh)
   assert losses.shape == (2,) and np.all(np.isfinite(losses))
@@ -530,7 +533,7 @@ def test_augmented_protocol_runs_end_to_end_and_records_itself(tmp_path):
   config.linear_eval.epochs = 2
   results = linear_eval.run_linear_eval(config, workdir)
   assert results['linear_eval']['protocol'] == 'augmented'
-  assert results['protocol'] == linear_eval.PROTOCOLS['augmented']
+  assert results['protocol'] == linear.PROTOCOLS['augmented']
   assert tuple(results['linear_eval']['augmented']['decay_fractions']) == (
       0.6, 0.8)
   assert 0.0 <= results['top1'] <= 1.0 and results['num_test'] == 30

@@ -12,14 +12,13 @@ import sys
 import numpy as np
 import pytest
 
-from cdg_jax import checkpoints
-from cdg_jax import config_lib
 from cdg_jax import linear_eval
-from cdg_jax import memory
-from cdg_jax.layers import GatingSpec
-from cdg_jax import plots
-from cdg_jax import run_control
 from cdg_jax import train
+from cdg_jax.run import checkpoints
+from cdg_jax.run import config_lib
+from cdg_jax.run import memory
+from cdg_jax.run import plots
+from cdg_jax.run import run_control
 import launch
 from test_train import ROOT, load_config
 
@@ -103,13 +102,14 @@ def test_the_memory_estimate_bounds_what_xla_allocates():
   """The estimate is an upper estimate of the step's memory, within 2x of
   what XLA's buffer assignment of the whole compiled SimCLR step needs."""
   import jax  # pylint: disable=g-import-not-at-top
-  from cdg_jax import pretraining  # pylint: disable=g-import-not-at-top
+  from cdg_jax.ssl import pretraining  # pylint: disable=g-import-not-at-top
   config = load_config('simclr_cifar10')
   config.data.image_size = 32
-  spec = GatingSpec.from_config(config.gating)
-  estimate = memory.train_step_bytes(config.model, spec, config.batch_size,
-                                     (32, 32, 3), num_devices=1)
-  run = pretraining.assemble(pretraining.read_settings(config, spec, 512))
+  gating = config_lib.read_gating(config.gating)
+  estimate = memory.train_step_bytes(config.model, gating.layer,
+                                     config.batch_size, (32, 32, 3),
+                                     num_devices=1)
+  run = pretraining.assemble(pretraining.read_settings(config, gating, 512))
   state = jax.eval_shape(lambda: run.init_state(jax.random.key(0)))
   step = run.train_step
   batch = {'image': jax.ShapeDtypeStruct((32, 32, 32, 3), np.uint8),
@@ -132,8 +132,6 @@ def test_linear_eval_settings_are_refused_before_the_backbone_is_loaded(
     with pytest.raises(ValueError, match=r'linear_eval\.epochs=0 must be a '
                                          r'positive number'):
       linear_eval.run_linear_eval(config, missing)
-  # One list of protocols: the checks' and the command's.
-  assert set(config_lib.LINEAR_PROTOCOLS) == set(linear_eval.PROTOCOLS)
   config = load_config('simclr_cifar10')
   config.linear_eval.augmented.crop_scale = (0.5, 0.2)
   with pytest.raises(ValueError, match=r'crop_scale=\(0\.5, 0\.2\) must be'):
@@ -174,13 +172,6 @@ def test_an_unexpected_error_shows_its_traceback_only_when_asked(tmp_path):
   assert verbose.returncode == 1
   assert 'Traceback (most recent call last)' in verbose.stderr
   assert _last_line(verbose) == 'FATAL: RuntimeError: an unforeseen failure'
-
-
-def test_the_old_flops_module_runs_the_flops_command():
-  result = _command(SMOKE, '--batch_size=2', module='cdg_jax.flops')
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'randomly initialised' in result.stdout
-  assert 'stage4_block0/conv2' in result.stdout
 
 
 def test_a_workdir_in_use_is_refused_before_the_data_are_read(tmp_path):

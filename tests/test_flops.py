@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import flops
-from cdg_jax import models
-from cdg_jax.layers import GatingSpec
+from cdg_jax.gating import flops
+from cdg_jax.ssl import models
+from cdg_jax.run import config_lib
 
 import launch
 import xla_env
@@ -44,7 +44,7 @@ def _hand_count():
 @pytest.fixture(scope='module')
 def resnet18():
   model = models.create_resnet({'name': 'resnet18', 'stem': 'cifar'},
-                               GatingSpec.from_config({'kind': 'cdg'}), num_classes=10)
+                               config_lib.read_gating({'kind': 'cdg'}).layer, num_classes=10)
   variables = jax.jit(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))()
   return model, variables

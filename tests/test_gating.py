@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import gating
+from cdg_jax.gating import ops
 
 
 
@@ -20,20 +20,20 @@ def _inputs(seed=0, n=3, h=6, w=6, c_in=8, c_out=4, k=3):
 def test_hard_gate_forward_is_exactly_binary_and_backward_is_sigmoid_slope():
   z = jnp.array([-3.0, -1e-7, 0.0, 1e-7, 0.3, 5.0])
   alpha = 2.0
-  d = gating.hard_gate(z, alpha)
+  d = ops.hard_gate(z, alpha)
   np.testing.assert_array_equal(d, [0, 0, 0, 1, 1, 1])
-  grad = jax.grad(lambda z: jnp.sum(gating.hard_gate(z, alpha) * jnp.arange(6.)))(z)
+  grad = jax.grad(lambda z: jnp.sum(ops.hard_gate(z, alpha) * jnp.arange(6.)))(z)
   s = 1 / (1 + np.exp(-alpha * np.asarray(z)))
   np.testing.assert_allclose(grad, np.arange(6.) * alpha * s * (1 - s), rtol=1e-6)
 
 
 def test_gated_conv_output_is_binary_masked_combination():
   x, kernel, threshold = _inputs()
-  y, mask, _ = gating.gated_conv(x, kernel, threshold, groups=4)
+  y, mask, _ = ops.gated_conv(x, kernel, threshold, groups=4)
   assert set(np.unique(np.asarray(mask))) <= {0.0, 1.0}
   assert 0 < float(mask.mean()) < 1
-  y_base = gating.conv(x[..., :2], kernel[:, :, :2])
-  y_cond = gating.conv(x[..., 2:], kernel[:, :, 2:])
+  y_base = ops.conv(x[..., :2], kernel[:, :, :2])
+  y_cond = ops.conv(x[..., 2:], kernel[:, :, 2:])
   np.testing.assert_allclose(y, y_base + mask * y_cond, rtol=1e-5, atol=1e-5)
 
 
@@ -41,23 +41,23 @@ def test_all_gates_open_equals_dense_conv_and_all_closed_equals_base_path():
   x, kernel, _ = _inputs()
   c_out = kernel.shape[-1]
   for strides in [(1, 1), (2, 2)]:
-    dense = gating.conv(x, kernel, strides)
-    y_open, mask, _ = gating.gated_conv(x, kernel, jnp.full((c_out,), -1e9),
-                                        groups=4, strides=strides)
+    dense = ops.conv(x, kernel, strides)
+    y_open, mask, _ = ops.gated_conv(x, kernel, jnp.full((c_out,), -1e9),
+                                     groups=4, strides=strides)
     np.testing.assert_array_equal(mask, 1.0)
     np.testing.assert_allclose(y_open, dense, rtol=1e-5, atol=1e-5)
-    y_closed, mask, _ = gating.gated_conv(x, kernel, jnp.full((c_out,), 1e9),
-                                          groups=4, strides=strides)
+    y_closed, mask, _ = ops.gated_conv(x, kernel, jnp.full((c_out,), 1e9),
+                                       groups=4, strides=strides)
     np.testing.assert_array_equal(mask, 0.0)
-    base = gating.conv(x[..., :2], kernel[:, :, :2], strides)
+    base = ops.conv(x[..., :2], kernel[:, :, :2], strides)
     np.testing.assert_allclose(y_closed, base, rtol=1e-6, atol=1e-6)
 
 
 def _reference_gated_conv(x, kernel, threshold, alpha):
   """The same layer with the classic `soft + stop_gradient(hard - soft)` STE."""
   n_base = x.shape[-1] // 4
-  y_base = gating.conv(x[..., :n_base], kernel[:, :, :n_base])
-  y_cond = gating.conv(x[..., n_base:], kernel[:, :, n_base:])
+  y_base = ops.conv(x[..., :n_base], kernel[:, :, :n_base])
+  y_cond = ops.conv(x[..., n_base:], kernel[:, :, n_base:])
   stats = jax.lax.stop_gradient(y_base)
   mean = jnp.mean(stats, axis=(0, 1, 2))
   var = jnp.mean(jnp.square(stats - mean), axis=(0, 1, 2))
@@ -75,7 +75,7 @@ def test_gradient_reaches_thresholds_and_base_weights_as_the_ste_prescribes():
   def loss(fn, kernel, threshold):
     return jnp.sum(fn(x, kernel, threshold) * probe)
 
-  ours = lambda x, k, t: gating.gated_conv(x, k, t, groups=4, alpha=alpha)[0]
+  ours = lambda x, k, t: ops.gated_conv(x, k, t, groups=4, alpha=alpha)[0]
   ref = lambda x, k, t: _reference_gated_conv(x, k, t, alpha)
   g_kernel, g_threshold = jax.grad(loss, argnums=(1, 2))(ours, kernel, threshold)
   r_kernel, r_threshold = jax.grad(loss, argnums=(1, 2))(ref, kernel, threshold)
@@ -83,10 +83,10 @@ def test_gradient_reaches_thresholds_and_base_weights_as_the_ste_prescribes():
   np.testing.assert_allclose(g_kernel, r_kernel, rtol=1e-4, atol=1e-4)
 
   # Hand-computed threshold gradient: dL/d delta_c = -sum probe*Y_cond*alpha*s(1-s).
-  y_base = gating.conv(x[..., :2], kernel[:, :, :2])
-  y_cond = gating.conv(x[..., 2:], kernel[:, :, 2:])
-  mean, var = gating.saliency_moments(y_base)
-  z = gating.normalize_saliency(y_base, mean, var) - threshold
+  y_base = ops.conv(x[..., :2], kernel[:, :, :2])
+  y_cond = ops.conv(x[..., 2:], kernel[:, :, 2:])
+  mean, var = ops.saliency_moments(y_base)
+  z = ops.normalize_saliency(y_base, mean, var) - threshold
   s = jax.nn.sigmoid(alpha * z)
   expected = -jnp.sum(probe * y_cond * alpha * s * (1 - s), axis=(0, 1, 2))
   np.testing.assert_allclose(g_threshold, expected, rtol=1e-4, atol=1e-5)
@@ -95,8 +95,8 @@ def test_gradient_reaches_thresholds_and_base_weights_as_the_ste_prescribes():
   # The base-path weights get gradient through the saliency too, not only
   # through Y_base: compare with the gradient when the mask is frozen.
   def frozen_mask_loss(kernel):
-    y_base = gating.conv(x[..., :2], kernel[:, :, :2])
-    y_cond = gating.conv(x[..., 2:], kernel[:, :, 2:])
+    y_base = ops.conv(x[..., :2], kernel[:, :, :2])
+    y_cond = ops.conv(x[..., 2:], kernel[:, :, 2:])
     mask = jax.lax.stop_gradient(ours(x, kernel, threshold) - y_base) != 0
     return jnp.sum((y_base + mask * y_cond) * probe)
   g_frozen = jax.grad(frozen_mask_loss)(kernel)
@@ -108,8 +108,8 @@ def test_gradient_reaches_thresholds_and_base_weights_as_the_ste_prescribes():
 def test_structured_masks_are_constant_within_blocks():
   x, kernel, threshold = _inputs(n=2, h=8, w=8, c_out=8)
   block = (2, 4, 4)
-  _, mask, _ = gating.gated_conv(x, kernel, jnp.zeros((8,)), groups=4,
-                                 block=block)
+  _, mask, _ = ops.gated_conv(x, kernel, jnp.zeros((8,)), groups=4,
+                              block=block)
   blocks = np.asarray(mask).reshape(2, 4, 2, 2, 4, 2, 4)
   assert np.all(blocks == blocks[:, :, :1, :, :1, :, :1])
   assert 0 < mask.mean() < 1
@@ -118,19 +118,19 @@ def test_structured_masks_are_constant_within_blocks():
 def test_block_decision_uses_block_mean_of_saliency_minus_threshold():
   saliency = jnp.array([1.0, 0.0, -0.5, 3.0]).reshape(1, 2, 2, 1)
   threshold = jnp.array([0.5])
-  mask = gating.gate_mask(saliency, threshold, block=(2, 2, 1))
+  mask = ops.gate_mask(saliency, threshold, block=(2, 2, 1))
   # Block mean saliency 0.875 > 0.5: the whole block opens.
   np.testing.assert_array_equal(mask, np.ones((1, 2, 2, 1)))
-  mask = gating.gate_mask(saliency, jnp.array([0.9]), block=(2, 2, 1))
+  mask = ops.gate_mask(saliency, jnp.array([0.9]), block=(2, 2, 1))
   np.testing.assert_array_equal(mask, np.zeros((1, 2, 2, 1)))
-  mask = gating.gate_mask(saliency, threshold, block=(1, 1, 1))
+  mask = ops.gate_mask(saliency, threshold, block=(1, 1, 1))
   np.testing.assert_array_equal(mask.ravel(), [1, 0, 0, 1])
 
 
 def test_jit_and_vmap_give_the_eager_result():
   x, kernel, threshold = _inputs()
-  fn = lambda x, k, t: gating.gated_conv(x, k, t, groups=4, block=(2, 2, 2),
-                                         norm='sample')[:2]
+  fn = lambda x, k, t: ops.gated_conv(x, k, t, groups=4, block=(2, 2, 2),
+                                      norm='sample')[:2]
   eager = fn(x, kernel, threshold)
   jitted = jax.jit(fn)(x, kernel, threshold)
   for a, b in zip(eager, jitted):
@@ -149,46 +149,46 @@ def test_running_or_per_sample_statistics_make_masks_batch_independent():
   mixed = x.at[1:].set(other[1:])
   running = dict(running_mean=jnp.full((4,), 0.1), running_var=jnp.full((4,), 2.))
   for kwargs in [running, dict(norm='sample')]:
-    m_a = gating.gated_conv(x, kernel, threshold, groups=4, **kwargs)[1]
-    m_b = gating.gated_conv(mixed, kernel, threshold, groups=4, **kwargs)[1]
+    m_a = ops.gated_conv(x, kernel, threshold, groups=4, **kwargs)[1]
+    m_b = ops.gated_conv(mixed, kernel, threshold, groups=4, **kwargs)[1]
     np.testing.assert_array_equal(m_a[0], m_b[0])
   # Batch statistics (training) do depend on the batch, as BatchNorm does.
-  m_a = gating.gated_conv(x, kernel, threshold, groups=4)[1]
-  m_b = gating.gated_conv(mixed, kernel, threshold, groups=4)[1]
+  m_a = ops.gated_conv(x, kernel, threshold, groups=4)[1]
+  m_b = ops.gated_conv(mixed, kernel, threshold, groups=4)[1]
   assert not np.array_equal(m_a[0], m_b[0])
 
 
 def test_per_group_saliency_moments_equal_separate_statistics():
   y = jax.random.normal(jax.random.key(0), (6, 3, 3, 2)) + jnp.arange(6.)[:, None, None, None]
-  mean, var = gating.saliency_moments(y, 'batch', num_groups=2)
+  mean, var = ops.saliency_moments(y, 'batch', num_groups=2)
   for g, part in enumerate([y[:3], y[3:]]):
     np.testing.assert_allclose(mean[3 * g:3 * g + 3, 0, 0],
                                np.broadcast_to(part.mean(axis=(0, 1, 2)), (3, 2)),
                                rtol=1e-5)
     np.testing.assert_allclose(var[3 * g, 0, 0], np.var(part, axis=(0, 1, 2)),
                                rtol=1e-5)
-  joint_mean, _ = gating.saliency_moments(y, 'batch', num_groups=1)
+  joint_mean, _ = ops.saliency_moments(y, 'batch', num_groups=1)
   np.testing.assert_allclose(joint_mean[0, 0, 0], y.mean(axis=(0, 1, 2)), rtol=1e-5)
 
 
 def test_regularisers_match_hand_computed_values():
   thresholds = [jnp.array([0.0, 1.0]), jnp.array([3.0])]
   # mean((0-1)^2, 0) = 0.5 ; (3-1)^2 = 4
-  np.testing.assert_allclose(gating.threshold_regularizer(thresholds, 1.0), 4.5)
+  np.testing.assert_allclose(ops.threshold_regularizer(thresholds, 1.0), 4.5)
   np.testing.assert_allclose(
-      gating.density_regularizer([jnp.array(0.7), jnp.array(0.2)], 0.5),
+      ops.density_regularizer([jnp.array(0.7), jnp.array(0.2)], 0.5),
       0.04 + 0.09, rtol=1e-6)
 
 
 def test_bad_groups_and_blocks_name_the_bad_value():
   x, kernel, threshold = _inputs(c_in=6)
   with pytest.raises(ValueError, match='groups=4 does not divide the 6 input'):
-    gating.gated_conv(x, kernel, threshold, groups=4)
+    ops.gated_conv(x, kernel, threshold, groups=4)
   x, kernel, threshold = _inputs()
   with pytest.raises(ValueError, match=r'block=\(4, 4, 1\).*height 4 does not divide 6'):
-    gating.gated_conv(x, kernel, threshold, groups=4, block=(4, 4, 1))
+    ops.gated_conv(x, kernel, threshold, groups=4, block=(4, 4, 1))
   with pytest.raises(ValueError, match="saliency_norm='group'"):
-    gating.saliency_moments(x, 'group')
+    ops.saliency_moments(x, 'group')
 
 
 # ------------------------------------------------- lineage options (issue 12)
@@ -197,48 +197,48 @@ def test_bad_groups_and_blocks_name_the_bad_value():
 def test_diagonal_grouping_base_path_is_block_diagonal_and_paths_sum_to_dense():
   x, kernel, _ = _inputs(c_in=8, c_out=12)
   for strides in [(1, 1), (2, 2)]:
-    y_base, y_cond = gating.base_and_conditional(x, kernel, 4, 'diagonal',
-                                                 strides)
+    y_base, y_cond = ops.base_and_conditional(x, kernel, 4, 'diagonal',
+                                              strides)
     # Hand reference: output group i (3 channels) from input group i (2).
     reference = np.concatenate(
-        [gating.conv(x[..., 2 * i:2 * i + 2],
-                     kernel[:, :, 2 * i:2 * i + 2, 3 * i:3 * i + 3], strides)
+        [ops.conv(x[..., 2 * i:2 * i + 2],
+                  kernel[:, :, 2 * i:2 * i + 2, 3 * i:3 * i + 3], strides)
          for i in range(4)], axis=-1)
     np.testing.assert_allclose(y_base, reference, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y_base + y_cond,
-                               gating.conv(x, kernel, strides),
+                               ops.conv(x, kernel, strides),
                                rtol=1e-5, atol=1e-5)
   # 'first' is the split of the module docstring.
-  y_base, y_cond = gating.base_and_conditional(x, kernel, 4, 'first')
-  np.testing.assert_allclose(y_base, gating.conv(x[..., :2], kernel[:, :, :2]),
+  y_base, y_cond = ops.base_and_conditional(x, kernel, 4, 'first')
+  np.testing.assert_allclose(y_base, ops.conv(x[..., :2], kernel[:, :, :2]),
                              rtol=1e-6, atol=1e-6)
 
 
 def test_diagonal_mask_and_bad_groupings():
-  np.testing.assert_array_equal(gating.diagonal_mask(4, 6, 2),
+  np.testing.assert_array_equal(ops.diagonal_mask(4, 6, 2),
                                 np.kron(np.eye(2), np.ones((2, 3))))
   with pytest.raises(ValueError, match='divide the 6 output channels'):
-    gating.base_and_conditional(jnp.zeros((1, 2, 2, 8)),
-                                jnp.zeros((1, 1, 8, 6)), 4, 'diagonal')
+    ops.base_and_conditional(jnp.zeros((1, 2, 2, 8)),
+                             jnp.zeros((1, 1, 8, 6)), 4, 'diagonal')
   with pytest.raises(ValueError, match="grouping='second'"):
-    gating.base_and_conditional(jnp.zeros((1, 2, 2, 4)),
-                                jnp.zeros((1, 1, 4, 6)), 2, 'second')
+    ops.base_and_conditional(jnp.zeros((1, 2, 2, 4)),
+                             jnp.zeros((1, 1, 4, 6)), 2, 'second')
 
 
 def test_diagonal_gated_conv_open_is_dense_and_gradient_skips_diagonal_cond():
   x, kernel, _ = _inputs(c_in=8, c_out=8)
-  y, mask, _ = gating.gated_conv(x, kernel, jnp.full((8,), -1e9), groups=4,
-                                 grouping='diagonal')
+  y, mask, _ = ops.gated_conv(x, kernel, jnp.full((8,), -1e9), groups=4,
+                              grouping='diagonal')
   np.testing.assert_array_equal(mask, 1.0)
-  np.testing.assert_allclose(y, gating.conv(x, kernel), rtol=1e-5, atol=1e-5)
-  y, mask, _ = gating.gated_conv(x, kernel, jnp.full((8,), 1e9), groups=4,
-                                 grouping='diagonal')
+  np.testing.assert_allclose(y, ops.conv(x, kernel), rtol=1e-5, atol=1e-5)
+  y, mask, _ = ops.gated_conv(x, kernel, jnp.full((8,), 1e9), groups=4,
+                              grouping='diagonal')
   np.testing.assert_array_equal(mask, 0.0)
   # Gates closed: only the diagonal blocks of the kernel get gradient.
-  grad = jax.grad(lambda k: jnp.sum(gating.gated_conv(
+  grad = jax.grad(lambda k: jnp.sum(ops.gated_conv(
       x, k, jnp.full((8,), 1e9), groups=4, grouping='diagonal')[0] ** 2))(
           kernel)
-  on_diagonal = np.asarray(gating.diagonal_mask(8, 8, 4), bool)
+  on_diagonal = np.asarray(ops.diagonal_mask(8, 8, 4), bool)
   assert np.all(np.abs(np.asarray(grad)[:, :, on_diagonal]) > 0)
   np.testing.assert_array_equal(np.asarray(grad)[:, :, ~on_diagonal], 0.0)
 
@@ -247,23 +247,23 @@ def test_hard_sigmoid_surrogate_slope_is_a_box_of_height_alpha_over_four():
   z = jnp.array([-3.0, -0.99, 0.0, 0.5, 0.99, 1.01])
   alpha = 2.0  # slope 0.5 inside |z| < 2 / alpha = 1, 0 outside
   weights = jnp.arange(1.0, 7.0)
-  gate = lambda z: jnp.sum(gating.hard_gate(z, alpha, 'hard_sigmoid') * weights)
-  np.testing.assert_array_equal(gating.hard_gate(z, alpha, 'hard_sigmoid'),
+  gate = lambda z: jnp.sum(ops.hard_gate(z, alpha, 'hard_sigmoid') * weights)
+  np.testing.assert_array_equal(ops.hard_gate(z, alpha, 'hard_sigmoid'),
                                 [0, 0, 0, 1, 1, 1])
   np.testing.assert_allclose(jax.grad(gate)(z),
                              weights * np.array([0, .5, .5, .5, .5, 0]))
   # Same slope as the sigmoid at z = 0.
-  np.testing.assert_allclose(gating.surrogate_slope(jnp.zeros(()), 3.0,
-                                                    'hard_sigmoid'),
-                             gating.surrogate_slope(jnp.zeros(()), 3.0), 1e-6)
+  np.testing.assert_allclose(ops.surrogate_slope(jnp.zeros(()), 3.0,
+                                                 'hard_sigmoid'),
+                             ops.surrogate_slope(jnp.zeros(()), 3.0), 1e-6)
   with pytest.raises(ValueError, match="surrogate='relu'"):
-    gating.surrogate_slope(z, alpha, 'relu')
+    ops.surrogate_slope(z, alpha, 'relu')
 
 
 def _reference_with_statistics_gradient(x, kernel, threshold, alpha, norm):
   """STE by the soft + stop_gradient trick, gradient through the statistics."""
-  y_base = gating.conv(x[..., :2], kernel[:, :, :2])
-  y_cond = gating.conv(x[..., 2:], kernel[:, :, 2:])
+  y_base = ops.conv(x[..., :2], kernel[:, :, :2])
+  y_cond = ops.conv(x[..., 2:], kernel[:, :, 2:])
   axes = (0, 1, 2) if norm == 'batch' else (1, 2)
   mean = jnp.mean(y_base, axis=axes, keepdims=True)
   var = jnp.mean(jnp.square(y_base - mean), axis=axes, keepdims=True)
@@ -278,12 +278,12 @@ def test_saliency_gradient_through_statistics_matches_reference(norm):
   x, kernel, threshold = _inputs(seed=2)
   probe = jax.random.normal(jax.random.key(8), (3, 6, 6, 4))
   loss = lambda fn, k: jnp.sum(fn(k) * probe)
-  ours = lambda k: gating.gated_conv(x, k, threshold, groups=4, norm=norm,
-                                     saliency_grad=True)[0]
+  ours = lambda k: ops.gated_conv(x, k, threshold, groups=4, norm=norm,
+                                  saliency_grad=True)[0]
   ref = lambda k: _reference_with_statistics_gradient(x, k, threshold, 2.0,
                                                       norm)
-  no_stats_grad = lambda k: gating.gated_conv(x, k, threshold, groups=4,
-                                              norm=norm)[0]
+  no_stats_grad = lambda k: ops.gated_conv(x, k, threshold, groups=4,
+                                           norm=norm)[0]
   g_ours = jax.grad(lambda k: loss(ours, k))(kernel)
   np.testing.assert_allclose(g_ours, jax.grad(lambda k: loss(ref, k))(kernel),
                              rtol=1e-4, atol=1e-4)
@@ -299,7 +299,7 @@ def test_summed_threshold_regulariser_counts_every_channel():
   thresholds = [jnp.array([0.0, 1.0, 3.0]), jnp.array([3.0])]
   # (0-1)^2 + 0 + (3-1)^2 + (3-1)^2 = 9; the per-layer mean form: 5/3 + 4.
   np.testing.assert_allclose(
-      gating.threshold_sum_regularizer(thresholds, 1.0), 9.0)
-  np.testing.assert_allclose(gating.threshold_regularizer(thresholds, 1.0),
+      ops.threshold_sum_regularizer(thresholds, 1.0), 9.0)
+  np.testing.assert_allclose(ops.threshold_regularizer(thresholds, 1.0),
                              5 / 3 + 4, rtol=1e-6)
-  assert float(gating.threshold_sum_regularizer([], 1.0)) == 0.0
+  assert float(ops.threshold_sum_regularizer([], 1.0)) == 0.0

@@ -1,4 +1,4 @@
-"""Tests of the host input pipeline (cdg_jax/input_pipeline.py).
+"""Tests of the host input pipeline (cdg_jax/data/input_pipeline.py).
 
 Offline and small: a generated .npz, synthetic data, and TFDS through
 `tfds.testing.mock_data` (under which `info.splits` is empty and split slicing
@@ -14,9 +14,9 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from cdg_jax import batching
-from cdg_jax import config_lib
-from cdg_jax import input_pipeline
+from cdg_jax.data import batching
+from cdg_jax.data import input_pipeline
+from cdg_jax.run import config_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO_ROOT.parent / 'shared' / 'data' / 'cifar10.npz'

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import gating
-from cdg_jax import models
-from cdg_jax import pretraining
-from cdg_jax.layers import GatingSpec
+from cdg_jax.gating import ops
+from cdg_jax.ssl import models
+from cdg_jax.ssl import pretraining
+from cdg_jax.run import config_lib
 from test_pretraining import NUM_TRAIN, fixed_batch, set_kind, setup, tiny_config
 
 
@@ -17,15 +17,15 @@ def test_gate_decision_is_float32_and_flips_only_near_the_threshold():
   x = jax.random.normal(jax.random.key(2), (16, 16, 16, 32))
   kernel = jax.random.normal(jax.random.key(3), (3, 3, 32, 32)) * 0.1
   threshold = jax.random.normal(jax.random.key(4), (32,)) * 0.3
-  y32, mask32, _ = gating.gated_conv(x, kernel, threshold)
-  y16, mask16, (mean, var) = gating.gated_conv(
+  y32, mask32, _ = ops.gated_conv(x, kernel, threshold)
+  y16, mask16, (mean, var) = ops.gated_conv(
       x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), threshold)
   assert y16.dtype == jnp.bfloat16
   assert mask16.dtype == mean.dtype == var.dtype == jnp.float32
   # The float32 margin of every position: saliency minus threshold.
-  y_base = gating.conv(x[..., :8], kernel[:, :, :8])
-  margin = np.abs(np.asarray(gating.normalize_saliency(
-      y_base, *gating.saliency_moments(y_base)) - threshold))
+  y_base = ops.conv(x[..., :8], kernel[:, :, :8])
+  margin = np.abs(np.asarray(ops.normalize_saliency(
+      y_base, *ops.saliency_moments(y_base)) - threshold))
   flipped = np.asarray(mask32 != mask16)
   # Measured: 0.08% of positions flip, all within 0.0064 of the threshold
   # (bfloat16 keeps 8 bits of mantissa: the base path's rounding alone).
@@ -39,7 +39,7 @@ def test_gate_decision_is_float32_and_flips_only_near_the_threshold():
 def test_bfloat16_network_keeps_float32_parameters_and_statistics():
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   model = models.create_resnet({'name': 'resnet10', 'width': 8,
-                                'dtype': 'bfloat16'}, GatingSpec.from_config({'kind': 'cdg'}))
+                                'dtype': 'bfloat16'}, config_lib.read_gating({'kind': 'cdg'}).layer)
   variables = model.init(jax.random.key(0), x)
   features, new_vars = model.apply(variables, x, train=True,
                                    mutable=['batch_stats', 'gate_masks'])

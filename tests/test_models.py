@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import config_lib
-from cdg_jax import layers
-from cdg_jax import models
-from cdg_jax.layers import GatingSpec
+from cdg_jax.gating import layers
+from cdg_jax.gating.layers import GatingSpec
+from cdg_jax.run import config_lib
+from cdg_jax.ssl import models
 
 
 def _param_count(tree):
@@ -38,7 +38,7 @@ def test_dense_parameter_counts(name, stem, classes, size, expected):
 
 def test_gated_tree_is_dense_tree_plus_thresholds():
   dense = models.create_resnet({'name': 'resnet18'}, None)
-  gated = models.create_resnet({'name': 'resnet18'}, GatingSpec.from_config({'kind': 'cdg'}))
+  gated = models.create_resnet({'name': 'resnet18'}, config_lib.read_gating({'kind': 'cdg'}).layer)
   flat_dense = flax.traverse_util.flatten_dict(_shapes(dense, 32)['params'])
   flat_gated = flax.traverse_util.flatten_dict(_shapes(gated, 32)['params'])
   extra = {k: v for k, v in flat_gated.items() if k not in flat_dense}
@@ -51,7 +51,7 @@ def test_gated_tree_is_dense_tree_plus_thresholds():
 
 def _tiny(kind, **gating):
   return models.create_resnet({'name': 'resnet18', 'width': 8},
-                              GatingSpec.from_config({'kind': kind, **gating}))
+                              config_lib.read_gating({'kind': kind, **gating}).layer)
 
 
 @pytest.mark.parametrize('options', [
@@ -118,7 +118,7 @@ def test_eval_masks_of_a_sample_do_not_depend_on_the_batch():
 
 def test_bad_configuration_names_the_bad_value():
   with pytest.raises(ValueError, match="gating.kind='sparse'"):
-    models.create_resnet({'name': 'resnet18'}, GatingSpec.from_config({'kind': 'sparse'}))
+    models.create_resnet({'name': 'resnet18'}, config_lib.read_gating({'kind': 'sparse'}).layer)
   with pytest.raises(ValueError, match="model.name='resnet19'"):
     models.create_resnet({'name': 'resnet19'}, None)
   # The gating block is parsed once, by the entry point; a raw block here
@@ -126,7 +126,7 @@ def test_bad_configuration_names_the_bad_value():
   with pytest.raises(TypeError, match=r'takes a GatingSpec or None, got dict'):
     models.create_resnet({'name': 'resnet18'}, {'kind': 'cdg'})
   with pytest.raises(ValueError, match=r"Unknown gating config field\(s\) \['grups'\]"):
-    models.create_resnet({'name': 'resnet18'}, GatingSpec.from_config({'kind': 'cdg', 'grups': 4}))
+    models.create_resnet({'name': 'resnet18'}, config_lib.read_gating({'kind': 'cdg', 'grups': 4}).layer)
   # Gating the stem: 3 input channels are not divisible by 4 groups.
   model = _tiny('cdg', layers='stem,block_3x3')
   with pytest.raises(ValueError, match='groups=4 does not divide the 3 input'):
@@ -145,30 +145,34 @@ def test_gating_spec_defaults_are_the_config_defaults():
   # One set of defaults: a spec built in code (a notebook) trains what the
   # config files train.
   assert (layers.GatingSpec()
-          == layers.GatingSpec.from_config(config_lib.gating_config()))
+          == config_lib.read_gating(config_lib.gating_config()).layer)
 
 
 def test_lineage_options_are_validated_and_reach_the_layer():
-  from cdg_jax.layers import GatingSpec
   with pytest.raises(ValueError, match="grouping='block'"):
     GatingSpec(grouping='block')
   with pytest.raises(ValueError, match="surrogate='tanh'"):
     GatingSpec(surrogate='tanh')
+  from cdg_jax.gating.regularizers import RegularizerSpec
   with pytest.raises(ValueError, match="regularizer='l1'"):
-    GatingSpec(regularizer='l1')
+    RegularizerSpec(regularizer='l1')
   with pytest.raises(ValueError, match='density_target must be in'):
-    GatingSpec(density_target=1.5)
+    RegularizerSpec(density_target=1.5)
+  with pytest.raises(ValueError, match='density_target must be in'):
+    GatingSpec(kind='channel_predictor', density_target=1.5)
   with pytest.raises(ValueError, match='target_anneal_fraction must be in'):
-    GatingSpec(target_anneal_fraction=-0.1)
+    RegularizerSpec(target_anneal_fraction=-0.1)
   with pytest.raises(ValueError, match=r"gating.target_anneal_fraction=0.5 "
                      r"would be ignored: .* \(a density target to anneal\), "
                      r"and this config has gating.kind='cdg', "
                      r"gating.regularizer='threshold_sum'"):
-    GatingSpec(regularizer='threshold_sum', target_anneal_fraction=0.5)
+    config_lib.read_gating({'regularizer': 'threshold_sum',
+                            'target_anneal_fraction': 0.5})
   # The threshold forms read no density target: setting one is refused.
   with pytest.raises(ValueError, match=r'gating.density_target=0.3 would be '
                      r'ignored'):
-    GatingSpec(regularizer='threshold_sum', density_target=0.3)
+    config_lib.read_gating({'regularizer': 'threshold_sum',
+                            'density_target': 0.3})
   # ... and NaN is outside every range.
   with pytest.raises(ValueError, match='gating.alpha must be finite and > 0, '
                      'got nan'):

@@ -19,9 +19,9 @@ import time
 import numpy as np
 import pytest
 
-from cdg_jax import checkpoints
-from cdg_jax import parallel
-from cdg_jax import run_control
+from cdg_jax.run import checkpoints
+from cdg_jax.run import parallel
+from cdg_jax.run import run_control
 from test_train import ROOT
 import launch
 import xla_env

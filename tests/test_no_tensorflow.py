@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from cdg_jax import metric_logging
+from cdg_jax.run import metric_logging
 import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_tfds_source_without_tensorflow_says_what_to_install():
   code = ("import sys; sys.modules['tensorflow'] = None; "
-          "from cdg_jax import config_lib, input_pipeline; "
+          "from cdg_jax.data import input_pipeline; "
+          "from cdg_jax.run import config_lib; "
           "input_pipeline.create_source(config_lib.base_config().data)")
   result = launch.run([sys.executable, '-c', code], capture_output=True,
                           text=True, cwd=ROOT, timeout=300,

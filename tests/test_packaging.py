@@ -20,55 +20,106 @@ from test_train import ROOT
 PACKAGE = os.path.join(ROOT, 'cdg_jax')
 
 
-def _imports_of(module_path):
+def _modules():
+  """Every module of the package, by dotted name -> its file."""
+  found = {}
+  for directory, _, files in os.walk(PACKAGE):
+    for name in files:
+      if name.endswith('.py'):
+        path = os.path.join(directory, name)
+        dotted = os.path.relpath(path[:-3], ROOT).replace(os.sep, '.')
+        found[dotted.removesuffix('.__init__')] = path
+  return found
+
+
+def _imports_of(module_path, modules):
   """The cdg_jax modules a module imports, at the top or inside functions."""
-  modules = {f[:-3] for f in os.listdir(PACKAGE) if f.endswith('.py')}
   with open(module_path) as f:
     tree = ast.parse(f.read())
   found = set()
   for node in ast.walk(tree):
-    if isinstance(node, ast.ImportFrom) and node.module:
-      if node.module == 'cdg_jax':
-        found |= {a.name for a in node.names if a.name in modules}
-      elif node.module.startswith('cdg_jax.'):
-        found.add(node.module.split('.')[1])
+    if isinstance(node, ast.ImportFrom) and node.module and (
+        node.module.startswith('cdg_jax')):
+      for alias in node.names:
+        submodule = f'{node.module}.{alias.name}'
+        found.add(submodule if submodule in modules else node.module)
     elif isinstance(node, ast.Import):
-      found |= {a.name.split('.')[1] for a in node.names
-                if a.name.startswith('cdg_jax.')}
+      found |= {a.name for a in node.names if a.name.startswith('cdg_jax.')}
   return found
 
 
+def _import_graph():
+  modules = _modules()
+  return {m: _imports_of(path, modules) - {m} for m, path in modules.items()}
+
+
+def _reachable(graph, start):
+  seen, stack = set(), [start]
+  while stack:
+    for nxt in graph.get(stack.pop(), ()):
+      if nxt not in seen:
+        seen.add(nxt)
+        stack.append(nxt)
+  return seen
+
+
 def test_no_module_imports_one_that_imports_it_back():
-  modules = sorted(f[:-3] for f in os.listdir(PACKAGE) if f.endswith('.py'))
-  graph = {m: _imports_of(os.path.join(PACKAGE, f'{m}.py')) - {m}
-           for m in modules}
-
-  def reachable(start):
-    seen, stack = set(), [start]
-    while stack:
-      for nxt in graph[stack.pop()]:
-        if nxt not in seen:
-          seen.add(nxt)
-          stack.append(nxt)
-    return seen
-
-  circles = {m: sorted(d for d in graph[m] if m in reachable(d))
-             for m in modules if m in reachable(m)}
-  assert circles == {}
-  # The counting module stands alone: the FLOPs command lives apart.
-  assert 'evaluation' not in reachable('flops')
-  assert {'predictors'} <= graph['layers'] and 'predictors' not in reachable(
-      'gating')
+  graph = _import_graph()
+  # A package's __init__ importing its own modules is not a cycle.
+  circles = {m: sorted(d for d in graph[m] if m in _reachable(graph, d)
+                       and not m.startswith(d + '.'))
+             for m in graph if m in _reachable(graph, m)}
+  assert {m: c for m, c in circles.items() if c} == {}
+  assert {'cdg_jax.gating.predictors'} <= graph['cdg_jax.gating.layers']
+  assert 'cdg_jax.gating.predictors' not in _reachable(graph,
+                                                       'cdg_jax.gating.ops')
 
 
-def test_importing_flops_does_not_import_evaluation():
+def test_the_gating_library_imports_nothing_of_the_program():
+  graph = _import_graph()
+  library = [m for m in graph if m.startswith('cdg_jax.gating')]
+  outside = {m: sorted(d for d in _reachable(graph, m)
+                       if not d.startswith('cdg_jax.gating'))
+             for m in library}
+  assert {m: d for m, d in outside.items() if d} == {}
+  assert len(library) >= 9   # the package and its eight modules
+
+
+def test_importing_the_gating_library_loads_no_training_stack():
   result = launch.run(
-      [sys.executable, '-c', 'import sys, cdg_jax.flops; print(sorted(m for m '
-       'in sys.modules if m.startswith("cdg_jax")))'],
+      [sys.executable, '-c', 'import sys, json, cdg_jax.gating; '
+       'print(json.dumps(sorted(m for m in sys.modules)))'],
       cwd=ROOT, capture_output=True, text=True, check=True,
       env={**os.environ, 'PYTHONPATH': ROOT})
-  loaded = json.loads(result.stdout.replace("'", '"'))
-  assert 'cdg_jax.flops' in loaded and 'cdg_jax.evaluation' not in loaded
+  loaded = set(json.loads(result.stdout))
+  assert 'cdg_jax.gating.layers' in loaded and 'flax' in loaded
+  heavy = sorted(m for m in loaded if m.split('.')[0] in (
+      'optax', 'orbax', 'tensorflow', 'tensorflow_datasets', 'clu'))
+  assert heavy == []
+  program = sorted(m for m in loaded if m.startswith('cdg_jax.')
+                   and not m.startswith('cdg_jax.gating'))
+  assert program == []
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def _function_lengths(module_path):
+  """(function name, lines) of every function of a module, nested included."""
+  with open(module_path) as f:
+    tree = ast.parse(f.read())
+  return [(node.name, node.end_lineno - node.lineno + 1)
+          for node in ast.walk(tree)
+          if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_no_function_in_the_package_is_longer_than_80_lines():
+  too_long = sorted(
+      (os.path.relpath(path, ROOT).replace(os.sep, '/'), name, lines)
+      for path in _modules().values()
+      for name, lines in _function_lengths(path)
+      if lines > MAX_FUNCTION_LINES)
+  assert too_long == []
 
 
 @pytest.fixture(scope='module')
@@ -149,8 +200,9 @@ def test_the_wheel_runs_the_commands_without_tensorflow(installed, tmp_path):
   assert 'reduction' in result.stdout.lower()
   # The package data came along (ImageNet-100's class list).
   listing = launch.run(
-      [python, '-c', 'import importlib.resources as r; print(r.files("cdg_jax")'
-       '.joinpath("imagenet100_classes.txt").read_text().split())'],
+      [python, '-c', 'import importlib.resources as r; print(r.files('
+       '"cdg_jax.data").joinpath("imagenet100_classes.txt").read_text()'
+       '.split())'],
       cwd=outside, capture_output=True, text=True, check=True)
   wnids = json.loads(listing.stdout.replace("'", '"'))
   assert len(wnids) == 100 and all(w.startswith('n') for w in wnids)

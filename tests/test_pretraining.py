@@ -7,13 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import augment
-from cdg_jax import config_lib
-from cdg_jax import losses
-from cdg_jax import parallel
-from cdg_jax import pretraining
-from cdg_jax import regularizers
-from cdg_jax.layers import GatingSpec
+from cdg_jax.data import augment
+from cdg_jax.gating import regularizers
+from cdg_jax.run import config_lib
+from cdg_jax.run import parallel
+from cdg_jax.ssl import losses
+from cdg_jax.ssl import pretraining
 
 NUM_TRAIN = 256
 
@@ -79,7 +78,7 @@ def fixed_batch(batch_size=8, seed=0):
 
 def settings_of(config, num_train=NUM_TRAIN):
   """The run's settings, read as an entry point reads them."""
-  return pretraining.read_settings(config, GatingSpec.from_config(config.gating),
+  return pretraining.read_settings(config, config_lib.read_gating(config.gating),
                                    num_train)
 
 
@@ -147,10 +146,12 @@ def test_tau_and_learning_rate_schedules_follow_their_formulas():
 
 
 def test_density_target_schedule_and_regulariser_forms():
-  fixed = regularizers.density_target_schedule(GatingSpec(density_target=0.25), 100)
+  fixed = regularizers.density_target_schedule(
+      regularizers.RegularizerSpec(density_target=0.25), 100)
   np.testing.assert_allclose([fixed(s) for s in (0, 50, 100)], 0.25)
   annealed = regularizers.density_target_schedule(
-      GatingSpec(density_target=0.25, target_anneal_fraction=0.4), 100)
+      regularizers.RegularizerSpec(density_target=0.25,
+                                   target_anneal_fraction=0.4), 100)
   # 1.0 at step 0, linear to 0.25 at step 40, constant after.
   np.testing.assert_allclose([annealed(s) for s in (0, 10, 40, 90)],
                              [1.0, 0.8125, 0.25, 0.25], rtol=1e-6)
@@ -158,7 +159,7 @@ def test_density_target_schedule_and_regulariser_forms():
             'b': {'threshold': jnp.array([1.0])}}
   densities = {'a': jnp.array(0.5), 'b': jnp.array(0.25)}
   value = lambda **kw: float(regularizers.gate_regularizer(
-      GatingSpec(weight=2.0, **kw), params, densities,
+      regularizers.RegularizerSpec(weight=2.0, **kw), params, densities,
       density_target=kw.get('density_target')))
   # (0-1)^2 + (3-1)^2 + 0 = 5, times lambda 2.
   np.testing.assert_allclose(value(regularizer='threshold_sum'), 10.0)
@@ -167,7 +168,8 @@ def test_density_target_schedule_and_regulariser_forms():
   # (0.5-0.25)^2 + 0, times 2; a scheduled target replaces the fixed one.
   np.testing.assert_allclose(value(density_target=0.25), 0.125)
   np.testing.assert_allclose(float(regularizers.gate_regularizer(
-      GatingSpec(weight=2.0), params, densities, density_target=0.5)),
+      regularizers.RegularizerSpec(weight=2.0), params, densities,
+      density_target=0.5)),
       2 * 0.0625)
 
 
@@ -298,13 +300,14 @@ def test_bad_input_is_reported_clearly():
   mesh = parallel.make_mesh(2)
   with pytest.raises(ValueError, match='batch_size=9 is not divisible by the 2 devices'):
     parallel.check_batch_divisible(config.batch_size, mesh)
+  # The framework and the optimiser are checked once, with the config.
   config = tiny_config('swav')
   with pytest.raises(ValueError, match="framework='swav'"):
-    settings_of(config)
+    config_lib.validate(config)
   config = tiny_config('simclr')
   config.optim.name = 'adamw'
   with pytest.raises(ValueError, match="optim.name='adamw'"):
-    pretraining.make_optimizer(config.optim, lambda step: 0.1)
+    config_lib.validate(config)
   config = tiny_config('mocov2')
   config.ssl.queue_size = 30
   with pytest.raises(ValueError, match='queue_size=30 must be a positive '

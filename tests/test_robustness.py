@@ -13,11 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from cdg_jax import checkpoints
-from cdg_jax import input_pipeline
-from cdg_jax import metric_logging
-from cdg_jax import run_control
 from cdg_jax import train
+from cdg_jax.data import input_pipeline
+from cdg_jax.run import checkpoints
+from cdg_jax.run import metric_logging
+from cdg_jax.run import run_control
 from test_train import ROOT, load_config
 import launch
 import xla_env

@@ -10,8 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from cdg_jax import config_lib
-from cdg_jax import layers
+from cdg_jax.run import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +40,8 @@ def test_every_grid_row_is_a_valid_command(run, monkeypatch):
   monkeypatch.chdir(ROOT)  # config paths are relative to the repository root
   config = parse_command(run.train_command('/tmp/x'))
   config_lib.check_fields(config)
-  spec = layers.GatingSpec.from_config(config.gating)
+  gating = config_lib.read_gating(config.gating)
+  spec = gating.layer
   for key, value in run.overrides:
     node = config
     for part in key.split('.'):
@@ -74,7 +74,7 @@ def test_every_grid_row_is_a_valid_command(run, monkeypatch):
     assert spec.density_target == overrides.get('gating.density_target', 0.5)
   else:
     assert spec.kind == 'cdg'
-  assert (spec.branches == 'dense_partner') == ('dense partner' in run.method)
+  assert gating.branches.has_dense_partner == ('dense partner' in run.method)
   assert (spec.predictor_saliency == 'relu') == ('FBS ReLU' in run.method)
   if run.group == 'fbs':   # a divergence is located to the step
     assert config.log_every_steps == 1

@@ -5,26 +5,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import gating
-from cdg_jax import models
-from cdg_jax import sparse
-from cdg_jax.layers import GatingSpec
+from cdg_jax.gating import ops
+from cdg_jax.gating import sparse
+from cdg_jax.gating import tiling
+from cdg_jax.run import config_lib
+from cdg_jax.ssl import models
 
 
 def test_tile_rules_padding_and_capacities_by_hand():
-  assert sparse.effective_tile((16, 16), (4, 4)) == (4, 4)
-  assert sparse.effective_tile((2, 2), (4, 4)) == (2, 2)    # clamped
+  assert tiling.effective_tile((16, 16), (4, 4)) == (4, 4)
+  assert tiling.effective_tile((2, 2), (4, 4)) == (2, 2)    # clamped
   with pytest.raises(ValueError, match=r'does not tile.*\(6, 6\)'):
-    sparse.effective_tile((6, 6), (4, 4))
-  assert sparse.same_padding(8, 3, 1) == (1, 1)
-  assert sparse.same_padding(8, 3, 2) == (0, 1)   # XLA SAME, even input
-  assert sparse.same_padding(7, 3, 2) == (1, 1)
-  assert sparse.capacities(64) == [4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56]
-  assert sparse.capacities(4) == [1, 2, 3]
-  assert sparse.capacities(64, (0.125, 0.25)) == [8, 16]
-  assert sparse.capacities(100, (0.3, 0.31)) == [30, 31]
+    tiling.effective_tile((6, 6), (4, 4))
+  assert tiling.same_padding(8, 3, 1) == (1, 1)
+  assert tiling.same_padding(8, 3, 2) == (0, 1)   # XLA SAME, even input
+  assert tiling.same_padding(7, 3, 2) == (1, 1)
+  assert tiling.capacities(64) == [4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56]
+  assert tiling.capacities(4) == [1, 2, 3]
+  assert tiling.capacities(64, (0.125, 0.25)) == [8, 16]
+  assert tiling.capacities(100, (0.3, 0.31)) == [30, 31]
   # The gate's block rule: bc = 0 is all channels, blocks clamp to the map.
-  assert gating.effective_block((1, 2, 2, 8), (4, 4, 0)) == (2, 2, 8)
+  assert ops.effective_block((1, 2, 2, 8), (4, 4, 0)) == (2, 2, 8)
 
 
 def test_assemble_tiles_places_open_tiles_by_hand():
@@ -37,7 +38,7 @@ def test_assemble_tiles_places_open_tiles_by_hand():
   expected[0, 0, 2:4] = 1.0
   expected[1, 0, 0:2] = 2.0
   expected[1, 1, 2:4] = 3.0
-  np.testing.assert_array_equal(sparse.assemble_tiles(tiles, tile_mask),
+  np.testing.assert_array_equal(tiling.assemble_tiles(tiles, tile_mask),
                                 expected)
 
 
@@ -56,10 +57,10 @@ def test_sparse_conditional_equals_masked_for_every_capacity(h, tile, stride,
                                                             tile_conv):
   x, kernel = _layer(h)
   strides = (stride, stride)
-  y_base = gating.base_conv(x, kernel, 4, 'first', strides)
-  x_cond, k_cond = gating.conditional_operands(x, kernel, 4, 'first')
+  y_base = ops.base_conv(x, kernel, 4, 'first', strides)
+  x_cond, k_cond = ops.conditional_operands(x, kernel, 4, 'first')
   out = y_base.shape[1]
-  bh, _ = sparse.effective_tile((out, out), (tile, tile))
+  bh, _ = tiling.effective_tile((out, out), (tile, tile))
   # The whole input goes in; the executor reads channels 2: (C_in / G = 2).
   run = jax.jit(lambda y, m: sparse.sparse_add_conditional(
       y, x, k_cond, m, strides, tile_conv=tile_conv, cond_channels_from=2))
@@ -70,7 +71,7 @@ def test_sparse_conditional_equals_masked_for_every_capacity(h, tile, stride,
     sparse.sparse_add_conditional(y_base, x, k_cond, jnp.ones(grid, bool))
   # Exactly each capacity open, and one more (the next branch up), so every
   # capacity branch and the dense fallback run; none and all open too.
-  caps = sparse.capacities(num_tiles)
+  caps = tiling.capacities(num_tiles)
   counts = sorted({0, num_tiles} | {c for cap in caps for c in (cap, cap + 1)
                                     if c <= num_tiles})
   assert len(counts) >= min(num_tiles, 4)
@@ -79,7 +80,7 @@ def test_sparse_conditional_equals_masked_for_every_capacity(h, tile, stride,
     flat[rng.choice(num_tiles, count, replace=False)] = True
     tile_mask = jnp.asarray(flat.reshape(grid))
     mask = jnp.repeat(jnp.repeat(tile_mask, bh, 1), bh, 2)[..., None]
-    expected = y_base + mask * gating.conv(x_cond, k_cond, strides)
+    expected = y_base + mask * ops.conv(x_cond, k_cond, strides)
     np.testing.assert_allclose(run(y_base, tile_mask), expected, rtol=1e-5,
                                atol=1e-5, err_msg=f'{count} tiles open')
 
@@ -91,7 +92,7 @@ def test_sparse_gated_conv_equals_gated_conv_for_both_groupings():
                running_var=jnp.full((8,), 2.0))
   for grouping in ('first', 'diagonal'):
     for strides in ((1, 1), (2, 2)):
-      masked, mask, _ = gating.gated_conv(
+      masked, mask, _ = ops.gated_conv(
           x, kernel, threshold, groups=4, grouping=grouping, strides=strides,
           block=(2, 2, 0), **stats)
       fast, fast_mask, _ = sparse.sparse_gated_conv(
@@ -108,9 +109,9 @@ def test_sparse_backbone_equals_masked_backbone_and_compiles_once():
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   gating_config = {'kind': 'cdg', 'block': (2, 2, 0)}
   model_config = {'name': 'resnet10', 'width': 8}
-  masked = models.create_resnet(model_config, GatingSpec.from_config(gating_config))
-  fast = models.create_resnet(model_config, GatingSpec.from_config(gating_config),
-                              sparse_inference=True)
+  masked = models.create_resnet(model_config, config_lib.read_gating(gating_config).layer)
+  fast = models.with_sparse_inference(models.create_resnet(
+      model_config, config_lib.read_gating(gating_config).layer))
   variables = masked.init(jax.random.key(0), x)
   # Running statistics from a training pass, so the gates are mixed.
   _, updates = masked.apply(variables, x, train=True, mutable=['batch_stats'])
@@ -118,7 +119,7 @@ def test_sparse_backbone_equals_masked_backbone_and_compiles_once():
   traces = []
 
   def forward(model, images):
-    traces.append(model.sparse_inference)
+    traces.append(model.gating.sparse_inference)
     return model.apply(variables, images, train=False, mutable=['gating'])
 
   forward_fast = jax.jit(lambda images: forward(fast, images))
@@ -129,10 +130,11 @@ def test_sparse_backbone_equals_masked_backbone_and_compiles_once():
     jax.tree.map(np.testing.assert_array_equal, fast_densities, densities)
   assert traces.count(True) == 1
   with pytest.raises(ValueError, match="gating.kind='cdg' and gating.block"):
-    models.create_resnet(model_config, GatingSpec.from_config({'kind': 'cdg'}), sparse_inference=True)
+    models.with_sparse_inference(models.create_resnet(
+        model_config, config_lib.read_gating({'kind': 'cdg'}).layer))
   with pytest.raises(ValueError, match="gating.kind='spatial_predictor'"):
     models.with_sparse_inference(models.create_resnet(
-        model_config, GatingSpec.from_config({'kind': 'spatial_predictor', 'block': (2, 2, 0)})))
+        model_config, config_lib.read_gating({'kind': 'spatial_predictor', 'block': (2, 2, 0)}).layer))
 
 
 def test_stage_blocks_give_each_stage_its_tile_and_sparse_equals_masked():
@@ -143,7 +145,7 @@ def test_stage_blocks_give_each_stage_its_tile_and_sparse_equals_masked():
   stage_blocks = ((4, 4, 0), (2, 2, 0), (2, 2, 0), (2, 2, 0))
   gating_config = {'kind': 'cdg', 'block': (1, 1, 1),
                    'stage_blocks': stage_blocks}
-  masked = models.create_resnet(model_config, GatingSpec.from_config(gating_config))
+  masked = models.create_resnet(model_config, config_lib.read_gating(gating_config).layer)
   fast = models.with_sparse_inference(masked)
   variables = masked.init(jax.random.key(0), x)
   _, updates = masked.apply(variables, x, train=True, mutable=['batch_stats'])
@@ -164,21 +166,22 @@ def test_stage_blocks_give_each_stage_its_tile_and_sparse_equals_masked():
     if stage == 0:
       assert len(np.unique(tiles[:, :, 0, :, 0, 0])) == 2
   # The same tile everywhere through stage_blocks is `block` itself.
-  uniform = models.create_resnet(model_config, GatingSpec.from_config({
-      'kind': 'cdg', 'block': (2, 2, 0), 'stage_blocks': ((2, 2, 0),) * 4}))
-  plain = models.create_resnet(model_config, GatingSpec.from_config({'kind': 'cdg',
-                                              'block': (2, 2, 0)}))
+  uniform = models.create_resnet(model_config, config_lib.read_gating({
+      'kind': 'cdg', 'block': (2, 2, 0), 'stage_blocks': ((2, 2, 0),) * 4}).layer)
+  plain = models.create_resnet(model_config, config_lib.read_gating({'kind': 'cdg',
+                                              'block': (2, 2, 0)}).layer)
   np.testing.assert_array_equal(
       uniform.apply(variables, x, train=False),
       plain.apply(variables, x, train=False))
 
 
 def test_stage_blocks_are_validated_with_the_bad_value_named():
-  from cdg_jax import layers
+  from cdg_jax.gating import layers
   with pytest.raises(ValueError, match=r'stage_blocks\[1\] must be three ints'):
     layers.GatingSpec(stage_blocks=((4, 4, 0), (4, 0, 0)))
   with pytest.raises(ValueError, match="read only with gating.kind='cdg'"):
-    layers.GatingSpec(kind='spatial_predictor', stage_blocks=((4, 4, 0),) * 4)
+    config_lib.read_gating({'kind': 'spatial_predictor',
+                            'stage_blocks': ((4, 4, 0),) * 4})
   spec = layers.GatingSpec(stage_blocks=((8, 8, 0), (4, 4, 0)))
   assert spec.for_stage(1, 2).block == (4, 4, 0)
   assert spec.blocks == ((8, 8, 0), (4, 4, 0))   # the stem is not gated
@@ -188,11 +191,10 @@ def test_stage_blocks_are_validated_with_the_bad_value_named():
     spec.for_stage(0, 4)
   # Sparse inference needs every stage's block to cover all channels.
   with pytest.raises(ValueError, match=r'stage_blocks=\(\(4, 4, 0\), \(2, 2, 4\)'):
-    models.create_resnet({'name': 'resnet10', 'width': 8}, GatingSpec.from_config({
-        'kind': 'cdg', 'block': (4, 4, 0),
-        'stage_blocks': ((4, 4, 0), (2, 2, 4), (2, 2, 0), (2, 2, 0))}),
-                         sparse_inference=True)
-  from cdg_jax import config_lib
+    models.with_sparse_inference(models.create_resnet(
+        {'name': 'resnet10', 'width': 8}, config_lib.read_gating({
+            'kind': 'cdg', 'block': (4, 4, 0),
+            'stage_blocks': ((4, 4, 0), (2, 2, 4), (2, 2, 0), (2, 2, 0))}).layer))
   config = config_lib.base_config()
   config.gating.stage_blocks = ((4, 4, 0),) * 3
   with pytest.raises(ValueError, match=r'3 entries for a ResNet of 4 stages'):

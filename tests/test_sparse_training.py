@@ -6,14 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdg_jax import gating
-from cdg_jax import models
-from cdg_jax import parallel
-from cdg_jax import pretraining
-from cdg_jax import sparse
-from cdg_jax.layers import CLOSED_TILE_RNG
-from cdg_jax.layers import DENSITY_COLLECTION
-from cdg_jax.layers import GatingSpec
+from cdg_jax.gating import ops
+from cdg_jax.gating import sparse_training
+from cdg_jax.gating import tiling
+from cdg_jax.gating.layers import CLOSED_TILE_RNG
+from cdg_jax.gating.layers import DENSITY_COLLECTION
+from cdg_jax.gating.layers import GatingSpec
+from cdg_jax.run import config_lib
+from cdg_jax.run import parallel
+from cdg_jax.ssl import models
+from cdg_jax.ssl import pretraining
 
 import test_pretraining
 
@@ -33,9 +35,9 @@ def _layer_inputs(seed=0, threshold_shift=0.0):
 def _masked_loss(x, kernel, threshold, weights, cut_closed=False):
   """The masked form by hand; `cut_closed` stops the gate's gradient at
   closed tiles (what the 'none' form gives)."""
-  y_base, y_cond = gating.base_and_conditional(x, kernel, 4, 'first', (1, 1),
-                                               'SAME')
-  mask, _ = gating.saliency_gate(y_base, threshold, block=BLOCK)
+  y_base, y_cond = ops.base_and_conditional(x, kernel, 4, 'first', (1, 1),
+                                            'SAME')
+  mask, _ = ops.saliency_gate(y_base, threshold, block=BLOCK)
   if cut_closed:
     mask = jnp.where(jax.lax.stop_gradient(mask) > 0, mask,
                      jax.lax.stop_gradient(mask))
@@ -44,7 +46,7 @@ def _masked_loss(x, kernel, threshold, weights, cut_closed=False):
 
 def _sparse_loss(x, kernel, threshold, weights, key, form='none',
                  fraction=0.0625):
-  y, _, _ = sparse.sparse_train_gated_conv(
+  y, _, _ = sparse_training.sparse_train_gated_conv(
       x, kernel, threshold, block=BLOCK, closed_tile_gradient=form,
       sample_fraction=fraction, rng=key)
   return jnp.sum(weights * y)
@@ -62,9 +64,9 @@ def _assert_close(got, want):
 
 def test_outputs_and_masks_equal_the_masked_form():
   x, kernel, threshold, _ = _layer_inputs()
-  want, want_mask, want_stats = gating.gated_conv(x, kernel, threshold,
-                                                  block=BLOCK)
-  got, mask, stats = jax.jit(lambda *a: sparse.sparse_train_gated_conv(
+  want, want_mask, want_stats = ops.gated_conv(x, kernel, threshold,
+                                               block=BLOCK)
+  got, mask, stats = jax.jit(lambda *a: sparse_training.sparse_train_gated_conv(
       *a, block=BLOCK))(x, kernel, threshold)
   assert 0.2 < float(jnp.mean(mask)) < 0.8   # both open and closed tiles
   np.testing.assert_array_equal(mask, want_mask)
@@ -108,8 +110,8 @@ def test_sampled_gate_gradient_is_unbiased():
   assert z.max() < 4.5, (z, mean, want)
   # Without the inverse sampling rate, the closed tiles' part would shrink
   # by the inclusion probability m / closed.
-  _, mask, _ = gating.gated_conv(*inputs[:3], block=BLOCK)
-  closed = int((~sparse.tile_mask_of(mask, BLOCK)).sum())
+  _, mask, _ = ops.gated_conv(*inputs[:3], block=BLOCK)
+  closed = int((~tiling.tile_mask_of(mask, BLOCK)).sum())
   sampled = min(16, closed)   # capacity: a quarter of the 64 tiles
   assert sampled < closed
   unscaled = cut + (mean - cut) * sampled / closed
@@ -131,16 +133,16 @@ def test_open_tile_gradients_equal_the_masked_form_for_every_capacity(
   kernel_cond = jax.random.normal(kk, (3, 3, 6, 5)) * 0.2
   strides = (stride, stride)
   out = -(-h // stride)
-  bh, _ = sparse.effective_tile((out, out), (tile, tile))
+  bh, _ = tiling.effective_tile((out, out), (tile, tile))
   weights = jax.random.normal(kw, (2, out, out, 5))
   grid = (2, out // bh, out // bh)
 
   def masked(x, k, tile_mask):
     mask = jnp.repeat(jnp.repeat(tile_mask, bh, 1), bh, 2)[..., None]
-    return jnp.sum(weights * mask * gating.conv(x[..., 2:], k, strides))
+    return jnp.sum(weights * mask * ops.conv(x[..., 2:], k, strides))
 
   def sparse_loss(x, k, tile_mask, sparse_input):
-    return jnp.sum(weights * sparse.conditional_at_open_tiles(
+    return jnp.sum(weights * sparse_training.conditional_at_open_tiles(
         x, k, tile_mask, strides, cond_channels_from=2,
         sparse_input_gradient=sparse_input))
 
@@ -148,7 +150,7 @@ def test_open_tile_gradients_equal_the_masked_form_for_every_capacity(
   got_fn = jax.jit(jax.grad(sparse_loss, argnums=(0, 1)),
                    static_argnames='sparse_input')
   num_tiles = int(np.prod(grid))
-  caps = sparse.capacities(num_tiles)
+  caps = tiling.capacities(num_tiles)
   counts = sorted({0, num_tiles} | {c for cap in caps for c in (cap, cap + 1)
                                     if c <= num_tiles})
   rng = np.random.default_rng(h * 10 + tile)
@@ -172,7 +174,7 @@ def test_overlap_add_places_windows_by_hand():
   # column (-1 and 4) are dropped.
   tile_mask = jnp.zeros((1, 2, 2), bool).at[0, 0, 1].set(True)
   window = jnp.arange(16.0).reshape(1, 4, 4, 1)
-  got = sparse.overlap_add_windows(window, tile_mask, (4, 4), (2, 2), (3, 3),
+  got = tiling.overlap_add_windows(window, tile_mask, (4, 4), (2, 2), (3, 3),
                                    (1, 1))[0, ..., 0]
   want = np.zeros((4, 4))
   want[0:3, 1:4] = np.arange(16.0).reshape(4, 4)[1:4, 0:3]
@@ -180,7 +182,7 @@ def test_overlap_add_places_windows_by_hand():
   # Two neighbouring tiles: their halos overlap and add.
   both = tile_mask.at[0, 0, 0].set(True)
   windows = jnp.ones((2, 4, 4, 1))
-  got = sparse.overlap_add_windows(windows, both, (4, 4), (2, 2), (3, 3),
+  got = tiling.overlap_add_windows(windows, both, (4, 4), (2, 2), (3, 3),
                                    (1, 1))[0, ..., 0]
   want = np.zeros((4, 4))
   want[0:3, 0:3] += 1
@@ -195,12 +197,12 @@ def test_windows_past_the_neighbouring_tiles_take_the_dense_input_gradient():
   kernel = jax.random.normal(jax.random.key(1), (5, 5, 3, 2))
   tile_mask = jax.random.uniform(jax.random.key(2), (2, 4, 4)) < 0.3
   with pytest.raises(ValueError, match=r'reach past the neighbouring input'):
-    sparse.overlap_add_windows(jnp.zeros((4, 5, 5, 3)), tile_mask, (4, 4),
+    tiling.overlap_add_windows(jnp.zeros((4, 5, 5, 3)), tile_mask, (4, 4),
                                (1, 1), (5, 5), (1, 1))
-  got = jax.grad(lambda x: jnp.sum(sparse.conditional_at_open_tiles(
+  got = jax.grad(lambda x: jnp.sum(sparse_training.conditional_at_open_tiles(
       x, kernel, tile_mask) ** 2))(x)
   want = jax.grad(lambda x: jnp.sum(
-      (tile_mask[..., None] * gating.conv(x, kernel)) ** 2))(x)
+      (tile_mask[..., None] * ops.conv(x, kernel)) ** 2))(x)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -222,11 +224,11 @@ def test_tile_gate_is_the_block_gate_on_pooled_outputs(norm, num_groups,
                  **stats)
 
   def block_form(y, t):
-    mask, _ = gating.saliency_gate(y, t, block=(4, 2, 0), **options)
+    mask, _ = ops.saliency_gate(y, t, block=(4, 2, 0), **options)
     return jnp.sum(weights * mask), mask
 
   def tile_form(y, t):
-    mask, _, _ = sparse.tile_gate(y, t, (4, 2), **options)
+    mask, _, _ = tiling.tile_gate(y, t, (4, 2), **options)
     return jnp.sum(weights * mask), mask
 
   (_, want_mask), want = jax.value_and_grad(block_form, (0, 1),
@@ -235,17 +237,17 @@ def test_tile_gate_is_the_block_gate_on_pooled_outputs(norm, num_groups,
                                       has_aux=True)(y_base, threshold)
   assert 0.2 < float(jnp.mean(mask)) < 0.8
   np.testing.assert_array_equal(mask, want_mask)
-  _, tile_mask, _ = sparse.tile_gate(y_base, threshold, (4, 2), **options)
-  np.testing.assert_array_equal(tile_mask, sparse.tile_mask_of(mask, (4, 2)))
+  _, tile_mask, _ = tiling.tile_gate(y_base, threshold, (4, 2), **options)
+  np.testing.assert_array_equal(tile_mask, tiling.tile_mask_of(mask, (4, 2)))
   assert float(jnp.max(jnp.abs(want[1]))) > 1e-2
   _assert_close(got, want)
 
 
 def test_the_estimator_adds_nothing_to_the_forward_pass():
   x, kernel, threshold, _ = _layer_inputs()
-  plain, _, _ = sparse.sparse_train_gated_conv(x, kernel, threshold,
+  plain, _, _ = sparse_training.sparse_train_gated_conv(x, kernel, threshold,
                                                block=BLOCK)
-  sampled, _, _ = sparse.sparse_train_gated_conv(
+  sampled, _, _ = sparse_training.sparse_train_gated_conv(
       x, kernel, threshold, block=BLOCK, closed_tile_gradient='sampled',
       sample_fraction=0.5, rng=jax.random.key(1))
   np.testing.assert_array_equal(plain, sampled)
@@ -257,7 +259,7 @@ def test_closed_tile_sample_is_uniform_and_scaled():
   closed = int((~tile_mask).sum())
   counts = np.zeros(tile_mask.shape)
   for i in range(300):
-    sampled, scale = sparse.sample_closed_tiles(jax.random.key(i), tile_mask, 8)
+    sampled, scale = sparse_training.sample_closed_tiles(jax.random.key(i), tile_mask, 8)
     sampled = np.asarray(sampled)
     assert sampled.sum() == 8 and not (sampled & np.asarray(tile_mask)).any()
     np.testing.assert_allclose(scale, closed / 8)
@@ -266,7 +268,7 @@ def test_closed_tile_sample_is_uniform_and_scaled():
   frequency = counts[~np.asarray(tile_mask)] / 300
   assert np.abs(frequency - 8 / closed).max() < 0.12
   # More capacity than closed tiles: all of them, scale 1.
-  sampled, scale = sparse.sample_closed_tiles(jax.random.key(0), tile_mask, 32)
+  sampled, scale = sparse_training.sample_closed_tiles(jax.random.key(0), tile_mask, 32)
   assert int(np.asarray(sampled).sum()) == closed and float(scale) == 1.0
 
 
@@ -274,7 +276,7 @@ def test_gated_resnet_trains_the_same_forward_sparse():
   model_config = {'name': 'resnet10', 'width': 8}
   masked = models.create_resnet(model_config, GatingSpec(block=(4, 4, 0)))
   fast = models.create_resnet(model_config, GatingSpec(
-      block=(4, 4, 0), sparse_training=True, closed_tile_gradient='sampled'))
+      block=(4, 4, 0), execution='sparse_training', closed_tile_gradient='sampled'))
   x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   variables = masked.init(jax.random.key(1), x)
   apply = lambda model: jax.jit(lambda v, x: model.apply(
@@ -299,19 +301,20 @@ def test_gated_resnet_trains_the_same_forward_sparse():
      r"gating.closed_tile_sample=0.5 would be ignored: it is read only with gating.closed_tile_gradient='sampled'"),
     ({'sparse_training': True, 'block': (2, 2, 0), 'closed_tile_gradient': 'all'},
      "closed_tile_gradient='all'"),
-    ({'sparse_training': True, 'block': (2, 2, 0), 'closed_tile_sample': 0.0},
+    ({'sparse_training': True, 'block': (2, 2, 0),
+      'closed_tile_gradient': 'sampled', 'closed_tile_sample': 0.0},
      'closed_tile_sample must be in \\(0, 1\\]'),
 ])
 def test_sparse_training_fields_are_checked(fields, words):
   with pytest.raises(ValueError, match=words):
-    GatingSpec(**fields)
+    config_lib.read_gating(fields)
 
 
 def test_stage_tiles_leave_the_ungated_stem_block_alone():
-  spec = GatingSpec(sparse_training=True, stage_blocks=((2, 2, 0),) * 4)
+  spec = GatingSpec(execution='sparse_training', stage_blocks=((2, 2, 0),) * 4)
   assert spec.blocks == ((2, 2, 0),) * 4
   with pytest.raises(ValueError, match='needs gating.kind'):
-    GatingSpec(sparse_training=True, stage_blocks=((2, 2, 0),) * 4,
+    GatingSpec(execution='sparse_training', stage_blocks=((2, 2, 0),) * 4,
                layers=('stem', 'block_3x3'))
 
 

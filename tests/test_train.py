@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from cdg_jax import checkpoints
-from cdg_jax import config_lib
-from cdg_jax import input_pipeline
 from cdg_jax import linear_eval
 from cdg_jax import train
+from cdg_jax.data import input_pipeline
+from cdg_jax.run import checkpoints
+from cdg_jax.run import config_lib
 
 import launch
 import xla_env

@@ -1,6 +1,6 @@
 """From host batches to device arrays: sharding over the mesh and prefetching.
 
-The sources of `cdg_jax.input_pipeline` yield each process's uint8 rows of a
+The sources of `cdg_jax.data.input_pipeline` yield each process's uint8 rows of a
 global batch. `shard_batch` assembles them into one global jax.Array sharded
 over the mesh's `data` axis; `prefetch` runs any iterator in a background
 thread, so that wrapping `shard_batch` inside it also overlaps the

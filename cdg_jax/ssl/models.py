@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cdg_jax.gating import BlockTilingError
-from cdg_jax.layers import check_gate_mode, GatedConv, GatingSpec
+from cdg_jax.gating.layers import check_gate_mode, GatedConv, GatingSpec
+from cdg_jax.gating.ops import BlockTilingError
 
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
@@ -58,11 +58,7 @@ def path_norm(make_norm: Callable[..., nn.Module], name: str, gate_mode: str,
 
 
 def compute_dtype(name: str) -> Any:
-  """The jnp dtype for `model.dtype`; ValueError naming a bad value."""
-  if name not in COMPUTE_DTYPES:
-    raise ValueError(f'Unknown model.dtype={name!r}; expected one of '
-                     f'{sorted(COMPUTE_DTYPES)} (bfloat16: mixed precision '
-                     f'for GPUs and TPUs).')
+  """The jnp dtype for `model.dtype` (checked by `config_problems`)."""
   return COMPUTE_DTYPES[name]
 
 
@@ -73,8 +69,8 @@ class ResidualBlock(nn.Module):
   strides: int = 1
   gating: GatingSpec = GatingSpec(kind='none')
   dtype: Any = jnp.float32
-  sparse_inference: bool = False
   gate_mode: str = 'gated'
+  separate_partner_norm: bool = False
   expansion = 1
 
   def layer_factories(self, train: bool):
@@ -88,10 +84,9 @@ class ResidualBlock(nn.Module):
     norm = functools.partial(
         path_norm, functools.partial(BatchNorm, use_running_average=not train,
                                      dtype=self.dtype),
-        gate_mode=self.gate_mode, separate=spec.separate_partner_norm,
+        gate_mode=self.gate_mode, separate=self.separate_partner_norm,
         initializing=self.is_initializing())
     conv = functools.partial(GatedConv, dtype=self.dtype,
-                             sparse_inference=self.sparse_inference,
                              gate_mode=self.gate_mode)
     return gate, norm, conv
 
@@ -149,19 +144,19 @@ class ResNet(nn.Module):
     stem: 'cifar' (3x3 stride-1 conv, no max-pool) or 'imagenet' (7x7
       stride-2 conv and 3x3 stride-2 max-pool).
     gating: the gating spec; `GatingSpec(kind='none')` is the dense network.
+      Its `execution` says whether closed tiles are skipped in training or
+      at inference (`with_sparse_inference`).
     num_classes: adds a linear head 'head' when given.
     dtype: compute dtype of convolutions (jnp.bfloat16 for mixed precision);
       parameters, BatchNorm statistics and gate decisions stay float32, and
       the pooled features are returned in float32.
-    sparse_inference: with `train=False`, gated layers skip the conditional
-      work of closed tiles (`cdg_jax.sparse`; CDG with gating.block =
-      (bh, bw, 0), and `stage_blocks` so if set). Same outputs as the
-      masked form; faster where gates are closed.
     gate_mode: 'gated' (default), 'open' (every CDG gate open: the dense
       network with the same weights, and under a separate partner norm the
       dense path's BatchNorms) or 'partner' (the dense-partner training
       forward: the first half of the batch gated, the second open); see
-      `GatingSpec.branches`.
+      `pretraining.BranchSpec.branches`.
+    separate_partner_norm: under 'open' and 'partner', the dense path uses
+      BatchNorm layers of its own (`BranchSpec.partner_norm='separate'`).
   """
   stage_sizes: Sequence[int]
   block_cls: Any
@@ -170,8 +165,8 @@ class ResNet(nn.Module):
   gating: GatingSpec = GatingSpec(kind='none')
   num_classes: int | None = None
   dtype: Any = jnp.float32
-  sparse_inference: bool = False
   gate_mode: str = 'gated'
+  separate_partner_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -193,7 +188,7 @@ class ResNet(nn.Module):
     stem_norm = path_norm(
         functools.partial(BatchNorm, use_running_average=not train,
                           dtype=self.dtype), 'stem_bn', self.gate_mode,
-        spec.separate_partner_norm and spec.gates('stem'),
+        self.separate_partner_norm and spec.gates('stem'),
         self.is_initializing())
     stem_conv = functools.partial(GatedConv, self.width, gating=gate('stem'),
                                   dtype=self.dtype, gate_mode=self.gate_mode,
@@ -213,10 +208,10 @@ class ResNet(nn.Module):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         try:
-          x = self.block_cls(self.width * 2**i, strides, stage_spec,
-                             self.dtype, self.sparse_inference, self.gate_mode,
-                             name=f'stage{i + 1}_block{j}')(x, train,
-                                                            stat_groups)
+          x = self.block_cls(
+              self.width * 2**i, strides, stage_spec, self.dtype,
+              self.gate_mode, self.separate_partner_norm,
+              name=f'stage{i + 1}_block{j}')(x, train, stat_groups)
         except BlockTilingError as e:
           if not spec.stage_blocks:
             raise
@@ -240,15 +235,8 @@ ARCHITECTURES = {
 
 def feature_dim(name: str, width: int = 64) -> int:
   """Width of the pooled features of a backbone."""
-  stage_sizes, block_cls = _architecture(name)
+  stage_sizes, block_cls = ARCHITECTURES[name]
   return width * 2**(len(stage_sizes) - 1) * block_cls.expansion
-
-
-def _architecture(name: str):
-  if name not in ARCHITECTURES:
-    raise ValueError(f'Unknown model.name={name!r}; expected one of '
-                     f'{sorted(ARCHITECTURES)}.')
-  return ARCHITECTURES[name]
 
 
 def config_problems(model_config: Mapping[str, Any]) -> list[str]:
@@ -259,7 +247,8 @@ def config_problems(model_config: Mapping[str, Any]) -> list[str]:
       (model_config['width'] > 0,
        f"model.width={model_config['width']} must be positive."),
       (model_config['dtype'] in COMPUTE_DTYPES, f"model.dtype="
-       f"{model_config['dtype']!r} must be one of {sorted(COMPUTE_DTYPES)}."),
+       f"{model_config['dtype']!r} must be one of {sorted(COMPUTE_DTYPES)} "
+       f"(bfloat16: mixed precision for GPUs and TPUs)."),
   ]
   return [message for ok, message in checks if not ok]
 
@@ -267,8 +256,8 @@ def config_problems(model_config: Mapping[str, Any]) -> list[str]:
 def create_resnet(model_config: Mapping[str, Any],
                   gating: GatingSpec | None = None,
                   num_classes: int | None = None,
-                  sparse_inference: bool = False,
-                  gate_mode: str = 'gated') -> ResNet:
+                  gate_mode: str = 'gated',
+                  separate_partner_norm: bool = False) -> ResNet:
   """Builds a ResNet from the config's `model` block and a gating spec.
 
   Args:
@@ -276,16 +265,17 @@ def create_resnet(model_config: Mapping[str, Any],
       `stem` ('cifar' | 'imagenet'), `width` (default 64) and `dtype`
       ('float32' default | 'bfloat16').
     gating: the gating spec, parsed once from the config's `gating` block by
-      the entry point (`GatingSpec.from_config`); None gives the dense
+      the entry point (`config_lib.read_gating`); None gives the dense
       network.
     num_classes: adds a linear head when given.
-    sparse_inference: block-sparse execution at inference (see `ResNet`).
     gate_mode: 'gated', 'open' or 'partner' (see `ResNet`).
+    separate_partner_norm: the dense partner path has BatchNorm layers of
+      its own (`pretraining.BranchSpec.separate_partner_norm`).
 
   Raises:
     TypeError: for a `gating` that is not a GatingSpec (a config block).
-    ValueError: for sparse inference without tile-structured CDG gates, or a
-      gate mode other than 'gated' without CDG gates to open.
+    ValueError: for a gate mode other than 'gated' without CDG gates to
+      open.
   """
   missing = [key for key in ('name',) if key not in model_config]
   if missing:
@@ -293,55 +283,53 @@ def create_resnet(model_config: Mapping[str, Any],
         f'The model block {dict(model_config)} lacks {missing}: give at least '
         f"'name' (one of {sorted(ARCHITECTURES)}); 'stem', 'width' and "
         f"'dtype' default to 'cifar', 64 and 'float32'.")
-  stage_sizes, block_cls = _architecture(model_config['name'])
+  model_config = {'stem': 'cifar', 'width': 64, 'dtype': 'float32',
+                  **model_config}
+  problems = config_problems(model_config)
+  if problems:
+    raise ValueError(' '.join(problems))
+  stage_sizes, block_cls = ARCHITECTURES[model_config['name']]
   if gating is None:
     gating = GatingSpec(kind='none')
   if not isinstance(gating, GatingSpec):
     raise TypeError(
         f'create_resnet takes a GatingSpec or None, got '
         f'{type(gating).__name__}; parse the gating block once with '
-        f'GatingSpec.from_config(config.gating) and pass the spec.')
+        f'config_lib.read_gating(config.gating).layer and pass the spec.')
   spec = gating
-  width = int(model_config.get('width', 64))
-  if width < 1:
-    raise ValueError(f'model.width must be positive, got {width}.')
-  network = ResNet(stage_sizes=stage_sizes, block_cls=block_cls, width=width,
-                   stem=model_config.get('stem', 'cifar'), gating=spec,
+  network = ResNet(stage_sizes=stage_sizes, block_cls=block_cls,
+                   width=int(model_config['width']),
+                   stem=model_config['stem'], gating=spec,
                    num_classes=num_classes,
-                   dtype=compute_dtype(model_config.get('dtype', 'float32')),
-                   gate_mode=gate_mode)
+                   dtype=compute_dtype(model_config['dtype']),
+                   gate_mode=gate_mode,
+                   separate_partner_norm=separate_partner_norm)
   check_gate_mode(gate_mode, spec)
-  return with_sparse_inference(network) if sparse_inference else network
+  return network
 
 
 def with_sparse_inference(backbone: ResNet) -> ResNet:
-  """The same network (same variables) with block-sparse inference.
+  """The same network (same variables) with block-sparse inference: with
+  `train=False` its gated layers skip the closed tiles' conditional work
+  (`cdg_jax.gating.sparse`). Same outputs as the masked form; faster where
+  gates are closed. A dense network is returned unchanged.
 
   Raises:
-    ValueError: unless the network is dense (nothing to skip) or CDG-gated
-      with tile-structured gates: every block it uses (`GatingSpec.blocks`)
-      is (bh, bw, 0).
+    ValueError: unless CDG-gated with tile-structured gates: every block it
+      uses (`GatingSpec.blocks`) is (bh, bw, 0).
   """
-  spec = backbone.gating
-  if spec.enabled and (spec.kind != 'cdg' or
-                       any(int(block[2]) != 0 for block in spec.blocks)):
-    stages = (f', gating.stage_blocks={spec.stage_blocks}'
-              if spec.stage_blocks else '')
-    raise ValueError(
-        f'Sparse inference skips closed tiles of CDG gates, which needs '
-        f"gating.kind='cdg' and gating.block=(bh, bw, 0) (and every entry of "
-        f'gating.stage_blocks so); this network has gating.kind='
-        f'{spec.kind!r}, gating.block={spec.block}{stages}.')
-  return backbone.clone(sparse_inference=True)
+  if not backbone.gating.enabled:
+    return backbone
+  return backbone.clone(gating=backbone.gating.with_sparse_inference())
 
 
 def dense_path(backbone: ResNet) -> ResNet:
   """The same network (same variables) with every CDG gate open.
 
-  The dense network of a dense-partner run (`GatingSpec.branches`): each
+  The dense network of a dense-partner run (`pretraining.BranchSpec.branches`): each
   gated layer computes Y_base + Y_cond, its full convolution, and under
   `partner_norm='separate'` the dense path's own BatchNorm layers are used.
   For a CDG network trained otherwise it is the gates-forced-open diagnostic
-  (`evaluation.open_gates`). A dense network is returned unchanged.
+  (`cdg_jax.evaluators.extraction.open_gates`). A dense network is returned unchanged.
   """
   return backbone.clone(gate_mode='open')

@@ -14,13 +14,13 @@ baselines, predictor parameters) follow the online ones by the same EMA as
 every other parameter; with `gating.branches='online'` the target is the dense
 network. With `gating.branches='dense_partner'` (SimCLR, SimSiam; ours, after
 Krishna et al.) view 1 goes through the gated encoder and view 2 through the
-same parameters with every gate open (`GatingSpec.branches`).
+same parameters with every gate open (`BranchSpec.branches`).
 Spatial-predictor gates draw Gumbel noise from the 'gumbel' RNG
-stream, derived from the step's key. The step (`make_train_step`) composes
-augmentation, both branches, the SSL loss, the gate regulariser, the optax
-update, EMA/queue updates, an online linear probe on stop-gradient features and
-the metrics (gate densities and FLOPs reduction from this step's masks) in one
-jitted function over a device mesh.
+stream, derived from the step's key. The step (`pretraining_step`, bound to a
+run by `make_train_step`) composes augmentation, both branches, the SSL loss,
+the gate regulariser, the optax update, EMA/queue updates, an online linear
+probe on stop-gradient features and the metrics (gate densities and FLOPs
+reduction from this step's masks) in one jitted function over a device mesh.
 """
 
 from __future__ import annotations
@@ -38,24 +38,86 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cdg_jax import augment
-from cdg_jax import flops
-from cdg_jax import input_pipeline
-from cdg_jax import losses
-from cdg_jax import models
-from cdg_jax import parallel
-from cdg_jax import regularizers
-from cdg_jax.layers import AUX_COLLECTION
-from cdg_jax.layers import CLOSED_TILE_RNG
-from cdg_jax.layers import DENSITY_COLLECTION
-from cdg_jax.layers import GatingSpec
-from cdg_jax.layers import GUMBEL_RNG
+from cdg_jax.data import augment
+from cdg_jax.data import input_pipeline
+from cdg_jax.gating import flops
+from cdg_jax.gating import regularizers
+from cdg_jax.gating.layers import AUX_COLLECTION
+from cdg_jax.gating.layers import CLOSED_TILE_RNG
+from cdg_jax.gating.layers import DENSITY_COLLECTION
+from cdg_jax.gating.layers import GatingSpec
+from cdg_jax.gating.layers import GUMBEL_RNG
+from cdg_jax.run import parallel
+from cdg_jax.ssl import losses
+from cdg_jax.ssl import models
 
-OPTIMIZERS = ('lars', 'sgd')
 # The target encoder's EMA decay over training (`ssl.tau_schedule`).
 TAU_SCHEDULES = ('cosine', 'constant')
 _GUMBEL_SALT = 0x67756D62   # 'gumb': folds the Gumbel key out of the step key
 _CLOSED_TILE_SALT = 0x74696C65   # 'tile': the closed-tile sample's key
+
+
+# Which contrastive branches are gated (`BranchSpec.branches`), how the
+# saliency statistics are grouped, and the dense partner path's BatchNorm.
+BRANCHES = ('both', 'online', 'dense_partner')
+SALIENCY_STATS = ('per_branch', 'joint')
+PARTNER_NORMS = ('shared', 'separate')
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchSpec:
+  """How the SSL branches are wired to the gates; the fields are the config's
+  `gating` fields of the same names (`config_lib.read_gating` makes it).
+
+  Attributes:
+    branches: which contrastive branches are gated.
+      'both': every branch (the CDG paper: dual gating).
+      'online': MoCo v2 and BYOL only: the online encoder is gated, the
+      momentum/EMA target encoder is the dense network.
+      'dense_partner': ours, after Krishna et al. (BMVC 2023, "Unifying
+      Synergies between Self-supervised Learning and Dynamic
+      Computation"), not the CDG paper's; SimCLR and SimSiam, CDG only. The
+      encoder's weights are shared by two paths: view 1 goes through the
+      gated encoder, view 2 through the same parameters with every gate
+      open (the dense network), and the SSL loss is taken between the two
+      (both directions, so gradients reach the weights through both paths).
+      The gate regulariser, the gate densities and the FLOPs metric see the
+      gated path only. Views are i.i.d. draws of the same augmentation, so
+      the fixed assignment (view 1 gated) loses nothing. One training gives
+      a gated and a dense network; both are evaluated. The dense-partner
+      form of MoCo v2 and BYOL is 'online' (their dense target plays the
+      partner's part).
+    partner_norm: BatchNorm of the dense path under 'dense_partner':
+      'shared' (one BatchNorm per layer, its batch statistics over both
+      paths' samples) or 'separate' (the dense path has its own BatchNorm
+      layers, statistics and affine parameters, in every residual block, and
+      at the stem when the stem is gated; Krishna et al.'s separate_bn).
+    saliency_stats: 'per_branch' or 'joint' batch statistics of the CDG
+      saliency over the two views in the train step.
+  """
+  branches: str = 'both'
+  partner_norm: str = 'shared'
+  saliency_stats: str = 'per_branch'
+
+  def __post_init__(self):
+    for name, allowed in (('branches', BRANCHES),
+                          ('partner_norm', PARTNER_NORMS),
+                          ('saliency_stats', SALIENCY_STATS)):
+      value = getattr(self, name)
+      if value not in allowed:
+        raise ValueError(f'Unknown gating.{name}={value!r}; expected one of '
+                         f'{", ".join(map(repr, allowed))}.')
+
+  @property
+  def has_dense_partner(self) -> bool:
+    """Whether training runs a dense partner path (`branches`), so one run
+    gives a gated and a dense network, both evaluated."""
+    return self.branches == 'dense_partner'
+
+  @property
+  def separate_partner_norm(self) -> bool:
+    """Whether the dense partner path has BatchNorm layers of its own."""
+    return self.has_dense_partner and self.partner_norm == 'separate'
 
 
 class MLP(nn.Module):
@@ -119,6 +181,8 @@ class Settings:
   Attributes:
     framework: one of FRAMEWORKS.
     gating: the online encoder's gating spec (parsed once, by the caller).
+    loss: the gates' regulariser (None without gates).
+    branches: how the SSL branches are wired to the gates.
     model: the `model` block (name, width, stem, dtype).
     ssl: the `ssl` block (projector, predictor, temperature, tau, queue).
     optim: the `optim` block (name, learning rate, warm-up, weight decay).
@@ -133,6 +197,8 @@ class Settings:
   """
   framework: str
   gating: GatingSpec
+  loss: regularizers.RegularizerSpec | None
+  branches: BranchSpec
   model: Any
   ssl: Any
   optim: Any
@@ -227,20 +293,15 @@ def ssl_problems(ssl, framework: str, batch_size: int) -> list[str]:
   return [message for ok, message in checks if not ok]
 
 
-def read_settings(config, gating_spec: GatingSpec, num_train: int) -> Settings:
+def read_settings(config, gating, num_train: int) -> Settings:
   """The pretraining settings of a run's config, for a training set size.
 
   Args:
     config: the run config (already validated: `config_lib.validate`).
-    gating_spec: its `gating` block, parsed once by the caller.
+    gating: its `gating` block, parsed once by the caller
+      (`config_lib.GatingConfig`: `layer`, `loss`, `branches`).
     num_train: training-set size (for the epochs and schedules).
-
-  Raises:
-    ValueError: for an unknown framework.
   """
-  if config.framework not in FRAMEWORKS:
-    raise ValueError(f'Unknown framework={config.framework!r}; expected one of '
-                     f'{", ".join(FRAMEWORKS)}.')
   per_epoch = input_pipeline.steps_per_epoch(
       num_train, config.batch_size, config.data.get('validation_size', 0))
   if config.num_steps > 0:
@@ -248,7 +309,8 @@ def read_settings(config, gating_spec: GatingSpec, num_train: int) -> Settings:
   else:
     steps = max(1, int(config.num_epochs * per_epoch))
   return Settings(
-      framework=config.framework, gating=gating_spec, model=config.model,
+      framework=config.framework, gating=gating.layer, loss=gating.loss,
+      branches=gating.branches, model=config.model,
       ssl=config.ssl, optim=config.optim, augment=config.augment,
       probe_learning_rate=config.probe.learning_rate,
       image_size=config.data.image_size, num_classes=config.data.num_classes,
@@ -256,17 +318,17 @@ def read_settings(config, gating_spec: GatingSpec, num_train: int) -> Settings:
       total_steps=steps)
 
 
-def check_branches(framework: str, spec: GatingSpec) -> None:
-  """ValueError when `gating.branches` has no meaning for the framework."""
+def check_branches(framework: str, spec: GatingSpec,
+                   branches: BranchSpec) -> None:
+  """ValueError when the branch wiring has no meaning for the framework."""
   has_target = FRAMEWORK_TABLE[framework].target
-  if spec.branches == 'dense_partner' and has_target:
+  if branches.has_dense_partner and has_target:
     raise ValueError(
         f"gating.branches='dense_partner' is for the shared-encoder "
         f"frameworks (simclr, simsiam); framework={framework!r} has a "
         f"target encoder, and its dense-partner form is "
         f"gating.branches='online' (the target left dense).")
-  if spec.branches == 'online' and spec.enabled and (
-      not has_target):
+  if branches.branches == 'online' and spec.enabled and not has_target:
     raise ValueError(
         f"gating.branches='online' leaves a target encoder dense; "
         f"framework={framework!r} has none (its dense-partner form is "
@@ -287,17 +349,18 @@ def build_networks(settings: Settings) -> Networks:
   if framework.predictor:
     predictor = MLP(tuple(ssl.predictor_hidden_dims), ssl.predictor_dim,
                     dtype=dtype)
-  spec = settings.gating
-  check_branches(settings.framework, spec)
+  spec, branches = settings.gating, settings.branches
   # Under the dense partner the online encoder's batch is [view 1 gated;
   # view 2 with every gate open].
-  gate_mode = 'partner' if spec.branches == 'dense_partner' else 'gated'
+  gate_mode = 'partner' if branches.has_dense_partner else 'gated'
   online = SSLNetwork(
-      models.create_resnet(settings.model, spec, gate_mode=gate_mode),
+      models.create_resnet(
+          settings.model, spec, gate_mode=gate_mode,
+          separate_partner_norm=branches.separate_partner_norm),
       projector, predictor)
   target = None
   if framework.target:
-    target_gating = spec if spec.branches == 'both' else None
+    target_gating = spec if branches.branches == 'both' else None
     target = SSLNetwork(models.create_resnet(settings.model, target_gating),
                         projector)
   return Networks(online, target, nn.Dense(settings.num_classes))
@@ -339,13 +402,12 @@ def tau_schedule(ssl_config, num_steps: int) -> optax.Schedule:
   Args:
     ssl_config: the `ssl` block (`base_tau`, `tau_schedule`).
     num_steps: the training length.
+
+  `tau_schedule` is checked with the config (`ssl_problems`).
   """
   base_tau = ssl_config.base_tau
   if ssl_config.tau_schedule == 'constant':
     return lambda step: jnp.asarray(base_tau, jnp.float32)
-  if ssl_config.tau_schedule not in TAU_SCHEDULES:
-    raise ValueError(f'Unknown ssl.tau_schedule={ssl_config.tau_schedule!r}; '
-                     f'expected one of {list(TAU_SCHEDULES)}.')
   steps = num_steps
 
   def schedule(step):
@@ -360,26 +422,36 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def _lars(optim, schedule: optax.Schedule) -> optax.GradientTransformation:
+  return optax.lars(schedule, weight_decay=optim.weight_decay,
+                    weight_decay_mask=decay_mask,
+                    trust_coefficient=optim.trust_coefficient,
+                    trust_ratio_mask=decay_mask, momentum=optim.momentum)
+
+
+def _sgd(optim, schedule: optax.Schedule) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
+      optax.sgd(schedule, momentum=optim.momentum))
+
+
+# `optim.name` -> the optimiser, built from the `optim` block and the
+# learning-rate schedule; a new optimiser is one entry.
+OPTIMIZER_TABLE = {'lars': _lars, 'sgd': _sgd}
+OPTIMIZERS = tuple(OPTIMIZER_TABLE)
+
+
 def make_optimizer(optim, schedule: optax.Schedule
                    ) -> optax.GradientTransformation:
-  """LARS or SGD with momentum, masked weight decay.
+  """LARS or SGD with momentum, masked weight decay (`OPTIMIZER_TABLE`).
 
   Args:
     optim: the `optim` block (name, weight_decay, momentum,
       trust_coefficient).
     schedule: the learning rate (`learning_rate_schedule`).
   """
-  if optim.name == 'lars':
-    return optax.lars(schedule, weight_decay=optim.weight_decay,
-                      weight_decay_mask=decay_mask,
-                      trust_coefficient=optim.trust_coefficient,
-                      trust_ratio_mask=decay_mask, momentum=optim.momentum)
-  if optim.name == 'sgd':
-    return optax.chain(
-        optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
-        optax.sgd(schedule, momentum=optim.momentum))
-  raise ValueError(f"Unknown optim.name={optim.name!r}; expected one of "
-                   f"{', '.join(OPTIMIZERS)}.")
+  # optim.name is checked with the config (`config_problems`).
+  return OPTIMIZER_TABLE[optim.name](optim, schedule)
 
 
 # --------------------------------------------------------------- tree helpers
@@ -585,133 +657,175 @@ def _probe_step(probe: nn.Module, probe_tx, state: TrainState, features,
           probe_opt_state, probe_loss, logits)
 
 
-def make_train_step(settings: Settings, networks: Networks,
-                    costs: tuple[flops.LayerCost, ...]) -> Callable:
-  """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted).
+def _stat_groups(branches: BranchSpec) -> int:
+  """Batch-statistics groups of a [view 1; view 2] batch (`stat_groups`)."""
+  if branches.has_dense_partner:
+    # Only view 1 is gated (`GatedConv` in 'partner' mode): one branch.
+    return 1
+  return 2 if branches.saliency_stats == 'per_branch' else 1
+
+
+def _online_mutable(spec: GatingSpec) -> list[str]:
+  """The collections the online network writes in a train step."""
+  mutable = ['batch_stats', DENSITY_COLLECTION]
+  if spec.kind == 'channel_predictor':
+    mutable.append(AUX_COLLECTION)   # FBS's saliency L1 terms
+  return mutable
+
+
+def target_branch(networks: Networks, state: TrainState, target_input,
+                  target_groups: int, target_rngs):
+  """The target's outputs (gradient stopped) and new statistics."""
+  if networks.target is None:
+    return None, state.target_batch_stats
+  target_out, target_vars = networks.target.apply(
+      {'params': state.target_params,
+       'batch_stats': state.target_batch_stats},
+      target_input, train=True, stat_groups=target_groups,
+      rngs=target_rngs, mutable=['batch_stats'])
+  return jax.lax.stop_gradient(target_out), target_vars['batch_stats']
+
+
+def _gate_loss(settings: Settings, params, densities, aux,
+               costs: tuple[flops.LayerCost, ...], step) -> jax.Array:
+  """The gate regulariser at `step`, with its schedules (0 without gates)."""
+  spec = settings.loss
+  if spec is None:
+    return jnp.zeros(())
+  target_fn = regularizers.density_target_schedule(spec, settings.total_steps)
+  budget_fn = regularizers.budget_schedule(spec, settings.total_steps)
+  return regularizers.gate_regularizer(spec, params, densities, aux,
+                                       target_fn(step), costs, budget_fn(step))
+
+
+def online_loss(params, settings: Settings, networks: Networks,
+                costs: tuple[flops.LayerCost, ...], state: TrainState,
+                online_input, online_groups: int, online_rngs, target_out,
+                queue_keys):
+  """SSL loss + gate regulariser of the online branch, and its outputs.
+
+  Returns `(loss, aux)`, aux holding the new batch statistics, the gate
+  densities, the embeddings, the features and both loss terms; `params` is
+  first, the argument `jax.value_and_grad` differentiates.
+  """
+  out, new_vars = networks.online.apply(
+      {'params': params, 'batch_stats': state.batch_stats}, online_input,
+      train=True, stat_groups=online_groups,
+      rngs=online_rngs, mutable=_online_mutable(settings.gating))
+  loss, embeddings = ssl_loss(settings.framework, out, target_out,
+                              queue_keys, settings.ssl.temperature)
+  densities = flops.mean_densities(new_vars.get(DENSITY_COLLECTION, {}))
+  gate_loss = _gate_loss(settings, params, densities,
+                         new_vars.get(AUX_COLLECTION, {}), costs, state.step)
+  aux = dict(batch_stats=new_vars['batch_stats'], densities=densities,
+             embeddings=embeddings, features=out['features'], ssl_loss=loss,
+             gate_loss=gate_loss)
+  return loss + gate_loss, aux
+
+
+def step_metrics(settings: Settings, costs: tuple[flops.LayerCost, ...],
+                 state: TrainState, total_loss, aux, tau, probe_loss, logits,
+                 labels) -> dict[str, Any]:
+  """The step's metrics: losses, schedules, probe, collapse and gating."""
+  spec = settings.loss
+  gated_costs = [c for c in costs if c.gated]
+  densities = aux['densities']
+  metrics = {
+      'loss': total_loss, 'ssl_loss': aux['ssl_loss'],
+      'gate_loss': aux['gate_loss'],
+      'learning_rate': learning_rate_schedule(settings)(state.step),
+      'tau': tau, 'probe_loss': probe_loss,
+      'probe_accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
+      'embedding_std': losses.embedding_std(aux['embeddings']),
+      'flops_reduction': flops.flops_reduction(costs, densities),
+  }
+  if spec is not None and spec.target_anneal_fraction > 0:
+    metrics['density_target'] = regularizers.density_target_schedule(
+        spec, settings.total_steps)(state.step)
+  if spec is not None and spec.is_budget:
+    budget = regularizers.budget_schedule(spec, settings.total_steps)(
+        state.step)
+    metrics['budget_scale'] = budget['scale']
+    if spec.budget_bounds_fraction > 0:
+      metrics['bound_tightness'] = budget['tightness']
+  if gated_costs:
+    gated_macs = sum(c.macs for c in gated_costs)
+    metrics['gate_density'] = sum(
+        c.macs * densities[c.name] for c in gated_costs) / gated_macs
+    metrics['layer_density'] = dict(densities)
+  return metrics
+
+
+def pretraining_step(settings: Settings, networks: Networks,
+                     costs: tuple[flops.LayerCost, ...], state: TrainState,
+                     batch) -> tuple[TrainState, dict[str, Any]]:
+  """One pretraining step: `(new state, metrics)` (not jitted).
 
   Args:
     settings: the run's settings (`read_settings`).
     networks: from `build_networks`.
     costs: `flops.layer_costs` of the online network (names prefixed
-      'backbone/'), for the FLOPs reduction metric.
+      'backbone/'), for the gate regulariser and the FLOPs reduction metric.
+    state: the `TrainState` before the step.
+    batch: {'image': uint8 (B, H, W, 3), 'label': int (B,)}; both views are
+      augmented inside the step from per-image keys.
 
-  The batch is {'image': uint8 (B, H, W, 3), 'label': int (B,)}; both views
-  are augmented inside the step from per-image keys. The step: views ->
-  target branch -> online loss and gradient (SSL loss + gate regulariser)
-  -> optimiser -> EMA target and queue -> online probe -> metrics.
+  The step: views -> target branch -> online loss and gradient (SSL loss +
+  gate regulariser) -> optimiser -> EMA target and queue -> online probe ->
+  metrics.
   """
   framework = settings.framework_record
   spec = settings.gating
-  stat_groups = 2 if spec.saliency_stats == 'per_branch' else 1
-  if spec.branches == 'dense_partner':
-    # Only view 1 is gated (`GatedConv` in 'partner' mode): one branch.
-    stat_groups = 1
-  lr_schedule = learning_rate_schedule(settings)
-  tx = make_optimizer(settings.optim, lr_schedule)
+  tx = make_optimizer(settings.optim, learning_rate_schedule(settings))
   probe_tx = optax.adam(settings.probe_learning_rate)
-  tau_fn = tau_schedule(settings.ssl, settings.total_steps)
-  target_fn = regularizers.density_target_schedule(spec, settings.total_steps)
-  budget_fn = regularizers.budget_schedule(spec, settings.total_steps)
-  augment_config = settings.augment
-  temperature = settings.ssl.temperature
-  gated_costs = [c for c in costs if c.gated]
-  online_mutable = ['batch_stats', DENSITY_COLLECTION]
-  if spec.kind == 'channel_predictor':
-    online_mutable.append(AUX_COLLECTION)   # FBS's saliency L1 terms
-  gated_macs = sum(c.macs for c in gated_costs)
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  view1, view2 = augment.two_views(rng, batch['image'], settings.augment)
+  online_rngs, target_rngs = _gate_rngs(spec, rng)
+  online_input, online_groups, target_input, target_groups = _branch_inputs(
+      framework, view1, view2, _stat_groups(settings.branches))
+  target_out, target_stats = target_branch(networks, state, target_input,
+                                           target_groups, target_rngs)
+  queue_keys = state.queue['keys'] if framework.queue else None
 
-  def target_branch(state, target_input, target_groups, target_rngs):
-    """The target's outputs (gradient stopped) and new statistics."""
-    if networks.target is None:
-      return None, state.target_batch_stats
-    target_out, target_vars = networks.target.apply(
-        {'params': state.target_params,
-         'batch_stats': state.target_batch_stats},
-        target_input, train=True, stat_groups=target_groups,
-        rngs=target_rngs, mutable=['batch_stats'])
-    return jax.lax.stop_gradient(target_out), target_vars['batch_stats']
+  (total_loss, aux), grads = jax.value_and_grad(online_loss, has_aux=True)(
+      state.params, settings, networks, costs, state, online_input,
+      online_groups, online_rngs, target_out, queue_keys)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
 
-  def online_loss(params, state, online_input, online_groups, online_rngs,
-                  target_out, queue_keys):
-    """SSL loss + gate regulariser of the online branch, and its outputs."""
-    out, new_vars = networks.online.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, online_input,
-        train=True, stat_groups=online_groups,
-        rngs=online_rngs, mutable=online_mutable)
-    loss, embeddings = ssl_loss(settings.framework, out, target_out,
-                                queue_keys, temperature)
-    densities = flops.mean_densities(new_vars.get(DENSITY_COLLECTION, {}))
-    gate_loss = regularizers.gate_regularizer(spec, params, densities,
-                                 new_vars.get(AUX_COLLECTION, {}),
-                                 target_fn(state.step), costs,
-                                 budget_fn(state.step))
-    aux = dict(batch_stats=new_vars['batch_stats'], densities=densities,
-               embeddings=embeddings, features=out['features'], ssl_loss=loss,
-               gate_loss=gate_loss)
-    return loss + gate_loss, aux
+  tau = tau_schedule(settings.ssl, settings.total_steps)(state.step)
+  target_params = state.target_params
+  if networks.target is not None:
+    target_params = ema_update(
+        state.target_params, select_like(params, state.target_params), tau)
+  queue = state.queue
+  if framework.queue:
+    queue = _updated_queue(state.queue, target_out['projection'])
 
-  def step_metrics(state, total_loss, aux, tau, probe_loss, logits, labels):
-    densities = aux['densities']
-    metrics = {
-        'loss': total_loss, 'ssl_loss': aux['ssl_loss'],
-        'gate_loss': aux['gate_loss'], 'learning_rate': lr_schedule(state.step),
-        'tau': tau, 'probe_loss': probe_loss,
-        'probe_accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
-        'embedding_std': losses.embedding_std(aux['embeddings']),
-        'flops_reduction': flops.flops_reduction(costs, densities),
-    }
-    if spec.target_anneal_fraction > 0:
-      metrics['density_target'] = target_fn(state.step)
-    if spec.regularizer == 'flops' and spec.kind == 'cdg':
-      budget = budget_fn(state.step)
-      metrics['budget_scale'] = budget['scale']
-      if spec.budget_bounds_fraction > 0:
-        metrics['bound_tightness'] = budget['tightness']
-    if gated_costs:
-      metrics['gate_density'] = sum(
-          c.macs * densities[c.name] for c in gated_costs) / gated_macs
-      metrics['layer_density'] = dict(densities)
-    return metrics
+  # The probe reads the first view's features.
+  labels = batch['label']
+  probe_params, probe_opt_state, probe_loss, logits = _probe_step(
+      networks.probe, probe_tx, state, aux['features'][:view1.shape[0]],
+      labels)
+  metrics = step_metrics(settings, costs, state, total_loss, aux, tau,
+                         probe_loss, logits, labels)
+  new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=aux['batch_stats'],
+      opt_state=opt_state, target_params=target_params,
+      target_batch_stats=target_stats, queue=queue,
+      probe_params=probe_params, probe_opt_state=probe_opt_state)
+  return new_state, metrics
 
+
+def make_train_step(settings: Settings, networks: Networks,
+                    costs: tuple[flops.LayerCost, ...]) -> Callable:
+  """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted):
+  `pretraining_step` with the run's settings, networks and layer costs bound
+  (see it for the arguments)."""
+  # A function, not a functools.partial: callers inspect it (chex's trace
+  # counter reads its source file).
   def train_step(state: TrainState, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    view1, view2 = augment.two_views(rng, batch['image'], augment_config)
-    online_rngs, target_rngs = _gate_rngs(spec, rng)
-    online_input, online_groups, target_input, target_groups = _branch_inputs(
-        framework, view1, view2, stat_groups)
-    target_out, target_stats = target_branch(state, target_input,
-                                             target_groups, target_rngs)
-    queue_keys = state.queue['keys'] if framework.queue else None
-
-    (total_loss, aux), grads = jax.value_and_grad(online_loss, has_aux=True)(
-        state.params, state, online_input, online_groups, online_rngs,
-        target_out, queue_keys)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-
-    tau = tau_fn(state.step)
-    target_params = state.target_params
-    if networks.target is not None:
-      target_params = ema_update(
-          state.target_params, select_like(params, state.target_params), tau)
-    queue = state.queue
-    if framework.queue:
-      queue = _updated_queue(state.queue, target_out['projection'])
-
-    # The probe reads the first view's features.
-    labels = batch['label']
-    probe_params, probe_opt_state, probe_loss, logits = _probe_step(
-        networks.probe, probe_tx, state, aux['features'][:view1.shape[0]],
-        labels)
-    metrics = step_metrics(state, total_loss, aux, tau, probe_loss, logits,
-                           labels)
-    new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=aux['batch_stats'],
-        opt_state=opt_state, target_params=target_params,
-        target_batch_stats=target_stats, queue=queue,
-        probe_params=probe_params, probe_opt_state=probe_opt_state)
-    return new_state, metrics
-
+    return pretraining_step(settings, networks, costs, state, batch)
   return train_step
 
 

@@ -27,9 +27,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cdg_jax import config_lib
-from cdg_jax import layers
-from cdg_jax import models
+from cdg_jax.run import config_lib
+from cdg_jax.ssl import models
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -47,7 +46,7 @@ STRUCTURAL_FIELDS = ('framework', 'model', 'gating.kind', 'gating.groups',
 # evaluated, not what is trained: free to change on resume, without a word
 # (docs/running.md). The compute dtype leaves every saved array float32; the
 # sparse train step computes the masked step's outputs and every gradient
-# but the closed tiles' gate gradient (`GatingSpec.sparse_training`).
+# but the closed tiles' gate gradient (`GatingSpec.execution`).
 EXECUTION_FIELDS = ('model.dtype', 'gating.sparse_training',
                     'gating.closed_tile_gradient', 'gating.closed_tile_sample',
                     'log_every_steps', 'checkpoint', 'cpu_devices',
@@ -523,6 +522,8 @@ def load_backbone(workdir: str):
         f'features would mean nothing. Train it again (a lower '
         f'optim.base_learning_rate, or the gating fields named when that run '
         f'stopped).')
+  gating = config_lib.read_gating(config.gating)
   backbone = models.create_resnet(
-      config.model, layers.GatingSpec.from_config(config.gating))
+      config.model, gating.layer,
+      separate_partner_norm=gating.branches.separate_partner_norm)
   return config, backbone, variables

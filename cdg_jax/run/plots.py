@@ -12,8 +12,8 @@ matplotlib.use('Agg')  # headless: files only
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from cdg_jax import augment
-from cdg_jax.layers import MASK_COLLECTION
+from cdg_jax.data import augment
+from cdg_jax.gating.layers import MASK_COLLECTION
 
 DENSITY_PLOT = 'gate_density.png'
 MASK_PLOT = 'gate_masks.png'

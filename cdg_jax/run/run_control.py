@@ -107,7 +107,7 @@ class WorkdirLock:
     except WorkdirLockedError as e:
       error = e
     if jax.process_count() > 1:
-      from cdg_jax import parallel  # pylint: disable=g-import-not-at-top
+      from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
       refused = parallel.processes_where(error is not None)
       if refused and error is None:
         raise WorkdirLockedError(

@@ -1,7 +1,7 @@
 """Host input pipeline: uint8 image batches of fixed shape, per process.
 
 The host only reads, shuffles and batches; SSL augmentation runs on device
-(`cdg_jax.augment`). Sources, chosen by `config.data.source`:
+(`cdg_jax.data.augment`). Sources, chosen by `config.data.source`:
 
   tfds  `cifar10`, `cifar100` (held in memory), `imagenet100` (the 100-class
         ImageNet subset of the contrastive multiview coding (CMC) work, class
@@ -38,7 +38,7 @@ jax.Array sharded over the mesh's `data` axis. In-memory sources hold the
 whole (small) dataset in each process and gather their rows; the ImageNet
 stream reads one shard of the files per process for training and decodes
 only its own rows for evaluation. Placement on devices and prefetching are
-`cdg_jax.batching`.
+`cdg_jax.data.batching`.
 """
 
 from __future__ import annotations

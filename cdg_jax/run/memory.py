@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cdg_jax import layers
-from cdg_jax import models
+from cdg_jax.gating import layers
+from cdg_jax.ssl import models
 
 GIB = 2**30
 

@@ -1,30 +1,142 @@
 """The gate regularisers of the train step, their schedules and the FLOPs budget.
 
-One home for "what pulls the gates shut": a new CDG regulariser is one
-function of `GateTerms` below and one entry of `CDG_REGULARIZERS` (its name
-is also the value of `gating.regularizer`, `layers.REGULARIZERS`, which a
-test holds equal to this table's keys); the predictor baselines' losses are
-`KIND_REGULARIZERS`, chosen by `gating.kind`. The pure math of each form
-lives in `cdg_jax.gating` (and `cdg_jax.predictors`); this module reads the
-step's inputs (parameters, densities, the network's layer costs, the
-schedules) and picks the form from the spec. docs/method.md [regulariser]
-describes the forms and where each comes from.
+One home for "what pulls the gates shut": `RegularizerSpec` says which form,
+its weight and its targets; a new CDG regulariser is one function of
+`GateTerms` below and one entry of `CDG_REGULARIZERS` (its keys are the
+values `gating.regularizer` may take); the predictor baselines' losses are
+`KIND_REGULARIZERS`, chosen by the gate kind. The pure math of each form
+lives in `cdg_jax.gating.ops` (and `cdg_jax.gating.predictors`); this module
+reads the step's inputs (parameters, densities, the network's layer costs,
+the schedules) and picks the form from the spec. docs/method.md
+[regulariser] describes the forms and where each comes from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 
-from cdg_jax import flops
-from cdg_jax import gating
-from cdg_jax import predictors
-from cdg_jax.layers import GatingSpec
+from cdg_jax.gating import flops
+from cdg_jax.gating import ops
+from cdg_jax.gating import predictors
+
+
+def _finite(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def _fraction(value: Any) -> bool:
+  return _finite(value) and 0 <= value <= 1
+
+
+# Each numeric field's range (field, allowed in words, test): a value outside
+# (NaN included) is refused when the spec is made.
+_RANGES = (
+    ('weight', 'finite and >= 0 (a negative weight rewards leaving the '
+     'target)', lambda v: _finite(v) and v >= 0),
+    ('threshold_target', 'finite', _finite),
+    ('density_target', 'in (0, 1]', lambda v: _finite(v) and 0 < v <= 1),
+    ('target_anneal_fraction', 'in [0, 1]', _fraction),
+    ('budget_bounds_fraction', 'in [0, 1] (a fraction of training)',
+     _fraction),
+    ('budget_start_fraction', 'in [0, 1] (a fraction of training)',
+     _fraction),
+    ('budget_ramp_fraction', 'in [0, 1] (a fraction of training)', _fraction),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RegularizerSpec:
+  """The gates' auxiliary loss; the fields are the config's `gating` fields
+  of the same names (`config_lib.read_gating` makes it).
+
+  Attributes:
+    kind: the gate kind regularised: 'cdg' (the form is `regularizer`), or a
+      predictor baseline, whose loss is fixed by the kind
+      (`KIND_REGULARIZERS`): the L1 norm of the saliencies
+      ('channel_predictor') or `(density - density_target)^2` per layer
+      ('spatial_predictor'), times `weight`.
+    regularizer: form of the CDG gate regulariser, times `weight`:
+      'density' -- sum_layers (density - density_target)^2, density the mean
+      of the straight-through mask (sets the FLOPs operating point);
+      'threshold' -- sum_layers mean_channels (delta - threshold_target)^2;
+      'threshold_sum' -- sum over every threshold (delta -
+      threshold_target)^2, channel gating's form (lambda 1e-4, target 1.0);
+      'flops' -- one FLOPs budget for the network (ours to add; the form of
+      DynConv, DGNet and Krishna et al., not known to be the paper's):
+      (F_gated / F_dense - t)^2 over the gated layers' MACs as
+      `cdg_jax.gating.flops` counts them, t the fraction those layers run
+      when their MAC-weighted mean density is `density_target`; the layers
+      share the budget (one may stay open if others close more), optionally
+      with per-layer bounds (`budget_bounds_fraction`) and a late start
+      (`budget_start_fraction`).
+    weight: regulariser weight lambda.
+    threshold_target: target of the threshold regularisers.
+    density_target: target of the density regulariser, in (0, 1]; of the
+      'flops' form, the gated layers' MAC-weighted mean density (the
+      `gate_density` a run reports), so both forms at the same target cost
+      about the same FLOPs.
+    target_anneal_fraction: ours, not the paper's: over this fraction of the
+      training steps the density regulariser's target falls linearly from
+      1.0 (every gate open) to `density_target`; 0 keeps it fixed. Density
+      form (and the spatial predictor) only.
+    budget_bounds_fraction: 'flops' form: per-layer density bounds
+      [p t, 1 - p (1 - t)] with p = cos^2(pi/2 * s / (f T)) at step s of T
+      (DynConv): every layer held at the target at the start, the bounds
+      relaxed to [0, 1] by this fraction f of training (counted from the
+      budget's start); 0: no bounds. DynConv uses 1/3.
+    budget_start_fraction: 'flops' form: the regulariser is off for this
+      fraction of training (Learning Dynamic Routing starts its budget late),
+      then ramps in over `budget_ramp_fraction`; 0: on from the first step.
+    budget_ramp_fraction: 'flops' form: the regulariser's weight rises
+      linearly from 0 to lambda over this fraction of training after its
+      start; 0: at full weight at once.
+  """
+  kind: str = 'cdg'
+  # The density-target form lands on the FLOPs it is given (0.25: about
+  # 2.2x on CIFAR ResNet-18) at any run length; channel gating's threshold
+  # form (lambda ~1e-4 toward 1.0) barely moves thresholds in a short run and
+  # gave the same accuracy-vs-FLOPs curve at lambda 0.1 in our CIFAR runs;
+  # the FLOPs budget scored below it on validation (experiments/README.md).
+  regularizer: str = 'density'
+  weight: float = 1.0
+  threshold_target: float = 1.0
+  density_target: float = 0.25
+  target_anneal_fraction: float = 0.0
+  budget_bounds_fraction: float = 0.0
+  budget_start_fraction: float = 0.0
+  budget_ramp_fraction: float = 0.0
+
+  def __post_init__(self):
+    kinds = ('cdg', *KIND_REGULARIZERS)
+    if self.kind not in kinds:
+      raise ValueError(f'A gate regulariser is for gating.kind in {kinds}, '
+                       f'got gating.kind={self.kind!r}.')
+    if self.regularizer not in CDG_REGULARIZERS:
+      raise ValueError(f'Unknown gating.regularizer={self.regularizer!r}; '
+                       f'expected one of '
+                       f'{", ".join(map(repr, CDG_REGULARIZERS))}.')
+    for name, allowed, ok in _RANGES:
+      value = getattr(self, name)
+      if not ok(value):
+        raise ValueError(f'gating.{name} must be {allowed}, got {value!r}.')
+    if self.budget_start_fraction + self.budget_ramp_fraction > 1.0:
+      raise ValueError(
+          f'gating.budget_start_fraction + gating.budget_ramp_fraction = '
+          f'{self.budget_start_fraction} + {self.budget_ramp_fraction} > 1: '
+          f'the budget would never reach full weight.')
+
+  @property
+  def is_budget(self) -> bool:
+    """Whether this is the FLOPs budget (CDG, `regularizer='flops'`)."""
+    return self.kind == 'cdg' and self.regularizer == 'flops'
 
 
 def thresholds(params) -> list[jax.Array]:
@@ -33,7 +145,7 @@ def thresholds(params) -> list[jax.Array]:
   return [v for k, v in sorted(flat.items()) if k[-1] == 'threshold']
 
 
-def density_target_schedule(spec: GatingSpec, num_steps: int
+def density_target_schedule(spec: RegularizerSpec, num_steps: int
                             ) -> Callable[[jax.Array], jax.Array]:
   """The density regulariser's target at a step.
 
@@ -52,7 +164,7 @@ def density_target_schedule(spec: GatingSpec, num_steps: int
   return schedule
 
 
-def budget_schedule(spec: GatingSpec, num_steps: int
+def budget_schedule(spec: RegularizerSpec, num_steps: int
                     ) -> Callable[[jax.Array], dict[str, jax.Array]]:
   """The FLOPs budget's weight scale and per-layer bound tightness at a step.
 
@@ -72,7 +184,7 @@ def budget_schedule(spec: GatingSpec, num_steps: int
       scale = jnp.clip(since_start / ramp, 0.0, 1.0)
     else:
       scale = (since_start >= 0).astype(jnp.float32)
-    tightness = (gating.bound_tightness(jnp.maximum(since_start, 0.0) / relax)
+    tightness = (ops.bound_tightness(jnp.maximum(since_start, 0.0) / relax)
                  if relax > 0 else jnp.zeros((), jnp.float32))
     return {'scale': scale, 'tightness': tightness}
   return schedule
@@ -90,7 +202,7 @@ def budget_fraction(costs: Sequence[flops.LayerCost],
   return effective / dense
 
 
-def budget_summary(spec: GatingSpec, costs: Sequence[flops.LayerCost]
+def budget_summary(spec: RegularizerSpec, costs: Sequence[flops.LayerCost]
                    ) -> dict[str, float] | None:
   """The FLOPs budget in the numbers a user reads (None without one).
 
@@ -98,7 +210,7 @@ def budget_summary(spec: GatingSpec, costs: Sequence[flops.LayerCost]
   'gated_flops_fraction': the fraction of their dense MACs it leaves,
   'flops_reduction': the backbone's dense / effective MACs at it}.
   """
-  if not (spec.kind == 'cdg' and spec.regularizer == 'flops'):
+  if spec is None or not spec.is_budget:
     return None
   at_target = {c.name: spec.density_target for c in costs if c.gated}
   return {'density': spec.density_target,
@@ -107,7 +219,7 @@ def budget_summary(spec: GatingSpec, costs: Sequence[flops.LayerCost]
           'flops_reduction': float(flops.flops_reduction(costs, at_target))}
 
 
-def describe_budget(spec: GatingSpec, costs: Sequence[flops.LayerCost]
+def describe_budget(spec: RegularizerSpec, costs: Sequence[flops.LayerCost]
                     ) -> str | None:
   """One line saying what the FLOPs budget asks for (None without one)."""
   budget = budget_summary(spec, costs)
@@ -153,38 +265,38 @@ class GateTerms:
   budget: Mapping[str, Any]
 
 
-def _threshold(spec: GatingSpec, terms: GateTerms) -> jax.Array:
-  return gating.threshold_regularizer(thresholds(terms.params),
-                                      spec.threshold_target)
+def _threshold(spec: RegularizerSpec, terms: GateTerms) -> jax.Array:
+  return ops.threshold_regularizer(thresholds(terms.params),
+                                   spec.threshold_target)
 
 
-def _threshold_sum(spec: GatingSpec, terms: GateTerms) -> jax.Array:
-  return gating.threshold_sum_regularizer(thresholds(terms.params),
-                                          spec.threshold_target)
+def _threshold_sum(spec: RegularizerSpec, terms: GateTerms) -> jax.Array:
+  return ops.threshold_sum_regularizer(thresholds(terms.params),
+                                       spec.threshold_target)
 
 
-def _density(spec: GatingSpec, terms: GateTerms) -> jax.Array:
+def _density(spec: RegularizerSpec, terms: GateTerms) -> jax.Array:
   del spec
-  return gating.density_regularizer(list(terms.densities.values()),
-                                    terms.density_target)
+  return ops.density_regularizer(list(terms.densities.values()),
+                                 terms.density_target)
 
 
-def _flops_budget(spec: GatingSpec, terms: GateTerms) -> jax.Array:
+def _flops_budget(spec: RegularizerSpec, terms: GateTerms) -> jax.Array:
   if not any(c.gated for c in terms.costs):
     raise ValueError("gating.regularizer='flops' needs the network's layer "
                      'costs (flops.layer_costs) with its gated layers.')
   dense, effective = flops.gated_macs(terms.costs, terms.densities)
-  value = gating.flops_budget_regularizer(
+  value = ops.flops_budget_regularizer(
       effective / dense, budget_fraction(terms.costs, terms.density_target))
   if spec.budget_bounds_fraction > 0:
-    lower, upper = gating.layer_bounds(terms.density_target,
-                                       terms.budget['tightness'])
-    value = value + gating.bound_regularizer(list(terms.densities.values()),
-                                             lower, upper)
+    lower, upper = ops.layer_bounds(terms.density_target,
+                                    terms.budget['tightness'])
+    value = value + ops.bound_regularizer(list(terms.densities.values()),
+                                          lower, upper)
   return terms.budget['scale'] * value
 
 
-def _saliency_l1(spec: GatingSpec, terms: GateTerms) -> jax.Array:
+def _saliency_l1(spec: RegularizerSpec, terms: GateTerms) -> jax.Array:
   del spec
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(terms.aux))
   values = [jnp.concatenate([jnp.reshape(v, (-1,)) for v in
@@ -193,7 +305,7 @@ def _saliency_l1(spec: GatingSpec, terms: GateTerms) -> jax.Array:
   return predictors.saliency_l1_regularizer(values)
 
 
-Regularizer = Callable[[GatingSpec, GateTerms], jax.Array]
+Regularizer = Callable[[RegularizerSpec, GateTerms], jax.Array]
 
 # CDG's forms, by `gating.regularizer` (each unweighted; `gate_regularizer`
 # multiplies by lambda). A new form is one function and one entry here.
@@ -217,7 +329,8 @@ KIND_REGULARIZERS: dict[str, Regularizer] = {
 }
 
 
-def gate_regularizer(spec: GatingSpec, params, densities: Mapping[str, Any],
+
+def gate_regularizer(spec: RegularizerSpec | None, params, densities: Mapping[str, Any],
                      aux: Mapping[str, Any] | None = None,
                      density_target: jax.Array | float | None = None,
                      costs: Sequence[flops.LayerCost] = (),
@@ -225,8 +338,8 @@ def gate_regularizer(spec: GatingSpec, params, densities: Mapping[str, Any],
   """The gates' auxiliary loss, times lambda = `spec.weight` (0 without gates).
 
   Args:
-    spec: the gating spec; `kind` and `regularizer` pick the form
-      (`KIND_REGULARIZERS`, `CDG_REGULARIZERS`).
+    spec: the regulariser's spec (None: no gates, a loss of 0); `kind` and
+      `regularizer` pick the form (`KIND_REGULARIZERS`, `CDG_REGULARIZERS`).
     params: online parameters (CDG thresholds).
     densities: {layer: mean density} from this step's straight-through masks.
     aux: the 'gate_aux' collection sown in the same forward pass (channel
@@ -244,7 +357,7 @@ def gate_regularizer(spec: GatingSpec, params, densities: Mapping[str, Any],
     + mean_layers relu(d - upper)^2 + relu(lower - d)^2] for 'flops'
     (t_F = `budget_fraction` at the target).
   """
-  if not spec.enabled:
+  if spec is None:
     return jnp.zeros(())
   form = KIND_REGULARIZERS.get(spec.kind) or CDG_REGULARIZERS[spec.regularizer]
   terms = GateTerms(

@@ -2,7 +2,7 @@
 
 Both baselines compute the full dense convolution and multiply its output by
 a mask chosen by a small auxiliary predictor that looks at the layer's input;
-the saving is accounted analytically (`cdg_jax.flops`) as
+the saving is accounted analytically (`cdg_jax.gating.flops`) as
 dense_macs * density + the predictor's MACs:
 
   channel_predictor_conv  FBS-style (Gao et al., ICLR 2019): top-k channels of
@@ -13,7 +13,7 @@ dense_macs * density + the predictor's MACs:
                           grid.
 
 Like `cdg_jax.gating` (CDG's ops, which need no predictor), every function
-takes arrays and returns arrays; `cdg_jax.layers.GatedConv` holds the
+takes arrays and returns arrays; `cdg_jax.gating.layers.GatedConv` holds the
 parameters.
 """
 
@@ -25,9 +25,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from cdg_jax.gating import Array
-from cdg_jax.gating import conv
-from cdg_jax.gating import hard_gate
+from cdg_jax.gating.ops import Array
+from cdg_jax.gating.ops import conv
+from cdg_jax.gating.ops import hard_gate
 
 PREDICTOR_REDUCTION = 4
 

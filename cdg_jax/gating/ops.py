@@ -2,7 +2,7 @@
 
 Every function here takes arrays (and plain Python configuration) and returns
 arrays: no Flax, no hidden state. They are jittable, vmappable and
-differentiable; the Flax layer in `cdg_jax.layers` only holds the parameters
+differentiable; the Flax layer in `cdg_jax.gating.layers` only holds the parameters
 and statistics and calls them. Shapes use NHWC for activations and HWIO for
 kernels, as `flax.linen.Conv` does.
 
@@ -29,10 +29,10 @@ Options where CDG's public lineage (channel gating / CGNet; docs/method.md
 The network-level FLOPs budget (ours to add: the form of DynConv, DGNet and
 Krishna et al., not known to be CDG's) is `flops_budget_regularizer` plus the
 per-layer bounds of `layer_bounds` / `bound_regularizer`. Which form a run
-uses, with its schedules, is chosen in `cdg_jax.regularizers`.
+uses, with its schedules, is chosen in `cdg_jax.gating.regularizers`.
 
 The predictor baselines' ops (FBS-style channel predictor, dual-gating-style
-spatial predictor) are in `cdg_jax.predictors`.
+spatial predictor) are in `cdg_jax.gating.predictors`.
 """
 
 from __future__ import annotations
@@ -271,12 +271,23 @@ class BlockTilingError(ValueError):
                             self.block_size, field)
 
 
+def check_block_shape(block: Sequence[int], field: str = 'gating.block'
+                      ) -> None:
+  """ValueError naming `field` unless `block` is (bh, bw, bc) with bh, bw >= 1
+  and bc >= 0 (0: all channels)."""
+  if (len(block) != 3 or any(int(b) < 1 for b in block[:2])
+      or int(block[2]) < 0):
+    raise ValueError(f'{field} must be three ints (bh, bw, bc) with bh, '
+                     f'bw >= 1 and bc >= 0 (0: all channels), got '
+                     f'{tuple(block)}.')
+
+
 def effective_block(shape: Sequence[int], block: Sequence[int]
                     ) -> tuple[int, int, int]:
   """The (bh, bw, bc) decision block used on a gated output of `shape`.
 
   `bc = 0` means all output channels (a tile of positions: what block-sparse
-  execution can skip, `cdg_jax.sparse`). A block taller or wider than the
+  execution can skip, `cdg_jax.gating.sparse`). A block taller or wider than the
   map is clamped to it (the map is then one block in that dimension: the
   last stages of a CIFAR ResNet are smaller than an 8x8 tile). Otherwise the
   block must divide the map.
@@ -289,11 +300,7 @@ def effective_block(shape: Sequence[int], block: Sequence[int]
     ValueError naming the bad value if `block` is malformed;
     BlockTilingError (a ValueError) if it does not tile `shape`.
   """
-  if (len(block) != 3 or any(int(b) < 1 for b in block[:2])
-      or int(block[2]) < 0):
-    raise ValueError(f'gating.block must be three ints (bh, bw, bc) with bh, '
-                     f'bw >= 1 and bc >= 0 (0: all channels), got '
-                     f'{tuple(block)}.')
+  check_block_shape(block)
   _, h, w, c = shape
   bh, bw, bc = (int(b) for b in block)
   effective = (min(bh, h), min(bw, w), c if bc == 0 else bc)
@@ -491,8 +498,8 @@ def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
   y_base, y_cond = base_and_conditional(x, kernel, groups, grouping, strides,
                                         padding)
   # Y_cond is computed densely and masked: XLA cannot skip work per position.
-  # The saliency is accounted analytically (cdg_jax.flops) from the masks;
-  # tile-structured gates can skip it at inference (cdg_jax.sparse).
+  # The saliency is accounted analytically (cdg_jax.gating.flops) from the masks;
+  # tile-structured gates can skip it at inference (cdg_jax.gating.sparse).
   mask, stats = saliency_gate(
       y_base, threshold, block=block, alpha=alpha, epsilon=epsilon, norm=norm,
       num_groups=num_groups, saliency_grad=saliency_grad, surrogate=surrogate,
@@ -544,7 +551,7 @@ def flops_budget_regularizer(gated_flops_fraction: Array,
 
   Args:
     gated_flops_fraction: the gated layers' effective MACs over their dense
-      MACs (`cdg_jax.flops.gated_macs`), computed from the straight-through
+      MACs (`cdg_jax.gating.flops.gated_macs`), computed from the straight-through
       masks' densities so the gradient reaches every threshold, each layer in
       proportion to its share of the MACs.
     target_fraction: the budget, as the same fraction.

@@ -43,11 +43,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cdg_jax import predictors
-from cdg_jax.layers import CLOSED_TILE_RNG
-from cdg_jax.layers import DENSITY_COLLECTION
-from cdg_jax.layers import GatedConv
-from cdg_jax.layers import GUMBEL_RNG
+from cdg_jax.gating import predictors
+from cdg_jax.gating.layers import CLOSED_TILE_RNG
+from cdg_jax.gating.layers import DENSITY_COLLECTION
+from cdg_jax.gating.layers import GatedConv
+from cdg_jax.gating.layers import GUMBEL_RNG
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,7 +395,7 @@ def measure(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
   """Runs `model` on `x` and reports MACs from the masks it traced.
 
   Args:
-    model: a network built by `cdg_jax.models.create_resnet`.
+    model: a network built by `cdg_jax.ssl.models.create_resnet`.
     variables: its variables.
     x: (N, H, W, C) batch.
     train: gate with batch statistics (True) or running averages (False).
@@ -410,15 +410,3 @@ def measure(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
                                                mutable=mutable))(variables, x)
   densities = mean_densities(state.get(DENSITY_COLLECTION, {}))
   return flops_report(costs, jax.device_get(densities))
-
-
-
-if __name__ == '__main__':
-  # This module is the FLOPs library and imports no command; the command is
-  # `cdg_jax.flops_table` (`cdg-flops`), which lived here before. Run it.
-  import runpy  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  print('The FLOPs command is python -m cdg_jax.flops_table (installed: '
-        'cdg-flops); running it.', file=sys.stderr, flush=True)
-  runpy.run_module('cdg_jax.flops_table', run_name='__main__',
-                   alter_sys=True)

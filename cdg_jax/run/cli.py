@@ -49,7 +49,7 @@ def define_distributed_flags() -> None:
 def initialize_distributed_from_flags() -> None:
   """`parallel.initialize_distributed` with the flags of
   `define_distributed_flags`; a bad value is a FATAL line, status 2."""
-  from cdg_jax import parallel  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
   values = flags.FLAGS
   ids = values.local_device_ids
   try:
@@ -220,7 +220,8 @@ def quiet_logging() -> None:
 # Errors that the program raises on purpose, with a message that names the
 # bad value and the fix: reported as one FATAL line (traceback at INFO).
 def _expected_errors() -> tuple[type[BaseException], ...]:
-  from cdg_jax import checkpoints, run_control  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import checkpoints  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import run_control
   return (ValueError, FileNotFoundError, PermissionError, FloatingPointError,
           checkpoints.NoValidCheckpointError, checkpoints.CheckpointWriteError,
           run_control.WorkdirLockedError)
@@ -236,7 +237,7 @@ def reported_errors() -> Iterator[None]:
   `FATAL: <message>`, status 1, the traceback in the log at INFO. Anything
   else: the traceback, then `FATAL: <type>: <message>`, status 1.
   """
-  from cdg_jax import run_control  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import run_control  # pylint: disable=g-import-not-at-top
   try:
     yield
   except run_control.Preempted as e:
@@ -290,7 +291,7 @@ def _peer_failure(error: BaseException) -> bool:
 
 def _lost_peer_message(error: BaseException) -> str:
   import jax  # pylint: disable=g-import-not-at-top
-  from cdg_jax import parallel  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
   # The coordination service declares a process dead only after the
   # heartbeat timeout; wait briefly in case it already knows which.
   lost = parallel.lost_processes(timeout_s=2.0)
