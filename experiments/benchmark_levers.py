@@ -38,15 +38,23 @@ from machine import cpu_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name -> (XLA_FLAGS added for CPU, host devices: 0 = one per core).
+# name -> (XLA_FLAGS added for CPU, host devices: 0 = one per core,
+#          environment variables set).
+_XLA_CONV = {'CDG_JAX_CONV_FORMULATION': 'xla'}
 LEVERS = {
-    'default': ('', 0),
-    'one_device': ('', 1),
-    'onednn_custom_call': ('--xla_cpu_experimental_onednn_custom_call=true', 0),
-    'use_onednn': ('--xla_cpu_use_onednn=true', 0),
+    'default': ('', 0, {}),
+    'one_device': ('', 1, {}),
+    'onednn_custom_call': ('--xla_cpu_experimental_onednn_custom_call=true', 0,
+                           {}),
+    'use_onednn': ('--xla_cpu_use_onednn=true', 0, {}),
     'onednn_both': ('--xla_cpu_use_onednn=true '
-                    '--xla_cpu_experimental_onednn_custom_call=true', 0),
-    'xnnpack': ('--xla_cpu_use_xnnpack=true', 0),
+                    '--xla_cpu_experimental_onednn_custom_call=true', 0, {}),
+    'xnnpack': ('--xla_cpu_use_xnnpack=true', 0, {}),
+    # XLA's convolution everywhere (the default picks per shape:
+    # `cdg_jax.gating.ops.auto_formulation`).
+    'conv_xla': ('', 0, _XLA_CONV),
+    'conv_xla_one_device': ('', 1, _XLA_CONV),
+    'conv_patches': ('', 0, {'CDG_JAX_CONV_FORMULATION': 'patches'}),
 }
 
 FLAGS = flags.FLAGS
@@ -97,10 +105,10 @@ def _child(name: str) -> dict:
 
 
 def _run_child(name: str, lever: str) -> dict:
-  extra, devices = LEVERS[lever]
+  extra, devices, variables = LEVERS[lever]
   devices = devices or os.cpu_count() or 1
   # The lever's flags after the user's own, which the benchmark keeps.
-  env = dict(os.environ)
+  env = dict(os.environ, **variables)
   env['XLA_FLAGS'] = ' '.join(filter(None, (
       env.get('XLA_FLAGS', ''), extra,
       f'--xla_force_host_platform_device_count={devices}')))
@@ -180,12 +188,13 @@ def main(argv):
            f'processes per lever, levers in turn; speed-up: median of the '
            f'per-repeat ratios to the default (above 1: faster); loss '
            f'difference after the timed steps (0: bit-identical).', '',
-           '| step | lever | XLA flags, devices | step (s) | speed-up | '
+           '| step | lever | XLA flags, devices, environment | step (s) | speed-up | '
            'loss difference | first step (s) |', '| --- |' + ' --- |' * 6]
   for name, by_lever in table.items():
     for lever, row in by_lever.items():
-      extra, devices = LEVERS[lever]
-      setting = f'{extra or "-"}, {devices or "one per core"}'
+      extra, devices, variables = LEVERS[lever]
+      setting = ', '.join([extra or '-', str(devices or 'one per core')]
+                          + [f'{k}={v}' for k, v in variables.items()])
       if 'error' in row:
         lines.append(f'| {name} | {lever} | {setting} | failed: '
                      f'{row["error"]} | | | |')

@@ -237,7 +237,7 @@ class JaxHalf:
     from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
     from cdg_jax.ssl import pretraining  # pylint: disable=g-import-not-at-top
 
-    self.configs, runs, self.calls = {}, {}, {}
+    self.configs, runs, self.calls, self.steps = {}, {}, {}, {}
     self.metrics = {}
     self.settings = {}
     for key, _, kind, _ in JAX_VARIANTS:
@@ -253,6 +253,7 @@ class JaxHalf:
     self.devices = mesh.devices.size
     batch = jax.device_put({'image': images, 'label': labels},
                            parallel.data_sharding(mesh))
+    self.batch = batch
     masked = runs['cdg_jax/masked']
     gated_state = masked.init_state(jax.random.key(0))
     views = jax.numpy.concatenate(augment.two_views(
@@ -273,6 +274,7 @@ class JaxHalf:
                                    parallel.data_sharding(mesh)),
                      out_shardings=(parallel.replicated(mesh),
                                     parallel.replicated(mesh)))
+      self.steps[key] = (step, state)
       self.calls[key] = (lambda step=step, state=state:
                          jax.block_until_ready(step(state, batch)))
     self.learning_rate = float(pretraining.learning_rate_schedule(

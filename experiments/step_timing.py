@@ -4,18 +4,10 @@ import statistics
 import time
 
 
-def time_step(config, steps: int, num_train: int = 50_000) -> dict:
-  """Compiles `config`'s train step and times it on synthetic uint8 images.
-
-  Args:
-    config: a run config (framework, model, gating, batch size, dtype).
-    steps: timed steps after the first (compilation) step.
-    num_train: training-set size the schedules assume.
-
-  Returns:
-    {'gating', 'dtype', 'devices', 'median_step_s', 'images_per_s',
-     'first_step_s' (compilation included), 'flops_reduction', 'loss'}.
-  """
+def build_step(config, num_train: int = 50_000):
+  """`config`'s jitted train step (donating its state, as training does),
+  its replicated initial state and one sharded batch of synthetic uint8
+  images: `(step, state, batch)`."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cdg_jax.run import config_lib  # pylint: disable=g-import-not-at-top
@@ -37,6 +29,23 @@ def time_step(config, steps: int, num_train: int = 50_000) -> dict:
        'label': rng.integers(0, config.data.num_classes,
                              (config.batch_size,)).astype(np.int32)},
       parallel.data_sharding(mesh))
+  return step, state, batch
+
+
+def time_step(config, steps: int, num_train: int = 50_000) -> dict:
+  """Compiles `config`'s train step and times it on synthetic uint8 images.
+
+  Args:
+    config: a run config (framework, model, gating, batch size, dtype).
+    steps: timed steps after the first (compilation) step.
+    num_train: training-set size the schedules assume.
+
+  Returns:
+    {'gating', 'dtype', 'devices', 'median_step_s', 'images_per_s',
+     'first_step_s' (compilation included), 'flops_reduction', 'loss'}.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  step, state, batch = build_step(config, num_train)
   start = time.perf_counter()
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)

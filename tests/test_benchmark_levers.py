@@ -28,7 +28,8 @@ def test_summary_pairs_repeats_and_flags_numerics_changes():
   assert table['xnnpack'] == {'error': ['FATAL: no such flag']}
 
 
-def test_every_lever_sets_cpu_flags_or_devices_only():
-  for name, (flags, devices) in benchmark_levers.LEVERS.items():
+def test_every_lever_sets_cpu_flags_devices_or_the_conv_formulation_only():
+  for name, (flags, devices, variables) in benchmark_levers.LEVERS.items():
     assert all(f.startswith('--xla_cpu_') for f in flags.split()), name
     assert devices in (0, 1), name
+    assert set(variables) <= {'CDG_JAX_CONV_FORMULATION'}, name

@@ -303,3 +303,54 @@ def test_summed_threshold_regulariser_counts_every_channel():
   np.testing.assert_allclose(ops.threshold_regularizer(thresholds, 1.0),
                              5 / 3 + 4, rtol=1e-6)
   assert float(ops.threshold_sum_regularizer([], 1.0)) == 0.0
+
+
+@pytest.mark.parametrize('formulation', ['patches', 'shifted_dots'])
+@pytest.mark.parametrize('size,kernel,stride,padding', [
+    (8, 3, 1, 'SAME'), (7, 3, 2, 'SAME'), (8, 1, 2, 'SAME'),
+    (9, 3, 1, 'VALID'), (6, 3, 2, ((0, 1), (1, 1)))])
+def test_conv_formulations_match_xla_values_and_gradients(
+    formulation, size, kernel, stride, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, size, size, 5)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((kernel, kernel, 5, 4)), jnp.float32)
+
+  def loss(form):
+    return lambda x, w: jnp.sum(jnp.sin(ops.conv(
+        x, w, (stride, stride), padding, formulation=form)))
+  np.testing.assert_allclose(
+      ops.conv(x, w, (stride, stride), padding, formulation=formulation),
+      ops.conv(x, w, (stride, stride), padding, formulation='xla'),
+      rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.grad(loss(formulation), (0, 1))(x, w),
+                       jax.grad(loss('xla'), (0, 1))(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_formulation_on_cpu_picks_patches_for_strides_and_tiny_maps(
+    monkeypatch):
+  assert ops.auto_formulation((2, 16, 16, 8), (3, 3, 8, 8), (1, 1),
+                              'SAME') == 'xla'
+  assert ops.auto_formulation((2, 16, 16, 8), (3, 3, 8, 8), (2, 2),
+                              'SAME') == 'patches'
+  assert ops.auto_formulation((2, 16, 16, 8), (1, 1, 8, 8), (2, 2),
+                              'SAME') == 'patches'
+  assert ops.auto_formulation((2, 2, 2, 8), (3, 3, 8, 8), (1, 1),
+                              'SAME') == 'patches'
+  assert ops.auto_formulation((2, 2, 2, 8), (1, 1, 8, 8), (1, 1),
+                              'SAME') == 'xla'
+  assert ops.auto_formulation((2, 4, 4, 8), (3, 3, 8, 8), (1, 1),
+                              'VALID') == 'patches'   # 2x2 out
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert ops.auto_formulation((2, 16, 16, 8), (3, 3, 8, 8), (2, 2),
+                              'SAME') == 'xla'
+
+
+def test_conv_formulation_from_environment_and_its_errors(monkeypatch):
+  x = jnp.ones((1, 4, 4, 2))
+  w = jnp.ones((3, 3, 2, 2))
+  monkeypatch.setenv(ops.CONV_FORMULATION_VARIABLE, 'im2col')
+  with pytest.raises(ValueError, match="'im2col'.*CDG_JAX_CONV_FORMULATION"):
+    ops.conv(x, w)
+  monkeypatch.setenv(ops.CONV_FORMULATION_VARIABLE, 'xla')
+  np.testing.assert_allclose(ops.conv(x, w), ops.conv(x, w, formulation='xla'))

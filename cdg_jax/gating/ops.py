@@ -40,6 +40,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -184,12 +185,98 @@ def base_and_conditional(x: Array, kernel: Array, groups: int,
           conv(x_cond, k_cond, strides, padding))
 
 
+CONV_FORMULATIONS = ('xla', 'patches', 'shifted_dots')
+# Overrides `conv`'s default formulation for a whole program, e.g.
+# CDG_JAX_CONV_FORMULATION=xla to use XLA's convolution everywhere.
+CONV_FORMULATION_VARIABLE = 'CDG_JAX_CONV_FORMULATION'
+
+
 def conv(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
-         padding: str | Sequence[tuple[int, int]] = 'SAME') -> Array:
-  """Plain NHWC/HWIO convolution, the one used by both paths and by dense layers."""
-  return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=tuple(strides), padding=padding,
-      dimension_numbers=DIMENSION_NUMBERS)
+         padding: str | Sequence[tuple[int, int]] = 'SAME',
+         formulation: str | None = None) -> Array:
+  """Plain NHWC/HWIO convolution, the one used by both paths and by dense layers.
+
+  `formulation` says how it is computed; every one computes the same sum
+  (they differ in summation order only, i.e. in float rounding):
+
+    'xla'           `jax.lax.conv_general_dilated`;
+    'patches'       the kernel's kh*kw shifted windows of the padded input
+                    side by side, then one matrix product with the kernel
+                    (im2col); the windows are recomputed for the backward
+                    pass rather than kept (they are kh*kw times the input);
+    'shifted_dots'  one matrix product per kernel tap, summed;
+    'auto'          `auto_formulation`'s choice for these shapes.
+
+  None (the default) reads the environment variable
+  CDG_JAX_CONV_FORMULATION, and 'auto' when it is unset.
+  """
+  if formulation is None:
+    formulation = os.environ.get(CONV_FORMULATION_VARIABLE, 'auto')
+  if formulation == 'auto':
+    formulation = auto_formulation(x.shape, kernel.shape, strides, padding)
+  if formulation == 'xla':
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=tuple(strides), padding=padding,
+        dimension_numbers=DIMENSION_NUMBERS)
+  if formulation not in CONV_FORMULATIONS:
+    raise ValueError(f'Unknown convolution formulation {formulation!r}; '
+                     f"expected 'auto' or one of {CONV_FORMULATIONS} (from "
+                     f'the argument or {CONV_FORMULATION_VARIABLE}).')
+  kh, kw, c_in, c_out = kernel.shape
+  if formulation == 'patches':
+    @jax.checkpoint
+    def patches_conv(x, kernel):
+      windows = _shifted_windows(x, (kh, kw), strides, padding)
+      patches = windows[0] if len(windows) == 1 else jnp.concatenate(
+          windows, axis=-1)
+      return jnp.dot(patches, kernel.reshape(kh * kw * c_in, c_out))
+    return patches_conv(x, kernel)
+  windows = _shifted_windows(x, (kh, kw), strides, padding)
+  taps = kernel.reshape(kh * kw, c_in, c_out)
+  return sum(jnp.dot(window, taps[i]) for i, window in enumerate(windows))
+
+
+def auto_formulation(x_shape: Sequence[int], kernel_shape: Sequence[int],
+                     strides: Sequence[int],
+                     padding: str | Sequence[tuple[int, int]]) -> str:
+  """The fastest formulation of `conv` we measured for these shapes.
+
+  Off CPU: 'xla'. On XLA:CPU (experiments/results/levers/conv_forms.md),
+  XLA computes the input gradient of a strided convolution as a convolution
+  over a zero-dilated gradient, 1.2-6.6x slower forward and backward than
+  'patches', whose strided windows transpose to a plain scatter; and its
+  convolutions over feature maps of 2x2 or less were up to 13x slower.
+  Elsewhere XLA's convolution was as fast or faster (up to 2.7x).
+  """
+  if jax.default_backend() != 'cpu':
+    return 'xla'
+  if any(s > 1 for s in strides):
+    return 'patches'
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(x_shape[1:3], kernel_shape[:2],
+                                      tuple(strides), padding)
+  out = [x_shape[1 + d] + sum(padding[d]) - kernel_shape[d] + 1
+         for d in (0, 1)]
+  if kernel_shape[0] * kernel_shape[1] > 1 and min(out) <= 2:
+    return 'patches'
+  return 'xla'
+
+
+def _shifted_windows(x: Array, window: tuple[int, int], strides: Sequence[int],
+                     padding: str | Sequence[tuple[int, int]]) -> list[Array]:
+  """The input under each kernel tap, (N, H_out, W_out, C) each, in the
+  kernel's (row, column) order."""
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(x.shape[1:3], window, tuple(strides),
+                                      padding)
+  x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  out = [(x.shape[1 + d] - window[d]) // strides[d] + 1 for d in (0, 1)]
+  return [jax.lax.slice(
+      x, (0, i, j, 0),
+      (x.shape[0], i + (out[0] - 1) * strides[0] + 1,
+       j + (out[1] - 1) * strides[1] + 1, x.shape[3]),
+      (1, strides[0], strides[1], 1))
+          for i in range(window[0]) for j in range(window[1])]
 
 
 def saliency_moments(y_base: Array, norm: str = 'batch', num_groups: int = 1

@@ -712,11 +712,14 @@ def online_loss(params, settings: Settings, networks: Networks,
       {'params': params, 'batch_stats': state.batch_stats}, online_input,
       train=True, stat_groups=online_groups,
       rngs=online_rngs, mutable=_online_mutable(settings.gating))
-  loss, embeddings = ssl_loss(settings.framework, out, target_out,
-                              queue_keys, settings.ssl.temperature)
-  densities = flops.mean_densities(new_vars.get(DENSITY_COLLECTION, {}))
-  gate_loss = _gate_loss(settings, params, densities,
-                         new_vars.get(AUX_COLLECTION, {}), costs, state.step)
+  with jax.named_scope('ssl_loss'):
+    loss, embeddings = ssl_loss(settings.framework, out, target_out,
+                                queue_keys, settings.ssl.temperature)
+  with jax.named_scope('gate_regularizer'):
+    densities = flops.mean_densities(new_vars.get(DENSITY_COLLECTION, {}))
+    gate_loss = _gate_loss(settings, params, densities,
+                           new_vars.get(AUX_COLLECTION, {}), costs,
+                           state.step)
   aux = dict(batch_stats=new_vars['batch_stats'], densities=densities,
              embeddings=embeddings, features=out['features'], ssl_loss=loss,
              gate_loss=gate_loss)
@@ -779,36 +782,42 @@ def pretraining_step(settings: Settings, networks: Networks,
   tx = make_optimizer(settings.optim, learning_rate_schedule(settings))
   probe_tx = optax.adam(settings.probe_learning_rate)
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  view1, view2 = augment.two_views(rng, batch['image'], settings.augment)
+  # The named scopes label the compiled program's ops for profiles
+  # (experiments/profile_step.py); they change no numerics.
+  with jax.named_scope('augment'):
+    view1, view2 = augment.two_views(rng, batch['image'], settings.augment)
   online_rngs, target_rngs = _gate_rngs(spec, rng)
   online_input, online_groups, target_input, target_groups = _branch_inputs(
       framework, view1, view2, _stat_groups(settings.branches))
-  target_out, target_stats = target_branch(networks, state, target_input,
-                                           target_groups, target_rngs)
+  with jax.named_scope('target_branch'):
+    target_out, target_stats = target_branch(
+        networks, state, target_input, target_groups, target_rngs)
   queue_keys = state.queue['keys'] if framework.queue else None
 
   (total_loss, aux), grads = jax.value_and_grad(online_loss, has_aux=True)(
       state.params, settings, networks, costs, state, online_input,
       online_groups, online_rngs, target_out, queue_keys)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-
-  tau = tau_schedule(settings.ssl, settings.total_steps)(state.step)
-  target_params = state.target_params
-  if networks.target is not None:
-    target_params = ema_update(
-        state.target_params, select_like(params, state.target_params), tau)
-  queue = state.queue
-  if framework.queue:
-    queue = _updated_queue(state.queue, target_out['projection'])
+  with jax.named_scope('optimizer'):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    tau = tau_schedule(settings.ssl, settings.total_steps)(state.step)
+    target_params = state.target_params
+    if networks.target is not None:
+      target_params = ema_update(
+          state.target_params, select_like(params, state.target_params), tau)
+    queue = state.queue
+    if framework.queue:
+      queue = _updated_queue(state.queue, target_out['projection'])
 
   # The probe reads the first view's features.
   labels = batch['label']
-  probe_params, probe_opt_state, probe_loss, logits = _probe_step(
-      networks.probe, probe_tx, state, aux['features'][:view1.shape[0]],
-      labels)
-  metrics = step_metrics(settings, costs, state, total_loss, aux, tau,
-                         probe_loss, logits, labels)
+  with jax.named_scope('probe'):
+    probe_params, probe_opt_state, probe_loss, logits = _probe_step(
+        networks.probe, probe_tx, state, aux['features'][:view1.shape[0]],
+        labels)
+  with jax.named_scope('metrics'):
+    metrics = step_metrics(settings, costs, state, total_loss, aux, tau,
+                           probe_loss, logits, labels)
   new_state = state.replace(
       step=state.step + 1, params=params, batch_stats=aux['batch_stats'],
       opt_state=opt_state, target_params=target_params,
