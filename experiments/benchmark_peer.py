@@ -42,6 +42,11 @@ and 100 all-reduces, most of them of tile windows, against 3 and 1 for the
 dense and masked steps; the project's sparse speed-ups were measured on one
 device. Time both settings.
 
+Each library runs in a process of its own (`--separate_processes`, the
+default): this process times the cdg_jax steps and drives a PyTorch worker
+process step by step over a pipe, which times its own. In one process,
+PyTorch's threads slowed the cdg_jax dense step from about 7.5 s to 10.5 s
+(2026-12-05, 2-core Xeon), a cost a user running one library never pays.
 Every variant is compiled (or warmed up) once, then within each of
 `--repeats` repeats the variants run in turn, with a `--pause` between
 them, so ratios compare like with like on a machine whose speed drifts.
@@ -103,6 +108,13 @@ flags.DEFINE_integer('cpu_devices', 0, 'CPU devices of the cdg_jax half '
 flags.DEFINE_bool('torch', True, 'Time the PyTorch half (needs torch).')
 flags.DEFINE_bool('torch_compile', True, 'Include the torch.compile variants '
                   '(a compile error is recorded and the run goes on).')
+flags.DEFINE_bool('separate_processes', True, 'Run the PyTorch half in a '
+                  'process of its own, driven step by step from this one '
+                  "(each library's threads and memory alone, as a user "
+                  'runs them; in one process PyTorch slowed the cdg_jax '
+                  'steps by about 30%).')
+# Internal: set in the PyTorch worker process.
+flags.DEFINE_bool('torch_worker', False, 'Serve the PyTorch half.')
 flags.DEFINE_float('pause', 0.5, 'Seconds of sleep before each timed step, '
                    "so that one library's spinning worker threads do not "
                    "overlap the other's step.")
@@ -301,12 +313,13 @@ def import_torch():
   return torch, peer_torch
 
 
-def torch_step_config(peer_torch, jax_half: JaxHalf, gated: bool):
-  """The PyTorch step's hyperparameters, read from the cdg_jax config."""
+def torch_step_config(jax_half: JaxHalf, gated: bool) -> dict:
+  """The PyTorch step's hyperparameters (`peer_torch.StepConfig`'s fields),
+  read from the cdg_jax config."""
   config = jax_half.configs['cdg_jax/masked']
   settings = jax_half.settings['cdg_jax/masked']
   spec, view = settings.gating, config.augment.view1
-  return peer_torch.StepConfig(
+  return dict(
       width=config.model.width, num_classes=config.data.num_classes,
       gated=gated, groups=spec.groups, alpha=spec.alpha,
       epsilon=spec.epsilon, density_target=spec.density_target,
@@ -327,10 +340,11 @@ def torch_step_config(peer_torch, jax_half: JaxHalf, gated: bool):
       std=tuple(config.augment.std))
 
 
-def torch_steps(torch, peer_torch, jax_half: JaxHalf, images, labels
+def torch_steps(torch, peer_torch, step_configs: dict, images, labels
                 ) -> tuple[dict[str, Callable], dict]:
   """The PyTorch variants' step callables and what was measured on the way
-  (gate density of the masked model, compile errors)."""
+  (gate density of the masked model); `step_configs` maps 'dense' and
+  'masked' to `torch_step_config`'s."""
   import copy  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -338,8 +352,7 @@ def torch_steps(torch, peer_torch, jax_half: JaxHalf, images, labels
   info = {'compile_errors': {}}
   calls = {}
   for kind in ('dense', 'masked'):
-    model = peer_torch.SimCLR(torch_step_config(peer_torch, jax_half,
-                                                kind == 'masked'))
+    model = peer_torch.SimCLR(step_configs[kind])
     if kind == 'masked':
       info['masked_gate_density'] = peer_torch.set_threshold(
           model, x, FLAGS.density, FLAGS.image_size)
@@ -349,6 +362,105 @@ def torch_steps(torch, peer_torch, jax_half: JaxHalf, images, labels
       calls[f'torch/{kind}/{key}'] = peer_torch.TrainStep(
           copy.deepcopy(model), x, y, channels_last, compiled)
   return calls, info
+
+
+def warm_up(calls: dict[str, Callable], must_work: Sequence[str] = ()
+            ) -> tuple[dict[str, float], dict[str, str]]:
+  """Calls each step once (compilation included): (first-call seconds,
+  errors). A failing step is dropped from `calls` and its error kept, unless
+  it is in `must_work`."""
+  errors, first_call_s = {}, {}
+  for key in list(calls):
+    start = time.perf_counter()
+    try:
+      calls[key]()
+    except Exception as e:  # pylint: disable=broad-except
+      if key in must_work:
+        raise
+      errors[key] = f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
+      del calls[key]
+      print(f'{key}: failed, {errors[key]}; going on without it', flush=True)
+      continue
+    first_call_s[key] = time.perf_counter() - start
+    print(f'{key}: first call {first_call_s[key]:.1f} s', flush=True)
+  return first_call_s, errors
+
+
+def synthetic_batch():
+  """The benchmark's uint8 images and labels (the same in every process)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (FLAGS.batch_size, FLAGS.image_size,
+                                 FLAGS.image_size, 3), np.uint8)
+  labels = rng.integers(0, 10, (FLAGS.batch_size,)).astype(np.int32)
+  return images, labels
+
+
+_MESSAGE = 'PEER_WORKER '   # prefixes the worker's replies on its stdout
+
+
+def _reply(message: dict) -> None:
+  print(_MESSAGE + json.dumps(message), flush=True)
+
+
+def torch_worker() -> None:
+  """The PyTorch half in a process of its own: reads the two step configs
+  (one JSON line), builds and warms up the steps, replies 'ready', then
+  times one step per variant key it reads, until 'quit'."""
+  import peer_torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count() or 1)
+  step_configs = {kind: peer_torch.StepConfig(**{
+      k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+                  for kind, fields in json.loads(sys.stdin.readline()).items()}
+  images, labels = synthetic_batch()
+  calls, info = torch_steps(torch, peer_torch, step_configs, images, labels)
+  first_call_s, errors = warm_up(calls)
+  _reply({'keys': list(calls), 'first_call_s': first_call_s,
+          'errors': errors, 'info': info, 'torch': torch.__version__,
+          'threads': [torch.get_num_threads(),
+                      torch.get_num_interop_threads()]})
+  for line in sys.stdin:
+    key = line.strip()
+    if key == 'quit':
+      return
+    start = time.perf_counter()
+    calls[key]()
+    _reply({'key': key, 'seconds': time.perf_counter() - start})
+
+
+class TorchProcess:
+  """The PyTorch half served by `torch_worker` in a child process."""
+
+  def __init__(self, step_configs: dict[str, dict]):
+    import subprocess  # pylint: disable=g-import-not-at-top
+    argv = [a for a in sys.argv[1:] if not a.startswith('--torch_worker')]
+    self.process = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), '--torch_worker'] + argv,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    self._send(json.dumps(step_configs))
+    self.ready = self._receive()
+
+  def _send(self, line: str) -> None:
+    self.process.stdin.write(line + '\n')
+    self.process.stdin.flush()
+
+  def _receive(self) -> dict:
+    for line in self.process.stdout:
+      if line.startswith(_MESSAGE):
+        return json.loads(line[len(_MESSAGE):])
+      print(line, end='', flush=True)   # the worker's own progress
+    raise RuntimeError(f'The PyTorch worker ended (exit status '
+                       f'{self.process.wait()}); see its messages above.')
+
+  def call(self, key: str) -> float:
+    """Seconds of one step of `key`, timed in the worker."""
+    self._send(key)
+    return self._receive()['seconds']
+
+  def close(self) -> None:
+    self._send('quit')
+    self.process.wait(timeout=60)
 
 
 # --------------------------------------------------------------------- main
@@ -417,62 +529,66 @@ def run() -> dict:
   content."""
   from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
   parallel.split_host_into_devices(FLAGS.cpu_devices)   # before JAX starts
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
 
-  torch, peer_torch = (import_torch() if FLAGS.torch
-                       else (None, 'PyTorch half skipped (--notorch)'))
-  torch_message = None
-  if torch is None:
-    torch_message, peer_torch = peer_torch, None
-    print(torch_message, flush=True)
+  torch = peer_torch = torch_message = None
+  if not FLAGS.torch:
+    torch_message = 'PyTorch half skipped (--notorch)'
+  elif FLAGS.separate_processes:
+    if importlib.util.find_spec('torch') is None:
+      torch_message = TORCH_MISSING
   else:
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch, peer_torch = import_torch()
+    if torch is None:
+      torch_message, peer_torch = peer_torch, None
+    else:
+      torch.set_num_threads(os.cpu_count() or 1)
+  if torch_message:
+    print(torch_message, flush=True)
 
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (FLAGS.batch_size, FLAGS.image_size,
-                                 FLAGS.image_size, 3), np.uint8)
-  labels = rng.integers(0, 10, (FLAGS.batch_size,)).astype(np.int32)
+  images, labels = synthetic_batch()
   jax_half = JaxHalf(images, labels)
   variants = {key: (library, kind, execution)
               for key, library, kind, execution in JAX_VARIANTS}
-  calls = dict(jax_half.calls)
-  torch_info = {'compile_errors': {}}
+  first_call_s, errors = warm_up(
+      {key: (lambda key=key: jax_half.warm_up(key)) for key in jax_half.calls},
+      must_work=list(jax_half.calls))
+  timers = {key: (lambda call=call: _seconds(call))
+            for key, call in jax_half.calls.items()}
+  torch_info, torch_process = {'compile_errors': {}}, None
+  step_configs = {kind: torch_step_config(jax_half, kind == 'masked')
+                  for kind in ('dense', 'masked')}
   if torch is not None:
-    torch_calls, torch_info = torch_steps(torch, peer_torch, jax_half,
-                                          images, labels)
-    calls.update(torch_calls)
+    torch_calls, torch_info = torch_steps(
+        torch, peer_torch, {k: peer_torch.StepConfig(**v)
+                            for k, v in step_configs.items()}, images, labels)
+    torch_first, torch_errors = warm_up(torch_calls)
+    timers.update({key: (lambda call=call: _seconds(call))
+                   for key, call in torch_calls.items()})
+  elif torch_message is None:
+    torch_process = TorchProcess(step_configs)
+    ready = torch_process.ready
+    torch_info, torch_first, torch_errors = (
+        ready['info'], ready['first_call_s'], ready['errors'])
+    timers.update({key: (lambda key=key: torch_process.call(key))
+                   for key in ready['keys']})
+  if torch is not None or torch_process is not None:
+    first_call_s.update(torch_first)
+    errors.update(torch_errors)
     variants.update({key: (library, kind, label) for key, library, kind, label
-                     in TORCH_VARIANTS if key in torch_calls})
-  errors, first_call_s = {}, {}
-  for key in list(calls):   # compile and warm up
-    start = time.perf_counter()
-    try:
-      if key in jax_half.calls:
-        jax_half.warm_up(key)
-      else:
-        calls[key]()
-    except Exception as e:  # pylint: disable=broad-except
-      if key in jax_half.calls:
-        raise
-      errors[key] = f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
-      del calls[key]
-      print(f'{key}: failed, {errors[key]}; going on without it', flush=True)
-      continue
-    first_call_s[key] = time.perf_counter() - start
-    print(f'{key}: first call {first_call_s[key]:.1f} s', flush=True)
+                     in TORCH_VARIANTS if key in timers})
   torch_info['compile_errors'] = {k: v for k, v in errors.items()
                                   if 'compiled' in k}
-  times = {key: [] for key in calls}
+  times = {key: [] for key in timers}
   load_before = _load_average()
   for repeat in range(FLAGS.repeats):
-    for key, call in calls.items():
+    for key, timer in timers.items():
       time.sleep(FLAGS.pause)
-      start = time.perf_counter()
-      call()
-      times[key].append(time.perf_counter() - start)
+      times[key].append(timer())
     print(f'repeat {repeat + 1}/{FLAGS.repeats}: ' + ', '.join(
         f'{k} {t[-1]:.2f} s' for k, t in times.items()), flush=True)
+  if torch_process is not None:
+    torch_process.close()
 
   load_after = _load_average()
   rows = []
@@ -497,10 +613,21 @@ def run() -> dict:
         'times_s': measured, 'error': errors.get(key)})
   ratios = ratios_of(times)
   cores = os.cpu_count()
-  torch_threads = (f'PyTorch torch.set_num_threads({cores}): '
-                   f'{torch.get_num_threads()} intra-op, '
-                   f'{torch.get_num_interop_threads()} inter-op threads'
-                   if torch is not None else 'PyTorch not run')
+  if torch is not None:
+    torch_threads = (f'PyTorch torch.set_num_threads({cores}): '
+                     f'{torch.get_num_threads()} intra-op, '
+                     f'{torch.get_num_interop_threads()} inter-op threads, '
+                     f'in this process')
+  elif torch_process is not None:
+    intra, inter = torch_process.ready['threads']
+    torch_threads = (f'PyTorch torch.set_num_threads({cores}): {intra} '
+                     f'intra-op, {inter} inter-op threads, in a process of '
+                     f'its own (--separate_processes)')
+  else:
+    torch_threads = 'PyTorch not run'
+  versions = _versions(torch)
+  if torch_process is not None:
+    versions['torch'] = torch_process.ready['torch']
   result = {
       'date': datetime.datetime.now().isoformat(timespec='seconds'),
       'command': shlex.join([sys.executable] + sys.argv),
@@ -510,7 +637,7 @@ def run() -> dict:
       # (PyTorch's OpenMP barriers suffer most when a core is taken).
       'load_average_1min': {'before_timing': load_before,
                             'after_timing': load_after},
-      'versions': _versions(torch),
+      'versions': versions,
       'threads': (f'cdg_jax: {jax_half.devices} CPU device(s) '
                   f'(--cpu_devices={FLAGS.cpu_devices}; XLA_FLAGS='
                   f'{os.environ.get("XLA_FLAGS", "")!r}), the batch sharded '
@@ -519,9 +646,10 @@ def run() -> dict:
                 'batch_size': FLAGS.batch_size, 'tiles': FLAGS.tiles,
                 'density': FLAGS.density, 'temperature': FLAGS.temperature,
                 'repeats': FLAGS.repeats, 'cpu_devices': FLAGS.cpu_devices,
-                'torch_compile': FLAGS.torch_compile, 'pause': FLAGS.pause},
+                'torch_compile': FLAGS.torch_compile, 'pause': FLAGS.pause,
+                'separate_processes': FLAGS.separate_processes},
       'learning_rate': jax_half.learning_rate,
-      'torch': {'available': torch is not None, 'message': torch_message,
+      'torch': {'available': torch_message is None, 'message': torch_message,
                 'masked_gate_density': torch_info.get('masked_gate_density'),
                 'compile_errors': torch_info['compile_errors']},
       'rows': rows,
@@ -536,10 +664,19 @@ def run() -> dict:
   return result
 
 
+def _seconds(call: Callable) -> float:
+  start = time.perf_counter()
+  call()
+  return time.perf_counter() - start
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  run()
+  if FLAGS.torch_worker:
+    torch_worker()
+  else:
+    run()
 
 
 if __name__ == '__main__':

@@ -594,7 +594,6 @@ def main(argv):
                          f'protocol, dense64, masked64, sparse64.')
   from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
   parallel.split_host_into_devices(FLAGS.cpu_devices)   # before JAX starts
-  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   torch, _ = (benchmark_peer.import_torch() if FLAGS.torch else (None, None))
   if torch is None:
