@@ -2,7 +2,7 @@ r"""Where the train step's time goes: an XLA:CPU trace of the step, op by op.
 
   python experiments/profile_step.py          # protocol, dense64, masked64, sparse64
   /root/venv-peer/bin/python experiments/profile_step.py   # + PyTorch per shape
-  python experiments/profile_step.py --steps_configs=protocol --width=8 \
+  python experiments/profile_step.py --step_kinds=protocol --width=8 \
       --repeats=1 --out=/tmp/profile_check    # a quick check
 
 The steps (the same programs training and the peer benchmark run):
@@ -63,7 +63,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark_peer  # pylint: disable=g-import-not-at-top,wrong-import-position
 from machine import cpu_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-flags.DEFINE_list('steps_configs', ['protocol', 'dense64', 'masked64',
+flags.DEFINE_list('step_kinds', ['protocol', 'dense64', 'masked64',
                                     'sparse64'],
                   'Steps to profile: protocol, dense64, masked64, sparse64.')
 FLAGS = flags.FLAGS
@@ -589,7 +589,7 @@ def write_report(result: dict, out: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  unknown = set(FLAGS.steps_configs) - {'protocol', 'dense64', 'masked64',
+  unknown = set(FLAGS.step_kinds) - {'protocol', 'dense64', 'masked64',
                                          'sparse64'}
   if unknown:
     raise app.UsageError(f'Unknown steps configs {sorted(unknown)}; expected '
@@ -604,11 +604,11 @@ def main(argv):
   else:
     torch.set_num_threads(os.cpu_count() or 1)
   steps = {}
-  if 'protocol' in FLAGS.steps_configs:
+  if 'protocol' in FLAGS.step_kinds:
     step, state, batch, description = _protocol_step()
     steps['protocol'] = (step, state, batch, description, True)
   wide = [n for n in ('dense64', 'masked64', 'sparse64')
-          if n in FLAGS.steps_configs]
+          if n in FLAGS.step_kinds]
   if wide:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (FLAGS.batch_size, FLAGS.image_size,

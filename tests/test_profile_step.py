@@ -1,0 +1,65 @@
+"""experiments/profile_step.py: its reading of a compiled program and of a
+trace, on hand-written inputs (no compilation)."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# experiments/ is no package: its modules import each other by name.
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+import profile_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_HLO = '''HloModule jit_train_step
+
+%fused_computation.1 (param_0: f32[2,8,8,4], param_1: f32[3,3,4,6]) -> f32[2,8,8,6] {
+  %param_0 = f32[2,8,8,4]{3,2,1,0} parameter(0)
+  %param_1 = f32[3,3,4,6]{3,2,1,0} parameter(1)
+  ROOT %convolution.1 = f32[2,8,8,6]{3,2,1,0} convolution(%param_0, %param_1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(train_step)/jvp(SSLNetwork)/backbone/stage1_block0/conv1/conv1._plain/conv_general_dilated"}
+}
+
+ENTRY %main (x: f32[2,8,8,4], k: f32[3,3,4,6], a: f32[16,32], b: f32[32,5]) -> f32[2,8,8,6] {
+  %x = f32[2,8,8,4]{3,2,1,0} parameter(0)
+  %k = f32[3,3,4,6]{3,2,1,0} parameter(1)
+  %a = f32[16,32]{1,0} parameter(2)
+  %b = f32[32,5]{1,0} parameter(3)
+  %conv_fusion = f32[2,8,8,6]{3,2,1,0} fusion(%x, %k), kind=kCustom, calls=%fused_computation.1
+  %dot.3 = f32[16,5]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(train_step)/transpose(jvp(SSLNetwork))/projector/dense0/dot_general"}
+  %copy.2 = f32[16,5]{0,1} copy(%dot.3)
+  %bn = f32[2,8,8,6]{3,2,1,0} multiply(%conv_fusion, %conv_fusion), metadata={op_name="jit(train_step)/jvp(SSLNetwork)/backbone/stage1_block0/conv1/conv1._plain/bn1/mul"}
+  ROOT %aug = f32[2,8,8,6]{3,2,1,0} add(%bn, %bn), metadata={op_name="jit(train_step)/augment/add"}
+}
+'''
+
+
+def test_parse_hlo_counts_macs_geometry_and_sources():
+  ops = profile_step.parse_hlo(_HLO)
+  assert 'convolution.1' not in ops   # counted with its fusion
+  conv = ops['conv_fusion']
+  assert conv.macs == 2 * 8 * 8 * 6 * 3 * 3 * 4
+  assert conv.has_convolution
+  assert conv.conv_geometry == {'batch': 2, 'height': 8, 'width': 8,
+                                'channels_in': 4, 'channels_out': 6,
+                                'kernel': 3, 'stride': 1}
+  assert ops['dot.3'].macs == 16 * 5 * 32
+  assert profile_step.classify(conv) == ('convolution', 'forward')
+  assert profile_step.conv_layer(conv) == 'backbone/stage1_block0/conv1'
+  assert profile_step.classify(ops['dot.3']) == ('projector/predictor',
+                                                 'backward')
+  assert profile_step.classify(ops['bn']) == ('batchnorm', 'forward')
+  assert profile_step.classify(ops['aug']) == ('augmentation', 'forward')
+  # No source of its own: it takes its operand's, a backward op's.
+  assert ops['copy.2'].inherited
+  assert profile_step.classify(ops['copy.2']) == ('projector/predictor',
+                                                  'backward')
+
+
+def test_wall_shares_split_overlapping_ops_equally():
+  executed = [{'op': 'a', 'device': 0, 'start': 0.0, 'end': 4.0},
+              {'op': 'b', 'device': 1, 'start': 2.0, 'end': 6.0},
+              {'op': 'a', 'device': 1, 'start': 8.0, 'end': 9.0}]
+  shares = profile_step.wall_shares(executed)
+  assert shares['a'] == pytest.approx(2.0 + 1.0 + 1.0)
+  assert shares['b'] == pytest.approx(1.0 + 2.0)
+  assert sum(shares.values()) == pytest.approx(7.0)   # time any op ran
