@@ -376,14 +376,11 @@ def attribute(ops: dict[str, Op], executed: list[dict], steps: int,
     size = geometry['batch'] * geometry['height'] * geometry['width']
     if size > full_map.get(layer, (0, None))[0]:
       full_map[layer] = (size, geometry)
-  shapes = {}
   for layer, (_, geometry) in full_map.items():
     kernel = kernels[layer]
-    shapes[layer] = (None, dict(geometry, kernel=kernel[0],
-                                channels_in=kernel[2],
-                                channels_out=kernel[3]), None)
-  for layer, (_, shape, _) in shapes.items():
-    layers[layer]['shape'] = shape
+    layers[layer]['shape'] = dict(geometry, kernel=kernel[0],
+                                  channels_in=kernel[2],
+                                  channels_out=kernel[3])
   top_ops.sort(key=lambda o: -o['seconds'])
   return {'top_ops': top_ops[:25], 'devices': len(devices),
           'busy_s': sum(by_category.values()),

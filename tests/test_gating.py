@@ -353,4 +353,12 @@ def test_conv_formulation_from_environment_and_its_errors(monkeypatch):
   with pytest.raises(ValueError, match="'im2col'.*CDG_JAX_CONV_FORMULATION"):
     ops.conv(x, w)
   monkeypatch.setenv(ops.CONV_FORMULATION_VARIABLE, 'xla')
-  np.testing.assert_allclose(ops.conv(x, w), ops.conv(x, w, formulation='xla'))
+
+  def no_auto(*args):
+    raise AssertionError(f'auto_formulation called with {args}')
+  monkeypatch.setattr(ops, 'auto_formulation', no_auto)
+  np.testing.assert_array_equal(ops.conv(x, w, (2, 2)),
+                                ops.conv(x, w, (2, 2), formulation='xla'))
+  monkeypatch.delenv(ops.CONV_FORMULATION_VARIABLE)
+  with pytest.raises(AssertionError, match='auto_formulation called'):
+    ops.conv(x, w, (2, 2))

@@ -252,9 +252,7 @@ def auto_formulation(x_shape: Sequence[int], kernel_shape: Sequence[int],
     return 'xla'
   if any(s > 1 for s in strides):
     return 'patches'
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(x_shape[1:3], kernel_shape[:2],
-                                      tuple(strides), padding)
+  padding = _explicit_padding(x_shape, kernel_shape[:2], strides, padding)
   out = [x_shape[1 + d] + sum(padding[d]) - kernel_shape[d] + 1
          for d in (0, 1)]
   if kernel_shape[0] * kernel_shape[1] > 1 and min(out) <= 2:
@@ -262,13 +260,22 @@ def auto_formulation(x_shape: Sequence[int], kernel_shape: Sequence[int],
   return 'xla'
 
 
+def _explicit_padding(x_shape: Sequence[int], window: Sequence[int],
+                      strides: Sequence[int],
+                      padding: str | Sequence[tuple[int, int]]
+                      ) -> Sequence[tuple[int, int]]:
+  """(low, high) padding of H and W, 'SAME'/'VALID' resolved as XLA does."""
+  if isinstance(padding, str):
+    return jax.lax.padtype_to_pads(x_shape[1:3], tuple(window),
+                                   tuple(strides), padding)
+  return padding
+
+
 def _shifted_windows(x: Array, window: tuple[int, int], strides: Sequence[int],
                      padding: str | Sequence[tuple[int, int]]) -> list[Array]:
   """The input under each kernel tap, (N, H_out, W_out, C) each, in the
   kernel's (row, column) order."""
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(x.shape[1:3], window, tuple(strides),
-                                      padding)
+  padding = _explicit_padding(x.shape, window, strides, padding)
   x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
   out = [(x.shape[1 + d] - window[d]) // strides[d] + 1 for d in (0, 1)]
   return [jax.lax.slice(
