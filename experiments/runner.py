@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Any
 
+from cdg_jax.gating.ops import CONV_FORMULATION_VARIABLE
 from grids import GRIDS
 from grids import REPO_ROOT
 from grids import Run
@@ -128,6 +129,11 @@ def run_one(run: Run, results_dir: str, workdir_root: str) -> dict[str, Any]:
       'finished': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
       # Training is deterministic per CPU model, not across models.
       'cpu': cpu_model(),
+      # How the convolutions were computed (cdg_jax.gating.ops.conv; the
+      # formulations differ in rounding only). Results without the field
+      # predate the per-shape default and used XLA's convolution.
+      'conv_formulation': os.environ.get(CONV_FORMULATION_VARIABLE,
+                                         'auto'),
   }
   _save_result(results_dir, run.name, result)
   return result
