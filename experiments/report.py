@@ -611,8 +611,8 @@ def width_lines(results: list[dict[str, Any]]) -> list[str]:
            '| width | seeds | dense kNN / linear | CDG kNN / linear | '
            'channel predictor d0.4 kNN / linear | CDG gap (per seed) | '
            'predictor gap (per seed) | CDG FLOPs red. | predictor FLOPs '
-           'red. | CDG layer density |',
-           '| --- |' + ' --- |' * 9]
+           'red. | CDG layer density | convolutions |',
+           '| --- |' + ' --- |' * 10]
   cdg_gaps = width_gaps(results, 'CDG')
   predictor_gaps = width_gaps(results, 'channel predictor (density 0.4)')
   for width in WIDTHS:
@@ -644,7 +644,56 @@ def width_lines(results: list[dict[str, Any]]) -> list[str]:
         f'| {width} | {",".join(map(str, seeds))} | ' + ' | '.join(cells) +
         f' | {gap_text(cdg_gaps.get(width, {}))} | '
         f'{gap_text(predictor_gaps.get(width, {}))} | {reduction("CDG")} | '
-        f'{reduction("channel predictor (density 0.4)")} | {density} |')
+        f'{reduction("channel predictor (density 0.4)")} | {density} | '
+        f'{formulations(methods)} |')
+  lines += ['', "convolutions: how the runs computed them (`cdg_jax.gating."
+            "ops.conv`): 'xla' is XLA's convolution everywhere, as before "
+            "issue 40; 'auto' the per-shape default since. They compute the "
+            'same sums and differ in rounding only, which is enough to flip '
+            'some gate decisions, so a run is not bit-identical across them '
+            '(issue 40 measured 0.25 kNN points on the width-16 CDG run).']
+  lines += width_density_lines(rows)
+  return lines
+
+
+def formulations(methods: dict[str, dict[int, dict[str, Any]]]) -> str:
+  """The convolution formulations the runs of one width trained with
+  (results written before the field existed used XLA's convolution)."""
+  return ', '.join(sorted({r.get('conv_formulation', 'xla')
+                           for runs in methods.values()
+                           for r in runs.values()}))
+
+
+def width_density_lines(
+    rows: dict[int, dict[str, dict[int, dict[str, Any]]]]) -> list[str]:
+  """Each gated layer's density in the CDG runs of each width (mean over
+  seeds, eval split) beside the layer's share of the dense MACs."""
+  # Runs written before issue 30 did not record their layers' densities.
+  runs = {w: [r for r in rows.get(w, {}).get('CDG', {}).values()
+              if r.get('layer_density')] for w in WIDTHS}
+  widths = [w for w in WIDTHS if runs[w]]
+  if not widths:
+    return []
+  layers = list(runs[widths[0]][0]['layer_density'])
+  lines = ['', 'Where CDG closes its gates at each width: each gated '
+           "layer's density (the fraction of its output positions computed "
+           'on the test split, mean over the seeds run) and its share of the '
+           "backbone's dense MACs. Widths whose runs predate the per-layer "
+           'record are left out.', '',
+           f'| layer | MACs share (width {widths[0]}) | ' + ' | '.join(
+               f'width {w} ({len(runs[w])} seed{"s" * (len(runs[w]) > 1)})'
+               for w in widths) + ' |',
+           '| --- | --- |' + ' --- |' * len(widths)]
+  share = runs[widths[0]][0].get('layer_flops_share') or {}
+  for layer in layers:
+    cells = [f'{_mean(r["layer_density"][layer] for r in runs[w]):.3f}'
+             for w in widths]
+    lines.append(f'| {layer} | {100 * share.get(layer, float("nan")):.1f}% | '
+                 + ' | '.join(cells) + ' |')
+  lines.append('| all (FLOPs reduction) | 100% | ' + ' | '.join(
+      f'{_mean(r["gate_density"] for r in runs[w]):.3f} '
+      f'({_mean(r["flops_reduction"] for r in runs[w]):.2f}x)'
+      for w in widths) + ' |')
   return lines
 
 

@@ -281,6 +281,48 @@ def test_gap_to_dense_along_scale_against_hand_computed_values(tmp_path):
   assert report.gap_lines(results[:1] + results[2:3]) == []
 
 
+def test_width_table_gaps_formulations_and_layer_densities(tmp_path):
+  name = report._width_run_name
+  densities = lambda first, last: {'stage1_block0/conv1': first,
+                                   'stage4_block1/conv2': last}
+  shares = {'stage1_block0/conv1': 0.08, 'stage4_block1/conv2': 0.04}
+  results = [
+      # Width 16: one seed, written before the per-layer densities and the
+      # formulation were recorded (so: XLA's convolutions).
+      _result(name('dense', 16, 0), 0, 0.40, gating='none'),
+      _result(name('CDG', 16, 0), 0, 0.37),
+      # Width 64: two seeds with the per-shape formulation.
+      *[_result(name('dense', 64, seed), seed, 0.50 + seed / 100,
+                gating='none', conv_formulation='auto') for seed in (0, 1)],
+      _result(name('CDG', 64, 0), 0, 0.495, conv_formulation='auto',
+              layer_density=densities(0.2, 0.3), layer_flops_share=shares,
+              gate_density=0.24),
+      _result(name('CDG', 64, 1), 1, 0.49, conv_formulation='auto',
+              layer_density=densities(0.4, 0.5), layer_flops_share=shares,
+              gate_density=0.26),
+  ]
+  gaps = report.width_gaps(results, 'CDG')
+  assert gaps[16] == pytest.approx({0: -3.0})
+  assert gaps[64] == pytest.approx({0: -0.5, 1: -2.0})
+  lines = report.width_lines(results)
+  row_64 = next(line for line in lines if line.startswith('| 64 |'))
+  # Mean and per-seed gaps; FLOPs reduction 2.0 + seed / 10, mean 2.05.
+  assert '| -1.25 (-0.50, -2.00) | - | 2.05x | - | 0.20-0.50 | auto |' in row_64
+  assert row_64.startswith('| 64 | 0,1 | 50.50 (50.00-51.00) / 52.50 '
+                           '(52.00-53.00) | 49.25 (49.00-49.50) /')
+  assert next(line for line in lines if line.startswith('| 16 |')
+              ).endswith('| 2.00x | - | - | xla |')
+  # Only width 64 recorded its layers: a column of means over its seeds.
+  assert '| layer | MACs share (width 64) | width 64 (2 seeds) |' in lines
+  assert '| stage1_block0/conv1 | 8.0% | 0.300 |' in lines
+  assert '| stage4_block1/conv2 | 4.0% | 0.400 |' in lines
+  assert '| all (FLOPs reduction) | 100% | 0.250 (2.05x) |' in lines
+  report.write_width_plot(results, str(tmp_path))
+  assert (tmp_path / 'gap_vs_width.png').stat().st_size > 10_000
+  # Width 16 alone is not a curve: no section, no plot.
+  assert report.width_lines(results[:2]) == []
+
+
 def test_smoke_grid_runs_saves_each_result_and_skips_finished_runs(
     tmp_path, monkeypatch):
   results_dir, workdir_root = str(tmp_path / 'results'), str(tmp_path / 'work')
