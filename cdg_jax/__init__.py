@@ -18,6 +18,9 @@ network"):
   flops_report        per-layer and total MACs at given densities
   FlopsReport         its result (`.reduction`, `.format_table()`, ...)
   create_resnet       the gated ResNets of this project
+  configure_cpu       XLA:CPU's flags as this project measured them (one
+                      device per core, XLA's own convolution kernels); call
+                      before JAX starts, as cdg_jax.main does
 
 The package has two halves:
 
@@ -59,6 +62,7 @@ _EXPORTS = {
     'RegularizerSpec': 'cdg_jax.gating.regularizers',
     'budget_schedule': 'cdg_jax.gating.regularizers',
     'create_resnet': 'cdg_jax.ssl.models',
+    'configure_cpu': 'cdg_jax.run.parallel',
 }
 __all__ = sorted(_EXPORTS)
 
@@ -67,6 +71,7 @@ if TYPE_CHECKING:
   from cdg_jax.gating.layers import DENSITY_COLLECTION, MASK_COLLECTION, GatedConv, GatingSpec  # pylint: disable=g-multiple-import
   from cdg_jax.gating.ops import gated_conv
   from cdg_jax.gating.regularizers import RegularizerSpec, budget_schedule, gate_regularizer  # pylint: disable=g-multiple-import
+  from cdg_jax.run.parallel import configure_cpu
   from cdg_jax.ssl.models import create_resnet
 
 

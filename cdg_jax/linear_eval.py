@@ -271,7 +271,7 @@ def main(argv):
   from cdg_jax.run import cli  # pylint: disable=g-import-not-at-top
   cli.quiet_logging()
   # Before JAX starts its backends: one CPU device per core.
-  parallel.split_host_into_devices(flags.FLAGS.config.get('cpu_devices', 0))
+  parallel.configure_cpu(flags.FLAGS.config.get('cpu_devices', 0))
   cli.initialize_distributed_from_flags()
   workdir = flags.FLAGS.workdir
   with cli.reported_errors():

@@ -37,7 +37,7 @@ def main(argv):
   config = _CONFIG.value
   # Before JAX starts: on a CPU-only host, one XLA device per core (the flag
   # does nothing on GPU/TPU machines).
-  parallel.split_host_into_devices(config.cpu_devices)
+  parallel.configure_cpu(config.cpu_devices)
   # TensorFlow is imported only by the TFDS source, which keeps it off the
   # accelerators (input_pipeline._import_tfds).
   cli.initialize_distributed_from_flags()

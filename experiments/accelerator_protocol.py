@@ -250,7 +250,7 @@ def main(argv):
     raise ValueError(f'--train_dtype={FLAGS.train_dtype!r} must be one of '
                      f'--bench_dtypes={FLAGS.bench_dtypes}.')
   from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
-  parallel.split_host_into_devices()   # CPU only; before JAX starts.
+  parallel.configure_cpu()   # CPU only; before JAX starts.
   start = time.time()
   env = environment()
   print(f'Device: {env["device"]} x{env["num_devices"]} ({env["platform"]}), '

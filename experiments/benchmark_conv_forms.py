@@ -167,7 +167,7 @@ def main(argv):
     raise app.UsageError(f'Unknown networks {sorted(unknown)}; expected '
                          f'{sorted(NETWORKS)}.')
   from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
-  parallel.split_host_into_devices(FLAGS.cpu_devices)   # before JAX starts
+  parallel.configure_cpu(FLAGS.cpu_devices)   # before JAX starts
   import jax  # pylint: disable=g-import-not-at-top
   from cdg_jax.gating import ops  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh()

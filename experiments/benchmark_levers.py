@@ -41,6 +41,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name -> (XLA_FLAGS added for CPU, host devices: 0 = one per core,
 #          environment variables set).
 _XLA_CONV = {'CDG_JAX_CONV_FORMULATION': 'xla'}
+_YNN_CONV = '--xla_cpu_experimental_ynn_fusion_type=+individual_convolution'
 LEVERS = {
     'default': ('', 0, {}),
     'one_device': ('', 1, {}),
@@ -55,6 +56,12 @@ LEVERS = {
     'conv_xla': ('', 0, _XLA_CONV),
     'conv_xla_one_device': ('', 1, _XLA_CONV),
     'conv_patches': ('', 0, {'CDG_JAX_CONV_FORMULATION': 'patches'}),
+    # XLA:CPU's own default, YNNPACK's convolution kernels (the project's
+    # default, `cdg_jax.run.parallel.configure_cpu`, uses XLA's own): with
+    # the per-shape formulation, and with XLA's convolution everywhere (the
+    # main branch before issue 40).
+    'ynn_conv': (_YNN_CONV, 0, {}),
+    'ynn_conv_xla': (_YNN_CONV, 0, _XLA_CONV),
 }
 
 FLAGS = flags.FLAGS
@@ -96,6 +103,9 @@ def _config(name: str):
 def _child(name: str) -> dict:
   sys.path.insert(0, REPO_ROOT)
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
+  # The project's flags where the lever does not set its own.
+  parallel.configure_cpu()
   import jax  # pylint: disable=g-import-not-at-top
   import step_timing  # pylint: disable=g-import-not-at-top
   result = step_timing.time_step(_config(name), FLAGS.steps)

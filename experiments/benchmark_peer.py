@@ -33,7 +33,7 @@ timed call starts from the same state (not donated). The PyTorch masked
 step's threshold is set the same way to the same MAC-weighted density
 (masked cost does not depend on it). Devices and threads: cdg_jax splits the
 host into one CPU device per core and shards the batch over them, as
-training does (`--cpu_devices`, `cdg_jax.run.parallel.split_host_into_devices`;
+training does (`--cpu_devices`, `cdg_jax.run.parallel.configure_cpu`;
 `--cpu_devices=1` runs on one device as `benchmark_sparse_step.py` does);
 PyTorch runs with `torch.set_num_threads(os.cpu_count())`. On several
 devices the sparse step's open-tile gathers cross devices: its compiled
@@ -528,7 +528,7 @@ def run() -> dict:
   """The benchmark for the parsed flags: times, writes, returns peer.json's
   content."""
   from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
-  parallel.split_host_into_devices(FLAGS.cpu_devices)   # before JAX starts
+  parallel.configure_cpu(FLAGS.cpu_devices)   # before JAX starts
   import importlib.util  # pylint: disable=g-import-not-at-top
 
   torch = peer_torch = torch_message = None

@@ -467,7 +467,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   import platform  # pylint: disable=g-import-not-at-top
   from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
-  parallel.split_host_into_devices()
+  parallel.configure_cpu()
   import jax  # pylint: disable=g-import-not-at-top
   machine = platform.processor() or platform.machine()
   try:

@@ -35,7 +35,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   configs = [checkpoints.read_config(w) for w in _WORKDIRS.value]
   # Before JAX starts, as in cdg_jax.main.
-  parallel.split_host_into_devices(configs[0].cpu_devices)
+  parallel.configure_cpu(configs[0].cpu_devices)
   from cdg_jax import evaluators
   from cdg_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from cdg_jax.evaluators import extraction

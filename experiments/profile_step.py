@@ -592,7 +592,7 @@ def main(argv):
     raise app.UsageError(f'Unknown steps configs {sorted(unknown)}; expected '
                          f'protocol, dense64, masked64, sparse64.')
   from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
-  parallel.split_host_into_devices(FLAGS.cpu_devices)   # before JAX starts
+  parallel.configure_cpu(FLAGS.cpu_devices)   # before JAX starts
   import numpy as np  # pylint: disable=g-import-not-at-top
   torch, _ = (benchmark_peer.import_torch() if FLAGS.torch else (None, None))
   if torch is None:

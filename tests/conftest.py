@@ -20,6 +20,11 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 # them from tests/xla_env.py with the count replaced.
 if '--xla_backend_optimization_level' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += ' --xla_backend_optimization_level=0'
+# The convolution kernels every program of the project uses
+# (cdg_jax.run.parallel.configure_cpu).
+_KERNELS_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+if _KERNELS_FLAG.split('=')[0] not in os.environ['XLA_FLAGS']:
+  os.environ['XLA_FLAGS'] += ' ' + _KERNELS_FLAG
 # XLA compilation dominates test time on CPU, and many tests compile the same
 # computations again (an uninterrupted run beside its resumed twin, a
 # subprocess beside the in-process check): a persistent compilation cache,

@@ -351,3 +351,53 @@ def test_bad_launch_values_fail_fast_with_the_reason(tmp_path):
 
 def test_lost_processes_is_empty_on_one_process():
   assert parallel.lost_processes() == []
+
+
+_CONFIGURE_CPU = """
+import json, os, sys
+from cdg_jax.run import parallel
+added = parallel.configure_cpu(int(sys.argv[1]))
+import jax
+conv = lambda x, k: jax.lax.conv_general_dilated(
+    x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+# 32 channels: XLA gives YNNPACK convolutions of 32 channels or more.
+hlo = jax.jit(conv).lower(jax.numpy.ones((2, 8, 8, 32)),
+                          jax.numpy.ones((3, 3, 32, 32))).compile().as_text()
+print(json.dumps({'added': added, 'flags': os.environ['XLA_FLAGS'],
+                  'devices': jax.device_count(),
+                  'ynn_convolution': '__ynn' in hlo,
+                  'again': parallel.configure_cpu(3)}))
+"""
+
+
+def _configure_cpu(cpu_devices, xla_flags):
+  process = subprocess.run(
+      [sys.executable, '-c', _CONFIGURE_CPU, str(cpu_devices)], cwd=ROOT,
+      env={**os.environ, 'XLA_FLAGS': xla_flags, 'JAX_PLATFORMS': 'cpu'},
+      capture_output=True, text=True, timeout=120, check=True)
+  return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def test_configure_cpu_sets_its_flags_before_jax_starts_and_keeps_the_users():
+  fresh = _configure_cpu(3, '')
+  assert fresh['added'] == {
+      '--xla_cpu_experimental_ynn_fusion_type': parallel.CPU_CONVOLUTION_FLAG,
+      '--xla_force_host_platform_device_count':
+          '--xla_force_host_platform_device_count=3'}
+  assert fresh['devices'] == 3
+  # XLA's own convolution kernels, not YNNPACK's; and once JAX has started,
+  # nothing changes.
+  assert not fresh['ynn_convolution'] and fresh['again'] == {}
+  # The user's flags win: here, YNNPACK's convolutions and 2 devices.
+  users = ('--xla_cpu_experimental_ynn_fusion_type=+individual_convolution '
+           '--xla_force_host_platform_device_count=2')
+  kept = _configure_cpu(3, users)
+  assert kept['added'] == {} and kept['flags'] == users
+  assert kept['devices'] == 2 and kept['ynn_convolution']
+  # One device: only the kernels' flag.
+  assert list(_configure_cpu(1, '')['added']) == [
+      '--xla_cpu_experimental_ynn_fusion_type']
+
+
+def test_the_tests_compile_with_the_programs_convolution_kernels():
+  assert parallel.CPU_CONVOLUTION_FLAG in os.environ['XLA_FLAGS'].split()

@@ -241,23 +241,24 @@ def auto_formulation(x_shape: Sequence[int], kernel_shape: Sequence[int],
                      padding: str | Sequence[tuple[int, int]]) -> str:
   """The fastest formulation of `conv` we measured for these shapes.
 
-  Off CPU: 'xla'. On XLA:CPU (experiments/results/levers/conv_forms.md),
-  XLA computes the input gradient of a strided convolution as a convolution
-  over a zero-dilated gradient, 1.2-6.6x slower forward and backward than
-  'patches', whose strided windows transpose to a plain scatter; and its
-  convolutions over feature maps of 2x2 or less were up to 13x slower.
-  Elsewhere XLA's convolution was as fast or faster (up to 2.7x).
+  Off CPU: 'xla'. On XLA:CPU with its own convolution kernels (as
+  `cdg_jax.run.parallel.configure_cpu` sets it;
+  experiments/results/levers/conv_forms.md): 'patches' for strided 1x1
+  convolutions (1.3-2.1x faster forward and backward: their windows are one
+  strided slice, whose gradient is a plain scatter) and for convolutions
+  whose output map is 2x2 or smaller (6-15x: XLA's kernels are slowest
+  there); XLA's convolution elsewhere, where it was as fast or faster (up to
+  3.5x).
   """
   if jax.default_backend() != 'cpu':
     return 'xla'
-  if any(s > 1 for s in strides):
-    return 'patches'
+  window = kernel_shape[0] * kernel_shape[1]
+  if window == 1:
+    return 'patches' if any(s > 1 for s in strides) else 'xla'
   padding = _explicit_padding(x_shape, kernel_shape[:2], strides, padding)
-  out = [x_shape[1 + d] + sum(padding[d]) - kernel_shape[d] + 1
+  out = [(x_shape[1 + d] + sum(padding[d]) - kernel_shape[d]) // strides[d] + 1
          for d in (0, 1)]
-  if kernel_shape[0] * kernel_shape[1] > 1 and min(out) <= 2:
-    return 'patches'
-  return 'xla'
+  return 'patches' if min(out) <= 2 else 'xla'
 
 
 def _explicit_padding(x_shape: Sequence[int], window: Sequence[int],

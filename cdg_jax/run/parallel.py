@@ -19,33 +19,55 @@ DATA_AXIS = 'data'
 _HOST_DEVICE_FLAG = '--xla_force_host_platform_device_count'
 
 
-def split_host_into_devices(count: int = 0) -> int | None:
-  """Makes XLA expose `count` CPU devices (0: one per core); call before JAX starts.
+# XLA:CPU hands convolutions to YNNPACK by default. Its kernels ran our
+# ResNet convolutions (forward and both gradients) 1.3-2.6x slower than XLA's
+# own (Eigen) kernels on a 2-core Xeon (experiments/results/levers/), and the
+# whole width-64 dense train step 1.6x slower. The flag names an XLA:CPU
+# option only: GPU and TPU backends ignore it.
+CPU_CONVOLUTION_FLAG = (
+    '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution')
 
-  XLA's CPU backend runs a convolution on about one core per device, so on a
-  CPU-only machine sharding the batch over one device per core nearly doubled
-  throughput on 2 cores in our measurement. The flag only affects the CPU
-  platform: on GPU/TPU machines it is harmless. An explicit
-  `--xla_force_host_platform_device_count` in `XLA_FLAGS` wins.
+
+def configure_cpu(cpu_devices: int = 0) -> dict[str, str]:
+  """Sets this project's XLA:CPU flags; call before JAX starts its backends.
+
+  1. One XLA device per core (`cpu_devices`; 0: one per core; 1: leave XLA
+     alone). XLA's CPU backend runs a convolution on about one core per
+     device, so on a CPU-only machine sharding the batch over one device per
+     core nearly doubled throughput on 2 cores in our measurement.
+  2. Convolutions on XLA's own kernels rather than YNNPACK's
+     (`CPU_CONVOLUTION_FLAG`); `cdg_jax.gating.ops.auto_formulation`'s
+     per-shape choices were measured with them.
+
+  Both flags act on the CPU platform only; on GPU/TPU machines they are
+  harmless. A flag the user already put in `XLA_FLAGS` (the same option, any
+  value) wins, and nothing is changed once JAX's backends are initialised
+  (XLA read its flags then).
 
   Args:
-    count: number of CPU devices; 0 means `os.cpu_count()`; 1 leaves XLA alone.
+    cpu_devices: number of CPU devices; 0 means `os.cpu_count()`.
 
   Returns:
-    The device count requested, or None if nothing was changed (flag already
-    set, count 1, or JAX's backends already initialised).
+    The flags added, by option name ({} when nothing was changed).
   """
-  if count < 0:
-    raise ValueError(f'cpu_devices must be >= 0, got {count}.')
-  count = count or os.cpu_count() or 1
-  flags = os.environ.get('XLA_FLAGS', '')
-  if count == 1 or _HOST_DEVICE_FLAG in flags:
-    return None
+  if cpu_devices < 0:
+    raise ValueError(f'cpu_devices must be >= 0, got {cpu_devices}.')
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   if xla_bridge.backends_are_initialized():
-    return None
-  os.environ['XLA_FLAGS'] = f'{flags} {_HOST_DEVICE_FLAG}={count}'.strip()
-  return count
+    return {}
+  count = cpu_devices or os.cpu_count() or 1
+  wanted = [CPU_CONVOLUTION_FLAG]
+  if count > 1:
+    wanted.append(f'{_HOST_DEVICE_FLAG}={count}')
+  flags = os.environ.get('XLA_FLAGS', '')
+  added = {}
+  for flag in wanted:
+    option = flag.split('=', 1)[0]
+    if option not in flags:
+      added[option] = flag
+  if added:
+    os.environ['XLA_FLAGS'] = ' '.join([flags, *added.values()]).strip()
+  return added
 
 
 def initialize_distributed(coordinator_address: str | None = None,
