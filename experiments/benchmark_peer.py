@@ -218,6 +218,34 @@ def ratios_of(times: dict[str, list[float]]) -> dict[str, dict | None]:
   return out
 
 
+def process_tree_cpu_seconds(pid: int) -> float | None:
+  """CPU seconds (user + system) used so far by process `pid` and its
+  descendants (Linux /proc; None elsewhere or when `pid` is gone)."""
+  parents, times = {}, {}
+  try:
+    entries = [e for e in os.listdir('/proc') if e.isdigit()]
+  except OSError:
+    return None
+  for entry in entries:
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        # After the command's closing parenthesis: state, ppid, ...; utime
+        # and stime are the 14th and 15th fields of the whole line.
+        fields = f.read().rsplit(')', 1)[1].split()
+    except OSError:
+      continue
+    parents[int(entry)] = int(fields[1])
+    times[int(entry)] = int(fields[11]) + int(fields[12])
+  if pid not in times:
+    return None
+  tree, grew = {pid}, True
+  while grew:
+    children = {p for p, parent in parents.items() if parent in tree} - tree
+    tree |= children
+    grew = bool(children)
+  return sum(times[p] for p in tree) / os.sysconf('SC_CLK_TCK')
+
+
 def _load_average() -> float | None:
   try:
     return round(os.getloadavg()[0], 2)
@@ -458,6 +486,10 @@ class TorchProcess:
     self._send(key)
     return self._receive()['seconds']
 
+  @property
+  def pid(self) -> int:
+    return self.process.pid
+
   def close(self) -> None:
     self._send('quit')
     self.process.wait(timeout=60)
@@ -496,8 +528,9 @@ def write_report(result: dict, out: str) -> str:
     lines += [f'**{result["torch"]["message"]}.**', '']
   lines += ['| library | variant | execution | gate density | FLOPs '
             'reduction | step s (median) | time / cdg_jax dense (median of '
-            'per-repeat ratios) |',
-            '| --- | --- | --- | --- | --- | --- | --- |']
+            "per-repeat ratios) | the other library's process: CPU s "
+            'during the step |',
+            '| --- | --- | --- | --- | --- | --- | --- | --- |']
   for row in result['rows']:
     if row['median_step_s'] is None:
       step = f'failed: {row["error"]}'
@@ -508,7 +541,8 @@ def write_report(result: dict, out: str) -> str:
     lines.append(
         f'| {row["library"]} | {row["kind"]} | {row["execution"]} | '
         f'{_row_text(row["gate_density"], ".3f")} | '
-        f'{_row_text(row["flops_reduction"], ".2f")} | {step} | {relative} |')
+        f'{_row_text(row["flops_reduction"], ".2f")} | {step} | {relative} | '
+        f'{_row_text(row.get("other_process_cpu_s"), ".2f")} |')
   lines += ['', 'Speed ratios (peer time / our time; above 1: ours faster; '
             'median of per-repeat ratios, ratio of medians in brackets):', '']
   for name, ratio in result['ratios'].items():
@@ -580,11 +614,21 @@ def run() -> dict:
   torch_info['compile_errors'] = {k: v for k, v in errors.items()
                                   if 'compiled' in k}
   times = {key: [] for key in timers}
+  # CPU seconds the other library's process used while a step was timed
+  # (only with --separate_processes): an idle peer uses none; threads that
+  # keep spinning would slow the step being timed.
+  other_cpu = {key: [] for key in timers}
+  own_pid = os.getpid()
   load_before = _load_average()
   for repeat in range(FLAGS.repeats):
     for key, timer in timers.items():
       time.sleep(FLAGS.pause)
+      other = (None if torch_process is None else
+               own_pid if key.startswith('torch/') else torch_process.pid)
+      before = other and _other_cpu_seconds(other, own_pid)
       times[key].append(timer())
+      if other:
+        other_cpu[key].append(_other_cpu_seconds(other, own_pid) - before)
     print(f'repeat {repeat + 1}/{FLAGS.repeats}: ' + ', '.join(
         f'{k} {t[-1]:.2f} s' for k, t in times.items()), flush=True)
   if torch_process is not None:
@@ -610,7 +654,9 @@ def run() -> dict:
         # time / our dense time, the median of the per-repeat ratios.
         'relative_to_cdg_jax_dense': relative and relative['paired'],
         'first_call_s': first_call_s.get(key),
-        'times_s': measured, 'error': errors.get(key)})
+        'times_s': measured, 'error': errors.get(key),
+        'other_process_cpu_s': (statistics.median(other_cpu[key])
+                                if other_cpu.get(key) else None)})
   ratios = ratios_of(times)
   cores = os.cpu_count()
   if torch is not None:
@@ -662,6 +708,24 @@ def run() -> dict:
   }
   print(write_report(result, FLAGS.out), flush=True)
   return result
+
+
+def _other_cpu_seconds(pid: int, own_pid: int) -> float:
+  """CPU seconds of `pid`'s process tree; this process's own without its
+  child (the PyTorch worker) when `pid` is this process."""
+  total = process_tree_cpu_seconds(pid) or 0.0
+  if pid == own_pid:
+    total -= sum(process_tree_cpu_seconds(child) or 0.0
+                 for child in _children(own_pid))
+  return total
+
+
+def _children(pid: int) -> list[int]:
+  try:
+    with open(f'/proc/{pid}/task/{pid}/children') as f:
+      return [int(c) for c in f.read().split()]
+  except OSError:
+    return []
 
 
 def _seconds(call: Callable) -> float:

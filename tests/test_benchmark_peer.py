@@ -44,6 +44,38 @@ def test_named_ratios_on_hand_numbers():
   assert ratios['masked_vs_torch_compiled_masked'] is None  # no masked time
 
 
+@pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs /proc')
+def test_process_tree_cpu_seconds_counts_a_busy_grandchild_not_a_sleeper():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  # A child that starts a grandchild spinning for 0.5 s of CPU, then both
+  # wait; and a child that only sleeps.
+  spin = ('import time\nend = time.process_time() + 0.5\n'
+          'while time.process_time() < end: pass\ntime.sleep(30)')
+  parent = subprocess.Popen(
+      [sys.executable, '-c', 'import subprocess, sys, time; '
+       f'subprocess.Popen([sys.executable, "-c", {spin!r}]); time.sleep(30)'])
+  sleeper = subprocess.Popen([sys.executable, '-c',
+                              'import time; time.sleep(30)'])
+  try:
+    for _ in range(100):   # until the grandchild has spun
+      busy = benchmark_peer.process_tree_cpu_seconds(parent.pid)
+      if busy is not None and busy >= 0.5:
+        break
+      import time  # pylint: disable=g-import-not-at-top
+      time.sleep(0.1)
+    assert busy >= 0.5
+    # Its interpreter's start-up only, well below the spinner's 0.5 s.
+    assert benchmark_peer.process_tree_cpu_seconds(sleeper.pid) < 0.4
+  finally:
+    grandchildren = benchmark_peer._children(parent.pid)  # pylint: disable=protected-access
+    for process in (parent, sleeper):
+      process.kill()
+      process.wait()
+    for pid in grandchildren:
+      os.kill(pid, 9)
+  assert benchmark_peer.process_tree_cpu_seconds(parent.pid) is None
+
+
 def test_jax_half_without_torch(tmp_path, monkeypatch, capsys):
   monkeypatch.setitem(sys.modules, 'torch', None)   # `import torch` fails
   # ResNet-10 (one block per stage): the same steps at about half the
