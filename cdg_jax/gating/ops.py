@@ -241,24 +241,29 @@ def auto_formulation(x_shape: Sequence[int], kernel_shape: Sequence[int],
                      padding: str | Sequence[tuple[int, int]]) -> str:
   """The fastest formulation of `conv` we measured for these shapes.
 
-  Off CPU: 'xla'. On XLA:CPU with its own convolution kernels (as
-  `cdg_jax.run.parallel.configure_cpu` sets it;
-  experiments/results/levers/conv_forms.md): 'patches' for strided 1x1
-  convolutions (1.3-2.1x faster forward and backward: their windows are one
-  strided slice, whose gradient is a plain scatter) and for convolutions
-  whose output map is 2x2 or smaller (6-15x: XLA's kernels are slowest
-  there); XLA's convolution elsewhere, where it was as fast or faster (up to
-  3.5x).
+  Off CPU: 'xla'. On XLA:CPU (experiments/results/levers/): 'patches' for
+  strided convolutions and for output maps of 2x2 or less, XLA's
+  convolution elsewhere. With YNNPACK's kernels (XLA:CPU's default) XLA's
+  strided convolutions were 1.2-6.6x slower than 'patches' forward and
+  backward, its 2x2 maps up to 13x (conv_forms_ynn.md). With XLA's own
+  kernels (`cdg_jax.run.parallel.configure_cpu`, the project's default)
+  'patches' still wins the strided 1x1 convolutions (1.3-2.1x) and the 2x2
+  maps (6-15x) but not every strided 3x3 one in isolation (0.84-1.14x,
+  conv_forms.md); in the whole width-64 train step, though, XLA computed
+  the input gradient of the 32x32 strided convolution over a zero-dilated
+  gradient in 0.8 of the step's 4.5 s (profile/profile.md), and the step
+  with 'patches' for every strided convolution took 4.25 s.
   """
   if jax.default_backend() != 'cpu':
     return 'xla'
-  window = kernel_shape[0] * kernel_shape[1]
-  if window == 1:
-    return 'patches' if any(s > 1 for s in strides) else 'xla'
+  if any(s > 1 for s in strides):
+    return 'patches'
   padding = _explicit_padding(x_shape, kernel_shape[:2], strides, padding)
-  out = [(x_shape[1 + d] + sum(padding[d]) - kernel_shape[d]) // strides[d] + 1
+  out = [x_shape[1 + d] + sum(padding[d]) - kernel_shape[d] + 1
          for d in (0, 1)]
-  return 'patches' if min(out) <= 2 else 'xla'
+  if kernel_shape[0] * kernel_shape[1] > 1 and min(out) <= 2:
+    return 'patches'
+  return 'xla'
 
 
 def _explicit_padding(x_shape: Sequence[int], window: Sequence[int],
