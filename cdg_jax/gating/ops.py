@@ -251,8 +251,9 @@ def auto_formulation(x_shape: Sequence[int], kernel_shape: Sequence[int],
   maps (6-15x) but not every strided 3x3 one in isolation (0.84-1.14x,
   conv_forms.md); in the whole width-64 train step, though, XLA computed
   the input gradient of the 32x32 strided convolution over a zero-dilated
-  gradient in 0.8 of the step's 4.5 s (profile/profile.md), and the step
-  with 'patches' for every strided convolution took 4.25 s.
+  gradient in 0.8 of the step's 4.5 s (profile/profile_strided_xla.md),
+  and the step with 'patches' for every strided convolution took 4.25 s
+  (levers_kernels.md).
   """
   if jax.default_backend() != 'cpu':
     return 'xla'
