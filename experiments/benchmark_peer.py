@@ -42,14 +42,17 @@ and 100 all-reduces, most of them of tile windows, against 3 and 1 for the
 dense and masked steps; the project's sparse speed-ups were measured on one
 device. Time both settings.
 
-Each library runs in a process of its own (`--separate_processes`, the
-default): this process times the cdg_jax steps and drives a PyTorch worker
-process step by step over a pipe, which times its own. In one process,
-PyTorch's threads slowed the cdg_jax dense step from about 7.5 s to 10.5 s
-(2026-12-05, 2-core Xeon), a cost a user running one library never pays.
-Every variant is compiled (or warmed up) once, then within each of
-`--repeats` repeats the variants run in turn, with a `--pause` between
-them, so ratios compare like with like on a machine whose speed drifts.
+Each library runs alone: the benchmark runs `--rounds` rounds, and in each
+round starts one fresh process for cdg_jax and, after it has ended, one for
+PyTorch (the order alternating between rounds, so that drift of the
+machine's speed falls on both). Each process builds and compiles (or warms
+up) its variants, times `--repeats` steps of each, the variants in turn, and
+exits; this process only starts them and collects the times, and holds no
+JAX arrays. A user runs one library at a time, and so is each timed: with
+the other library's process alive (idle, 0.00 CPU s used), the cdg_jax
+dense step took 10.7 s against 4.4 s alone (2026-12-05, 2-core Xeon): the
+step maps fresh memory for its buffers, and memory held elsewhere makes
+that slower (the minor page faults per step are in the table).
 Writes `peer.md` and `peer.json` to `--out`, with the machine, versions,
 command and date. The headline ratios are `sparse_vs_torch_compiled_masked`
 (PyTorch compiled masked time / our sparse time) and
@@ -90,10 +93,11 @@ for _name in ('densities', 'sample_fraction'):
     delattr(FLAGS, _name)
 DEFAULT_OUT = os.path.join(REPO_ROOT, 'experiments', 'results', 'peer')
 FLAGS.set_default('out', DEFAULT_OUT)
-FLAGS.set_default('repeats', 5)
+FLAGS.set_default('repeats', 3)
 FLAGS['out'].help = 'Output folder of peer.md and peer.json.'
-FLAGS['repeats'].help = ('Timed steps per variant; the variants run in turn '
-                         'within each repeat.')
+FLAGS['repeats'].help = ('Timed steps per variant in each round and '
+                         'library; the variants run in turn within each '
+                         'repeat.')
 FLAGS['tiles'].help = ('Tile scheme of the cdg_jax masked and sparse steps: '
                        't or t1-t2-t3-t4 (see benchmark_sparse.py).')
 flags.DEFINE_float('density', 0.25, 'Target MAC-weighted gate density of '
@@ -108,16 +112,12 @@ flags.DEFINE_integer('cpu_devices', 0, 'CPU devices of the cdg_jax half '
 flags.DEFINE_bool('torch', True, 'Time the PyTorch half (needs torch).')
 flags.DEFINE_bool('torch_compile', True, 'Include the torch.compile variants '
                   '(a compile error is recorded and the run goes on).')
-flags.DEFINE_bool('separate_processes', True, 'Run the PyTorch half in a '
-                  'process of its own, driven step by step from this one '
-                  "(each library's threads and memory alone, as a user "
-                  'runs them; in one process PyTorch slowed the cdg_jax '
-                  'steps by about 30%).')
-# Internal: set in the PyTorch worker process.
-flags.DEFINE_bool('torch_worker', False, 'Serve the PyTorch half.')
-flags.DEFINE_float('pause', 0.5, 'Seconds of sleep before each timed step, '
-                   "so that one library's spinning worker threads do not "
-                   "overlap the other's step.")
+flags.DEFINE_integer('rounds', 2, 'Rounds; in each, one fresh process per '
+                     'library times its variants, one library alive at a '
+                     'time.')
+# Internal: set in the processes the benchmark starts.
+flags.DEFINE_enum('worker', None, ['cdg_jax', 'torch'],
+                  "Time this library's variants and reply to the parent.")
 
 TORCH_MISSING = ('PyTorch is not installed: pip install torch in a separate '
                  'environment (e.g. python3 -m venv /root/venv-peer && '
@@ -218,50 +218,11 @@ def ratios_of(times: dict[str, list[float]]) -> dict[str, dict | None]:
   return out
 
 
-def process_tree_cpu_seconds(pid: int) -> float | None:
-  """CPU seconds (user + system) used so far by process `pid` and its
-  descendants (Linux /proc; None elsewhere or when `pid` is gone)."""
-  parents, times = {}, {}
-  try:
-    entries = [e for e in os.listdir('/proc') if e.isdigit()]
-  except OSError:
-    return None
-  for entry in entries:
-    try:
-      with open(f'/proc/{entry}/stat') as f:
-        # After the command's closing parenthesis: state, ppid, ...; utime
-        # and stime are the 14th and 15th fields of the whole line.
-        fields = f.read().rsplit(')', 1)[1].split()
-    except OSError:
-      continue
-    parents[int(entry)] = int(fields[1])
-    times[int(entry)] = int(fields[11]) + int(fields[12])
-  if pid not in times:
-    return None
-  tree, grew = {pid}, True
-  while grew:
-    children = {p for p, parent in parents.items() if parent in tree} - tree
-    tree |= children
-    grew = bool(children)
-  return sum(times[p] for p in tree) / os.sysconf('SC_CLK_TCK')
-
-
 def _load_average() -> float | None:
   try:
     return round(os.getloadavg()[0], 2)
   except OSError:
     return None
-
-
-def _versions(torch_module) -> dict[str, str | None]:
-  import flax  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jaxlib  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  return {'python': platform.python_version(), 'jax': jax.__version__,
-          'jaxlib': jaxlib.__version__, 'flax': flax.__version__,
-          'optax': optax.__version__,
-          'torch': torch_module.__version__ if torch_module else None}
 
 
 # ------------------------------------------------------------- cdg_jax half
@@ -329,16 +290,6 @@ class JaxHalf:
 
 
 # ------------------------------------------------------------- PyTorch half
-
-
-def import_torch():
-  """(torch, peer_torch), or (None, message) when torch is missing."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None, TORCH_MISSING
-  import peer_torch  # pylint: disable=g-import-not-at-top
-  return torch, peer_torch
 
 
 def torch_step_config(jax_half: JaxHalf, gated: bool) -> dict:
@@ -424,75 +375,119 @@ def synthetic_batch():
   return images, labels
 
 
-_MESSAGE = 'PEER_WORKER '   # prefixes the worker's replies on its stdout
+def time_in_turn(calls: dict[str, Callable]
+                 ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+  """`--repeats` timed calls of each of `calls`, the variants in turn within
+  each repeat: (seconds, minor page faults of this process) per call."""
+  import resource  # pylint: disable=g-import-not-at-top
+  times = {key: [] for key in calls}
+  faults = {key: [] for key in calls}
+  for repeat in range(FLAGS.repeats):
+    for key, call in calls.items():
+      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+      times[key].append(_seconds(call))
+      faults[key].append(
+          resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(f'repeat {repeat + 1}/{FLAGS.repeats}: ' + ', '.join(
+        f'{k} {t[-1]:.2f} s' for k, t in times.items()), flush=True)
+  return times, faults
 
 
-def _reply(message: dict) -> None:
-  print(_MESSAGE + json.dumps(message), flush=True)
+def cdg_jax_round(payload: dict) -> dict:
+  """One round of the cdg_jax half (in a process of its own): builds,
+  compiles and times the three steps; also returns the PyTorch steps'
+  configs, read from ours."""
+  del payload
+  from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
+  parallel.configure_cpu(FLAGS.cpu_devices)   # before JAX starts
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  images, labels = synthetic_batch()
+  half = JaxHalf(images, labels)
+  first_call_s, errors = warm_up(
+      {key: (lambda key=key: half.warm_up(key)) for key in half.calls},
+      must_work=list(half.calls))
+  times, faults = time_in_turn(half.calls)
+  return {
+      'times': times, 'minor_faults': faults, 'first_call_s': first_call_s,
+      'errors': errors, 'metrics': half.metrics,
+      'learning_rate': half.learning_rate, 'devices': half.devices,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'step_configs': {kind: torch_step_config(half, kind == 'masked')
+                       for kind in ('dense', 'masked')},
+      'versions': {'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
+                   'flax': flax.__version__, 'optax': optax.__version__}}
 
 
-def torch_worker() -> None:
-  """The PyTorch half in a process of its own: reads the two step configs
-  (one JSON line), builds and warms up the steps, replies 'ready', then
-  times one step per variant key it reads, until 'quit'."""
+def torch_round(payload: dict) -> dict:
+  """One round of the PyTorch half (in a process of its own), for the step
+  configs in `payload` (`cdg_jax_round`'s)."""
   import peer_torch  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count() or 1)
   step_configs = {kind: peer_torch.StepConfig(**{
       k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-                  for kind, fields in json.loads(sys.stdin.readline()).items()}
+                  for kind, fields in payload['step_configs'].items()}
   images, labels = synthetic_batch()
   calls, info = torch_steps(torch, peer_torch, step_configs, images, labels)
   first_call_s, errors = warm_up(calls)
-  _reply({'keys': list(calls), 'first_call_s': first_call_s,
-          'errors': errors, 'info': info, 'torch': torch.__version__,
+  times, faults = time_in_turn(calls)
+  return {'times': times, 'minor_faults': faults,
+          'first_call_s': first_call_s, 'errors': errors, 'info': info,
+          'versions': {'torch': torch.__version__},
           'threads': [torch.get_num_threads(),
-                      torch.get_num_interop_threads()]})
-  for line in sys.stdin:
-    key = line.strip()
-    if key == 'quit':
-      return
-    start = time.perf_counter()
-    calls[key]()
-    _reply({'key': key, 'seconds': time.perf_counter() - start})
+                      torch.get_num_interop_threads()]}
 
 
-class TorchProcess:
-  """The PyTorch half served by `torch_worker` in a child process."""
+ROUNDS = {'cdg_jax': cdg_jax_round, 'torch': torch_round}
+_MESSAGE = 'PEER_WORKER '   # prefixes a worker's reply on its stdout
+# The flags a worker process needs, passed on explicitly.
+_WORKER_FLAGS = ('width', 'image_size', 'batch_size', 'tiles', 'model',
+                 'density', 'temperature', 'repeats', 'cpu_devices',
+                 'torch_compile')
 
-  def __init__(self, step_configs: dict[str, dict]):
-    import subprocess  # pylint: disable=g-import-not-at-top
-    argv = [a for a in sys.argv[1:] if not a.startswith('--torch_worker')]
-    self.process = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), '--torch_worker'] + argv,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
-    self._send(json.dumps(step_configs))
-    self.ready = self._receive()
 
-  def _send(self, line: str) -> None:
-    self.process.stdin.write(line + '\n')
-    self.process.stdin.flush()
+def serve_worker() -> None:
+  """The `--worker` process: reads its payload (one JSON line), runs its
+  library's round, replies with one line."""
+  reply = ROUNDS[FLAGS.worker](json.loads(sys.stdin.readline() or '{}'))
+  print(_MESSAGE + json.dumps(reply), flush=True)
 
-  def _receive(self) -> dict:
-    for line in self.process.stdout:
-      if line.startswith(_MESSAGE):
-        return json.loads(line[len(_MESSAGE):])
+
+def run_worker(library: str, payload: dict) -> dict:
+  """Runs one round of `library` in a fresh process and returns its reply;
+  the process has ended when this returns."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  argv = [f'--worker={library}'] + [FLAGS[name].serialize()
+                                     for name in _WORKER_FLAGS]
+  print(f'--- {library}: a fresh process', flush=True)
+  process = subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__)] + argv,
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+      cwd=REPO_ROOT)
+  process.stdin.write(json.dumps(payload) + '\n')
+  process.stdin.close()
+  reply = None
+  for line in process.stdout:
+    if line.startswith(_MESSAGE):
+      reply = json.loads(line[len(_MESSAGE):])
+    else:
       print(line, end='', flush=True)   # the worker's own progress
-    raise RuntimeError(f'The PyTorch worker ended (exit status '
-                       f'{self.process.wait()}); see its messages above.')
+  status = process.wait()
+  if status or reply is None:
+    raise RuntimeError(f'The {library} process ended with exit status '
+                       f'{status} before replying; see its messages above.')
+  return reply
 
-  def call(self, key: str) -> float:
-    """Seconds of one step of `key`, timed in the worker."""
-    self._send(key)
-    return self._receive()['seconds']
 
-  @property
-  def pid(self) -> int:
-    return self.process.pid
-
-  def close(self) -> None:
-    self._send('quit')
-    self.process.wait(timeout=60)
+def torch_available() -> bool:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  try:
+    return importlib.util.find_spec('torch') is not None
+  except ValueError:   # in sys.modules as None: blocked
+    return False
 
 
 # --------------------------------------------------------------------- main
@@ -510,12 +505,14 @@ def write_report(result: dict, out: str) -> str:
   f_ = result['flags']
   lines = [
       '# Peer benchmark: the SimCLR train step in PyTorch and cdg_jax', '',
-      f'CIFAR ResNet-18 width {f_["width"]}, {f_["image_size"]}x'
+      f'CIFAR {f_["model"]} width {f_["width"]}, {f_["image_size"]}x'
       f'{f_["image_size"]}, batch {f_["batch_size"]} images (2 views each), '
       f'NT-Xent T={f_["temperature"]}, projector 2048-128, gate regulariser, '
       f'LARS, online probe; target gate density {f_["density"]} (cdg_jax '
-      f'tiles {f_["tiles"]}); median of {f_["repeats"]} steps, the variants '
-      f'in turn within each repeat.', '',
+      f'tiles {f_["tiles"]}); median of {f_["rounds"] * f_["repeats"]} steps: '
+      f'{f_["rounds"]} rounds, in each one fresh process per library (one '
+      f'alive at a time) timing {f_["repeats"]} steps per variant, the '
+      f'variants in turn.', '',
       f'- machine: {result["machine"]}; 1-minute load average '
       f'{result["load_average_1min"]["before_timing"]} before the timed '
       f'steps, {result["load_average_1min"]["after_timing"]} after',
@@ -528,8 +525,7 @@ def write_report(result: dict, out: str) -> str:
     lines += [f'**{result["torch"]["message"]}.**', '']
   lines += ['| library | variant | execution | gate density | FLOPs '
             'reduction | step s (median) | time / cdg_jax dense (median of '
-            "per-repeat ratios) | the other library's process: CPU s "
-            'during the step |',
+            'per-repeat ratios) | minor page faults per step (median) |',
             '| --- | --- | --- | --- | --- | --- | --- | --- |']
   for row in result['rows']:
     if row['median_step_s'] is None:
@@ -542,7 +538,7 @@ def write_report(result: dict, out: str) -> str:
         f'| {row["library"]} | {row["kind"]} | {row["execution"]} | '
         f'{_row_text(row["gate_density"], ".3f")} | '
         f'{_row_text(row["flops_reduction"], ".2f")} | {step} | {relative} | '
-        f'{_row_text(row.get("other_process_cpu_s"), ".2f")} |')
+        f'{_row_text(row["minor_faults_per_step"], ".0f")} |')
   lines += ['', 'Speed ratios (peer time / our time; above 1: ours faster; '
             'median of per-repeat ratios, ratio of medians in brackets):', '']
   for name, ratio in result['ratios'].items():
@@ -558,89 +554,63 @@ def write_report(result: dict, out: str) -> str:
   return text
 
 
+def _every_round(replies: list[dict], field: str) -> dict[str, list]:
+  """`field` (per-variant lists) of the rounds' replies joined in round
+  order, for the variants that ran in every round."""
+  keys = [key for key in replies[0][field]
+          if all(key in reply[field] for reply in replies)]
+  return {key: [v for reply in replies for v in reply[field][key]]
+          for key in keys}
+
+
 def run() -> dict:
   """The benchmark for the parsed flags: times, writes, returns peer.json's
   content."""
-  from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
-  parallel.configure_cpu(FLAGS.cpu_devices)   # before JAX starts
-  import importlib.util  # pylint: disable=g-import-not-at-top
-
-  torch = peer_torch = torch_message = None
+  torch_message = None
   if not FLAGS.torch:
     torch_message = 'PyTorch half skipped (--notorch)'
-  elif FLAGS.separate_processes:
-    if importlib.util.find_spec('torch') is None:
-      torch_message = TORCH_MISSING
-  else:
-    torch, peer_torch = import_torch()
-    if torch is None:
-      torch_message, peer_torch = peer_torch, None
-    else:
-      torch.set_num_threads(os.cpu_count() or 1)
+  elif not torch_available():
+    torch_message = TORCH_MISSING
+  elif FLAGS.model != 'resnet18':
+    torch_message = (f'The PyTorch step is CIFAR ResNet-18 only, not '
+                     f'--model={FLAGS.model}: timing the cdg_jax half only')
   if torch_message:
     print(torch_message, flush=True)
 
-  images, labels = synthetic_batch()
-  jax_half = JaxHalf(images, labels)
+  libraries = ['cdg_jax'] + ([] if torch_message else ['torch'])
+  replies = {library: [] for library in libraries}
+  load_before = _load_average()
+  for round_index in range(FLAGS.rounds):
+    # cdg_jax first in the first round: its reply holds PyTorch's configs.
+    order = libraries if round_index % 2 == 0 else libraries[::-1]
+    for library in order:
+      payload = ({} if library == 'cdg_jax' else
+                 {'step_configs': replies['cdg_jax'][0]['step_configs']})
+      replies[library].append(run_worker(library, payload))
+  load_after = _load_average()
+
+  jax_reply = replies['cdg_jax'][0]
+  times, faults, first_call_s, errors = {}, {}, {}, {}
+  for library_replies in replies.values():
+    times.update(_every_round(library_replies, 'times'))
+    faults.update(_every_round(library_replies, 'minor_faults'))
+    first_call_s.update(library_replies[0]['first_call_s'])
+    for reply in library_replies:
+      errors.update(reply['errors'])
+  torch_reply = replies['torch'][0] if 'torch' in replies else None
+  torch_info = torch_reply['info'] if torch_reply else {}
   variants = {key: (library, kind, execution)
               for key, library, kind, execution in JAX_VARIANTS}
-  first_call_s, errors = warm_up(
-      {key: (lambda key=key: jax_half.warm_up(key)) for key in jax_half.calls},
-      must_work=list(jax_half.calls))
-  timers = {key: (lambda call=call: _seconds(call))
-            for key, call in jax_half.calls.items()}
-  torch_info, torch_process = {'compile_errors': {}}, None
-  step_configs = {kind: torch_step_config(jax_half, kind == 'masked')
-                  for kind in ('dense', 'masked')}
-  if torch is not None:
-    torch_calls, torch_info = torch_steps(
-        torch, peer_torch, {k: peer_torch.StepConfig(**v)
-                            for k, v in step_configs.items()}, images, labels)
-    torch_first, torch_errors = warm_up(torch_calls)
-    timers.update({key: (lambda call=call: _seconds(call))
-                   for key, call in torch_calls.items()})
-  elif torch_message is None:
-    torch_process = TorchProcess(step_configs)
-    ready = torch_process.ready
-    torch_info, torch_first, torch_errors = (
-        ready['info'], ready['first_call_s'], ready['errors'])
-    timers.update({key: (lambda key=key: torch_process.call(key))
-                   for key in ready['keys']})
-  if torch is not None or torch_process is not None:
-    first_call_s.update(torch_first)
-    errors.update(torch_errors)
+  if torch_reply:
     variants.update({key: (library, kind, label) for key, library, kind, label
-                     in TORCH_VARIANTS if key in timers})
-  torch_info['compile_errors'] = {k: v for k, v in errors.items()
-                                  if 'compiled' in k}
-  times = {key: [] for key in timers}
-  # CPU seconds the other library's process used while a step was timed
-  # (only with --separate_processes): an idle peer uses none; threads that
-  # keep spinning would slow the step being timed.
-  other_cpu = {key: [] for key in timers}
-  own_pid = os.getpid()
-  load_before = _load_average()
-  for repeat in range(FLAGS.repeats):
-    for key, timer in timers.items():
-      time.sleep(FLAGS.pause)
-      other = (None if torch_process is None else
-               own_pid if key.startswith('torch/') else torch_process.pid)
-      before = other and _other_cpu_seconds(other, own_pid)
-      times[key].append(timer())
-      if other:
-        other_cpu[key].append(_other_cpu_seconds(other, own_pid) - before)
-    print(f'repeat {repeat + 1}/{FLAGS.repeats}: ' + ', '.join(
-        f'{k} {t[-1]:.2f} s' for k, t in times.items()), flush=True)
-  if torch_process is not None:
-    torch_process.close()
+                     in TORCH_VARIANTS if key in times or key in errors})
 
-  load_after = _load_average()
   rows = []
   dense = times.get('cdg_jax/dense')
   for key, (library, kind, execution) in variants.items():
     measured = times.get(key)
     relative = speed_ratio(measured, dense)   # its time / our dense time
-    metrics = jax_half.metrics.get(key, {})
+    metrics = jax_reply['metrics'].get(key, {})
     gate_density = metrics.get('gate_density')
     if key.startswith('torch/masked'):
       gate_density = torch_info.get('masked_gate_density')
@@ -655,25 +625,19 @@ def run() -> dict:
         'relative_to_cdg_jax_dense': relative and relative['paired'],
         'first_call_s': first_call_s.get(key),
         'times_s': measured, 'error': errors.get(key),
-        'other_process_cpu_s': (statistics.median(other_cpu[key])
-                                if other_cpu.get(key) else None)})
+        'minor_faults_per_step': (statistics.median(faults[key])
+                                  if faults.get(key) else None)})
   ratios = ratios_of(times)
   cores = os.cpu_count()
-  if torch is not None:
-    torch_threads = (f'PyTorch torch.set_num_threads({cores}): '
-                     f'{torch.get_num_threads()} intra-op, '
-                     f'{torch.get_num_interop_threads()} inter-op threads, '
-                     f'in this process')
-  elif torch_process is not None:
-    intra, inter = torch_process.ready['threads']
+  if torch_reply:
+    intra, inter = torch_reply['threads']
     torch_threads = (f'PyTorch torch.set_num_threads({cores}): {intra} '
-                     f'intra-op, {inter} inter-op threads, in a process of '
-                     f'its own (--separate_processes)')
+                     f'intra-op, {inter} inter-op threads')
   else:
     torch_threads = 'PyTorch not run'
-  versions = _versions(torch)
-  if torch_process is not None:
-    versions['torch'] = torch_process.ready['torch']
+  versions = {'python': platform.python_version(), **jax_reply['versions'],
+              'torch': torch_reply['versions']['torch'] if torch_reply
+                       else None}
   result = {
       'date': datetime.datetime.now().isoformat(timespec='seconds'),
       'command': shlex.join([sys.executable] + sys.argv),
@@ -684,20 +648,22 @@ def run() -> dict:
       'load_average_1min': {'before_timing': load_before,
                             'after_timing': load_after},
       'versions': versions,
-      'threads': (f'cdg_jax: {jax_half.devices} CPU device(s) '
+      'threads': (f'cdg_jax: {jax_reply["devices"]} CPU device(s) '
                   f'(--cpu_devices={FLAGS.cpu_devices}; XLA_FLAGS='
-                  f'{os.environ.get("XLA_FLAGS", "")!r}), the batch sharded '
-                  f'over them; {torch_threads}'),
+                  f'{jax_reply["xla_flags"]!r}), the batch sharded over '
+                  f'them; {torch_threads}; each library in a fresh process '
+                  f'per round, one alive at a time'),
       'flags': {'width': FLAGS.width, 'image_size': FLAGS.image_size,
-                'batch_size': FLAGS.batch_size, 'tiles': FLAGS.tiles,
-                'density': FLAGS.density, 'temperature': FLAGS.temperature,
+                'batch_size': FLAGS.batch_size, 'model': FLAGS.model,
+                'tiles': FLAGS.tiles, 'density': FLAGS.density,
+                'temperature': FLAGS.temperature, 'rounds': FLAGS.rounds,
                 'repeats': FLAGS.repeats, 'cpu_devices': FLAGS.cpu_devices,
-                'torch_compile': FLAGS.torch_compile, 'pause': FLAGS.pause,
-                'separate_processes': FLAGS.separate_processes},
-      'learning_rate': jax_half.learning_rate,
+                'torch_compile': FLAGS.torch_compile},
+      'learning_rate': jax_reply['learning_rate'],
       'torch': {'available': torch_message is None, 'message': torch_message,
                 'masked_gate_density': torch_info.get('masked_gate_density'),
-                'compile_errors': torch_info['compile_errors']},
+                'compile_errors': {k: v for k, v in errors.items()
+                                   if 'compiled' in k}},
       'rows': rows,
       'ratios': ratios,
       'sparse_vs_torch_compiled_masked': (
@@ -710,24 +676,6 @@ def run() -> dict:
   return result
 
 
-def _other_cpu_seconds(pid: int, own_pid: int) -> float:
-  """CPU seconds of `pid`'s process tree; this process's own without its
-  child (the PyTorch worker) when `pid` is this process."""
-  total = process_tree_cpu_seconds(pid) or 0.0
-  if pid == own_pid:
-    total -= sum(process_tree_cpu_seconds(child) or 0.0
-                 for child in _children(own_pid))
-  return total
-
-
-def _children(pid: int) -> list[int]:
-  try:
-    with open(f'/proc/{pid}/task/{pid}/children') as f:
-      return [int(c) for c in f.read().split()]
-  except OSError:
-    return []
-
-
 def _seconds(call: Callable) -> float:
   start = time.perf_counter()
   call()
@@ -737,8 +685,8 @@ def _seconds(call: Callable) -> float:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if FLAGS.torch_worker:
-    torch_worker()
+  if FLAGS.worker:
+    serve_worker()
   else:
     run()
 

@@ -5,8 +5,8 @@ r"""Train-step speed of the sparse train step against masked CDG and dense.
       --batch_size=32 --repeats=2 --out=/tmp/sparse_step   # a quick check
 
 The SimCLR train step (both views, SimCLR loss, gate regulariser, LARS,
-online probe: `pretraining.assemble`) of CIFAR ResNet-18 (`--width` 64,
-`--image_size` 32, `--batch_size` 128 images, synthetic uint8 images) for:
+online probe: `pretraining.assemble`) of a CIFAR ResNet (`--model` resnet18,
+`--width` 64, `--image_size` 32, `--batch_size` 128 images, synthetic uint8 images) for:
 
   dense           `gating.kind='none'`;
   masked          tile-gated CDG (`--tiles`, all channels per tile), the
@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import cpu_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tile_schemes  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+flags.DEFINE_string('model', 'resnet18', 'Backbone (cdg_jax.models).')
 flags.DEFINE_integer('width', 64, 'Backbone width.')
 flags.DEFINE_integer('image_size', 32, 'Image size.')
 flags.DEFINE_integer('batch_size', 128, 'Images per step (two views each).')
@@ -65,6 +66,7 @@ VARIANTS = ('dense', 'masked', 'sparse, none', 'sparse, sampled')
 def _config(variant: str):
   from cdg_jax.run import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
+  config.model.name = FLAGS.model
   config.model.width = FLAGS.width
   config.data.image_size = FLAGS.image_size
   config.batch_size = FLAGS.batch_size
@@ -186,11 +188,11 @@ def main(argv):
   os.makedirs(FLAGS.out, exist_ok=True)
   with open(os.path.join(FLAGS.out, 'sparse_step.json'), 'w') as f:
     json.dump({'machine': machine, 'flags': {
-        'width': FLAGS.width, 'image_size': FLAGS.image_size,
+        'model': FLAGS.model, 'width': FLAGS.width, 'image_size': FLAGS.image_size,
         'batch_size': FLAGS.batch_size, 'tiles': FLAGS.tiles,
         'sample_fraction': FLAGS.sample_fraction, 'repeats': FLAGS.repeats},
                'rows': rows}, f, indent=1)
-  lines = [f'SimCLR train step, CIFAR ResNet-18 width {FLAGS.width}, '
+  lines = [f'SimCLR train step, CIFAR {FLAGS.model} width {FLAGS.width}, '
            f'{FLAGS.image_size}x{FLAGS.image_size}, batch {FLAGS.batch_size} '
            f'images (2 views), tiles {FLAGS.tiles}, sample fraction '
            f'{FLAGS.sample_fraction}; median of {FLAGS.repeats} steps, '

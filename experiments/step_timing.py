@@ -42,20 +42,25 @@ def time_step(config, steps: int, num_train: int = 50_000) -> dict:
 
   Returns:
     {'gating', 'dtype', 'devices', 'median_step_s', 'images_per_s',
-     'first_step_s' (compilation included), 'flops_reduction', 'loss'}.
+     'first_step_s' (compilation included), 'flops_reduction', 'loss',
+     'minor_faults_per_step' (this process's, median)}.
   """
+  import resource  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   step, state, batch = build_step(config, num_train)
   start = time.perf_counter()
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
   compile_and_first = time.perf_counter() - start
-  times = []
+  times, faults = [], []
   for _ in range(steps):
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                  - faults_before)
   median = statistics.median(times)
   return {'gating': config.gating.kind, 'dtype': config.model.dtype,
           'devices': len(jax.devices()), 'median_step_s': median,
@@ -64,4 +69,7 @@ def time_step(config, steps: int, num_train: int = 50_000) -> dict:
           'flops_reduction': float(metrics['flops_reduction']),
           # After the timed steps from one state and batch: equal losses
           # across XLA options mean equal numerics.
-          'loss': float(metrics['loss'])}
+          'loss': float(metrics['loss']),
+          # Fresh memory the step maps (see benchmark_peer.py).
+          'minor_faults_per_step': statistics.median(faults) if faults
+                                   else None}

@@ -28,8 +28,13 @@ def test_summary_pairs_repeats_and_flags_numerics_changes():
   assert table['xnnpack'] == {'error': ['FATAL: no such flag']}
 
 
-def test_every_lever_sets_cpu_flags_devices_or_the_conv_formulation_only():
+def test_every_lever_sets_cpu_flags_devices_the_conv_formulation_or_malloc():
   for name, (flags, devices, variables) in benchmark_levers.LEVERS.items():
     assert all(f.startswith('--xla_cpu_') for f in flags.split()), name
     assert devices in (0, 1), name
-    assert set(variables) <= {'CDG_JAX_CONV_FORMULATION'}, name
+    assert set(variables) <= {'CDG_JAX_CONV_FORMULATION',
+                              'GLIBC_TUNABLES'}, name
+    for tunable in variables.get('GLIBC_TUNABLES', '').split(':'):
+      if tunable:   # name=value, glibc's malloc tunables only
+        assert tunable.startswith('glibc.malloc.'), (name, tunable)
+        assert int(tunable.split('=')[1]) >= 0, (name, tunable)
