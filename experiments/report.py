@@ -611,8 +611,8 @@ def width_lines(results: list[dict[str, Any]]) -> list[str]:
            '| width | seeds | dense kNN / linear | CDG kNN / linear | '
            'channel predictor d0.4 kNN / linear | CDG gap (per seed) | '
            'predictor gap (per seed) | CDG FLOPs red. | predictor FLOPs '
-           'red. | CDG layer density | convolutions |',
-           '| --- |' + ' --- |' * 10]
+           'red. | CDG layer density | convolutions | CPUs |',
+           '| --- |' + ' --- |' * 11]
   cdg_gaps = width_gaps(results, 'CDG')
   predictor_gaps = width_gaps(results, 'channel predictor (density 0.4)')
   for width in WIDTHS:
@@ -645,15 +645,31 @@ def width_lines(results: list[dict[str, Any]]) -> list[str]:
         f' | {gap_text(cdg_gaps.get(width, {}))} | '
         f'{gap_text(predictor_gaps.get(width, {}))} | {reduction("CDG")} | '
         f'{reduction("channel predictor (density 0.4)")} | {density} | '
-        f'{formulations(methods)} |')
+        f'{formulations(methods)} | {machines(methods)} |')
   lines += ['', "convolutions: how the runs computed them (`cdg_jax.gating."
             "ops.conv`): 'xla' is XLA's convolution everywhere, as before "
             "issue 40; 'auto' the per-shape default since. They compute the "
             'same sums and differ in rounding only, which is enough to flip '
             'some gate decisions, so a run is not bit-identical across them '
-            '(issue 40 measured 0.25 kNN points on the width-16 CDG run).']
+            '(issue 40 measured 0.25 kNN points on the width-16 CDG run). '
+            'CPUs: the machines the runs trained on, per method where they '
+            'differ; training is deterministic per CPU model, so on '
+            'different models a seed is another draw of the same '
+            'experiment.']
   lines += width_density_lines(rows)
   return lines
+
+
+def machines(methods: dict[str, dict[int, dict[str, Any]]]) -> str:
+  """The CPU models the runs of one width trained on: one name when all
+  share it, else per method ('dense: ...; CDG: ...')."""
+  by_method = {method: sorted({r.get('cpu') or '?' for r in runs.values()})
+               for method, runs in methods.items() if runs}
+  every = sorted({cpu for cpus in by_method.values() for cpu in cpus})
+  if len(every) <= 1:
+    return ', '.join(every) or '-'
+  return '; '.join(f'{method}: {", ".join(cpus)}'
+                   for method, cpus in by_method.items())
 
 
 def formulations(methods: dict[str, dict[int, dict[str, Any]]]) -> str:

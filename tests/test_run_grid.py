@@ -289,11 +289,13 @@ def test_width_table_gaps_formulations_and_layer_densities(tmp_path):
   results = [
       # Width 16: one seed, written before the per-layer densities and the
       # formulation were recorded (so: XLA's convolutions).
-      _result(name('dense', 16, 0), 0, 0.40, gating='none'),
-      _result(name('CDG', 16, 0), 0, 0.37),
-      # Width 64: two seeds with the per-shape formulation.
+      _result(name('dense', 16, 0), 0, 0.40, gating='none', cpu='EPYC'),
+      _result(name('CDG', 16, 0), 0, 0.37, cpu='EPYC'),
+      # Width 64: two seeds with the per-shape formulation; dense seed 0 on
+      # another CPU model.
       *[_result(name('dense', 64, seed), seed, 0.50 + seed / 100,
-                gating='none', conv_formulation='auto') for seed in (0, 1)],
+                gating='none', conv_formulation='auto',
+                cpu='Xeon' if seed == 0 else 'EPYC') for seed in (0, 1)],
       _result(name('CDG', 64, 0), 0, 0.495, conv_formulation='auto',
               layer_density=densities(0.2, 0.3), layer_flops_share=shares,
               gate_density=0.24),
@@ -308,10 +310,11 @@ def test_width_table_gaps_formulations_and_layer_densities(tmp_path):
   row_64 = next(line for line in lines if line.startswith('| 64 |'))
   # Mean and per-seed gaps; FLOPs reduction 2.0 + seed / 10, mean 2.05.
   assert '| -1.25 (-0.50, -2.00) | - | 2.05x | - | 0.20-0.50 | auto |' in row_64
+  assert row_64.endswith('| auto | dense: EPYC, Xeon; CDG: ? |')
   assert row_64.startswith('| 64 | 0,1 | 50.50 (50.00-51.00) / 52.50 '
                            '(52.00-53.00) | 49.25 (49.00-49.50) /')
   assert next(line for line in lines if line.startswith('| 16 |')
-              ).endswith('| 2.00x | - | - | xla |')
+              ).endswith('| 2.00x | - | - | xla | EPYC |')
   # Only width 64 recorded its layers: a column of means over its seeds.
   assert '| layer | MACs share (width 64) | width 64 (2 seeds) |' in lines
   assert '| stage1_block0/conv1 | 8.0% | 0.300 |' in lines
