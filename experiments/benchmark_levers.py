@@ -177,8 +177,11 @@ def summarise(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict]:
                                    if base and 'error' not in base[0]
                                    else None),
           'first_step_s': statistics.median(r['first_step_s'] for r in good),
-          'minor_faults_per_step': statistics.median(
-              r.get('minor_faults_per_step') or 0 for r in good),
+          # None for results written before the count was recorded.
+          'minor_faults_per_step': (
+              statistics.median(r['minor_faults_per_step'] for r in good)
+              if all(r.get('minor_faults_per_step') is not None
+                     for r in good) else None),
       }
   return table
 
@@ -234,7 +237,8 @@ def main(argv):
       lines.append(f'| {name} | {lever} | {setting} | '
                    f'{row["median_step_s"]:.3f} | {speedup} | {diff} | '
                    f'{row["first_step_s"]:.1f} | '
-                   f'{row["minor_faults_per_step"]:.0f} |')
+                   + ('-' if row['minor_faults_per_step'] is None
+                      else f'{row["minor_faults_per_step"]:.0f}') + ' |')
   os.makedirs(FLAGS.out, exist_ok=True)
   with open(os.path.join(FLAGS.out, 'levers.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
