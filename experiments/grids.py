@@ -358,6 +358,26 @@ GRIDS: dict[str, list[Run]] = {
             ('dense', 'dense', f'{_SIMCLR},dense', ()),
             ('cdg', 'CDG', _SIMCLR, ()))
     ],
+    # Issue 50: the channel predictor at width 64 (density 0.4, as at width
+    # 32), seeds 0-2, beside the width-64 dense and CDG rows; and the paper's
+    # input, width 64 at 32x32, seed 0, dense and CDG (the masked step: the
+    # sparse step has not been compared with it at this width). Test split.
+    'width64_channel_predictor': [
+        Run(f'simclr_c10_channel_predictor_d0.4_w64'
+            + (f'_seed{seed}' if seed else ''), 'seeds' if seed else 'scale',
+            'channel predictor density 0.4, width 64',
+            f'{_SIMCLR},channel_predictor',
+            (('gating.density_target', 0.4), ('model.width', 64))
+            + ((('seed', seed),) if seed else ()))
+        for seed in (0, 1, 2)
+    ],
+    'width64_32px': [
+        Run(f'simclr_c10_{name}_w64_32px', 'scale', f'{label}, width 64, 32x32',
+            config, overrides + (('model.width', 64), ('data.image_size', 32)))
+        for name, label, config, overrides in (
+            ('dense', 'dense', f'{_SIMCLR},dense', ()),
+            ('cdg', 'CDG', _SIMCLR, ()))
+    ],
     'smoke': [
         Run('smoke_dense', 'smoke', 'dense', 'configs/simclr_cifar10.py:'
             'smoke,dense', (('num_steps', 4), ('linear_eval.epochs', 2))),

@@ -62,6 +62,11 @@ by `experiments/report.py`:
              'flops': with relaxing per-layer bounds, without, started
              late; lambda 10 and 30) on the validation split.
   width32    dense and CDG at width 32 (the gap to dense along width).
+  width64    dense and CDG at width 64 (the paper's), 16x16, seeds 0-2.
+  width64_channel_predictor  the channel predictor (density 0.4) at width
+             64, seeds 0-2.
+  width64_32px  dense and CDG at width 64 and 32x32 (the paper's network
+             and input), seed 0.
   smoke      two tiny runs on synthetic data (tests use it).
 """
 
