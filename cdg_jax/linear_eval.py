@@ -7,9 +7,16 @@ loads the backbone a training run exported into DIR (`checkpoints.
 load_backbone`), trains a linear classifier on its frozen features, and
 writes top-1/top-5 on the whole test set, together with the FLOPs reduction
 and gate densities measured on the test set, to `DIR/linear_eval.json`; a
-summary is printed. An earlier result of another evaluation (the other
-protocol, other settings) is kept beside it as `DIR/linear_eval.1.json`
-(`.2`, ...).
+summary is printed (before the file is written). An earlier result of another
+evaluation (the other protocol, other settings) is kept beside it as
+`DIR/linear_eval.1.json` (`.2`, ...).
+
+Each result names the backbone it scored ('backbone': the training step and
+the digest of its arrays, from `DIR/backbone.json`); a later export of the
+run moves results of the earlier backbone to `DIR/stale_linear_eval/`. The
+evaluation refuses a workdir whose run is training (its `run.lock`), holds
+that lock itself while it runs, and refuses a workdir it cannot write before
+any work.
 
 Two protocols (`linear_eval.protocol`), the evaluators 'linear_fast' and
 'linear_augmented' of `cdg_jax.evaluators` (described in
@@ -27,6 +34,7 @@ is allowed (a transfer evaluation) and noted the same way.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import contextlib
 import json
 import os
 from typing import Any
@@ -41,6 +49,7 @@ from cdg_jax.evaluators import linear
 from cdg_jax.run import checkpoints
 from cdg_jax.run import config_lib
 from cdg_jax.run import parallel
+from cdg_jax.run import run_control
 
 RESULTS_FILE = 'linear_eval.json'
 # What linear_eval.json holds of the evaluators' results, in this order.
@@ -113,7 +122,36 @@ def data_notes(config: ml_collections.ConfigDict,
 
 def run_linear_eval(config: ml_collections.ConfigDict,
                     workdir: str) -> dict[str, Any]:
-  """Linear evaluation of the backbone exported in `workdir` (see module doc).
+  """Linear evaluation of the backbone exported in `workdir`, written to
+  `<workdir>/linear_eval.json` (see module doc and `evaluate_backbone`)."""
+  workdir = run_control.resolve_workdir(workdir)
+  with workdir_for_evaluation(workdir):
+    results = evaluate_backbone(config, workdir)
+    write_results(workdir, results)
+  return results
+
+
+@contextlib.contextmanager
+def workdir_for_evaluation(workdir: str):
+  """Checks that `workdir` can take a result and holds its lock meanwhile.
+
+  A workdir whose run is still training is refused (its backbone may be
+  replaced while it is read), and so is one where the result could not be
+  written: both before any work.
+  """
+  lock = run_control.WorkdirLock(workdir, enabled=jax.process_index() == 0,
+                                 purpose='linear evaluation')
+  lock.check()
+  if jax.process_index() == 0:
+    run_control.check_writable(
+        workdir, why=f', so {RESULTS_FILE} could not be written there')
+  with lock:
+    yield
+
+
+def evaluate_backbone(config: ml_collections.ConfigDict,
+                      workdir: str) -> dict[str, Any]:
+  """Linear evaluation of the backbone exported in `workdir`; writes nothing.
 
   Args:
     config: data, augmentation (normalisation), `eval.batch_size` and
@@ -121,19 +159,23 @@ def run_linear_eval(config: ml_collections.ConfigDict,
     workdir: a training run's workdir, with `config.json` and `backbone/`.
 
   Returns:
-    The results written to `<workdir>/linear_eval.json`: 'top1', 'top5' and
-    'train_top1' (fractions), 'flops_reduction', 'gate_density' (1.0 for a
-    dense backbone), 'layer_density', the full 'flops' report, sizes, the
-    settings used and 'config_notes'; for a dense-partner run
+    The results `write_results` writes to `<workdir>/linear_eval.json`:
+    'top1', 'top5' and 'train_top1' (fractions), 'flops_reduction',
+    'gate_density' (1.0 for a dense backbone), 'layer_density', the full
+    'flops' report, sizes, the settings used, 'config_notes' and 'backbone'
+    (the step and digest of the backbone scored); for a dense-partner run
     (`gating.branches='dense_partner'`) also 'dense_network', the same
     measures of the run's dense network (every gate open).
 
   Raises:
     FileNotFoundError: no config.json or no exported backbone in `workdir`.
+    ValueError: the backbone loaded is not the one `backbone.json` describes
+      (replaced while it was read).
   """
   # The settings first: a bad value stops before the backbone is loaded.
   settings = linear_settings(config)
   backbone_config, backbone, variables = checkpoints.load_backbone(workdir)
+  scored = scored_backbone(workdir, variables)
   config, notes = use_backbone_config(config, backbone_config)
   for note in notes:
     logging.warning('%s', note)
@@ -170,18 +212,58 @@ def run_linear_eval(config: ml_collections.ConfigDict,
       'gating': _as_json(config.gating),
       'data': _as_json(config.data),
       'config_notes': notes,
+      'backbone': scored,
   }
-  if jax.process_index() == 0:
-    kept = keep_earlier_result(workdir, results)
-    if kept:
-      results['earlier_result_kept_as'] = kept
-    with open(os.path.join(workdir, RESULTS_FILE), 'w') as f:
-      json.dump(results, f, indent=2)
   return results
 
 
-# What makes two linear evaluations of one backbone the same evaluation.
-_SAME_EVALUATION = ('linear_eval', 'data', 'sparse_inference', 'eval_split')
+def scored_backbone(workdir: str, variables) -> dict[str, Any]:
+  """{'step', 'digest', 'exported'} of the backbone loaded from `workdir`.
+
+  The digest is of the arrays actually loaded; `backbone.json` (written at
+  export) gives the step. A backbone exported before that file existed has
+  its step from summary.json when there is one ('exported': None).
+
+  Raises:
+    ValueError: the loaded arrays are not those `backbone.json` describes.
+  """
+  digest = checkpoints.backbone_digest(variables)
+  info = checkpoints.read_backbone_info(workdir)
+  if info is None:
+    try:
+      with open(os.path.join(workdir, 'summary.json')) as f:
+        step = json.load(f).get('steps')
+    except (OSError, ValueError, AttributeError):
+      step = None
+    return {'step': step, 'digest': digest, 'exported': None}
+  if info.get('digest') != digest:
+    raise ValueError(
+        f'The backbone in {os.path.join(workdir, checkpoints.BACKBONE_DIR)} '
+        f'(digest {digest}) is not the one {checkpoints.BACKBONE_INFO_FILE} '
+        f'describes (step {info.get("step")}, digest {info.get("digest")}): '
+        f'it was replaced while it was read, or by hand. Evaluate again once '
+        f'the run that writes it has ended.')
+  return {'step': info.get('step'), 'digest': digest,
+          'exported': info.get('exported')}
+
+
+def write_results(workdir: str, results: dict[str, Any]) -> None:
+  """Writes `results` to `<workdir>/linear_eval.json` (process 0), keeping
+  an earlier result of another evaluation (`keep_earlier_result`)."""
+  if jax.process_index() != 0:
+    return
+  kept = keep_earlier_result(workdir, results)
+  if kept:
+    results['earlier_result_kept_as'] = kept
+  path = os.path.join(workdir, RESULTS_FILE)
+  with open(f'{path}.tmp', 'w') as f:
+    json.dump(results, f, indent=2)
+  os.replace(f'{path}.tmp', path)
+
+
+# What makes two linear evaluations the same evaluation (of one backbone).
+_SAME_EVALUATION = ('linear_eval', 'data', 'sparse_inference', 'eval_split',
+                    'backbone')
 
 
 def keep_earlier_result(workdir: str, results: Mapping[str, Any]) -> str | None:
@@ -230,13 +312,17 @@ def linear_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return settings
 
 
-def format_summary(results: Mapping[str, Any], workdir: str) -> str:
-  """Human-readable summary of `run_linear_eval`'s results."""
+def format_summary(results: Mapping[str, Any], workdir: str,
+                   written: bool = True) -> str:
+  """Human-readable summary of `run_linear_eval`'s results (without the
+  lines on the file written when `written` is False)."""
   model, gating = results['model'], results['gating']
   split = results.get('eval_split', 'test')
+  step = (results.get('backbone') or {}).get('step')
   lines = [
       f'Linear evaluation of {workdir} ({model["name"]}, width '
-      f'{model.get("width", 64)}, gating.kind={gating["kind"]}):',
+      f'{model.get("width", 64)}, gating.kind={gating["kind"]}, backbone of '
+      f'step {step if step is not None else "unknown"}):',
       f'  {split} top-1 {100 * results["top1"]:.2f}%, top-5 '
       f'{100 * results["top5"]:.2f}% on the {results["num_test"]} {split} '
       f'images (train top-1 {100 * results["train_top1"]:.2f}%, '
@@ -256,6 +342,8 @@ def format_summary(results: Mapping[str, Any], workdir: str) -> str:
                      f'{100 * dense["top5"]:.2f}%, FLOPs reduction '
                      f'{dense["flops_reduction"]:.3f}x')
   lines += [f'  note: {note}' for note in results['config_notes']]
+  if not written:
+    return '\n'.join(lines)
   lines.append(f'  written to {os.path.join(workdir, RESULTS_FILE)}')
   if results.get('earlier_result_kept_as'):
     lines.append(f'  the earlier result (another evaluation) was kept as '
@@ -273,11 +361,20 @@ def main(argv):
   # Before JAX starts its backends: one CPU device per core.
   parallel.configure_cpu(flags.FLAGS.config.get('cpu_devices', 0))
   cli.initialize_distributed_from_flags()
-  workdir = flags.FLAGS.workdir
   with cli.reported_errors():
-    results = run_linear_eval(flags.FLAGS.config, workdir)
+    workdir = run_control.resolve_workdir(flags.FLAGS.workdir)
+    with workdir_for_evaluation(workdir):
+      results = evaluate_backbone(flags.FLAGS.config, workdir)
+      # The accuracy reaches the console before the file is written, so a
+      # write that fails loses nothing of the evaluation.
+      if jax.process_index() == 0:
+        print(format_summary(results, workdir, written=False), flush=True)
+      write_results(workdir, results)
   if jax.process_index() == 0:
-    print(format_summary(results, workdir))
+    print(f'  written to {os.path.join(workdir, RESULTS_FILE)}' + (
+        f'\n  the earlier result (another evaluation) was kept as '
+        f'{os.path.join(workdir, results["earlier_result_kept_as"])}'
+        if results.get('earlier_result_kept_as') else ''))
 
 
 def run() -> None:

@@ -4,7 +4,9 @@ r"""Pretrains a CDG-gated ResNet with self-supervised learning.
   cdg-train --config=configs/byol_cifar100.py --workdir=/tmp/byol  # installed
   python -m cdg_jax.main --config=configs/byol_cifar100.py:smoke --workdir=/tmp/s
 
-Re-running with the same --workdir resumes from its latest checkpoint.
+Re-running with the same --workdir resumes from its latest checkpoint; a
+workdir that holds another run's outputs without a checkpoint is refused
+unless the config is that run's, or --set_aside_earlier_run moves them aside.
 Override any config field on the command line, e.g. `--config.batch_size=512`.
 SIGTERM or Ctrl-C saves a checkpoint after the current step and exits with
 status 143; success exits with 0, any failure with a non-zero status and
@@ -26,6 +28,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Directory for checkpoints, metrics and results.')
+_SET_ASIDE = flags.DEFINE_bool(
+    'set_aside_earlier_run', False,
+    'Train a new run in a --workdir that holds another run\'s outputs but no '
+    'checkpoint (refused otherwise, unless the config is that run\'s): its '
+    'files are first moved to <workdir>/earlier_runs/<time>/.')
 flags.mark_flags_as_required(['config', 'workdir'])
 cli.define_distributed_flags()
 
@@ -46,7 +53,8 @@ def main(argv):
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
   with cli.reported_errors():
-    train.train_and_evaluate(config, _WORKDIR.value)
+    train.train_and_evaluate(config, _WORKDIR.value,
+                             set_aside_earlier_run=_SET_ASIDE.value)
 
 
 def run() -> None:

@@ -50,23 +50,14 @@ SUMMARY_FILE = 'summary.json'
 
 def prepare_workdir(workdir: str) -> str:
   """Creates `workdir` and checks it is writable, with a clear error if not."""
-  if not workdir:
-    raise ValueError('A --workdir is required.')
+  workdir = run_control.resolve_workdir(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
-    # Every process writes checkpoints (orbax), so every process checks;
-    # one probe file each, so that they do not race.
-    probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')
-    try:
-      with open(probe, 'w') as f:
-        f.write('ok')
-    finally:
-      if os.path.exists(probe):
-        os.remove(probe)
   except OSError as e:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
       raise   # a full disk, not a permission: reported as such
     raise PermissionError(f'workdir {workdir!r} is not writable: {e}') from e
+  run_control.check_writable(workdir)
   return workdir
 
 
@@ -97,13 +88,18 @@ def _create_state(run: pretraining.Pretraining, seed: int, mesh):
       jax.random.key(seed))
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str, *,
+                       set_aside_earlier_run: bool = False) -> dict[str, Any]:
   """Pretrains with CDG under `config.framework`, evaluates, reports.
 
   Args:
     config: a config from `configs/` (see `cdg_jax.run.config_lib`).
     workdir: where checkpoints, metrics, summary, backbone and plots go; a
-      run already there is resumed.
+      run already there is resumed (`~` is expanded).
+    set_aside_earlier_run: a workdir that holds another run's outputs but no
+      checkpoint is refused unless the config is that run's; with this, the
+      earlier files are moved to `<workdir>/earlier_runs/<time>/` and a new
+      run starts (the flag `--set_aside_earlier_run`).
 
   Returns:
     The end-of-run summary (also written to `<workdir>/summary.json`): kNN
@@ -113,11 +109,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """
   start_time = time.time()
   is_main = jax.process_index() == 0
+  workdir = run_control.resolve_workdir(workdir)
+  if is_main:
+    print(f'Workdir: {os.path.abspath(workdir)}', flush=True)
   # A workdir in use by another run is refused first (reading its lock
   # only); then everything that can be checked is checked before the
   # workdir is touched: the config, the memory, the data, the devices.
-  if workdir:
-    run_control.WorkdirLock(workdir, enabled=is_main).check()
+  run_control.WorkdirLock(workdir, enabled=is_main).check()
   # The config's one parse: the gating spec and the pretraining settings
   # are read here and passed down; nothing below reads `config.gating`.
   gating = config_lib.validate(config)
@@ -135,13 +133,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # The evaluation batch is rounded up to the devices (eval_batch_size).
   parallel.check_batch_divisible(config.batch_size, mesh)
   settings = pretraining.read_settings(config, gating, source.num_train)
-  check_shapes(config, settings, source, mesh)
+  abstract_state = check_shapes(config, settings, source, mesh)
   try:
     prepare_workdir(workdir)
     with run_control.WorkdirLock(workdir, enabled=is_main):
+      # Every check that can refuse this run reads the workdir and writes
+      # nothing: a refused resume leaves it as it was (config.json too).
       changes = checkpoints.check_compatible(config, workdir)
+      checkpoints.check_restorable(workdir, abstract_state)
+      earlier = checkpoints.check_new_run_allowed(config, workdir,
+                                                  set_aside_earlier_run)
       check_changes_can_act(changes, workdir, settings.total_steps)
-      checkpoints.write_config(config, workdir)
+      moved_to = checkpoints.set_aside_earlier_outputs(workdir, earlier)
+      if moved_to and is_main:
+        print(f'Moved the earlier run\'s {", ".join(earlier)} to {moved_to}; '
+              f'training a new run in {workdir}.', flush=True)
       return _train_and_evaluate(config, settings, workdir, source, mesh,
                                  start_time, changes)
   except checkpoints.CheckpointWriteError:
@@ -208,7 +214,7 @@ def check_same_config_in_every_process(config) -> None:
 
 def check_shapes(config, settings: pretraining.Settings,
                  source: input_pipeline.Source,
-                 mesh: jax.sharding.Mesh) -> None:
+                 mesh: jax.sharding.Mesh):
   """Traces the whole run on the data's real shapes; computes nothing.
 
   The state's initialisation, the train step and the evaluation forward
@@ -217,6 +223,9 @@ def check_shapes(config, settings: pretraining.Settings,
   block that does not divide a feature map, input-channel groups that do
   not divide a layer's channels, images too small for the network -- is
   raised before the workdir is touched, naming the config.
+
+  Returns:
+    The train state's shapes (what a checkpoint of this run holds).
 
   Raises:
     ValueError: the config cannot run on this data.
@@ -243,6 +252,7 @@ def check_shapes(config, settings: pretraining.Settings,
         f'This config cannot run on this data ({height}x{width} images, '
         f'{source.num_train} for training, data.source='
         f'{config.data.source!r}): {e}') from e
+  return state
 
 
 def _backbone(config, settings: pretraining.Settings):
@@ -294,9 +304,19 @@ def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
   """`train_and_evaluate` once the config, data and workdir are checked."""
   run = pretraining.assemble(settings)
   backbone = _backbone(config, settings)
+  had_config = os.path.exists(os.path.join(workdir, checkpoints.CONFIG_FILE))
   state, manager = _restore_or_init(run, config, workdir, mesh)
   start_step = int(state.step)
   is_main = jax.process_index() == 0
+  if start_step and not had_config and is_main:
+    print(f'{checkpoints.CONFIG_FILE} was missing from {workdir}: the '
+          f'checkpoint\'s shapes fit this config, but fields that change no '
+          f'shape (learning rate, gating targets, ...) could not be compared '
+          f'with the run\'s; {checkpoints.CONFIG_FILE} now holds this '
+          f'config.', flush=True)
+  # Written once the checkpoint restored: a refused or failed resume leaves
+  # the run's own config.json in place.
+  checkpoints.write_config(config, workdir)
   writer = metric_logging.create_writer(workdir, is_main, METRICS_FILE,
                                         resume_step=start_step)
   config_changes = _record_changes(writer, workdir, start_step, changes)
@@ -356,7 +376,7 @@ def _write_outputs(config, workdir, summary, backbone, variables, source,
                    knn) -> None:
   """The exported backbone, summary.json, the gate plots, the console."""
   checkpoints.export_backbone(workdir, variables['params'],
-                              variables['batch_stats'])
+                              variables['batch_stats'], step=summary['steps'])
   if jax.process_index() != 0:
     return
   with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:

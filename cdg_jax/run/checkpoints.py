@@ -8,11 +8,16 @@ Layout of a workdir:
   backbone/            exported backbone: params, batch stats (incl. the
                        saliency statistics) and thresholds -- load it with
                        `load_backbone(workdir)` in other code
+  backbone.json        which backbone that is: its training step and a
+                       digest of its arrays (linear evaluations record both)
+  earlier_runs/<time>/ the outputs of an earlier run that had no checkpoint,
+                       set aside before a new run started in the workdir
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -34,6 +39,11 @@ CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 DAMAGED_DIR = 'damaged_checkpoints'
 BACKBONE_DIR = 'backbone'
+BACKBONE_INFO_FILE = 'backbone.json'
+EARLIER_RUNS_DIR = 'earlier_runs'
+# Files of a workdir that belong to no run's results: the lock of the run
+# using it, and the place where earlier runs are set aside.
+_NOT_OUTPUTS = ('run.lock', EARLIER_RUNS_DIR, CHECKPOINT_DIR)
 # Fields whose change makes an existing checkpoint unusable for this run.
 STRUCTURAL_FIELDS = ('framework', 'model', 'gating.kind', 'gating.groups',
                      'gating.layers', 'gating.saliency_norm', 'gating.branches',
@@ -77,13 +87,63 @@ def _in(key: str, fields: tuple[str, ...]) -> bool:
   return any(key == f or key.startswith(f + '.') for f in fields)
 
 
+def read_saved_fields(workdir: str) -> dict[str, Any] | None:
+  """The flat fields of `<workdir>/config.json`, or None when there is none.
+
+  Raises:
+    ValueError naming the file when it is not a config (not JSON, not an
+    object, or no fields at all): a run cannot be checked against it.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except ValueError as e:
+    raise ValueError(
+        f'{path} is not valid JSON ({e}), so the run in {workdir} cannot be '
+        f'checked against this config. Restore that file (the run wrote it '
+        f'at its start), or use a new --workdir.') from e
+  if not isinstance(saved, dict) or not flat_fields(saved):
+    raise ValueError(
+        f'{path} holds no config ({json.dumps(saved)[:80]}), so the run in '
+        f'{workdir} cannot be checked against this config. Restore that file '
+        f'(the run wrote it at its start), or use a new --workdir.')
+  return flat_fields(saved)
+
+
+def config_differences(config, saved: dict[str, Any]
+                       ) -> tuple[list[str], dict[str, tuple[Any, Any]]]:
+  """How `config` differs from a run's saved flat fields.
+
+  A field that the saved config lacks (one added to the library after that
+  run) is taken at its default, the value the run had.
+
+  Returns:
+    (structural, changes): lines 'field: checkpoint X, config Y' for the
+    `STRUCTURAL_FIELDS` that differ, and {field: (saved, new)} for every
+    other differing field but the `EXECUTION_FIELDS` (free to differ).
+  """
+  current = flat_fields(_config_dict(config))
+  defaults = flat_fields(_config_dict(config_lib.base_config()))
+  differ, changes = [], {}
+  for key in sorted(set(saved) | set(current)):
+    before, after = saved.get(key, defaults.get(key)), current.get(key)
+    if before == after or _in(key, EXECUTION_FIELDS):
+      continue
+    if _in(key, STRUCTURAL_FIELDS):
+      differ.append(f'{key}: checkpoint {before!r}, config {after!r}')
+    else:
+      changes[key] = (before, after)
+  return differ, changes
+
+
 def check_compatible(config, workdir: str) -> dict[str, tuple[Any, Any]]:
   """Compares `config` with the config of the run saved in `workdir`.
 
-  A workdir without a checkpoint (a run that stopped before its first save)
-  has nothing to be compared with. A field that the saved config lacks (one
-  added to the library after that run) is taken at its default, the value
-  the run had.
+  A workdir without a checkpoint has nothing to resume (`earlier_outputs`
+  guards what such a workdir holds).
 
   Returns:
     {field: (saved value, new value)} of the fields that change what the
@@ -93,31 +153,160 @@ def check_compatible(config, workdir: str) -> dict[str, tuple[Any, Any]]:
   Raises:
     ValueError listing the fields that change the shapes or meaning of the
     saved state (`STRUCTURAL_FIELDS`), with which the checkpoint cannot be
-    resumed.
+    resumed; or naming a config.json that is not a config.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path) or not has_checkpoint(workdir):
+  if not has_checkpoint(workdir):
     return {}
-  with open(path) as f:
-    saved = flat_fields(json.load(f))
-  current = flat_fields(_config_dict(config))
-  defaults = flat_fields(_config_dict(config_lib.base_config()))
-  differ, changes = [], {}
-  for key in sorted(set(saved) | set(current)):
-    before, after = saved.get(key, defaults.get(key)), current.get(key)
-    if before == after or _in(key, EXECUTION_FIELDS):
-      continue
-    if _in(key, STRUCTURAL_FIELDS):
-      differ.append(f'{key}: checkpoint {saved.get(key)!r}, config '
-                    f'{current.get(key)!r}')
-    else:
-      changes[key] = (before, after)
+  saved = read_saved_fields(workdir)
+  if saved is None:
+    return {}   # checked against the checkpoint itself (`check_restorable`)
+  differ, changes = config_differences(config, saved)
   if differ:
     raise ValueError(
         f'The checkpoint in {workdir} comes from an incompatible config; these '
         f'fields differ:\n  ' + '\n  '.join(differ) +
         '\nUse a new --workdir, or the config the checkpoint was trained with.')
   return changes
+
+
+# Arrays whose shape tells a config field, for a refusal that names the
+# field when config.json cannot (it is missing or was edited).
+_SHAPE_FIELDS = (('params/backbone/stem_conv/kernel', -1, 'model.width'),
+                 ('probe_params/kernel', -1, 'data.num_classes'))
+
+
+def check_restorable(workdir: str, abstract_state) -> None:
+  """Refuses a checkpoint whose arrays do not fit this config's train state.
+
+  Reads the newest complete checkpoint's metadata (the shapes, no data) and
+  compares it with `abstract_state`, the state this config would train. It
+  is what is on disk, so it holds whatever config.json says (the file may be
+  missing or edited). A checkpoint whose metadata cannot be read is left to
+  `restore_latest`, which reports damage and falls back to older steps.
+
+  Raises:
+    ValueError naming the config fields the shapes tell (model.width,
+    data.num_classes) with both values, and the first differing arrays.
+  """
+  steps = complete_steps(workdir)
+  if not steps:
+    return
+  directory = checkpoint_dir(workdir)
+  try:
+    metadata = ocp.StandardCheckpointer().metadata(
+        os.path.join(directory, str(steps[-1]), 'default'))
+    saved_tree = getattr(metadata, 'item_metadata', metadata)
+    saved_tree = getattr(saved_tree, 'tree', saved_tree)
+    saved = _shapes(saved_tree)
+  except Exception:  # pylint: disable=broad-except
+    return   # damaged or foreign: restore_latest says which and falls back
+  wanted = _shapes(abstract_state)
+  differ = [f'{path}: checkpoint {saved.get(path)}, config {wanted.get(path)}'
+            for path in sorted(set(saved) | set(wanted))
+            if saved.get(path) != wanted.get(path)]
+  if not differ:
+    return
+  fields = [f'{field}: checkpoint {saved[path][axis]}, config '
+            f'{wanted[path][axis]}'
+            for path, axis, field in _SHAPE_FIELDS
+            if saved.get(path) and wanted.get(path)
+            and saved[path][axis] != wanted[path][axis]]
+  shown = differ[:3] + ([f'... {len(differ) - 3} more'] if len(differ) > 3
+                        else [])
+  raise ValueError(
+      f'The checkpoint of step {steps[-1]} in {directory} does not fit this '
+      f'config: ' + ('; '.join(fields) + '. ' if fields else '') +
+      'Arrays that differ (shapes):\n  ' + '\n  '.join(shown) +
+      '\nRun the config the checkpoint was trained with, or use a new '
+      '--workdir. Nothing in the workdir was changed.')
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'params/backbone/...': shape} of the arrays of a state or metadata."""
+  return {jax.tree_util.keystr(path, simple=True, separator='/'):
+          tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+          if getattr(leaf, 'shape', None) is not None}
+
+
+def earlier_outputs(workdir: str) -> list[str]:
+  """Names of the files an earlier run left in a workdir without a checkpoint.
+
+  Everything but the lock, `earlier_runs/` and an empty `checkpoints/`:
+  config.json, metrics, summary, backbone, linear evaluations, plots,
+  events. [] when the workdir has a checkpoint (it is resumed) or nothing.
+  """
+  if has_checkpoint(workdir) or not os.path.isdir(workdir):
+    return []
+  return sorted(name for name in os.listdir(workdir)
+                if name not in _NOT_OUTPUTS and not name.startswith('.'))
+
+
+def check_new_run_allowed(config, workdir: str, set_aside: bool) -> list[str]:
+  """Whether a run may start in a workdir holding another run's outputs.
+
+  A workdir whose checkpoints are gone (deleted to save disk) but which
+  keeps a run's outputs must not be overwritten by another run: that is
+  allowed only when `config` trains what config.json says (the same run
+  again) or when the user says so (`set_aside`, the flag
+  --set_aside_earlier_run). Either way the earlier files are kept: the
+  caller moves them with `set_aside_earlier_outputs`.
+
+  Returns:
+    The earlier outputs to set aside ([] when there are none).
+
+  Raises:
+    ValueError naming the differing fields (or the missing config.json),
+    what the workdir holds and the flag.
+  """
+  names = earlier_outputs(workdir)
+  if names == [CONFIG_FILE]:
+    # A start that failed before it wrote anything else: the new run's
+    # config.json replaces it.
+    return []
+  if not names or set_aside:
+    return names
+  saved = read_saved_fields(workdir)
+  if saved is not None:
+    differ, changes = config_differences(config, saved)
+    differ += [f'{key}: earlier run {before!r}, config {after!r}'
+               for key, (before, after) in changes.items()]
+    differ = [line.replace(': checkpoint ', ': earlier run ')
+              for line in differ]
+    if not differ:
+      return names
+    why = 'this config differs from the one it was trained with:\n  ' + (
+        '\n  '.join(differ[:8]) +
+        (f'\n  ... {len(differ) - 8} more' if len(differ) > 8 else ''))
+  else:
+    why = f'it has no {CONFIG_FILE} to check this config against.'
+  shown = ', '.join(names[:6]) + (', ...' if len(names) > 6 else '')
+  raise ValueError(
+      f'{workdir} holds the outputs of another run ({shown}) but no '
+      f'checkpoint, and {why}\nTraining here would overwrite them. Use a new '
+      f'--workdir, or pass --set_aside_earlier_run to move them to '
+      f'{os.path.join(workdir, EARLIER_RUNS_DIR)}/<time>/ and train a new '
+      f'run here.')
+
+
+def set_aside_earlier_outputs(workdir: str, names: list[str]) -> str | None:
+  """Moves `names` of `workdir` into `earlier_runs/<time>/` (process 0).
+
+  Returns:
+    The directory they went to, or None when there was nothing to move.
+  """
+  if not names or jax.process_index() != 0:
+    return None
+  stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
+  target = os.path.join(workdir, EARLIER_RUNS_DIR, stamp)
+  number = 1
+  while os.path.exists(target):
+    target = os.path.join(workdir, EARLIER_RUNS_DIR, f'{stamp}.{number}')
+    number += 1
+  os.makedirs(target)
+  for name in names:
+    shutil.move(os.path.join(workdir, name), os.path.join(target, name))
+  return target
 
 
 def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
@@ -190,6 +379,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f'No {CONFIG_FILE} in {workdir}: is it the workdir '
                             f'of a cdg_jax run?')
+  read_saved_fields(workdir)   # a file that is no config is named
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
@@ -430,11 +620,14 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state,
       _quarantine(manager, [int(f.split(':')[0].split()[1]) for f in failures],
                   quarantine_dir)
     return state
+  # The shapes were checked against the config first (`check_restorable`),
+  # so these failures are damage, not another config: nothing here would
+  # restore, but the advice still keeps the files.
   raise NoValidCheckpointError(
       f'None of the {len(steps)} checkpoint(s) in {manager.directory} '
       f'restores:\n  ' + '\n  '.join(failures) + f'\nNo checkpoint of '
-      f'{manager.directory} restores: move or delete that directory to start '
-      f'the run from scratch, or use a new --workdir.')
+      f'{manager.directory} restores (damaged files): use a new --workdir, or '
+      f'move that directory aside to start this run from scratch.')
 
 
 def _quarantine(manager: ocp.CheckpointManager, steps: list[int],
@@ -481,21 +674,103 @@ def describe_nonfinite(paths: list[str], limit: int = 3) -> str:
   return f'{len(paths)} array{"s" if len(paths) != 1 else ""} ({shown})'
 
 
-def export_backbone(workdir: str, params, batch_stats) -> str:
+def backbone_digest(variables) -> str:
+  """A digest of a backbone's arrays (paths, dtypes, shapes and bytes).
+
+  What identifies an exported backbone: a linear evaluation records it, and
+  compares it with the backbone it loaded, so that a result always names
+  the weights it scored.
+  """
+  digest = hashlib.sha256()
+  for path, leaf in sorted(
+      (jax.tree_util.keystr(path, simple=True, separator='/'), np.asarray(leaf))
+      for path, leaf in jax.tree_util.tree_leaves_with_path(
+          jax.device_get(variables))):
+    digest.update(f'{path}:{leaf.dtype}:{leaf.shape};'.encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def read_backbone_info(workdir: str) -> dict[str, Any] | None:
+  """`backbone.json` ({'step', 'digest', 'exported'}), or None if absent
+  (a backbone exported before the file existed) or unreadable."""
+  try:
+    with open(os.path.join(workdir, BACKBONE_INFO_FILE)) as f:
+      info = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return info if isinstance(info, dict) else None
+
+
+def export_backbone(workdir: str, params, batch_stats,
+                    step: int | None = None) -> str:
   """Writes the online backbone's variables to `<workdir>/backbone`.
 
   Every process of a run calls it (orbax synchronises the processes and
-  writes host arrays from process 0).
+  writes host arrays from process 0). With `step`, process 0 also writes
+  `backbone.json` (the step and the arrays' digest), and moves linear
+  evaluations of an earlier backbone (`linear_eval*.json` that name
+  another digest, or none) to `stale_linear_eval/`, so that no result sits
+  beside weights it did not score.
   """
   path = os.path.abspath(os.path.join(workdir, BACKBONE_DIR))
   checkpointer = ocp.StandardCheckpointer()
   # Host arrays: a backbone saved from device arrays keeps their sharding and
   # would then only load on the same device topology (8 GPUs -> laptop fails).
-  checkpointer.save(path, jax.device_get({'params': params,
-                                          'batch_stats': batch_stats}),
-                    force=True)
+  variables = jax.device_get({'params': params, 'batch_stats': batch_stats})
+  checkpointer.save(path, variables, force=True)
   checkpointer.wait_until_finished()
+  if step is not None and jax.process_index() == 0:
+    info = {'step': int(step), 'digest': backbone_digest(variables),
+            'exported': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+    _write_json_atomically(os.path.join(workdir, BACKBONE_INFO_FILE), info)
+    move_stale_linear_results(workdir, info['digest'])
   return path
+
+
+STALE_LINEAR_DIR = 'stale_linear_eval'
+
+
+def move_stale_linear_results(workdir: str, digest: str) -> list[str]:
+  """Moves `linear_eval*.json` that did not score the backbone `digest` into
+  `stale_linear_eval/` (named by the step they scored); returns the names
+  they got there."""
+  moved = []
+  for name in sorted(os.listdir(workdir)):
+    if not (name.startswith('linear_eval') and name.endswith('.json')):
+      continue
+    source = os.path.join(workdir, name)
+    try:
+      with open(source) as f:
+        scored = (json.load(f).get('backbone') or {})
+    except (OSError, ValueError, AttributeError):
+      scored = {}
+    if scored.get('digest') == digest:
+      continue
+    os.makedirs(os.path.join(workdir, STALE_LINEAR_DIR), exist_ok=True)
+    stem = f'step{scored["step"]}' if 'step' in scored else 'step_unknown'
+    target = os.path.join(workdir, STALE_LINEAR_DIR, f'{stem}.{name}')
+    number = 1
+    while os.path.exists(target):
+      target = os.path.join(workdir, STALE_LINEAR_DIR,
+                            f'{stem}.{number}.{name}')
+      number += 1
+    os.replace(source, target)
+    moved.append(os.path.relpath(target, workdir))
+    logging.warning('Moved %s (a linear evaluation of an earlier backbone) to '
+                    '%s.', source, target)
+  return moved
+
+
+def _write_json_atomically(path: str, value: Any) -> None:
+  temporary = f'{path}.tmp'
+  try:
+    with open(temporary, 'w') as f:
+      json.dump(value, f, indent=2)
+    os.replace(temporary, path)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
 
 
 def load_backbone(workdir: str):

@@ -35,6 +35,44 @@ import jax
 LOCK_FILE = 'run.lock'
 
 
+def resolve_workdir(workdir: str | None) -> str:
+  """The workdir a command was given, with `~` expanded.
+
+  A quoted `--workdir='~/run'` reaches the program with its `~` (the shell
+  expands only an unquoted one); taken literally it would make a directory
+  named `~` in the current one.
+
+  Raises:
+    ValueError: no workdir was given.
+  """
+  if not workdir:
+    raise ValueError('A --workdir is required.')
+  return os.path.expanduser(workdir)
+
+
+def check_writable(workdir: str, why: str = '') -> None:
+  """Raises PermissionError naming `workdir` if a file cannot be written in
+  it (an OSError of a full disk is raised as it is).
+
+  Every process of a run checks (orbax writes from every process), each with
+  its own probe file so that they do not race. `why` says what will be
+  written, for the message.
+  """
+  probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')
+  try:
+    try:
+      with open(probe, 'w') as f:
+        f.write('ok')
+    finally:
+      if os.path.exists(probe):
+        os.remove(probe)
+  except OSError as e:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+      raise   # a full disk, not a permission: reported as such
+    raise PermissionError(f'workdir {workdir!r} is not writable{why}: '
+                          f'{e}') from e
+
+
 class WorkdirLockedError(RuntimeError):
   """Another live run owns the workdir."""
 
@@ -59,9 +97,13 @@ class WorkdirLock:
   Use as a context manager around everything a run does to its workdir.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True,
+               purpose: str = 'training'):
+    """`purpose` ('training', 'linear evaluation') is recorded in the lock
+    and named to whoever finds the workdir in use."""
     self.path = os.path.join(workdir, LOCK_FILE)
     self.enabled = enabled
+    self.purpose = purpose
     self._held = False
 
   def _owner(self) -> dict[str, Any] | None:
@@ -121,7 +163,8 @@ class WorkdirLock:
     if not self.enabled:
       return
     me = {'host': socket.gethostname(), 'pid': os.getpid(),
-          'started': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}
+          'started': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
+          'purpose': self.purpose}
     for _ in range(2):
       try:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -149,15 +192,22 @@ class WorkdirLock:
             and not _process_alive(owner['pid']))
 
   def _locked_error(self, owner: dict[str, Any]) -> WorkdirLockedError:
+    # Locks written before 'purpose' existed were training runs'.
+    what = owner.get('purpose', 'training') if owner else None
     where = (f'process {owner.get("pid")} on host {owner.get("host")}, '
-             f'started {owner.get("started")}' if owner else
-             'an unknown process (unreadable lock file)')
+             f'started {owner.get("started")} ({what})' if owner
+             else 'an unknown process (unreadable lock file)')
+    if self.purpose == 'training':
+      why = ('Two runs on one workdir would overwrite each other\'s '
+             'checkpoints and metrics: use another --workdir, or wait for '
+             'that run to end.')
+    else:
+      why = (f'The {self.purpose} would read a backbone that may be replaced '
+             f'while it runs: wait for that run to end, then evaluate its '
+             f'final backbone.')
     return WorkdirLockedError(
         f'The workdir {os.path.dirname(self.path)} is in use by {where}. '
-        f'Two runs on one workdir would overwrite each other\'s '
-        f'checkpoints and metrics: use another --workdir, or wait for '
-        f'that run to end. If you are sure it is gone, delete '
-        f'{self.path}.')
+        f'{why} If you are sure it is gone, delete {self.path}.')
 
   def release(self) -> None:
     if self._held:
