@@ -18,16 +18,51 @@ from grids import GRIDS
 from grids import REPO_ROOT
 
 
+class ResultFileError(ValueError):
+  """A file under `<results_dir>/runs/` that is not a run's result."""
+
+
+def read_result(path: str) -> dict[str, Any]:
+  """One run's saved result; ResultFileError naming the file and the
+  problem when it is empty, not JSON, or not a result."""
+  # The runner writes a result whole (a temporary file, then a rename), so a
+  # bad file was truncated or edited by hand; without the file's name,
+  # json's own message ("Expecting value: line 1 column 1") leaves the user
+  # to search the directory for it.
+  name = os.path.basename(path)[:-len('.json')]
+  fix = (f'Restore it, or delete it and run experiments/run_grid.py again '
+         f'to train {name} anew.')
+  with open(path, 'rb') as f:
+    data = f.read()
+  if not data.strip():
+    raise ResultFileError(f'{path}: the result file is empty. {fix}')
+  try:
+    result = json.loads(data)
+  except ValueError as e:
+    raise ResultFileError(f'{path}: not valid JSON ({e}). {fix}') from e
+  if not isinstance(result, dict) or not isinstance(result.get('name'), str):
+    raise ResultFileError(
+        f'{path}: not a run\'s result (a JSON object with a "name"; found '
+        f'{type(result).__name__}'
+        f'{" without a name" if isinstance(result, dict) else ""}). {fix}')
+  return result
+
+
 def load_results(results_dir: str) -> list[dict[str, Any]]:
-  """All saved run results, in grid order, then by name."""
+  """All saved run results, in grid order, then by name.
+
+  Raises:
+    ResultFileError: a file under `<results_dir>/runs/` is empty, not JSON,
+      or not a run's result (the message names it).
+  """
   runs_dir = os.path.join(results_dir, 'runs')
   if not os.path.isdir(runs_dir):
     return []
   results = []
   for filename in sorted(os.listdir(runs_dir)):
     if filename.endswith('.json'):
-      with open(os.path.join(runs_dir, filename)) as f:
-        results.append(with_defaults(json.load(f)))
+      results.append(with_defaults(read_result(os.path.join(runs_dir,
+                                                            filename))))
   order = {run.name: i for i, run in enumerate(
       r for runs in GRIDS.values() for r in runs)}
   return sorted(results, key=lambda r: (order.get(r['name'], len(order)),
@@ -747,6 +782,8 @@ def write_width_plot(results: list[dict[str, Any]], results_dir: str) -> None:
 
 
 def write_report(results_dir: str) -> list[dict[str, Any]]:
+  """Writes the tables and plots of every result in `results_dir`; returns
+  the results (ResultFileError on a bad result file, see `load_results`)."""
   results = load_results(results_dir)
   if results:
     write_table(results, results_dir)

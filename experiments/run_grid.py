@@ -81,6 +81,8 @@ from absl import flags
 # The runner's modules live beside this file (experiments/ is no package).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from grids import REPO_ROOT  # pylint: disable=g-import-not-at-top,wrong-import-position
+from report import load_results  # pylint: disable=g-import-not-at-top,wrong-import-position
+from report import ResultFileError  # pylint: disable=g-import-not-at-top,wrong-import-position
 from report import write_report  # pylint: disable=g-import-not-at-top,wrong-import-position
 from runner import run_grid  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -100,11 +102,18 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if FLAGS.table_only:
-    results = write_report(FLAGS.results_dir)
-  else:
-    results = run_grid(FLAGS.grid, FLAGS.results_dir, FLAGS.workdir_root,
-                       FLAGS.only, FLAGS.rerun)
+  try:
+    # Every saved result is read before any run: a bad file stops the grid
+    # now, not after hours of training when the table is rebuilt.
+    load_results(FLAGS.results_dir)
+    if FLAGS.table_only:
+      results = write_report(FLAGS.results_dir)
+    else:
+      results = run_grid(FLAGS.grid, FLAGS.results_dir, FLAGS.workdir_root,
+                         FLAGS.only, FLAGS.rerun)
+  except ResultFileError as e:
+    print(f'FATAL: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
   print(f'{len(results)} results; table and plot in {FLAGS.results_dir}')
 
 

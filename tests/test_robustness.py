@@ -127,16 +127,16 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     _truncate_arrays(os.path.join(workdir, 'checkpoints', step))
   with pytest.raises(checkpoints.NoValidCheckpointError,
                      match=r'(?s)None of the 2 checkpoint\(s\) in .*checkpoints'
-                     r'.*start the run from scratch'):
+                     r'.*start this run from scratch'):
     train.train_and_evaluate(config, workdir)
   result = _main(f'--workdir={workdir}', '--config.num_steps=6',
                  '--config.checkpoint.every_steps=3',
                  '--config.log_every_steps=3')
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 1
-  assert lines[-1] == (f'No checkpoint of {workdir}/checkpoints restores: '
-                       f'move or delete that directory to start the run from '
-                       f'scratch, or use a new --workdir.')
+  assert lines[-1] == (f'No checkpoint of {workdir}/checkpoints restores '
+                       f'(damaged files): use a new --workdir, or move that '
+                       f'directory aside to start this run from scratch.')
   assert 'Event loop is closed' not in result.stderr
   assert 'Traceback' not in result.stderr
   assert len(_messages(result.stderr)) < 10, lines

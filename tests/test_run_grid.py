@@ -11,6 +11,7 @@ from ml_collections import config_flags
 import pytest
 
 from cdg_jax.run import config_lib
+import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -400,3 +401,111 @@ def test_a_diverged_run_is_recorded_with_its_step(tmp_path):
       'FATAL: NaN or infinite values in the train state at step 9, in 1 '
       'array (batch_stats/backbone/...)') == 9
   assert runner.divergence_step('RuntimeError: something else') is None
+
+
+def _script(name, *args, timeout=300):
+  """experiments/<name> run as a user runs it, from the repository root."""
+  return launch.run([sys.executable, os.path.join('experiments', name),
+                     *args], cwd=ROOT, capture_output=True, text=True,
+                    timeout=timeout)
+
+
+def _last_line(text):
+  return text.strip().splitlines()[-1]
+
+
+def test_table_only_names_a_bad_result_file(tmp_path):
+  runs_dir = tmp_path / 'runs'
+  runs_dir.mkdir()
+  (runs_dir / 'smoke_dense.json').write_text(json.dumps(_result(
+      'smoke_dense', 0, 0.4, gating='none')))
+  bad = runs_dir / 'simclr_c10_cdg.json'
+  bad.write_text('{"name": "simclr_c10_cdg",')   # cut short
+  fix = ('Restore it, or delete it and run experiments/run_grid.py again to '
+         'train simclr_c10_cdg anew.')
+  result = _script('run_grid.py', '--table_only', f'--results_dir={tmp_path}')
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert _last_line(result.stderr) == (
+      f'FATAL: {bad}: not valid JSON (Expecting property name enclosed in '
+      f'double quotes: line 1 column 27 (char 26)). {fix}')
+  assert not (tmp_path / 'results.md').exists()
+  # Read before any run: a grid stops at once too, not after its runs.
+  result = _script('run_grid.py', '--grid=smoke', f'--results_dir={tmp_path}',
+                   f'--workdir_root={tmp_path / "work"}')
+  assert result.returncode == 1 and _last_line(result.stderr).startswith(
+      f'FATAL: {bad}: not valid JSON')
+  assert not (tmp_path / 'work').exists()
+  # The reader's other refusals (the same line, without "FATAL: ").
+  for content, problem in (
+      ('', 'the result file is empty'),
+      (' \n', 'the result file is empty'),
+      ('[1, 2]', 'not a run\'s result (a JSON object with a "name"; found '
+       'list)'),
+      ('{"knn_top1": 0.5}', 'not a run\'s result (a JSON object with a '
+       '"name"; found dict without a name)')):
+    bad.write_text(content)
+    with pytest.raises(report.ResultFileError) as error:
+      report.load_results(str(tmp_path))
+    assert str(error.value) == f'{bad}: {problem}. {fix}'
+
+
+def test_fingerprint_checks_its_arguments_before_any_work(tmp_path):
+  fingerprint = tmp_path / 'fingerprint.json'
+  fingerprint.write_text('{"config/a:": "0"}')
+  cases = [
+      (['--only=bogus'], 'FATAL: --only=bogus: unknown part(s) bogus; the '
+       'parts are configs, models, runs (comma-separated; default all).'),
+      (['--only=configs', f'--compare={tmp_path / "none.json"}'],
+       f'FATAL: --compare={tmp_path / "none.json"}: cannot read it (No such '
+       f'file or directory). Give a fingerprint written earlier with --out.'),
+      (['--only=configs', f'--compare={tmp_path}'],
+       f'FATAL: --compare={tmp_path}: cannot read it (Is a directory). Give a '
+       f'fingerprint written earlier with --out.'),
+      (['--only=configs', f'--compare={fingerprint}',
+        f'--out={tmp_path / "no_dir" / "out.json"}'],
+       f'FATAL: --out={tmp_path / "no_dir" / "out.json"}: cannot write there '
+       f'(No such file or directory). Give a path in an existing, writable '
+       f'directory.'),
+  ]
+  for args, last_line in cases:
+    result = _script('fingerprint.py', *args)
+    assert result.returncode == 2, (args, result.stderr[-3000:])
+    assert _last_line(result.stderr) == last_line
+    assert 'done' not in result.stdout   # no part was recorded
+  fingerprint.write_text('{"config/a:": ')
+  result = _script('fingerprint.py', '--only=configs',
+                   f'--compare={fingerprint}')
+  assert result.returncode == 2 and _last_line(result.stderr).startswith(
+      f'FATAL: --compare={fingerprint}: not a fingerprint (invalid JSON: ')
+
+
+def test_fingerprint_compare_fails_on_items_missing_on_either_side(tmp_path):
+  out = tmp_path / 'configs.json'
+  result = _script('fingerprint.py', '--only=configs', f'--out={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  items = json.loads(out.read_text())
+  keys = sorted(items)
+  # The same parts again: identical.
+  result = _script('fingerprint.py', '--only=configs', f'--compare={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _last_line(result.stdout) == (
+      f'{len(items)} of {len(items)} items identical.')
+  # An earlier fingerprint with more parts (37 items missing here), one
+  # config missing there, and one that differs.
+  earlier = {key: value for key, value in items.items() if key != keys[0]}
+  earlier[keys[1]] = 'changed'
+  earlier.update({f'model/m{i:02d}': 'x' for i in range(37)})
+  path = tmp_path / 'earlier.json'
+  path.write_text(json.dumps(earlier))
+  result = _script('fingerprint.py', '--only=configs', f'--compare={path}')
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert _last_line(result.stderr) == (
+      f'FATAL: the fingerprints are not the same: 1 of {len(items) - 1} '
+      f'shared items differs ({keys[1]}); 37 items of {path} are missing here '
+      f'(model/m00, model/m01, model/m02 and 34 more); 1 item is not in '
+      f'{path} ({keys[0]}). Compare fingerprints of the same parts (--only); '
+      f'items that the change added or removed on purpose could not be '
+      f'compared.')
+  assert f'MISSING HERE (only in {path}): model/m36' in result.stdout
+  assert f'NEW HERE (not in {path}): {keys[0]}' in result.stdout
+  assert f'DIFFERS: {keys[1]}' in result.stdout

@@ -6,8 +6,12 @@ forward pass. A convolution costs `C_in * C_out` times the number of
 zero padding are not counted, which is what XLA's cost analysis counts (it
 agrees with this module to 0.4% on CIFAR ResNet-18). The conventional count of
 the literature, `kh * kw * C_in * C_out * H_out * W_out` (0.56 GMACs for CIFAR
-ResNet-18), includes them; it is reported too as `padded_macs`. A dense layer
-costs `C_in * C_out`. A CDG-gated convolution costs (docs/method.md [flops])
+ResNet-18), includes them; it is reported too as `padded_macs`. The same
+rule holds for dilated convolutions: a kernel dilation spreads the taps (more
+of them land on the padding), an input dilation's inserted zeros are not
+counted either; a 'CIRCULAR' or 'REFLECT' padding reads real (wrapped or
+mirrored) values, so every tap counts. A dense layer costs `C_in * C_out`.
+A CDG-gated convolution costs (docs/method.md [flops])
 
     dense_macs * (1/G + (G - 1)/G * density)
 
@@ -98,27 +102,116 @@ class LayerCost:
 
 
 def _taps_inside(in_size: int, out_size: int, kernel: int, stride: int,
-                 pad_before: int) -> int:
-  """Number of (output index, kernel index) pairs that read a real input row."""
-  out = np.arange(out_size)[:, None] * stride - pad_before + np.arange(kernel)
-  return int(np.sum((out >= 0) & (out < in_size)))
+                 pad_before: int, kernel_dilation: int = 1,
+                 input_dilation: int = 1) -> int:
+  """Number of (output index, kernel index) pairs that read a real input row.
+
+  Tap `r` of output `o` reads row `o * stride - pad_before + r *
+  kernel_dilation` of the input dilated by `input_dilation` (its rows at the
+  multiples of it, zeros between): a pair counts when that row is a real
+  one, neither zero padding nor an inserted zero.
+  """
+  rows = (np.arange(out_size)[:, None] * stride - pad_before
+          + np.arange(kernel) * kernel_dilation)
+  dilated_size = (in_size - 1) * input_dilation + 1
+  inside = (rows >= 0) & (rows < dilated_size) & (rows % input_dilation == 0)
+  return int(np.sum(inside))
+
+
+# Paddings of `nn.Conv` that read real input values (the input wrapped
+# around or mirrored), not zeros: every tap counts.
+_WRAPPING_PADDINGS = ('CIRCULAR', 'REFLECT')
+# The string paddings `jax.lax.padtype_to_pads` resolves to zero padding.
+_ZERO_PADDINGS = ('SAME', 'SAME_LOWER', 'VALID')
+
+
+def _as_tuple(value, rank: int, name: str) -> tuple[int, ...]:
+  """An int or None (1) broadcast to `rank` dimensions, as nn.Conv does."""
+  if value is None:
+    value = 1
+  if isinstance(value, int):
+    return (value,) * rank
+  value = tuple(value)
+  if len(value) != rank:
+    raise ValueError(f'{name}={value} has {len(value)} entries for a '
+                     f'{rank}-D convolution; give one per spatial dimension '
+                     f'(or one int for all).')
+  return value
+
+
+def _zero_pads(padding, in_spatial: Sequence[int], kernel_size, strides,
+               kernel_dilation, input_dilation, layer: str
+               ) -> list[tuple[int, int]] | None:
+  """The (before, after) zero padding of each spatial dimension, as nn.Conv
+  applies it; None for a padding that reads real values (every tap counts).
+
+  Raises:
+    ValueError naming the layer and the padding if it is none of nn.Conv's.
+  """
+  rank = len(kernel_size)
+  if isinstance(padding, str):
+    if padding in _WRAPPING_PADDINGS and all(d == 1 for d in input_dilation):
+      return None
+    if padding == 'CAUSAL' and rank == 1:
+      return [(kernel_dilation[0] * (kernel_size[0] - 1), 0)]
+    # lax reads these in any case ('same' too); nn.Conv's own in capitals.
+    if (padding.upper() in _ZERO_PADDINGS
+        and all(d == 1 for d in input_dilation)):
+      dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
+      return list(jax.lax.padtype_to_pads(in_spatial, dilated, strides,
+                                          padding))
+  elif isinstance(padding, int):
+    return [(padding, padding)] * rank
+  elif isinstance(padding, Sequence) and len(padding) == rank:
+    pads = []
+    for p in padding:
+      if isinstance(p, int):
+        pads.append((p, p))
+      elif (isinstance(p, Sequence) and len(p) == 2
+            and all(isinstance(q, int) for q in p)):
+        pads.append((p[0], p[1]))
+    if len(pads) == rank:
+      return pads
+  if isinstance(padding, str) and (padding.upper() in _ZERO_PADDINGS
+                                   or padding in _WRAPPING_PADDINGS):
+    raise ValueError(
+        f'layer_costs cannot count {layer}: nn.Conv cannot apply '
+        f'padding={padding!r} with input_dilation={tuple(input_dilation)} '
+        f'(lax takes a string padding only without input dilation); give '
+        f'explicit (low, high) pairs, one per spatial dimension.')
+  names = ', '.join(map(repr, _ZERO_PADDINGS + _WRAPPING_PADDINGS
+                        + (('CAUSAL',) if rank == 1 else ())))
+  raise ValueError(
+      f'layer_costs cannot count {layer}: padding={padding!r} is not a '
+      f'padding nn.Conv applies to a {rank}-D convolution; give one of '
+      f'{names}, an int, or one int or (low, high) pair per spatial '
+      f'dimension.')
 
 
 def _conv_macs(input_shape, output_shape, kernel_size, strides, padding,
-               feature_group_count=1) -> tuple[int, int]:
-  """(MACs without padding taps, conventional MACs) of one example's conv."""
+               feature_group_count=1, kernel_dilation=None,
+               input_dilation=None, layer: str = 'the convolution'
+               ) -> tuple[int, int]:
+  """(MACs without padding taps, conventional MACs) of one example's conv.
+
+  `input_shape` is the batched input (N, *spatial, C_in), `output_shape` one
+  example's output (*spatial, C_out); dilations as nn.Conv takes them.
+  """
   in_spatial, in_channels = input_shape[1:-1], input_shape[-1]
   out_spatial, out_channels = output_shape[:-1], output_shape[-1]
-  if isinstance(padding, str):
-    pads = jax.lax.padtype_to_pads(in_spatial, kernel_size, strides, padding)
-  elif isinstance(padding, int):
-    pads = [(padding, padding)] * len(kernel_size)
-  else:
-    pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+  rank = len(kernel_size)
+  kernel_dilation = _as_tuple(kernel_dilation, rank, 'kernel_dilation')
+  input_dilation = _as_tuple(input_dilation, rank, 'input_dilation')
+  pads = _zero_pads(padding, in_spatial, kernel_size, strides,
+                    kernel_dilation, input_dilation, layer)
   taps = 1
-  for size, out, k, s, (before, _) in zip(in_spatial, out_spatial, kernel_size,
-                                          strides, pads):
-    taps *= _taps_inside(size, out, k, s, before)
+  if pads is None:
+    taps = int(np.prod(kernel_size)) * int(np.prod(out_spatial))
+  else:
+    for size, out, k, s, (before, _), kd, ind in zip(
+        in_spatial, out_spatial, kernel_size, strides, pads, kernel_dilation,
+        input_dilation):
+      taps *= _taps_inside(size, out, k, s, before, kd, ind)
   per_tap = (in_channels // feature_group_count) * out_channels
   padded = int(np.prod(kernel_size)) * int(np.prod(out_spatial)) * per_tap
   return taps * per_tap, padded
@@ -151,7 +244,11 @@ def layer_costs(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
   """Traces `model.apply(variables, x, **apply_kwargs)` and records layer costs.
 
   Only shapes are evaluated (`jax.eval_shape`); nothing is computed. Records
-  every `GatedConv`, `nn.Conv` and `nn.Dense` call, in call order.
+  every `GatedConv`, `nn.Conv` and `nn.Dense` call, in call order. A
+  convolution's `macs` count only the taps that read a real input value
+  (strides, kernel and input dilations and zero padding resolved as nn.Conv
+  resolves them); `padded_macs` is the conventional `prod(kernel) * C_in /
+  groups * C_out * prod(output spatial)`.
 
   Args:
     model: a Flax module.
@@ -161,22 +258,59 @@ def layer_costs(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
 
   Returns:
     A tuple of `LayerCost`, per example.
+
+  Raises:
+    ValueError naming the layer and its padding if an nn.Conv's padding is
+    none that nn.Conv applies (e.g. a string padding with input_dilation).
   """
   records = []
 
   def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name != '__call__':
-      return out
     module = context.module
-    if not isinstance(module, (GatedConv, nn.Conv, nn.Dense)):
-      return out
+    if (context.method_name != '__call__'
+        or not isinstance(module, (GatedConv, nn.Conv, nn.Dense))):
+      return next_fun(*args, **kwargs)
     name = '/'.join(module.path)
     inputs = args[0]
-    per_example = tuple(out.shape[1:])
+    if isinstance(module, nn.Dense):
+      out = next_fun(*args, **kwargs)
+      per_example = tuple(out.shape[1:])
+      macs = int(inputs.shape[-1] * np.prod(per_example))
+      records.append(LayerCost(name, 'dense', 'head', macs, 0, per_example,
+                               macs))
+      return out
     if isinstance(module, GatedConv):
-      macs, padded = _conv_macs(inputs.shape, per_example, module.kernel_size,
-                                module.strides, 'SAME')
+      out = next_fun(*args, **kwargs)   # checks its own arguments first
+      kernel_size, strides = module.kernel_size, module.pair_strides
+      conv_args = dict(padding='SAME')
+      batch_dims = 1
+    else:
+      # nn.Conv reads an int kernel_size as a 1-D kernel (k,), and an int
+      # stride or dilation as the same value in every spatial dimension.
+      kernel_size = ((module.kernel_size,) if isinstance(module.kernel_size,
+                                                         int)
+                     else tuple(module.kernel_size))
+      rank = len(kernel_size)
+      strides = _as_tuple(module.strides, rank, 'strides')
+      conv_args = dict(padding=module.padding,
+                       feature_group_count=module.feature_group_count,
+                       kernel_dilation=module.kernel_dilation,
+                       input_dilation=module.input_dilation)
+      # nn.Conv takes any number of batch dimensions (0: one example).
+      batch_dims = inputs.ndim - rank - 1
+      # Checked before the call, so that a padding this module cannot count
+      # is refused with its own message rather than the library's.
+      _zero_pads(module.padding, inputs.shape[batch_dims:-1], kernel_size,
+                 strides, _as_tuple(module.kernel_dilation, rank,
+                                    'kernel_dilation'),
+                 _as_tuple(module.input_dilation, rank, 'input_dilation'),
+                 name or f'the top-level {type(module).__name__}')
+      out = next_fun(*args, **kwargs)
+    example_input = (1, *inputs.shape[batch_dims:])
+    per_example = tuple(out.shape[batch_dims:])
+    macs, padded = _conv_macs(example_input, per_example, kernel_size,
+                              strides, layer=name, **conv_args)
+    if isinstance(module, GatedConv):
       # A layer with its gates forced open is a dense convolution.
       spec = module.gating if module.gate_mode != 'open' else None
       gating_kind = spec.kind if spec is not None else 'none'
@@ -185,19 +319,9 @@ def layer_costs(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
           name, 'conv', 'backbone', macs, groups, per_example, padded,
           gating_kind, predictor_macs(gating_kind, inputs.shape[-1],
                                       per_example, spec)))
-    elif isinstance(module, nn.Conv):
-      kernel_size = tuple(module.kernel_size)
-      strides = module.strides or 1
-      strides = ((strides,) * len(kernel_size) if isinstance(strides, int)
-                 else tuple(strides))
-      macs, padded = _conv_macs(inputs.shape, per_example, kernel_size, strides,
-                                module.padding, module.feature_group_count)
+    else:
       records.append(LayerCost(name, 'conv', 'backbone', macs, 0, per_example,
                                padded))
-    elif isinstance(module, nn.Dense):
-      macs = int(inputs.shape[-1] * np.prod(per_example))
-      records.append(LayerCost(name, 'dense', 'head', macs, 0, per_example,
-                               macs))
     return out
 
   def apply(variables, x):
@@ -368,17 +492,70 @@ class FlopsReport:
     return '\n'.join(lines)
 
 
+def _measured_density(layer: str, value: Any) -> float:
+  """A gated layer's mean density as a float in [0, 1].
+
+  Raises:
+    ValueError naming the layer, the value and what is expected: a density
+    outside [0, 1] or NaN (a percentage, a sign error) would give a report
+    that reads like a result (a reduction below 1, a negative one); a
+    vector or a nested collection is what `mean_densities` averages.
+  """
+  if isinstance(value, (Mapping, tuple, list)):
+    raise ValueError(
+        f'The density of gated layer {layer!r} is a {type(value).__name__}, '
+        f'not one number: pass one mean density in [0, 1] per layer, e.g. '
+        f"flops.mean_densities(state['{DENSITY_COLLECTION}']), not the sown "
+        f"'{DENSITY_COLLECTION}' collection itself.")
+  shape = np.shape(value)
+  if shape != ():
+    raise ValueError(
+        f'The density of gated layer {layer!r} has shape {shape}: pass one '
+        f'mean density in [0, 1] per layer (a scalar); per-sample densities '
+        f'are averaged by flops.mean_densities.')
+  density = float(value)
+  if not 0.0 <= density <= 1.0:   # False for NaN too
+    raise ValueError(
+        f'The density of gated layer {layer!r} is {density}: a density is '
+        f'the fraction of open gates, in [0, 1]'
+        + (f' (give {density / 100:g} for {density:g}%)'
+           if 1.0 < density <= 100.0 else '') + '.')
+  return density
+
+
 def flops_report(costs: Sequence[LayerCost],
                  densities: Mapping[str, Any]) -> FlopsReport:
-  """Builds the report from static costs and per-layer mean densities."""
+  """Builds the report from static costs and per-layer mean densities.
+
+  Args:
+    costs: `layer_costs` of the network.
+    densities: {gated layer name: its mean density}, one number in [0, 1]
+      per gated layer (e.g. `mean_densities` of the sown collection).
+
+  Raises:
+    ValueError naming the layer and the value if a gated layer has no
+    density, or one that is not a number in [0, 1] (`_measured_density`).
+  """
+  nested = [k for k, v in densities.items() if isinstance(v, Mapping)]
+  if nested:
+    # The sown collection is keyed by module scope ({'stage1_block0':
+    # {'conv1': {'density': (array,)}}}), not by layer name.
+    raise ValueError(
+        f'flops_report takes {{gated layer name: mean density}}, got a '
+        f'nested mapping under {nested[0]!r} (the sown '
+        f"'{DENSITY_COLLECTION}' collection?): pass "
+        f"flops.mean_densities(state['{DENSITY_COLLECTION}']).")
   rows = []
   for c in costs:
     density = None
     if c.gated:
       if c.name not in densities:
         raise ValueError(f'No measured density for gated layer {c.name}; '
-                         f'densities were given for {sorted(densities)}.')
-      density = float(densities[c.name])
+                         f'densities were given for {sorted(densities)}: '
+                         f'give one mean density per gated layer (e.g. '
+                         f"flops.mean_densities(state['{DENSITY_COLLECTION}'"
+                         f'])).')
+      density = _measured_density(c.name, densities[c.name])
     rows.append(LayerRow(c.name, c.part, c.macs, density,
                          float(c.effective_macs(density))))
   measured = {r.name: r.density for r in rows}

@@ -176,6 +176,16 @@ class GatingSpec:
     _one_of('surrogate', self.surrogate, ops.SURROGATES)
     _one_of('closed_tile_gradient', self.closed_tile_gradient,
             sparse_training.CLOSED_TILE_GRADIENTS)
+    if isinstance(self.layers, (str, bytes)):
+      # A string would be read letter by letter ("entry='b'"), and
+      # `gates(role)` would test substrings.
+      names = self.layers if isinstance(self.layers, str) else (
+          self.layers.decode())
+      meant = tuple(n.strip() for n in names.split(',') if n.strip())
+      raise ValueError(
+          f'gating.layers={self.layers!r} must be a tuple of role names, '
+          f'e.g. {meant}, not a string; the roles are '
+          f'{", ".join(map(repr, LAYER_ROLES))}.')
     for role in self.layers:
       _one_of('layers entry', role, LAYER_ROLES)
     for name, allowed, ok, read in _RANGES:
@@ -314,7 +324,8 @@ class GatedConv(nn.Module):
   """
   features: int
   kernel_size: tuple[int, int] = (3, 3)
-  strides: tuple[int, int] = (1, 1)
+  # An int s means (s, s), as for nn.Conv (`pair_strides`).
+  strides: tuple[int, int] | int = (1, 1)
   gating: GatingSpec | None = None
   kernel_init: Any = dataclasses.field(default_factory=he_normal_fan_out)
   # Compute dtype of the convolutions; parameters are float32 and are cast
@@ -354,13 +365,31 @@ class GatedConv(nn.Module):
     forward = getattr(self, FORWARD_OF_KIND[kind])
     return forward(x, kernel, train, stat_groups, norm)
 
+  @property
+  def pair_strides(self) -> tuple[int, int]:
+    """`strides` as an (sh, sw) pair; an int s is (s, s), as in nn.Conv."""
+    if isinstance(self.strides, numbers.Integral):
+      return (int(self.strides),) * 2
+    return tuple(self.strides)
+
   def _check_input(self, x: jax.Array) -> None:
     """ValueError naming what a gated convolution takes, before any op."""
-    if len(self.kernel_size) != 2 or len(self.strides) != 2:
+    if isinstance(self.kernel_size, numbers.Integral):
+      # nn.Conv reads an int kernel_size k as a 1-D kernel (k,), which a 2-D
+      # convolution cannot take; guessing (k, k) would differ from nn.Conv.
+      k = int(self.kernel_size)
+      raise ValueError(
+          f'{type(self).__name__} is a 2-D convolution: kernel_size must be '
+          f'a (height, width) pair, got the int kernel_size={k} (nn.Conv '
+          f'reads an int as a 1-D kernel ({k},)); pass kernel_size=({k}, '
+          f'{k}).')
+    strides = (self.strides if isinstance(self.strides, numbers.Integral)
+               else tuple(self.strides))
+    if len(self.kernel_size) != 2 or len(self.pair_strides) != 2:
       raise ValueError(
           f'{type(self).__name__} is a 2-D convolution: kernel_size and '
           f'strides must be (height, width) pairs, got kernel_size='
-          f'{tuple(self.kernel_size)}, strides={tuple(self.strides)}.')
+          f'{tuple(self.kernel_size)}, strides={strides}.')
     if x.ndim != 4:
       raise ValueError(
           f'{type(self).__name__} takes a batch of images in NHWC layout, '
@@ -380,7 +409,7 @@ class GatedConv(nn.Module):
              stat_groups: int, norm: Callable[[jax.Array], jax.Array] | None
              ) -> jax.Array:
     del train, stat_groups   # nothing gated
-    y = ops.conv(x, kernel, self.strides)
+    y = ops.conv(x, kernel, self.pair_strides)
     return y if norm is None else norm(y)
 
   def _cdg_in_mode(self, x: jax.Array, kernel: jax.Array, train: bool,
@@ -393,7 +422,7 @@ class GatedConv(nn.Module):
     if self.gate_mode == 'gated' or self.is_initializing():
       y = self._cdg(x, kernel, train, stat_groups)
     elif self.gate_mode == 'open':
-      y = ops.conv(x, kernel, self.strides)
+      y = ops.conv(x, kernel, self.pair_strides)
     else:
       n = x.shape[0] // 2
       if x.shape[0] != 2 * n:
@@ -403,7 +432,8 @@ class GatedConv(nn.Module):
       # running averages) come from its own samples only, never from the
       # dense path's.
       gated = self._cdg(x[:n], kernel, train, 1)
-      y = jnp.concatenate([gated, ops.conv(x[n:], kernel, self.strides)])
+      y = jnp.concatenate(
+          [gated, ops.conv(x[n:], kernel, self.pair_strides)])
     return y if norm is None else norm(y)
 
   def _cdg(self, x: jax.Array, kernel: jax.Array, train: bool,
@@ -422,8 +452,8 @@ class GatedConv(nn.Module):
     if spec.sparse_inference and not train and not self.is_initializing():
       y, mask, _ = sparse.sparse_gated_conv(
           x, kernel, threshold, groups=spec.groups, grouping=spec.grouping,
-          strides=self.strides, block=spec.block, epsilon=spec.epsilon,
-          norm=spec.saliency_norm,
+          strides=self.pair_strides, block=spec.block,
+          epsilon=spec.epsilon, norm=spec.saliency_norm,
           running_mean=running_mean.value if use_running else None,
           running_var=running_var.value if use_running else None)
       self._sow(mask)
@@ -431,7 +461,7 @@ class GatedConv(nn.Module):
     if spec.sparse_training and train and not self.is_initializing():
       y, mask, (mean, var) = sparse_training.sparse_train_gated_conv(
           x, kernel, threshold, groups=spec.groups, grouping=spec.grouping,
-          strides=self.strides, block=spec.block, alpha=spec.alpha,
+          strides=self.pair_strides, block=spec.block, alpha=spec.alpha,
           epsilon=spec.epsilon, norm=spec.saliency_norm,
           num_groups=stat_groups, saliency_grad=spec.saliency_grad,
           surrogate=spec.surrogate,
@@ -440,7 +470,7 @@ class GatedConv(nn.Module):
           rng=self._closed_tile_rng())
     else:
       y, mask, (mean, var) = ops.gated_conv(
-          x, kernel, threshold, groups=spec.groups, strides=self.strides,
+          x, kernel, threshold, groups=spec.groups, strides=self.pair_strides,
           block=spec.block, alpha=spec.alpha, epsilon=spec.epsilon,
           norm=spec.saliency_norm, num_groups=stat_groups,
           grouping=spec.grouping, saliency_grad=spec.saliency_grad,
@@ -498,8 +528,8 @@ class GatedConv(nn.Module):
     b2 = self.param('predictor_b2', b2_init, (c_out,))
     k = predictors.num_kept_channels(c_out, spec.density_target)
     y, mask, saliency = predictors.channel_predictor_conv(
-        x, kernel, w1, b1, w2, b2, k=k, strides=self.strides, normalize=norm,
-        saliency_form=spec.predictor_saliency)
+        x, kernel, w1, b1, w2, b2, k=k, strides=self.pair_strides,
+        normalize=norm, saliency_form=spec.predictor_saliency)
     self._sow(mask)
     if not self.is_initializing():
       self.sow(AUX_COLLECTION, 'saliency_l1',
@@ -526,7 +556,8 @@ class GatedConv(nn.Module):
       rng = self.make_rng(GUMBEL_RNG)
     y, mask, _ = predictors.spatial_predictor_conv(
         x, kernel, pred_kernel, pred_bias, block=spec.block,
-        temperature=spec.gumbel_temperature, rng=rng, strides=self.strides)
+        temperature=spec.gumbel_temperature, rng=rng,
+        strides=self.pair_strides)
     self._sow(mask)
     return y if norm is None else norm(y)
 

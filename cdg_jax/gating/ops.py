@@ -549,6 +549,7 @@ def saliency_gate(y_base: Array, threshold: Array, *,
     (mask, (mean, var)): the float32 0/1 mask of `y_base`'s shape and the
     float32 saliency statistics used.
   """
+  check_threshold_shape(threshold, y_base.shape[-1])
   mean, var = saliency_statistics(
       y_base, norm=norm, num_groups=num_groups, saliency_grad=saliency_grad,
       running_mean=running_mean, running_var=running_var)
@@ -559,6 +560,22 @@ def saliency_gate(y_base: Array, threshold: Array, *,
   mask = gate_mask(saliency, threshold.astype(jnp.float32), block, alpha,
                    surrogate)
   return mask, (mean, var)
+
+
+def check_threshold_shape(threshold: Array, c_out: int,
+                          kernel_shape: Sequence[int] | None = None) -> None:
+  """ValueError unless `threshold` is (C_out,), one delta per output channel.
+
+  A scalar or a (1,) threshold would broadcast silently (one delta shared
+  by every channel), a longer one fail on a bare broadcasting error.
+  """
+  shape = tuple(jnp.shape(threshold))
+  if shape != (c_out,):
+    of = (f'the kernel {tuple(kernel_shape)} (kh, kw, C_in, C_out)'
+          if kernel_shape is not None else 'the gated convolution')
+    raise ValueError(
+        f'threshold must have shape (C_out,) = ({c_out},), one threshold per '
+        f'output channel of {of}; got shape {shape}.')
 
 
 def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
@@ -575,7 +592,7 @@ def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
   Args:
     x: (N, H, W, C_in) input.
     kernel: (kh, kw, C_in, C_out) kernel, the same array a dense conv uses.
-    threshold: (C_out,) thresholds delta.
+    threshold: (C_out,) thresholds delta (any other shape is refused).
     groups: G, number of input-channel groups.
     strides, padding: as for `conv`.
     block: (bh, bw, bc) gate granularity (see `effective_block`).
@@ -596,6 +613,7 @@ def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
     dtype of `x` and `kernel`, its float32 0/1 mask, and the float32 saliency
     statistics used (callers update running averages from them).
   """
+  check_threshold_shape(threshold, kernel.shape[-1], tuple(kernel.shape))
   y_base, y_cond = base_and_conditional(x, kernel, groups, grouping, strides,
                                         padding)
   # Y_cond is computed densely and masked: XLA cannot skip work per position.

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from cdg_jax.gating import flops
 from cdg_jax.gating import ops
 from cdg_jax.gating import predictors
+from cdg_jax.gating.layers import AUX_COLLECTION
+from cdg_jax.gating.layers import DENSITY_COLLECTION
 
 
 def _finite(value: Any) -> bool:
@@ -329,6 +331,69 @@ KIND_REGULARIZERS: dict[str, Regularizer] = {
 }
 
 
+# The parameter that marks a gated layer of each kind in a parameter tree
+# (its module path is the layer's name, as in the sown collections).
+_GATE_PARAMETER = {'cdg': 'threshold', 'channel_predictor': 'predictor_w1',
+                   'spatial_predictor': 'predictor_kernel'}
+
+
+def _gated_layers(spec: RegularizerSpec, params,
+                  costs: Sequence[flops.LayerCost]) -> list[str]:
+  """Names of the gated layers: from `costs` when given, else the module
+  paths in `params` that hold the kind's gate parameter."""
+  if any(c.gated for c in costs):
+    return [c.name for c in costs if c.gated]
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params or {}))
+  marker = _GATE_PARAMETER[spec.kind]
+  return sorted({'/'.join(k[:-1]) for k in flat if k[-1] == marker})
+
+
+def _layer_list(names: Sequence[str]) -> str:
+  shown = ', '.join(repr(n) if n else '(the top-level module)'
+                    for n in names[:4])
+  return shown + (f' and {len(names) - 4} more' if len(names) > 4 else '')
+
+
+def _check_sown_inputs(spec: RegularizerSpec, form: Regularizer, params,
+                       densities: Mapping[str, Any], aux: Mapping[str, Any],
+                       costs: Sequence[flops.LayerCost]) -> None:
+  """ValueError if the form reads sown values that some gated layer lacks.
+
+  A forward pass whose `mutable` misses the collection a gated layer sows
+  into returns none of its values; the loss would then be 0 (the gates never
+  regularised) or fail later on a bare missing key. With `costs` the layers
+  are known by name, so one missing layer is caught; without, from the
+  parameters, only a collection missing entirely (names in `params` may
+  carry a prefix that the sown values lack).
+  """
+  if form in (_density, _flops_budget):
+    given, collection, what = densities, DENSITY_COLLECTION, 'densities'
+    fix = (f"and pass flops.mean_densities(state['{DENSITY_COLLECTION}']) "
+           f'as densities')
+  elif form is _saliency_l1:
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(aux))
+    given = {'/'.join(k[:-1]) for k in flat if k[-1] == 'saliency_l1'}
+    collection, what = AUX_COLLECTION, 'saliency L1 norms'
+    fix = f"and pass state['{AUX_COLLECTION}'] as aux"
+  else:
+    return   # the threshold forms read the parameters only
+  expected = _gated_layers(spec, params, costs)
+  by_name = any(c.gated for c in costs)
+  missing = [n for n in expected if n not in given]
+  if not missing or (not by_name and given):
+    return
+  form_name = (f'gating.regularizer={spec.regularizer!r}'
+               if spec.kind == 'cdg' else f'gating.kind={spec.kind!r}')
+  raise ValueError(
+      f'The gate regulariser ({form_name}) has no {what} for '
+      f'{len(missing)} of the {len(expected)} gated layers '
+      f'({_layer_list(missing)}): '
+      + (f'the forward pass did not collect the {collection!r} collection '
+         f'they sow into' if len(missing) == len(expected) else
+         f'they are not in the {collection!r} values given (for '
+         f'{_layer_list(sorted(given))})')
+      + f". Apply the network with mutable=['{collection}', ...] {fix}.")
+
 
 def gate_regularizer(spec: RegularizerSpec | None, params, densities: Mapping[str, Any],
                      aux: Mapping[str, Any] | None = None,
@@ -360,6 +425,7 @@ def gate_regularizer(spec: RegularizerSpec | None, params, densities: Mapping[st
   if spec is None:
     return jnp.zeros(())
   form = KIND_REGULARIZERS.get(spec.kind) or CDG_REGULARIZERS[spec.regularizer]
+  _check_sown_inputs(spec, form, params, densities, aux or {}, costs)
   terms = GateTerms(
       params=params, densities=densities, aux=aux or {},
       density_target=(spec.density_target if density_target is None

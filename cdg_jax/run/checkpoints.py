@@ -188,20 +188,26 @@ def check_restorable(workdir: str, abstract_state) -> None:
     ValueError naming the config fields the shapes tell (model.width,
     data.num_classes) with both values, and the first differing arrays.
   """
-  steps = complete_steps(workdir)
-  if not steps:
-    return
   directory = checkpoint_dir(workdir)
-  try:
-    metadata = ocp.StandardCheckpointer().metadata(
-        os.path.join(directory, str(steps[-1]), 'default'))
-    saved_tree = getattr(metadata, 'item_metadata', metadata)
-    saved_tree = getattr(saved_tree, 'tree', saved_tree)
-    saved = _shapes(saved_tree)
-  except Exception:  # pylint: disable=broad-except
-    return   # damaged or foreign: restore_latest says which and falls back
+  saved, step = {}, None
+  # The newest checkpoint whose metadata reads; a damaged one (orbax warns
+  # and returns nothing, or raises) is left to restore_latest, which names
+  # the damage and falls back the same way.
+  for step in reversed(complete_steps(workdir)):
+    try:
+      metadata = ocp.StandardCheckpointer().metadata(
+          os.path.join(directory, str(step), 'default'))
+      saved_tree = getattr(metadata, 'item_metadata', metadata)
+      saved = _shapes(getattr(saved_tree, 'tree', saved_tree))
+    except Exception:  # pylint: disable=broad-except
+      saved = {}
+    if saved:
+      break
+  if not saved:
+    return
   wanted = _shapes(abstract_state)
-  differ = [f'{path}: checkpoint {saved.get(path)}, config {wanted.get(path)}'
+  differ = [f'{path}: checkpoint {saved.get(path, "absent")}, config '
+            f'{wanted.get(path, "absent")}'
             for path in sorted(set(saved) | set(wanted))
             if saved.get(path) != wanted.get(path)]
   if not differ:
@@ -214,7 +220,7 @@ def check_restorable(workdir: str, abstract_state) -> None:
   shown = differ[:3] + ([f'... {len(differ) - 3} more'] if len(differ) > 3
                         else [])
   raise ValueError(
-      f'The checkpoint of step {steps[-1]} in {directory} does not fit this '
+      f'The checkpoint of step {step} in {directory} does not fit this '
       f'config: ' + ('; '.join(fields) + '. ' if fields else '') +
       'Arrays that differ (shapes):\n  ' + '\n  '.join(shown) +
       '\nRun the config the checkpoint was trained with, or use a new '

@@ -7,7 +7,11 @@ sharded over it, the train state replicated (docs/method.md [training]). No `pma
 from __future__ import annotations
 
 from collections.abc import Sequence
+import errno
+import json
+import numbers
 import os
+import selectors
 import socket
 import time
 
@@ -28,6 +32,11 @@ CPU_CONVOLUTION_FLAG = (
     '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution')
 
 
+# The flags `configure_cpu` put in XLA_FLAGS, by option: a later call before
+# JAX starts replaces them (a user's own flags it never touches).
+_ADDED_FLAGS: dict[str, str] = {}
+
+
 def configure_cpu(cpu_devices: int = 0) -> dict[str, str]:
   """Sets this project's XLA:CPU flags; call before JAX starts its backends.
 
@@ -41,33 +50,72 @@ def configure_cpu(cpu_devices: int = 0) -> dict[str, str]:
 
   Both flags act on the CPU platform only; on GPU/TPU machines they are
   harmless. A flag the user already put in `XLA_FLAGS` (the same option, any
-  value) wins, and nothing is changed once JAX's backends are initialised
-  (XLA read its flags then).
+  value) wins. Called again before JAX starts, the last call's count holds.
+  Once JAX's backends are initialised XLA has read its flags: nothing is
+  changed, and a count other than the CPU devices JAX started with is an
+  error (unless the user's `XLA_FLAGS` set the count, or JAX computes on
+  another platform).
 
   Args:
-    cpu_devices: number of CPU devices; 0 means `os.cpu_count()`.
+    cpu_devices: number of CPU devices, an int >= 0; 0 means
+      `os.cpu_count()`.
 
   Returns:
     The flags added, by option name ({} when nothing was changed).
+
+  Raises:
+    ValueError: `cpu_devices` is not an int >= 0 (a bool neither), or JAX's
+      backends already run on the CPU with another number of devices.
   """
-  if cpu_devices < 0:
-    raise ValueError(f'cpu_devices must be >= 0, got {cpu_devices}.')
+  # A float or a string would reach XLA's flag parser, which kills the
+  # process when JAX starts; True would be taken for 1.
+  if (isinstance(cpu_devices, bool)
+      or not isinstance(cpu_devices, numbers.Integral) or cpu_devices < 0):
+    raise ValueError(
+        f'configure_cpu: cpu_devices={cpu_devices!r} '
+        f'({type(cpu_devices).__name__}) must be an int >= 0: the number of '
+        f'CPU devices, 0 for one per core.')
+  count = int(cpu_devices) or os.cpu_count() or 1
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   if xla_bridge.backends_are_initialized():
+    _check_started_count(count, cpu_devices)
     return {}
-  count = cpu_devices or os.cpu_count() or 1
+  flags = os.environ.get('XLA_FLAGS', '').split()
+  # This module's own earlier flags give way to this call's.
+  kept = [f for f in flags if f not in _ADDED_FLAGS.values()]
+  removed = len(kept) < len(flags)
+  flags = kept
+  _ADDED_FLAGS.clear()
   wanted = [CPU_CONVOLUTION_FLAG]
   if count > 1:
     wanted.append(f'{_HOST_DEVICE_FLAG}={count}')
-  flags = os.environ.get('XLA_FLAGS', '')
   added = {}
   for flag in wanted:
     option = flag.split('=', 1)[0]
-    if option not in flags:
+    if not any(f.split('=', 1)[0] == option for f in flags):
       added[option] = flag
-  if added:
-    os.environ['XLA_FLAGS'] = ' '.join([flags, *added.values()]).strip()
+  _ADDED_FLAGS.update(added)
+  if added or removed:
+    os.environ['XLA_FLAGS'] = ' '.join([*flags, *added.values()])
   return added
+
+
+def _check_started_count(count: int, cpu_devices: int) -> None:
+  """Raises when JAX runs on the CPU with a device count other than `count`
+  (what `configure_cpu(cpu_devices)` asks for), which can no longer change."""
+  user_count = any(f.startswith(_HOST_DEVICE_FLAG)
+                   and f not in _ADDED_FLAGS.values()
+                   for f in os.environ.get('XLA_FLAGS', '').split())
+  if user_count or jax.default_backend() != 'cpu':
+    return   # the user's flag wins; on GPU/TPU the CPU count does not matter
+  started = len(jax.devices('cpu'))
+  if started != count:
+    per_core = '' if cpu_devices else ' (one per core)'
+    raise ValueError(
+        f'configure_cpu({cpu_devices}) asks for {count} CPU device(s)'
+        f'{per_core}, but JAX already runs on {started}: XLA reads its device '
+        f'count once, when JAX starts. Call configure_cpu before the first '
+        f'JAX computation, or ask for {started}.')
 
 
 def initialize_distributed(coordinator_address: str | None = None,
@@ -98,8 +146,10 @@ def initialize_distributed(coordinator_address: str | None = None,
       the others.
 
   Raises:
-    ValueError: some but not all of the three launch values are given, or
-      process_id is outside [0, num_processes).
+    ValueError: some but not all of the three launch values are given,
+      process_id is outside [0, num_processes), or the processes were
+      started with different num_processes or two with the same process_id
+      (`check_launch_values`).
     RuntimeError: the processes could not be joined within
       `initialization_timeout`.
   """
@@ -126,11 +176,19 @@ def initialize_distributed(coordinator_address: str | None = None,
                    'JAX_COORDINATOR_ADDRESS', 'OMPI_COMM_WORLD_SIZE')
     if not any(os.environ.get(v) for v in cluster_env):
       return
-  if coordinator_address is not None and process_id != 0:
-    # The runtime's client aborts the process (status 134) when it cannot
-    # reach the coordinator; find that out here, with a message.
-    _wait_for_coordinator(coordinator_address, process_id,
-                          initialization_timeout)
+  if coordinator_address is not None:
+    # JAX's runtime checks neither value: a process started with another
+    # --num_processes joined a run of process 0's size, or both aborted
+    # (status 134) after the timeout, and two processes given one
+    # --process_id aborted. Every process reports both values to process 0
+    # first, which stops them all at once when they disagree.
+    check_launch_values(coordinator_address, num_processes, process_id,
+                        initialization_timeout)
+    if process_id != 0:
+      # The runtime's client aborts the process (status 134) when it cannot
+      # reach the coordinator; find that out here, with a message.
+      _wait_for_coordinator(coordinator_address, process_id,
+                            initialization_timeout)
   # CPU processes exchange collectives through gloo (no effect on GPU/TPU).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   try:
@@ -148,6 +206,286 @@ def initialize_distributed(coordinator_address: str | None = None,
         f' within {initialization_timeout} s: {str(e).splitlines()[0]}. Is '
         f'process 0 running there, reachable, and were all processes started '
         f'with the same --num_processes?') from e
+
+
+# The launch check (`check_launch_values`). Process 0 serves the coordinator
+# port itself for a moment, before JAX's service takes it over; every other
+# process connects, reports its launch values and waits for the verdict.
+# Messages are one JSON object a line. The greeting lets a process tell this
+# check from another program on the port (JAX's own service speaks HTTP/2).
+_GREETING = {'cdg_jax_launch_check': 1}
+# Seconds to wait for the greeting after connecting; a program that is not
+# this check answers garbage or closes at once.
+_GREETING_TIMEOUT_S = 10.0
+
+
+def _split_address(address: str) -> tuple[str, int]:
+  host, _, port = address.rpartition(':')
+  try:
+    return host.strip('[]'), int(port)
+  except ValueError:
+    raise ValueError(f'--coordinator_address={address!r} must be host:port '
+                     f'with a numeric port, e.g. 127.0.0.1:1234.') from None
+
+
+def _send(connection: socket.socket, message: dict) -> None:
+  try:
+    connection.sendall((json.dumps(message) + '\n').encode())
+  except OSError:
+    pass   # the other process is gone; it reports for itself
+
+
+def _read_line(connection: socket.socket, buffer: bytearray,
+               deadline: float) -> dict | None:
+  """The next JSON line from `connection` (consumed from `buffer` too); None
+  on EOF, a timeout at `deadline`, or bytes that are not a JSON object."""
+  while b'\n' not in buffer:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0 or len(buffer) > 65536:
+      return None
+    connection.settimeout(remaining)
+    try:
+      data = connection.recv(4096)
+    except OSError:
+      return None
+    if not data:
+      return None
+    buffer += data
+  line, _, rest = bytes(buffer).partition(b'\n')
+  buffer[:] = rest
+  try:
+    message = json.loads(line)
+  except ValueError:
+    return None
+  return message if isinstance(message, dict) else None
+
+
+def _listen(host: str, port: int) -> socket.socket | None:
+  """A listening socket on the coordinator's host and port; None when the
+  port is taken."""
+  try:
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM,
+        flags=socket.AI_PASSIVE)[0]
+  except socket.gaierror as e:
+    raise ValueError(f'--coordinator_address: cannot resolve its host '
+                     f'{host!r} ({e}).') from e
+  try:
+    # create_server sets SO_REUSEADDR (connections of a run that just ended
+    # may linger in TIME_WAIT) but not SO_REUSEPORT, so a port that another
+    # listener holds, JAX's service included, is refused.
+    return socket.create_server(sockaddr[:2], family=family)
+  except OSError as e:
+    if e.errno == errno.EADDRINUSE:
+      return None
+    if e.errno != errno.EADDRNOTAVAIL:
+      raise
+  # The address is not one of this host's (a NAT or DNS name): JAX's service
+  # binds every address of the host, so the check does the same.
+  if socket.has_dualstack_ipv6():
+    return socket.create_server(('', port), family=socket.AF_INET6,
+                                dualstack_ipv6=True)
+  return socket.create_server(('', port))
+
+
+def check_launch_values(coordinator_address: str, num_processes: int,
+                        process_id: int, timeout_s: float = 120) -> None:
+  """Stops every process of a launch whose values disagree, within seconds.
+
+  Called by every process with its own flags before JAX's runtime starts.
+  Process 0 listens on the coordinator's address (the port JAX's service
+  takes next) until the other `num_processes - 1` processes have reported
+  their `num_processes` and `process_id`; the others connect, report and
+  wait for its verdict. A `num_processes` other than process 0's, or a
+  `process_id` that two processes claim, stops all processes connected so
+  far with one message naming the flag and the values. A second process 0
+  finds the port taken, reports to the first, and both stop.
+
+  Args:
+    coordinator_address: 'host:port' of process 0.
+    num_processes: this process's --num_processes.
+    process_id: this process's --process_id, in [0, num_processes).
+    timeout_s: seconds to wait for process 0 (the others) or for every other
+      process to report (process 0).
+
+  Raises:
+    ValueError: the processes disagree (the message says how and the fix).
+    RuntimeError: the check could not complete within `timeout_s`, or the
+      coordinator port is held by another program.
+  """
+  host, port = _split_address(coordinator_address)
+  deadline = time.monotonic() + timeout_s
+  if process_id == 0:
+    # A port that is taken but refuses connections is held by a socket that
+    # does not listen (another program's connection): a few seconds cover
+    # the moment between another process 0's bind and its listen.
+    deadline = min(deadline, time.monotonic() + 5.0)
+  while True:
+    if process_id == 0:
+      listener = _listen(host, port)
+      if listener is not None:
+        with listener:
+          _collect_launch_values(listener, coordinator_address,
+                                 num_processes, timeout_s,
+                                 time.monotonic() + timeout_s)
+        return
+    try:
+      connection = socket.create_connection((host, port), timeout=2.0)
+    except OSError as e:
+      # Process 0 not started yet (or, for a second process 0, the port's
+      # holder just released it): retry.
+      if time.monotonic() >= deadline:
+        if process_id == 0:
+          raise RuntimeError(
+              f'Process 0 could not serve the coordinator at '
+              f'{coordinator_address}: its port is taken, yet nothing there '
+              f'accepts connections ({e}). Choose a free port for '
+              f'--coordinator_address.') from e
+        raise RuntimeError(
+            f'Process {process_id} could not reach the coordinator at '
+            f'{coordinator_address} within {timeout_s:.0f} s ({e}). Start '
+            f'process 0 with the same --coordinator_address (it serves it), '
+            f'check that this host can reach that address and port, or raise '
+            f'--initialization_timeout.') from e
+      time.sleep(0.2)
+      continue
+    with connection:
+      _report_launch_values(connection, coordinator_address, num_processes,
+                            process_id, deadline)
+    return
+
+
+def _report_launch_values(connection: socket.socket, address: str,
+                          num_processes: int, process_id: int,
+                          deadline: float) -> None:
+  """A process's side of the launch check: report, then await the verdict."""
+  _send(connection, {**_GREETING, 'num_processes': num_processes,
+                     'process_id': process_id})
+  buffer = bytearray()
+  greeting = _read_line(connection, buffer,
+                        time.monotonic() + _GREETING_TIMEOUT_S)
+  if greeting is None or any(greeting.get(k) != v
+                             for k, v in _GREETING.items()):
+    who = ('a process 0 that is already running (is --process_id=0 given '
+           'to two processes?) or another program'
+           if process_id == 0 else
+           'another program: another run\'s coordinator, or this run\'s '
+           'process 0 already running with all the processes it expected '
+           '(is a --process_id given twice, or --num_processes larger here?)')
+    raise RuntimeError(
+        f'Process {process_id}: the coordinator port {address} is held by '
+        f'{who}, not by a process 0 waiting for its processes. Check the '
+        f'launch flags, or choose a free port for --coordinator_address.')
+  # Process 0 answers once every process has reported, or at its own
+  # timeout; the margin lets that answer arrive first.
+  verdict = _read_line(connection, buffer, deadline + 10.0)
+  if verdict is None:
+    raise RuntimeError(
+        f'Process {process_id}: process 0 at {address} ended the launch check '
+        f'without a verdict (did it stop? See its output).')
+  if 'error' in verdict:
+    error = ValueError if verdict.get('bad_value') else RuntimeError
+    raise error(str(verdict['error']))
+  if verdict.get('ok') is not True:
+    raise RuntimeError(f'Process {process_id}: unexpected answer from process '
+                       f'0 at {address}: {verdict!r}.')
+
+
+def _collect_launch_values(listener: socket.socket, address: str,
+                           num_processes: int, timeout_s: float,
+                           deadline: float) -> None:
+  """Process 0's side of the launch check (see `check_launch_values`)."""
+  selector = selectors.DefaultSelector()
+  selector.register(listener, selectors.EVENT_READ)
+  buffers: dict[socket.socket, bytearray] = {}   # connected, not reported
+  reported: dict[int, socket.socket] = {}        # by process_id
+
+  def stop(message: str, bad_value: bool, *connections) -> None:
+    selector.close()
+    listener.close()
+    for connection in {*reported.values(), *connections}:
+      _send(connection, {'error': message, 'bad_value': bad_value})
+    for connection in {*buffers, *reported.values(), *connections}:
+      connection.close()
+    raise (ValueError if bad_value else RuntimeError)(message)
+
+  while len(reported) < num_processes - 1:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+      missing = sorted(set(range(1, num_processes)) - set(reported))
+      stop(f'Could not join the distributed runtime as process 0 of '
+           f'{num_processes} at {address} within {timeout_s:.0f} s: '
+           f'process(es) {missing} did not report. Start every process with '
+           f'the same --coordinator_address and --num_processes, or raise '
+           f'--initialization_timeout.', False)
+    for key, _ in selector.select(timeout=min(remaining, 1.0)):
+      if key.fileobj is listener:
+        connection, _ = listener.accept()
+        _send(connection, _GREETING)
+        buffers[connection] = bytearray()
+        selector.register(connection, selectors.EVENT_READ)
+        continue
+      connection = key.fileobj
+      try:
+        data = connection.recv(4096)
+      except OSError:
+        data = b''
+      if not data or connection not in buffers:
+        # Closed: a process that reported and died (it may be started
+        # again), or a stranger.
+        selector.unregister(connection)
+        buffers.pop(connection, None)
+        for pid, c in list(reported.items()):
+          if c is connection:
+            del reported[pid]
+        connection.close()
+        continue
+      buffers[connection] += data
+      if b'\n' not in buffers[connection]:
+        if len(buffers[connection]) > 65536:
+          selector.unregister(connection)
+          del buffers[connection]
+          connection.close()
+        continue
+      line = bytes(buffers.pop(connection)).partition(b'\n')[0]
+      try:
+        hello = json.loads(line)
+        if any(hello[k] != v for k, v in _GREETING.items()):
+          raise KeyError
+        other_n, other_id = hello['num_processes'], hello['process_id']
+      except (ValueError, TypeError, KeyError):
+        selector.unregister(connection)   # not this check: a stranger
+        connection.close()
+        continue
+      if other_n != num_processes:
+        stop(f'--num_processes differs between the processes of this run: '
+             f'{num_processes} in process 0, {other_n} in process '
+             f'{other_id}. Start every process with the same '
+             f'--num_processes.', True, connection)
+      if other_id == 0 or other_id in reported:
+        where = (f' (one serves the coordinator at {address}, the other '
+                 f'found its port taken)' if other_id == 0 else '')
+        stop(f'--process_id={other_id} was given to two processes of this '
+             f'run{where}. Start each process with its own --process_id in '
+             f'[0, --num_processes={num_processes}).', True, connection)
+      # Still registered: an EOF before the verdict means it died.
+      reported[other_id] = connection
+  selector.close()
+  # Closed before the verdict: once a process has it, its next connection
+  # must reach JAX's service (or be refused until the service is up), never
+  # this check.
+  listener.close()
+  for connection in reported.values():
+    _send(connection, {'ok': True})
+  for connection in reported.values():
+    # The other side closes first, so that no connection of this port lingers
+    # here in TIME_WAIT when JAX's service binds it.
+    connection.settimeout(2.0)
+    try:
+      connection.recv(1)
+    except OSError:
+      pass
+    connection.close()
 
 
 def _wait_for_coordinator(address: str, process_id: int,
@@ -169,7 +507,9 @@ def _wait_for_coordinator(address: str, process_id: int,
             f'the same --coordinator_address (it serves it), check that this '
             f'host can reach that address and port, or raise '
             f'--initialization_timeout.') from e
-      time.sleep(0.5)
+      # Short: process 0 starts the service right after the launch check,
+      # and every process waits for it here.
+      time.sleep(0.1)
 
 
 def lost_processes(timeout_s: float = 0.0) -> list[int]:
