@@ -17,8 +17,12 @@ In one call, on whatever JAX sees (GPU, TPU or CPU):
       `--budget_s` of training (both runs together) at the measured step time
       of `--train_dtype`, and evaluates kNN top-1, linear top-1 and the test-set
       FLOPs reduction of each;
-  (d) writes `accelerator_protocol.json` and `accelerator_protocol.md` to
-      `--out`.
+  (d) writes a new record into `--out` (`records.py`:
+      `<out>/<date>-<device>.json`, e.g. `2026-12-06T10-00-00-nvidia-h100-80gb-hbm3.json`,
+      with the device, its count, XLA flags, the packages, the command, the
+      date and, where the checkout has git, the commit in its header; what
+      the machine cannot tell, no git or no CPU model, is null and listed
+      under `record.unknown`) and its Markdown beside it.
 
 The training runs are the library's own (`cdg_jax.train.train_and_evaluate`
 and `cdg_jax.linear_eval.run_linear_eval`), with the `configs/simclr_cifar10.py`
@@ -29,9 +33,6 @@ end to end on CPU with a tiny model and budget (tests/test_accelerator_protocol.
 
 from __future__ import annotations
 
-import datetime
-import importlib.metadata
-import json
 import math
 import os
 import platform
@@ -46,12 +47,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import records  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 flags.DEFINE_string('data', os.path.join(REPO_ROOT, 'data',
                                          'cifar10_accelerator.npz'),
                     'The subset written by build_accelerator_data.py.')
 flags.DEFINE_string('out', os.path.join(REPO_ROOT, 'experiments', 'results',
                                         'accelerator'),
-                    'Where the JSON and Markdown results go.')
+                    'Folder of the records: each run writes a new '
+                    '<date>-<device>.json (records.py) and its .md.')
 flags.DEFINE_string('workdir_root', '/tmp/cdg_accelerator',
                     'Parent of the two training workdirs (cleared first).')
 flags.DEFINE_float('budget_s', 300.0, 'Wall-clock budget of the two '
@@ -73,29 +77,15 @@ flags.DEFINE_string('train_dtype', 'bfloat16', 'Compute dtype of the '
 flags.DEFINE_integer('linear_epochs', 100, 'Epochs of the linear evaluation.')
 FLAGS = flags.FLAGS
 
-PACKAGES = ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda13-plugin', 'flax',
-            'optax', 'orbax-checkpoint', 'chex', 'ml-collections', 'clu',
-            'dm-pix', 'tensorboardX', 'numpy', 'tensorflow')
-
-
 def environment() -> dict[str, Any]:
-  """Device, JAX version and installed package versions."""
-  import jax  # pylint: disable=g-import-not-at-top
-  devices = jax.devices()
-  packages = {}
-  for name in PACKAGES:
-    try:
-      packages[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      packages[name] = None
-  return {
-      'device': devices[0].device_kind, 'platform': devices[0].platform,
-      'num_devices': len(devices), 'jax_version': jax.__version__,
-      'python': platform.python_version(), 'host': platform.node(),
-      'packages': packages,
-      'date': datetime.datetime.now(datetime.timezone.utc).strftime(
-          '%Y-%m-%d %H:%M UTC'),
-  }
+  """The devices JAX computes on and the installed packages (the record's
+  header holds the same), printed before anything is measured."""
+  devices = records.jax_devices()
+  if devices is None:   # JAX not started yet: start it
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.devices()
+    devices = records.jax_devices()
+  return {'devices': devices, 'versions': records.versions()}
 
 
 def make_config(kind: str, dtype: str, epochs: float = 1.0):
@@ -197,13 +187,13 @@ def train_both(epochs: int, dtype: str) -> dict[str, dict[str, Any]]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-  """The report as a Markdown page."""
-  env, plan = report['environment'], report['plan']
+  """A record of the protocol as a Markdown page."""
+  plan = report['plan']
+  devices = report['record']['devices'] or {}
   lines = [
-      f'# Accelerator protocol: {env["device"]} ({env["platform"]}, '
-      f'{env["num_devices"]} device(s))', '',
-      f'Measured {env["date"]} with JAX {env["jax_version"]}; command: '
-      f'`{report["command"]}`.', '',
+      f'# Accelerator protocol: {devices.get("kind")} '
+      f'({devices.get("platform")}, {devices.get("count")} device(s))', '',
+      *records.header_lines(report), f'- host: {report.get("host")}', '',
       f'## Train step: SimCLR, {report["settings"]["model"]} width '
       f'{report["settings"]["width"]}, {report["settings"]["image_size"]}x'
       f'{report["settings"]["image_size"]}, batch '
@@ -233,9 +223,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(f'| {name} | {100 * r["knn_top1"]:.2f} | '
                  f'{100 * r["linear_top1"]:.2f} | {r["flops_reduction"]:.2f}x '
                  f'| {r["gate_density"]:.3f} | {r["train_wall_s"]:.0f} |')
-  lines += ['', 'Packages: ' + ', '.join(
-      f'{k} {v}' for k, v in env['packages'].items() if v), '']
-  return '\n'.join(lines)
+  return '\n'.join(lines) + '\n'
 
 
 def main(argv):
@@ -253,9 +241,11 @@ def main(argv):
   parallel.configure_cpu()   # CPU only; before JAX starts.
   start = time.time()
   env = environment()
-  print(f'Device: {env["device"]} x{env["num_devices"]} ({env["platform"]}), '
-        f'JAX {env["jax_version"]}, Python {env["python"]}', flush=True)
-  print('Packages: ' + ', '.join(f'{k} {v}' for k, v in env['packages'].items()
+  devices, versions = env['devices'], env['versions']
+  print(f'Device: {devices["kind"]} x{devices["count"]} '
+        f'({devices["platform"]}), JAX {versions["jax"]}, Python '
+        f'{versions["python"]}', flush=True)
+  print('Packages: ' + ', '.join(f'{k} {v}' for k, v in versions.items()
                                  if v), flush=True)
   print('Step benchmark:', flush=True)
   rows = benchmark()
@@ -271,7 +261,7 @@ def main(argv):
         flush=True)
   training = train_both(plan['epochs'], FLAGS.train_dtype)
   report = {
-      'environment': env, 'command': ' '.join(['python'] + sys.argv),
+      'host': platform.node(),
       'settings': {'model': FLAGS.model, 'width': FLAGS.width,
                    'image_size': FLAGS.image_size,
                    'batch_size': FLAGS.batch_size,
@@ -279,13 +269,10 @@ def main(argv):
       'benchmark': rows, 'gated_over_dense': ratios, 'plan': plan,
       'training': training, 'total_wall_s': time.time() - start,
   }
-  os.makedirs(FLAGS.out, exist_ok=True)
-  with open(os.path.join(FLAGS.out, 'accelerator_protocol.json'), 'w') as f:
-    json.dump(report, f, indent=2, default=float)
-  with open(os.path.join(FLAGS.out, 'accelerator_protocol.md'), 'w') as f:
-    f.write(markdown(report))
-  print(f'Wrote {FLAGS.out}/accelerator_protocol.{{json,md}} '
-        f'({report["total_wall_s"]:.0f} s in all).', flush=True)
+  path = records.write_record(FLAGS.out, 'accelerator_protocol', report,
+                              render=markdown, devices=devices)
+  print(f'Record: {path} and its .md ({report["total_wall_s"]:.0f} s in '
+        f'all).', flush=True)
 
 
 if __name__ == '__main__':

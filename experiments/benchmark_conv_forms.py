@@ -12,12 +12,12 @@ over the CPU devices as training shards it) in each formulation of
 `cdg_jax.gating.ops.CONV_FORMULATIONS`, the formulations in turn within
 each repeat. Reports the median per formulation, the speed-up over XLA's
 convolution and the largest difference of the outputs and gradients from
-it, relative to their largest magnitude. Writes `conv_forms.md` and
-`conv_forms.json` to `--out`.
+it, relative to their largest magnitude. Each run writes a new record into
+`--out` (`results/conv_forms/<date>-<cpu>.json`, `records.py`: machine,
+devices, XLA flags, versions, command and date in its header) and its
+Markdown beside it.
 """
 
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -30,7 +30,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine import cpu_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_list('networks', ['wide', 'protocol'],
                   "'wide': width 64, 32x32, 256 views; 'protocol': width "
@@ -38,7 +38,9 @@ flags.DEFINE_list('networks', ['wide', 'protocol'],
 flags.DEFINE_integer('repeats', 5, 'Timed passes per formulation and shape.')
 flags.DEFINE_integer('cpu_devices', 0, 'CPU devices (0: one per core).')
 flags.DEFINE_string('out', os.path.join(REPO_ROOT, 'experiments', 'results',
-                                        'levers'), 'Output folder.')
+                                        'conv_forms'),
+                    'Folder of the records: each run writes a new '
+                    '<date>-<cpu>.json (records.py) and its .md.')
 FLAGS = flags.FLAGS
 
 NETWORKS = {'wide': (64, 32, 256), 'protocol': (16, 16, 512)}
@@ -115,17 +117,20 @@ def time_shape(shape: dict, mesh, repeats: int) -> dict:
   return result
 
 
-def write_report(result: dict, out: str) -> str:
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'conv_forms.json'), 'w') as f:
-    json.dump(result, f, indent=1)
+def write_report(result: dict, out: str, devices: dict | None = None) -> str:
+  """Writes a new record of `result` into `out`, its Markdown beside it;
+  returns the record's path."""
+  return records.write_record(out, 'conv_forms', result, render=render,
+                              devices=devices)
+
+
+def render(result: dict) -> str:
+  """The Markdown of a conv_forms record."""
   forms = result['formulations']
   lines = ['# The convolution\'s formulation, shape by shape', '',
-           f"- machine: {result['machine']}, {result['cores']} cores, "
-           f"{result['devices']} CPU device(s), the batch sharded over them",
-           f"- versions: jax {result['jax']}",
-           f"- command: `{result['command']}`", f"- date: {result['date']}",
-           '', 'Forward and backward (input and kernel gradients) of one '
+           *records.header_lines(result),
+           '- the batch sharded over the devices', '',
+           'Forward and backward (input and kernel gradients) of one '
            'convolution; median of '
            f"{result['repeats']} passes, formulations in turn; speed-up over "
            "'xla'; difference: largest over output and gradients, relative "
@@ -153,10 +158,7 @@ def write_report(result: dict, out: str) -> str:
     lines.append(f'- {network}: ' + ', '.join(
         f"{f} {1e3 * t:.0f} ms ({by_form['xla'] / t:.2f}x)"
         for f, t in by_form.items()))
-  text = '\n'.join(lines) + '\n'
-  with open(os.path.join(out, 'conv_forms.md'), 'w') as f:
-    f.write(text)
-  return text
+  return '\n'.join(lines) + '\n'
 
 
 def main(argv):
@@ -178,13 +180,18 @@ def main(argv):
       rows.append({'network': network, 'shape': shape, 'times': times})
       print(network, shape, {f: round(t['speedup'], 2)
                              for f, t in times.items()}, flush=True)
-  result = {'machine': cpu_model(), 'cores': os.cpu_count(),
-            'devices': mesh.devices.size, 'jax': jax.__version__,
-            'command': ' '.join(['python'] + sys.argv),
-            'date': datetime.datetime.now().isoformat(timespec='seconds'),
+  result = {'flags': {'networks': FLAGS.networks,
+                      'cpu_devices': FLAGS.cpu_devices},
             'repeats': FLAGS.repeats,
             'formulations': list(ops.CONV_FORMULATIONS), 'rows': rows}
-  print(write_report(result, FLAGS.out))
+  devices = {'platform': jax.default_backend(),
+             'count': int(mesh.devices.size),
+             'processes': jax.process_count(),
+             'kind': jax.devices()[0].device_kind}
+  path = write_report(result, FLAGS.out, devices)
+  with open(records.markdown_path(path)) as f:
+    print(f.read())
+  print(f'Record: {path}')
 
 
 if __name__ == '__main__':

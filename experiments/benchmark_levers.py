@@ -19,7 +19,10 @@ shows whether a lever changes numerics (0 difference: bit-identical).
   dense64   the dense SimCLR step of CIFAR ResNet-18 width 64, 32x32, batch
             128 images (the peer benchmark's dense step).
 
-Writes `levers.md` and `levers.json` to `--out`.
+Each run writes a new record into `--out` (`results/levers/<date>-<cpu>.json`,
+`records.py`: machine, versions, command and date in its header; its
+`devices` and `xla_flags` are those the 'default' lever's processes
+reported, each lever's own are in the figures) and its Markdown beside it.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ import time
 from absl import app
 from absl import flags
 
-from machine import cpu_model
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # name -> (XLA_FLAGS added for CPU, host devices: 0 = one per core,
 #          environment variables set).
@@ -92,7 +96,9 @@ def define_flags() -> None:
   flags.DEFINE_integer('steps', 4, 'Timed steps per process.')
   flags.DEFINE_integer('repeats', 2, 'Processes per lever and step.')
   flags.DEFINE_string('out', os.path.join(REPO_ROOT, 'experiments', 'results',
-                                          'levers'), 'Output folder.')
+                                          'levers'),
+                      'Folder of the records: each run writes a new '
+                      '<date>-<cpu>.json (records.py) and its .md.')
   # Internal: set in the child processes.
   flags.DEFINE_string('child', '', 'Time this steps config in this process.')
 
@@ -207,25 +213,69 @@ def main(argv):
                  result else f'failed: {result["error"]}')
         print(f'[repeat {repeat + 1}/{FLAGS.repeats}] {name} {lever}: '
               f'{shown}', flush=True)
-  table = summarise(runs)
-  machine = f'{cpu_model()}, {os.cpu_count()} cores'
-  import jax  # pylint: disable=g-import-not-at-top
-  command = 'python experiments/benchmark_levers.py ' + ' '.join(
-      sys.argv[1:])
-  lines = [f'# XLA:CPU levers ({time.strftime("%Y-%m-%d")}, {machine}, '
-           f'JAX {jax.__version__})', '', f'`{command.strip()}`', '',
-           f'Median of {FLAGS.steps} steps per process, {FLAGS.repeats} '
+  path = write_report(runs, FLAGS.out, {
+      'levers': FLAGS.levers, 'steps_configs': FLAGS.steps_configs,
+      'steps': FLAGS.steps, 'repeats': FLAGS.repeats})
+  with open(records.markdown_path(path)) as f:
+    print(f.read())
+  print(f'Record: {path}')
+
+
+def _devices_and_flags(runs: dict[str, dict[str, list[dict]]]
+                       ) -> tuple[dict, str | None]:
+  """The header's devices (the 'default' lever's processes', with every
+  lever's count under 'by_lever') and XLA flags (the 'default' lever's)."""
+  by_lever, default_flags = {}, None
+  for by_name in runs.values():
+    for lever, results in by_name.items():
+      for result in results:
+        if 'devices' in result:
+          by_lever.setdefault(lever, result['devices'])
+        if lever == 'default' and default_flags is None:
+          default_flags = result.get('xla_flags')
+  return {'platform': 'cpu', 'count': by_lever.get('default'),
+          'processes': 1, 'by_lever': by_lever}, default_flags
+
+
+def write_report(runs: dict[str, dict[str, list[dict]]], out: str,
+                 flag_values: dict) -> str:
+  """Writes a new record of the processes' results `runs` (steps config ->
+  lever -> one result per repeat) and their summary into `out`, its
+  Markdown beside it; returns the record's path."""
+  used = {lever for by_lever in runs.values() for lever in by_lever}
+  devices, xla_flags = _devices_and_flags(runs)
+  return records.write_record(
+      out, 'levers',
+      {'flags': flag_values,
+       # What each lever set (XLA flags added, host devices: 0 = one per
+       # core, environment variables).
+       'levers': {lever: {'xla_flags': LEVERS[lever][0],
+                          'host_devices': LEVERS[lever][1],
+                          'environment': LEVERS[lever][2]}
+                  for lever in LEVERS if lever in used},
+       'summary': summarise(runs), 'runs': runs},
+      render=render, devices=devices, xla_flags=xla_flags)
+
+
+def render(record: dict) -> str:
+  """The Markdown of a levers record."""
+  f_ = record['flags']
+  lines = ['# XLA:CPU levers', '', *records.header_lines(record), '',
+           f'Median of {f_["steps"]} steps per process, {f_["repeats"]} '
            f'processes per lever, levers in turn; speed-up: median of the '
            f'per-repeat ratios to the default (above 1: faster); loss '
            f'difference after the timed steps (0: bit-identical).', '',
            '| step | lever | XLA flags, devices, environment | step (s) | speed-up | '
            'loss difference | first step (s) | minor page faults per step |',
            '| --- |' + ' --- |' * 7]
-  for name, by_lever in table.items():
+  for name, by_lever in record['summary'].items():
     for lever, row in by_lever.items():
-      extra, devices, variables = LEVERS[lever]
-      setting = ', '.join([extra or '-', str(devices or 'one per core')]
-                          + [f'{k}={v}' for k, v in variables.items()])
+      lever_setting = record.get('levers', {}).get(lever, {})
+      setting = ', '.join(
+          [lever_setting.get('xla_flags') or '-',
+           str(lever_setting.get('host_devices') or 'one per core')]
+          + [f'{k}={v}' for k, v in
+             (lever_setting.get('environment') or {}).items()])
       if 'error' in row:
         lines.append(f'| {name} | {lever} | {setting} | failed: '
                      f'{row["error"]} | | | | |')
@@ -239,15 +289,7 @@ def main(argv):
                    f'{row["first_step_s"]:.1f} | '
                    + ('-' if row['minor_faults_per_step'] is None
                       else f'{row["minor_faults_per_step"]:.0f}') + ' |')
-  os.makedirs(FLAGS.out, exist_ok=True)
-  with open(os.path.join(FLAGS.out, 'levers.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  with open(os.path.join(FLAGS.out, 'levers.json'), 'w') as f:
-    json.dump({'machine': machine, 'command': command.strip(),
-               'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
-               'jax': jax.__version__, 'summary': table, 'runs': runs}, f,
-              indent=2)
-  print('\n'.join(lines))
+  return '\n'.join(lines) + '\n'
 
 
 if __name__ == '__main__':

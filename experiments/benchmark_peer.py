@@ -62,11 +62,8 @@ the median of the per-repeat ratios, above 1 where ours is faster.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -86,6 +83,7 @@ sys.path.insert(0, EXPERIMENTS)
 # defaults and help) and removes the two it does not, so that they are
 # refused rather than silently ignored.
 import benchmark_sparse_step as sparse_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 for _name in ('densities', 'sample_fraction'):
@@ -94,7 +92,8 @@ for _name in ('densities', 'sample_fraction'):
 DEFAULT_OUT = os.path.join(REPO_ROOT, 'experiments', 'results', 'peer')
 FLAGS.set_default('out', DEFAULT_OUT)
 FLAGS.set_default('repeats', 3)
-FLAGS['out'].help = 'Output folder of peer.md and peer.json.'
+FLAGS['out'].help = ('Folder of the records: each run writes a new '
+                     '<date>-<cpu>.json (records.py) and its .md.')
 FLAGS['repeats'].help = ('Timed steps per variant in each round and '
                          'library; the variants run in turn within each '
                          'repeat.')
@@ -498,10 +497,16 @@ def _row_text(value, fmt: str) -> str:
 
 
 def write_report(result: dict, out: str) -> str:
-  """Writes peer.json and peer.md to `out`; returns the Markdown."""
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'peer.json'), 'w') as f:
-    json.dump(result, f, indent=1)
+  """Writes a new record of `result` into `out` (`records.write_record`,
+  with its Markdown beside it); returns the record's path."""
+  devices = {'platform': 'cpu', 'count': result.get('jax_devices'),
+             'processes': 1}
+  return records.write_record(out, 'peer', result, render=render,
+                              devices=devices)
+
+
+def render(result: dict) -> str:
+  """The Markdown of a peer record."""
   f_ = result['flags']
   lines = [
       '# Peer benchmark: the SimCLR train step in PyTorch and cdg_jax', '',
@@ -513,14 +518,11 @@ def write_report(result: dict, out: str) -> str:
       f'{f_["rounds"]} rounds, in each one fresh process per library (one '
       f'alive at a time) timing {f_["repeats"]} steps per variant, the '
       f'variants in turn.', '',
-      f'- machine: {result["machine"]}; 1-minute load average '
+      *records.header_lines(result),
+      f'- 1-minute load average '
       f'{result["load_average_1min"]["before_timing"]} before the timed '
       f'steps, {result["load_average_1min"]["after_timing"]} after',
-      '- versions: ' + ', '.join(f'{k} {v}' for k, v in
-                                  result['versions'].items() if v),
-      f'- threads: {result["threads"]}',
-      f'- command: `{result["command"]}`',
-      f'- date: {result["date"]}', '']
+      f'- threads: {result["threads"]}', '']
   if result['torch']['message']:
     lines += [f'**{result["torch"]["message"]}.**', '']
   lines += ['| library | variant | execution | gate density | FLOPs '
@@ -548,10 +550,7 @@ def write_report(result: dict, out: str) -> str:
     lines.append(f'- `{name}` ({theirs} / {ours}): {text}')
   lines += ['', 'Where the two steps differ:', '']
   lines += [f'- {d}' for d in result['differences']]
-  text = '\n'.join(lines) + '\n'
-  with open(os.path.join(out, 'peer.md'), 'w') as f:
-    f.write(text)
-  return text
+  return '\n'.join(lines) + '\n'
 
 
 def _every_round(replies: list[dict], field: str) -> dict[str, list]:
@@ -635,19 +634,17 @@ def run() -> dict:
                      f'intra-op, {inter} inter-op threads')
   else:
     torch_threads = 'PyTorch not run'
-  versions = {'python': platform.python_version(), **jax_reply['versions'],
-              'torch': torch_reply['versions']['torch'] if torch_reply
-                       else None}
   result = {
-      'date': datetime.datetime.now().isoformat(timespec='seconds'),
-      'command': shlex.join([sys.executable] + sys.argv),
-      'machine': f'{sparse_step._cpu_model()}, {cores} cores',  # pylint: disable=protected-access
-      'cores': cores,
       # Other work on the machine skews the two libraries differently
       # (PyTorch's OpenMP barriers suffer most when a core is taken).
       'load_average_1min': {'before_timing': load_before,
                             'after_timing': load_after},
-      'versions': versions,
+      # What the worker processes ran (the record's header has this
+      # process's packages; the workers run the same interpreter).
+      'worker_versions': {**jax_reply['versions'],
+                          'torch': torch_reply['versions']['torch']
+                                   if torch_reply else None},
+      'jax_devices': jax_reply['devices'],
       'threads': (f'cdg_jax: {jax_reply["devices"]} CPU device(s) '
                   f'(--cpu_devices={FLAGS.cpu_devices}; XLA_FLAGS='
                   f'{jax_reply["xla_flags"]!r}), the batch sharded over '
@@ -672,7 +669,10 @@ def run() -> dict:
           ratios['dense_vs_torch_compiled_dense'] or {}).get('paired'),
       'differences': list(DIFFERENCES),
   }
-  print(write_report(result, FLAGS.out), flush=True)
+  path = write_report(result, FLAGS.out)
+  with open(records.markdown_path(path)) as f:
+    print(f.read(), flush=True)
+  print(f'Record: {path}', flush=True)
   return result
 
 

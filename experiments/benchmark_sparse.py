@@ -20,13 +20,15 @@ training-mode pass). For each `--workdirs` entry (a trained run with
 tile-structured gates) the trained backbone itself is timed on its own test
 images, at the density it learned. Every configuration is compiled, warmed up
 and timed (median of `--repeats`) in the same process, so ratios compare like
-with like. Writes `sparse_speed.md`, `sparse_speed.json` and
-`sparse_speedup.png` to `--out`.
+with like. Each run writes a new record into `--out`
+(`results/sparse_speed/<date>-<cpu>.json`, `records.py`: the machine,
+devices, versions, command and date in its header), its Markdown (`.md`)
+and the plot (`.png`) beside it with the same stem. The forward passes run
+unsharded, on one device (the header's `devices.count`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -35,11 +37,13 @@ import time
 from absl import app
 from absl import flags
 
-from tile_schemes import gating_config_of
-from tile_schemes import stage_tiles
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import records  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tile_schemes import gating_config_of  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tile_schemes import stage_tiles  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_integer('width', 64, 'Backbone width.')
 flags.DEFINE_integer('image_size', 32, 'Image size.')
@@ -56,7 +60,9 @@ flags.DEFINE_list('densities', ['0.1', '0.2', '0.3', '0.4', '0.5', '0.6',
 flags.DEFINE_integer('repeats', 5, 'Timed forward passes per configuration.')
 flags.DEFINE_list('workdirs', [], 'Trained tile-structured CDG runs to time.')
 flags.DEFINE_string('out', os.path.join(REPO_ROOT, 'experiments', 'results',
-                                        'sparse'), 'Output folder.')
+                                        'sparse_speed'),
+                    'Folder of the records: each run writes a new '
+                    '<date>-<cpu>.json (records.py), its .md and .png.')
 FLAGS = flags.FLAGS
 
 
@@ -88,6 +94,13 @@ def _time_together(functions: dict, *args) -> dict:
       jax.block_until_ready(fn(*args))
       times[name].append(time.perf_counter() - start)
   return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _devices_used() -> dict:
+  """The devices the timed forward passes ran on: unsharded, one (JAX's
+  default device; 'available' counts all)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return records.devices_of(jax.numpy.zeros(()))
 
 
 def _forward(model, variables):
@@ -366,20 +379,23 @@ def break_even(rows: list[dict]) -> float | None:
   return None
 
 
-def write_outputs(report: dict) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  os.makedirs(FLAGS.out, exist_ok=True)
-  with open(os.path.join(FLAGS.out, 'sparse_speed.json'), 'w') as f:
-    json.dump(report, f, indent=2)
-  env = report['environment']
-  lines = [f'# Block-sparse CDG inference speed ({env["machine"]})', '',
-           f'Measured {env["date"]}, JAX {env["jax"]}, {env["devices"]} '
-           f'device(s); command: `{report["command"]}`.', '',
-           f'CIFAR ResNet-18 width {FLAGS.width}, {FLAGS.image_size}x'
-           f'{FLAGS.image_size}, batch {FLAGS.batch_size}, inference; median '
-           f'of {FLAGS.repeats} passes. Speeds relative to the dense network '
+def write_report(report: dict, out: str, devices: dict | None = None) -> str:
+  """Writes a new record of `report` into `out` (its Markdown and plot
+  beside it); returns the record's path."""
+  path = records.write_record(out, 'sparse_speed', report, render=render,
+                              devices=devices)
+  plot(records.read_record(path), records.beside(path, '.png'))
+  return path
+
+
+def render(report: dict) -> str:
+  """The Markdown of a sparse_speed record."""
+  f_ = report['flags']
+  lines = ['# Block-sparse CDG inference speed', '',
+           *records.header_lines(report), '',
+           f'CIFAR ResNet-18 width {f_["width"]}, {f_["image_size"]}x'
+           f'{f_["image_size"]}, batch {f_["batch_size"]}, inference; median '
+           f'of {f_["repeats"]} passes. Speeds relative to the dense network '
            f'in the same run.', '',
            '| tile | gated-layer density | FLOPs reduction | dense images/s | '
            'masked CDG images/s | sparse CDG images/s | sparse / dense | '
@@ -398,9 +414,9 @@ def write_outputs(report: dict) -> None:
   if report['profile']:
     lines += ['', '## Profile: one stride-1 gated layer per stage', '',
               f'3x3 C -> C convolution at the stage\'s map size, batch '
-              f'{FLAGS.batch_size}, random inputs and a random draw of open '
+              f'{f_["batch_size"]}, random inputs and a random draw of open '
               f'tiles at each density; each part compiled and timed alone '
-              f'(ms, median of {FLAGS.repeats}); the open tiles\' '
+              f'(ms, median of {f_["repeats"]}); the open tiles\' '
               f'convolution both as a convolution of the windows and as one '
               f'matrix product over their patches; "sparse layer" is the '
               f'whole executor in one function (base, gate, capacity switch, '
@@ -414,7 +430,7 @@ def write_outputs(report: dict) -> None:
               '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | '
               '--- | --- | --- | --- |']
     for r in report['profile']:
-      part = lambda k: f'{r[k]:.1f}' if k in r else 'dense fallback'
+      part = lambda k, r=r: f'{r[k]:.1f}' if k in r else 'dense fallback'
       lines.append(
           f'| {r["tiles"]} | {r["stage"]} ({r["map"]}x{r["map"]}x'
           f'{r["channels"]}, {r["tile"][0]}x{r["tile"][1]}) | '
@@ -438,8 +454,14 @@ def write_outputs(report: dict) -> None:
                    f'{r["masked_images_per_s"]:.1f} | '
                    f'{r["sparse_images_per_s"]:.1f} | '
                    f'{r["sparse_speedup"]:.2f}x |')
-  with open(os.path.join(FLAGS.out, 'sparse_speed.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  return '\n'.join(lines) + '\n'
+
+
+def plot(report: dict, path: str) -> None:
+  """The speed-vs-density plot of a sparse_speed record, to `path`."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6, 4))
   for tile in sorted({r['tile'] for r in report['random']}):
     rows = sorted((r for r in report['random'] if r['tile'] == tile),
@@ -454,36 +476,27 @@ def write_outputs(report: dict) -> None:
   ax.axhline(1.0, color='gray', lw=0.8)
   ax.set_xlabel('gated-layer density (fraction of conditional work kept)')
   ax.set_ylabel('speed relative to dense (x)')
-  ax.set_title(f'Inference, {env["machine"]}', fontsize=9)
+  head = report['record']
+  ax.set_title(f'Inference, {head["machine"] or head["cpu_model"]}, '
+               f'{head["date"][:10]}', fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(FLAGS.out, 'sparse_speedup.png'), dpi=110)
+  fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  import platform  # pylint: disable=g-import-not-at-top
   from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
   parallel.configure_cpu()
-  import jax  # pylint: disable=g-import-not-at-top
-  machine = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      machine = next(l.split(':', 1)[1].strip() for l in f
-                     if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  if jax.devices()[0].platform != 'cpu':
-    machine = jax.devices()[0].device_kind
-  report = {'environment': {
-      'machine': f'{machine}, {os.cpu_count()} cores',
-      'jax': jax.__version__, 'devices': len(jax.devices()),
-      'date': time.strftime('%Y-%m-%d', time.gmtime())},
-            'command': ' '.join(['python'] + sys.argv), 'random': [],
-            'profile': [], 'trained': []}
+  report = {'flags': {'width': FLAGS.width, 'image_size': FLAGS.image_size,
+                      'batch_size': FLAGS.batch_size, 'tiles': FLAGS.tiles,
+                      'densities': FLAGS.densities,
+                      'profile_densities': FLAGS.profile_densities,
+                      'repeats': FLAGS.repeats, 'workdirs': FLAGS.workdirs},
+            'random': [], 'profile': [], 'trained': []}
   for scheme in FLAGS.tiles:
     stage_tiles(scheme)   # a bad scheme fails before anything is timed
   if FLAGS.profile_densities:
@@ -496,8 +509,8 @@ def main(argv):
       for scheme in FLAGS.tiles}
   for workdir in FLAGS.workdirs:
     report['trained'].append(trained_rows(workdir))
-  write_outputs(report)
-  print(f'Wrote {FLAGS.out}/sparse_speed.{{md,json}} and sparse_speedup.png')
+  path = write_report(report, FLAGS.out, devices=_devices_used())
+  print(f'Record: {path} (its .md and .png beside it)')
 
 
 if __name__ == '__main__':

@@ -25,8 +25,11 @@ for every variant (the dense one has no thresholds). Each variant is
 compiled once (the density is a value, not a shape) and not donated, so every
 timed call starts from the same state; within every repeat the variants run
 in turn, so ratios compare like with like on a machine whose speed drifts.
-The FLOPs reduction is the step's own metric (backbone, both views). Writes
-`sparse_step.md` and `sparse_step.json` to `--out`.
+The FLOPs reduction is the step's own metric (backbone, both views). The
+step runs unsharded, on one device (the header's `devices.count`). Each run
+writes a new record into `--out` (`results/sparse_step/<date>-<cpu>.json`,
+`records.py`: machine, devices, versions, command and date in its header)
+and its Markdown beside it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine import cpu_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tile_schemes  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_string('model', 'resnet18', 'Backbone (cdg_jax.models).')
@@ -57,7 +60,9 @@ flags.DEFINE_list('densities', ['0.25', '0.4'], 'Target tile densities.')
 flags.DEFINE_float('sample_fraction', 0.0625, "The 'sampled' form's sample.")
 flags.DEFINE_integer('repeats', 3, 'Timed steps per variant and density.')
 flags.DEFINE_string('out', os.path.join(REPO_ROOT, 'experiments', 'results',
-                                        'sparse'), 'Output folder.')
+                                        'sparse_step'),
+                    'Folder of the records: each run writes a new '
+                    '<date>-<cpu>.json (records.py) and its .md.')
 FLAGS = flags.FLAGS
 
 VARIANTS = ('dense', 'masked', 'sparse, none', 'sparse, sampled')
@@ -124,9 +129,6 @@ def _threshold_for(run, state, images, density: float) -> float:
   return (low + high) / 2
 
 
-_cpu_model = cpu_model   # benchmark_peer.py reads it here
-
-
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
@@ -184,19 +186,31 @@ def main(argv):
       rows.append(row)
       print(json.dumps({k: v for k, v in row.items() if k != 'times_s'}),
             flush=True)
-  machine = f'{_cpu_model()}, {os.cpu_count()} cores'
-  os.makedirs(FLAGS.out, exist_ok=True)
-  with open(os.path.join(FLAGS.out, 'sparse_step.json'), 'w') as f:
-    json.dump({'machine': machine, 'flags': {
-        'model': FLAGS.model, 'width': FLAGS.width, 'image_size': FLAGS.image_size,
-        'batch_size': FLAGS.batch_size, 'tiles': FLAGS.tiles,
-        'sample_fraction': FLAGS.sample_fraction, 'repeats': FLAGS.repeats},
-               'rows': rows}, f, indent=1)
-  lines = [f'SimCLR train step, CIFAR {FLAGS.model} width {FLAGS.width}, '
-           f'{FLAGS.image_size}x{FLAGS.image_size}, batch {FLAGS.batch_size} '
-           f'images (2 views), tiles {FLAGS.tiles}, sample fraction '
-           f'{FLAGS.sample_fraction}; median of {FLAGS.repeats} steps, '
-           f'variants in turn within each repeat; {machine}.', '',
+  result = {'flags': {
+      'model': FLAGS.model, 'width': FLAGS.width,
+      'image_size': FLAGS.image_size, 'batch_size': FLAGS.batch_size,
+      'tiles': FLAGS.tiles, 'densities': FLAGS.densities,
+      'sample_fraction': FLAGS.sample_fraction, 'repeats': FLAGS.repeats},
+            'rows': rows}
+  path = records.write_record(FLAGS.out, 'sparse_step', result,
+                              render=render,
+                              # The arrays of the last step: one device.
+                              devices=records.devices_of(metrics))
+  with open(records.markdown_path(path)) as f:
+    print(f.read())
+  print(f'Record: {path}')
+
+
+def render(result: dict) -> str:
+  """The Markdown of a sparse_step record."""
+  f_ = result['flags']
+  lines = [f'# Sparse train step: SimCLR, CIFAR {f_.get("model", "resnet18")} '
+           f'width {f_["width"]}', '', *records.header_lines(result), '',
+           f'SimCLR train step, CIFAR {f_.get("model", "resnet18")} width '
+           f'{f_["width"]}, {f_["image_size"]}x{f_["image_size"]}, batch '
+           f'{f_["batch_size"]} images (2 views), tiles {f_["tiles"]}, sample '
+           f'fraction {f_["sample_fraction"]}; median of {f_["repeats"]} '
+           f'steps, variants in turn within each repeat.', '',
            '| target density | variant | gate density | FLOPs reduction | '
            'step s (median) | speed vs dense (of medians) | speed vs dense '
            '(median of per-repeat ratios) |',
@@ -204,10 +218,10 @@ def main(argv):
   lines += [f'| {r["target_density"]:.2f} | {r["variant"]} | '
             f'{r["gate_density"]:.3f} | {r["flops_reduction"]:.2f}x | '
             f'{r["median_step_s"]:.2f} | {r["speedup_vs_dense"]:.2f}x | '
-            f'{r["paired_speedup_vs_dense"]:.2f}x |' for r in rows]
-  with open(os.path.join(FLAGS.out, 'sparse_step.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  print('\n'.join(lines))
+            + (f'{r["paired_speedup_vs_dense"]:.2f}x |'
+               if 'paired_speedup_vs_dense' in r else '- |')
+            for r in result['rows']]
+  return '\n'.join(lines) + '\n'
 
 
 if __name__ == '__main__':

@@ -36,12 +36,13 @@ beside PyTorch's for the same convolution on the whole batch
 (channels_last, `torch.set_num_threads(os.cpu_count())`), forward and
 backward, when torch is installed (see benchmark_peer.py).
 
-Writes `profile.md` and `profile.json` to `--out`.
+Each run writes a new record into `--out` (`results/profile/<date>-<cpu>.json`,
+`records.py`: machine, devices, XLA flags, versions, command and date in its
+header) and its Markdown beside it.
 """
 
 import collections
 import dataclasses
-import datetime
 import glob
 import gzip
 import json
@@ -61,7 +62,7 @@ sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import benchmark_peer  # pylint: disable=g-import-not-at-top,wrong-import-position
-from machine import cpu_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_list('step_kinds', ['protocol', 'dense64', 'masked64',
                                     'sparse64'],
@@ -69,6 +70,8 @@ flags.DEFINE_list('step_kinds', ['protocol', 'dense64', 'masked64',
 FLAGS = flags.FLAGS
 FLAGS.set_default('out', os.path.join(REPO_ROOT, 'experiments', 'results',
                                       'profile'))
+FLAGS['out'].help = ('Folder of the records: each run writes a new '
+                     '<date>-<cpu>.json (records.py) and its .md.')
 
 # The categories, in the order a tie between them is broken.
 CATEGORIES = ('augmentation', 'convolution', 'batchnorm', 'gating',
@@ -518,15 +521,17 @@ def _number(value, fmt='.1f') -> str:
   return '-' if value is None else format(value, fmt)
 
 
-def write_report(result: dict, out: str) -> str:
-  """Writes profile.json and profile.md to `out`; returns the Markdown."""
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'profile.json'), 'w') as f:
-    json.dump(result, f, indent=1)
+def write_report(result: dict, out: str, devices: dict | None = None) -> str:
+  """Writes a new record of `result` into `out`, its Markdown beside it;
+  returns the record's path."""
+  return records.write_record(out, 'profile', result, render=render,
+                              devices=devices)
+
+
+def render(result: dict) -> str:
+  """The Markdown of a profile record."""
   lines = ['# Where the train step\'s time goes', '',
-           f"- machine: {result['machine']}, {result['cores']} cores",
-           f"- versions: {result['versions']}",
-           f"- command: `{result['command']}`", f"- date: {result['date']}",
+           *records.header_lines(result),
            '', 'Wall-clock ms per step; ops running at once share the time '
            'equally, so the categories add up to "busy", the time any op '
            'ran; "outside ops": the rest of the step (dispatch, transfers, '
@@ -577,10 +582,7 @@ def write_report(result: dict, out: str) -> str:
           f"{_number(peer.get('forward_gflops'))} | "
           f"{_number(peer.get('backward_gflops'))} |")
     lines.append('')
-  text = '\n'.join(lines)
-  with open(os.path.join(out, 'profile.md'), 'w') as f:
-    f.write(text)
-  return text
+  return '\n'.join(lines)
 
 
 def main(argv):
@@ -594,7 +596,9 @@ def main(argv):
   from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
   parallel.configure_cpu(FLAGS.cpu_devices)   # before JAX starts
   import numpy as np  # pylint: disable=g-import-not-at-top
-  torch, _ = (benchmark_peer.import_torch() if FLAGS.torch else (None, None))
+  torch = None
+  if FLAGS.torch and benchmark_peer.torch_available():
+    import torch  # pylint: disable=g-import-not-at-top
   if torch is None:
     print(benchmark_peer.TORCH_MISSING if FLAGS.torch else
           'PyTorch column skipped (--notorch)', flush=True)
@@ -620,11 +624,15 @@ def main(argv):
                      f"{FLAGS.image_size}x{FLAGS.image_size}, batch "
                      f"{FLAGS.batch_size} images, tile density "
                      f"{FLAGS.density} where gated", False)
-  result = {'machine': cpu_model(), 'cores': os.cpu_count(),
-            'versions': benchmark_peer._versions(torch),  # pylint: disable=protected-access
-            'command': ' '.join(['python'] + sys.argv),
-            'date': datetime.datetime.now().isoformat(timespec='seconds'),
+  result = {'flags': {'step_kinds': FLAGS.step_kinds, 'width': FLAGS.width,
+                      'image_size': FLAGS.image_size,
+                      'batch_size': FLAGS.batch_size,
+                      'density': FLAGS.density, 'tiles': FLAGS.tiles,
+                      'cpu_devices': FLAGS.cpu_devices,
+                      'torch': torch is not None},
             'repeats': FLAGS.repeats, 'steps': {}}
+  devices = {name: records.devices_of(state)
+             for name, (_, state, *_) in steps.items()}
   for name, (step, state, batch, description, donated) in steps.items():
     print(f'{name}: compiling, timing and tracing', flush=True)
     record = profile(step, state, batch, FLAGS.repeats, donated)
@@ -636,7 +644,14 @@ def main(argv):
     result['steps'][name] = record
     print(f"{name}: step {record['step_s']:.3f} s, busy "
           f"{record['busy_s']:.3f} s", flush=True)
-  print(write_report(result, FLAGS.out))
+  first = next(iter(devices.values()), None)
+  if first is not None and any(d['count'] != first['count']
+                               for d in devices.values()):
+    first = {**first, 'by_step': {n: d['count'] for n, d in devices.items()}}
+  path = write_report(result, FLAGS.out, first)
+  with open(records.markdown_path(path)) as f:
+    print(f.read())
+  print(f'Record: {path}')
 
 
 if __name__ == '__main__':

@@ -1,9 +1,16 @@
 """The grid's report: results.md / results.csv tables and the plots.
 
-Built from every result in `<results_dir>/runs/`: the main table, the seed
-summary, the matched-FLOPs comparison, the gap to dense along scale, the
-per-layer densities, `accuracy_vs_flops.png`, `matched_flops.png` and
-`gap_to_dense.png`.
+Built from every result in `<results_dir>/runs/` (`<name>.json`; the
+results set aside in `runs/earlier/` by a rerun are not read): the main
+table, the seed summary, the matched-FLOPs comparison, the gap to dense
+along scale, the per-layer densities, `accuracy_vs_flops.png`,
+`matched_flops.png` and `gap_to_dense.png`.
+
+A result is a record (`records.py`) with a 'record' header (date, command,
+commit, machine, devices, versions); results saved before the header existed
+are read too. The table's 'finished' and 'cpu' columns come from the
+header's date and CPU model where the result does not have them itself;
+results.csv leaves the rest of the header out.
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ def read_result(path: str) -> dict[str, Any]:
         f'{path}: not a run\'s result (a JSON object with a "name"; found '
         f'{type(result).__name__}'
         f'{" without a name" if isinstance(result, dict) else ""}). {fix}')
+  if 'record' in result and not isinstance(result['record'], dict):
+    raise ResultFileError(
+        f'{path}: its "record" header is a {type(result["record"]).__name__}, '
+        f'not a JSON object (records.py). {fix}')
   return result
 
 
@@ -60,9 +71,10 @@ def load_results(results_dir: str) -> list[dict[str, Any]]:
     return []
   results = []
   for filename in sorted(os.listdir(runs_dir)):
-    if filename.endswith('.json'):
-      results.append(with_defaults(read_result(os.path.join(runs_dir,
-                                                            filename))))
+    path = os.path.join(runs_dir, filename)
+    # runs/earlier/ (results a rerun set aside) is a folder: not read.
+    if filename.endswith('.json') and os.path.isfile(path):
+      results.append(with_defaults(read_result(path)))
   order = {run.name: i for i, run in enumerate(
       r for runs in GRIDS.values() for r in runs)}
   return sorted(results, key=lambda r: (order.get(r['name'], len(order)),
@@ -83,12 +95,27 @@ ADDED_GATING_DEFAULTS = {'grouping': 'first', 'saliency_norm': 'batch',
 
 
 def with_defaults(result: dict[str, Any]) -> dict[str, Any]:
-  """A result with the fields earlier runs did not record, at their values."""
+  """A result with the fields earlier runs did not record, at their values,
+  and 'finished' and 'cpu' from its 'record' header (if it has one)."""
   return {'eval_split': 'test', 'learning_rate': 1.0, 'dense_knn_top1': None,
           'linear_protocol': 'fast', 'linear_epochs': 100,
           'linear_feature_norm': 'none',
           'dense_linear_top1': None, 'diverged_at_step': None,
-          **ADDED_GATING_DEFAULTS, **result}
+          **ADDED_GATING_DEFAULTS, **from_header(result), **result}
+
+
+def from_header(result: dict[str, Any]) -> dict[str, Any]:
+  """'finished' ('2026-12-03 20:14:59 UTC', as results wrote it before the
+  header) and 'cpu' (the CPU model) of a result with a 'record' header."""
+  head = result.get('record')
+  if not isinstance(head, dict):
+    return {}
+  fields = {'cpu': head.get('cpu_model')}
+  date = head.get('date')
+  if isinstance(date, str):
+    fields['finished'] = (date[:-1].replace('T', ' ') + ' UTC'
+                          if date.endswith('Z') else date.replace('T', ' '))
+  return fields
 
 
 def trained(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -163,14 +190,16 @@ def write_table(results: list[dict[str, Any]], results_dir: str) -> None:
   """Writes results.csv (every field) and results.md (the headline columns)."""
   results = [with_defaults(r) for r in results]
   os.makedirs(results_dir, exist_ok=True)
+  # The record header stays in the run's file (its date and CPU model are
+  # the 'finished' and 'cpu' columns).
   fields = list(TABLE_COLUMNS) + sorted(
-      {k for r in results for k in r} - set(TABLE_COLUMNS))
+      {k for r in results for k in r} - set(TABLE_COLUMNS) - {'record'})
   with open(os.path.join(results_dir, 'results.csv'), 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     for r in results:
       writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v
-                       for k, v in r.items()})
+                       for k, v in r.items() if k != 'record'})
   lines = ['Every accuracy and FLOPs figure is measured on the split named in '
            'the "split" column: `test` (the 10,000-image test set; training '
            'on all 25,000 training images) or `validation` (5,000 '

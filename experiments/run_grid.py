@@ -7,9 +7,14 @@ r"""Trains and evaluates a grid of runs; writes a results table and plot.
 Each run is two real command lines, recorded in its result: pretraining
 (`python -m cdg_jax.main`) and linear evaluation (`python -m
 cdg_jax.linear_eval`), run as subprocesses from the repository root. A run's
-result is written to `<results_dir>/runs/<name>.json` as soon as it finishes;
+result is written to `<results_dir>/runs/<name>.json` as soon as it finishes,
+a record (`records.py`) whose 'record' header holds this command, the date,
+the git commit, the machine, devices, XLA flags and package versions;
 started again, the runner skips runs that have a result, and a run interrupted
-half-way resumes from its last checkpoint in `<workdir_root>/<name>`. After
+half-way resumes from its last checkpoint in `<workdir_root>/<name>`. A result
+is never overwritten: `--rerun` moves the earlier one to
+`<results_dir>/runs/earlier/<name>.<date>.json` (the report reads only
+`runs/*.json`). After
 every run the table (`results.md`, `results.csv`) and the plot of accuracy
 against FLOPs reduction (`accuracy_vs_flops.png`) are rebuilt from all results
 in the directory.
@@ -94,7 +99,8 @@ flags.DEFINE_string('results_dir', os.path.join(REPO_ROOT, 'experiments',
 flags.DEFINE_string('workdir_root', '/tmp/cdg_grid',
                     'Parent of the runs\' training workdirs (checkpoints).')
 flags.DEFINE_bool('rerun', False, 'Run again even if a result exists (the '
-                  'workdir is cleared first).')
+                  'workdir is cleared first; the earlier result moves to '
+                  'runs/earlier/<name>.<date>.json).')
 flags.DEFINE_bool('table_only', False, 'Only rebuild the table and plot.')
 FLAGS = flags.FLAGS
 

@@ -4,10 +4,19 @@ Each run is pretraining (`python -m cdg_jax.main`) then linear evaluation
 (`python -m cdg_jax.linear_eval`), subprocesses from the repository root,
 logged to `<workdir>/run_grid.log`; the result goes to
 `<results_dir>/runs/<name>.json` at once, and the report is rebuilt.
+
+A result is a record (`records.py`): its 'record' header holds the grid's
+command, the date the run finished, the git commit, the machine, the devices
+and XLA flags the training ran with, and the package versions; the
+pretraining and linear-evaluation command lines are the result's
+'train_command' and 'linear_eval_command'. A result is never overwritten: a
+run saved again (`--rerun`) first moves the earlier file to
+`<results_dir>/runs/earlier/<name>.<date>.json`.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -22,7 +31,7 @@ from cdg_jax.gating.ops import CONV_FORMULATION_VARIABLE
 from grids import GRIDS
 from grids import REPO_ROOT
 from grids import Run
-from machine import cpu_model
+import records
 from report import ADDED_GATING_DEFAULTS
 from report import write_report
 
@@ -54,8 +63,11 @@ def result_path(results_dir: str, name: str) -> str:
   return os.path.join(results_dir, 'runs', f'{name}.json')
 
 
-def run_one(run: Run, results_dir: str, workdir_root: str) -> dict[str, Any]:
-  """Trains, evaluates and saves one run's result; returns it."""
+def run_one(run: Run, results_dir: str, workdir_root: str,
+            argv: list[str] | None = None) -> dict[str, Any]:
+  """Trains, evaluates and saves one run's result; returns it (with its
+  'record' header; `argv`: the grid's command line, default this
+  process's)."""
   start = time.time()
   workdir = os.path.join(workdir_root, run.name)
   os.makedirs(os.path.join(results_dir, 'runs'), exist_ok=True)
@@ -86,11 +98,8 @@ def run_one(run: Run, results_dir: str, workdir_root: str) -> dict[str, Any]:
                              else 'test'),
               'train_wall_s': time.time() - start, 'linear_eval_wall_s': 0.0,
               'resumed_from_step': 0, 'train_command': _shell(train_command),
-              'linear_eval_command': '',
-              'finished': time.strftime('%Y-%m-%d %H:%M:%S UTC',
-                                        time.gmtime())}
-    _save_result(results_dir, run.name, result)
-    return result
+              'linear_eval_command': ''}
+    return _save_result(results_dir, run.name, result, argv, config)
   eval_s = _run_command(eval_command, log_path)
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
@@ -126,17 +135,15 @@ def run_one(run: Run, results_dir: str, workdir_root: str) -> dict[str, Any]:
       'resumed_from_step': summary.get('resumed_from_step', 0),
       'train_command': _shell(train_command),
       'linear_eval_command': _shell(eval_command),
-      'finished': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
-      # Training is deterministic per CPU model, not across models.
-      'cpu': cpu_model(),
+      # The date it finished and the CPU model (training is deterministic
+      # per CPU model, not across models) are in the 'record' header.
       # How the convolutions were computed (cdg_jax.gating.ops.conv; the
       # formulations differ in rounding only). Results without the field
       # predate the per-shape default and used XLA's convolution.
       'conv_formulation': os.environ.get(CONV_FORMULATION_VARIABLE,
                                          'auto'),
   }
-  _save_result(results_dir, run.name, result)
-  return result
+  return _save_result(results_dir, run.name, result, argv, config)
 
 
 def linear_feature_norm(linear: dict[str, Any]) -> str:
@@ -171,11 +178,104 @@ def last_losses(workdir: str, count: int = 5) -> list[list[float]]:
   return rows[-count:]
 
 
-def _save_result(results_dir: str, name: str, result: dict[str, Any]) -> None:
+# The devices and XLA flags a training process starts with, by its
+# (cpu_devices, XLA_FLAGS, JAX_PLATFORMS): asked once of a process started
+# as `cdg_jax.main` starts (`configure_cpu(config.cpu_devices)`).
+_TRAINING_DEVICES: dict[tuple, tuple[dict | None, str | None]] = {}
+_PROBE = ('import json, os, sys\n'
+          'from cdg_jax.run import parallel\n'
+          'parallel.configure_cpu(int(sys.argv[1]))\n'
+          'import jax\n'
+          'print("DEVICES " + json.dumps({"devices": {'
+          '"platform": jax.default_backend(), "count": jax.device_count(), '
+          '"processes": jax.process_count(), '
+          '"kind": jax.devices()[0].device_kind}, '
+          '"xla_flags": os.environ.get("XLA_FLAGS", "")}))\n')
+
+
+def training_devices(config: dict[str, Any]) -> tuple[dict | None,
+                                                      str | None]:
+  """(devices, XLA_FLAGS) of a training process of `config` on this
+  machine, or (None, None) if a process cannot tell."""
+  cpu_devices = int(config.get('cpu_devices', 0))
+  key = (cpu_devices, os.environ.get('XLA_FLAGS'),
+         os.environ.get('JAX_PLATFORMS'))
+  if key not in _TRAINING_DEVICES:
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(
+        [REPO_ROOT] + [p for p in [env.get('PYTHONPATH')] if p])
+    found = (None, None)
+    try:
+      process = subprocess.run(
+          [sys.executable, '-c', _PROBE, str(cpu_devices)], cwd=REPO_ROOT,
+          env=env, capture_output=True, text=True, timeout=300, check=False)
+      for line in process.stdout.splitlines():
+        if line.startswith('DEVICES '):
+          reply = json.loads(line[len('DEVICES '):])
+          found = (reply['devices'], reply['xla_flags'])
+    except (OSError, subprocess.SubprocessError, ValueError):
+      pass
+    _TRAINING_DEVICES[key] = found
+  return _TRAINING_DEVICES[key]
+
+
+def _save_result(results_dir: str, name: str, result: dict[str, Any],
+                 argv: list[str] | None = None,
+                 config: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Writes `result` with its 'record' header to `runs/<name>.json` (an
+  earlier result there first moves to `runs/earlier/`); returns it."""
+  devices, xla_flags = training_devices(config or {})
+  result = {'record': records.header('grid_run', argv=argv, devices=devices,
+                                     xla_flags=xla_flags),
+            **{k: v for k, v in result.items() if k != 'record'}}
   path = result_path(results_dir, name)
+  if os.path.exists(path):
+    moved = set_aside(results_dir, name)
+    print(f'    the earlier result moved to {moved}', flush=True)
   with open(path + '.tmp', 'w') as f:
     json.dump(result, f, indent=2)
   os.replace(path + '.tmp', path)
+  return result
+
+
+def earlier_path(results_dir: str, name: str, date: str) -> str:
+  """A new file `runs/earlier/<name>.<date>.json` (never one that exists)."""
+  try:
+    stamp = records.date_stamp(date)
+  except ValueError:   # a date written by hand
+    stamp = re.sub(r'[^0-9A-Za-z-]+', '-', date.replace(':', '-')).strip('-')
+  folder = os.path.join(results_dir, 'runs', 'earlier')
+  path = os.path.join(folder, f'{name}.{stamp}.json')
+  number = 2
+  while os.path.exists(path):
+    path = os.path.join(folder, f'{name}.{stamp}.{number}.json')
+    number += 1
+  return path
+
+
+def set_aside(results_dir: str, name: str) -> str:
+  """Moves the result of `name` to `runs/earlier/<name>.<date>.json`, its
+  date the one it records (its header's, or 'finished' of an old result;
+  the file's time if it records none); returns the new path."""
+  path = result_path(results_dir, name)
+  date = None
+  try:
+    with open(path) as f:
+      earlier = json.load(f)
+    date = ((earlier.get('record') or {}).get('date')
+            or earlier.get('finished'))
+  except (OSError, ValueError, AttributeError):
+    pass
+  if not isinstance(date, str) or not date:
+    date = datetime.datetime.fromtimestamp(
+        os.path.getmtime(path), datetime.timezone.utc).strftime(
+            '%Y-%m-%dT%H:%M:%SZ')
+  else:
+    date = date.removesuffix(' UTC').replace(' ', 'T')
+  target = earlier_path(results_dir, name, date)
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  os.rename(path, target)
+  return target
 
 
 def _describe(run: Run, config: dict[str, Any]) -> dict[str, Any]:
@@ -214,8 +314,11 @@ def select_runs(grids: list[str], only: list[str]) -> list[Run]:
 
 
 def run_grid(grids: list[str], results_dir: str, workdir_root: str,
-             only: list[str] = (), rerun: bool = False) -> list[dict]:
-  """Runs the selected grids, skipping finished runs; returns all results."""
+             only: list[str] = (), rerun: bool = False,
+             argv: list[str] | None = None) -> list[dict]:
+  """Runs the selected grids, skipping finished runs unless `rerun` (whose
+  earlier results move to runs/earlier/); returns all results. `argv`: the
+  grid's command line for the results' headers (default this process's)."""
   runs = select_runs(list(grids), list(only))
   for index, run in enumerate(runs):
     path = result_path(results_dir, run.name)
@@ -228,7 +331,7 @@ def run_grid(grids: list[str], results_dir: str, workdir_root: str,
     print(f'[{index + 1}/{len(runs)}] {run.name}: '
           f'{_shell(run.train_command(os.path.join(workdir_root, run.name)))}',
           flush=True)
-    result = run_one(run, results_dir, workdir_root)
+    result = run_one(run, results_dir, workdir_root, argv)
     if result.get('diverged_at_step') is not None:
       print(f'    diverged at step {result["diverged_at_step"]} (last losses '
             f'{result["losses_before_divergence"]}), '

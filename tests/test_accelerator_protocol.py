@@ -6,7 +6,6 @@ the protocol script run as experiments/README.md says, on synthetic CIFAR-shaped
 image.
 """
 
-import json
 import os
 import sys
 
@@ -17,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 import build_accelerator_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 import launch
+import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _fake_cifar(path, per_class_train=30, per_class_test=12):
@@ -76,9 +76,18 @@ def test_protocol_runs_end_to_end_without_tensorflow(tmp_path):
                           text=True, cwd=ROOT, env=env, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Device: cpu' in result.stdout.replace('Device: CPU', 'Device: cpu')
-  with open(out / 'accelerator_protocol.json') as f:
-    report = json.load(f)
-  assert report['environment']['jax_version']
+  (path,) = records.records_in(str(out))
+  report = records.read_record(path)
+  head = report['record']
+  assert head['kind'] == 'accelerator_protocol'
+  assert head['versions']['jax'] and head['versions']['tensorflow'] is None
+  assert head['devices']['platform'] == 'cpu'
+  # conftest.py's two host devices (XLA_FLAGS, which configure_cpu keeps).
+  assert head['devices']['count'] == 2
+  assert '--xla_force_host_platform_device_count=2' in head['xla_flags']
+  assert head['command'].startswith('python experiments/accelerator_protocol'
+                                    '.py --data=')
+  assert head['unknown'] == []
   assert {(r['gating'], r['dtype']) for r in report['benchmark']} == {
       ('none', 'float32'), ('cdg', 'float32')}
   assert set(report['gated_over_dense']) == {'float32'}
@@ -92,5 +101,5 @@ def test_protocol_runs_end_to_end_without_tensorflow(tmp_path):
     assert run['eval_split'] == 'test' and run['num_test'] == 100
   assert report['training']['dense']['flops_reduction'] == 1.0
   assert report['training']['cdg']['flops_reduction'] > 1.0
-  table = (out / 'accelerator_protocol.md').read_text()
+  table = open(records.markdown_path(path)).read()
   assert '| cdg | float32 |' in table and '| dense |' in table

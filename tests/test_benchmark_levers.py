@@ -1,4 +1,5 @@
-"""The XLA-levers benchmark's summary: ratios and numerics from hand numbers."""
+"""The XLA-levers benchmark's summary (ratios and numerics from hand
+numbers) and its record."""
 
 import os
 import sys
@@ -8,6 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 import benchmark_levers  # pylint: disable=g-import-not-at-top,wrong-import-position
+import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def test_summary_pairs_repeats_and_flags_numerics_changes():
@@ -40,3 +42,41 @@ def test_every_lever_sets_cpu_flags_devices_the_conv_formulation_or_malloc():
       if tunable:   # name=value, glibc's malloc tunables only
         assert tunable.startswith('glibc.malloc.'), (name, tunable)
         assert int(tunable.split('=')[1]) >= 0, (name, tunable)
+
+
+def test_each_run_writes_a_new_record_with_the_default_levers_devices(
+    tmp_path):
+  def result(step_s, devices, xla_flags):
+    return {'median_step_s': step_s, 'first_step_s': 9.0, 'loss': 5.0,
+            'devices': devices, 'xla_flags': xla_flags,
+            'minor_faults_per_step': 100}
+  default_flags = '--xla_force_host_platform_device_count=2'
+  runs = {'protocol': {
+      'default': [result(2.0, 2, default_flags)],
+      'one_device': [result(4.0, 1, '--xla_force_host_platform_device_count=1')],
+  }}
+  flag_values = {'levers': ['one_device'], 'steps_configs': ['protocol'],
+                 'steps': 2, 'repeats': 1}
+  first = benchmark_levers.write_report(runs, str(tmp_path), flag_values)
+  second = benchmark_levers.write_report(runs, str(tmp_path), flag_values)
+  assert first != second   # never overwritten
+  assert records.records_in(str(tmp_path)) == [first, second]
+  record = records.read_record(first)
+  head = record['record']
+  assert head['kind'] == 'levers'
+  # The measured code ran in the levers' processes: the header holds what
+  # the default lever's reported, each lever's count beside it.
+  assert head['devices'] == {'platform': 'cpu', 'count': 2, 'processes': 1,
+                             'by_lever': {'default': 2, 'one_device': 1}}
+  assert head['xla_flags'] == default_flags
+  assert record['flags'] == flag_values
+  assert record['runs'] == runs
+  assert record['summary']['protocol']['one_device']['speedup_vs_default'] \
+      == 0.5
+  assert record['levers']['one_device'] == {
+      'xla_flags': '', 'host_devices': 1, 'environment': {}}
+  markdown = open(records.markdown_path(first)).read()
+  assert markdown.startswith(f'<!-- rendered from {os.path.basename(first)}')
+  assert '| protocol | one_device | -, 1 | 4.000 | 0.50x | 0.00e+00 | 9.0 ' \
+      '| 100 |' in markdown
+  assert f'- command: `{head["command"]}`' in markdown

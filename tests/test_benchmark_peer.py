@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # experiments/ is no package: its modules import each other by name.
 sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 import benchmark_peer  # pylint: disable=g-import-not-at-top,wrong-import-position
+import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def test_speed_ratio_on_hand_numbers():
@@ -56,9 +57,13 @@ def test_jax_half_without_torch(tmp_path, monkeypatch, capsys):
     flags.FLAGS(argv)
     returned = benchmark_peer.run()
   assert 'PyTorch is not installed' in capsys.readouterr().out
-  with open(tmp_path / 'peer.json') as f:
-    result = json.load(f)
-  assert result == json.loads(json.dumps(returned))
+  (path,) = records.records_in(str(tmp_path))
+  result = records.read_record(path)
+  assert result['record']['kind'] == 'peer'
+  assert result['record']['devices'] == {'platform': 'cpu', 'count': 2,
+                                         'processes': 1}
+  assert {k: v for k, v in result.items() if k != 'record'} == json.loads(
+      json.dumps(returned))
   rows = {row['key']: row for row in result['rows']}
   assert set(rows) == {'cdg_jax/dense', 'cdg_jax/masked', 'cdg_jax/sparse'}
   for row in rows.values():
@@ -72,11 +77,12 @@ def test_jax_half_without_torch(tmp_path, monkeypatch, capsys):
   assert rows['cdg_jax/sparse']['gate_density'] < 1.0
   assert result['torch']['available'] is False
   assert result['torch']['message'].startswith('PyTorch is not installed')
-  assert result['versions']['torch'] is None
+  assert result['worker_versions']['torch'] is None
   assert result['sparse_vs_torch_compiled_masked'] is None
   assert result['dense_vs_torch_compiled_dense'] is None
   assert all(r is None for r in result['ratios'].values())
-  markdown = (tmp_path / 'peer.md').read_text()
+  markdown = open(records.markdown_path(path)).read()
+  assert markdown.startswith(f'<!-- rendered from {os.path.basename(path)}')
   assert 'PyTorch is not installed' in markdown
   assert '| cdg_jax | sparse | jit |' in markdown
   assert '`sparse_vs_torch_compiled_masked`' in markdown
@@ -95,4 +101,4 @@ def test_worker_failure_is_reported(tmp_path, monkeypatch):
     flags.FLAGS(argv)
     with pytest.raises(RuntimeError, match='cdg_jax process ended'):
       benchmark_peer.run()
-  assert not (tmp_path / 'peer.json').exists()
+  assert not os.listdir(tmp_path)

@@ -126,6 +126,15 @@ def test_the_same_run_again_may_retrain_and_keeps_the_earlier_files(
                      'config against.'):
     checkpoints.check_new_run_allowed(same, bare, False)
   assert checkpoints.check_new_run_allowed(same, bare, True)
+  # Files the program does not write (a launcher's log) are no run's
+  # outputs: neither guarded nor moved.
+  fresh = tmp_path / 'fresh'
+  fresh.mkdir()
+  (fresh / 'run_grid.log').write_text('python -m cdg_jax.main ...')
+  assert checkpoints.earlier_outputs(str(fresh)) == []
+  (fresh / 'config.json').write_text('{"seed": 3}')
+  assert checkpoints.earlier_outputs(str(fresh)) == ['config.json']
+  assert checkpoints.check_new_run_allowed(_config(), str(fresh), False) == []
 
 
 def test_a_refused_resume_writes_nothing_and_names_the_field_on_disk(

@@ -1,5 +1,5 @@
 """experiments/profile_step.py: its reading of a compiled program and of a
-trace, on hand-written inputs (no compilation)."""
+trace, on hand-written inputs (no compilation), and its record."""
 
 import os
 import sys
@@ -10,6 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # experiments/ is no package: its modules import each other by name.
 sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 import profile_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _HLO = '''HloModule jit_train_step
 
@@ -63,3 +64,28 @@ def test_wall_shares_split_overlapping_ops_equally():
   assert shares['a'] == pytest.approx(2.0 + 1.0 + 1.0)
   assert shares['b'] == pytest.approx(1.0 + 2.0)
   assert sum(shares.values()) == pytest.approx(7.0)   # time any op ran
+
+
+def test_the_profile_is_written_as_a_new_record(tmp_path):
+  step = {'description': 'hand-made step', 'step_s': 0.5, 'devices': 2,
+          'busy_s': 0.4, 'outside_ops_s': 0.1, 'first_step_s': 3.0,
+          'categories': {'convolution|forward': 0.3,
+                         'convolution|backward': 0.1},
+          'top_ops': [{'op': 'conv_fusion', 'opcode': 'fusion',
+                       'category': 'convolution', 'pass': 'forward',
+                       'seconds': 0.3, 'source': 'jit(train_step)/conv'}],
+          'layers': {}, 'shapes': []}
+  result = {'flags': {'step_kinds': ['protocol']}, 'repeats': 2,
+            'steps': {'protocol': step}}
+  devices = {'platform': 'cpu', 'count': 2, 'processes': 1, 'kind': 'cpu'}
+  first = profile_step.write_report(result, str(tmp_path), devices)
+  second = profile_step.write_report(result, str(tmp_path), devices)
+  assert records.records_in(str(tmp_path)) == [first, second]
+  record = records.read_record(first)
+  assert record['record']['kind'] == 'profile'
+  assert record['record']['devices'] == devices
+  assert {k: v for k, v in record.items() if k != 'record'} == result
+  markdown = open(records.markdown_path(first)).read()
+  assert '## protocol: hand-made step' in markdown
+  assert '| convolution | 300.0 | 100.0 | 400.0 | 100.0% |' in markdown
+  assert '- machine: ' in markdown and '- command: `python ' in markdown

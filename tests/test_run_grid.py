@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # experiments/ is no package: its modules import each other by name.
 sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 import grids  # pylint: disable=g-import-not-at-top,wrong-import-position
+import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 import runner  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -330,7 +331,9 @@ def test_width_table_gaps_formulations_and_layer_densities(tmp_path):
 def test_smoke_grid_runs_saves_each_result_and_skips_finished_runs(
     tmp_path, monkeypatch):
   results_dir, workdir_root = str(tmp_path / 'results'), str(tmp_path / 'work')
-  results = runner.run_grid(['smoke'], results_dir, workdir_root)
+  command = ['experiments/run_grid.py', '--grid=smoke']
+  results = runner.run_grid(['smoke'], results_dir, workdir_root,
+                            argv=command)
   assert [r['name'] for r in results] == ['smoke_dense', 'smoke_cdg']
   by_name = {r['name']: r for r in results}
   assert by_name['smoke_dense']['flops_reduction'] == pytest.approx(1.0)
@@ -344,12 +347,27 @@ def test_smoke_grid_runs_saves_each_result_and_skips_finished_runs(
     # The linear evaluation ran with the row's overrides too.
     with open(os.path.join(workdir_root, r['name'], 'linear_eval.json')) as f:
       assert json.load(f)['linear_eval']['epochs'] == 2
-    with open(runner.result_path(results_dir, r['name'])) as f:
-      assert json.load(f) == r
+    # Each result is a record: the grid's command, the devices and XLA
+    # flags the training ran with (conftest.py's two host devices) in its
+    # header; the run's own command lines stay in the result.
+    saved = records.read_record(runner.result_path(results_dir, r['name']))
+    assert report.with_defaults(saved) == r
+    head = saved['record']
+    assert head['kind'] == 'grid_run'
+    assert head['command'] == 'python experiments/run_grid.py --grid=smoke'
+    assert head['devices']['platform'] == 'cpu'
+    assert head['devices']['count'] == 2
+    assert '--xla_force_host_platform_device_count=2' in head['xla_flags']
+    assert head['unknown'] == []
+    assert 'finished' not in saved and 'cpu' not in saved
+    assert r['finished'] == head['date'][:-1].replace('T', ' ') + ' UTC'
+    assert r['cpu'] == head['cpu_model']
+    assert saved['train_command'] == r['train_command']
 
   with open(os.path.join(results_dir, 'results.csv')) as f:
     rows = list(csv.DictReader(f))
   assert [row['name'] for row in rows] == ['smoke_dense', 'smoke_cdg']
+  assert 'record' not in rows[0] and rows[0]['finished'].endswith(' UTC')
   assert float(rows[1]['flops_reduction']) == pytest.approx(
       by_name['smoke_cdg']['flops_reduction'])
   with open(os.path.join(results_dir, 'results.md')) as f:
@@ -374,6 +392,66 @@ def test_smoke_grid_runs_saves_each_result_and_skips_finished_runs(
       'smoke_dense']
 
 
+def test_a_rerun_never_overwrites_and_the_report_reads_old_and_new_results(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(runner, 'training_devices', lambda config: (
+      {'platform': 'cpu', 'count': 2, 'processes': 1}, '--xla_flags=of_it'))
+  results_dir = str(tmp_path)
+  runs_dir = tmp_path / 'runs'
+  runs_dir.mkdir()
+  # Results saved before the header: one stays, one is run again.
+  old = json.dumps(_result('dense', 0, 0.40, gating='none',
+                           finished='2026-11-25 18:13:49 UTC', cpu='EPYC'),
+                   indent=2)
+  (runs_dir / 'dense.json').write_text(old)
+  (runs_dir / 'cdg.json').write_text(json.dumps(_result(
+      'cdg', 0, 0.37, finished='2026-11-25 18:22:21 UTC')))
+  command = ['experiments/run_grid.py', '--grid=core', '--rerun']
+  new = runner._save_result(results_dir, 'dense',
+                            _result('dense', 0, 0.42, gating='none'), command)
+  earlier = runs_dir / 'earlier'
+  assert os.listdir(earlier) == ['dense.2026-11-25T18-13-49.json']
+  assert (earlier / 'dense.2026-11-25T18-13-49.json').read_text() == old
+  assert records.read_record(str(runs_dir / 'dense.json')) == new
+  assert new['record']['command'] == (
+      'python experiments/run_grid.py --grid=core --rerun')
+  assert new['record']['devices']['count'] == 2
+  assert new['record']['xla_flags'] == '--xla_flags=of_it'
+  # Saved again, twice in the same second: each earlier result is kept,
+  # named by its header's date.
+  monkeypatch.setattr(records, 'header', lambda *args, **kwargs: dict(
+      new['record'], date='2026-12-06T10:00:00Z'))
+  for knn in (0.43, 0.44, 0.45):
+    runner._save_result(results_dir, 'dense',
+                        _result('dense', 0, knn, gating='none'), command)
+  stamp = new['record']['date'].replace(':', '-')[:-1]
+  assert sorted(os.listdir(earlier)) == sorted([
+      'dense.2026-11-25T18-13-49.json', f'dense.{stamp}.json',
+      'dense.2026-12-06T10-00-00.json', 'dense.2026-12-06T10-00-00.2.json'])
+  assert [json.loads((earlier / name).read_text())['knn_top1'] for name in (
+      'dense.2026-12-06T10-00-00.json', 'dense.2026-12-06T10-00-00.2.json')
+          ] == [0.43, 0.44]
+  # The report reads the current results, old and new, not runs/earlier/.
+  results = report.load_results(results_dir)
+  by_name = {r['name']: r for r in results}
+  assert sorted(by_name) == ['cdg', 'dense']
+  assert by_name['dense']['knn_top1'] == 0.45
+  assert by_name['dense']['finished'] == '2026-12-06 10:00:00 UTC'
+  assert by_name['cdg']['finished'] == '2026-11-25 18:22:21 UTC'
+  assert by_name['cdg'].get('cpu') is None   # not recorded then
+  report.write_table(results, results_dir)
+  with open(tmp_path / 'results.csv') as f:
+    rows = {row['name']: row for row in csv.DictReader(f)}
+  assert 'record' not in rows['dense']
+  assert rows['dense']['finished'] == '2026-12-06 10:00:00 UTC'
+  assert rows['dense']['knn_top1'] == '0.45'
+  # A header that is not an object is named.
+  (runs_dir / 'cdg.json').write_text('{"name": "cdg", "record": [1]}')
+  with pytest.raises(report.ResultFileError, match=r'cdg\.json: its '
+                     r'"record" header is a list'):
+    report.load_results(results_dir)
+
+
 def test_a_diverged_run_is_recorded_with_its_step(tmp_path):
   """FBS's unbounded saliency at a huge learning rate: the loss overflows in
   a few steps; the runner records the step instead of failing."""
@@ -386,6 +464,7 @@ def test_a_diverged_run_is_recorded_with_its_step(tmp_path):
   result = runner.run_one(run, results_dir, str(tmp_path / 'work'))
   step = result['diverged_at_step']
   assert step is not None and 1 <= step <= 8
+  assert result['record']['kind'] == 'grid_run'   # a record like any run
   assert result['knn_top1'] is None and result['steps'] == step
   # The losses logged before it, every step up to the divergence.
   assert [s for s, _ in result['losses_before_divergence']] == list(

@@ -41,9 +41,14 @@ DAMAGED_DIR = 'damaged_checkpoints'
 BACKBONE_DIR = 'backbone'
 BACKBONE_INFO_FILE = 'backbone.json'
 EARLIER_RUNS_DIR = 'earlier_runs'
-# Files of a workdir that belong to no run's results: the lock of the run
-# using it, and the place where earlier runs are set aside.
-_NOT_OUTPUTS = ('run.lock', EARLIER_RUNS_DIR, CHECKPOINT_DIR)
+# What a run writes into its workdir besides checkpoints/ (docs/running.md,
+# "What a run writes"), as names or name prefixes. Files the program does
+# not write (a log of the user's, a launcher's) are neither guarded nor
+# moved: they are not a run's outputs.
+_RUN_OUTPUTS = ('config.json', 'config_changes.json', 'metrics.jsonl',
+                'summary.json', BACKBONE_DIR, BACKBONE_INFO_FILE,
+                'gate_density.png', 'gate_masks.png', DAMAGED_DIR,
+                'stale_linear_eval', 'events.out.tfevents.', 'linear_eval')
 # Fields whose change makes an existing checkpoint unusable for this run.
 STRUCTURAL_FIELDS = ('framework', 'model', 'gating.kind', 'gating.groups',
                      'gating.layers', 'gating.saliency_norm', 'gating.branches',
@@ -238,14 +243,16 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 def earlier_outputs(workdir: str) -> list[str]:
   """Names of the files an earlier run left in a workdir without a checkpoint.
 
-  Everything but the lock, `earlier_runs/` and an empty `checkpoints/`:
-  config.json, metrics, summary, backbone, linear evaluations, plots,
-  events. [] when the workdir has a checkpoint (it is resumed) or nothing.
+  What the program writes there (config.json, metrics, summary, backbone,
+  linear evaluations, plots, events, damaged checkpoints); other files are
+  not a run's. [] when the workdir has a checkpoint (it is resumed) or none
+  of these.
   """
   if has_checkpoint(workdir) or not os.path.isdir(workdir):
     return []
   return sorted(name for name in os.listdir(workdir)
-                if name not in _NOT_OUTPUTS and not name.startswith('.'))
+                if name.startswith(_RUN_OUTPUTS)
+                and not name.endswith('.tmp'))
 
 
 def check_new_run_allowed(config, workdir: str, set_aside: bool) -> list[str]:
