@@ -6,7 +6,8 @@ network"):
 
   GatingSpec          what a gated layer computes (kind, groups, block, ...)
   RegularizerSpec     the gates' loss (form, lambda, density target, budget)
-  GatedConv           a Flax convolution gated by CDG (or plain, spec None)
+  GatedConv           flax.linen.Conv gated by CDG (or plain, spec None),
+                      with nn.Conv's padding, bias, dtypes and precision
   gated_conv          the same as a pure function of arrays
   DENSITY_COLLECTION  the collection where gated layers sow their densities
   MASK_COLLECTION     ... and, when mutable, their masks
@@ -18,6 +19,8 @@ network"):
   flops_report        per-layer and total MACs at given densities
   FlopsReport         its result (`.reduction`, `.format_table()`, ...)
   create_resnet       the gated ResNets of this project
+  ResNetGating        their gating: a GatingSpec plus where the gated
+                      layers sit (`layers` roles, `stage_blocks`)
   configure_cpu       XLA:CPU's flags as this project measured them (one
                       device per core, XLA's own convolution kernels); call
                       before JAX starts, as cdg_jax.main does
@@ -62,6 +65,7 @@ _EXPORTS = {
     'RegularizerSpec': 'cdg_jax.gating.regularizers',
     'budget_schedule': 'cdg_jax.gating.regularizers',
     'create_resnet': 'cdg_jax.ssl.models',
+    'ResNetGating': 'cdg_jax.ssl.models',
     'configure_cpu': 'cdg_jax.run.parallel',
 }
 __all__ = sorted(_EXPORTS)
@@ -72,7 +76,7 @@ if TYPE_CHECKING:
   from cdg_jax.gating.ops import gated_conv
   from cdg_jax.gating.regularizers import RegularizerSpec, budget_schedule, gate_regularizer  # pylint: disable=g-multiple-import
   from cdg_jax.run.parallel import configure_cpu
-  from cdg_jax.ssl.models import create_resnet
+  from cdg_jax.ssl.models import ResNetGating, create_resnet  # pylint: disable=g-multiple-import
 
 
 def __getattr__(name: str):

@@ -29,6 +29,7 @@ unsharded, on one device (the header's `devices.count`).
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import sys
@@ -217,6 +218,10 @@ def profile_rows(scheme: str) -> list[dict]:
   from cdg_jax.gating import ops
   from cdg_jax.gating import sparse
   from cdg_jax.gating import tiling
+  # The layer timings use the convolution the training program uses (the
+  # per-shape choice on CPU, or CDG_JAX_CONV_FORMULATION), as before the
+  # formulation became an explicit argument.
+  conv_form = ops.program_formulation()
   # pylint: enable=g-import-not-at-top
   batch, groups = FLAGS.batch_size, 4
   rng = np.random.default_rng(0)
@@ -231,7 +236,8 @@ def profile_rows(scheme: str) -> list[dict]:
     x = jax.random.normal(keys[0], (batch, size, size, channels))
     kernel = jax.random.normal(keys[1], (3, 3, channels, channels)) * (
         2.0 / (9 * channels)) ** 0.5
-    y_base = jax.jit(lambda x, k: ops.base_conv(x, k, groups))(x, kernel)
+    y_base = jax.jit(lambda x, k: ops.base_conv(
+        x, k, groups, formulation=conv_form))(x, kernel)
     gate_stats = dict(running_mean=jnp.mean(y_base, axis=(0, 1, 2)),
                       running_var=jnp.var(y_base, axis=(0, 1, 2)))
     threshold = jnp.zeros((channels,))
@@ -241,17 +247,19 @@ def profile_rows(scheme: str) -> list[dict]:
       return tiling.tile_gate(y, threshold, block[:2], **gate_stats)[1]
 
     def sparse_layer(x, flip):
-      y = ops.base_conv(x, kernel, groups)
+      y = ops.base_conv(x, kernel, groups, formulation=conv_form)
       return sparse.sparse_add_conditional(
           y, x, k_cond, jnp.logical_xor(gate_tiles(y), flip),
-          cond_channels_from=channels // groups)
+          cond_channels_from=channels // groups, formulation=conv_form)
 
     masked_layer = jax.jit(lambda x: ops.gated_conv(
-        x, kernel, threshold, groups=groups, block=block, **gate_stats)[0])
-    dense_conv = jax.jit(ops.conv)
+        x, kernel, threshold, groups=groups, block=block, formulation=conv_form,
+        **gate_stats)[0])
+    dense_conv = jax.jit(functools.partial(ops.conv, formulation=conv_form))
     times = {'dense': _time(dense_conv, x, kernel),
              'masked': _time(masked_layer, x),
-             'base': _time(jax.jit(lambda x, k: ops.base_conv(x, k, groups)),
+             'base': _time(jax.jit(lambda x, k: ops.base_conv(
+                 x, k, groups, formulation=conv_form)),
                            x, kernel),
              'gate': _time(jax.jit(gate_tiles), y_base)}
     gate_now = jax.jit(gate_tiles)(y_base)
@@ -273,7 +281,7 @@ def profile_rows(scheme: str) -> list[dict]:
             grid, (bh, bw), (3, 3), (1, 1)))
         tile_conv = {method: jax.jit(
             lambda w, method=method: tiling.tile_convolution(
-                w, k_cond, (1, 1), method)) for method in ('conv', 'patches')}
+                w, k_cond, (1, 1), method, formulation=conv_form)) for method in ('conv', 'patches')}
         assemble = jax.jit(lambda y, t, m: y + tiling.assemble_tiles(t, m))
         windows = gather(x_cond, tile_mask)
         tiles = tile_conv['conv'](windows)

@@ -6,7 +6,7 @@ r"""A fingerprint of the project's behaviour, to show that a refactor changed no
       --compare=/tmp/before.json
 
 It records, through the stable surfaces only (config files, the public API
-`cdg_jax.create_resnet`/`GatingSpec`, the `cdg_jax.main` and
+`cdg_jax.create_resnet`/`GatingSpec`/`ResNetGating`, the `cdg_jax.main` and
 `cdg_jax.linear_eval` command lines), so the same script runs on the code
 before and after a change:
 
@@ -103,7 +103,9 @@ def model_items() -> dict[str, str]:
       'cdg': cdg_jax.GatingSpec(),
       'cdg_structured': cdg_jax.GatingSpec(block=(2, 2, 4)),
       'cdg_tiles': cdg_jax.GatingSpec(block=(4, 4, 0)),
-      'cdg_all_roles': cdg_jax.GatingSpec(
+      # The ResNet's placement of its gates: `ResNetGating` (before it,
+      # fields of `GatingSpec`).
+      'cdg_all_roles': getattr(cdg_jax, 'ResNetGating', cdg_jax.GatingSpec)(
           layers=('block_3x3', 'block_1x1', 'shortcut')),
       'channel_predictor': cdg_jax.GatingSpec(kind='channel_predictor',
                                               density_target=0.5),

@@ -346,19 +346,37 @@ def test_auto_formulation_on_cpu_picks_patches_for_strides_and_tiny_maps(
                               'SAME') == 'xla'
 
 
-def test_conv_formulation_from_environment_and_its_errors(monkeypatch):
+def test_conv_default_is_xla_and_the_environment_is_the_programs_only(
+    monkeypatch):
   x = jnp.ones((1, 4, 4, 2))
   w = jnp.ones((3, 3, 2, 2))
-  monkeypatch.setenv(ops.CONV_FORMULATION_VARIABLE, 'im2col')
-  with pytest.raises(ValueError, match="'im2col'.*CDG_JAX_CONV_FORMULATION"):
-    ops.conv(x, w)
-  monkeypatch.setenv(ops.CONV_FORMULATION_VARIABLE, 'xla')
 
   def no_auto(*args):
     raise AssertionError(f'auto_formulation called with {args}')
   monkeypatch.setattr(ops, 'auto_formulation', no_auto)
+  # The default is XLA's convolution, whatever the environment says: conv
+  # never reads it.
+  monkeypatch.setenv(ops.CONV_FORMULATION_VARIABLE, 'auto')
   np.testing.assert_array_equal(ops.conv(x, w, (2, 2)),
-                                ops.conv(x, w, (2, 2), formulation='xla'))
+                                jax.lax.conv_general_dilated(
+                                    x, w, (2, 2), 'SAME',
+                                    dimension_numbers=ops.DIMENSION_NUMBERS))
+  # The program's choice reads it (when the program builds its network).
+  assert ops.program_formulation() == 'auto'
+  monkeypatch.setenv(ops.CONV_FORMULATION_VARIABLE, 'xla')
+  assert ops.program_formulation() == 'xla'
   monkeypatch.delenv(ops.CONV_FORMULATION_VARIABLE)
-  with pytest.raises(AssertionError, match='auto_formulation called'):
-    ops.conv(x, w, (2, 2))
+  assert ops.program_formulation() == ops.PROGRAM_FORMULATION == 'auto'
+  monkeypatch.setenv(ops.CONV_FORMULATION_VARIABLE, 'im2col')
+  with pytest.raises(ValueError, match="CDG_JAX_CONV_FORMULATION='im2col' "
+                     "names no convolution formulation"):
+    ops.program_formulation()
+  with pytest.raises(ValueError, match="formulation='im2col'"):
+    ops.conv(x, w, formulation='im2col')
+  # A `conv_defaults` block sets the formulation of calls that give none
+  # ('auto' here, which calls auto_formulation); an argument wins.
+  with ops.conv_defaults('auto'):
+    with pytest.raises(AssertionError, match='auto_formulation called'):
+      ops.conv(x, w, (2, 2))
+    ops.conv(x, w, (2, 2), formulation='xla')
+  ops.conv(x, w, (2, 2))

@@ -263,13 +263,14 @@ def test_gated_conv_takes_int_strides_and_refuses_an_int_kernel():
 
 
 def test_a_string_of_gated_roles_is_refused():
+  from cdg_jax.ssl.models import ResNetGating  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError) as error:
-    GatingSpec(layers='block_3x3')
+    ResNetGating(layers='block_3x3')
   assert str(error.value) == (
       "gating.layers='block_3x3' must be a tuple of role names, e.g. "
       "('block_3x3',), not a string; the roles are 'stem', 'block_3x3', "
       "'block_1x1', 'shortcut'.")
-  assert GatingSpec(layers=('block_3x3',)).gates('block_3x3')
+  assert ResNetGating(layers=('block_3x3',)).gates('block_3x3')
 
 
 @pytest.mark.parametrize('shape', [(8,), (), (16, 1)])

@@ -1,5 +1,7 @@
 """Tests of the gated ResNets: parameter counts, trees, equivalences, errors."""
 
+import dataclasses
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 from cdg_jax.gating import layers
+from cdg_jax.gating import ops
 from cdg_jax.gating.layers import GatingSpec
 from cdg_jax.run import config_lib
 from cdg_jax.ssl import models
@@ -144,8 +147,46 @@ def test_bad_configuration_names_the_bad_value():
 def test_gating_spec_defaults_are_the_config_defaults():
   # One set of defaults: a spec built in code (a notebook) trains what the
   # config files train.
-  assert (layers.GatingSpec()
-          == config_lib.read_gating(config_lib.gating_config()).layer)
+  parsed = config_lib.read_gating(config_lib.gating_config()).layer
+  assert models.ResNetGating() == parsed
+  assert layers.GatingSpec() == parsed.layer_spec
+  # A plain spec given to the ResNet is placed by the same defaults.
+  assert models.ResNetGating.of(layers.GatingSpec()) == parsed
+
+
+def test_placement_is_the_resnets_and_the_config_fields_still_set_it():
+  # `gating.layers` and `gating.stage_blocks` of a config reach the ResNet's
+  # own settings; a layer's spec has neither.
+  assert not {'layers', 'stage_blocks'} & {
+      f.name for f in dataclasses.fields(layers.GatingSpec)}
+  spec = config_lib.read_gating({
+      'kind': 'cdg', 'layers': 'block_3x3,shortcut',
+      'stage_blocks': ((4, 4, 0), (2, 2, 0), (2, 2, 0), (2, 2, 0))}).layer
+  assert isinstance(spec, models.ResNetGating)
+  assert spec.layers == ('block_3x3', 'shortcut')
+  model = models.create_resnet({'name': 'resnet10', 'width': 8}, spec)
+  shapes = _shapes(model, 8)['params']
+  assert 'threshold' in shapes['stage2_block0']['shortcut_conv']
+  assert 'threshold' not in shapes['stem_conv']
+  # Each layer gets its stage's block, as a plain GatingSpec.
+  assert spec.for_stage(1, 4).layer_spec == layers.GatingSpec(block=(2, 2, 0))
+  assert type(spec.spec_of('shortcut')) is layers.GatingSpec
+  assert spec.spec_of('stem') is None
+
+
+def test_the_programs_formulation_is_explicit_on_the_network(monkeypatch):
+  monkeypatch.delenv(ops.CONV_FORMULATION_VARIABLE, raising=False)
+  model = models.create_resnet({'name': 'resnet10', 'width': 8}, None)
+  assert model.conv_formulation == 'auto'
+  monkeypatch.setenv(ops.CONV_FORMULATION_VARIABLE, 'xla')
+  assert models.create_resnet({'name': 'resnet10'}).conv_formulation == 'xla'
+  assert models.create_resnet({'name': 'resnet10'}, conv_formulation='patches'
+                              ).conv_formulation == 'patches'
+  monkeypatch.setenv(ops.CONV_FORMULATION_VARIABLE, 'im2col')
+  with pytest.raises(ValueError, match="CDG_JAX_CONV_FORMULATION='im2col'"):
+    models.create_resnet({'name': 'resnet10'})
+  # A ResNet built directly computes as nn.Conv (XLA's convolution).
+  assert models.ResNet((1, 1, 1, 1), models.BasicBlock).conv_formulation is None
 
 
 def test_lineage_options_are_validated_and_reach_the_layer():

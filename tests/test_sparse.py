@@ -176,17 +176,17 @@ def test_stage_blocks_give_each_stage_its_tile_and_sparse_equals_masked():
 
 
 def test_stage_blocks_are_validated_with_the_bad_value_named():
-  from cdg_jax.gating import layers
+  # The ResNet's placement of its gates (`models.ResNetGating`).
   with pytest.raises(ValueError, match=r'stage_blocks\[1\] must be three ints'):
-    layers.GatingSpec(stage_blocks=((4, 4, 0), (4, 0, 0)))
+    models.ResNetGating(stage_blocks=((4, 4, 0), (4, 0, 0)))
   with pytest.raises(ValueError, match="read only with gating.kind='cdg'"):
     config_lib.read_gating({'kind': 'spatial_predictor',
                             'stage_blocks': ((4, 4, 0),) * 4})
-  spec = layers.GatingSpec(stage_blocks=((8, 8, 0), (4, 4, 0)))
+  spec = models.ResNetGating(stage_blocks=((8, 8, 0), (4, 4, 0)))
   assert spec.for_stage(1, 2).block == (4, 4, 0)
   assert spec.blocks == ((8, 8, 0), (4, 4, 0))   # the stem is not gated
-  assert layers.GatingSpec(layers=('stem',), stage_blocks=((8, 8, 0),)
-                           ).blocks == ((1, 1, 1), (8, 8, 0))
+  assert models.ResNetGating(layers=('stem',), stage_blocks=((8, 8, 0),)
+                             ).blocks == ((1, 1, 1), (8, 8, 0))
   with pytest.raises(ValueError, match=r'2 entries for a ResNet of 4 stages'):
     spec.for_stage(0, 4)
   # Sparse inference needs every stage's block to cover all channels.

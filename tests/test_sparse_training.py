@@ -311,11 +311,13 @@ def test_sparse_training_fields_are_checked(fields, words):
 
 
 def test_stage_tiles_leave_the_ungated_stem_block_alone():
-  spec = GatingSpec(execution='sparse_training', stage_blocks=((2, 2, 0),) * 4)
+  spec = models.ResNetGating(execution='sparse_training',
+                             stage_blocks=((2, 2, 0),) * 4)
   assert spec.blocks == ((2, 2, 0),) * 4
   with pytest.raises(ValueError, match='needs gating.kind'):
-    GatingSpec(execution='sparse_training', stage_blocks=((2, 2, 0),) * 4,
-               layers=('stem', 'block_3x3'))
+    models.ResNetGating(execution='sparse_training',
+                        stage_blocks=((2, 2, 0),) * 4,
+                        layers=('stem', 'block_3x3'))
 
 
 def test_sparse_train_step_one_trace_and_two_devices_match_one():

@@ -282,7 +282,9 @@ def layer_costs(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
     if isinstance(module, GatedConv):
       out = next_fun(*args, **kwargs)   # checks its own arguments first
       kernel_size, strides = module.kernel_size, module.pair_strides
-      conv_args = dict(padding='SAME')
+      # nn.Conv's paddings, resolved as nn.Conv resolves them (GatedConv
+      # takes no dilation or feature groups).
+      conv_args = dict(padding=module.padding)
       batch_dims = 1
     else:
       # nn.Conv reads an int kernel_size as a 1-D kernel (k,), and an int

@@ -4,7 +4,11 @@ Every function here takes arrays (and plain Python configuration) and returns
 arrays: no Flax, no hidden state. They are jittable, vmappable and
 differentiable; the Flax layer in `cdg_jax.gating.layers` only holds the parameters
 and statistics and calls them. Shapes use NHWC for activations and HWIO for
-kernels, as `flax.linen.Conv` does.
+kernels, as `flax.linen.Conv` does. Every convolution is `conv`, in the
+formulation and precision its caller passes (by default XLA's convolution,
+what `flax.linen.Conv` computes); nothing here reads the environment
+(`program_formulation` is the training program's choice, made when it
+builds its network).
 
 The gated convolution (docs/method.md [gated convolution]), for kernel `W` (k, k, C_in, C_out)
 split into `G` input-channel groups:
@@ -37,7 +41,9 @@ spatial predictor) are in `cdg_jax.gating.predictors`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -142,15 +148,17 @@ def _check_diagonal(x: Array, kernel: Array, groups: int, grouping: str):
 
 def base_conv(x: Array, kernel: Array, groups: int, grouping: str = 'first',
               strides: Sequence[int] = (1, 1),
-              padding: str | Sequence[tuple[int, int]] = 'SAME') -> Array:
+              padding: str | Sequence[tuple[int, int]] = 'SAME',
+              formulation: str | None = None, precision=None) -> Array:
   """Y_base, the always-computed path (1/G of the dense MACs).
 
   'first': every output channel convolves the first C_in/G input channels.
-  'diagonal': output group i convolves input group i.
+  'diagonal': output group i convolves input group i. `strides`, `padding`,
+  `formulation`, `precision`: as for `conv`.
   """
   if grouping == 'first':
     x_base, k_base = split_channels(x, kernel, groups)[:2]
-    return conv(x_base, k_base, strides, padding)
+    return conv(x_base, k_base, strides, padding, formulation, precision)
   _check_diagonal(x, kernel, groups, grouping)
   ci, co = kernel.shape[2] // groups, kernel.shape[3] // groups
   # One convolution per group rather than a grouped convolution
@@ -159,13 +167,15 @@ def base_conv(x: Array, kernel: Array, groups: int, grouping: str = 'first',
   return jnp.concatenate(
       [conv(x[..., i * ci:(i + 1) * ci],
             kernel[:, :, i * ci:(i + 1) * ci, i * co:(i + 1) * co],
-            strides, padding) for i in range(groups)], axis=-1)
+            strides, padding, formulation, precision)
+       for i in range(groups)], axis=-1)
 
 
 def base_and_conditional(x: Array, kernel: Array, groups: int,
                          grouping: str = 'first',
                          strides: Sequence[int] = (1, 1),
-                         padding: str | Sequence[tuple[int, int]] = 'SAME'
+                         padding: str | Sequence[tuple[int, int]] = 'SAME',
+                         formulation: str | None = None, precision=None
                          ) -> tuple[Array, Array]:
   """(Y_base, Y_cond): the two paths of a gated convolution, Y_base + Y_cond = conv(x, W).
 
@@ -178,28 +188,103 @@ def base_and_conditional(x: Array, kernel: Array, groups: int,
       'diagonal' -- output group i's base path convolves input group i and
       the conditional path every other input group. Both cost (1/G) of the
       dense MACs on the base path.
-    strides, padding: as for `conv`.
+    strides, padding, formulation, precision: as for `conv`.
   """
   x_cond, k_cond = conditional_operands(x, kernel, groups, grouping)
-  return (base_conv(x, kernel, groups, grouping, strides, padding),
-          conv(x_cond, k_cond, strides, padding))
+  return (base_conv(x, kernel, groups, grouping, strides, padding,
+                    formulation, precision),
+          conv(x_cond, k_cond, strides, padding, formulation, precision))
 
 
 CONV_FORMULATIONS = ('xla', 'patches', 'shifted_dots')
-# Overrides `conv`'s default formulation for a whole program, e.g.
-# CDG_JAX_CONV_FORMULATION=xla to use XLA's convolution everywhere.
+# What `conv` and `GatedConv.formulation` take: a formulation, or 'auto' for
+# `auto_formulation`'s per-shape choice.
+FORMULATION_CHOICES = (*CONV_FORMULATIONS, 'auto')
+# The formulation where none is given: XLA's convolution, what
+# `flax.linen.Conv` computes.
+DEFAULT_FORMULATION = 'xla'
+# The training program's formulation (`program_formulation`): the per-shape
+# choice measured on CPU (XLA's convolution off CPU).
+PROGRAM_FORMULATION = 'auto'
+# Overrides the training program's formulation for a whole run, e.g.
+# CDG_JAX_CONV_FORMULATION=xla to use XLA's convolution everywhere. Read by
+# `program_formulation` only (when the program builds its network), never
+# by `conv` or the layers.
 CONV_FORMULATION_VARIABLE = 'CDG_JAX_CONV_FORMULATION'
+
+# The formulation and precision of `conv` calls that give none, inside a
+# `conv_defaults` block; (None, None) outside any.
+_CONV_DEFAULTS = contextvars.ContextVar('cdg_jax_conv_defaults',
+                                        default=(None, None))
+
+
+def check_formulation(formulation: str | None, field: str = 'formulation'
+                      ) -> None:
+  """ValueError naming `field` unless `formulation` is None or one of
+  `FORMULATION_CHOICES`."""
+  if formulation is not None and formulation not in FORMULATION_CHOICES:
+    raise ValueError(
+        f'Unknown convolution formulation {field}={formulation!r}; expected '
+        f'None (XLA\'s convolution, as nn.Conv) or one of '
+        f'{", ".join(map(repr, FORMULATION_CHOICES))}.')
+
+
+def program_formulation() -> str:
+  """The convolution formulation of the training program's networks.
+
+  `PROGRAM_FORMULATION` ('auto': `auto_formulation`'s per-shape choice on
+  CPU, XLA's convolution elsewhere), unless the environment variable
+  CDG_JAX_CONV_FORMULATION names another (an override for a whole run, e.g.
+  'xla'). Read once, when `cdg_jax.ssl.models.create_resnet` builds a
+  network (its `conv_formulation` then shows the choice); the library's
+  layers and ops never read the environment.
+
+  Raises:
+    ValueError naming the variable if it holds no formulation.
+  """
+  value = os.environ.get(CONV_FORMULATION_VARIABLE)
+  if value is None:
+    return PROGRAM_FORMULATION
+  if value not in FORMULATION_CHOICES:
+    raise ValueError(
+        f'{CONV_FORMULATION_VARIABLE}={value!r} names no convolution '
+        f'formulation; expected one of '
+        f'{", ".join(map(repr, FORMULATION_CHOICES))}, or leave it unset '
+        f'(the program\'s {PROGRAM_FORMULATION!r}).')
+  return value
+
+
+@contextlib.contextmanager
+def conv_defaults(formulation: str | None = None, precision=None
+                  ) -> Iterator[None]:
+  """Inside the block, `conv` calls that give no `formulation` (or
+  `precision`) use these.
+
+  For ops that take neither argument (the predictor baselines' ops in
+  `cdg_jax.gating.predictors`): `GatedConv` calls them inside this block
+  with its own `formulation` and `precision`. Arguments given to `conv`
+  win. A trace-time setting: a function traced later (a custom VJP's
+  backward pass) does not see it, so the ops of this package pass both
+  arguments explicitly.
+  """
+  check_formulation(formulation)
+  token = _CONV_DEFAULTS.set((formulation, precision))
+  try:
+    yield
+  finally:
+    _CONV_DEFAULTS.reset(token)
 
 
 def conv(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
          padding: str | Sequence[tuple[int, int]] = 'SAME',
-         formulation: str | None = None) -> Array:
+         formulation: str | None = None, precision=None) -> Array:
   """Plain NHWC/HWIO convolution, the one used by both paths and by dense layers.
 
   `formulation` says how it is computed; every one computes the same sum
   (they differ in summation order only, i.e. in float rounding):
 
-    'xla'           `jax.lax.conv_general_dilated`;
+    'xla'           `jax.lax.conv_general_dilated`, what `flax.linen.Conv`
+                    computes (the default);
     'patches'       the kernel's kh*kw shifted windows of the padded input
                     side by side, then one matrix product with the kernel
                     (im2col); the windows are recomputed for the backward
@@ -207,21 +292,25 @@ def conv(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
     'shifted_dots'  one matrix product per kernel tap, summed;
     'auto'          `auto_formulation`'s choice for these shapes.
 
-  None (the default) reads the environment variable
-  CDG_JAX_CONV_FORMULATION, and 'auto' when it is unset.
+  None (the default) is 'xla', or the formulation of an enclosing
+  `conv_defaults` block. The environment is never read here (the training
+  program's choice is `program_formulation`, made when it builds its
+  network). `precision` is `jax.lax.Precision`-like, passed to the
+  convolution or the matrix products (None: the default, or an enclosing
+  `conv_defaults` block's).
   """
+  scoped_formulation, scoped_precision = _CONV_DEFAULTS.get()
   if formulation is None:
-    formulation = os.environ.get(CONV_FORMULATION_VARIABLE, 'auto')
+    formulation = scoped_formulation or DEFAULT_FORMULATION
+  if precision is None:
+    precision = scoped_precision
+  check_formulation(formulation)
   if formulation == 'auto':
     formulation = auto_formulation(x.shape, kernel.shape, strides, padding)
   if formulation == 'xla':
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=tuple(strides), padding=padding,
-        dimension_numbers=DIMENSION_NUMBERS)
-  if formulation not in CONV_FORMULATIONS:
-    raise ValueError(f'Unknown convolution formulation {formulation!r}; '
-                     f"expected 'auto' or one of {CONV_FORMULATIONS} (from "
-                     f'the argument or {CONV_FORMULATION_VARIABLE}).')
+        dimension_numbers=DIMENSION_NUMBERS, precision=precision)
   kh, kw, c_in, c_out = kernel.shape
   if formulation == 'patches':
     @jax.checkpoint
@@ -229,11 +318,13 @@ def conv(x: Array, kernel: Array, strides: Sequence[int] = (1, 1),
       windows = _shifted_windows(x, (kh, kw), strides, padding)
       patches = windows[0] if len(windows) == 1 else jnp.concatenate(
           windows, axis=-1)
-      return jnp.dot(patches, kernel.reshape(kh * kw * c_in, c_out))
+      return jnp.dot(patches, kernel.reshape(kh * kw * c_in, c_out),
+                     precision=precision)
     return patches_conv(x, kernel)
   windows = _shifted_windows(x, (kh, kw), strides, padding)
   taps = kernel.reshape(kh * kw, c_in, c_out)
-  return sum(jnp.dot(window, taps[i]) for i, window in enumerate(windows))
+  return sum(jnp.dot(window, taps[i], precision=precision)
+             for i, window in enumerate(windows))
 
 
 def auto_formulation(x_shape: Sequence[int], kernel_shape: Sequence[int],
@@ -585,7 +676,8 @@ def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
                grouping: str = 'first', saliency_grad: bool = False,
                surrogate: str = 'sigmoid',
                running_mean: Array | None = None,
-               running_var: Array | None = None
+               running_var: Array | None = None,
+               formulation: str | None = None, precision=None
                ) -> tuple[Array, Array, tuple[Array, Array]]:
   """The CDG gated convolution Y = Y_base + d * Y_cond.
 
@@ -607,6 +699,8 @@ def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
     surrogate: 'sigmoid' or 'hard_sigmoid' straight-through derivative.
     running_mean, running_var: (C_out,) statistics to normalise with instead
       (evaluation with 'batch' norm); then no sample influences another.
+    formulation, precision: how both paths' convolutions are computed (see
+      `conv`; None: XLA's convolution, default precision).
 
   Returns:
     (y, mask, (mean, var)): the (N, H_out, W_out, C_out) gated output in the
@@ -615,7 +709,7 @@ def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
   """
   check_threshold_shape(threshold, kernel.shape[-1], tuple(kernel.shape))
   y_base, y_cond = base_and_conditional(x, kernel, groups, grouping, strides,
-                                        padding)
+                                        padding, formulation, precision)
   # Y_cond is computed densely and masked: XLA cannot skip work per position.
   # The saliency is accounted analytically (cdg_jax.gating.flops) from the masks;
   # tile-structured gates can skip it at inference (cdg_jax.gating.sparse).

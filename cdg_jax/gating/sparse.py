@@ -50,9 +50,11 @@ def check_operands(out_shape: Sequence[int], x: Array, kernel_cond: Array,
 
 
 def tiles_branch(tile_mask: Array, capacity: int, strides: Sequence[int],
-                 tile_conv: str, cond_channels_from: int):
+                 tile_conv: str, cond_channels_from: int,
+                 formulation: str | None = None, precision=None):
   """`branch(x_all, kernel_cond)`: the conditional output at the tiles of
-  `tile_mask` (at most `capacity` of them), zero elsewhere."""
+  `tile_mask` (at most `capacity` of them), zero elsewhere (`formulation`,
+  `precision`: of the tiles' convolution, `tiling.tile_convolution`)."""
   n, gh, gw = tile_mask.shape
   flat = tile_mask.reshape(-1)
 
@@ -63,7 +65,8 @@ def tiles_branch(tile_mask: Array, capacity: int, strides: Sequence[int],
     windows = tiling.gather_windows(x_all[..., cond_channels_from:], tile_ids,
                                     (gh, gw), (out_h // gh, out_w // gw),
                                     kernel_cond.shape[:2], strides)
-    cond = tiling.tile_convolution(windows, kernel_cond, strides, tile_conv)
+    cond = tiling.tile_convolution(windows, kernel_cond, strides, tile_conv,
+                                   formulation, precision)
     # Slots past the open tiles (tile 0 again) are never read back.
     return tiling.assemble_tiles(cond, tile_mask)
   return run
@@ -71,13 +74,15 @@ def tiles_branch(tile_mask: Array, capacity: int, strides: Sequence[int],
 
 def conditional_branches(tile_mask: Array, strides: Sequence[int],
                          capacity_fractions: Sequence[float], tile_conv: str,
-                         cond_channels_from: int):
+                         cond_channels_from: int,
+                         formulation: str | None = None, precision=None):
   """(branches, index): the executor's `lax.switch` operands.
 
   Each branch maps (x_all, kernel_cond) to the conditional output at the
   open tiles, zero at the closed ones: one branch per static capacity and
   the masked dense convolution last; `index` picks the smallest that holds
-  this batch's open tiles.
+  this batch's open tiles. `formulation`, `precision`: of every
+  convolution (`ops.conv`).
   """
   n, gh, gw = tile_mask.shape
   flat = tile_mask.reshape(-1)
@@ -85,12 +90,14 @@ def conditional_branches(tile_mask: Array, strides: Sequence[int],
   caps = tiling.capacities(num_tiles, capacity_fractions)
 
   def dense_branch(x_all, kernel_cond):
-    cond = ops.conv(x_all[..., cond_channels_from:], kernel_cond, strides)
+    cond = ops.conv(x_all[..., cond_channels_from:], kernel_cond, strides,
+                    'SAME', formulation, precision)
     bh, bw = cond.shape[1] // gh, cond.shape[2] // gw
     return tiling.tile_map(tile_mask, (bh, bw))[..., None].astype(cond.dtype) * cond
 
   branches = [tiles_branch(tile_mask, c, strides, tile_conv,
-                           cond_channels_from) for c in caps] + [dense_branch]
+                           cond_channels_from, formulation, precision)
+              for c in caps] + [dense_branch]
   num_open = jnp.sum(flat.astype(jnp.int32))
   index = jnp.searchsorted(jnp.asarray(caps + [num_tiles]), num_open)
   return branches, index
@@ -101,7 +108,9 @@ def sparse_add_conditional(y_base: Array, x: Array, kernel_cond: Array,
                            capacity_fractions: Sequence[float] =
                            tiling.DEFAULT_CAPACITIES,
                            tile_conv: str = 'auto',
-                           cond_channels_from: int = 0) -> Array:
+                           cond_channels_from: int = 0,
+                           formulation: str | None = None,
+                           precision=None) -> Array:
   """`y_base + d * conv(x[..., cond_channels_from:], kernel_cond)`, open tiles only.
 
   Args:
@@ -122,6 +131,8 @@ def sparse_add_conditional(y_base: Array, x: Array, kernel_cond: Array,
       `lax.switch` (with the base path added after the switch: 3-10% faster
       per layer on the 2-core Xeon, ResNet-18 width 64 at 32x32; a one-off
       comparison, not part of experiments/benchmark_sparse.py).
+    formulation, precision: of every convolution (`ops.conv`; None: XLA's
+      convolution, default precision).
 
   Returns:
     (N, Ho, Wo, Co) in y_base's dtype.
@@ -133,7 +144,8 @@ def sparse_add_conditional(y_base: Array, x: Array, kernel_cond: Array,
   # they can.
   branches, index = conditional_branches(tile_mask, strides,
                                          capacity_fractions, tile_conv,
-                                         cond_channels_from)
+                                         cond_channels_from, formulation,
+                                         precision)
   return y_base + jax.lax.switch(index, branches, x,
                                  kernel_cond).astype(y_base.dtype)
 
@@ -144,16 +156,20 @@ def sparse_gated_conv(x: Array, kernel: Array, threshold: Array, *,
                       block: Sequence[int] = (4, 4, 0), epsilon: float = 1e-5,
                       norm: str = 'batch', running_mean: Array | None = None,
                       running_var: Array | None = None,
-                      capacity_fractions: Sequence[float] = tiling.DEFAULT_CAPACITIES
+                      capacity_fractions: Sequence[float] = tiling.DEFAULT_CAPACITIES,
+                      formulation: str | None = None, precision=None
                       ) -> tuple[Array, Array, tuple[Array, Array]]:
   """`ops.gated_conv` at inference, with the closed tiles skipped.
 
-  Same arguments and results as `ops.gated_conv` (SAME padding, forward
-  only: the mask is the hard gate); `block` must be tile-structured
-  (bc = 0 or C_out).
+  Same arguments and results as `ops.gated_conv` (forward only: the mask is
+  the hard gate); `block` must be tile-structured (bc = 0 or C_out). SAME
+  padding only: the open tiles' windows are cut from the SAME-padded input
+  (`tiling.gather_windows`), so `cdg_jax.GatedConv` refuses sparse
+  execution with any other padding.
   """
   tiling.check_tile_block(block, kernel.shape[-1])
-  y_base = ops.base_conv(x, kernel, groups, grouping, strides)
+  y_base = ops.base_conv(x, kernel, groups, grouping, strides, 'SAME',
+                         formulation, precision)
   mask, tile_mask, stats = tiling.tile_gate(
       y_base, threshold, block[:2], epsilon=epsilon, norm=norm,
       running_mean=running_mean, running_var=running_var)
@@ -163,5 +179,6 @@ def sparse_gated_conv(x: Array, kernel: Array, threshold: Array, *,
   offset = (ops.base_channels(x.shape[-1], groups)
             if grouping == 'first' else 0)
   y = sparse_add_conditional(y_base, x, k_cond, tile_mask, strides,
-                             capacity_fractions, cond_channels_from=offset)
+                             capacity_fractions, cond_channels_from=offset,
+                             formulation=formulation, precision=precision)
   return y, mask, stats

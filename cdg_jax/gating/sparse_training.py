@@ -24,7 +24,8 @@ Array = jax.Array
 
 
 def _tiles_gradients(tile_mask: Array, capacity: int, strides: Sequence[int],
-                     cond_channels_from: int, sparse_input: bool):
+                     cond_channels_from: int, sparse_input: bool,
+                     precision=None):
   """`gradients(x_all, kernel_cond, cotangent) -> (dx_cond, dkernel)` of the
   conditional output at the tiles of `tile_mask` (at most `capacity`).
 
@@ -63,7 +64,8 @@ def _tiles_gradients(tile_mask: Array, capacity: int, strides: Sequence[int],
     # kernel: the open tiles' share of the dense transposed convolution's
     # multiply-accumulates, no more) added back tap by tap.
     _, tiles_vjp = jax.vjp(
-        lambda w, k: tiling.tile_convolution(w, k, strides, 'patches'),
+        lambda w, k: tiling.tile_convolution(w, k, strides, 'patches',
+                                             precision=precision),
         windows, kernel_cond)
     dwindows, dkernel = tiles_vjp(cotangent_tiles.astype(windows.dtype))
     if not sparse_input:
@@ -86,26 +88,31 @@ def _open_tiles_only(cotangent: Array, tile_mask: Array,
 
 def _dense_gradients(tile_mask: Array, tile_hw: tuple[int, int],
                      strides: Sequence[int], cond_channels_from: int,
-                     sparse_input: bool):
+                     sparse_input: bool, formulation: str | None = None,
+                     precision=None):
   """`gradients(x_all, kernel_cond, cotangent) -> (dx_cond, dkernel)` of the
   conditional output above the largest capacity: the dense convolution's,
   from the open tiles' cotangent only. With `sparse_input` False the input's
-  gradient is returned as None (the caller takes it densely)."""
+  gradient is returned as None (the caller takes it densely). `formulation`,
+  `precision`: the forward convolution's (`ops.conv`), whose VJP this is."""
+  conv = lambda x, k: ops.conv(x, k, strides, 'SAME', formulation, precision)
 
   def gradients(x_all, kernel_cond, cotangent):
     x_cond = x_all[..., cond_channels_from:]
     cotangent = _open_tiles_only(cotangent, tile_mask, tile_hw)
     if not sparse_input:
-      return None, jax.vjp(lambda k: ops.conv(x_cond, k, strides),
+      return None, jax.vjp(lambda k: conv(x_cond, k),
                            kernel_cond)[1](cotangent)[0]
-    return jax.vjp(lambda x, k: ops.conv(x, k, strides),
-                   x_cond, kernel_cond)[1](cotangent)
+    return jax.vjp(conv, x_cond, kernel_cond)[1](cotangent)
   return gradients
 
 
 def _dense_input_gradient(x_cond: Array, kernel_cond: Array,
-                          cotangent: Array, strides: Sequence[int]) -> Array:
-  return jax.vjp(lambda x: ops.conv(x, kernel_cond, strides),
+                          cotangent: Array, strides: Sequence[int],
+                          formulation: str | None = None,
+                          precision=None) -> Array:
+  return jax.vjp(lambda x: ops.conv(x, kernel_cond, strides, 'SAME',
+                                    formulation, precision),
                  x_cond)[1](cotangent.astype(x_cond.dtype))[0]
 
 
@@ -115,7 +122,9 @@ def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
                               tiling.DEFAULT_CAPACITIES,
                               tile_conv: str = 'auto',
                               cond_channels_from: int = 0,
-                              sparse_input_gradient: bool = True) -> Array:
+                              sparse_input_gradient: bool = True,
+                              formulation: str | None = None,
+                              precision=None) -> Array:
   """The conditional output at the open tiles, zero at the closed ones,
   differentiable in `x` and `kernel_cond` (training).
 
@@ -135,6 +144,9 @@ def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
       the switch: the same values, for comparison. Also used when a
       window reaches past the neighbouring tiles (kernels much larger than
       the tile).
+    formulation, precision: of the convolutions (`ops.conv`), forward and
+      backward (passed here, not taken from an enclosing
+      `ops.conv_defaults` block: the backward pass is traced after it).
 
   Returns:
     (N, Ho, Wo, Co) in the dtype of `x` and `kernel_cond`.
@@ -144,17 +156,19 @@ def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
   sparse.check_operands(out_shape, x, kernel_cond, tile_mask, cond_channels_from)
   branches, index = sparse.conditional_branches(tile_mask, strides,
                                                 capacity_fractions, tile_conv,
-                                                cond_channels_from)
+                                                cond_channels_from,
+                                                formulation, precision)
   caps = tiling.capacities(tile_mask.size, capacity_fractions)
   tile_hw = (out_shape[1] // gh, out_shape[2] // gw)
   sparse_input = sparse_input_gradient and tiling.windows_reach_neighbours_only(
       x.shape[1:3], tile_hw, kernel_cond.shape[:2], strides)
 
   gradients = [_tiles_gradients(tile_mask, c, strides, cond_channels_from,
-                                sparse_input)
+                                sparse_input, precision)
                for c in caps] + [_dense_gradients(tile_mask, tile_hw, strides,
                                                   cond_channels_from,
-                                                  sparse_input)]
+                                                  sparse_input, formulation,
+                                                  precision)]
 
   @jax.custom_vjp
   def conditional(x_all, kernel):
@@ -174,7 +188,8 @@ def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
       # when measured).
       x_cond = x_all[..., cond_channels_from:]
       open_cotangent = _open_tiles_only(cotangent, tile_mask, tile_hw)
-      dx_cond = _dense_input_gradient(x_cond, kernel, open_cotangent, strides)
+      dx_cond = _dense_input_gradient(x_cond, kernel, open_cotangent, strides,
+                                      formulation, precision)
     dx_all = jnp.pad(dx_cond.astype(x_all.dtype),
                      ((0, 0),) * 3 + ((cond_channels_from, 0),))
     return dx_all, dkernel
@@ -225,12 +240,14 @@ def sparse_train_gated_conv(
     saliency_grad: bool = False, surrogate: str = 'sigmoid',
     closed_tile_gradient: str = 'none', sample_fraction: float = 0.0625,
     rng: Array | None = None,
-    capacity_fractions: Sequence[float] = tiling.DEFAULT_CAPACITIES
+    capacity_fractions: Sequence[float] = tiling.DEFAULT_CAPACITIES,
+    formulation: str | None = None, precision=None
 ) -> tuple[Array, Array, tuple[Array, Array]]:
   """`ops.gated_conv` for training, the closed tiles' conditional path skipped.
 
   The same output, mask and statistics as `ops.gated_conv` with batch
-  statistics (SAME padding; `block` tile-structured, bc = 0 or C_out), and
+  statistics (SAME padding only, which `cdg_jax.GatedConv` checks; `block`
+  tile-structured, bc = 0 or C_out), and
   the same gradients for every parameter and the input except through the
   gate at closed tiles: `Y = Y_base + d * Y_cond` with `Y_cond` computed at
   the open tiles only (`conditional_at_open_tiles`), so the conditional
@@ -256,6 +273,8 @@ def sparse_train_gated_conv(
       of all tiles of the batch.
     rng: 'sampled': the key of the sample.
     capacity_fractions: the executor's static capacities.
+    formulation, precision: of every convolution (`ops.conv`; None: XLA's
+      convolution, default precision).
 
   Returns:
     (y, mask, (mean, var)) as `ops.gated_conv`.
@@ -265,7 +284,8 @@ def sparse_train_gated_conv(
                      f'{closed_tile_gradient!r}; expected one of '
                      f'{CLOSED_TILE_GRADIENTS}.')
   tiling.check_tile_block(block, kernel.shape[-1])
-  y_base = ops.base_conv(x, kernel, groups, grouping, strides)
+  y_base = ops.base_conv(x, kernel, groups, grouping, strides, 'SAME',
+                         formulation, precision)
   mask, tile_mask, stats = tiling.tile_gate(
       y_base, threshold, block[:2], alpha=alpha, epsilon=epsilon, norm=norm,
       num_groups=num_groups, saliency_grad=saliency_grad, surrogate=surrogate)
@@ -274,7 +294,9 @@ def sparse_train_gated_conv(
             if grouping == 'first' else 0)
   cond = conditional_at_open_tiles(x, kernel_cond, tile_mask, strides,
                                    capacity_fractions,
-                                   cond_channels_from=offset)
+                                   cond_channels_from=offset,
+                                   formulation=formulation,
+                                   precision=precision)
   y = y_base + mask.astype(cond.dtype) * cond
   if closed_tile_gradient == 'sampled':
     if rng is None:
@@ -282,7 +304,8 @@ def sparse_train_gated_conv(
     capacity = max(1, math.ceil(sample_fraction * tile_mask.size))
     sampled, scale = sample_closed_tiles(rng, tile_mask, capacity)
     probe = jax.lax.stop_gradient(sparse.tiles_branch(
-        sampled, capacity, strides, 'auto', offset)(x, kernel_cond))
+        sampled, capacity, strides, 'auto', offset, formulation,
+        precision)(x, kernel_cond))
     # Zero in the forward pass; its only gradient is the gate's.
     gate_only = mask - jax.lax.stop_gradient(mask)
     y = y + (gate_only * scale).astype(probe.dtype) * probe

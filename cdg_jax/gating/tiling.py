@@ -245,7 +245,8 @@ def windows_reach_neighbours_only(input_hw: Sequence[int],
 
 
 def tile_convolution(windows: Array, kernel: Array, strides: Sequence[int],
-                     method: str = 'auto') -> Array:
+                     method: str = 'auto', formulation: str | None = None,
+                     precision=None) -> Array:
   """The VALID convolution of each window: (K, bh, bw, C_out) output tiles.
 
   Args:
@@ -257,6 +258,8 @@ def tile_convolution(windows: Array, kernel: Array, strides: Sequence[int],
       patches, (K * bh * bw, kh * kw * C_in), times the kernel as one matrix
       product) or 'auto' ('patches' from `PATCHES_MIN_CHANNELS` input
       channels on). The same taps either way.
+    formulation: the 'conv' method's `ops.conv` formulation (None: XLA's).
+    precision: of the convolution or the matrix product (`ops.conv`'s).
   """
   if method not in TILE_CONVOLUTIONS:
     raise ValueError(f'Unknown tile convolution {method!r}; expected one of '
@@ -265,7 +268,7 @@ def tile_convolution(windows: Array, kernel: Array, strides: Sequence[int],
   if method == 'auto':
     method = 'patches' if c_in >= PATCHES_MIN_CHANNELS else 'conv'
   if method == 'conv':
-    return ops.conv(windows, kernel, strides, 'VALID')
+    return ops.conv(windows, kernel, strides, 'VALID', formulation, precision)
   sh, sw = strides
   k = windows.shape[0]
   bh = (windows.shape[1] - kh) // sh + 1
@@ -275,7 +278,7 @@ def tile_convolution(windows: Array, kernel: Array, strides: Sequence[int],
       [windows[:, dy:dy + (bh - 1) * sh + 1:sh, dx:dx + (bw - 1) * sw + 1:sw]
        for dy in range(kh) for dx in range(kw)], axis=-1)
   out = jnp.dot(patches.reshape(k * bh * bw, kh * kw * c_in),
-                kernel.reshape(kh * kw * c_in, c_out))
+                kernel.reshape(kh * kw * c_in, c_out), precision=precision)
   return out.reshape(k, bh, bw, c_out)
 
 

@@ -37,7 +37,9 @@ FEATURE_NORMS = ('batchnorm', 'none')
 
 # The `gating` block's fields, in the config's order. Each is a field of the
 # same name of the spec that reads it (`GatingConfig`), but for
-# `sparse_training`, which sets the layer spec's `execution`.
+# `sparse_training`, which sets the layer spec's `execution`. `layers` and
+# `stage_blocks` are the ResNet's (`models.ResNetGating`), the rest of the
+# network spec the gated layers' (`layers.GatingSpec`).
 GATING_FIELDS = (
     'kind', 'groups', 'grouping', 'block', 'stage_blocks', 'alpha',
     'surrogate', 'threshold_init', 'layers', 'saliency_norm', 'saliency_grad',
@@ -47,7 +49,7 @@ GATING_FIELDS = (
     'budget_bounds_fraction', 'budget_start_fraction', 'budget_ramp_fraction',
     'gumbel_temperature', 'sparse_training', 'closed_tile_gradient',
     'closed_tile_sample')
-_GATING_SPECS = (layers.GatingSpec, regularizers.RegularizerSpec,
+_GATING_SPECS = (models.ResNetGating, regularizers.RegularizerSpec,
                  pretraining.BranchSpec)
 
 
@@ -77,12 +79,14 @@ class GatingConfig:
   """The config's `gating` block as typed specs (`read_gating`).
 
   Attributes:
-    layer: what the gated layers compute (`layers.GatingSpec`).
+    layer: the ResNet's gating (`models.ResNetGating`): what its gated
+      layers compute (a `layers.GatingSpec`) and where they sit
+      (`gating.layers`, `gating.stage_blocks`).
     loss: the gates' regulariser (`regularizers.RegularizerSpec`); None
       without gates.
     branches: how the SSL branches are wired (`pretraining.BranchSpec`).
   """
-  layer: layers.GatingSpec
+  layer: models.ResNetGating
   loss: regularizers.RegularizerSpec | None
   branches: pretraining.BranchSpec
 
@@ -147,8 +151,8 @@ def read_gating(block: Mapping[str, Any] | None) -> GatingConfig:
     return {f.name: values[f.name] for f in dataclasses.fields(spec)
             if f.name in values}
   branches = pretraining.BranchSpec(**fields_of(pretraining.BranchSpec))
-  layer = layers.GatingSpec(
-      **fields_of(layers.GatingSpec),
+  layer = models.ResNetGating(
+      **fields_of(models.ResNetGating),
       execution='sparse_training' if values['sparse_training'] else 'masked')
   if branches.has_dense_partner and layer.kind != 'cdg':
     raise ValueError(
@@ -170,7 +174,7 @@ def _uses_density_target(s) -> bool:
 # it would be silently ignored, so it is refused before any work, naming the
 # field, the value and what to change. Fields without an entry are read
 # whenever gates are ('kind' itself, 'sparse_training' with its own tile
-# rule, `layers.GatingSpec`).
+# rule, `layers.GatingSpec`; 'layers', the ResNet's, `models.ResNetGating`).
 _CDG = (('kind',), "gating.kind='cdg'", lambda s: s.kind == 'cdg')
 _GATED = (('kind',), "a gated kind (gating.kind other than 'none')",
           lambda s: s.kind != 'none')
