@@ -53,7 +53,8 @@ the other library's process alive (idle, 0.00 CPU s used), the cdg_jax
 dense step took 10.7 s against 4.4 s alone (2026-12-05, 2-core Xeon): the
 step maps fresh memory for its buffers, and memory held elsewhere makes
 that slower (the minor page faults per step are in the table).
-Writes `peer.md` and `peer.json` to `--out`, with the machine, versions,
+Writes a new record (`<date>-<cpu>.json`, experiments/records.py) and its
+`.md` to `--out`, with the machine, versions,
 command and date. The headline ratios are `sparse_vs_torch_compiled_masked`
 (PyTorch compiled masked time / our sparse time) and
 `dense_vs_torch_compiled_dense` (PyTorch compiled dense / our dense), each
@@ -124,7 +125,7 @@ TORCH_MISSING = ('PyTorch is not installed: pip install torch in a separate '
                  'and run this script with its python; timing the cdg_jax '
                  'half only')
 
-# (key, library, kind, execution); keys name rows of peer.json.
+# (key, library, kind, execution); keys name rows of the record.
 JAX_VARIANTS = (('cdg_jax/dense', 'cdg_jax', 'dense', 'jit'),
                 ('cdg_jax/masked', 'cdg_jax', 'masked', 'jit'),
                 ('cdg_jax/sparse', 'cdg_jax', 'sparse', 'jit'))
@@ -151,7 +152,7 @@ RATIOS = {
     'sparse_vs_torch_fastest_masked': ('torch/masked/*', 'cdg_jax/sparse'),
     'dense_vs_torch_fastest_dense': ('torch/dense/*', 'cdg_jax/dense'),
 }
-# Where the two steps differ (written into peer.md and peer.json).
+# Where the two steps differ (written into the record and its .md).
 DIFFERENCES = (
     'Augmentation: both draw SimCLR CIFAR views (crop scale (0.08, 1), ratio '
     '(3/4, 4/3), flip 0.5, colour jitter 0.8 with (0.4, 0.4, 0.4, 0.1), '
@@ -563,8 +564,8 @@ def _every_round(replies: list[dict], field: str) -> dict[str, list]:
 
 
 def run() -> dict:
-  """The benchmark for the parsed flags: times, writes, returns peer.json's
-  content."""
+  """The benchmark for the parsed flags: times, writes, returns the record's
+  figures."""
   torch_message = None
   if not FLAGS.torch:
     torch_message = 'PyTorch half skipped (--notorch)'

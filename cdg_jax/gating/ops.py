@@ -336,7 +336,7 @@ def auto_formulation(x_shape: Sequence[int], kernel_shape: Sequence[int],
   strided convolutions and for output maps of 2x2 or less, XLA's
   convolution elsewhere. With YNNPACK's kernels (XLA:CPU's default) XLA's
   strided convolutions were 1.2-6.6x slower than 'patches' forward and
-  backward, its 2x2 maps up to 13x (conv_forms_ynn.md). With XLA's own
+  backward, its 2x2 maps up to 13x (experiments/results/conv_forms/2026-12-04T23-27-54-xeon.md). With XLA's own
   kernels (`cdg_jax.run.parallel.configure_cpu`, the project's default)
   'patches' still wins the strided 1x1 convolutions (1.3-2.1x) and the 2x2
   maps (6-15x) but not every strided 3x3 one in isolation (0.84-1.14x,
@@ -344,7 +344,7 @@ def auto_formulation(x_shape: Sequence[int], kernel_shape: Sequence[int],
   the input gradient of the 32x32 strided convolution over a zero-dilated
   gradient in 0.8 of the step's 4.5 s (profile/profile_strided_xla.md),
   and the step with 'patches' for every strided convolution took 4.25 s
-  (levers_kernels.md).
+  (experiments/results/levers/2026-12-05T04-34-xeon.md).
   """
   if jax.default_backend() != 'cpu':
     return 'xla'

@@ -33,7 +33,7 @@ TILE_CONVOLUTIONS = ('auto', 'conv', 'patches')
 # 'auto' computes the open tiles as one matrix product over extracted patches
 # when the conditional path has at least this many input channels, else as
 # a convolution of the windows. On XLA:CPU (2-core Xeon, ResNet-18 width 64,
-# batch 256; experiments/results/sparse/sparse_speed.md) the product was
+# batch 256; experiments/results/sparse_speed/2026-12-02-xeon.md) the product was
 # 1.4-2x faster on the 8x8 and 4x4 maps (192 and 384 input channels) from a
 # quarter of the tiles open, within 10% on the 32x32 map (48) and, on the
 # 16x16 map (96), 1.1-1.2x faster above a quarter open but 1.4x slower at a
