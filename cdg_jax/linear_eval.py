@@ -125,20 +125,24 @@ def run_linear_eval(config: ml_collections.ConfigDict,
   """Linear evaluation of the backbone exported in `workdir`, written to
   `<workdir>/linear_eval.json` (see module doc and `evaluate_backbone`)."""
   workdir = run_control.resolve_workdir(workdir)
-  with workdir_for_evaluation(workdir):
+  with workdir_for_evaluation(config, workdir):
     results = evaluate_backbone(config, workdir)
     write_results(workdir, results)
   return results
 
 
 @contextlib.contextmanager
-def workdir_for_evaluation(workdir: str):
-  """Checks that `workdir` can take a result and holds its lock meanwhile.
+def workdir_for_evaluation(config: ml_collections.ConfigDict, workdir: str):
+  """Checks the settings and that `workdir` can take a result, and holds its
+  lock meanwhile.
 
-  A workdir whose run is still training is refused (its backbone may be
-  replaced while it is read), and so is one where the result could not be
-  written: both before any work.
+  Bad `linear_eval` settings, a workdir that holds no run, one whose run is
+  still training (its backbone may be replaced while it is read) and one
+  where the result could not be written are refused, in that order, before
+  any work.
   """
+  linear_settings(config)
+  checkpoints.read_config(workdir)
   lock = run_control.WorkdirLock(workdir, enabled=jax.process_index() == 0,
                                  purpose='linear evaluation')
   lock.check()
@@ -363,7 +367,7 @@ def main(argv):
   cli.initialize_distributed_from_flags()
   with cli.reported_errors():
     workdir = run_control.resolve_workdir(flags.FLAGS.workdir)
-    with workdir_for_evaluation(workdir):
+    with workdir_for_evaluation(flags.FLAGS.config, workdir):
       results = evaluate_backbone(flags.FLAGS.config, workdir)
       # The accuracy reaches the console before the file is written, so a
       # write that fails loses nothing of the evaluation.

@@ -148,7 +148,7 @@ def test_linear_eval_settings_are_refused_before_the_backbone_is_loaded(
 _UNEXPECTED = r"""
 import runpy, sys
 from cdg_jax import train
-def broken(config, workdir):
+def broken(config, workdir, **options):
   raise RuntimeError('an unforeseen failure')
 train.train_and_evaluate = broken
 sys.argv = ['cdg_jax.main'] + sys.argv[1:]

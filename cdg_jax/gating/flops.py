@@ -239,6 +239,31 @@ def predictor_macs(gating_kind: str, in_channels: int,
   return 0
 
 
+def _conv_geometry(module: nn.Conv, inputs, name: str):
+  """(kernel_size, strides, the padding and dilation arguments, batch dims)
+  of an nn.Conv call on `inputs`, read as nn.Conv reads them; a padding this
+  module cannot count is refused here, with its own message rather than the
+  library's."""
+  # nn.Conv reads an int kernel_size as a 1-D kernel (k,), and an int
+  # stride or dilation as the same value in every spatial dimension.
+  kernel_size = ((module.kernel_size,) if isinstance(module.kernel_size, int)
+                 else tuple(module.kernel_size))
+  rank = len(kernel_size)
+  strides = _as_tuple(module.strides, rank, 'strides')
+  conv_args = dict(padding=module.padding,
+                   feature_group_count=module.feature_group_count,
+                   kernel_dilation=module.kernel_dilation,
+                   input_dilation=module.input_dilation)
+  # nn.Conv takes any number of batch dimensions (0: one example).
+  batch_dims = inputs.ndim - rank - 1
+  _zero_pads(module.padding, inputs.shape[batch_dims:-1], kernel_size,
+             strides, _as_tuple(module.kernel_dilation, rank,
+                                'kernel_dilation'),
+             _as_tuple(module.input_dilation, rank, 'input_dilation'),
+             name or f'the top-level {type(module).__name__}')
+  return kernel_size, strides, conv_args, batch_dims
+
+
 def layer_costs(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
                 **apply_kwargs) -> tuple[LayerCost, ...]:
   """Traces `model.apply(variables, x, **apply_kwargs)` and records layer costs.
@@ -287,26 +312,8 @@ def layer_costs(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
       conv_args = dict(padding=module.padding)
       batch_dims = 1
     else:
-      # nn.Conv reads an int kernel_size as a 1-D kernel (k,), and an int
-      # stride or dilation as the same value in every spatial dimension.
-      kernel_size = ((module.kernel_size,) if isinstance(module.kernel_size,
-                                                         int)
-                     else tuple(module.kernel_size))
-      rank = len(kernel_size)
-      strides = _as_tuple(module.strides, rank, 'strides')
-      conv_args = dict(padding=module.padding,
-                       feature_group_count=module.feature_group_count,
-                       kernel_dilation=module.kernel_dilation,
-                       input_dilation=module.input_dilation)
-      # nn.Conv takes any number of batch dimensions (0: one example).
-      batch_dims = inputs.ndim - rank - 1
-      # Checked before the call, so that a padding this module cannot count
-      # is refused with its own message rather than the library's.
-      _zero_pads(module.padding, inputs.shape[batch_dims:-1], kernel_size,
-                 strides, _as_tuple(module.kernel_dilation, rank,
-                                    'kernel_dilation'),
-                 _as_tuple(module.input_dilation, rank, 'input_dilation'),
-                 name or f'the top-level {type(module).__name__}')
+      kernel_size, strides, conv_args, batch_dims = _conv_geometry(
+          module, inputs, name)
       out = next_fun(*args, **kwargs)
     example_input = (1, *inputs.shape[batch_dims:])
     per_example = tuple(out.shape[batch_dims:])

@@ -118,6 +118,33 @@ def _check_started_count(count: int, cpu_devices: int) -> None:
         f'JAX computation, or ask for {started}.')
 
 
+def _check_launch_flags(coordinator_address: str | None,
+                        num_processes: int | None,
+                        process_id: int | None) -> bool:
+  """Whether the three launch flags are given (False: none is); ValueError
+  naming the flag when some but not all are, or one is out of range."""
+  given = {'coordinator_address': coordinator_address,
+           'num_processes': num_processes, 'process_id': process_id}
+  if all(v is None for v in given.values()):
+    return False
+  missing = [k for k, v in given.items() if v is None]
+  if missing:
+    raise ValueError(
+        f'--{" --".join(missing)} missing: several processes are started '
+        f'with all three of --coordinator_address, --num_processes and '
+        f'--process_id (got {given}).')
+  if num_processes < 1:
+    raise ValueError(f'--num_processes={num_processes} must be at least 1 '
+                     f'(the number of processes of the run).')
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f'--process_id={process_id} must be in [0, '
+                     f'--num_processes={num_processes}).')
+  if ':' not in coordinator_address:
+    raise ValueError(f'--coordinator_address={coordinator_address!r} must '
+                     f'be host:port, e.g. 127.0.0.1:1234.')
+  return True
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None,
@@ -153,25 +180,7 @@ def initialize_distributed(coordinator_address: str | None = None,
     RuntimeError: the processes could not be joined within
       `initialization_timeout`.
   """
-  given = {'coordinator_address': coordinator_address,
-           'num_processes': num_processes, 'process_id': process_id}
-  if any(v is not None for v in given.values()):
-    missing = [k for k, v in given.items() if v is None]
-    if missing:
-      raise ValueError(
-          f'--{" --".join(missing)} missing: several processes are started '
-          f'with all three of --coordinator_address, --num_processes and '
-          f'--process_id (got {given}).')
-    if num_processes < 1:
-      raise ValueError(f'--num_processes={num_processes} must be at least 1 '
-                       f'(the number of processes of the run).')
-    if not 0 <= process_id < num_processes:
-      raise ValueError(f'--process_id={process_id} must be in [0, '
-                       f'--num_processes={num_processes}).')
-    if ':' not in coordinator_address:
-      raise ValueError(f'--coordinator_address={coordinator_address!r} must '
-                       f'be host:port, e.g. 127.0.0.1:1234.')
-  else:
+  if not _check_launch_flags(coordinator_address, num_processes, process_id):
     cluster_env = ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID',
                    'JAX_COORDINATOR_ADDRESS', 'OMPI_COMM_WORLD_SIZE')
     if not any(os.environ.get(v) for v in cluster_env):
@@ -426,37 +435,10 @@ def _collect_launch_values(listener: socket.socket, address: str,
         selector.register(connection, selectors.EVENT_READ)
         continue
       connection = key.fileobj
-      try:
-        data = connection.recv(4096)
-      except OSError:
-        data = b''
-      if not data or connection not in buffers:
-        # Closed: a process that reported and died (it may be started
-        # again), or a stranger.
-        selector.unregister(connection)
-        buffers.pop(connection, None)
-        for pid, c in list(reported.items()):
-          if c is connection:
-            del reported[pid]
-        connection.close()
+      hello = _read_hello(connection, selector, buffers, reported)
+      if hello is None:
         continue
-      buffers[connection] += data
-      if b'\n' not in buffers[connection]:
-        if len(buffers[connection]) > 65536:
-          selector.unregister(connection)
-          del buffers[connection]
-          connection.close()
-        continue
-      line = bytes(buffers.pop(connection)).partition(b'\n')[0]
-      try:
-        hello = json.loads(line)
-        if any(hello[k] != v for k, v in _GREETING.items()):
-          raise KeyError
-        other_n, other_id = hello['num_processes'], hello['process_id']
-      except (ValueError, TypeError, KeyError):
-        selector.unregister(connection)   # not this check: a stranger
-        connection.close()
-        continue
+      other_n, other_id = hello
       if other_n != num_processes:
         stop(f'--num_processes differs between the processes of this run: '
              f'{num_processes} in process 0, {other_n} in process '
@@ -486,6 +468,45 @@ def _collect_launch_values(listener: socket.socket, address: str,
     except OSError:
       pass
     connection.close()
+
+
+def _read_hello(connection: socket.socket, selector,
+                buffers: dict[socket.socket, bytearray],
+                reported: dict[int, socket.socket]) -> tuple[int, int] | None:
+  """Process 0 reads from `connection`: (num_processes, process_id) once its
+  report is complete; None while it is incomplete, or when the connection
+  closed or is a stranger's (then unregistered and closed)."""
+  try:
+    data = connection.recv(4096)
+  except OSError:
+    data = b''
+  if not data or connection not in buffers:
+    # Closed: a process that reported and died (it may be started again),
+    # or a stranger.
+    selector.unregister(connection)
+    buffers.pop(connection, None)
+    for pid, c in list(reported.items()):
+      if c is connection:
+        del reported[pid]
+    connection.close()
+    return None
+  buffers[connection] += data
+  if b'\n' not in buffers[connection]:
+    if len(buffers[connection]) > 65536:
+      selector.unregister(connection)
+      del buffers[connection]
+      connection.close()
+    return None
+  line = bytes(buffers.pop(connection)).partition(b'\n')[0]
+  try:
+    hello = json.loads(line)
+    if any(hello[k] != v for k, v in _GREETING.items()):
+      raise KeyError
+    return hello['num_processes'], hello['process_id']
+  except (ValueError, TypeError, KeyError):
+    selector.unregister(connection)   # not this check: a stranger
+    connection.close()
+    return None
 
 
 def _wait_for_coordinator(address: str, process_id: int,
