@@ -221,7 +221,7 @@ def main(argv):
   print(f'Record: {path}')
 
 
-def _devices_and_flags(runs: dict[str, dict[str, list[dict]]]
+def devices_and_flags(runs: dict[str, dict[str, list[dict]]]
                        ) -> tuple[dict, str | None]:
   """The header's devices (the 'default' lever's processes', with every
   lever's count under 'by_lever') and XLA flags (the 'default' lever's)."""
@@ -243,7 +243,7 @@ def write_report(runs: dict[str, dict[str, list[dict]]], out: str,
   lever -> one result per repeat) and their summary into `out`, its
   Markdown beside it; returns the record's path."""
   used = {lever for by_lever in runs.values() for lever in by_lever}
-  devices, xla_flags = _devices_and_flags(runs)
+  devices, xla_flags = devices_and_flags(runs)
   return records.write_record(
       out, 'levers',
       {'flags': flag_values,

@@ -42,6 +42,7 @@ from typing import Any
 EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, EXPERIMENTS)
 
+import benchmark_levers  # pylint: disable=g-import-not-at-top,wrong-import-position
 import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = records.REPO
@@ -262,18 +263,11 @@ def _levers(data: dict, markdown: str) -> tuple[dict, dict, dict, list]:
   del markdown
   cpu, cores = _machine(data.pop('machine'))
   date, zone = file_date(data.pop('date'))
-  by_lever, default_flags = {}, None
-  for by_name in data['runs'].values():
-    for lever, results in by_name.items():
-      for result in results:
-        if 'devices' in result:
-          by_lever.setdefault(lever, result['devices'])
-        if lever == 'default' and default_flags is None:
-          default_flags = result.get('xla_flags')
+  # The header the benchmark writes now, from the same per-lever results.
+  devices, default_flags = benchmark_levers.devices_and_flags(data['runs'])
   fields = {'date': date, 'command': data.pop('command'), 'cpu_model': cpu,
             'cores': cores, 'versions': {'jax': data.pop('jax')},
-            'devices': {'platform': 'cpu', 'count': by_lever.get('default'),
-                        'processes': 1, 'by_lever': by_lever},
+            'devices': devices,
             'xla_flags': default_flags}
   sources = {'date': "the file's 'date'", 'command': "the file's 'command'",
              'cpu_model': "the file's 'machine'",
