@@ -83,9 +83,12 @@ def backbone_variables(state: pretraining.TrainState) -> dict[str, Any]:
           'batch_stats': state.batch_stats.get('backbone', {})}
 
 
+def _state_initializer(run: pretraining.Pretraining, mesh):
+  return jax.jit(run.init_state, out_shardings=parallel.replicated(mesh))
+
+
 def _create_state(run: pretraining.Pretraining, seed: int, mesh):
-  return jax.jit(run.init_state, out_shardings=parallel.replicated(mesh))(
-      jax.random.key(seed))
+  return _state_initializer(run, mesh)(jax.random.key(seed))
 
 
 def train_and_evaluate(config, workdir: str, *,
@@ -133,7 +136,7 @@ def train_and_evaluate(config, workdir: str, *,
   # The evaluation batch is rounded up to the devices (eval_batch_size).
   parallel.check_batch_divisible(config.batch_size, mesh)
   settings = pretraining.read_settings(config, gating, source.num_train)
-  abstract_state = check_shapes(config, settings, source, mesh)
+  run, abstract_state = check_shapes(config, settings, source, mesh)
   try:
     prepare_workdir(workdir)
     with run_control.WorkdirLock(workdir, enabled=is_main):
@@ -148,8 +151,8 @@ def train_and_evaluate(config, workdir: str, *,
       if moved_to and is_main:
         print(f'Moved the earlier run\'s {", ".join(earlier)} to {moved_to}; '
               f'training a new run in {workdir}.', flush=True)
-      return _train_and_evaluate(config, settings, workdir, source, mesh,
-                                 start_time, changes)
+      return _train_and_evaluate(config, run, settings, workdir, source,
+                                 mesh, start_time, changes)
   except checkpoints.CheckpointWriteError:
     # Once every write of the run has ended (the loop's `finally` waited for
     # them): no half-written checkpoint is left behind.
@@ -224,8 +227,13 @@ def check_shapes(config, settings: pretraining.Settings,
   not divide a layer's channels, images too small for the network -- is
   raised before the workdir is touched, naming the config.
 
+  The initialisation and the step are traced through the same jitted
+  functions, with the same argument shardings, as the run then calls: JAX
+  keeps those traces, so the run does not trace them a second time.
+
   Returns:
-    The train state's shapes (what a checkpoint of this run holds).
+    (run, state): the assembled run, which the training then uses, and the
+    train state's shapes (what a checkpoint of this run holds).
 
   Raises:
     ValueError: the config cannot run on this data.
@@ -233,11 +241,14 @@ def check_shapes(config, settings: pretraining.Settings,
   height, width, channels = source.image_shape
   try:
     run = pretraining.assemble(settings)
-    state = jax.eval_shape(lambda: run.init_state(jax.random.key(0)))
+    state = _state_initializer(run, mesh).eval_shape(jax.random.key(0))
+    data = parallel.data_sharding(mesh)
     batch = {'image': jax.ShapeDtypeStruct(
-                 (config.batch_size, height, width, channels), np.uint8),
-             'label': jax.ShapeDtypeStruct((config.batch_size,), np.int32)}
-    jax.eval_shape(run.train_step, state, batch)
+                 (config.batch_size, height, width, channels), np.uint8,
+                 sharding=data),
+             'label': jax.ShapeDtypeStruct((config.batch_size,), np.int32,
+                                           sharding=data)}
+    pretraining.jit_train_step(run.train_step, mesh).eval_shape(state, batch)
     backbone = extraction.inference_backbone(
         _backbone(config, settings), config.eval)
     eval_images = jax.ShapeDtypeStruct(
@@ -252,7 +263,7 @@ def check_shapes(config, settings: pretraining.Settings,
         f'This config cannot run on this data ({height}x{width} images, '
         f'{source.num_train} for training, data.source='
         f'{config.data.source!r}): {e}') from e
-  return state
+  return run, state
 
 
 def _backbone(config, settings: pretraining.Settings):
@@ -297,12 +308,12 @@ def _record_changes(writer, workdir, start_step: int,
   return config_changes
 
 
-def _train_and_evaluate(config, settings: pretraining.Settings, workdir,
-                        source, mesh, start_time,
-                        changes: dict[str, tuple[Any, Any]]
+def _train_and_evaluate(config, run: pretraining.Pretraining,
+                        settings: pretraining.Settings, workdir, source, mesh,
+                        start_time, changes: dict[str, tuple[Any, Any]]
                         ) -> dict[str, Any]:
-  """`train_and_evaluate` once the config, data and workdir are checked."""
-  run = pretraining.assemble(settings)
+  """`train_and_evaluate` once the config, data and workdir are checked
+  (`run`: the run `check_shapes` assembled and traced)."""
   backbone = _backbone(config, settings)
   had_config = os.path.exists(os.path.join(workdir, checkpoints.CONFIG_FILE))
   state, manager = _restore_or_init(run, config, workdir, mesh)

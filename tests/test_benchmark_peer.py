@@ -48,11 +48,14 @@ def test_named_ratios_on_hand_numbers():
 def test_jax_half_without_torch(tmp_path, monkeypatch, capsys):
   monkeypatch.setitem(sys.modules, 'torch', None)   # `import torch` fails
   # ResNet-10 (one block per stage): the same steps at about half the
-  # compile time (the sparse step's dominates this test). Two rounds, each
-  # in a fresh process of its own, as the benchmark runs.
+  # compile time (the sparse step's dominates this test). Two images (one
+  # per device) and one tile per map: 4 tiles per gated layer, so the sparse
+  # step compiles 3 capacity branches per layer instead of 11 (what this
+  # test checks does not depend on the tiling). Two rounds, each in a fresh
+  # process of its own, as the benchmark runs (the record joins them).
   argv = ['benchmark_peer.py', '--model=resnet10', '--width=8',
-          '--image_size=16', '--batch_size=8', '--repeats=1', '--rounds=2',
-          f'--out={tmp_path}']
+          '--image_size=16', '--batch_size=2', '--tiles=16', '--repeats=1',
+          '--rounds=2', f'--out={tmp_path}']
   with flagsaver.flagsaver():
     flags.FLAGS(argv)
     returned = benchmark_peer.run()

@@ -35,6 +35,18 @@ def _partner(partner_norm='shared'):
       separate_partner_norm=partner_norm == 'separate')
 
 
+def _init(model, n=2):
+  # Jitted: op-by-op initialisation of even a tiny ResNet takes many seconds
+  # on CPU (the same values, up to float32 rounding).
+  return jax.jit(lambda key: model.init(key, _images(n)))(jax.random.key(0))
+
+
+def _apply(model, variables, x, **kwargs):
+  """`model.apply(variables, x, **kwargs)`, compiled as one program (op by
+  op, a ResNet forward costs far more on CPU)."""
+  return jax.jit(lambda v, x: model.apply(v, x, **kwargs))(variables, x)
+
+
 def _trained_like(variables, seed=1):
   """Variables with every leaf perturbed, so no equality holds by accident
   (BatchNorm scales of 1, biases and thresholds of 0, unit running stats)."""
@@ -59,36 +71,35 @@ def _select(tree, like, rename=None):
 
 @pytest.fixture(scope='module')
 def shared_variables():
-  return _trained_like(_partner().init(jax.random.key(0), _images(2)))
+  return jax.jit(_trained_like)(_init(_partner()))
 
 
 @pytest.fixture(scope='module')
 def separate_variables():
-  return _trained_like(_partner('separate').init(jax.random.key(0),
-                                                 _images(2)))
+  return jax.jit(_trained_like)(_init(_partner('separate')))
 
 
 def test_partner_halves_equal_cdg_and_dense_networks_in_eval_mode(
     shared_variables):
   x = _images(6)
-  partner = _partner().apply(shared_variables, x, train=False,
-                             mutable=['gating'])[0]
+  partner = _apply(_partner(), shared_variables, x, train=False,
+                   mutable=['gating'])[0]
   gated = models.create_resnet(MODEL, config_lib.read_gating({'kind': 'cdg'}).layer)
   dense = models.create_resnet(MODEL, None)
-  gated_out = gated.apply(shared_variables, x[:3], train=False,
-                          mutable=['gating'])[0]
+  gated_out = _apply(gated, shared_variables, x[:3], train=False,
+                     mutable=['gating'])[0]
   dense_vars = jax.eval_shape(lambda: dense.init(jax.random.key(0), x))
-  dense_out = dense.apply(_select(shared_variables, dense_vars), x[3:],
-                          train=False)
+  dense_apply = jax.jit(lambda v, x: dense.apply(v, x, train=False))
+  dense_out = dense_apply(_select(shared_variables, dense_vars), x[3:])
   np.testing.assert_allclose(partner[:3], gated_out, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(partner[3:], dense_out, rtol=1e-5, atol=1e-5)
   # The gated half is really gated: it differs from the dense network.
-  dense_on_gated_half = dense.apply(_select(shared_variables, dense_vars),
-                                    x[:3], train=False)
+  dense_on_gated_half = dense_apply(_select(shared_variables, dense_vars),
+                                    x[:3])
   assert np.max(np.abs(partner[:3] - dense_on_gated_half)) > 1e-3
   # models.dense_path is that dense network.
-  open_out = models.dense_path(gated).apply(shared_variables, x[3:],
-                                            train=False)
+  open_out = _apply(models.dense_path(gated), shared_variables, x[3:],
+                    train=False)
   np.testing.assert_allclose(open_out, dense_out, rtol=1e-5, atol=1e-5)
 
 
@@ -101,20 +112,21 @@ def test_separate_norm_partner_equals_two_networks_in_training(
   batch: the two halves hold the same images, so that those equal the
   statistics of either half."""
   x = jnp.concatenate([_images(4)] * 2)
-  (partner, updates) = _partner('separate').apply(
-      separate_variables, x, train=True, mutable=['batch_stats', 'gating'])
+  (partner, updates) = _apply(
+      _partner('separate'), separate_variables, x, train=True,
+      mutable=['batch_stats', 'gating'])
   gated = models.create_resnet(MODEL, config_lib.read_gating({'kind': 'cdg'}).layer)
   dense = models.create_resnet(MODEL, None)
   gated_vars = jax.eval_shape(lambda: gated.init(jax.random.key(0), x))
   dense_vars = jax.eval_shape(lambda: dense.init(jax.random.key(0), x))
-  gated_out = gated.apply(_select(separate_variables, gated_vars), x[:4],
-                          train=True, stat_groups=1,
-                          mutable=['batch_stats', 'gating'])[0]
+  gated_out = _apply(gated, _select(separate_variables, gated_vars), x[:4],
+                     train=True, stat_groups=1,
+                     mutable=['batch_stats', 'gating'])[0]
 
   def rename(part):   # the residual blocks' BatchNorms -> the dense path's
     return f'{part}_dense' if part.startswith(('bn', 'shortcut_bn')) else part
-  dense_out = dense.apply(_select(separate_variables, dense_vars, rename),
-                          x[4:], train=True, mutable=['batch_stats'])[0]
+  dense_out = _apply(dense, _select(separate_variables, dense_vars, rename),
+                     x[4:], train=True, mutable=['batch_stats'])[0]
   # Equal up to rounding: the stem's statistics are reduced over 8 samples
   # here and 4 there, and training-mode BatchNorm through ten layers turns
   # that into up to 3.4e-5 (2-core Intel Xeon; below 1e-5 on AMD EPYC). The
@@ -137,23 +149,24 @@ def test_separate_partner_norm_is_two_sets_of_statistics_and_affine(
   # The stem is not gated: its BatchNorm stays shared.
   assert 'stem_bn_dense' not in separate_variables['params']
   # One training forward updates both sets, each from its own half.
-  fresh = _partner('separate').init(jax.random.key(0), _images(2))
+  fresh = _init(_partner('separate'))
   x = jnp.concatenate([_images(4, 1), 3.0 + 2.0 * _images(4, 2)])
-  _, updates = _partner('separate').apply(
-      fresh, x, train=True, mutable=['batch_stats', 'gating'])
+  _, updates = _apply(_partner('separate'), fresh, x, train=True,
+                      mutable=['batch_stats', 'gating'])
   new = updates['batch_stats']['stage1_block0']
   old = fresh['batch_stats']['stage1_block0']
   for name in ('bn1', 'bn1_dense'):
     assert np.max(np.abs(new[name]['mean'] - old[name]['mean'])) > 1e-4
   assert np.max(np.abs(new['bn1']['mean'] - new['bn1_dense']['mean'])) > 1e-3
   # A shared partner norm has one set.
-  shared = _partner().init(jax.random.key(0), _images(2))
+  shared = jax.eval_shape(   # its structure
+      lambda: _partner().init(jax.random.key(0), _images(2)))
   assert 'bn1_dense' not in shared['params']['stage1_block0']
 
 
 @pytest.mark.parametrize('partner_norm', ['shared', 'separate'])
 def test_gradients_reach_the_weights_through_both_paths(partner_norm):
-  variables = _partner(partner_norm).init(jax.random.key(0), _images(2))
+  variables = _init(_partner(partner_norm))
   x = _images(8)
 
   def half_sum(params, half):
@@ -162,7 +175,10 @@ def test_gradients_reach_the_weights_through_both_paths(partner_norm):
         mutable=['batch_stats', 'gating'])
     return jnp.sum(jnp.square(out[:4] if half == 0 else out[4:]))
 
-  grads = [jax.grad(half_sum)(variables['params'], half) for half in (0, 1)]
+  # Both halves' gradients in one compiled program (op by op, the backward
+  # pass through the ResNet takes a minute on CPU).
+  grads = jax.jit(lambda params: [jax.grad(half_sum)(params, half)
+                                  for half in (0, 1)])(variables['params'])
   for grad in grads:
     kernel = grad['stage2_block0']['conv1']['kernel']
     assert np.max(np.abs(kernel)) > 0
@@ -208,7 +224,7 @@ def test_train_step_gates_view_one_and_meters_the_gated_path_only():
   run = pretraining.assemble(test_pretraining.settings_of(config, num_train=64))
   networks = run.networks
   assert networks.online.backbone.gate_mode == 'partner'
-  state = run.init_state(jax.random.key(0))
+  state = jax.jit(run.init_state)(jax.random.key(0))   # one program, not op by op
   costs = run.costs
   step = jax.jit(run.train_step)
   images = np.asarray(jax.random.randint(jax.random.key(3), (4, SIZE, SIZE, 3),

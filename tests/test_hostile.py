@@ -21,6 +21,7 @@ from cdg_jax import train
 from cdg_jax.run import checkpoints
 from cdg_jax.run import config_lib
 from cdg_jax.ssl import pretraining
+import _run_shared
 from test_failures import SMOKE, _command, _last_line
 from test_train import load_config
 
@@ -111,6 +112,8 @@ def test_a_nan_state_with_a_finite_loss_is_never_saved_or_exported(
             in jax.tree_util.keystr(path, simple=True, separator='/') else x,
             state.batch_stats))
       return state, metrics
+    # The shape check before the workdir traces the step it will run.
+    run.eval_shape = getattr(step, 'eval_shape', None)
     return run
 
   monkeypatch.setattr(pretraining, 'jit_train_step', poisoned)
@@ -146,8 +149,10 @@ def test_a_nan_backbone_is_refused_by_linear_eval(tmp_path):
 
 
 def test_a_resume_that_changes_the_objective_is_recorded_or_refused(tmp_path):
-  workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(_smoke(4), workdir)
+  # A finished run of 4 steps (metrics at every step, a checkpoint every 2;
+  # trained once per test process, copied here).
+  workdir = _run_shared.copy_of_small_run(tmp_path / 'run')
+  assert checkpoints.complete_steps(workdir) == [2, 4]
   # Finished: a changed regulariser would train nothing, yet the summary
   # would describe it; refused, config.json left as the run was trained.
   changed = _smoke(4)

@@ -22,31 +22,26 @@ from cdg_jax import linear_eval
 from cdg_jax import train
 from cdg_jax.run import checkpoints
 from cdg_jax.run import run_control
+import _run_shared
 import launch
 from test_failures import _command, _last_line
-from test_train import load_config
 
 SMOKE = '--config=configs/simclr_cifar10.py:smoke'
-# The module's run: the smoke config, 4 steps, a checkpoint every 2.
-_ARGS = ('--config.num_steps=4', '--config.checkpoint.every_steps=2',
-         '--config.plot_images=0')
+# The module's run: the smoke config, 4 steps, a checkpoint every 2
+# (`_run_shared.SMALL_RUN_ARGS`).
+_ARGS = _run_shared.SMALL_RUN_ARGS
 
 
 def _config(num_steps=4):
-  config = load_config('simclr_cifar10')
-  config.num_steps = num_steps
-  config.checkpoint.every_steps = 2
-  config.plot_images = 0
-  config.linear_eval.epochs = 1
-  return config
+  return _run_shared.small_config(num_steps)
 
 
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
   """A finished run with a linear evaluation: checkpoints/, backbone/,
   backbone.json, summary.json, metrics.jsonl, linear_eval.json."""
-  workdir = str(tmp_path_factory.mktemp('finished') / 'run')
-  train.train_and_evaluate(_config(), workdir)
+  workdir = _run_shared.copy_of_small_run(
+      tmp_path_factory.mktemp('finished') / 'run')
   linear_eval.run_linear_eval(_config(), workdir)
   return workdir
 
@@ -74,9 +69,10 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten(
   workdir = _copy(finished_run, tmp_path)
   shutil.rmtree(os.path.join(workdir, 'checkpoints'))   # to save disk
   before = _files(workdir)
-  # The hostile case: another width into the finished run's workdir, given
-  # as a quoted '~/...' (the shell leaves the ~ to the program).
-  result = _command(SMOKE, '--workdir=~/run', '--config.model.width=16',
+  # The hostile case: another run (another seed: a field that changes what
+  # is trained, not the shapes) into the finished run's workdir, given as a
+  # quoted '~/...' (the shell leaves the ~ to the program).
+  result = _command(SMOKE, '--workdir=~/run', '--config.seed=1',
                     *_ARGS, env={'HOME': str(tmp_path)})
   assert result.returncode == 1, result.stderr[-3000:]
   lines = result.stderr.strip().splitlines()
@@ -88,19 +84,20 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten(
   assert (f'FATAL: {workdir} holds the outputs of another run (backbone, '
           f'backbone.json, config.json, events.out.tfevents.') in message
   assert ('but no checkpoint, and this config differs from the one it was '
-          'trained with:\n  model.width: earlier run 8, config 16') in message
+          'trained with:\n  seed: earlier run 0, config 1') in message
   assert f'Workdir: {workdir}' in result.stdout
   assert _files(workdir) == before   # nothing written, nothing lost
   assert not os.path.exists(tmp_path / '~')
 
   # Said explicitly: the earlier files are moved aside, intact, and the new
   # run trains in the workdir.
-  result = _command(SMOKE, f'--workdir={workdir}', '--config.model.width=16',
+  result = _command(SMOKE, f'--workdir={workdir}', '--config.seed=1',
                     *_ARGS, '--set_aside_earlier_run')
   assert result.returncode == 0, result.stderr[-3000:]
   (stamp,) = os.listdir(os.path.join(workdir, 'earlier_runs'))
   assert _files(os.path.join(workdir, 'earlier_runs', stamp)) == before
-  assert checkpoints.read_config(workdir).model.width == 16
+  assert checkpoints.read_config(workdir).seed == 1
+  assert checkpoints.complete_steps(workdir) == [2, 4]
   assert not os.path.exists(os.path.join(workdir, 'linear_eval.json'))
 
 

@@ -10,7 +10,7 @@ from cdg_jax.gating import ops
 from cdg_jax.ssl import models
 from cdg_jax.ssl import pretraining
 from cdg_jax.run import config_lib
-from test_pretraining import NUM_TRAIN, fixed_batch, set_kind, setup, tiny_config
+from test_pretraining import NUM_TRAIN, fixed_batch, jit_setup, set_kind, tiny_config
 
 
 def test_gate_decision_is_float32_and_flips_only_near_the_threshold():
@@ -40,9 +40,10 @@ def test_bfloat16_network_keeps_float32_parameters_and_statistics():
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   model = models.create_resnet({'name': 'resnet10', 'width': 8,
                                 'dtype': 'bfloat16'}, config_lib.read_gating({'kind': 'cdg'}).layer)
-  variables = model.init(jax.random.key(0), x)
-  features, new_vars = model.apply(variables, x, train=True,
-                                   mutable=['batch_stats', 'gate_masks'])
+  # Compiled, each as one program (op by op takes far longer on CPU).
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  features, new_vars = jax.jit(lambda v, x: model.apply(
+      v, x, train=True, mutable=['batch_stats', 'gate_masks']))(variables, x)
   assert features.dtype == jnp.float32
   for leaf in jax.tree.leaves((variables, new_vars['batch_stats'])):
     assert leaf.dtype == jnp.float32
@@ -75,7 +76,7 @@ def test_bfloat16_step_is_finite_and_close_to_the_float32_step(
     if kind == 'cdg':
       config.gating.threshold_init = threshold_init
     config.model.dtype = dtype
-    _, state, mesh, step_fn = setup(config)
+    _, state, mesh, step_fn = jit_setup(config)   # setup's, initialised jitted
     initial = jax.device_get(state.params)
     step = pretraining.jit_train_step(step_fn, mesh)
     state, metrics = step(state, fixed_batch(seed=0))

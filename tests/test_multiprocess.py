@@ -281,9 +281,11 @@ def test_a_killed_process_stops_the_other_naming_it_and_the_run_resumes(
   # The next start resumes from the newest checkpoint. It tests resuming,
   # not loss detection: a longer heartbeat timeout, so that a start slowed
   # by the other test worker on a 2-core machine is not taken for a lost
-  # process.
-  processes, _ = _launch(workdir, '--config.num_steps=' + str(saved[-1] + 2),
-                         '--config.checkpoint.every_steps=4',
+  # process. It trains to STEPS where the checkpoint is before it (step 4,
+  # as a rule): the programs of `two_runs`' multi-process run, which the
+  # compilation cache holds, instead of new ones for another length.
+  processes, _ = _launch(workdir, '--config.num_steps=' + str(
+      max(STEPS, saved[-1] + 2)), '--config.checkpoint.every_steps=4',
                          heartbeat_timeout_s=60)
   results = _finish(processes)
   for code, _, err in results:

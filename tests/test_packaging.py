@@ -139,9 +139,16 @@ def installed(tmp_path_factory):
                  capture_output=True, text=True)
   [wheel] = [w for w in os.listdir(wheels) if w.endswith('.whl')]
   venv = root / 'venv'
-  launch.run([sys.executable, '-m', 'venv', str(venv)], check=True)
+  # The environment gets no pip of its own: this session's pip installs
+  # into it (--python), resolving the wheel's own requirements as a user's
+  # `pip install` does. Bootstrapping a pip there, and byte-compiling every
+  # installed module (most of which no command imports; Python compiles
+  # those it imports on first use), cost more than half the test's set-up.
+  launch.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)],
+             check=True)
   result = launch.run(
-      [str(venv / 'bin' / 'pip'), 'install', '--quiet', str(wheels / wheel)],
+      [sys.executable, '-m', 'pip', '--python', str(venv / 'bin' / 'python'),
+       'install', '--quiet', '--no-compile', str(wheels / wheel)],
       capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   return venv
@@ -149,9 +156,13 @@ def installed(tmp_path_factory):
 
 def _command(venv, name, *args, cwd):
   # A clean environment: nothing from the repository or this test session
-  # (no PYTHONPATH, no forced host devices).
+  # (no PYTHONPATH, no forced host devices: each command splits the host
+  # itself). Only XLA's backend optimisation level 0 is kept, for compile
+  # time, as every test compiles (conftest.py): it changes rounding, not
+  # what the commands do.
   env = {k: v for k, v in os.environ.items()
          if k not in ('PYTHONPATH', 'XLA_FLAGS')}
+  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0'
   env['PATH'] = f'{venv / "bin"}{os.pathsep}{env.get("PATH", "")}'
   return launch.run([str(venv / 'bin' / name), *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=900)

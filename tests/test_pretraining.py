@@ -90,6 +90,48 @@ def setup(config, num_devices=1):
   return run.networks, state, mesh, run.train_step
 
 
+def jit_setup(config, num_devices=1):
+  """`setup`, with the state initialised by one compiled program instead of
+  op by op: the same values up to float32 rounding (the same random keys), in
+  a fraction of the time on CPU."""
+  run = pretraining.assemble(settings_of(config))
+  state = jax.jit(run.init_state)(jax.random.key(0))
+  mesh = parallel.make_mesh(num_devices)
+  state = parallel.replicate(state, mesh)
+  return run.networks, state, mesh, run.train_step
+
+
+@pytest.fixture(scope='module')
+def built():
+  """`built(config, num_devices=1)` -> `(networks, state, mesh, step_fn,
+  step)`, as `jit_setup` gives them plus the step jitted on the mesh
+  (`jit_train_step`), built once per config and device count in this module:
+  tests of one config share one initialisation and one compiled step. Each
+  call gets its own copy of the initial state (the step donates its state)."""
+  runs, steps = {}, {}
+
+  def get(config, num_devices=1):
+    key = config.to_json()
+    if key not in runs:
+      networks, state, _, step_fn = jit_setup(config)
+      runs[key] = (networks, jax.device_get(state), step_fn)
+    networks, initial, step_fn = runs[key]
+    if (key, num_devices) not in steps:
+      mesh = parallel.make_mesh(num_devices)
+      steps[key, num_devices] = (mesh,
+                                 pretraining.jit_train_step(step_fn, mesh))
+    mesh, step = steps[key, num_devices]
+    # From host memory: fresh device buffers for every call.
+    return networks, parallel.replicate(initial, mesh), mesh, step_fn, step
+
+  return get
+
+
+def framework_config(framework):
+  # MoCo learns more slowly (its keys come from a lagging encoder).
+  return tiny_config(framework, num_steps=64 if framework == 'mocov2' else 32)
+
+
 # ---------------------------------------------------------------- losses
 
 
@@ -187,11 +229,9 @@ def test_ema_update_and_decay_mask():
 
 
 @pytest.mark.parametrize('framework', pretraining.FRAMEWORKS)
-def test_each_framework_learns_and_moves_gates(framework):
-  # MoCo learns more slowly (its keys come from a lagging encoder).
-  config = tiny_config(framework, num_steps=64 if framework == 'mocov2' else 32)
-  _, state, mesh, step_fn = setup(config)
-  step = pretraining.jit_train_step(step_fn, mesh)
+def test_each_framework_learns_and_moves_gates(built, framework):
+  config = framework_config(framework)
+  _, state, _, _, step = built(config)
   # Fixed synthetic data: 8 batches of 8 images, cycled. (MoCo's queue of 4
   # batches then never holds keys of the images being queried.)
   batches = [fixed_batch(seed=i) for i in range(8)]
@@ -221,29 +261,37 @@ def test_each_framework_learns_and_moves_gates(framework):
   assert int(state.step) == config.num_steps
 
 
-def test_moco_queue_and_byol_ema_follow_their_formulas():
+def test_moco_queue_and_byol_ema_follow_their_formulas(built):
   batch = fixed_batch()
-  # MoCo: the keys of this step's view 2 are written at the pointer.
-  config = tiny_config('mocov2')
-  networks, state, mesh, step_fn = setup(config)
+  # MoCo: the keys of this step's view 2 are written at the pointer. (The
+  # configs and compiled steps of test_each_framework_learns_and_moves_gates:
+  # neither formula depends on the run's length.)
+  config = framework_config('mocov2')
+  networks, state, _, _, step = built(config)
   old_keys = np.asarray(state.queue['keys'])
-  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  _, view2 = augment.two_views(rng, jnp.asarray(batch['image']), config.augment)
-  target_out, _ = networks.target.apply(
-      {'params': state.target_params, 'batch_stats': state.target_batch_stats},
-      view2, train=True, mutable=['batch_stats'])
-  expected_keys = losses.l2_normalize(target_out['projection'])
-  new_state, _ = jax.jit(step_fn)(state, batch)
+
+  @jax.jit
+  def reference_keys(state, images):   # jitted: op by op takes far longer
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    _, view2 = augment.two_views(rng, images, config.augment)
+    target_out, _ = networks.target.apply(
+        {'params': state.target_params,
+         'batch_stats': state.target_batch_stats},
+        view2, train=True, mutable=['batch_stats'])
+    return losses.l2_normalize(target_out['projection'])
+
+  expected_keys = reference_keys(state, jnp.asarray(batch['image']))
+  new_state, _ = step(state, batch)
   np.testing.assert_allclose(new_state.queue['keys'][:8], expected_keys,
                              rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(new_state.queue['keys'][8:], old_keys[8:])
   assert int(new_state.queue['pointer']) == 8
 
   # BYOL: target <- tau * target + (1 - tau) * new online, tau from the schedule.
-  config = tiny_config('byol')
-  _, state, _, step_fn = setup(config)
+  config = framework_config('byol')
+  _, state, _, _, step = built(config)
   old_target = jax.tree.map(np.asarray, state.target_params)
-  new_state, metrics = jax.jit(step_fn)(state, batch)
+  new_state, metrics = step(state, batch)
   tau = 1 - (1 - 0.99) * (np.cos(0.0) + 1) / 2
   np.testing.assert_allclose(metrics['tau'], tau, rtol=1e-6)
   online = pretraining.select_like(new_state.params, old_target)
@@ -257,16 +305,21 @@ def test_moco_queue_and_byol_ema_follow_their_formulas():
 def test_online_only_gating_leaves_the_target_dense():
   config = tiny_config('byol')
   config.gating.branches = 'online'
-  _, state, _, _ = setup(config)
+  # The state's structure is all this needs: shapes, nothing computed.
+  run = pretraining.assemble(settings_of(config))
+  state = jax.eval_shape(run.init_state, jax.random.key(0))
   assert regularizers.thresholds(state.params) and not regularizers.thresholds(state.target_params)
 
 
 @pytest.mark.parametrize('framework,kind', [
-    ('simclr', 'cdg'), ('byol', 'cdg'),
+    # CDG with a target network (BYOL): the gates' batch statistics, the
+    # online and the target encoder's BatchNorm, the EMA. (SimCLR's loss over
+    # the sharded batch is the predictor cases' below.)
+    ('byol', 'cdg'),
     # The baselines: per-sample top-k, and Gumbel noise drawn for the global
     # batch (the same values however the batch is sharded).
     ('simclr', 'channel_predictor'), ('simclr', 'spatial_predictor')])
-def test_two_devices_match_one_device(framework, kind):
+def test_two_devices_match_one_device(built, framework, kind):
   assert len(jax.devices()) >= 2, 'conftest.py should give two CPU devices'
   config = set_kind(tiny_config(framework), kind)
   if kind == 'spatial_predictor':
@@ -274,7 +327,9 @@ def test_two_devices_match_one_device(framework, kind):
   batch = fixed_batch()
   results = []
   for num_devices in (1, 2):
-    _, state, mesh, step_fn = setup(config, num_devices)
+    # The same initial state on either mesh (BYOL's is shared with
+    # test_each_framework_learns_and_moves_gates, whose config it is).
+    _, state, mesh, step_fn, _ = built(config, num_devices)
     chex.clear_trace_counter()   # a new mesh is a legitimate new trace
     traced = chex.assert_max_traces(step_fn, n=1)
     step = pretraining.jit_train_step(traced, mesh)

@@ -19,6 +19,7 @@ from cdg_jax.run import checkpoints
 from cdg_jax.run import metric_logging
 from cdg_jax.run import run_control
 from test_train import ROOT, load_config
+import _run_shared
 import launch
 import xla_env
 
@@ -97,41 +98,39 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_matches(
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
-  config = load_config('simclr_cifar10')
-  config.num_steps = 6
-  config.checkpoint.every_steps = 3
-  config.log_every_steps = 3
-  config.plot_images = 0
-  reference, workdir = str(tmp_path / 'reference'), str(tmp_path / 'run')
-  train.train_and_evaluate(config, reference)
-  train.train_and_evaluate(config, workdir)
+  # The reference: 4 steps, a checkpoint every 2 (trained once per test
+  # process); the run to damage is a copy of it, files and all.
+  config = _run_shared.small_config()
+  reference = _run_shared.copy_of_small_run(tmp_path / 'reference')
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
   # Truncate every array file of the newest checkpoint.
-  damaged = os.path.join(workdir, 'checkpoints', '6')
+  damaged = os.path.join(workdir, 'checkpoints', '4')
   for folder, _, files in os.walk(damaged):
     for name in files:
       if os.sep + 'd' in folder:
         path = os.path.join(folder, name)
         os.truncate(path, os.path.getsize(path) // 2)
   summary = train.train_and_evaluate(config, workdir)
-  assert summary['resumed_from_step'] == 3
+  assert summary['resumed_from_step'] == 2
   _assert_same_backbone(reference, workdir)
   # Nothing is deleted: the damaged step is moved aside.
   moved = os.listdir(os.path.join(workdir, checkpoints.DAMAGED_DIR))
-  assert len(moved) == 1 and moved[0].startswith('6-')
-  assert _metric_steps(workdir) == [3, 6]
+  assert len(moved) == 1 and moved[0].startswith('4-')
+  assert _metric_steps(workdir) == [1, 2, 3, 4]
 
   # When no checkpoint restores, the error names the directory and the fix,
   # and, from the command line, is the last line of the output: orbax's
   # tracebacks and its closed event loops' exceptions stay in the log.
-  for step in ('3', '6'):
+  for step in ('2', '4'):
     _truncate_arrays(os.path.join(workdir, 'checkpoints', step))
   with pytest.raises(checkpoints.NoValidCheckpointError,
                      match=r'(?s)None of the 2 checkpoint\(s\) in .*checkpoints'
                      r'.*start this run from scratch'):
     train.train_and_evaluate(config, workdir)
-  result = _main(f'--workdir={workdir}', '--config.num_steps=6',
-                 '--config.checkpoint.every_steps=3',
-                 '--config.log_every_steps=3')
+  result = _main(f'--workdir={workdir}', '--config.num_steps=4',
+                 '--config.checkpoint.every_steps=2',
+                 '--config.log_every_steps=1')
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 1
   assert lines[-1] == (f'No checkpoint of {workdir}/checkpoints restores '
@@ -185,6 +184,10 @@ def test_shape_errors_come_before_the_workdir_and_the_fix_reruns_there(
   config.num_steps = 4
   config.gating.block = (2, 2, 0)
   config.eval.sparse_inference = True
+  # Block-sparse inference runs tile by tile: a small bank and test split
+  # (of the one synthetic source) keep its evaluation short.
+  config.data.fake_num_train = 64
+  config.data.fake_num_test = 32
   summary = train.train_and_evaluate(config, workdir)
   assert summary['steps'] == 4
   # The summary says that evaluation skipped the closed tiles.

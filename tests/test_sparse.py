@@ -50,9 +50,10 @@ def _layer(h, c_in=8, c_out=12, seed=0):
 
 
 @pytest.mark.parametrize('tile_conv', ['conv', 'patches'])
+# (16, 4, 1) was dropped: the same stride-1 path and the same 48 tiles and
+# 11 capacities as (8, 2, 1).
 @pytest.mark.parametrize('h,tile,stride', [(8, 1, 1), (8, 2, 1), (8, 4, 2),
-                                           (16, 4, 1), (16, 8, 2), (4, 8, 1),
-                                           (7, 1, 2)])
+                                           (16, 8, 2), (4, 8, 1), (7, 1, 2)])
 def test_sparse_conditional_equals_masked_for_every_capacity(h, tile, stride,
                                                             tile_conv):
   x, kernel = _layer(h)
@@ -90,12 +91,20 @@ def test_sparse_gated_conv_equals_gated_conv_for_both_groupings():
   threshold = jnp.linspace(-0.5, 0.5, 8)
   stats = dict(running_mean=jnp.full((8,), 0.1),
                running_var=jnp.full((8,), 2.0))
+  # Each form compiled as one program (op-by-op dispatch compiles every
+  # operation on its own).
+  masked_fn = jax.jit(ops.gated_conv,
+                      static_argnames=('groups', 'grouping', 'strides',
+                                       'block'))
+  fast_fn = jax.jit(sparse.sparse_gated_conv,
+                    static_argnames=('groups', 'grouping', 'strides',
+                                     'block'))
   for grouping in ('first', 'diagonal'):
     for strides in ((1, 1), (2, 2)):
-      masked, mask, _ = ops.gated_conv(
+      masked, mask, _ = masked_fn(
           x, kernel, threshold, groups=4, grouping=grouping, strides=strides,
           block=(2, 2, 0), **stats)
-      fast, fast_mask, _ = sparse.sparse_gated_conv(
+      fast, fast_mask, _ = fast_fn(
           x, kernel, threshold, groups=4, grouping=grouping, strides=strides,
           block=(2, 2, 0), **stats)
       np.testing.assert_array_equal(fast_mask, mask)
@@ -106,15 +115,20 @@ def test_sparse_gated_conv_equals_gated_conv_for_both_groupings():
 
 
 def test_sparse_backbone_equals_masked_backbone_and_compiles_once():
-  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
-  gating_config = {'kind': 'cdg', 'block': (2, 2, 0)}
+  # Two 8x8 images and 4x4 tiles: 8 tiles on the first stage's maps, 2 on
+  # the later ones, so the executor compiles 7 or 1 capacity branches per
+  # gated layer rather than 11 (what is checked does not depend on the size).
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  gating_config = {'kind': 'cdg', 'block': (4, 4, 0)}
   model_config = {'name': 'resnet10', 'width': 8}
   masked = models.create_resnet(model_config, config_lib.read_gating(gating_config).layer)
   fast = models.with_sparse_inference(models.create_resnet(
       model_config, config_lib.read_gating(gating_config).layer))
-  variables = masked.init(jax.random.key(0), x)
+  # Compiled rather than op by op (which compiles every operation alone).
+  variables = jax.jit(masked.init)(jax.random.key(0), x)
   # Running statistics from a training pass, so the gates are mixed.
-  _, updates = masked.apply(variables, x, train=True, mutable=['batch_stats'])
+  _, updates = jax.jit(lambda v, x: masked.apply(
+      v, x, train=True, mutable=['batch_stats']))(variables, x)
   variables = {'params': variables['params'], **updates}
   traces = []
 
@@ -122,9 +136,10 @@ def test_sparse_backbone_equals_masked_backbone_and_compiles_once():
     traces.append(model.gating.sparse_inference)
     return model.apply(variables, images, train=False, mutable=['gating'])
 
+  forward_masked = jax.jit(lambda images: forward(masked, images))
   forward_fast = jax.jit(lambda images: forward(fast, images))
   for scale in (1.0, 3.0):   # other inputs open other tiles
-    expected, densities = forward(masked, scale * x)
+    expected, densities = forward_masked(scale * x)
     got, fast_densities = forward_fast(scale * x)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     jax.tree.map(np.testing.assert_array_equal, fast_densities, densities)
@@ -138,20 +153,23 @@ def test_sparse_backbone_equals_masked_backbone_and_compiles_once():
 
 
 def test_stage_blocks_give_each_stage_its_tile_and_sparse_equals_masked():
-  x = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
+  # Two 8x8 images (fewer tiles, so fewer capacity branches to compile).
+  x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
   model_config = {'name': 'resnet10', 'width': 8}
-  # Maps 16/8/4/2: 4x4 tiles on the first stage, 2x2 after, one tile (the
-  # whole 2x2 map) on the last.
-  stage_blocks = ((4, 4, 0), (2, 2, 0), (2, 2, 0), (2, 2, 0))
+  # Maps 8/4/2/1: 4x4 tiles on the first stage, 2x2 on the next two (one
+  # tile, the whole 2x2 map, on the third), 1x1 on the last.
+  stage_blocks = ((4, 4, 0), (2, 2, 0), (2, 2, 0), (1, 1, 0))
   gating_config = {'kind': 'cdg', 'block': (1, 1, 1),
                    'stage_blocks': stage_blocks}
   masked = models.create_resnet(model_config, config_lib.read_gating(gating_config).layer)
   fast = models.with_sparse_inference(masked)
-  variables = masked.init(jax.random.key(0), x)
-  _, updates = masked.apply(variables, x, train=True, mutable=['batch_stats'])
+  # Compiled rather than op by op (which compiles every operation alone).
+  variables = jax.jit(masked.init)(jax.random.key(0), x)
+  _, updates = jax.jit(lambda v, x: masked.apply(
+      v, x, train=True, mutable=['batch_stats']))(variables, x)
   variables = {'params': variables['params'], **updates}
-  expected, collections = masked.apply(variables, x, train=False,
-                                       mutable=['gate_masks'])
+  expected, collections = jax.jit(lambda v, x: masked.apply(
+      v, x, train=False, mutable=['gate_masks']))(variables, x)
   got = jax.jit(lambda v, images: fast.apply(v, images, train=False))(
       variables, x)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -170,9 +188,9 @@ def test_stage_blocks_give_each_stage_its_tile_and_sparse_equals_masked():
       'kind': 'cdg', 'block': (2, 2, 0), 'stage_blocks': ((2, 2, 0),) * 4}).layer)
   plain = models.create_resnet(model_config, config_lib.read_gating({'kind': 'cdg',
                                               'block': (2, 2, 0)}).layer)
-  np.testing.assert_array_equal(
-      uniform.apply(variables, x, train=False),
-      plain.apply(variables, x, train=False))
+  apply = lambda model: jax.jit(lambda v, x: model.apply(v, x, train=False))(
+      variables, x)
+  np.testing.assert_array_equal(apply(uniform), apply(plain))
 
 
 def test_stage_blocks_are_validated_with_the_bad_value_named():

@@ -119,8 +119,12 @@ def test_sampled_gate_gradient_is_unbiased():
   assert wrong.max() > 10, wrong
 
 
-@pytest.mark.parametrize('h,tile,stride', [(8, 2, 1), (8, 4, 2), (16, 8, 1),
-                                           (16, 4, 2), (4, 8, 1), (7, 1, 2)])
+# One case per path: stride 1 with a 2x2 grid of tiles a sample, stride 2
+# with one tile a sample and with a 2x2 grid, a tile clamped to the map, 1x1
+# tiles with stride 2 on an odd map. ((4, 2, 1) stands for the former
+# (8, 2, 1) and (16, 8, 1), the same stride-1 path with 11 and 7 capacities.)
+@pytest.mark.parametrize('h,tile,stride', [(4, 2, 1), (8, 4, 2), (16, 4, 2),
+                                           (4, 8, 1), (7, 1, 2)])
 def test_open_tile_gradients_equal_the_masked_form_for_every_capacity(
     h, tile, stride):
   """Input and kernel gradients of the conditional path at open tiles, for
@@ -199,10 +203,11 @@ def test_windows_past_the_neighbouring_tiles_take_the_dense_input_gradient():
   with pytest.raises(ValueError, match=r'reach past the neighbouring input'):
     tiling.overlap_add_windows(jnp.zeros((4, 5, 5, 3)), tile_mask, (4, 4),
                                (1, 1), (5, 5), (1, 1))
-  got = jax.grad(lambda x: jnp.sum(sparse_training.conditional_at_open_tiles(
-      x, kernel, tile_mask) ** 2))(x)
-  want = jax.grad(lambda x: jnp.sum(
-      (tile_mask[..., None] * ops.conv(x, kernel)) ** 2))(x)
+  # Compiled whole (op-by-op dispatch compiles each operation alone).
+  got = jax.jit(jax.grad(lambda x: jnp.sum(
+      sparse_training.conditional_at_open_tiles(x, kernel, tile_mask) ** 2)))(x)
+  want = jax.jit(jax.grad(lambda x: jnp.sum(
+      (tile_mask[..., None] * ops.conv(x, kernel)) ** 2)))(x)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -231,13 +236,16 @@ def test_tile_gate_is_the_block_gate_on_pooled_outputs(norm, num_groups,
     mask, _, _ = tiling.tile_gate(y, t, (4, 2), **options)
     return jnp.sum(weights * mask), mask
 
-  (_, want_mask), want = jax.value_and_grad(block_form, (0, 1),
-                                            has_aux=True)(y_base, threshold)
-  (_, mask), got = jax.value_and_grad(tile_form, (0, 1),
-                                      has_aux=True)(y_base, threshold)
+  # Each form compiled as one program (op-by-op dispatch of the gradient
+  # compiles every operation on its own: several times the CPU time).
+  (_, want_mask), want = jax.jit(jax.value_and_grad(
+      block_form, (0, 1), has_aux=True))(y_base, threshold)
+  (_, mask), got = jax.jit(jax.value_and_grad(
+      tile_form, (0, 1), has_aux=True))(y_base, threshold)
   assert 0.2 < float(jnp.mean(mask)) < 0.8
   np.testing.assert_array_equal(mask, want_mask)
-  _, tile_mask, _ = tiling.tile_gate(y_base, threshold, (4, 2), **options)
+  _, tile_mask, _ = jax.jit(lambda y, t: tiling.tile_gate(
+      y, t, (4, 2), **options))(y_base, threshold)
   np.testing.assert_array_equal(tile_mask, tiling.tile_mask_of(mask, (4, 2)))
   assert float(jnp.max(jnp.abs(want[1]))) > 1e-2
   _assert_close(got, want)
@@ -245,11 +253,14 @@ def test_tile_gate_is_the_block_gate_on_pooled_outputs(norm, num_groups,
 
 def test_the_estimator_adds_nothing_to_the_forward_pass():
   x, kernel, threshold, _ = _layer_inputs()
-  plain, _, _ = sparse_training.sparse_train_gated_conv(x, kernel, threshold,
-                                               block=BLOCK)
-  sampled, _, _ = sparse_training.sparse_train_gated_conv(
-      x, kernel, threshold, block=BLOCK, closed_tile_gradient='sampled',
-      sample_fraction=0.5, rng=jax.random.key(1))
+  # Both forms in one compiled program (rather than op by op).
+  plain, sampled = jax.jit(lambda x, kernel, threshold: (
+      sparse_training.sparse_train_gated_conv(x, kernel, threshold,
+                                              block=BLOCK)[0],
+      sparse_training.sparse_train_gated_conv(
+          x, kernel, threshold, block=BLOCK, closed_tile_gradient='sampled',
+          sample_fraction=0.5, rng=jax.random.key(1))[0]))(x, kernel,
+                                                           threshold)
   np.testing.assert_array_equal(plain, sampled)
 
 
@@ -273,12 +284,17 @@ def test_closed_tile_sample_is_uniform_and_scaled():
 
 
 def test_gated_resnet_trains_the_same_forward_sparse():
+  # Two images and 8x8 tiles: the first stage's maps hold four tiles a
+  # sample (8 tiles, 7 capacity branches), the later ones one (2 tiles, one
+  # branch besides the dense fallback); the sparse forward compiles less
+  # than half the branches of four images with 4x4 tiles. (8x8 images
+  # failed the tolerance: BatchNorm over a 1x1 last map of two samples.)
   model_config = {'name': 'resnet10', 'width': 8}
-  masked = models.create_resnet(model_config, GatingSpec(block=(4, 4, 0)))
+  masked = models.create_resnet(model_config, GatingSpec(block=(8, 8, 0)))
   fast = models.create_resnet(model_config, GatingSpec(
-      block=(4, 4, 0), execution='sparse_training', closed_tile_gradient='sampled'))
-  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
-  variables = masked.init(jax.random.key(1), x)
+      block=(8, 8, 0), execution='sparse_training', closed_tile_gradient='sampled'))
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  variables = jax.jit(masked.init)(jax.random.key(1), x)   # not op by op
   apply = lambda model: jax.jit(lambda v, x: model.apply(
       v, x, train=True, rngs={CLOSED_TILE_RNG: jax.random.key(2)},
       mutable=['batch_stats', DENSITY_COLLECTION]))(variables, x)
@@ -321,11 +337,17 @@ def test_stage_tiles_leave_the_ungated_stem_block_alone():
 
 
 def test_sparse_train_step_one_trace_and_two_devices_match_one():
-  config = test_pretraining.tiny_config('simclr')
-  config.gating.block = BLOCK
+  # Two images (one per device; four views) and 8x8 tiles: the first
+  # stage's 16x16 maps hold four tiles a view, the later (smaller) maps one.
+  # The step compiles one branch per static capacity of each gated layer,
+  # forward and backward; with 16 tiles (stage 1) there are 11 of them, with
+  # 4 tiles (later stages) 3, against 11 everywhere with the batch of 8 and
+  # 2x2 tiles: about half the compile time, on either device layout.
+  config = test_pretraining.tiny_config('simclr', batch_size=2)
+  config.gating.block = (8, 8, 0)
   config.gating.sparse_training = True
   config.gating.closed_tile_gradient = 'sampled'
-  batch = test_pretraining.fixed_batch()
+  batch = test_pretraining.fixed_batch(batch_size=2)
   results = []
   for num_devices in (1, 2):
     _, state, mesh, step_fn = test_pretraining.setup(config, num_devices)

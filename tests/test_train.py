@@ -81,12 +81,11 @@ class _Interrupted(Exception):
 
 def test_interrupted_run_ends_with_the_parameters_of_an_uninterrupted_one(
     tmp_path, monkeypatch):
-  config = load_config('simclr_cifar10')
-  config.num_steps = 6
-  config.checkpoint.every_steps = 3
-  config.log_every_steps = 3
-  config.plot_images = 0
-  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  import _run_shared  # pylint: disable=g-import-not-at-top
+  # The uninterrupted run: 4 steps, a checkpoint every 2 (trained once per
+  # test process, copied here).
+  config = _run_shared.small_config()
+  straight = _run_shared.copy_of_small_run(tmp_path / 'straight')
 
   real_create_source = input_pipeline.create_source
 
@@ -96,7 +95,7 @@ def test_interrupted_run_ends_with_the_parameters_of_an_uninterrupted_one(
 
     def batches(*args, **kwargs):
       for i, batch in enumerate(real_batches(*args, **kwargs)):
-        if i == 4:  # the process "dies" while step 5 waits for its batch
+        if i == 3:  # the process "dies" while step 4 waits for its batch
           raise _Interrupted()
         yield batch
     source.train_batches = batches
@@ -106,11 +105,12 @@ def test_interrupted_run_ends_with_the_parameters_of_an_uninterrupted_one(
   monkeypatch.setattr(input_pipeline, 'create_source', create_source_that_dies)
   with pytest.raises(_Interrupted):
     train.train_and_evaluate(config, workdir)
+  assert checkpoints.complete_steps(workdir) == [2]
   monkeypatch.setattr(input_pipeline, 'create_source', real_create_source)
   summary = train.train_and_evaluate(config, workdir)
-  assert summary['resumed_from_step'] == 3
+  assert summary['resumed_from_step'] == 2
 
-  _, _, straight = checkpoints.load_backbone(str(tmp_path / 'straight'))
+  _, _, straight = checkpoints.load_backbone(straight)
   _, _, resumed = checkpoints.load_backbone(workdir)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                straight, resumed)
