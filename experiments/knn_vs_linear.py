@@ -48,17 +48,6 @@ from cdg_jax.run import parallel
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-flags.DEFINE_list('workdirs', None,
-                  'Run directories with an exported backbone (dense and CDG '
-                  'of one seed side by side reads best).')
-flags.DEFINE_integer('validation_size', 0,
-                     'Hold out this many training images as queries (0: the '
-                     'test split).')
-flags.DEFINE_integer('batch_size', 500, 'Evaluation batch size.')
-flags.DEFINE_integer('pairs', 4000,
-                     'Random feature pairs for the mean cosine similarity.')
-flags.DEFINE_string('out', 'experiments/results/knn_vs_linear',
-                    'Folder of the dated record.')
 FLAGS = flags.FLAGS
 
 # (name, k, temperature, feature transform): the protocol first.
@@ -208,6 +197,23 @@ def main(argv):
   print(f'Record: {path}')
 
 
+def define_flags() -> None:
+  """The command's flags (defined when it runs, not on import, so that
+  tests can import this module beside other scripts' flags)."""
+  flags.DEFINE_list('workdirs', None,
+                    'Run directories with an exported backbone (dense and CDG '
+                    'of one seed side by side reads best).')
+  flags.DEFINE_integer('validation_size', 0,
+                       'Hold out this many training images as queries (0: the '
+                       'test split).')
+  flags.DEFINE_integer('batch_size', 500, 'Evaluation batch size.')
+  flags.DEFINE_integer('pairs', 4000,
+                       'Random feature pairs for the mean cosine similarity.')
+  flags.DEFINE_string('out', 'experiments/results/knn_vs_linear',
+                      'Folder of the dated record.')
+
+
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flag_as_required('workdirs')
   app.run(main)
