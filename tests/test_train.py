@@ -1,5 +1,6 @@
 """End-to-end tests of the training program on the synthetic source."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ from cdg_jax import train
 from cdg_jax.data import input_pipeline
 from cdg_jax.run import checkpoints
 from cdg_jax.run import config_lib
+from cdg_jax.ssl import pretraining
 
 import launch
 import xla_env
@@ -107,8 +109,26 @@ def test_interrupted_run_ends_with_the_parameters_of_an_uninterrupted_one(
     train.train_and_evaluate(config, workdir)
   assert checkpoints.complete_steps(workdir) == [2]
   monkeypatch.setattr(input_pipeline, 'create_source', real_create_source)
+  # The resumed run traces its initialisation and its step once each: the
+  # shape check's traces are the ones the run calls (train.check_shapes).
+  traces = {'init_state': 0, 'train_step': 0}
+  real_assemble = pretraining.assemble
+
+  def counting_assemble(settings):
+    run = real_assemble(settings)
+
+    def counted(name):
+      def traced(*args):
+        traces[name] += 1
+        return getattr(run, name)(*args)
+      return traced
+    return dataclasses.replace(run, init_state=counted('init_state'),
+                               train_step=counted('train_step'))
+
+  monkeypatch.setattr(pretraining, 'assemble', counting_assemble)
   summary = train.train_and_evaluate(config, workdir)
   assert summary['resumed_from_step'] == 2
+  assert traces == {'init_state': 1, 'train_step': 1}
 
   _, _, straight = checkpoints.load_backbone(straight)
   _, _, resumed = checkpoints.load_backbone(workdir)
