@@ -1,6 +1,7 @@
 """Tests of the gated ResNets: parameter counts, trees, equivalences, errors."""
 
 import dataclasses
+import functools
 
 import flax
 import jax
@@ -57,6 +58,19 @@ def _tiny(kind, **gating):
                               config_lib.read_gating({'kind': kind, **gating}).layer)
 
 
+
+def _init(model, x):
+  """`model.init` as one compiled program (op by op, each operation would
+  compile on its own)."""
+  return jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(0), x)
+
+
+def _apply(model, variables, x, *, train, mutable):
+  """`model.apply` as one compiled program."""
+  return jax.jit(functools.partial(model.apply, train=train,
+                                   mutable=mutable))(variables, x)
+
 @pytest.mark.parametrize('options', [
     {}, {'grouping': 'diagonal', 'saliency_norm': 'sample',
          'saliency_grad': True, 'surrogate': 'hard_sigmoid'}],
@@ -64,7 +78,7 @@ def _tiny(kind, **gating):
 def test_gated_network_with_open_gates_equals_dense_network(options):
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
   dense, gated = _tiny('none'), _tiny('cdg', **options)
-  variables = gated.init(jax.random.key(0), x, train=False)
+  variables = _init(gated, x)
   # Thresholds far below any saliency open every gate.
   params = jax.tree_util.tree_map_with_path(
       lambda path, p: jnp.full_like(p, -1e9) if path[-1].key == 'threshold' else p,
@@ -77,10 +91,10 @@ def test_gated_network_with_open_gates_equals_dense_network(options):
           variables['batch_stats']).items() if not k[-1].startswith('saliency')})}
   for train in [False, True]:
     mutable = ['batch_stats'] if train else False
-    out_gated = gated.apply({**variables, 'params': params}, x, train=train,
-                            mutable=mutable)
-    out_dense = dense.apply({'params': dense_params, **dense_stats}, x,
-                            train=train, mutable=mutable)
+    out_gated = _apply(gated, {**variables, 'params': params}, x,
+                       train=train, mutable=mutable)
+    out_dense = _apply(dense, {'params': dense_params, **dense_stats}, x,
+                       train=train, mutable=mutable)
     if train:
       out_gated, out_dense = out_gated[0], out_dense[0]
     # Splitting the channel sum reorders float adds; 8 layers amplify it a bit.
@@ -90,9 +104,9 @@ def test_gated_network_with_open_gates_equals_dense_network(options):
 def test_layers_sow_per_sample_densities_and_masks_on_request():
   x = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
   model = _tiny('cdg')
-  variables = model.init(jax.random.key(0), x, train=False)
-  _, state = model.apply(variables, x, train=True,
-                         mutable=['batch_stats', 'gating', 'gate_masks'])
+  variables = _init(model, x)
+  _, state = _apply(model, variables, x, train=True,
+                    mutable=('batch_stats', 'gating', 'gate_masks'))
   densities = flax.traverse_util.flatten_dict(state['gating'])
   masks = flax.traverse_util.flatten_dict(state['gate_masks'])
   assert len(densities) == 16 and len(masks) == 16
@@ -108,13 +122,14 @@ def test_layers_sow_per_sample_densities_and_masks_on_request():
 def test_eval_masks_of_a_sample_do_not_depend_on_the_batch():
   model = _tiny('cdg')
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
-  variables = model.init(jax.random.key(0), x, train=False)
-  _, state = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  variables = _init(model, x)
+  _, state = _apply(model, variables, x, train=True, mutable=('batch_stats',))
   variables = {**variables, 'batch_stats': state['batch_stats']}
   other = x.at[1:].set(jax.random.normal(jax.random.key(9), (3, 8, 8, 3)) * 3)
   masks = []
   for batch in (x, other):
-    _, s = model.apply(variables, batch, train=False, mutable=['gate_masks'])
+    _, s = _apply(model, variables, batch, train=False,
+                  mutable=('gate_masks',))
     masks.append(jax.tree.map(lambda m: m[0], s['gate_masks']))
   jax.tree.map(np.testing.assert_array_equal, masks[0], masks[1])
 
