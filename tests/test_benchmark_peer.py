@@ -51,11 +51,20 @@ def test_jax_half_without_torch(tmp_path, monkeypatch, capsys):
   # compile time (the sparse step's dominates this test). Two images (one
   # per device) and one tile per map: 4 tiles per gated layer, so the sparse
   # step compiles 3 capacity branches per layer instead of 11 (what this
-  # test checks does not depend on the tiling). Two rounds, each in a fresh
-  # process of its own, as the benchmark runs (the record joins them).
+  # test checks does not depend on the tiling). One round in a fresh process
+  # of its own, as the benchmark runs it; how rounds are joined is checked
+  # below on that round's reply.
+  replies = []
+  real_worker = benchmark_peer.run_worker
+
+  def recording_worker(library, payload):
+    replies.append(real_worker(library, payload))
+    return replies[-1]
+
+  monkeypatch.setattr(benchmark_peer, 'run_worker', recording_worker)
   argv = ['benchmark_peer.py', '--model=resnet10', '--width=8',
           '--image_size=16', '--batch_size=2', '--tiles=16', '--repeats=1',
-          '--rounds=2', f'--out={tmp_path}']
+          '--rounds=1', f'--out={tmp_path}']
   with flagsaver.flagsaver():
     flags.FLAGS(argv)
     returned = benchmark_peer.run()
@@ -72,7 +81,7 @@ def test_jax_half_without_torch(tmp_path, monkeypatch, capsys):
   for row in rows.values():
     assert isinstance(row['median_step_s'], float)
     assert row['median_step_s'] > 0
-    assert len(row['times_s']) == 2   # one per round
+    assert len(row['times_s']) == 1   # one per round
     assert row['first_call_s'] > 0
     assert isinstance(row['minor_faults_per_step'], (int, float))
   assert rows['cdg_jax/dense']['flops_reduction'] == pytest.approx(1.0)
@@ -91,6 +100,28 @@ def test_jax_half_without_torch(tmp_path, monkeypatch, capsys):
   assert '`sparse_vs_torch_compiled_masked`' in markdown
   assert 'CIFAR resnet10 width 8' in markdown
   assert result['threads'].startswith('cdg_jax: ')
+
+  # Two rounds: a fresh process each (two replies), the record's times the
+  # rounds' joined in round order. The second reply is the first with its
+  # times tripled, so that the order shows.
+  (first,) = replies
+  second = json.loads(json.dumps(first))
+  second['times'] = {k: [3 * t for t in v] for k, v in first['times'].items()}
+  calls = []
+
+  def canned_worker(library, payload):
+    calls.append((library, payload))
+    return [first, second][len(calls) - 1]
+
+  monkeypatch.setattr(benchmark_peer, 'run_worker', canned_worker)
+  with flagsaver.flagsaver():
+    flags.FLAGS(argv[:-2] + ['--rounds=2', f'--out={tmp_path / "two"}'])
+    joined = benchmark_peer.run()
+  assert calls == [('cdg_jax', {}), ('cdg_jax', {})]
+  for row in joined['rows']:
+    (once,) = first['times'][row['key']]
+    assert row['times_s'] == [once, 3 * once]
+    assert row['median_step_s'] == pytest.approx(2 * once)
 
 
 def test_worker_failure_is_reported(tmp_path, monkeypatch):

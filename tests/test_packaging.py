@@ -157,12 +157,12 @@ def installed(tmp_path_factory):
 def _command(venv, name, *args, cwd):
   # A clean environment: nothing from the repository or this test session
   # (no PYTHONPATH, no forced host devices: each command splits the host
-  # itself). Only XLA's backend optimisation level 0 is kept, for compile
-  # time, as every test compiles (conftest.py): it changes rounding, not
-  # what the commands do.
+  # itself). Only the flags for compile time are kept, as every test
+  # compiles (conftest.py): they change rounding, not what the commands do.
   env = {k: v for k, v in os.environ.items()
          if k not in ('PYTHONPATH', 'XLA_FLAGS')}
-  env['XLA_FLAGS'] = '--xla_backend_optimization_level=0'
+  env['XLA_FLAGS'] = ('--xla_backend_optimization_level=0 '
+                      '--xla_cpu_use_fusion_emitters=false')
   env['PATH'] = f'{venv / "bin"}{os.pathsep}{env.get("PATH", "")}'
   return launch.run([str(venv / 'bin' / name), *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=900)

@@ -183,17 +183,18 @@ def test_shape_errors_come_before_the_workdir_and_the_fix_reruns_there(
   config = _smoke_config()
   config.num_steps = 4
   config.gating.block = (2, 2, 0)
-  config.eval.sparse_inference = True
-  # Block-sparse inference runs tile by tile: a small bank and test split
-  # (of the one synthetic source) keep its evaluation short.
+  # A small bank and test split (of the one synthetic source) keep the
+  # evaluation short. Block-sparse evaluation of such a run (which compiles
+  # a program per tile capacity) is test_evaluation's: here the point is
+  # that the corrected value trains in the same workdir.
   config.data.fake_num_train = 64
   config.data.fake_num_test = 32
   summary = train.train_and_evaluate(config, workdir)
   assert summary['steps'] == 4
-  # The summary says that evaluation skipped the closed tiles.
-  assert summary['sparse_inference'] is True
-  with open(os.path.join(workdir, train.SUMMARY_FILE)) as f:
-    assert json.load(f)['sparse_inference'] is True
+  assert summary['sparse_inference'] is False
+  # The workdir's config is the corrected one.
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['gating']['block'] == [2, 2, 0]
   # Sparse inference on untiled gates: refused before training.
   other = str(tmp_path / 'sparse')
   result = _main(f'--workdir={other}', '--config.eval.sparse_inference=True')
