@@ -13,6 +13,11 @@ The counting itself is `cdg_jax.gating.flops`.
 
 from __future__ import annotations
 
+# Before any third-party import of the program: a library-only install
+# (`pip install cdg_jax`) gets the install command, not a ModuleNotFoundError.
+from cdg_jax import run as _run  # pylint: disable=g-import-not-at-top
+_run.require_program_dependencies('cdg-flops (python -m cdg_jax.flops_table)')
+
 from typing import Any
 
 import jax

@@ -15,6 +15,11 @@ results, `-v 0` adds the INFO logs (per-step metrics, checkpointing, the
 tracebacks behind a FATAL line).
 """
 
+# Before any third-party import of the program: a library-only install
+# (`pip install cdg_jax`) gets the install command, not a ModuleNotFoundError.
+from cdg_jax import run as _run  # pylint: disable=g-import-not-at-top
+_run.require_program_dependencies('cdg-train (python -m cdg_jax.main)')
+
 from absl import app
 from absl import flags
 from absl import logging

@@ -1,9 +1,12 @@
 """The installable package: the wheel in a fresh environment, and the layout.
 
-The wheel test builds the project's wheel, installs it into a new virtual
-environment without the TFDS extra (so without TensorFlow), and runs the
-three console commands from a directory outside the repository, with the
-config file addressed by its path, as a user of `pip install cdg_jax` would.
+The wheel tests build the project's wheel and install it into a new virtual
+environment twice over: first alone (`pip install cdg_jax`: the gating
+library, whose README code must run there, and commands that name the
+missing extra), then with the `train` extra and without the TFDS one (so
+without TensorFlow), where the three console commands run from a directory
+outside the repository, with the config file addressed by its path, as a
+user of `pip install "cdg_jax[train]"` would.
 """
 
 import ast
@@ -15,6 +18,7 @@ import sys
 import pytest
 
 import launch
+import test_readme
 from test_train import ROOT
 
 PACKAGE = os.path.join(ROOT, 'cdg_jax')
@@ -124,7 +128,9 @@ def test_no_function_in_the_package_is_longer_than_80_lines():
 
 @pytest.fixture(scope='module')
 def installed(tmp_path_factory):
-  """A fresh virtual environment with only the project's wheel installed."""
+  """A fresh virtual environment with the project's wheel and its `train`
+  extra installed, and what its library-only install did before the extra
+  was added."""
   root = tmp_path_factory.mktemp('wheel')
   # Built from a copy of what the wheel is made of, so that setuptools'
   # build/ and *.egg-info land there, not in the checkout.
@@ -146,12 +152,34 @@ def installed(tmp_path_factory):
   # those it imports on first use), cost more than half the test's set-up.
   launch.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)],
              check=True)
+  _pip_install(venv, str(wheels / wheel))
+  # The library install, checked before the program's extra joins it: the
+  # README's own-network code, what is (not) installed, a command's message.
+  snippet = root / 'snippet.py'
+  snippet.write_text(test_readme.readme_snippet())
+  outside = root / 'elsewhere'
+  outside.mkdir()
+  library = {
+      'snippet': _command(venv, 'python', str(snippet), cwd=outside),
+      'modules': launch.run(
+          [str(venv / 'bin' / 'python'), '-c',
+           'import importlib.util as u, json; print(json.dumps({m: u.find_spec'
+           f'(m) is not None for m in {sorted(PROGRAM_MODULES)!r}}}))'],
+          cwd=outside, capture_output=True, text=True, check=True),
+      'train': _command(venv, 'cdg-train', '--help', cwd=outside),
+  }
+  _pip_install(venv, f'{wheels / wheel}[train]')
+  return venv, library
+
+
+def _pip_install(venv, requirement):
+  """This session's pip installing `requirement` into `venv`."""
   result = launch.run(
       [sys.executable, '-m', 'pip', '--python', str(venv / 'bin' / 'python'),
-       'install', '--quiet', '--no-compile', str(wheels / wheel)],
+       'install', '--quiet', '--no-compile', requirement],
       capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
-  return venv
+  return result
 
 
 def _command(venv, name, *args, cwd):
@@ -168,7 +196,33 @@ def _command(venv, name, *args, cwd):
                         capture_output=True, text=True, timeout=900)
 
 
+# What the program imports beyond the library (its `train` extra), as
+# importable names; flax itself brings optax, orbax and absl.
+PROGRAM_MODULES = ('ml_collections', 'clu', 'tensorboardX', 'dm_pix',
+                   'matplotlib', 'tqdm')
+
+
+def test_the_library_install_runs_the_readme_code_and_names_the_extra(
+    installed):
+  _, library = installed
+  snippet = library['snippet']
+  assert snippet.returncode == 0, snippet.stderr[-3000:]
+  assert 'reduction' in snippet.stdout
+  # `pip install cdg_jax` brought none of the program's own dependencies.
+  found = json.loads(library['modules'].stdout)
+  assert found == {m: False for m in PROGRAM_MODULES}
+  # A command of the program says what to install, in one line.
+  train = library['train']
+  assert train.returncode == 1
+  last = train.stderr.strip().splitlines()
+  assert len(last) == 1 and last[0].startswith('FATAL: cdg-train'), last
+  assert 'pip install "cdg_jax[train]"' in last[0]
+  for distribution in ('ml-collections', 'clu', 'dm-pix', 'tensorboardX'):
+    assert distribution in last[0]
+
+
 def test_the_wheel_runs_the_commands_without_tensorflow(installed, tmp_path):
+  installed, _ = installed
   outside = tmp_path / 'elsewhere'
   outside.mkdir()
   python = str(installed / 'bin' / 'python')
