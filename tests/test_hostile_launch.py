@@ -21,7 +21,7 @@ import time
 import pytest
 
 from cdg_jax.run import parallel
-from test_failures import _last_line
+from test_failures import _command, _last_line
 from test_train import ROOT
 import launch
 import xla_env
@@ -219,3 +219,66 @@ def test_configure_cpu_refuses_a_bad_count_and_a_late_different_one():
       'ValueError: configure_cpu(1) asks for 1 CPU device(s), but JAX already '
       'runs on 3: XLA reads its device count once, when JAX starts. Call '
       'configure_cpu before the first JAX computation, or ask for 3.')
+
+
+def test_a_string_of_gated_roles_is_refused():
+  from cdg_jax.ssl.models import ResNetGating  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError) as error:
+    ResNetGating(layers='block_3x3')
+  assert str(error.value) == (
+      "gating.layers='block_3x3' must be a tuple of role names, e.g. "
+      "('block_3x3',), not a string; the roles are 'stem', 'block_3x3', "
+      "'block_1x1', 'shortcut'.")
+  assert ResNetGating(layers=('block_3x3',)).gates('block_3x3')
+
+
+_FLOPS_CONFIG = '--config=configs/default.py:smoke'
+
+
+@pytest.mark.parametrize('args,status,last_line', [
+    # Printed "reduction nanx" with status 0.
+    ([_FLOPS_CONFIG, '--batch_size=0'], 2,
+     'FATAL: --batch_size=0 must be at least 1 (the number of random images '
+     'in the measured batch).'),
+    # Ended in an MLIR error and JAX's "For simplicity..." note.
+    ([_FLOPS_CONFIG, '--batch_size=-2'], 2,
+     'FATAL: --batch_size=-2 must be at least 1 (the number of random images '
+     'in the measured batch).'),
+    # Tracebacks before; now the library's own message, last.
+    (['--config=configs/simclr_imagenet100.py:tiles', '--batch_size=1'], 1,
+     'FATAL: gating.block=(4, 4, 0) does not tile a gated feature map of '
+     'shape (H, W, C)=(14, 14, 256): block height 4 does not divide 14. '
+     'Choose a height that divides 14 (or one at least 14, which covers the '
+     'whole map).'),
+    ([_FLOPS_CONFIG,
+      '--config.gating.stage_blocks=((4,4,0),(4,4,0),(4,4,0))'], 1,
+     'FATAL: gating.stage_blocks has 3 entries for a ResNet of 4 stages: '
+     'give one (bh, bw, bc) per stage, got ((4, 4, 0), (4, 4, 0), '
+     '(4, 4, 0)).'),
+    # --config was silently ignored beside --workdir.
+    ([_FLOPS_CONFIG, '--workdir={workdir}'], 2,
+     'FATAL: --config and --workdir={workdir} were both given: --workdir '
+     'measures the trained run with the config it was trained with (its '
+     'config.json), --config a randomly initialised network of a config '
+     'file. Give one of them.'),
+    (['--workdir={workdir}', '--batch_size=8'], 2,
+     "FATAL: --batch_size=8 would be ignored: it is read only with --config; "
+     "--workdir measures the whole test split in batches of the run's "
+     "eval.batch_size. Remove --batch_size."),
+    ([], 2,
+     'FATAL: Give --config (a randomly initialised network of a config file) '
+     'or --workdir (a trained run).'),
+], ids=['batch_size_zero', 'batch_size_negative', 'tiles_on_imagenet',
+        'stage_blocks_three', 'config_and_workdir', 'batch_size_with_workdir',
+        'neither'])
+def test_flops_command_ends_every_failure_with_one_fatal_line(
+    tmp_path, args, status, last_line):
+  workdir = str(tmp_path / 'run')
+  result = _command(*(a.format(workdir=workdir) for a in args),
+                    module='cdg_jax.flops_table')
+  assert result.returncode == status, result.stderr[-3000:]
+  assert _last_line(result) == last_line.format(workdir=workdir), (
+      result.stderr[-3000:])
+  assert 'Traceback' not in result.stderr
+  assert 'reduction' not in result.stdout
+  assert not os.path.exists(workdir)

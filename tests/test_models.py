@@ -11,6 +11,7 @@ import pytest
 
 from cdg_jax.gating import layers
 from cdg_jax.gating import ops
+from cdg_jax.gating.layers import GatedConv
 from cdg_jax.gating.layers import GatingSpec
 from cdg_jax.run import config_lib
 from cdg_jax.ssl import models
@@ -233,3 +234,14 @@ def test_lineage_options_are_validated_and_reach_the_layer():
   with pytest.raises(ValueError, match='gating.alpha must be finite and > 0, '
                      'got nan'):
     GatingSpec(alpha=float('nan'))
+
+
+def test_a_resnet_gating_is_refused_by_one_layer_with_the_reason():
+  """The ResNet's placement fields mean nothing to one layer."""
+  gating = models.ResNetGating(layers=('stem',))
+  with pytest.raises(ValueError, match=(
+      r'GatedConv reads a GatingSpec; this ResNetGating also sets layers, '
+      r'stage_blocks, which place gated layers in a network and which one '
+      r'layer would ignore. Pass its layer_spec')):
+    GatedConv(4, (3, 3), gating=gating).init(
+        jax.random.key(0), jnp.ones((1, 8, 8, 4)))

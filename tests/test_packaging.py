@@ -89,6 +89,61 @@ def test_the_gating_library_imports_nothing_of_the_program():
   assert len(library) >= 9   # the package and its eight modules
 
 
+TESTS = os.path.join(ROOT, 'tests')
+
+
+def _test_module_imports(path):
+  """(cdg_jax modules, the tests' own helper modules) a test file imports."""
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module:
+      names.add(node.module)
+      names |= {f'{node.module}.{a.name}' for a in node.names}
+    elif isinstance(node, ast.Import):
+      names |= {a.name for a in node.names}
+  package = {n for n in names if n == 'cdg_jax' or n.startswith('cdg_jax.')}
+  helpers = {n for n in names
+             if os.path.exists(os.path.join(TESTS, f'{n}.py'))
+             or os.path.exists(os.path.join(TESTS, 'gating', f'{n}.py'))}
+  return package, helpers
+
+
+def test_the_library_tests_import_nothing_of_the_program():
+  """tests/gating/ checks cdg_jax.gating alone: its files, and the test
+  helpers they import, import the library and the package's public names
+  only, so the library can be checked (or lifted out) without the program."""
+  gating_tests = [os.path.join(TESTS, 'gating', name)
+                  for name in sorted(os.listdir(os.path.join(TESTS, 'gating')))
+                  if name.endswith('.py')]
+  assert len(gating_tests) >= 7
+  seen, stack, program = set(), list(gating_tests), {}
+  while stack:
+    path = stack.pop()
+    if path in seen:
+      continue
+    seen.add(path)
+    package, helpers = _test_module_imports(path)
+    outside = sorted(m for m in package if m != 'cdg_jax'
+                     and m != 'cdg_jax.gating'
+                     and not m.startswith('cdg_jax.gating.'))
+    if outside:
+      program[os.path.relpath(path, ROOT)] = outside
+    for helper in helpers:
+      for folder in (TESTS, os.path.join(TESTS, 'gating')):
+        if os.path.exists(os.path.join(folder, f'{helper}.py')):
+          stack.append(os.path.join(folder, f'{helper}.py'))
+  assert program == {}
+  # The package's public names resolve lazily; the library's tests use the
+  # library's own (create_resnet and configure_cpu are the program's).
+  for path in gating_tests:
+    with open(path) as f:
+      text = f.read()
+    assert 'cdg_jax.create_resnet' not in text, path
+    assert 'cdg_jax.configure_cpu' not in text, path
+
+
 def test_importing_the_gating_library_loads_no_training_stack():
   result = launch.run(
       [sys.executable, '-c', 'import sys, json, cdg_jax.gating; '

@@ -12,7 +12,6 @@ import pytest
 from cdg_jax.gating import ops
 from cdg_jax.gating.layers import GatedConv
 from cdg_jax.gating.layers import GatingSpec
-from cdg_jax.ssl import models
 
 X = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
 
@@ -115,47 +114,6 @@ def test_the_spatial_predictor_masks_the_biased_convolution():
   np.testing.assert_array_equal(y, dense * mask)
 
 
-@pytest.mark.parametrize('options,message', [
-    ({'kernel_dilation': 2}, r"kernel_dilation=2 is not supported: a dilated "
-     r"kernel is not implemented by the gated convolution .*Leave "
-     r"kernel_dilation at 1, or use flax.linen.Conv"),
-    ({'input_dilation': (1, 2)}, r'input_dilation=\(1, 2\) is not '
-     r'supported: an input dilation \(a transposed convolution\)'),
-    ({'feature_group_count': 2}, r'feature_group_count=2 is not supported: '
-     r'the gated convolution splits the input channels into gating.groups'),
-    ({'mask': np.ones((3, 3, 4, 4))}, r'mask=<array of shape \(3, 3, 4, '
-     r'4\)> is not supported: a fixed mask on the kernel is not implemented'),
-    ({'padding': 'CAUSAL'}, r"padding='CAUSAL' is not a padding of a 2-D "
-     r"convolution \('CAUSAL' is nn.Conv's padding of 1-D convolutions; it "
-     r"takes 'SAME', 'VALID'"),
-    ({'padding': (1, 2, 3)}, r'padding=\(1, 2, 3\) is not a padding of a '
-     r'2-D convolution \(it takes'),
-    ({'padding': -1}, r'padding=-1 has a negative pad, which crops the '
-     r'input'),
-    ({'formulation': 'im2col'}, r"Unknown convolution formulation "
-     r"GatedConv.formulation='im2col'; expected None \(XLA's convolution, "
-     r"as nn.Conv\) or one of 'xla', 'patches', 'shifted_dots', 'auto'"),
-    ({'padding': 'VALID',
-      'gating': GatingSpec(block=(2, 2, 0), execution='sparse_inference')},
-     r"gating.execution='sparse_inference' skips closed tiles by convolving "
-     r"windows of the SAME-padded input \(cdg_jax.gating.tiling\), which "
-     r"cannot honour padding='VALID': it pads \(H, W\) by \(\(0, 0\), "
-     r"\(0, 0\)\), SAME by \(\(1, 1\), \(1, 1\)\) for this 8x8 input. Use "
-     r"padding='SAME' \(or pads equal to it\) or gating.execution='masked'"),
-    ({'padding': 'REFLECT',
-      'gating': GatingSpec(block=(2, 2, 0), execution='sparse_training')},
-     r"cannot honour padding='REFLECT': it pads with the input's own values, "
-     r"the windows with zeros for this 8x8 input"),
-    ({'gating': models.ResNetGating(layers=('stem',))},
-     r'GatedConv reads a GatingSpec; this ResNetGating also sets layers, '
-     r'stage_blocks, which place gated layers in a network and which one '
-     r'layer would ignore. Pass its layer_spec'),
-])
-def test_options_not_taken_are_refused_with_the_reason(options, message):
-  with pytest.raises(ValueError, match=message):
-    GatedConv(4, (3, 3), **options).init(jax.random.key(0), X)
-
-
 def test_a_gating_that_is_no_spec_is_refused():
   with pytest.raises(TypeError, match='gating must be a GatingSpec or None, '
                      'got str'):
@@ -248,3 +206,40 @@ def test_layer_costs_count_the_layers_padding_as_nn_convs(padding):
     (cost,) = flops.layer_costs(layer, variables, X)
     costs.append((cost.macs, cost.padded_macs, cost.output_shape))
   assert costs[0] == costs[1]
+
+
+@pytest.mark.parametrize('options,message', [
+    ({'kernel_dilation': 2}, r"kernel_dilation=2 is not supported: a dilated "
+     r"kernel is not implemented by the gated convolution .*Leave "
+     r"kernel_dilation at 1, or use flax.linen.Conv"),
+    ({'input_dilation': (1, 2)}, r'input_dilation=\(1, 2\) is not '
+     r'supported: an input dilation \(a transposed convolution\)'),
+    ({'feature_group_count': 2}, r'feature_group_count=2 is not supported: '
+     r'the gated convolution splits the input channels into gating.groups'),
+    ({'mask': np.ones((3, 3, 4, 4))}, r'mask=<array of shape \(3, 3, 4, '
+     r'4\)> is not supported: a fixed mask on the kernel is not implemented'),
+    ({'padding': 'CAUSAL'}, r"padding='CAUSAL' is not a padding of a 2-D "
+     r"convolution \('CAUSAL' is nn.Conv's padding of 1-D convolutions; it "
+     r"takes 'SAME', 'VALID'"),
+    ({'padding': (1, 2, 3)}, r'padding=\(1, 2, 3\) is not a padding of a '
+     r'2-D convolution \(it takes'),
+    ({'padding': -1}, r'padding=-1 has a negative pad, which crops the '
+     r'input'),
+    ({'formulation': 'im2col'}, r"Unknown convolution formulation "
+     r"GatedConv.formulation='im2col'; expected None \(XLA's convolution, "
+     r"as nn.Conv\) or one of 'xla', 'patches', 'shifted_dots', 'auto'"),
+    ({'padding': 'VALID',
+      'gating': GatingSpec(block=(2, 2, 0), execution='sparse_inference')},
+     r"gating.execution='sparse_inference' skips closed tiles by convolving "
+     r"windows of the SAME-padded input \(cdg_jax.gating.tiling\), which "
+     r"cannot honour padding='VALID': it pads \(H, W\) by \(\(0, 0\), "
+     r"\(0, 0\)\), SAME by \(\(1, 1\), \(1, 1\)\) for this 8x8 input. Use "
+     r"padding='SAME' \(or pads equal to it\) or gating.execution='masked'"),
+    ({'padding': 'REFLECT',
+      'gating': GatingSpec(block=(2, 2, 0), execution='sparse_training')},
+     r"cannot honour padding='REFLECT': it pads with the input's own values, "
+     r"the windows with zeros for this 8x8 input"),
+])
+def test_options_not_taken_are_refused_with_the_reason(options, message):
+  with pytest.raises(ValueError, match=message):
+    GatedConv(4, (3, 3), **options).init(jax.random.key(0), X)
