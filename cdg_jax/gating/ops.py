@@ -45,7 +45,6 @@ from collections.abc import Iterator, Sequence
 import contextlib
 import contextvars
 import functools
-import math
 import os
 
 import jax
@@ -718,96 +717,3 @@ def gated_conv(x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
       num_groups=num_groups, saliency_grad=saliency_grad, surrogate=surrogate,
       running_mean=running_mean, running_var=running_var)
   return masked_combine(y_base, y_cond, mask), mask, stats
-
-
-def threshold_regularizer(thresholds: Sequence[Array], target: float = 1.0
-                          ) -> Array:
-  """Per-layer mean form `sum_layers mean_channels((delta - target)^2)`.
-
-  Multiply by the regularisation weight lambda in the loss. Pushing the
-  thresholds towards a positive target closes gates where saliency is low.
-  Each layer counts once whatever its width; the channel-gating form is
-  `threshold_sum_regularizer`, C_out times stronger per layer.
-  """
-  if not thresholds:
-    return jnp.zeros(())
-  return sum(jnp.mean(jnp.square(t - target)) for t in thresholds)
-
-
-def threshold_sum_regularizer(thresholds: Sequence[Array],
-                              target: float = 1.0) -> Array:
-  """Channel gating's form `sum over every threshold of (delta - target)^2`.
-
-  Summed over the thresholds of every gated layer (CGNet uses lambda 1e-4,
-  target 1.0), so wide layers weigh more, one term per output channel.
-  """
-  if not thresholds:
-    return jnp.zeros(())
-  return sum(jnp.sum(jnp.square(t - target)) for t in thresholds)
-
-
-def density_regularizer(densities: Sequence[Array], target: float = 0.5
-                        ) -> Array:
-  """Density-target regulariser `sum_layers (density - target)^2`.
-
-  `densities` should be means of the straight-through masks so that the
-  gradient (through the sigmoid surrogate) reaches the thresholds.
-  """
-  if not densities:
-    return jnp.zeros(())
-  return sum(jnp.square(d - target) for d in densities)
-
-
-def flops_budget_regularizer(gated_flops_fraction: Array,
-                             target_fraction: Array | float) -> Array:
-  """One FLOPs budget for the network: `(F_gated / F_dense - target)^2`.
-
-  Args:
-    gated_flops_fraction: the gated layers' effective MACs over their dense
-      MACs (`cdg_jax.gating.flops.gated_macs`), computed from the straight-through
-      masks' densities so the gradient reaches every threshold, each layer in
-      proportion to its share of the MACs.
-    target_fraction: the budget, as the same fraction.
-
-  Returns:
-    The squared gap (multiply by lambda). The layers share the budget: a layer
-    may stay open if others close more.
-  """
-  return jnp.square(gated_flops_fraction - target_fraction)
-
-
-def bound_tightness(progress: Array | float) -> Array:
-  """How tight the per-layer bounds are at `progress` in [0, 1] of relaxation.
-
-  DynConv's schedule, `cos^2(pi/2 * progress)`: 1 (both bounds at the target)
-  at 0, falling smoothly to 0 (bounds [0, 1], no constraint) at 1; clipped
-  outside [0, 1].
-  """
-  progress = jnp.clip(jnp.asarray(progress, jnp.float32), 0.0, 1.0)
-  return jnp.square(jnp.cos(0.5 * math.pi * progress))
-
-
-def layer_bounds(target_density: Array | float, tightness: Array | float
-                 ) -> tuple[Array, Array]:
-  """(lower, upper) bounds on each layer's density at a bound tightness.
-
-  `lower = tightness * target`, `upper = 1 - tightness * (1 - target)`: at
-  tightness 1 every layer is held at the target (the uniform per-layer
-  regulariser), at 0 the bounds are [0, 1] and only the budget remains.
-  """
-  target = jnp.asarray(target_density, jnp.float32)
-  return tightness * target, 1.0 - tightness * (1.0 - target)
-
-
-def bound_regularizer(densities: Sequence[Array], lower: Array | float,
-                      upper: Array | float) -> Array:
-  """`mean_layers relu(d - upper)^2 + relu(lower - d)^2` (0 inside the bounds).
-
-  The mean (not the sum) over layers, as DynConv: the bounds' weight does not
-  grow with depth. `densities` are straight-through mask means.
-  """
-  if not densities:
-    return jnp.zeros(())
-  return sum(jnp.square(jax.nn.relu(d - upper)) +
-             jnp.square(jax.nn.relu(lower - d)) for d in densities
-             ) / len(densities)

@@ -247,14 +247,3 @@ def spatial_predictor_conv(x: Array, kernel: Array, pred_kernel: Array,
   gate = jnp.repeat(jnp.repeat(gate, bh, axis=1), bw, axis=2)
   y = y_dense * gate.astype(y_dense.dtype)
   return y, jnp.broadcast_to(gate, y.shape), logits
-
-
-def saliency_l1_regularizer(saliency_l1: Sequence[Array]) -> Array:
-  """FBS's auxiliary loss `sum_layers mean_samples ||s||_1`.
-
-  Args:
-    saliency_l1: per layer, the (N,) L1 norms of the samples' saliencies.
-  """
-  if not saliency_l1:
-    return jnp.zeros(())
-  return sum(jnp.mean(s) for s in saliency_l1)

@@ -5,9 +5,9 @@ its weight and its targets; a new CDG regulariser is one function of
 `GateTerms` below and one entry of `CDG_REGULARIZERS` (its keys are the
 values `gating.regularizer` may take); the predictor baselines' losses are
 `KIND_REGULARIZERS`, chosen by the gate kind. The pure math of each form
-lives in `cdg_jax.gating.ops` (and `cdg_jax.gating.predictors`); this module
-reads the step's inputs (parameters, densities, the network's layer costs,
-the schedules) and picks the form from the spec. docs/method.md
+(functions of arrays) comes first; the rest reads the step's inputs
+(parameters, densities, the network's layer costs, the schedules) and picks
+the form from the spec. docs/method.md
 [regulariser] describes the forms and where each comes from.
 """
 
@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from cdg_jax.gating import flops
-from cdg_jax.gating import ops
-from cdg_jax.gating import predictors
+from cdg_jax.gating.ops import Array
 from cdg_jax.gating.layers import AUX_COLLECTION
 from cdg_jax.gating.layers import DENSITY_COLLECTION
 
@@ -141,6 +140,113 @@ class RegularizerSpec:
     return self.kind == 'cdg' and self.regularizer == 'flops'
 
 
+# The forms' math, pure functions of arrays.
+
+
+def threshold_regularizer(thresholds: Sequence[Array], target: float = 1.0
+                          ) -> Array:
+  """Per-layer mean form `sum_layers mean_channels((delta - target)^2)`.
+
+  Multiply by the regularisation weight lambda in the loss. Pushing the
+  thresholds towards a positive target closes gates where saliency is low.
+  Each layer counts once whatever its width; the channel-gating form is
+  `threshold_sum_regularizer`, C_out times stronger per layer.
+  """
+  if not thresholds:
+    return jnp.zeros(())
+  return sum(jnp.mean(jnp.square(t - target)) for t in thresholds)
+
+
+def threshold_sum_regularizer(thresholds: Sequence[Array],
+                              target: float = 1.0) -> Array:
+  """Channel gating's form `sum over every threshold of (delta - target)^2`.
+
+  Summed over the thresholds of every gated layer (CGNet uses lambda 1e-4,
+  target 1.0), so wide layers weigh more, one term per output channel.
+  """
+  if not thresholds:
+    return jnp.zeros(())
+  return sum(jnp.sum(jnp.square(t - target)) for t in thresholds)
+
+
+def density_regularizer(densities: Sequence[Array], target: float = 0.5
+                        ) -> Array:
+  """Density-target regulariser `sum_layers (density - target)^2`.
+
+  `densities` should be means of the straight-through masks so that the
+  gradient (through the sigmoid surrogate) reaches the thresholds.
+  """
+  if not densities:
+    return jnp.zeros(())
+  return sum(jnp.square(d - target) for d in densities)
+
+
+def flops_budget_regularizer(gated_flops_fraction: Array,
+                             target_fraction: Array | float) -> Array:
+  """One FLOPs budget for the network: `(F_gated / F_dense - target)^2`.
+
+  Args:
+    gated_flops_fraction: the gated layers' effective MACs over their dense
+      MACs (`cdg_jax.gating.flops.gated_macs`), computed from the straight-through
+      masks' densities so the gradient reaches every threshold, each layer in
+      proportion to its share of the MACs.
+    target_fraction: the budget, as the same fraction.
+
+  Returns:
+    The squared gap (multiply by lambda). The layers share the budget: a layer
+    may stay open if others close more.
+  """
+  return jnp.square(gated_flops_fraction - target_fraction)
+
+
+def bound_tightness(progress: Array | float) -> Array:
+  """How tight the per-layer bounds are at `progress` in [0, 1] of relaxation.
+
+  DynConv's schedule, `cos^2(pi/2 * progress)`: 1 (both bounds at the target)
+  at 0, falling smoothly to 0 (bounds [0, 1], no constraint) at 1; clipped
+  outside [0, 1].
+  """
+  progress = jnp.clip(jnp.asarray(progress, jnp.float32), 0.0, 1.0)
+  return jnp.square(jnp.cos(0.5 * math.pi * progress))
+
+
+def layer_bounds(target_density: Array | float, tightness: Array | float
+                 ) -> tuple[Array, Array]:
+  """(lower, upper) bounds on each layer's density at a bound tightness.
+
+  `lower = tightness * target`, `upper = 1 - tightness * (1 - target)`: at
+  tightness 1 every layer is held at the target (the uniform per-layer
+  regulariser), at 0 the bounds are [0, 1] and only the budget remains.
+  """
+  target = jnp.asarray(target_density, jnp.float32)
+  return tightness * target, 1.0 - tightness * (1.0 - target)
+
+
+def bound_regularizer(densities: Sequence[Array], lower: Array | float,
+                      upper: Array | float) -> Array:
+  """`mean_layers relu(d - upper)^2 + relu(lower - d)^2` (0 inside the bounds).
+
+  The mean (not the sum) over layers, as DynConv: the bounds' weight does not
+  grow with depth. `densities` are straight-through mask means.
+  """
+  if not densities:
+    return jnp.zeros(())
+  return sum(jnp.square(jax.nn.relu(d - upper)) +
+             jnp.square(jax.nn.relu(lower - d)) for d in densities
+             ) / len(densities)
+
+
+def saliency_l1_regularizer(saliency_l1: Sequence[Array]) -> Array:
+  """FBS's auxiliary loss `sum_layers mean_samples ||s||_1`.
+
+  Args:
+    saliency_l1: per layer, the (N,) L1 norms of the samples' saliencies.
+  """
+  if not saliency_l1:
+    return jnp.zeros(())
+  return sum(jnp.mean(s) for s in saliency_l1)
+
+
 def thresholds(params) -> list[jax.Array]:
   """All gate thresholds in a parameter tree."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
@@ -186,7 +292,7 @@ def budget_schedule(spec: RegularizerSpec, num_steps: int
       scale = jnp.clip(since_start / ramp, 0.0, 1.0)
     else:
       scale = (since_start >= 0).astype(jnp.float32)
-    tightness = (ops.bound_tightness(jnp.maximum(since_start, 0.0) / relax)
+    tightness = (bound_tightness(jnp.maximum(since_start, 0.0) / relax)
                  if relax > 0 else jnp.zeros((), jnp.float32))
     return {'scale': scale, 'tightness': tightness}
   return schedule
@@ -268,18 +374,18 @@ class GateTerms:
 
 
 def _threshold(spec: RegularizerSpec, terms: GateTerms) -> jax.Array:
-  return ops.threshold_regularizer(thresholds(terms.params),
+  return threshold_regularizer(thresholds(terms.params),
                                    spec.threshold_target)
 
 
 def _threshold_sum(spec: RegularizerSpec, terms: GateTerms) -> jax.Array:
-  return ops.threshold_sum_regularizer(thresholds(terms.params),
+  return threshold_sum_regularizer(thresholds(terms.params),
                                        spec.threshold_target)
 
 
 def _density(spec: RegularizerSpec, terms: GateTerms) -> jax.Array:
   del spec
-  return ops.density_regularizer(list(terms.densities.values()),
+  return density_regularizer(list(terms.densities.values()),
                                  terms.density_target)
 
 
@@ -288,12 +394,12 @@ def _flops_budget(spec: RegularizerSpec, terms: GateTerms) -> jax.Array:
     raise ValueError("gating.regularizer='flops' needs the network's layer "
                      'costs (flops.layer_costs) with its gated layers.')
   dense, effective = flops.gated_macs(terms.costs, terms.densities)
-  value = ops.flops_budget_regularizer(
+  value = flops_budget_regularizer(
       effective / dense, budget_fraction(terms.costs, terms.density_target))
   if spec.budget_bounds_fraction > 0:
-    lower, upper = ops.layer_bounds(terms.density_target,
+    lower, upper = layer_bounds(terms.density_target,
                                     terms.budget['tightness'])
-    value = value + ops.bound_regularizer(list(terms.densities.values()),
+    value = value + bound_regularizer(list(terms.densities.values()),
                                           lower, upper)
   return terms.budget['scale'] * value
 
@@ -304,7 +410,7 @@ def _saliency_l1(spec: RegularizerSpec, terms: GateTerms) -> jax.Array:
   values = [jnp.concatenate([jnp.reshape(v, (-1,)) for v in
                              (vs if isinstance(vs, tuple) else (vs,))])
             for k, vs in sorted(flat.items()) if k[-1] == 'saliency_l1']
-  return predictors.saliency_l1_regularizer(values)
+  return saliency_l1_regularizer(values)
 
 
 Regularizer = Callable[[RegularizerSpec, GateTerms], jax.Array]

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from cdg_jax.gating import flops
-from cdg_jax.gating import ops
 from cdg_jax.gating import regularizers
 from cdg_jax.gating.regularizers import RegularizerSpec
 
@@ -65,16 +64,16 @@ def test_flops_regulariser_value_and_gradient_by_hand():
 
 def test_bounds_hold_every_layer_at_the_target_then_relax():
   np.testing.assert_allclose(
-      [ops.bound_tightness(p) for p in (-1.0, 0.0, 0.5, 1.0, 2.0)],
+      [regularizers.bound_tightness(p) for p in (-1.0, 0.0, 0.5, 1.0, 2.0)],
       [1.0, 1.0, 0.5, 0.0, 0.0], atol=1e-7)
-  np.testing.assert_allclose(ops.layer_bounds(0.25, 1.0), (0.25, 0.25))
-  np.testing.assert_allclose(ops.layer_bounds(0.25, 0.0), (0.0, 1.0))
-  np.testing.assert_allclose(ops.layer_bounds(0.25, 0.5), (0.125, 0.625))
+  np.testing.assert_allclose(regularizers.layer_bounds(0.25, 1.0), (0.25, 0.25))
+  np.testing.assert_allclose(regularizers.layer_bounds(0.25, 0.0), (0.0, 1.0))
+  np.testing.assert_allclose(regularizers.layer_bounds(0.25, 0.5), (0.125, 0.625))
   # One above the upper bound by 0.1, one below the lower by 0.1: mean of 2.
   np.testing.assert_allclose(
-      ops.bound_regularizer([jnp.array(0.5), jnp.array(0.1)], 0.2, 0.4),
+      regularizers.bound_regularizer([jnp.array(0.5), jnp.array(0.1)], 0.2, 0.4),
       0.01, rtol=1e-6)
-  assert float(ops.bound_regularizer([jnp.array(0.3)], 0.2, 0.4)) == 0.0
+  assert float(regularizers.bound_regularizer([jnp.array(0.3)], 0.2, 0.4)) == 0.0
 
   spec = flops_spec(budget_bounds_fraction=0.3)
   schedule = regularizers.budget_schedule(spec, 100)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cdg_jax.gating import ops
+from cdg_jax.gating import regularizers
 
 
 
@@ -174,9 +175,9 @@ def test_per_group_saliency_moments_equal_separate_statistics():
 def test_regularisers_match_hand_computed_values():
   thresholds = [jnp.array([0.0, 1.0]), jnp.array([3.0])]
   # mean((0-1)^2, 0) = 0.5 ; (3-1)^2 = 4
-  np.testing.assert_allclose(ops.threshold_regularizer(thresholds, 1.0), 4.5)
+  np.testing.assert_allclose(regularizers.threshold_regularizer(thresholds, 1.0), 4.5)
   np.testing.assert_allclose(
-      ops.density_regularizer([jnp.array(0.7), jnp.array(0.2)], 0.5),
+      regularizers.density_regularizer([jnp.array(0.7), jnp.array(0.2)], 0.5),
       0.04 + 0.09, rtol=1e-6)
 
 
@@ -299,10 +300,10 @@ def test_summed_threshold_regulariser_counts_every_channel():
   thresholds = [jnp.array([0.0, 1.0, 3.0]), jnp.array([3.0])]
   # (0-1)^2 + 0 + (3-1)^2 + (3-1)^2 = 9; the per-layer mean form: 5/3 + 4.
   np.testing.assert_allclose(
-      ops.threshold_sum_regularizer(thresholds, 1.0), 9.0)
-  np.testing.assert_allclose(ops.threshold_regularizer(thresholds, 1.0),
+      regularizers.threshold_sum_regularizer(thresholds, 1.0), 9.0)
+  np.testing.assert_allclose(regularizers.threshold_regularizer(thresholds, 1.0),
                              5 / 3 + 4, rtol=1e-6)
-  assert float(ops.threshold_sum_regularizer([], 1.0)) == 0.0
+  assert float(regularizers.threshold_sum_regularizer([], 1.0)) == 0.0
 
 
 @pytest.mark.parametrize('formulation', ['patches', 'shifted_dots'])
