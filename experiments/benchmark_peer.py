@@ -278,8 +278,8 @@ class JaxHalf:
       self.steps[key] = (step, state)
       self.calls[key] = (lambda step=step, state=state:
                          jax.block_until_ready(step(state, batch)))
-    self.learning_rate = float(pretraining.learning_rate_schedule(
-        self.settings['cdg_jax/masked'])(0))
+    self.learning_rate = float(
+        self.settings['cdg_jax/masked'].learning_rate_schedule()(0))
 
   def warm_up(self, key: str) -> None:
     """The first call (compilation included); keeps the step's metrics."""

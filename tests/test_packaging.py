@@ -160,6 +160,48 @@ def test_importing_the_gating_library_loads_no_training_stack():
   assert program == []
 
 
+# The program's layers, bottom-up: a module imports from its own layer and
+# the ones below, never from above (the package's `cdg_jax/__init__.py`,
+# which resolves its public names lazily, excepted). A module belongs to the
+# layer of the longest prefix that names it.
+PROGRAM_LAYERS = (
+    ('cdg_jax.gating',),                          # the library
+    ('cdg_jax.run.parallel',                      # devices and shardings
+     'cdg_jax.data'),                             # sources, batches, views
+    ('cdg_jax.ssl',                               # (its __init__: a docstring)
+     'cdg_jax.ssl.losses', 'cdg_jax.ssl.models'),
+    ('cdg_jax.ssl.optimizers', 'cdg_jax.ssl.frameworks'),
+    ('cdg_jax.ssl.pretraining',),                 # the train step
+    ('cdg_jax.evaluators',),                      # kNN, linear, FLOPs
+    ('cdg_jax.run',),                             # config parse, checkpoints,
+                                                  # logging, run control
+    ('cdg_jax.train',),
+    ('cdg_jax.main', 'cdg_jax.linear_eval', 'cdg_jax.flops_table'),
+)
+
+
+def _layer_of(module):
+  matches = [(len(prefix), index)
+             for index, layer in enumerate(PROGRAM_LAYERS) for prefix in layer
+             if module == prefix or module.startswith(prefix + '.')]
+  return max(matches)[1] if matches else None
+
+
+def test_the_program_imports_downward_only():
+  graph = _import_graph()
+  unplaced = sorted(m for m in graph if m != 'cdg_jax' and _layer_of(m) is None)
+  assert unplaced == []
+  upward = {m: sorted(d for d in imports if _layer_of(d) > _layer_of(m))
+            for m, imports in graph.items() if m != 'cdg_jax'}
+  assert {m: d for m, d in upward.items() if d} == {}
+  # What the layering rules out, as this issue found it: the linear
+  # evaluator pulling in the train step for a helper, the step module
+  # holding the frameworks and the optimisers.
+  assert 'cdg_jax.ssl.pretraining' not in graph['cdg_jax.evaluators.linear']
+  assert _layer_of('cdg_jax.ssl.pretraining') > _layer_of(
+      'cdg_jax.ssl.frameworks')
+
+
 MAX_FUNCTION_LINES = 80
 
 

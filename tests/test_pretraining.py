@@ -11,7 +11,9 @@ from cdg_jax.data import augment
 from cdg_jax.gating import regularizers
 from cdg_jax.run import config_lib
 from cdg_jax.run import parallel
+from cdg_jax.ssl import frameworks
 from cdg_jax.ssl import losses
+from cdg_jax.ssl import optimizers
 from cdg_jax.ssl import pretraining
 
 NUM_TRAIN = 256
@@ -173,14 +175,14 @@ def test_byol_and_simsiam_losses():
 def test_tau_and_learning_rate_schedules_follow_their_formulas():
   config = tiny_config('byol', num_steps=100)
   config.optim.warmup_epochs = 10.0        # 32 steps/epoch -> capped below 100
-  tau = pretraining.tau_schedule(config.ssl, settings_of(config).total_steps)
+  tau = optimizers.tau_schedule(config.ssl, settings_of(config).total_steps)
   for step in [0, 25, 50, 100]:
     expected = 1 - (1 - 0.99) * (np.cos(np.pi * step / 100) + 1) / 2
     np.testing.assert_allclose(tau(step), expected, rtol=1e-6)
   config.ssl.tau_schedule = 'constant'
-  np.testing.assert_allclose(pretraining.tau_schedule(config.ssl, 100)(50), 0.99)
+  np.testing.assert_allclose(optimizers.tau_schedule(config.ssl, 100)(50), 0.99)
   config.optim.warmup_epochs = 0.5         # 16 warm-up steps
-  lr = pretraining.learning_rate_schedule(settings_of(config))
+  lr = settings_of(config).learning_rate_schedule()
   peak = 3.2 * 8 / 256
   np.testing.assert_allclose(lr(8), peak * 8 / 16, rtol=1e-6)
   np.testing.assert_allclose(
@@ -218,9 +220,9 @@ def test_density_target_schedule_and_regulariser_forms():
 def test_ema_update_and_decay_mask():
   target = {'a': jnp.array([1.0, 2.0])}
   online = {'a': jnp.array([3.0, 6.0])}
-  np.testing.assert_allclose(pretraining.ema_update(target, online, 0.9)['a'],
+  np.testing.assert_allclose(frameworks.ema_update(target, online, 0.9)['a'],
                              [1.2, 2.4], rtol=1e-6)
-  mask = pretraining.decay_mask({'kernel': jnp.ones((3, 3)), 'bias': jnp.ones(3),
+  mask = optimizers.decay_mask({'kernel': jnp.ones((3, 3)), 'bias': jnp.ones(3),
                          'threshold': jnp.ones(3)})
   assert mask == {'kernel': True, 'bias': False, 'threshold': False}
 
@@ -228,7 +230,7 @@ def test_ema_update_and_decay_mask():
 # ------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize('framework', pretraining.FRAMEWORKS)
+@pytest.mark.parametrize('framework', frameworks.FRAMEWORKS)
 def test_each_framework_learns_and_moves_gates(built, framework):
   config = framework_config(framework)
   _, state, _, _, step = built(config)
@@ -294,7 +296,7 @@ def test_moco_queue_and_byol_ema_follow_their_formulas(built):
   new_state, metrics = step(state, batch)
   tau = 1 - (1 - 0.99) * (np.cos(0.0) + 1) / 2
   np.testing.assert_allclose(metrics['tau'], tau, rtol=1e-6)
-  online = pretraining.select_like(new_state.params, old_target)
+  online = frameworks.select_like(new_state.params, old_target)
   expected = jax.tree.map(lambda t, o: tau * t + (1 - tau) * o, old_target, online)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                new_state.target_params, expected)

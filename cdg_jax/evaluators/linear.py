@@ -49,7 +49,7 @@ from cdg_jax.data import augment
 from cdg_jax.data import batching
 from cdg_jax.data import input_pipeline
 from cdg_jax.run import parallel
-from cdg_jax.ssl.pretraining import decay_mask
+from cdg_jax.ssl.optimizers import decay_mask
 
 # The augmented protocol's feature BatchNorm (MAE's linear probe: no affine
 # parameters, eps 1e-6; PyTorch's momentum 0.1 is 0.9 in this convention).

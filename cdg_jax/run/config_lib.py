@@ -24,6 +24,7 @@ from cdg_jax.evaluators import knn
 from cdg_jax.evaluators import linear
 from cdg_jax.gating import layers
 from cdg_jax.gating import regularizers
+from cdg_jax.ssl import frameworks
 from cdg_jax.ssl import models
 from cdg_jax.ssl import pretraining
 
@@ -360,7 +361,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = _model_config()
   config.gating = gating_config()
   # Self-supervised framework and its heads (see cdg_jax/ssl/pretraining.py).
-  config.framework = 'simclr'      # a key of pretraining.FRAMEWORK_TABLE
+  config.framework = 'simclr'      # a key of frameworks.FRAMEWORK_TABLE
   config.ssl = _ssl_config()
   config.optim = _optim_config()
   config.probe = ml_collections.ConfigDict(dict(learning_rate=1e-3))
@@ -487,7 +488,7 @@ def _dense(config: ml_collections.ConfigDict) -> None:
 
 def _dense_partner(config: ml_collections.ConfigDict) -> None:
   # A framework with a target encoder leaves it dense instead.
-  has_target = pretraining.FRAMEWORK_TABLE[config.framework].target
+  has_target = frameworks.FRAMEWORK_TABLE[config.framework].target
   config.gating.branches = 'online' if has_target else 'dense_partner'
 
 
@@ -591,7 +592,7 @@ def _problems(config: ml_collections.ConfigDict
   problems += linear_eval_problems(config.linear_eval.to_dict())
   try:
     spec = read_gating(config.gating)
-    if config.framework in pretraining.FRAMEWORKS:
+    if config.framework in frameworks.FRAMEWORKS:
       pretraining.check_branches(config.framework, spec.layer, spec.branches)
     if config.model.name in models.ARCHITECTURES:
       spec.layer.for_stage(0, len(models.ARCHITECTURES[config.model.name][0]))

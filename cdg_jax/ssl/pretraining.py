@@ -1,4 +1,6 @@
-"""SSL frameworks with dual gating, the train state and the one train step.
+"""Pretraining with dual gating: the settings, the train state and the one
+train step (the frameworks' table: `frameworks`; optimisers and schedules:
+`optimizers`).
 
 Frameworks (`config.framework`), all with the gated encoder in both branches:
 
@@ -25,7 +27,7 @@ reduction from this step's masks) in one jitted function over a device mesh.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 import dataclasses
 import functools
 import math
@@ -48,11 +50,11 @@ from cdg_jax.gating.layers import DENSITY_COLLECTION
 from cdg_jax.gating.layers import GatingSpec
 from cdg_jax.gating.layers import GUMBEL_RNG
 from cdg_jax.run import parallel
+from cdg_jax.ssl import frameworks
 from cdg_jax.ssl import losses
 from cdg_jax.ssl import models
+from cdg_jax.ssl import optimizers
 
-# The target encoder's EMA decay over training (`ssl.tau_schedule`).
-TAU_SCHEDULES = ('cosine', 'constant')
 _GUMBEL_SALT = 0x67756D62   # 'gumb': folds the Gumbel key out of the step key
 _CLOSED_TILE_SALT = 0x74696C65   # 'tile': the closed-tile sample's key
 
@@ -179,7 +181,7 @@ class Settings:
   (`model`, `ssl`, `optim`, `augment`), read by field name.
 
   Attributes:
-    framework: one of FRAMEWORKS.
+    framework: one of frameworks.FRAMEWORKS.
     gating: the online encoder's gating spec (parsed once, by the caller).
     loss: the gates' regulariser (None without gates).
     branches: how the SSL branches are wired to the gates.
@@ -211,8 +213,13 @@ class Settings:
   total_steps: int
 
   @property
-  def framework_record(self) -> 'Framework':
-    return FRAMEWORK_TABLE[self.framework]
+  def framework_record(self) -> frameworks.Framework:
+    return frameworks.FRAMEWORK_TABLE[self.framework]
+
+  def learning_rate_schedule(self) -> optax.Schedule:
+    """The run's learning rate (`optimizers.learning_rate_schedule`)."""
+    return optimizers.learning_rate_schedule(
+        self.optim, self.batch_size, self.total_steps, self.steps_per_epoch)
 
 
 def config_problems(config) -> list[str]:
@@ -228,10 +235,12 @@ def config_problems(config) -> list[str]:
       (config.num_steps != -1 or config.num_epochs > 0,
        f'num_epochs={config.num_epochs} must be positive (or set num_steps '
        f'> 0).'),
-      (config.framework in FRAMEWORKS, f'framework={config.framework!r} must '
-       f'be one of {FRAMEWORKS}.'),
-      (config.optim.name in OPTIMIZERS, f'optim.name={config.optim.name!r} '
-       f'must be one of {OPTIMIZERS}.'),
+      (config.framework in frameworks.FRAMEWORKS,
+       f'framework={config.framework!r} must be one of '
+       f'{frameworks.FRAMEWORKS}.'),
+      (config.optim.name in optimizers.OPTIMIZERS,
+       f'optim.name={config.optim.name!r} must be one of '
+       f'{optimizers.OPTIMIZERS}.'),
       (_finite(config.optim.base_learning_rate)
        and config.optim.base_learning_rate >= 0, f'optim.base_learning_rate='
        f'{config.optim.base_learning_rate} must be finite and >= 0.'),
@@ -262,7 +271,7 @@ def _finite(value) -> bool:
 def ssl_problems(ssl, framework: str, batch_size: int) -> list[str]:
   """Every out-of-range value of an `ssl` block for `framework`, each naming
   its field (the queue's divisibility included: checked once, here)."""
-  record = FRAMEWORK_TABLE.get(framework)
+  record = frameworks.FRAMEWORK_TABLE.get(framework)
   checks = [
       (_finite(ssl.temperature) and ssl.temperature > 0,
        f'ssl.temperature={ssl.temperature} must be finite and > 0 (the '
@@ -271,8 +280,9 @@ def ssl_problems(ssl, framework: str, batch_size: int) -> list[str]:
       (_finite(ssl.base_tau) and 0 <= ssl.base_tau <= 1,
        f'ssl.base_tau={ssl.base_tau} must be in [0, 1] (the EMA decay of the '
        f'target encoder).'),
-      (ssl.tau_schedule in TAU_SCHEDULES, f'ssl.tau_schedule='
-       f'{ssl.tau_schedule!r} must be one of {list(TAU_SCHEDULES)}.'),
+      (ssl.tau_schedule in optimizers.TAU_SCHEDULES, f'ssl.tau_schedule='
+       f'{ssl.tau_schedule!r} must be one of '
+       f'{list(optimizers.TAU_SCHEDULES)}.'),
       (ssl.projector_dim > 0 and all(d > 0 for d in ssl.projector_hidden_dims),
        f'ssl.projector_dim={ssl.projector_dim} and ssl.projector_hidden_dims='
        f'{tuple(ssl.projector_hidden_dims)} must be positive.'),
@@ -321,7 +331,7 @@ def read_settings(config, gating, num_train: int) -> Settings:
 def check_branches(framework: str, spec: GatingSpec,
                    branches: BranchSpec) -> None:
   """ValueError when the branch wiring has no meaning for the framework."""
-  has_target = FRAMEWORK_TABLE[framework].target
+  has_target = frameworks.FRAMEWORK_TABLE[framework].target
   if branches.has_dense_partner and has_target:
     raise ValueError(
         f"gating.branches='dense_partner' is for the shared-encoder "
@@ -384,94 +394,6 @@ class TrainState:
   rng: jax.Array        # raw uint32 key data (checkpointable), not a typed key
 
 
-# ------------------------------------------------------------------ schedules
-
-
-def learning_rate_schedule(settings: Settings) -> optax.Schedule:
-  """Linear warm-up to base_lr * batch/256, then cosine decay to 0."""
-  steps = settings.total_steps
-  warmup = int(settings.optim.warmup_epochs * settings.steps_per_epoch)
-  warmup = min(warmup, steps - 1) if steps > 1 else 0
-  peak = settings.optim.base_learning_rate * settings.batch_size / 256
-  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, steps, 0.0)
-
-
-def tau_schedule(ssl_config, num_steps: int) -> optax.Schedule:
-  """EMA decay of the target: BYOL's cosine from base_tau to 1, or constant.
-
-  Args:
-    ssl_config: the `ssl` block (`base_tau`, `tau_schedule`).
-    num_steps: the training length.
-
-  `tau_schedule` is checked with the config (`ssl_problems`).
-  """
-  base_tau = ssl_config.base_tau
-  if ssl_config.tau_schedule == 'constant':
-    return lambda step: jnp.asarray(base_tau, jnp.float32)
-  steps = num_steps
-
-  def schedule(step):
-    progress = jnp.minimum(step / steps, 1.0)
-    return 1.0 - (1.0 - base_tau) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0
-  return schedule
-
-
-def decay_mask(params):
-  """Weight decay and LARS adaptation only for kernels: biases, norm params
-  and gate thresholds are 1-D and excluded (docs/method.md [training]: by ndim, not name)."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
-
-
-def _lars(optim, schedule: optax.Schedule) -> optax.GradientTransformation:
-  return optax.lars(schedule, weight_decay=optim.weight_decay,
-                    weight_decay_mask=decay_mask,
-                    trust_coefficient=optim.trust_coefficient,
-                    trust_ratio_mask=decay_mask, momentum=optim.momentum)
-
-
-def _sgd(optim, schedule: optax.Schedule) -> optax.GradientTransformation:
-  return optax.chain(
-      optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
-      optax.sgd(schedule, momentum=optim.momentum))
-
-
-# `optim.name` -> the optimiser, built from the `optim` block and the
-# learning-rate schedule; a new optimiser is one entry.
-OPTIMIZER_TABLE = {'lars': _lars, 'sgd': _sgd}
-OPTIMIZERS = tuple(OPTIMIZER_TABLE)
-
-
-def make_optimizer(optim, schedule: optax.Schedule
-                   ) -> optax.GradientTransformation:
-  """LARS or SGD with momentum, masked weight decay (`OPTIMIZER_TABLE`).
-
-  Args:
-    optim: the `optim` block (name, weight_decay, momentum,
-      trust_coefficient).
-    schedule: the learning rate (`learning_rate_schedule`).
-  """
-  # optim.name is checked with the config (`config_problems`).
-  return OPTIMIZER_TABLE[optim.name](optim, schedule)
-
-
-# --------------------------------------------------------------- tree helpers
-
-
-def select_like(tree: Mapping[str, Any], like: Mapping[str, Any]):
-  """The leaves of `tree` at the paths of `like` (e.g. online -> target)."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
-  paths = flax.traverse_util.flatten_dict(flax.core.unfreeze(like))
-  missing = [p for p in paths if p not in flat]
-  if missing:
-    raise ValueError(f'Paths missing from the source tree: {missing[:5]}')
-  return flax.traverse_util.unflatten_dict({p: flat[p] for p in paths})
-
-
-def ema_update(target, online, tau):
-  """target <- tau * target + (1 - tau) * online, leaf by leaf."""
-  return jax.tree.map(lambda t, o: tau * t + (1.0 - tau) * o, target, online)
-
-
 # ------------------------------------------------------------------ the state
 
 
@@ -490,9 +412,10 @@ def create_train_state(settings: Settings, networks: Networks,
     shapes = jax.eval_shape(lambda: networks.target.init(init_rng, x))
     # Copies, not views: the state is donated to the step, and one buffer
     # cannot be donated twice.
-    target_params = jax.tree.map(jnp.copy, select_like(params, shapes['params']))
-    target_stats = jax.tree.map(
-        jnp.copy, select_like(batch_stats, shapes.get('batch_stats', {})))
+    target_params = jax.tree.map(
+        jnp.copy, frameworks.select_like(params, shapes['params']))
+    target_stats = jax.tree.map(jnp.copy, frameworks.select_like(
+        batch_stats, shapes.get('batch_stats', {})))
   if settings.framework_record.queue:
     # ssl_problems checked the queue's size (build_networks).
     queue_size = settings.ssl.queue_size
@@ -503,7 +426,8 @@ def create_train_state(settings: Settings, networks: Networks,
   feature_dim = models.feature_dim(settings.model.name, settings.model.width)
   probe_params = networks.probe.init(
       probe_rng, jnp.zeros((1, feature_dim)))['params']
-  tx = make_optimizer(settings.optim, learning_rate_schedule(settings))
+  tx = optimizers.make_optimizer(settings.optim,
+                                 settings.learning_rate_schedule())
   probe_tx = optax.adam(settings.probe_learning_rate)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
@@ -516,88 +440,8 @@ def create_train_state(settings: Settings, networks: Networks,
 # ------------------------------------------------------------------- the step
 
 
-def _simclr_loss(online, target, queue, temperature):
-  del target, queue
-  z1, z2 = jnp.split(online['projection'], 2)
-  return losses.nt_xent(z1, z2, temperature)
-
-
-def _mocov2_loss(online, target, queue, temperature):
-  return losses.info_nce(online['projection'], target['projection'], queue,
-                         temperature)
-
-
-def _byol_loss(online, target, queue, temperature):
-  del queue, temperature
-  p1, p2 = jnp.split(online['prediction'], 2)
-  z1, z2 = jnp.split(target['projection'], 2)
-  return jnp.mean(losses.normalized_mse(p1, z2) + losses.normalized_mse(p2, z1))
-
-
-def _simsiam_loss(online, target, queue, temperature):
-  del target, queue, temperature
-  p1, p2 = jnp.split(online['prediction'], 2)
-  # The stop-gradient on the projections is what prevents collapse.
-  z1, z2 = jnp.split(jax.lax.stop_gradient(online['projection']), 2)
-  return 0.5 * jnp.mean(losses.negative_cosine(p1, z2)
-                        + losses.negative_cosine(p2, z1))
-
-
-@dataclasses.dataclass(frozen=True)
-class Framework:
-  """What an SSL framework adds to the shared encoder and train step.
-
-  Attributes:
-    target: a momentum/EMA target encoder (`ssl.base_tau`, `tau_schedule`).
-    predictor: a predictor head on the online branch (`ssl.predictor_*`).
-    queue: a queue of negative keys (`ssl.queue_size`), refreshed with the
-      target's keys of each batch.
-    asymmetric_views: the online encoder sees view 1 only and the target
-      view 2 (each branch then has its own statistics by construction);
-      otherwise every network sees [view 1; view 2].
-    loss: `loss(online_out, target_out, queue_keys, temperature)`, the
-      outputs being dicts with 'projection' (and 'prediction'); the target's
-      gradient already stopped.
-  """
-  target: bool
-  predictor: bool
-  queue: bool
-  asymmetric_views: bool
-  loss: Callable[..., jax.Array]
-
-
-# The frameworks (`config.framework`). A new one is one entry and its loss.
-FRAMEWORK_TABLE = {
-    'simclr': Framework(target=False, predictor=False, queue=False,
-                        asymmetric_views=False, loss=_simclr_loss),
-    'mocov2': Framework(target=True, predictor=False, queue=True,
-                        asymmetric_views=True, loss=_mocov2_loss),
-    'byol': Framework(target=True, predictor=True, queue=False,
-                      asymmetric_views=False, loss=_byol_loss),
-    'simsiam': Framework(target=False, predictor=True, queue=False,
-                         asymmetric_views=False, loss=_simsiam_loss),
-}
-FRAMEWORKS = tuple(FRAMEWORK_TABLE)
-
-
-def ssl_loss(framework: str, online: dict, target: dict | None, queue,
-             temperature: float) -> tuple[jax.Array, jax.Array]:
-  """The framework's loss and the embeddings used for the collapse metric.
-
-  Args:
-    framework: one of FRAMEWORKS.
-    online: outputs of the online network on [view1; view2] (on view1 only
-      for asymmetric views, MoCo).
-    target: outputs of the target network on [view1; view2] (view2 only for
-      asymmetric views), gradient already stopped; None without a target.
-    queue: MoCo's (K, D) negative keys.
-    temperature: SimCLR/MoCo temperature.
-  """
-  loss = FRAMEWORK_TABLE[framework].loss(online, target, queue, temperature)
-  return loss, online['projection']
-
-
-def _branch_inputs(framework: Framework, view1, view2, stat_groups: int):
+def _branch_inputs(framework: frameworks.Framework, view1, view2,
+                   stat_groups: int):
   """(online input, its statistics groups, target input, its groups).
 
   Asymmetric frameworks (MoCo v2: queries from view 1, keys from view 2) give
@@ -626,15 +470,6 @@ def _gate_rngs(spec: GatingSpec, rng):
     return None, None
   online_key, target_key = jax.random.split(jax.random.fold_in(rng, salt))
   return {stream: online_key}, {stream: target_key}
-
-
-def _updated_queue(queue, target_projection):
-  """MoCo's queue with this batch's keys written at the pointer."""
-  keys = losses.l2_normalize(target_projection)
-  return {'keys': jax.lax.dynamic_update_slice(
-              queue['keys'], keys, (queue['pointer'], 0)),
-          'pointer': (queue['pointer'] + keys.shape[0])
-                     % queue['keys'].shape[0]}
 
 
 def _probe_step(probe: nn.Module, probe_tx, state: TrainState, features,
@@ -713,7 +548,7 @@ def online_loss(params, settings: Settings, networks: Networks,
       train=True, stat_groups=online_groups,
       rngs=online_rngs, mutable=_online_mutable(settings.gating))
   with jax.named_scope('ssl_loss'):
-    loss, embeddings = ssl_loss(settings.framework, out, target_out,
+    loss, embeddings = frameworks.ssl_loss(settings.framework, out, target_out,
                                 queue_keys, settings.ssl.temperature)
   with jax.named_scope('gate_regularizer'):
     densities = flops.mean_densities(new_vars.get(DENSITY_COLLECTION, {}))
@@ -736,7 +571,7 @@ def step_metrics(settings: Settings, costs: tuple[flops.LayerCost, ...],
   metrics = {
       'loss': total_loss, 'ssl_loss': aux['ssl_loss'],
       'gate_loss': aux['gate_loss'],
-      'learning_rate': learning_rate_schedule(settings)(state.step),
+      'learning_rate': settings.learning_rate_schedule()(state.step),
       'tau': tau, 'probe_loss': probe_loss,
       'probe_accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
       'embedding_std': losses.embedding_std(aux['embeddings']),
@@ -779,7 +614,8 @@ def pretraining_step(settings: Settings, networks: Networks,
   """
   framework = settings.framework_record
   spec = settings.gating
-  tx = make_optimizer(settings.optim, learning_rate_schedule(settings))
+  tx = optimizers.make_optimizer(settings.optim,
+                                 settings.learning_rate_schedule())
   probe_tx = optax.adam(settings.probe_learning_rate)
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   # The named scopes label the compiled program's ops for profiles
@@ -800,14 +636,16 @@ def pretraining_step(settings: Settings, networks: Networks,
   with jax.named_scope('optimizer'):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    tau = tau_schedule(settings.ssl, settings.total_steps)(state.step)
+    tau = optimizers.tau_schedule(settings.ssl,
+                                  settings.total_steps)(state.step)
     target_params = state.target_params
     if networks.target is not None:
-      target_params = ema_update(
-          state.target_params, select_like(params, state.target_params), tau)
+      target_params = frameworks.ema_update(
+          state.target_params,
+          frameworks.select_like(params, state.target_params), tau)
     queue = state.queue
     if framework.queue:
-      queue = _updated_queue(state.queue, target_out['projection'])
+      queue = frameworks.updated_queue(state.queue, target_out['projection'])
 
   # The probe reads the first view's features.
   labels = batch['label']
