@@ -51,7 +51,9 @@ sys.path.insert(0, REPO)
 VARIANTS = ('smoke', 'dense', 'structured', 'tiles', 'channel_predictor',
             'spatial_predictor', 'dense_partner')
 # Keys of metrics.jsonl and summary.json that measure time, not behaviour.
-_TIMING = ('time', 'sec', 'wall', 'throughput', 'per_s', 'seconds')
+# Keys of what differs from run to run: timings, and when the backbone was
+# exported (linear_eval.json's 'backbone'; its step and digest stay).
+_TIMING = ('time', 'sec', 'wall', 'throughput', 'per_s', 'seconds', 'exported')
 
 
 def _digest(data: bytes) -> str:
