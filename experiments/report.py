@@ -635,15 +635,19 @@ def width_rows(results: list[dict[str, Any]]
   return rows
 
 
-def width_gaps(results: list[dict[str, Any]], method: str
-               ) -> dict[int, dict[int, float]]:
-  """{width: {seed: kNN gap to the dense run of the same seed, points}}."""
+def width_gaps(results: list[dict[str, Any]], method: str,
+               metric: str = 'knn_top1') -> dict[int, dict[int, float]]:
+  """{width: {seed: `metric` gap to the dense run of the same seed, points}}
+  (`metric`: 'knn_top1' or 'linear_top1'; seeds where either run lacks it
+  are left out)."""
   gaps: dict[int, dict[int, float]] = {}
   for width, methods in width_rows(results).items():
     dense, gated = methods.get('dense', {}), methods.get(method, {})
     for seed in sorted(set(dense) & set(gated)):
+      if dense[seed].get(metric) is None or gated[seed].get(metric) is None:
+        continue
       gaps.setdefault(width, {})[seed] = 100 * (
-          gated[seed]['knn_top1'] - dense[seed]['knn_top1'])
+          gated[seed][metric] - dense[seed][metric])
   return gaps
 
 
@@ -778,16 +782,30 @@ def width_density_lines(
 
 
 def write_width_plot(results: list[dict[str, Any]], results_dir: str) -> None:
-  """gap_vs_width.png: kNN gap to dense against width, each seed a point,
-  the mean over seeds a line; CDG and the channel predictor."""
+  """gap_vs_width.png: the kNN gap (left) and the linear gap (right) to dense
+  against width, each seed a point, the mean over seeds a line; CDG and the
+  channel predictor."""
   if not width_lines(results):
     return
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  for ax, (metric, name) in zip(axes, (('knn_top1', 'kNN'),
+                                       ('linear_top1', 'linear'))):
+    _width_panel(ax, results, metric)
+    ax.set_ylabel(f'{name} top-1 minus dense, same seed (points)')
+    ax.set_title(f'{name}: SimCLR, CIFAR-10, 16x16, 4 epochs, test split; '
+                 'dots: seeds; dotted: 1 point below dense', fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(results_dir, 'gap_vs_width.png'), dpi=120)
+  plt.close(fig)
+
+
+def _width_panel(ax, results: list[dict[str, Any]], metric: str) -> None:
+  """One panel of gap_vs_width.png: `metric`'s gap per method and width."""
   for i, method in enumerate(('CDG', 'channel predictor (density 0.4)')):
-    gaps = width_gaps(results, method)
+    gaps = width_gaps(results, method, metric)
     widths = [w for w in WIDTHS if gaps.get(w)]
     if not widths:
       continue
@@ -801,13 +819,7 @@ def write_width_plot(results: list[dict[str, Any]], results_dir: str) -> None:
   ax.set_xscale('log', base=2)
   ax.set_xticks(WIDTHS, [str(w) for w in WIDTHS])
   ax.set_xlabel('ResNet-18 width (channels of the first stage)')
-  ax.set_ylabel('kNN top-1 minus dense, same seed (points)')
-  ax.set_title('SimCLR, CIFAR-10, 16x16, 4 epochs, test split; dots: seeds; '
-               'dotted: 1 point below dense', fontsize=8)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(results_dir, 'gap_vs_width.png'), dpi=120)
-  plt.close(fig)
 
 
 def write_report(results_dir: str) -> list[dict[str, Any]]:

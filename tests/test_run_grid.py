@@ -308,6 +308,17 @@ def test_width_table_gaps_formulations_and_layer_densities(tmp_path):
   gaps = report.width_gaps(results, 'CDG')
   assert gaps[16] == pytest.approx({0: -3.0})
   assert gaps[64] == pytest.approx({0: -0.5, 1: -2.0})
+  # The linear panel's gaps: each run's linear_top1 (kNN + 0.02 here, so
+  # the same gaps), one changed by hand, one missing (left out).
+  linear = report.width_gaps(results, 'CDG', 'linear_top1')
+  assert linear.keys() == gaps.keys()
+  for width in gaps:
+    assert linear[width] == pytest.approx(gaps[width])
+  changed = [dict(r) for r in results]
+  changed[-1]['linear_top1'] = 0.52      # CDG, width 64, seed 1
+  changed[-2]['linear_top1'] = None      # CDG, width 64, seed 0
+  assert report.width_gaps(changed, 'CDG', 'linear_top1')[64] == (
+      pytest.approx({1: -1.0}))
   lines = report.width_lines(results)
   row_64 = next(line for line in lines if line.startswith('| 64 |'))
   # Mean and per-seed gaps; FLOPs reduction 2.0 + seed / 10, mean 2.05.
