@@ -36,7 +36,8 @@ from __future__ import annotations
 # Before any third-party import of the program: a library-only install
 # (`pip install cdg_jax`) gets the install command, not a ModuleNotFoundError.
 from cdg_jax import run as _run  # pylint: disable=g-import-not-at-top
-_run.require_program_dependencies('cdg-linear-eval (python -m cdg_jax.linear_eval)')
+_run.require_program_dependencies(
+    'cdg-linear-eval (python -m cdg_jax.linear_eval)')
 
 from collections.abc import Mapping
 import contextlib
