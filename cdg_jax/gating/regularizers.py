@@ -187,9 +187,9 @@ def flops_budget_regularizer(gated_flops_fraction: Array,
 
   Args:
     gated_flops_fraction: the gated layers' effective MACs over their dense
-      MACs (`cdg_jax.gating.flops.gated_macs`), computed from the straight-through
-      masks' densities so the gradient reaches every threshold, each layer in
-      proportion to its share of the MACs.
+      MACs (`cdg_jax.gating.flops.gated_macs`), computed from the
+      straight-through masks' densities so the gradient reaches every
+      threshold, each layer in proportion to its share of the MACs.
     target_fraction: the budget, as the same fraction.
 
   Returns:
