@@ -481,6 +481,11 @@ def disk_full_error(workdir: str, error: OSError) -> CheckpointWriteError | None
       f'command again: {_resume_text(workdir)}.')
 
 
+# How long a failed save's checkpoint must stay removed before the error is
+# reported (see `remove_unfinished`).
+_WRITES_SETTLE_S = 1.0
+
+
 def save(manager: ocp.CheckpointManager, state, step: int) -> None:
   """Saves the train state asynchronously (`wait` before exiting).
 
@@ -492,7 +497,7 @@ def save(manager: ocp.CheckpointManager, state, step: int) -> None:
   except Exception as e:  # pylint: disable=broad-except
     error = _write_error(manager, step, e)
     _settle(manager)
-    remove_unfinished(str(manager.directory))
+    remove_unfinished(str(manager.directory), quiet_seconds=_WRITES_SETTLE_S)
     raise error from e
 
 
@@ -506,7 +511,7 @@ def wait(manager: ocp.CheckpointManager) -> None:
     manager.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except
     error = _write_error(manager, _unfinished_step(manager), e)
-    remove_unfinished(str(manager.directory))
+    remove_unfinished(str(manager.directory), quiet_seconds=_WRITES_SETTLE_S)
     raise error from e
 
 
@@ -520,30 +525,45 @@ def _settle(manager: ocp.CheckpointManager) -> None:
     pass
 
 
-def remove_unfinished(directory: str) -> list[str]:
+def remove_unfinished(directory: str, quiet_seconds: float = 0.0) -> list[str]:
   """Removes half-written checkpoints (orbax's `<step>.orbax-checkpoint-tmp`
   directories) from a run's checkpoint `directory`; process 0 only.
 
   A save that failed (a full disk) or was cut short (kill -9) leaves one
   behind; it can never be restored, and on a full disk it holds the space
   the next save needs. Returns the names removed.
+
+  Args:
+    directory: the run's checkpoint directory.
+    quiet_seconds: after a save that just failed, how long a removed
+      checkpoint must stay gone. Orbax reports the first failed write while
+      TensorStore may still finish others of the same save, and a write
+      recreates its directories (seen: files of the failed step written 5 ms
+      after its removal, the only trace of the run left on the disk). Each
+      one that appears in that time is removed and restarts the wait, for
+      at most 30 s.
   """
   if jax.process_index() != 0 or not os.path.isdir(directory):
     return []
   removed = []
-  for name in os.listdir(directory):
-    if TMP_MARK in name:
-      path = os.path.join(directory, name)
-      # Under load a background write of the failed save can still be
-      # creating files while the tree is removed (seen once in a loaded
-      # test run): try again for up to 2 s until it is gone.
-      for _ in range(20):
-        shutil.rmtree(path, ignore_errors=True)
-        if not os.path.exists(path):
-          break
-        time.sleep(0.1)
-      removed.append(name)
-  return removed
+  deadline = time.monotonic() + 30.0
+  last_seen = time.monotonic()
+  while True:
+    present = [name for name in os.listdir(directory) if TMP_MARK in name]
+    for name in present:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+      if name not in removed:
+        removed.append(name)
+    now = time.monotonic()
+    if present:
+      last_seen = now
+    elif now - last_seen >= quiet_seconds:
+      return removed
+    if now > deadline:
+      raise OSError(f'Could not remove the half-written checkpoints '
+                    f'{", ".join(present)} in {directory} within 30 s: '
+                    f'something keeps writing into them.')
+    time.sleep(0.05)
 
 
 def _unfinished_step(manager: ocp.CheckpointManager) -> int | None:
