@@ -56,6 +56,7 @@ from cdg_jax.run import checkpoints
 from cdg_jax.run import config_lib
 from cdg_jax.run import parallel
 from cdg_jax.run import run_control
+from cdg_jax.run import storage
 
 RESULTS_FILE = 'linear_eval.json'
 # What linear_eval.json holds of the evaluators' results, in this order.
@@ -241,8 +242,8 @@ def scored_backbone(workdir: str, variables) -> dict[str, Any]:
   info = checkpoints.read_backbone_info(workdir)
   if info is None:
     try:
-      with open(os.path.join(workdir, 'summary.json')) as f:
-        step = json.load(f).get('steps')
+      step = json.loads(storage.read_text(
+          os.path.join(workdir, 'summary.json'))).get('steps')
     except (OSError, ValueError, AttributeError):
       step = None
     return {'step': step, 'digest': digest, 'exported': None}
@@ -265,10 +266,8 @@ def write_results(workdir: str, results: dict[str, Any]) -> None:
   kept = keep_earlier_result(workdir, results)
   if kept:
     results['earlier_result_kept_as'] = kept
-  path = os.path.join(workdir, RESULTS_FILE)
-  with open(f'{path}.tmp', 'w') as f:
-    json.dump(results, f, indent=2)
-  os.replace(f'{path}.tmp', path)
+  storage.write_text(os.path.join(workdir, RESULTS_FILE),
+                     json.dumps(results, indent=2))
 
 
 # What makes two linear evaluations the same evaluation (of one backbone).
@@ -288,11 +287,10 @@ def keep_earlier_result(workdir: str, results: Mapping[str, Any]) -> str | None:
     The earlier file's new name, or None when nothing was moved.
   """
   path = os.path.join(workdir, RESULTS_FILE)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
   try:
-    with open(path) as f:
-      earlier = json.load(f)
+    earlier = json.loads(storage.read_text(path))
   except ValueError:
     earlier = {}
   # Compared as JSON (tuples in memory are lists in the file).
@@ -301,10 +299,10 @@ def keep_earlier_result(workdir: str, results: Mapping[str, Any]) -> str | None:
     return None
   stem, extension = os.path.splitext(RESULTS_FILE)
   number = 1
-  while os.path.exists(os.path.join(workdir, f'{stem}.{number}{extension}')):
+  while storage.exists(os.path.join(workdir, f'{stem}.{number}{extension}')):
     number += 1
   name = f'{stem}.{number}{extension}'
-  os.replace(path, os.path.join(workdir, name))
+  storage.move(path, os.path.join(workdir, name))
   return name
 
 

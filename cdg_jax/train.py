@@ -41,6 +41,7 @@ from cdg_jax.run import metric_logging
 from cdg_jax.run import parallel
 from cdg_jax.run import plots
 from cdg_jax.run import run_control
+from cdg_jax.run import storage
 from cdg_jax.ssl import models
 from cdg_jax.ssl import pretraining
 
@@ -52,7 +53,7 @@ def prepare_workdir(workdir: str) -> str:
   """Creates `workdir` and checks it is writable, with a clear error if not."""
   workdir = run_control.resolve_workdir(workdir)
   try:
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
   except OSError as e:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
       raise   # a full disk, not a permission: reported as such
@@ -315,7 +316,7 @@ def _train_and_evaluate(config, run: pretraining.Pretraining,
   """`train_and_evaluate` once the config, data and workdir are checked
   (`run`: the run `check_shapes` assembled and traced)."""
   backbone = _backbone(config, settings)
-  had_config = os.path.exists(os.path.join(workdir, checkpoints.CONFIG_FILE))
+  had_config = storage.exists(os.path.join(workdir, checkpoints.CONFIG_FILE))
   state, manager = _restore_or_init(run, config, workdir, mesh)
   start_step = int(state.step)
   is_main = jax.process_index() == 0
@@ -390,8 +391,8 @@ def _write_outputs(config, workdir, summary, backbone, variables, source,
                               variables['batch_stats'], step=summary['steps'])
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
-    json.dump(summary, f, indent=2, default=float)
+  storage.write_text(os.path.join(workdir, SUMMARY_FILE),
+                     json.dumps(summary, indent=2, default=float))
   if config.plot_images > 0:
     test_images = next(iter(source.eval_batches('test', config.plot_images)))
     plots.write_run_plots(workdir, backbone, jax.device_get(variables),
@@ -476,6 +477,9 @@ def _train_loop(config, state, train_step, batches, manager, writer,
           progress.update(step - progress.n)
         if save_now:
           checkpoints.save(manager, state, step)
+          # Uploads metrics.jsonl and the event file whole where the
+          # workdir is an object store (nothing to do on a disk).
+          writer.flush()
         if preemption.should_stop(step) and step < total_steps:
           if not save_now:
             checkpoints.save(manager, state, step)

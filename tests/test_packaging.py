@@ -167,6 +167,7 @@ def test_importing_the_gating_library_loads_no_training_stack():
 PROGRAM_LAYERS = (
     ('cdg_jax.gating',),                          # the library
     ('cdg_jax.run.parallel',                      # devices and shardings
+     'cdg_jax.run.storage',                       # local disk or gs:// paths
      'cdg_jax.data'),                             # sources, batches, views
     ('cdg_jax.ssl',                               # (its __init__: a docstring)
      'cdg_jax.ssl.losses', 'cdg_jax.ssl.models'),

@@ -46,6 +46,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator
 import dataclasses
+import io
 import math
 import os
 import zipfile
@@ -55,6 +56,8 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
+
+from cdg_jax.run import storage
 
 Batch = dict[str, np.ndarray]
 
@@ -520,10 +523,15 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
     raise ValueError('data.source="npz" needs data.npz_path, the path of a '
                      f'.npz file with keys {NPZ_KEYS}; it is empty.')
   path = os.path.expanduser(path)
-  if not os.path.isfile(path):
+  storage.check_reachable(path, ' (data.npz_path)')
+  if not storage.path(path).is_file():
     raise FileNotFoundError(f'data.npz_path={path!r}: no such file. It must be '
                             f'a .npz with keys {NPZ_KEYS}.')
-  with open(path, 'rb') as f:
+  # From an object store the archive is read whole, once: np.load's seeks
+  # would each be a request.
+  source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(
+      path) else path
+  with storage.path(path).open('rb') as f:
     magic = f.read(4)
   if magic != b'PK\x03\x04':
     raise ValueError(
@@ -532,7 +540,7 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
         f'with numpy.savez(path, x_train=..., y_train=..., x_test=..., '
         f'y_test=...).')
   try:
-    with np.load(path, allow_pickle=False) as npz:
+    with np.load(source, allow_pickle=False) as npz:
       missing = [key for key in NPZ_KEYS if key not in npz.files]
       if missing:
         raise ValueError(f'{path} lacks keys {missing}; it has {npz.files} '

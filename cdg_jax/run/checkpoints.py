@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from typing import Any
 
@@ -33,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cdg_jax.run import config_lib
+from cdg_jax.run import storage
 from cdg_jax.ssl import models
 
 CONFIG_FILE = 'config.json'
@@ -100,11 +100,10 @@ def read_saved_fields(workdir: str) -> dict[str, Any] | None:
     object, or no fields at all): a run cannot be checked against it.
   """
   path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(storage.read_text(path))
   except ValueError as e:
     raise ValueError(
         f'{path} is not valid JSON ({e}), so the run in {workdir} cannot be '
@@ -248,9 +247,9 @@ def earlier_outputs(workdir: str) -> list[str]:
   not a run's. [] when the workdir has a checkpoint (it is resumed) or none
   of these.
   """
-  if has_checkpoint(workdir) or not os.path.isdir(workdir):
+  if has_checkpoint(workdir) or not storage.isdir(workdir):
     return []
-  return sorted(name for name in os.listdir(workdir)
+  return sorted(name for name in storage.listdir(workdir)
                 if name.startswith(_RUN_OUTPUTS)
                 and not name.endswith('.tmp'))
 
@@ -313,12 +312,12 @@ def set_aside_earlier_outputs(workdir: str, names: list[str]) -> str | None:
   stamp = time.strftime('%Y%m%d-%H%M%S', time.gmtime())
   target = os.path.join(workdir, EARLIER_RUNS_DIR, stamp)
   number = 1
-  while os.path.exists(target):
+  while storage.exists(target):
     target = os.path.join(workdir, EARLIER_RUNS_DIR, f'{stamp}.{number}')
     number += 1
-  os.makedirs(target)
+  storage.makedirs(target)
   for name in names:
-    shutil.move(os.path.join(workdir, name), os.path.join(target, name))
+    storage.move(os.path.join(workdir, name), os.path.join(target, name))
   return target
 
 
@@ -342,20 +341,17 @@ def record_changes(workdir: str, step: int,
                     'changes': {key: {'before': before, 'after': after}
                                 for key, (before, after) in changes.items()}})
   if history != recorded and jax.process_index() == 0:
-      path = os.path.join(workdir, CHANGES_FILE)
-      with open(f'{path}.tmp', 'w') as f:
-        json.dump(history, f, indent=2)
-      os.replace(f'{path}.tmp', path)
+    storage.write_text(os.path.join(workdir, CHANGES_FILE),
+                       json.dumps(history, indent=2))
   return history
 
 
 def read_changes(workdir: str) -> list[dict[str, Any]]:
   """The changes recorded in a workdir (`record_changes`), oldest first."""
   path = os.path.join(workdir, CHANGES_FILE)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return []
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -375,31 +371,23 @@ def write_config(config, workdir: str) -> None:
   """
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, CONFIG_FILE)
-  temporary = f'{path}.tmp'
-  try:
-    with open(temporary, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(temporary, path)
-  finally:
-    if os.path.exists(temporary):
-      os.remove(temporary)
+  storage.write_text(os.path.join(workdir, CONFIG_FILE),
+                     config.to_json_best_effort(indent=2))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config saved in a workdir."""
   path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f'No {CONFIG_FILE} in {workdir}: is it the workdir '
                             f'of a cdg_jax run?')
   read_saved_fields(workdir)   # a file that is no config is named
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(storage.read_text(path)))
 
 
 def checkpoint_dir(workdir: str) -> str:
   """`<workdir>/checkpoints`, absolute."""
-  return os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+  return storage.absolute(os.path.join(workdir, CHECKPOINT_DIR))
 
 
 def checkpoint_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
@@ -411,6 +399,8 @@ def checkpoint_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
 
 # In the name of a directory orbax writes a save into before renaming it.
 TMP_MARK = '.orbax-checkpoint-tmp'
+# The file orbax writes last into a step saved to an object store.
+COMMIT_MARK = 'commit_success.txt'
 
 
 class NoValidCheckpointError(RuntimeError):
@@ -424,9 +414,11 @@ class CheckpointWriteError(OSError):
 def complete_steps(workdir: str) -> list[int]:
   """Steps of the finished checkpoints in `workdir` (not half-written ones)."""
   directory = os.path.join(workdir, CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     return []
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  unfinished = set(_unfinished_names(directory))
+  return sorted(int(name) for name in storage.listdir(directory)
+                if name.isdigit() and name not in unfinished)
 
 
 def _is_disk_full(error: BaseException) -> bool:
@@ -543,15 +535,15 @@ def remove_unfinished(directory: str, quiet_seconds: float = 0.0) -> list[str]:
       one that appears in that time is removed and restarts the wait, for
       at most 30 s.
   """
-  if jax.process_index() != 0 or not os.path.isdir(directory):
+  if jax.process_index() != 0 or not storage.isdir(directory):
     return []
   removed = []
   deadline = time.monotonic() + 30.0
   last_seen = time.monotonic()
   while True:
-    present = [name for name in os.listdir(directory) if TMP_MARK in name]
+    present = _unfinished_names(directory)
     for name in present:
-      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+      storage.rmtree(os.path.join(directory, name))
       if name not in removed:
         removed.append(name)
     now = time.monotonic()
@@ -568,10 +560,26 @@ def remove_unfinished(directory: str, quiet_seconds: float = 0.0) -> list[str]:
 
 def _unfinished_step(manager: ocp.CheckpointManager) -> int | None:
   """The newest step whose save was begun but not finished, if any."""
-  directory = str(manager.directory)
-  steps = [int(name.split('.')[0]) for name in os.listdir(directory)
-           if name.split('.')[0].isdigit() and not name.isdigit()]
+  steps = [int(name.split('.')[0])
+           for name in _unfinished_names(str(manager.directory))]
   return max(steps) if steps else None
+
+
+def _unfinished_names(directory: str) -> list[str]:
+  """Names of the checkpoints in `directory` whose save did not finish.
+
+  On disk orbax saves into `<step>.orbax-checkpoint-tmp` and renames it; an
+  object store has no atomic rename, so there it writes `<step>/` directly
+  and marks it finished with `commit_success.txt`, written last.
+  """
+  if not storage.isdir(directory):
+    return []
+  names = storage.listdir(directory)
+  unfinished = [name for name in names if TMP_MARK in name]
+  if storage.is_remote(directory):
+    unfinished += [name for name in names if name.isdigit() and not
+                   storage.exists(os.path.join(directory, name, COMMIT_MARK))]
+  return unfinished
 
 
 # Signs of damage in the errors orbax and TensorStore raise, in words.
@@ -665,13 +673,13 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state,
 
 def _quarantine(manager: ocp.CheckpointManager, steps: list[int],
                 quarantine_dir: str) -> None:
-  os.makedirs(quarantine_dir, exist_ok=True)
+  storage.makedirs(quarantine_dir)
   stamp = time.strftime('%Y%m%d-%H%M%S')
   for step in steps:
     source = os.path.join(str(manager.directory), str(step))
-    if os.path.exists(source):
+    if storage.exists(source):
       target = os.path.join(quarantine_dir, f'{step}-{stamp}')
-      shutil.move(source, target)
+      storage.move(source, target)
       logging.warning('Moved the damaged checkpoint %s to %s.', source, target)
   manager.reload()
 
@@ -728,8 +736,8 @@ def read_backbone_info(workdir: str) -> dict[str, Any] | None:
   """`backbone.json` ({'step', 'digest', 'exported'}), or None if absent
   (a backbone exported before the file existed) or unreadable."""
   try:
-    with open(os.path.join(workdir, BACKBONE_INFO_FILE)) as f:
-      info = json.load(f)
+    info = json.loads(storage.read_text(os.path.join(workdir,
+                                                     BACKBONE_INFO_FILE)))
   except (OSError, ValueError):
     return None
   return info if isinstance(info, dict) else None
@@ -746,7 +754,7 @@ def export_backbone(workdir: str, params, batch_stats,
   another digest, or none) to `stale_linear_eval/`, so that no result sits
   beside weights it did not score.
   """
-  path = os.path.abspath(os.path.join(workdir, BACKBONE_DIR))
+  path = storage.absolute(os.path.join(workdir, BACKBONE_DIR))
   checkpointer = ocp.StandardCheckpointer()
   # Host arrays: a backbone saved from device arrays keeps their sharding and
   # would then only load on the same device topology (8 GPUs -> laptop fails).
@@ -756,7 +764,8 @@ def export_backbone(workdir: str, params, batch_stats,
   if step is not None and jax.process_index() == 0:
     info = {'step': int(step), 'digest': backbone_digest(variables),
             'exported': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
-    _write_json_atomically(os.path.join(workdir, BACKBONE_INFO_FILE), info)
+    storage.write_text(os.path.join(workdir, BACKBONE_INFO_FILE),
+                       json.dumps(info, indent=2))
     move_stale_linear_results(workdir, info['digest'])
   return path
 
@@ -769,41 +778,29 @@ def move_stale_linear_results(workdir: str, digest: str) -> list[str]:
   `stale_linear_eval/` (named by the step they scored); returns the names
   they got there."""
   moved = []
-  for name in sorted(os.listdir(workdir)):
+  for name in storage.listdir(workdir):
     if not (name.startswith('linear_eval') and name.endswith('.json')):
       continue
     source = os.path.join(workdir, name)
     try:
-      with open(source) as f:
-        scored = (json.load(f).get('backbone') or {})
+      scored = (json.loads(storage.read_text(source)).get('backbone') or {})
     except (OSError, ValueError, AttributeError):
       scored = {}
     if scored.get('digest') == digest:
       continue
-    os.makedirs(os.path.join(workdir, STALE_LINEAR_DIR), exist_ok=True)
+    storage.makedirs(os.path.join(workdir, STALE_LINEAR_DIR))
     stem = f'step{scored["step"]}' if 'step' in scored else 'step_unknown'
     target = os.path.join(workdir, STALE_LINEAR_DIR, f'{stem}.{name}')
     number = 1
-    while os.path.exists(target):
+    while storage.exists(target):
       target = os.path.join(workdir, STALE_LINEAR_DIR,
                             f'{stem}.{number}.{name}')
       number += 1
-    os.replace(source, target)
+    storage.move(source, target)
     moved.append(os.path.relpath(target, workdir))
     logging.warning('Moved %s (a linear evaluation of an earlier backbone) to '
                     '%s.', source, target)
   return moved
-
-
-def _write_json_atomically(path: str, value: Any) -> None:
-  temporary = f'{path}.tmp'
-  try:
-    with open(temporary, 'w') as f:
-      json.dump(value, f, indent=2)
-    os.replace(temporary, path)
-  finally:
-    if os.path.exists(temporary):
-      os.remove(temporary)
 
 
 def load_backbone(workdir: str):
@@ -817,8 +814,8 @@ def load_backbone(workdir: str):
     Add `mutable=['gating']` to get per-sample gate densities too.
   """
   config = read_config(workdir)
-  path = os.path.abspath(os.path.join(workdir, BACKBONE_DIR))
-  if not os.path.exists(path):
+  path = storage.absolute(os.path.join(workdir, BACKBONE_DIR))
+  if not storage.exists(path):
     raise FileNotFoundError(f'No exported backbone at {path}; it is written at '
                             f'the end of a training run.')
   variables = ocp.StandardCheckpointer().restore(path)

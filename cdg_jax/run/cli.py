@@ -222,9 +222,10 @@ def quiet_logging() -> None:
 def _expected_errors() -> tuple[type[BaseException], ...]:
   from cdg_jax.run import checkpoints  # pylint: disable=g-import-not-at-top
   from cdg_jax.run import run_control
+  from cdg_jax.run import storage
   return (ValueError, FileNotFoundError, PermissionError, FloatingPointError,
           checkpoints.NoValidCheckpointError, checkpoints.CheckpointWriteError,
-          run_control.WorkdirLockedError)
+          run_control.WorkdirLockedError, storage.StorageUnavailableError)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,11 @@ these small classes, on every machine alike:
 
 `create_writer(workdir, is_main)` builds what a run uses: the console on
 every process, event files and `metrics.jsonl` on process 0 only.
+
+In an object store (`gs://`), which cannot append, both files are written to
+a local staging copy and uploaded whole by `flush()` (the training loop
+flushes with each checkpoint, and `close()` flushes): rows logged after the
+last checkpoint are the ones a resumed run drops and logs again anyway.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from collections.abc import Mapping, Sequence
 import json
 import math
 import os
+import tempfile
 import time
 from typing import Any, Protocol
 
 from absl import logging
+
+from cdg_jax.run import storage
 
 Scalars = Mapping[str, float]
 
@@ -89,11 +97,13 @@ class JsonlWriter:
   """
 
   def __init__(self, path: str, resume_step: int | None = None):
-    self.path = path
+    self._file = storage.StagedFile(path)
+    self.path = self._file.local_path
     self._last_row: dict[str, float] | None = None
     self._last_offset = 0
-    if os.path.exists(path):
+    if os.path.exists(self.path):
       self._rewrite(resume_step)
+      self._file.sync()
 
   def _rewrite(self, resume_step: int | None) -> None:
     rows: dict[int, dict[str, float]] = {}
@@ -144,10 +154,10 @@ class JsonlWriter:
     del hparams  # Stored in config.json.
 
   def flush(self) -> None:
-    pass
+    self._file.sync()
 
   def close(self) -> None:
-    pass
+    self._file.sync()
 
 
 class TensorBoardWriter:
@@ -164,7 +174,14 @@ class TensorBoardWriter:
       raise ImportError(
           'Writing TensorBoard event files needs tensorboardX (it does not '
           'need TensorFlow): pip install tensorboardX') from e
-    self._writer = SummaryWriter(logdir=logdir, flush_secs=30)
+    # In an object store, tensorboardX would write through its own client
+    # (google-cloud-storage), whose writer blocks the exit for minutes when
+    # the store is gone: it writes a staging directory instead, uploaded
+    # through `storage` at each flush.
+    self._logdir = logdir
+    self._staging = (tempfile.mkdtemp(prefix='cdg_jax_events_')
+                     if storage.is_remote(logdir) else None)
+    self._writer = SummaryWriter(logdir=self._staging or logdir, flush_secs=30)
 
   def write_scalars(self, step: int, scalars: Scalars) -> None:
     for name, value in scalars.items():
@@ -181,10 +198,18 @@ class TensorBoardWriter:
 
   def flush(self) -> None:
     self._writer.flush()
+    self._upload()
 
   def close(self) -> None:
     self._writer.close()
+    self._upload()
 
+  def _upload(self) -> None:
+    if self._staging is None:
+      return
+    for name in os.listdir(self._staging):
+      with open(os.path.join(self._staging, name), 'rb') as f:
+        storage.write_bytes(os.path.join(self._logdir, name), f.read())
 
 class MultiWriter:
   """Forwards every call to each of `writers`."""

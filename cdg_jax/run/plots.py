@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from cdg_jax.data import augment
 from cdg_jax.gating.layers import MASK_COLLECTION
+from cdg_jax.run import storage
 
 DENSITY_PLOT = 'gate_density.png'
 MASK_PLOT = 'gate_masks.png'
@@ -47,7 +49,7 @@ def plot_layer_density(layer_density: dict[str, float], path: str,
   ax.set_ylabel('fraction')
   ax.set_title(title or 'Gate density per layer', fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, path)
   plt.close(fig)
 
 
@@ -90,9 +92,16 @@ def plot_masks(images: np.ndarray, masks: dict[str, np.ndarray],
   if shown is not None:
     key = fig.add_axes((0.945, 0.15, 0.012, 0.7))
     fig.colorbar(shown, cax=key).ax.tick_params(labelsize=6)
-  fig.savefig(path, dpi=120)
+  _save(fig, path)
   plt.close(fig)
   return titles
+
+
+def _save(fig, path: str) -> None:
+  """Writes a PNG through the workdir's storage (a local disk or gs://)."""
+  image = io.BytesIO()
+  fig.savefig(image, format='png', dpi=120)
+  storage.write_bytes(path, image.getvalue())
 
 
 def write_run_plots(workdir: str, backbone, variables, images: np.ndarray,

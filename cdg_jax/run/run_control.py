@@ -6,7 +6,11 @@ once, before touching anything, with a message naming the owner. A lock
 left by a process that no longer exists on this host (killed with -9, a
 crashed machine that came back) is stale: it is taken over with a warning.
 A lock held from another host cannot be checked from here; the message
-says how to remove it once that run is known to be gone.
+says how to remove it once that run is known to be gone. In an object store
+(`gs://`), where the hosts of a pod slice come and go, the holder also
+rewrites the lock every `LOCK_REFRESH_S` seconds, and a lock not rewritten
+for `LOCK_STALE_AFTER_S` is stale too (a preempted pod killed before its
+clean stop).
 
 `PreemptionWatcher` -- SIGTERM (what Cloud TPU, spot GPUs and SLURM send
 before preempting) and SIGINT (Ctrl-C) set a flag instead of killing the
@@ -26,13 +30,20 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from typing import Any
 
 from absl import logging
 import jax
 
+from cdg_jax.run import storage
+
 LOCK_FILE = 'run.lock'
+# A lock in an object store: rewritten this often by its holder, and stale
+# when not rewritten for this long.
+LOCK_REFRESH_S = 300.0
+LOCK_STALE_AFTER_S = 1800.0
 
 
 def resolve_workdir(workdir: str | None) -> str:
@@ -44,9 +55,14 @@ def resolve_workdir(workdir: str | None) -> str:
 
   Raises:
     ValueError: no workdir was given.
+    storage.StorageUnavailableError: a `gs://` workdir's bucket is missing,
+      not writable with these credentials, or unreachable.
   """
   if not workdir:
     raise ValueError('A --workdir is required.')
+  # A bucket that is missing, not ours or unreachable stops the command
+  # here, before anything reads the workdir or the data.
+  storage.check_reachable(workdir)
   return os.path.expanduser(workdir)
 
 
@@ -59,13 +75,19 @@ def check_writable(workdir: str, why: str = '') -> None:
   written, for the message.
   """
   probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')
+  if storage.is_remote(workdir):
+    try:
+      storage.write_text(probe, 'ok')
+      storage.remove(probe)
+    except Exception as e:  # pylint: disable=broad-except
+      raise storage.StorageUnavailableError(
+          storage.describe_failure(workdir, e, why)) from e
+    return
   try:
     try:
-      with open(probe, 'w') as f:
-        f.write('ok')
+      storage.write_text(probe, 'ok')
     finally:
-      if os.path.exists(probe):
-        os.remove(probe)
+      storage.remove(probe)
   except OSError as e:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
       raise   # a full disk, not a permission: reported as such
@@ -105,11 +127,13 @@ class WorkdirLock:
     self.enabled = enabled
     self.purpose = purpose
     self._held = False
+    self._remote = storage.is_remote(workdir)
+    self._refresher: threading.Thread | None = None
+    self._released = threading.Event()
 
   def _owner(self) -> dict[str, Any] | None:
     try:
-      with open(self.path) as f:
-        return json.load(f)
+      return json.loads(storage.read_text(self.path))
     except (FileNotFoundError, NotADirectoryError):
       return None   # no lock, or no such directory: nobody holds it
     except (OSError, ValueError):
@@ -165,31 +189,56 @@ class WorkdirLock:
     me = {'host': socket.gethostname(), 'pid': os.getpid(),
           'started': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
           'purpose': self.purpose}
+    if self._remote:
+      me['refreshed'] = time.time()
     for _ in range(2):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
+      if not storage.create_exclusive(self.path, json.dumps(me)):
         owner = self._owner()
         if owner is None:
           continue   # released between our two calls; try again
         if self._stale(owner):
-          logging.warning('Taking over the stale lock %s of process %d (no '
-                          'longer running).', self.path, owner['pid'])
-          os.remove(self.path)
+          logging.warning('Taking over the stale lock %s of process %s (%s).',
+                          self.path, owner.get('pid'), self._why_stale(owner))
+          storage.remove(self.path)
           continue
         raise self._locked_error(owner)
-      with os.fdopen(fd, 'w') as f:
-        json.dump(me, f)
       self._held = True
+      if self._remote:
+        self._refresher = threading.Thread(
+            target=self._refresh, args=(me,), daemon=True,
+            name='cdg_jax-lock-refresh')
+        self._refresher.start()
       return
     raise WorkdirLockedError(f'Could not take the lock {self.path}.')
 
+  def _refresh(self, me: dict[str, Any]) -> None:
+    """Rewrites the lock of an object-store workdir every LOCK_REFRESH_S,
+    so that only a lock whose holder is gone goes stale."""
+    while not self._released.wait(LOCK_REFRESH_S):
+      try:
+        storage.write_text(self.path, json.dumps({**me,
+                                                  'refreshed': time.time()}))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('Could not refresh the lock %s: %s', self.path, e)
+
   @staticmethod
   def _stale(owner: dict[str, Any]) -> bool:
-    """Whether the lock's owner is a process of this host that is gone."""
-    return (owner.get('host') == socket.gethostname()
-            and isinstance(owner.get('pid'), int)
-            and not _process_alive(owner['pid']))
+    """Whether the lock's owner is a process of this host that is gone, or
+    (in an object store) has not rewritten the lock for LOCK_STALE_AFTER_S."""
+    return bool(WorkdirLock._why_stale(owner))
+
+  @staticmethod
+  def _why_stale(owner: dict[str, Any]) -> str:
+    if (owner.get('host') == socket.gethostname()
+        and isinstance(owner.get('pid'), int)
+        and not _process_alive(owner['pid'])):
+      return 'no longer running'
+    refreshed = owner.get('refreshed')
+    if isinstance(refreshed, (int, float)) and (
+        time.time() - refreshed > LOCK_STALE_AFTER_S):
+      return (f'not refreshed for {(time.time() - refreshed) / 60:.0f} min; '
+              f'a live run refreshes it every {LOCK_REFRESH_S / 60:.0f} min')
+    return ''
 
   def _locked_error(self, owner: dict[str, Any]) -> WorkdirLockedError:
     # Locks written before 'purpose' existed were training runs'.
@@ -205,16 +254,21 @@ class WorkdirLock:
       why = (f'The {self.purpose} would read a backbone that may be replaced '
              f'while it runs: wait for that run to end, then evaluate its '
              f'final backbone.')
+    if owner and isinstance(owner.get('refreshed'), (int, float)):
+      where += (f', lock last refreshed '
+                f'{(time.time() - owner["refreshed"]) / 60:.0f} min ago (taken '
+                f'over once not refreshed for {LOCK_STALE_AFTER_S / 60:.0f} '
+                f'min)')
     return WorkdirLockedError(
         f'The workdir {os.path.dirname(self.path)} is in use by {where}. '
         f'{why} If you are sure it is gone, delete {self.path}.')
 
   def release(self) -> None:
     if self._held:
-      try:
-        os.remove(self.path)
-      except FileNotFoundError:
-        pass
+      self._released.set()
+      if self._refresher is not None:
+        self._refresher.join()
+      storage.remove(self.path)
       self._held = False
 
   def __enter__(self) -> 'WorkdirLock':
