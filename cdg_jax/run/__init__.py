@@ -19,7 +19,8 @@ PROGRAM_DEPENDENCIES = {
     'optax': 'optax', 'orbax': 'orbax-checkpoint',
     'ml_collections': 'ml-collections', 'clu': 'clu',
     'tensorboardX': 'tensorboardX', 'dm_pix': 'dm-pix', 'absl': 'absl-py',
-    'matplotlib': 'matplotlib', 'tqdm': 'tqdm',
+    'matplotlib': 'matplotlib', 'tqdm': 'tqdm', 'etils': 'etils',
+    'fsspec': 'fsspec',
 }
 
 

@@ -427,11 +427,32 @@ def _is_disk_full(error: BaseException) -> bool:
           or 'No space left on device' in text or "os_error_code='28'" in text)
 
 
+# The newest step known to be saved whole, per checkpoint directory, from
+# what this process saw (a restore, a save that finished): what a message
+# names when the store that holds the checkpoints cannot be listed.
+_known_complete: dict[str, int] = {}
+
+
 def _resume_text(workdir: str) -> str:
-  finished = complete_steps(workdir)
+  try:
+    finished = complete_steps(workdir)
+  except storage.StorageUnavailableError:
+    known = _known_complete.get(checkpoint_dir(workdir))
+    if known is None:
+      return (f'it resumes from the newest complete checkpoint in '
+              f'{checkpoint_dir(workdir)} (the store could not be listed to '
+              f'name it)')
+    finished = [known]
   return (f'it resumes from step {finished[-1]}, the newest complete '
           f'checkpoint' if finished else 'no checkpoint is complete yet, so '
           'it starts from step 0')
+
+
+def resume_text(workdir: str) -> str:
+  """'it resumes from step N, the newest complete checkpoint' (or from 0),
+  from a listing of the workdir or, where the store cannot be listed, from
+  what this process saved."""
+  return _resume_text(workdir)
 
 
 _FULL = 'the disk is full (No space left on device)'
@@ -485,6 +506,11 @@ def save(manager: ocp.CheckpointManager, state, step: int) -> None:
     CheckpointWriteError: this save, or an earlier asynchronous one, failed.
   """
   try:
+    # Orbax would finish the previous save before starting this one anyway;
+    # finishing it here tells which step is known to be whole.
+    manager.wait_until_finished()
+    if manager.latest_step() is not None:
+      _known_complete[str(manager.directory)] = manager.latest_step()
     manager.save(step, args=ocp.args.StandardSave(state))
   except Exception as e:  # pylint: disable=broad-except
     error = _write_error(manager, step, e)
@@ -501,8 +527,10 @@ def wait(manager: ocp.CheckpointManager) -> None:
   """
   try:
     manager.wait_until_finished()
+    if manager.latest_step() is not None:
+      _known_complete[str(manager.directory)] = manager.latest_step()
   except Exception as e:  # pylint: disable=broad-except
-    error = _write_error(manager, _unfinished_step(manager), e)
+    error = _write_error(manager, _safe_unfinished_step(manager), e)
     remove_unfinished(str(manager.directory), quiet_seconds=_WRITES_SETTLE_S)
     raise error from e
 
@@ -535,7 +563,19 @@ def remove_unfinished(directory: str, quiet_seconds: float = 0.0) -> list[str]:
       one that appears in that time is removed and restarts the wait, for
       at most 30 s.
   """
-  if jax.process_index() != 0 or not storage.isdir(directory):
+  if jax.process_index() != 0:
+    return []
+  try:
+    return _remove_unfinished(directory, quiet_seconds)
+  except storage.StorageUnavailableError as e:
+    # The store is gone (the error being reported says so): what it holds
+    # half-written is removed by the next run's start.
+    logging.warning('Could not remove half-written checkpoints: %s', e)
+    return []
+
+
+def _remove_unfinished(directory: str, quiet_seconds: float) -> list[str]:
+  if not storage.isdir(directory):
     return []
   removed = []
   deadline = time.monotonic() + 30.0
@@ -563,6 +603,13 @@ def _unfinished_step(manager: ocp.CheckpointManager) -> int | None:
   steps = [int(name.split('.')[0])
            for name in _unfinished_names(str(manager.directory))]
   return max(steps) if steps else None
+
+
+def _safe_unfinished_step(manager: ocp.CheckpointManager) -> int | None:
+  try:
+    return _unfinished_step(manager)
+  except storage.StorageUnavailableError:
+    return None
 
 
 def _unfinished_names(directory: str) -> list[str]:
@@ -660,6 +707,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state,
     if failures and quarantine_dir and jax.process_index() == 0:
       _quarantine(manager, [int(f.split(':')[0].split()[1]) for f in failures],
                   quarantine_dir)
+    _known_complete[str(manager.directory)] = step
     return state
   # The shapes were checked against the config first (`check_restorable`),
   # so these failures are damage, not another config: nothing here would

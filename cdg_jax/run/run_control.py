@@ -268,8 +268,13 @@ class WorkdirLock:
       self._released.set()
       if self._refresher is not None:
         self._refresher.join()
-      storage.remove(self.path)
       self._held = False
+      try:
+        storage.remove(self.path)
+      except storage.StorageUnavailableError as e:
+        # The store is gone: the error that ends the run says so; the lock
+        # left behind goes stale (LOCK_STALE_AFTER_S).
+        logging.warning('Could not remove the lock %s: %s', self.path, e)
 
   def __enter__(self) -> 'WorkdirLock':
     self.acquire()

@@ -23,6 +23,10 @@ An object store is not a disk, and the program does not pretend it is:
   with backoff; each request times out after `REQUEST_TIMEOUT_S`.
 - No listing cache: another process (a second host, orbax's TensorStore)
   writes the same prefix, so every listing asks the server.
+- A store that stops answering fails the call after gcsfs's retries (about
+  a minute), as `StorageUnavailableError`; every later call of the process
+  then fails at once, so that a run stops (and its lock is given up) in
+  bounded time instead of retrying each write in turn.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import Any, Callable
 
 # Before etils or gcsfs is imported anywhere: the fsspec backend even where
 # TensorFlow is installed; and gcsfs's gRPC probe for hierarchical-namespace
@@ -46,6 +51,44 @@ fsspec.config.conf.setdefault('gcs', {}).update(
     use_listings_cache=False, requests_timeout=REQUEST_TIMEOUT_S)
 
 _REMOTE_PREFIXES = ('gs://', 's3://', 'az://', 'hf://')
+# Errors that are answers about one object, not a lost store.
+_ANSWERS = (FileNotFoundError, FileExistsError, IsADirectoryError,
+            NotADirectoryError)
+# Set once the store stopped answering: what every later call raises.
+_lost: str | None = None
+
+
+class StorageUnavailableError(OSError):
+  """A remote workdir or data path cannot be used: no bucket, no credentials,
+  or the store cannot be reached."""
+
+
+def _remote(name: str, operation: Callable[[], Any]) -> Any:
+  """`operation()` on the remote path `name`, its failures in words."""
+  global _lost
+  if _lost is not None:
+    raise StorageUnavailableError(_lost)
+  try:
+    return operation()
+  except _ANSWERS:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    message = describe_failure(name, e)
+    if not _is_permission(e):
+      _lost = message
+    raise StorageUnavailableError(message) from e
+
+
+def _is_permission(error: BaseException) -> bool:
+  # gcsfs raises a 403 as OSError('Forbidden: ...').
+  return (getattr(error, 'code', None) in (401, 403)
+          or isinstance(error, PermissionError)
+          or str(error).startswith('Forbidden'))
+
+
+def store_lost() -> str | None:
+  """Why the store stopped answering in this process, or None."""
+  return _lost
 
 
 def is_remote(path: str) -> bool:
@@ -64,16 +107,23 @@ def absolute(name: str) -> str:
 
 
 def exists(name: str) -> bool:
-  return path(name).exists()
+  if is_remote(name):
+    return _remote(name, path(name).exists)
+  return os.path.exists(name)
 
 
 def isdir(name: str) -> bool:
-  return path(name).is_dir()
+  if is_remote(name):
+    return _remote(name, path(name).is_dir)
+  return os.path.isdir(name)
 
 
 def listdir(name: str) -> list[str]:
   """Names in a directory (for an object store: under the prefix)."""
-  return sorted(child.name for child in path(name).iterdir())
+  if is_remote(name):
+    return _remote(name, lambda: sorted(
+        child.name for child in path(name).iterdir()))
+  return sorted(os.listdir(name))
 
 
 def makedirs(name: str) -> None:
@@ -84,11 +134,14 @@ def makedirs(name: str) -> None:
 
 
 def read_text(name: str) -> str:
-  return path(name).read_text()
+  return read_bytes(name).decode()
 
 
 def read_bytes(name: str) -> bytes:
-  return path(name).read_bytes()
+  if is_remote(name):
+    return _remote(name, path(name).read_bytes)
+  with open(name, 'rb') as f:
+    return f.read()
 
 
 def write_bytes(name: str, data: bytes) -> None:
@@ -98,7 +151,7 @@ def write_bytes(name: str, data: bytes) -> None:
   fails, a full disk); in an object store by one upload.
   """
   if is_remote(name):
-    path(name).write_bytes(data)
+    _remote(name, lambda: path(name).write_bytes(data))
     return
   temporary = f'{name}.tmp'
   try:
@@ -126,14 +179,17 @@ def create_exclusive(name: str, text: str) -> bool:
     # epath opens 'r', 'w' and 'a' only; gcsfs's 'xb' is the precondition.
     # The look first serves servers that ignore it (every emulator).
     filesystem, object_path = fsspec.core.url_to_fs(name)
-    if filesystem.exists(object_path):
-      return False
-    try:
-      with filesystem.open(object_path, 'xb') as f:
-        f.write(text.encode())
-    except FileExistsError:
-      return False
-    return True
+
+    def create() -> bool:
+      if filesystem.exists(object_path):
+        return False
+      try:
+        with filesystem.open(object_path, 'xb') as f:
+          f.write(text.encode())
+      except FileExistsError:
+        return False
+      return True
+    return _remote(name, create)
   try:
     fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
   except FileExistsError:
@@ -146,7 +202,10 @@ def create_exclusive(name: str, text: str) -> bool:
 def remove(name: str) -> None:
   """Removes a file; no error if it is gone."""
   try:
-    path(name).unlink()
+    if is_remote(name):
+      _remote(name, path(name).unlink)
+    else:
+      os.remove(name)
   except FileNotFoundError:
     pass
 
@@ -154,8 +213,8 @@ def remove(name: str) -> None:
 def rmtree(name: str) -> None:
   """Removes a directory tree; no error if it is gone."""
   if is_remote(name):
-    if path(name).exists():
-      path(name).rmtree()
+    if exists(name):
+      _remote(name, path(name).rmtree)
   else:
     shutil.rmtree(name, ignore_errors=True)
 
@@ -166,8 +225,8 @@ def move(source: str, target: str) -> None:
     # fsspec rather than epath: epath wants the target's "directory" to
     # exist, which in an object store it does only through its objects.
     filesystem, source_path = fsspec.core.url_to_fs(source)
-    filesystem.mv(source_path, fsspec.core.url_to_fs(target)[1],
-                  recursive=True)
+    _remote(source, lambda: filesystem.mv(
+        source_path, fsspec.core.url_to_fs(target)[1], recursive=True))
   else:
     shutil.move(source, target)
 
@@ -196,12 +255,7 @@ class StagedFile:
     """Uploads the staging copy (nothing on disk, or before it exists)."""
     if self.remote and os.path.exists(self.local_path):
       with open(self.local_path, 'rb') as f:
-        path(self.name).write_bytes(f.read())
-
-
-class StorageUnavailableError(OSError):
-  """A remote workdir or data path cannot be used: no bucket, no credentials,
-  or the store cannot be reached."""
+        write_bytes(self.name, f.read())
 
 
 def check_reachable(name: str, why: str = '') -> None:
@@ -224,10 +278,7 @@ def check_reachable(name: str, why: str = '') -> None:
         f'which is not installed ({e}). pip install "cdg_jax[gcs]" (gcsfs).'
         ) from e
   bucket = object_path.split('/')[0]
-  try:
-    found = filesystem.exists(bucket)
-  except Exception as e:  # pylint: disable=broad-except
-    raise StorageUnavailableError(describe_failure(name, e, why)) from e
+  found = _remote(f'{scheme}://{bucket}', lambda: filesystem.exists(bucket))
   if not found:
     raise StorageUnavailableError(
         f'The bucket {scheme}://{bucket} of {name} does not exist{why}. '
@@ -237,13 +288,12 @@ def check_reachable(name: str, why: str = '') -> None:
 
 def describe_failure(name: str, error: BaseException, why: str = '') -> str:
   """One line for a failed access to a remote path: the cause and the fix."""
-  code = getattr(error, 'code', None)
   text = f'{type(error).__name__}: {str(error).splitlines()[0][:200]}' if str(
       error) else type(error).__name__
-  if code in (401, 403) or isinstance(error, PermissionError):
+  if _is_permission(error):
     return (f'No permission to write {name}{why} ({text}). Give this '
             f'machine\'s credentials access to the bucket: on a Cloud TPU VM '
             f'its service account needs roles/storage.objectUser on it; '
             f'elsewhere run gcloud auth application-default login.')
   return (f'Could not reach {name}{why} ({text}). Check the network and the '
-          f'storage service, then run the same command again.')
+          f'storage service.')
