@@ -154,26 +154,32 @@ def train_and_evaluate(config, workdir: str, *,
               f'training a new run in {workdir}.', flush=True)
       return _train_and_evaluate(config, run, settings, workdir, source,
                                  mesh, start_time, changes)
-  except checkpoints.CheckpointWriteError:
-    # Once every write of the run has ended (the loop's `finally` waited for
-    # them): no half-written checkpoint is left behind.
-    checkpoints.remove_unfinished(checkpoints.checkpoint_dir(workdir))
-    raise
-  except storage.StorageUnavailableError as e:
+  except OSError as e:
+    error = _stopped_writing(workdir, e)
+    if error is e:
+      raise
+    raise error from e
+
+
+def _stopped_writing(workdir: str, error: OSError) -> OSError:
+  """The error a run that failed to write ends with, once every write of the
+  run has ended (the loop's `finally` waited for them)."""
+  if isinstance(error, storage.StorageUnavailableError):
     # The store went away mid-run (or never answered): the cause, and the
     # checkpoint a rerun resumes from once it answers again.
-    raise storage.StorageUnavailableError(
-        f'{e} Once it answers, run the same command again: '
-        f'{checkpoints.resume_text(workdir)}.') from e
-  except OSError as e:
-    # A full disk met outside a checkpoint save (the metrics, the config,
-    # the lock, a plot, a rerun on a disk still full) ends as a failed save
-    # does: the directory, the cause and the step the run resumes from.
-    full = checkpoints.disk_full_error(workdir, e)
-    if full is None:
-      raise
-    checkpoints.remove_unfinished(checkpoints.checkpoint_dir(workdir))
-    raise full from e
+    return storage.StorageUnavailableError(
+        f'{error} Once it answers, run the same command again: '
+        f'{checkpoints.resume_text(workdir)}.')
+  # A full disk met outside a checkpoint save (the metrics, the config, the
+  # lock, a plot, a rerun on a disk still full) ends as a failed save does:
+  # the directory, the cause and the step the run resumes from.
+  full = (error if isinstance(error, checkpoints.CheckpointWriteError)
+          else checkpoints.disk_full_error(workdir, error))
+  if full is None:
+    return error
+  # No half-written checkpoint is left behind.
+  checkpoints.remove_unfinished(checkpoints.checkpoint_dir(workdir))
+  return full
 
 
 def check_changes_can_act(changes: dict[str, tuple[Any, Any]], workdir: str,

@@ -206,35 +206,47 @@ def test_a_missing_bucket_stops_before_any_work(server):
   assert 'Train step memory' not in result.stdout
 
 
-def test_a_lock_in_a_bucket_is_refreshed_and_goes_stale_without_it(
-    server, monkeypatch):
+# In a fresh process (gcsfs and fsspec read the server's address and the
+# anonymous token from the environment when they are first used): a fresh
+# foreign lock refuses, a stale one is taken over and then refreshed.
+_LOCK_IN_A_BUCKET = r"""
+import json, sys, time
+from cdg_jax.run import run_control, storage
+run_control.LOCK_REFRESH_S = 0.2
+workdir, owner = sys.argv[1], json.loads(sys.argv[2])
+lock = workdir + '/' + run_control.LOCK_FILE
+result = {}
+storage.write_text(lock, json.dumps({**owner, 'refreshed': time.time() - 60}))
+try:
+  run_control.WorkdirLock(workdir).acquire()
+except run_control.WorkdirLockedError as e:
+  result['refused'] = str(e)
+storage.write_text(lock, json.dumps({**owner,
+                                     'refreshed': time.time() - 7200}))
+with run_control.WorkdirLock(workdir):
+  result['taken'] = json.loads(storage.read_text(lock))
+  time.sleep(0.7)
+  result['refreshed'] = json.loads(storage.read_text(lock))
+result['left'] = storage.exists(lock)
+print(json.dumps(result))
+"""
+
+
+def test_a_lock_in_a_bucket_is_refreshed_and_goes_stale_without_it(server):
   """A bucket's lock (hosts of a pod come and go): refreshed by its holder,
   taken over once not refreshed for LOCK_STALE_AFTER_S, refused before."""
-  import gcsfs  # pylint: disable=g-import-not-at-top
-  gcsfs.GCSFileSystem.clear_instance_cache()   # this module's server
-  monkeypatch.setattr(run_control, 'LOCK_REFRESH_S', 0.2)
   bucket = server.bucket()
-  workdir = f'gs://{bucket}/run'
-  lock_name = f'run/{run_control.LOCK_FILE}'
-
-  def place(owner):
-    request = urllib.request.Request(
-        f'{server.url}/upload/storage/v1/b/{bucket}/o?uploadType=media&'
-        f'name={lock_name}', data=json.dumps(owner).encode(),
-        headers={'Content-Type': 'application/json'})
-    urllib.request.urlopen(request, timeout=10).read()
-
-  elsewhere = {'host': 'another-host', 'pid': 1, 'started': 'earlier',
-               'purpose': 'training'}
-  place({**elsewhere, 'refreshed': time.time() - 60})
-  with pytest.raises(run_control.WorkdirLockedError,
-                     match='on host another-host.*refreshed 1 min ago'):
-    run_control.WorkdirLock(workdir).acquire()
-  place({**elsewhere, 'refreshed': time.time() - 2 * 3600})
-  with run_control.WorkdirLock(workdir):
-    taken = json.loads(_read(server, bucket, lock_name))
-    assert taken['pid'] == os.getpid() and taken['host'] != 'another-host'
-    time.sleep(0.7)
-    assert json.loads(_read(server, bucket, lock_name))['refreshed'] > (
-        taken['refreshed'])
-  assert server.objects(bucket) == []
+  owner = {'host': 'another-host', 'pid': 1, 'started': 'earlier',
+           'purpose': 'training'}
+  ran = launch.run([sys.executable, '-c', _LOCK_IN_A_BUCKET,
+                    f'gs://{bucket}/run', json.dumps(owner)], cwd=ROOT,
+                   env={**os.environ, 'PYTHONPATH': ROOT},
+                   capture_output=True, text=True, timeout=120)
+  assert ran.returncode == 0, ran.stderr[-3000:]
+  result = json.loads(ran.stdout.strip().splitlines()[-1])
+  assert 'on host another-host' in result['refused'], result
+  assert 'lock last refreshed 1 min ago' in result['refused'], result
+  assert result['taken']['pid'] != 1, result
+  assert result['taken']['host'] != 'another-host', result
+  assert result['refreshed']['refreshed'] > result['taken']['refreshed']
+  assert not result['left'] and server.objects(bucket) == []
