@@ -6,16 +6,16 @@ runs unchanged: gcsfs reaches the server through STORAGE_EMULATOR_HOST,
 orbax's TensorStore through TENSORSTORE_GCS_HTTP_URL. What the server cannot
 show: GCS's refusal of a second `ifGenerationMatch=0` upload (it accepts
 both), so a race of two runs starting in the same second is not tested.
-Not tested either: a store lost in the middle of a run. TensorStore retries
-a checkpoint write to a server that went away for many minutes (its default
-`gcs_request_retries`: 32 tries up to 32 s apart), and the pinned orbax has
-no public setting for its TensorStore context; docs/running.md says so.
+A store that goes away and comes back is a server with a folder backend,
+stopped and started again on the same port.
 """
 
 import json
 import os
+import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.parse
@@ -250,3 +250,67 @@ def test_a_lock_in_a_bucket_is_refreshed_and_goes_stale_without_it(server):
   assert result['taken']['host'] != 'another-host', result
   assert result['refreshed']['refreshed'] > result['taken']['refreshed']
   assert not result['left'] and server.objects(bucket) == []
+
+
+# The program under real gcsfs and TensorStore, whose retries of a failing
+# request wait 1, 2, 4, ... 32 s (about a minute per call): here each wait
+# lasts 0.05 s, so that a store that went away fails the call in seconds.
+_SHORT_RETRY_WAITS = r"""
+import asyncio, runpy, sys, types
+import gcsfs.retry
+from cdg_jax.run import checkpoints
+_sleep = asyncio.sleep
+gcsfs.retry.asyncio = types.SimpleNamespace(
+    sleep=lambda seconds: _sleep(min(seconds, 0.05)))
+checkpoints.GCS_REQUEST_RETRIES.update(initial_delay='0.05s',
+                                       max_delay='0.05s')
+sys.argv = ['cdg_jax.main'] + sys.argv[1:]
+runpy.run_module('cdg_jax.main', run_name='__main__')
+"""
+
+
+def test_a_store_lost_mid_run_stops_naming_the_checkpoint_and_resumes(
+    tmp_path):
+  store = gcs_server.GcsServer(root=str(tmp_path / 'store'))
+  try:
+    bucket = store.bucket()
+    workdir = f'gs://{bucket}/run'
+    args = [f'--workdir={workdir}', '--config=configs/simclr_cifar10.py:smoke',
+            '--config.num_steps=40', '--config.checkpoint.every_steps=10',
+            '--config.plot_images=0']
+    env = {**os.environ, **store.env, 'PYTHONPATH': ROOT}
+    process = launch.popen([sys.executable, '-c', _SHORT_RETRY_WAITS, *args],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while 'run/checkpoints/10/commit_success.txt' not in store.objects(
+        bucket, 'run/checkpoints/10/'):
+      assert time.time() < deadline and process.poll() is None, (
+          process.communicate()[1][-3000:])
+      time.sleep(0.05)
+    store.stop()
+    lost = time.time()
+    _, stderr = process.communicate(timeout=300)
+    waited = time.time() - lost
+    assert process.returncode == 1, stderr[-3000:]
+    last = _last_line(stderr)
+    assert last.startswith('FATAL: Could not '), last
+    assert workdir in last and '127.0.0.1' in last, last
+    named = re.search(r'it resumes from (step (\d+)|the newest complete '
+                      r'checkpoint in .*)', last)
+    assert named, last
+    assert 'Traceback' not in stderr.split('FATAL')[-1]
+    assert waited < 60, waited
+    # The store comes back (same port, same objects): the same command
+    # resumes from the newest checkpoint it holds, step 10 or one after.
+    store.start()
+    result = launch.run([sys.executable, '-m', 'cdg_jax.main', *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(_read(store, bucket, 'run/summary.json'))
+    assert summary['steps'] == 40 and summary['resumed_from_step'] >= 10
+    if named.group(2):
+      assert summary['resumed_from_step'] == int(named.group(2))
+  finally:
+    store.stop()

@@ -390,8 +390,32 @@ def checkpoint_dir(workdir: str) -> str:
   return storage.absolute(os.path.join(workdir, CHECKPOINT_DIR))
 
 
+# How TensorStore retries a checkpoint's requests to GCS: as gcsfs does the
+# program's own files (6 tries over about a minute), not TensorStore's
+# default (32 tries up to 32 s apart, many minutes against a store that went
+# away). Orbax builds its TensorStore context itself, from these module
+# dicts; it has no public setting for it (orbax-checkpoint 0.12).
+GCS_REQUEST_RETRIES = {'max_retries': 6, 'initial_delay': '1s',
+                       'max_delay': '32s'}
+
+
+def _bound_gcs_retries() -> None:
+  from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=g-import-not-at-top
+  contexts = [getattr(tensorstore_utils, name, None)
+              for name in ('_BASE_TS_CONTEXT', '_DEFAULT_OCDBT_TS_CONTEXT')]
+  if not all(isinstance(context, dict) for context in contexts):
+    logging.warning('This orbax builds its TensorStore context differently: '
+                    'checkpoint writes to gs:// keep TensorStore\'s default '
+                    'retries.')
+    return
+  for context in contexts:
+    context['gcs_request_retries'] = dict(GCS_REQUEST_RETRIES)
+
+
 def checkpoint_manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
   """Orbax manager over `<workdir>/checkpoints`, keeping the last `keep`."""
+  if storage.is_remote(workdir):
+    _bound_gcs_retries()
   return ocp.CheckpointManager(
       checkpoint_dir(workdir),
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))

@@ -106,15 +106,32 @@ def absolute(name: str) -> str:
   return str(name) if is_remote(name) else os.path.abspath(name)
 
 
+def _info(name: str) -> dict[str, Any]:
+  """What the store says of a remote path; FileNotFoundError if nothing.
+
+  Not fsspec's `exists`/`isdir`, which answer False to any error: a store
+  that cannot be reached would look empty (no lock, no checkpoint).
+  """
+  filesystem, object_path = fsspec.core.url_to_fs(name)
+  return _remote(name, lambda: filesystem.info(object_path))
+
+
 def exists(name: str) -> bool:
   if is_remote(name):
-    return _remote(name, path(name).exists)
+    try:
+      _info(name)
+    except FileNotFoundError:
+      return False
+    return True
   return os.path.exists(name)
 
 
 def isdir(name: str) -> bool:
   if is_remote(name):
-    return _remote(name, path(name).is_dir)
+    try:
+      return _info(name)['type'] == 'directory'
+    except FileNotFoundError:
+      return False
   return os.path.isdir(name)
 
 
@@ -179,10 +196,10 @@ def create_exclusive(name: str, text: str) -> bool:
     # epath opens 'r', 'w' and 'a' only; gcsfs's 'xb' is the precondition.
     # The look first serves servers that ignore it (every emulator).
     filesystem, object_path = fsspec.core.url_to_fs(name)
+    if exists(name):
+      return False
 
     def create() -> bool:
-      if filesystem.exists(object_path):
-        return False
       try:
         with filesystem.open(object_path, 'xb') as f:
           f.write(text.encode())
@@ -271,15 +288,14 @@ def check_reachable(name: str, why: str = '') -> None:
     return
   scheme = str(name).split('://')[0]
   try:
-    filesystem, object_path = fsspec.core.url_to_fs(name)
+    _, object_path = fsspec.core.url_to_fs(name)
   except ImportError as e:
     raise StorageUnavailableError(
         f'{name}: {scheme}:// paths need the fsspec filesystem for them, '
         f'which is not installed ({e}). pip install "cdg_jax[gcs]" (gcsfs).'
         ) from e
   bucket = object_path.split('/')[0]
-  found = _remote(f'{scheme}://{bucket}', lambda: filesystem.exists(bucket))
-  if not found:
+  if not exists(f'{scheme}://{bucket}'):
     raise StorageUnavailableError(
         f'The bucket {scheme}://{bucket} of {name} does not exist{why}. '
         f'Create it (gcloud storage buckets create {scheme}://{bucket} '
