@@ -113,9 +113,16 @@ def test_a_stopped_and_resumed_two_process_run_on_gs_equals_one_local(
   # The stop: both processes at one step, with its checkpoint, the lock
   # given up.
   assert [code for code, _, _ in stopped] == [143, 143], _report(stopped)
+  lines = [_last_line(err) for _, _, err in stopped]
+  assert all(line.startswith('Stopped by a preemption notice after step ')
+             for line in lines), lines
+  steps = {int(line.split('after step ')[1].split()[0]) for line in lines}
+  assert len(steps) == 1, lines   # the same step in every process
+  step = steps.pop()
+  assert 2 <= step < STEPS
+  assert f'multi/checkpoints/{step}/commit_success.txt' in stop_objects
+  assert f'gs://{bucket}/multi/checkpoints' in lines[0]
   assert 'multi/run.lock' not in stop_objects
-  assert 'Stopped by SIGTERM' in _last_line(stopped[0][2]) or (
-      'Stopped by' in stopped[0][2]), _report(stopped)
   # Bit-identical to the uninterrupted local run: every logged loss and
   # density, the kNN result and the exported backbone's digest (a sha256
   # of every array).

@@ -529,10 +529,13 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
                             f'a .npz with keys {NPZ_KEYS}.')
   # From an object store the archive is read whole, once: np.load's seeks
   # would each be a request.
-  source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(
-      path) else path
-  with storage.path(path).open('rb') as f:
-    magic = f.read(4)
+  if storage.is_remote(path):
+    source = io.BytesIO(storage.read_bytes(path))
+    magic = source.getvalue()[:4]
+  else:
+    source = path
+    with open(path, 'rb') as f:
+      magic = f.read(4)
   if magic != b'PK\x03\x04':
     raise ValueError(
         f'data.npz_path={path!r} is not an .npz archive (a zip file written '

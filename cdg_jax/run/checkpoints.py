@@ -438,10 +438,9 @@ class CheckpointWriteError(OSError):
 def complete_steps(workdir: str) -> list[int]:
   """Steps of the finished checkpoints in `workdir` (not half-written ones)."""
   directory = os.path.join(workdir, CHECKPOINT_DIR)
-  if not storage.isdir(directory):
-    return []
-  unfinished = set(_unfinished_names(directory))
-  return sorted(int(name) for name in storage.listdir(directory)
+  names = _checkpoint_names(directory)
+  unfinished = set(_unfinished_names(directory, names))
+  return sorted(int(name) for name in names
                 if name.isdigit() and name not in unfinished)
 
 
@@ -457,7 +456,10 @@ def _is_disk_full(error: BaseException) -> bool:
 _known_complete: dict[str, int] = {}
 
 
-def _resume_text(workdir: str) -> str:
+def resume_text(workdir: str) -> str:
+  """'it resumes from step N, the newest complete checkpoint' (or from 0),
+  from a listing of the workdir or, where the store cannot be listed, from
+  what this process saw saved."""
   try:
     finished = complete_steps(workdir)
   except storage.StorageUnavailableError:
@@ -470,13 +472,6 @@ def _resume_text(workdir: str) -> str:
   return (f'it resumes from step {finished[-1]}, the newest complete '
           f'checkpoint' if finished else 'no checkpoint is complete yet, so '
           'it starts from step 0')
-
-
-def resume_text(workdir: str) -> str:
-  """'it resumes from step N, the newest complete checkpoint' (or from 0),
-  from a listing of the workdir or, where the store cannot be listed, from
-  what this process saved."""
-  return _resume_text(workdir)
 
 
 _FULL = 'the disk is full (No space left on device)'
@@ -497,7 +492,7 @@ def _write_error(manager: ocp.CheckpointManager, step: int | None,
   fix = _FREE_SPACE if full else 'Fix the cause'
   return CheckpointWriteError(
       f'Could not write {what} in {directory}: {cause}. {fix} and run the '
-      f'same command again: {_resume_text(os.path.dirname(directory))}.')
+      f'same command again: {resume_text(os.path.dirname(directory))}.')
 
 
 def disk_full_error(workdir: str, error: OSError) -> CheckpointWriteError | None:
@@ -515,7 +510,7 @@ def disk_full_error(workdir: str, error: OSError) -> CheckpointWriteError | None
   what = f'{name} in {workdir}' if name else f'to {workdir}'
   return CheckpointWriteError(
       f'Could not write {what}: {_FULL}. {_FREE_SPACE} and run the same '
-      f'command again: {_resume_text(workdir)}.')
+      f'command again: {resume_text(workdir)}.')
 
 
 # How long a failed save's checkpoint must stay removed before the error is
@@ -636,16 +631,20 @@ def _safe_unfinished_step(manager: ocp.CheckpointManager) -> int | None:
     return None
 
 
-def _unfinished_names(directory: str) -> list[str]:
-  """Names of the checkpoints in `directory` whose save did not finish.
+def _checkpoint_names(directory: str) -> list[str]:
+  return storage.listdir(directory) if storage.isdir(directory) else []
+
+
+def _unfinished_names(directory: str,
+                      names: list[str] | None = None) -> list[str]:
+  """Names of the checkpoints in `directory` whose save did not finish
+  (`names`: its listing, when the caller has it).
 
   On disk orbax saves into `<step>.orbax-checkpoint-tmp` and renames it; an
   object store has no atomic rename, so there it writes `<step>/` directly
   and marks it finished with `commit_success.txt`, written last.
   """
-  if not storage.isdir(directory):
-    return []
-  names = storage.listdir(directory)
+  names = _checkpoint_names(directory) if names is None else names
   unfinished = [name for name in names if TMP_MARK in name]
   if storage.is_remote(directory):
     unfinished += [name for name in names if name.isdigit() and not

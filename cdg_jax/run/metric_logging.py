@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from typing import Any, Protocol
@@ -157,7 +158,7 @@ class JsonlWriter:
     self._file.sync()
 
   def close(self) -> None:
-    self._file.sync()
+    self._file.close()
 
 
 class TensorBoardWriter:
@@ -203,6 +204,8 @@ class TensorBoardWriter:
   def close(self) -> None:
     self._writer.close()
     self._upload()
+    if self._staging is not None:
+      shutil.rmtree(self._staging, ignore_errors=True)
 
   def _upload(self) -> None:
     if self._staging is None:

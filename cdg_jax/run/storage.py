@@ -86,11 +86,6 @@ def _is_permission(error: BaseException) -> bool:
           or str(error).startswith('Forbidden'))
 
 
-def store_lost() -> str | None:
-  """Why the store stopped answering in this process, or None."""
-  return _lost
-
-
 def is_remote(path: str) -> bool:
   """Whether `path` is in an object store (`gs://...`), not on a disk."""
   return str(path).startswith(_REMOTE_PREFIXES)
@@ -253,17 +248,19 @@ class StagedFile:
 
   On disk, `local_path` is the file itself and `sync` does nothing. In an
   object store, `local_path` is a staging copy (holding what the object held
-  when opened) and `sync` uploads it whole: objects cannot be appended to.
+  when opened) and `sync` uploads it whole: objects cannot be appended to;
+  `close` uploads it a last time and removes the staging copy.
   """
 
-  def __init__(self, name: str, staging_dir: str | None = None):
+  def __init__(self, name: str):
     self.name = name
     self.remote = is_remote(name)
+    self._staging = None
     if not self.remote:
       self.local_path = name
       return
-    directory = staging_dir or tempfile.mkdtemp(prefix='cdg_jax_staging_')
-    self.local_path = os.path.join(directory, os.path.basename(name))
+    self._staging = tempfile.mkdtemp(prefix='cdg_jax_staging_')
+    self.local_path = os.path.join(self._staging, os.path.basename(name))
     if exists(name):
       with open(self.local_path, 'wb') as f:
         f.write(read_bytes(name))
@@ -273,6 +270,11 @@ class StagedFile:
     if self.remote and os.path.exists(self.local_path):
       with open(self.local_path, 'rb') as f:
         write_bytes(self.name, f.read())
+
+  def close(self) -> None:
+    self.sync()
+    if self._staging is not None:
+      shutil.rmtree(self._staging, ignore_errors=True)
 
 
 def check_reachable(name: str, why: str = '') -> None:
