@@ -279,10 +279,17 @@ def test_writes_that_end_after_a_failed_save_leave_nothing_behind(tmp_path):
   def write_late():
     # The first write may come before the removal begins or after it (a save
     # that failed before orbax created its directories in the background).
+    # Like TensorStore, a write whose directory is removed under it tries
+    # again: each of the three lands.
     for delay in (0.0, 0.3, 0.3):
       time.sleep(delay)
-      late_write.parent.mkdir(parents=True, exist_ok=True)
-      late_write.write_bytes(b'late')
+      while True:
+        try:
+          late_write.parent.mkdir(parents=True, exist_ok=True)
+          late_write.write_bytes(b'late')
+          break
+        except FileNotFoundError:
+          continue
 
   writer = threading.Thread(target=write_late)
   start = time.monotonic()
