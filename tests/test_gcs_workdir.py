@@ -213,6 +213,61 @@ def test_a_missing_bucket_stops_before_any_work(server):
   assert 'Train step memory' not in result.stdout
 
 
+# TFDS given a gs:// data_dir, in a fresh process: it looks for the dataset
+# in the bucket itself (its metadata through etils.epath, gcsfs here; its
+# record files would be read by TensorFlow's own GCS client, which cannot be
+# pointed at this server).
+_TFDS_IN_A_BUCKET = r"""
+import gcsfs, json, sys
+from cdg_jax.data import input_pipeline
+from cdg_jax.run import config_lib
+asked = []
+call = gcsfs.GCSFileSystem._call
+async def counted(self, method, path, *args, **kwargs):
+  asked.append(kwargs.get('url') or path.format(*args))
+  return await call(self, method, path, *args, **kwargs)
+gcsfs.GCSFileSystem._call = counted
+config = config_lib.base_config().data
+config.update(source='tfds', dataset='cifar10', num_classes=10)
+errors = []
+for data_dir in sys.argv[1:]:
+  config.data_dir = data_dir
+  try:
+    input_pipeline.create_source(config)
+  except Exception as e:
+    errors.append(f'{type(e).__name__}: {e}')
+print(json.dumps({'errors': errors, 'asked': asked}))
+"""
+
+
+def test_a_tfds_data_dir_in_a_bucket_is_read_by_tfds_and_checked(
+    server, tmp_path):
+  pytest.importorskip('tensorflow_datasets')
+  bucket = server.bucket()
+  result = launch.run(
+      [sys.executable, '-c', _TFDS_IN_A_BUCKET, f'gs://{bucket}/tfds',
+       'gs://no-such-bucket/tfds'],
+      cwd=str(tmp_path), env={**os.environ, 'PYTHONPATH': ROOT},
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  found = json.loads(result.stdout.strip().splitlines()[-1])
+  empty, missing = found['errors']
+  # The bucket exists but holds no dataset: TFDS asked the server, and the
+  # message says where it looked and how to prepare the data there.
+  assert empty.startswith(
+      f"ValueError: TFDS dataset 'cifar10' (data.dataset='cifar10') is not "
+      f"prepared in data_dir='gs://{bucket}/tfds'."), empty
+  assert f'tfds build cifar10 --data_dir=gs://{bucket}/tfds' in empty
+  assert any(bucket in str(url) for url in found['asked']), found['asked']
+  # A missing bucket is named as such, not as a dataset left unprepared.
+  assert missing == (
+      'StorageUnavailableError: The bucket gs://no-such-bucket of '
+      'gs://no-such-bucket/tfds does not exist (data.data_dir). Create it '
+      '(gcloud storage buckets create gs://no-such-bucket --location=<your '
+      'TPU\'s region>) or fix the path.'), missing
+  assert os.listdir(tmp_path) == []   # nothing local such as ./gs:/...
+
+
 # In a fresh process (gcsfs and fsspec read the server's address and the
 # anonymous token from the environment when they are first used): a fresh
 # foreign lock refuses, a stale one is taken over and then refreshed.

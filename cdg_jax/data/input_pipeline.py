@@ -787,6 +787,10 @@ def _tfds_source(data_config: ml_collections.ConfigDict) -> Source:
   if data_config.num_classes != spec.num_classes:
     raise ValueError(f'data.num_classes={data_config.num_classes} but '
                      f'{dataset} has {spec.num_classes} classes.')
+  # TFDS reads a gs:// data_dir itself (its metadata through etils.epath,
+  # here gcsfs; the record files through TensorFlow's own GCS client). A
+  # missing bucket would read as a dataset not prepared there: named first.
+  storage.check_reachable(data_config.data_dir, ' (data.data_dir)')
   if spec.in_memory:
     return _tfds_in_memory(data_config, spec)
   return TfdsStreamSource(data_config, spec)
