@@ -35,7 +35,7 @@ to 39.38), dense 41.89% / 44.63% (kNN 41.47 to 42.28).
 
 (linear: `python -m cdg_jax.linear_eval --config=configs/cpu_protocol.py:...
 --workdir=...` on the same workdir).
-`experiments/run_grid.py` runs the grids built on this file and states the
+`experiments/grids/run_grid.py` runs the grids built on this file and states the
 measured numbers. The paper protocol (ResNet-18 at width 64, 32x32 images,
 full CIFAR through TFDS, 800 epochs) is the config file on its own.
 """

@@ -1,7 +1,8 @@
 """The accelerator protocol, rehearsed end to end on CPU with a tiny model.
 
 So that the one call on a lent GPU works the first time: the data builder and
-the protocol script run as experiments/README.md says, on synthetic CIFAR-shaped arrays
+the protocol module run as experiments/README.md says, on synthetic
+CIFAR-shaped arrays
 (tests never need ../shared), with TensorFlow blocked as on an accelerator
 image.
 """
@@ -12,11 +13,11 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'experiments'))
-import build_accelerator_data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.accelerator import build_accelerator_data
+from experiments.common import records
 import launch
-import records  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fake_cifar(path, per_class_train=30, per_class_test=12):
@@ -55,12 +56,13 @@ def test_protocol_runs_end_to_end_without_tensorflow(tmp_path):
   source, data = tmp_path / 'cifar.npz', tmp_path / 'subset.npz'
   _fake_cifar(source)
   env = {**os.environ, 'PYTHONPATH': ROOT}
-  launch.run([sys.executable, 'experiments/build_accelerator_data.py',
-                  f'--source={source}', f'--output={data}',
-                  '--train_per_class=25', '--test_per_class=10'],
-                 check=True, cwd=ROOT, env=env, timeout=120)
+  launch.run([sys.executable, '-m',
+              'experiments.accelerator.build_accelerator_data',
+              f'--source={source}', f'--output={data}',
+              '--train_per_class=25', '--test_per_class=10'],
+             check=True, cwd=ROOT, env=env, timeout=120)
   out = tmp_path / 'results'
-  argv = ['experiments/accelerator_protocol.py', f'--data={data}',
+  argv = ['accelerator_protocol', f'--data={data}',
           f'--out={out}', f'--workdir_root={tmp_path / "work"}',
           '--model=resnet10', '--width=8', '--image_size=16',
           '--batch_size=32', '--projector_hidden=32', '--bench_steps=2',
@@ -68,10 +70,12 @@ def test_protocol_runs_end_to_end_without_tensorflow(tmp_path):
           # One dtype (each benchmarked config costs a compilation); the
           # bfloat16 steps are checked in test_mixed_precision.
           '--bench_dtypes=float32', '--train_dtype=float32']
+  # As `python -m experiments.accelerator.accelerator_protocol` runs it
+  # (alter_sys: argv[0] becomes the module's file), TensorFlow blocked.
   code = ("import runpy, sys; sys.modules['tensorflow'] = None; "
           f"sys.argv = {argv!r}; "
-          "runpy.run_path('experiments/accelerator_protocol.py', "
-          "run_name='__main__')")
+          "runpy.run_module('experiments.accelerator.accelerator_protocol', "
+          "run_name='__main__', alter_sys=True)")
   result = launch.run([sys.executable, '-c', code], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -85,8 +89,8 @@ def test_protocol_runs_end_to_end_without_tensorflow(tmp_path):
   # conftest.py's two host devices (XLA_FLAGS, which configure_cpu keeps).
   assert head['devices']['count'] == 2
   assert '--xla_force_host_platform_device_count=2' in head['xla_flags']
-  assert head['command'].startswith('python experiments/accelerator_protocol'
-                                    '.py --data=')
+  assert head['command'].startswith(
+      'python -m experiments.accelerator.accelerator_protocol --data=')
   assert head['unknown'] == []
   assert {(r['gating'], r['dtype']) for r in report['benchmark']} == {
       ('none', 'float32'), ('cdg', 'float32')}

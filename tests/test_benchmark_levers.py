@@ -2,14 +2,13 @@
 numbers) and its record."""
 
 import os
-import sys
 
 import pytest
 
+from experiments.benchmarks import benchmark_levers
+from experiments.common import records
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'experiments'))
-import benchmark_levers  # pylint: disable=g-import-not-at-top,wrong-import-position
-import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def test_summary_pairs_repeats_and_flags_numerics_changes():

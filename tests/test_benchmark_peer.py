@@ -1,5 +1,5 @@
-"""experiments/benchmark_peer.py: the cdg_jax half runs and writes its files
-without PyTorch; the speed ratios are computed as stated."""
+"""experiments/benchmarks/benchmark_peer.py: the cdg_jax half runs and writes
+its files without PyTorch; the speed ratios are computed as stated."""
 
 import json
 import os
@@ -9,12 +9,11 @@ from absl import flags
 from absl.testing import flagsaver
 import pytest
 
+from experiments.benchmarks import benchmark_peer
+from experiments.common import records
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# experiments/ is no package: its modules import each other by name.
-sys.path.insert(0, os.path.join(ROOT, 'experiments'))
-import benchmark_peer  # pylint: disable=g-import-not-at-top,wrong-import-position
-import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def test_speed_ratio_on_hand_numbers():

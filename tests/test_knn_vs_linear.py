@@ -2,14 +2,13 @@
 whose answers are known, and its feature transforms."""
 
 import os
-import sys
 
 import numpy as np
 import pytest
 
+from experiments.analysis import knn_vs_linear
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'experiments'))
-import knn_vs_linear  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def test_statistics_of_isotropic_and_of_one_dominant_dimension():

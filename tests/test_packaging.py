@@ -22,12 +22,15 @@ import test_readme
 from test_train import ROOT
 
 PACKAGE = os.path.join(ROOT, 'cdg_jax')
+# The experiments: a package of the checkout, not of the wheel.
+EXPERIMENTS = os.path.join(ROOT, 'experiments')
 
 
-def _modules():
-  """Every module of the package, by dotted name -> its file."""
+def _modules(package=PACKAGE):
+  """Every module of `package` (default cdg_jax), by dotted name -> its
+  file."""
   found = {}
-  for directory, _, files in os.walk(PACKAGE):
+  for directory, _, files in os.walk(package):
     for name in files:
       if name.endswith('.py'):
         path = os.path.join(directory, name)
@@ -215,13 +218,54 @@ def _function_lengths(module_path):
           if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
 
 
-def test_no_function_in_the_package_is_longer_than_80_lines():
+def test_no_function_in_cdg_jax_or_experiments_is_longer_than_80_lines():
+  paths = [*_modules().values(), *_modules(EXPERIMENTS).values()]
+  assert any(p.startswith(EXPERIMENTS + os.sep) for p in paths)
   too_long = sorted(
       (os.path.relpath(path, ROOT).replace(os.sep, '/'), name, lines)
-      for path in _modules().values()
+      for path in paths
       for name, lines in _function_lengths(path)
       if lines > MAX_FUNCTION_LINES)
   assert too_long == []
+
+
+def test_the_experiments_are_a_package_imported_without_path_edits():
+  # Every folder of modules under experiments/ is a package (results/ holds
+  # records only), and neither the experiments nor the tests edit
+  # sys.path: `python -m experiments.grids.run_grid` from the root, and
+  # `from experiments.grids import runner` in the tests.
+  for directory, _, files in os.walk(EXPERIMENTS):
+    if any(name.endswith('.py') for name in files):
+      assert '__init__.py' in files, directory
+  tests = os.path.dirname(os.path.abspath(__file__))
+  sources = [*_modules(EXPERIMENTS).values(),
+             *(os.path.join(tests, name) for name in os.listdir(tests)
+               if name.endswith('.py'))]
+  editing = []
+  for path in sources:
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    editing += [f'{os.path.relpath(path, ROOT)}:{node.lineno}'
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute) and node.attr == 'path'
+                and isinstance(node.value, ast.Name) and node.value.id == 'sys']
+  assert editing == []
+
+
+def test_the_wheel_finds_cdg_jax_only():
+  # The wheel test below builds from a copy of cdg_jax/; this is what
+  # setuptools' discovery, as pyproject.toml configures it, picks from the
+  # checkout itself, where experiments/ is a package too.
+  import setuptools  # pylint: disable=g-import-not-at-top
+  import tomllib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    find = tomllib.load(f)['tool']['setuptools']['packages']['find']
+  finder = (setuptools.find_namespace_packages if find.get('namespaces', True)
+            else setuptools.find_packages)
+  packages = finder(ROOT, include=find.get('include', ('*',)),
+                    exclude=find.get('exclude', ()))
+  assert 'cdg_jax.gating' in packages
+  assert [p for p in packages if p.split('.')[0] != 'cdg_jax'] == []
 
 
 @pytest.fixture(scope='module')

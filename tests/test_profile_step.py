@@ -1,16 +1,14 @@
-"""experiments/profile_step.py: its reading of a compiled program and of a
-trace, on hand-written inputs (no compilation), and its record."""
+"""experiments/benchmarks/profile_step.py: its reading of a compiled program
+and of a trace, on hand-written inputs (no compilation), and its record."""
 
 import os
-import sys
 
 import pytest
 
+from experiments.benchmarks import profile_step
+from experiments.common import records
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# experiments/ is no package: its modules import each other by name.
-sys.path.insert(0, os.path.join(ROOT, 'experiments'))
-import profile_step  # pylint: disable=g-import-not-at-top,wrong-import-position
-import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _HLO = '''HloModule jit_train_step
 

@@ -1,17 +1,16 @@
-"""experiments/records.py, the one result record, and convert_results.py."""
+"""experiments/common/records.py, the one result record, and
+experiments/maintenance/convert_results.py."""
 
 import datetime
 import json
 import os
-import sys
 
 import pytest
 
+from experiments.common import records
+from experiments.maintenance import convert_results
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# experiments/ is no package: its modules import each other by name.
-sys.path.insert(0, os.path.join(ROOT, 'experiments'))
-import convert_results  # pylint: disable=g-import-not-at-top,wrong-import-position
-import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NOW = datetime.datetime(2026, 12, 5, 8, 34, 29, tzinfo=datetime.timezone.utc)
 
@@ -56,14 +55,15 @@ def test_the_header_has_every_field(tmp_path, monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
   path = records.write_record(
       str(tmp_path), 'demo', {'speed': 1.0, 'record': 'replaced'},
-      argv=[os.path.join(ROOT, 'experiments', 'demo.py'), '--width=8'],
+      argv=[os.path.join(ROOT, 'experiments', 'benchmarks', 'demo.py'),
+            '--width=8'],
       devices={'platform': 'cpu', 'count': 2, 'processes': 1})
   record = records.read_record(path)
   head = record['record']
   assert set(head) == set(records.HEADER_FIELDS) | {'unknown'}
   assert head['kind'] == 'demo'
   assert datetime.datetime.strptime(head['date'], '%Y-%m-%dT%H:%M:%SZ')
-  assert head['command'] == 'python experiments/demo.py --width=8'
+  assert head['command'] == 'python -m experiments.benchmarks.demo --width=8'
   assert len(head['git_commit']) == 40   # the tests run in a checkout
   assert isinstance(head['git_dirty'], bool)
   assert head['cores'] == os.cpu_count()
@@ -76,6 +76,25 @@ def test_the_header_has_every_field(tmp_path, monkeypatch):
   assert record['speed'] == 1.0 and list(record)[0] == 'record'
   assert records.header_lines(record)[0].startswith(
       f'- machine: {head["machine"]}; devices: 2 cpu')
+
+
+def test_the_command_is_the_one_a_user_types_from_the_root():
+  # `python -m experiments.grids.run_grid --grid=smoke` has the module's
+  # file as argv[0]: recorded as the module it ran.
+  run_grid = os.path.join(ROOT, 'experiments', 'grids', 'run_grid.py')
+  assert records.command_line([run_grid, '--grid=smoke', '--only=a b']) == (
+      "python -m experiments.grids.run_grid --grid=smoke '--only=a b'")
+  assert records.command_line(
+      [os.path.join(ROOT, 'experiments', 'common', 'records.py')]) == (
+          'python -m experiments.common.records')
+  # A file of the checkout outside a package, by its path from the root;
+  # one outside the checkout and `python -c` as they are.
+  assert records.command_line(
+      [os.path.join(ROOT, 'configs', 'x.py'), '--a=1']) == (
+          'python configs/x.py --a=1')
+  assert records.command_line(['/elsewhere/x.py', '--a=1']) == (
+      'python /elsewhere/x.py --a=1')
+  assert records.command_line(['-c', '--a=1']) == 'python -c --a=1'
 
 
 def test_without_git_or_cpu_model_the_header_says_so(tmp_path, monkeypatch):
@@ -107,7 +126,7 @@ def test_read_record_names_a_file_that_is_not_a_record(tmp_path):
   with pytest.raises(ValueError, match=r'empty\.json: not a readable'):
     records.read_record(str(tmp_path / 'empty.json'))
   with pytest.raises(ValueError, match=r'old\.json: not a result record .*'
-                     r'convert_results\.py'):
+                     r'python -m experiments\.maintenance\.convert_results'):
     records.read_record(str(tmp_path / 'old.json'))
   with pytest.raises(ValueError, match=r'list\.json: not a result record'):
     records.read_record(str(tmp_path / 'list.json'))

@@ -3,13 +3,12 @@ figure, a missing closing marker or an unknown table is caught."""
 
 import os
 import shutil
-import sys
 
 import pytest
 
+from experiments.grids import render_docs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'experiments'))
-import render_docs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def test_every_rendered_table_matches_its_records(capsys):

@@ -13,15 +13,12 @@ import pytest
 from cdg_jax.run import config_lib
 import launch
 
+from experiments.common import records
+from experiments.grids import grids
+from experiments.grids import report
+from experiments.grids import runner
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# experiments/ is no package: its modules import each other by name.
-sys.path.insert(0, os.path.join(ROOT, 'experiments'))
-import grids  # pylint: disable=g-import-not-at-top,wrong-import-position
-import records  # pylint: disable=g-import-not-at-top,wrong-import-position
-import report  # pylint: disable=g-import-not-at-top,wrong-import-position
-import runner  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_command(command):
@@ -342,7 +339,9 @@ def test_width_table_gaps_formulations_and_layer_densities(tmp_path):
 def test_smoke_grid_runs_saves_each_result_and_skips_finished_runs(
     tmp_path, monkeypatch):
   results_dir, workdir_root = str(tmp_path / 'results'), str(tmp_path / 'work')
-  command = ['experiments/run_grid.py', '--grid=smoke']
+  # sys.argv of `python -m experiments.grids.run_grid --grid=smoke`.
+  command = [os.path.join(ROOT, 'experiments', 'grids', 'run_grid.py'),
+             '--grid=smoke']
   results = runner.run_grid(['smoke'], results_dir, workdir_root,
                             argv=command)
   assert [r['name'] for r in results] == ['smoke_dense', 'smoke_cdg']
@@ -365,7 +364,8 @@ def test_smoke_grid_runs_saves_each_result_and_skips_finished_runs(
     assert report.with_defaults(saved) == r
     head = saved['record']
     assert head['kind'] == 'grid_run'
-    assert head['command'] == 'python experiments/run_grid.py --grid=smoke'
+    assert head['command'] == (
+        'python -m experiments.grids.run_grid --grid=smoke')
     assert head['devices']['platform'] == 'cpu'
     assert head['devices']['count'] == 2
     assert '--xla_force_host_platform_device_count=2' in head['xla_flags']
@@ -417,7 +417,8 @@ def test_a_rerun_never_overwrites_and_the_report_reads_old_and_new_results(
   (runs_dir / 'dense.json').write_text(old)
   (runs_dir / 'cdg.json').write_text(json.dumps(_result(
       'cdg', 0, 0.37, finished='2026-11-25 18:22:21 UTC')))
-  command = ['experiments/run_grid.py', '--grid=core', '--rerun']
+  command = [os.path.join(ROOT, 'experiments', 'grids', 'run_grid.py'),
+             '--grid=core', '--rerun']
   new = runner._save_result(results_dir, 'dense',
                             _result('dense', 0, 0.42, gating='none'), command)
   earlier = runs_dir / 'earlier'
@@ -425,7 +426,7 @@ def test_a_rerun_never_overwrites_and_the_report_reads_old_and_new_results(
   assert (earlier / 'dense.2026-11-25T18-13-49.json').read_text() == old
   assert records.read_record(str(runs_dir / 'dense.json')) == new
   assert new['record']['command'] == (
-      'python experiments/run_grid.py --grid=core --rerun')
+      'python -m experiments.grids.run_grid --grid=core --rerun')
   assert new['record']['devices']['count'] == 2
   assert new['record']['xla_flags'] == '--xla_flags=of_it'
   # Saved again, twice in the same second: each earlier result is kept,
@@ -493,10 +494,10 @@ def test_a_diverged_run_is_recorded_with_its_step(tmp_path):
   assert runner.divergence_step('RuntimeError: something else') is None
 
 
-def _script(name, *args, timeout=300):
-  """experiments/<name> run as a user runs it, from the repository root."""
-  return launch.run([sys.executable, os.path.join('experiments', name),
-                     *args], cwd=ROOT, capture_output=True, text=True,
+def _script(module, *args, timeout=300):
+  """experiments.<module> run as a user runs it, from the repository root."""
+  return launch.run([sys.executable, '-m', f'experiments.{module}', *args],
+                    cwd=ROOT, capture_output=True, text=True,
                     timeout=timeout)
 
 
@@ -511,16 +512,18 @@ def test_table_only_names_a_bad_result_file(tmp_path):
       'smoke_dense', 0, 0.4, gating='none')))
   bad = runs_dir / 'simclr_c10_cdg.json'
   bad.write_text('{"name": "simclr_c10_cdg",')   # cut short
-  fix = ('Restore it, or delete it and run experiments/run_grid.py again to '
-         'train simclr_c10_cdg anew.')
-  result = _script('run_grid.py', '--table_only', f'--results_dir={tmp_path}')
+  fix = ('Restore it, or delete it and run python -m '
+         'experiments.grids.run_grid again to train simclr_c10_cdg anew.')
+  result = _script('grids.run_grid', '--table_only',
+                   f'--results_dir={tmp_path}')
   assert result.returncode == 1, result.stderr[-3000:]
   assert _last_line(result.stderr) == (
       f'FATAL: {bad}: not valid JSON (Expecting property name enclosed in '
       f'double quotes: line 1 column 27 (char 26)). {fix}')
   assert not (tmp_path / 'results.md').exists()
   # Read before any run: a grid stops at once too, not after its runs.
-  result = _script('run_grid.py', '--grid=smoke', f'--results_dir={tmp_path}',
+  result = _script('grids.run_grid', '--grid=smoke',
+                   f'--results_dir={tmp_path}',
                    f'--workdir_root={tmp_path / "work"}')
   assert result.returncode == 1 and _last_line(result.stderr).startswith(
       f'FATAL: {bad}: not valid JSON')
@@ -558,12 +561,12 @@ def test_fingerprint_checks_its_arguments_before_any_work(tmp_path):
        f'directory.'),
   ]
   for args, last_line in cases:
-    result = _script('fingerprint.py', *args)
+    result = _script('maintenance.fingerprint', *args)
     assert result.returncode == 2, (args, result.stderr[-3000:])
     assert _last_line(result.stderr) == last_line
     assert 'done' not in result.stdout   # no part was recorded
   fingerprint.write_text('{"config/a:": ')
-  result = _script('fingerprint.py', '--only=configs',
+  result = _script('maintenance.fingerprint', '--only=configs',
                    f'--compare={fingerprint}')
   assert result.returncode == 2 and _last_line(result.stderr).startswith(
       f'FATAL: --compare={fingerprint}: not a fingerprint (invalid JSON: ')
@@ -571,12 +574,13 @@ def test_fingerprint_checks_its_arguments_before_any_work(tmp_path):
 
 def test_fingerprint_compare_fails_on_items_missing_on_either_side(tmp_path):
   out = tmp_path / 'configs.json'
-  result = _script('fingerprint.py', '--only=configs', f'--out={out}')
+  result = _script('maintenance.fingerprint', '--only=configs', f'--out={out}')
   assert result.returncode == 0, result.stderr[-3000:]
   items = json.loads(out.read_text())
   keys = sorted(items)
   # The same parts again: identical.
-  result = _script('fingerprint.py', '--only=configs', f'--compare={out}')
+  result = _script('maintenance.fingerprint', '--only=configs',
+                   f'--compare={out}')
   assert result.returncode == 0, result.stderr[-3000:]
   assert _last_line(result.stdout) == (
       f'{len(items)} of {len(items)} items identical.')
@@ -587,7 +591,8 @@ def test_fingerprint_compare_fails_on_items_missing_on_either_side(tmp_path):
   earlier.update({f'model/m{i:02d}': 'x' for i in range(37)})
   path = tmp_path / 'earlier.json'
   path.write_text(json.dumps(earlier))
-  result = _script('fingerprint.py', '--only=configs', f'--compare={path}')
+  result = _script('maintenance.fingerprint', '--only=configs',
+                   f'--compare={path}')
   assert result.returncode == 1, result.stderr[-3000:]
   assert _last_line(result.stderr) == (
       f'FATAL: the fingerprints are not the same: 1 of {len(items) - 1} '

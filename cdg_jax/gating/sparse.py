@@ -130,7 +130,7 @@ def sparse_add_conditional(y_base: Array, x: Array, kernel_cond: Array,
       fuse it into the gather, instead of being copied whole before the
       `lax.switch` (with the base path added after the switch: 3-10% faster
       per layer on the 2-core Xeon, ResNet-18 width 64 at 32x32; a one-off
-      comparison, not part of experiments/benchmark_sparse.py).
+      comparison, not part of experiments/benchmarks/benchmark_sparse.py).
     formulation, precision: of every convolution (`ops.conv`; None: XLA's
       convolution, default precision).
 

@@ -134,7 +134,7 @@ def _tiles_on_grid(tiles: Array, tile_mask: Array) -> Array:
   # grid: XLA:CPU runs this gather of contiguous tiles as a copy, 1.3-1.5x
   # faster than the scatter-add it replaces (18 against 27 ms for 26% of the
   # 8x8 tiles of a 256 x 32 x 32 x 64 map, 2-core Xeon; a one-off
-  # comparison, not part of experiments/benchmark_sparse.py).
+  # comparison, not part of experiments/benchmarks/benchmark_sparse.py).
   slot = jnp.where(flat, jnp.cumsum(flat.astype(jnp.int32)) - 1, capacity)
   padded = jnp.concatenate([tiles, jnp.zeros((1,) + tiles.shape[1:],
                                              tiles.dtype)])

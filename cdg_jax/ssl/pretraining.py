@@ -619,7 +619,7 @@ def pretraining_step(settings: Settings, networks: Networks,
   probe_tx = optax.adam(settings.probe_learning_rate)
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   # The named scopes label the compiled program's ops for profiles
-  # (experiments/profile_step.py); they change no numerics.
+  # (experiments/benchmarks/profile_step.py); they change no numerics.
   with jax.named_scope('augment'):
     view1, view2 = augment.two_views(rng, batch['image'], settings.augment)
   online_rngs, target_rngs = _gate_rngs(spec, rng)

@@ -1,7 +1,7 @@
 r"""Inference speed of block-sparse CDG against masked CDG and the dense backbone.
 
-  python experiments/benchmark_sparse.py                       # ~10 min, 2 cores
-  python experiments/benchmark_sparse.py --workdirs=/tmp/cdg_grid/simclr_c10_cdg_tiles4
+  python -m experiments.benchmarks.benchmark_sparse  # ~10 min, 2 cores
+  python -m experiments.benchmarks.benchmark_sparse --workdirs=/tmp/cdg_grid/simclr_c10_cdg_tiles4
 
 Backbone inference (train=False, features only) images/s of CIFAR ResNet-18
 (`--width` 64, `--image_size` 32, `--batch_size` 256, synthetic images) for:
@@ -32,19 +32,15 @@ from __future__ import annotations
 import functools
 import os
 import statistics
-import sys
 import time
 
 from absl import app
 from absl import flags
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import records  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tile_schemes import gating_config_of  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tile_schemes import stage_tiles  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.benchmarks.tile_schemes import gating_config_of
+from experiments.benchmarks.tile_schemes import stage_tiles
+from experiments.common import records
+from experiments.common.repo import REPO_ROOT
 
 flags.DEFINE_integer('width', 64, 'Backbone width.')
 flags.DEFINE_integer('image_size', 32, 'Image size.')
@@ -211,106 +207,135 @@ def profile_rows(scheme: str) -> list[dict]:
   whole layer computes its gate and then takes that draw (the gate's tiles
   XOR a fixed pattern), so it pays for the gate like a real layer.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  # pylint: disable=g-import-not-at-top
-  from cdg_jax.gating import ops
-  from cdg_jax.gating import sparse
-  from cdg_jax.gating import tiling
+  from cdg_jax.gating import ops  # pylint: disable=g-import-not-at-top
   # The layer timings use the convolution the training program uses (the
   # per-shape choice on CPU, or CDG_JAX_CONV_FORMULATION), as before the
   # formulation became an explicit argument.
   conv_form = ops.program_formulation()
-  # pylint: enable=g-import-not-at-top
-  batch, groups = FLAGS.batch_size, 4
   rng = np.random.default_rng(0)
   rows = []
   for stage, tile in enumerate(stage_tiles(scheme)):
-    size = FLAGS.image_size // 2**stage
-    channels = FLAGS.width * 2**stage
-    block = (tile, tile, 0)
-    bh, bw = tiling.effective_tile((size, size), (tile, tile))
-    grid = (size // bh, size // bw)
-    keys = jax.random.split(jax.random.key(stage), 2)
-    x = jax.random.normal(keys[0], (batch, size, size, channels))
-    kernel = jax.random.normal(keys[1], (3, 3, channels, channels)) * (
-        2.0 / (9 * channels)) ** 0.5
-    y_base = jax.jit(lambda x, k: ops.base_conv(
-        x, k, groups, formulation=conv_form))(x, kernel)
-    gate_stats = dict(running_mean=jnp.mean(y_base, axis=(0, 1, 2)),
-                      running_var=jnp.var(y_base, axis=(0, 1, 2)))
-    threshold = jnp.zeros((channels,))
-    x_cond, k_cond = ops.conditional_operands(x, kernel, groups)
-
-    def gate_tiles(y):
-      return tiling.tile_gate(y, threshold, block[:2], **gate_stats)[1]
-
-    def sparse_layer(x, flip):
-      y = ops.base_conv(x, kernel, groups, formulation=conv_form)
-      return sparse.sparse_add_conditional(
-          y, x, k_cond, jnp.logical_xor(gate_tiles(y), flip),
-          cond_channels_from=channels // groups, formulation=conv_form)
-
-    masked_layer = jax.jit(lambda x: ops.gated_conv(
-        x, kernel, threshold, groups=groups, block=block, formulation=conv_form,
-        **gate_stats)[0])
-    dense_conv = jax.jit(functools.partial(ops.conv, formulation=conv_form))
-    times = {'dense': _time(dense_conv, x, kernel),
-             'masked': _time(masked_layer, x),
-             'base': _time(jax.jit(lambda x, k: ops.base_conv(
-                 x, k, groups, formulation=conv_form)),
-                           x, kernel),
-             'gate': _time(jax.jit(gate_tiles), y_base)}
-    gate_now = jax.jit(gate_tiles)(y_base)
-    sparse_layer = jax.jit(sparse_layer)
-    num_tiles = batch * grid[0] * grid[1]
-    caps = tiling.capacities(num_tiles)
+    layer = _profiled_layer(stage, tile, conv_form)
     for target in (float(d) for d in FLAGS.profile_densities):
-      tile_mask = jnp.asarray(rng.random((batch, *grid)) < target)
-      num_open = int(tile_mask.sum())
-      capacity = next((c for c in caps if c >= num_open), None)
-      row = {'tiles': scheme, 'stage': stage + 1, 'map': size,
-             'channels': channels, 'tile': [bh, bw],
-             'density': num_open / num_tiles, 'capacity': capacity,
-             'num_tiles': num_tiles, **{f'{k}_ms': 1e3 * v
-                                        for k, v in times.items()}}
-      if capacity is not None:
-        gather = jax.jit(lambda x, m, capacity=capacity: tiling.gather_windows(
-            x, jnp.nonzero(m.reshape(-1), size=capacity, fill_value=0)[0],
-            grid, (bh, bw), (3, 3), (1, 1)))
-        tile_conv = {method: jax.jit(
-            lambda w, method=method: tiling.tile_convolution(
-                w, k_cond, (1, 1), method, formulation=conv_form)) for method in ('conv', 'patches')}
-        assemble = jax.jit(lambda y, t, m: y + tiling.assemble_tiles(t, m))
-        windows = gather(x_cond, tile_mask)
-        tiles = tile_conv['conv'](windows)
-        row.update(gather_ms=1e3 * _time(gather, x_cond, tile_mask),
-                   tile_conv_ms=1e3 * _time(tile_conv['conv'], windows),
-                   tile_patches_ms=1e3 * _time(tile_conv['patches'], windows),
-                   assemble_ms=1e3 * _time(assemble, y_base, tiles,
-                                           tile_mask))
-      # The whole layer's ratio to dense is timed in alternation with it.
-      flip = jnp.logical_xor(gate_now, tile_mask)
-      seconds = _time_together({'dense': lambda: dense_conv(x, kernel),
-                                'sparse': lambda: sparse_layer(x, flip)})
-      row['dense_ms'] = 1e3 * seconds['dense']
-      row['sparse_ms'] = 1e3 * seconds['sparse']
-      row['sparse_speedup'] = seconds['dense'] / seconds['sparse']
-      # MACs of the layer relative to dense: base path 1/G, conditional
-      # (G-1)/G times the density.
-      row['macs_reduction'] = 1 / (1 / groups + (1 - 1 / groups)
-                                   * row['density'])
+      row = _profile_row(scheme, stage, layer, rng, target, conv_form)
       rows.append(row)
       parts = ', '.join(f'{k} {row[k + "_ms"]:.1f}' for k in
                         ('base', 'gate', 'gather', 'tile_conv',
                          'tile_patches', 'assemble')
                         if k + '_ms' in row)
-      print(f'  profile {scheme} stage {stage + 1} ({size}x{size}x{channels}, '
-            f'{bh}x{bw} tiles) density {row["density"]:.2f}: dense '
-            f'{row["dense_ms"]:.1f} ms, sparse layer {row["sparse_ms"]:.1f} ms '
-            f'({parts}); {row["sparse_speedup"]:.2f}x', flush=True)
+      print(f'  profile {scheme} stage {stage + 1} ({layer.size}x{layer.size}'
+            f'x{layer.channels}, {layer.bh}x{layer.bw} tiles) density '
+            f'{row["density"]:.2f}: dense {row["dense_ms"]:.1f} ms, sparse '
+            f'layer {row["sparse_ms"]:.1f} ms ({parts}); '
+            f'{row["sparse_speedup"]:.2f}x', flush=True)
   return rows
+
+
+def _profiled_layer(stage: int, tile: int, conv_form: str):
+  """`profile_rows`' layer of `stage`: its inputs, its compiled parts, and
+  the times of those that do not depend on the open tiles (dense, masked,
+  base path, gate)."""
+  import types  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from cdg_jax.gating import ops
+  from cdg_jax.gating import sparse
+  from cdg_jax.gating import tiling
+  # pylint: enable=g-import-not-at-top
+  batch, groups = FLAGS.batch_size, 4
+  size = FLAGS.image_size // 2**stage
+  channels = FLAGS.width * 2**stage
+  block = (tile, tile, 0)
+  bh, bw = tiling.effective_tile((size, size), (tile, tile))
+  grid = (size // bh, size // bw)
+  keys = jax.random.split(jax.random.key(stage), 2)
+  x = jax.random.normal(keys[0], (batch, size, size, channels))
+  kernel = jax.random.normal(keys[1], (3, 3, channels, channels)) * (
+      2.0 / (9 * channels)) ** 0.5
+  y_base = jax.jit(lambda x, k: ops.base_conv(
+      x, k, groups, formulation=conv_form))(x, kernel)
+  gate_stats = dict(running_mean=jnp.mean(y_base, axis=(0, 1, 2)),
+                    running_var=jnp.var(y_base, axis=(0, 1, 2)))
+  threshold = jnp.zeros((channels,))
+  x_cond, k_cond = ops.conditional_operands(x, kernel, groups)
+
+  def gate_tiles(y):
+    return tiling.tile_gate(y, threshold, block[:2], **gate_stats)[1]
+
+  def sparse_layer(x, flip):
+    y = ops.base_conv(x, kernel, groups, formulation=conv_form)
+    return sparse.sparse_add_conditional(
+        y, x, k_cond, jnp.logical_xor(gate_tiles(y), flip),
+        cond_channels_from=channels // groups, formulation=conv_form)
+
+  masked_layer = jax.jit(lambda x: ops.gated_conv(
+      x, kernel, threshold, groups=groups, block=block, formulation=conv_form,
+      **gate_stats)[0])
+  dense_conv = jax.jit(functools.partial(ops.conv, formulation=conv_form))
+  times = {'dense': _time(dense_conv, x, kernel),
+           'masked': _time(masked_layer, x),
+           'base': _time(jax.jit(lambda x, k: ops.base_conv(
+               x, k, groups, formulation=conv_form)),
+                         x, kernel),
+           'gate': _time(jax.jit(gate_tiles), y_base)}
+  gate_now = jax.jit(gate_tiles)(y_base)
+  sparse_layer = jax.jit(sparse_layer)
+  num_tiles = batch * grid[0] * grid[1]
+  return types.SimpleNamespace(
+      batch=batch, groups=groups, size=size, channels=channels, bh=bh, bw=bw,
+      grid=grid, x=x, kernel=kernel, y_base=y_base, x_cond=x_cond,
+      k_cond=k_cond, dense_conv=dense_conv, sparse_layer=sparse_layer,
+      gate_now=gate_now, times=times, num_tiles=num_tiles,
+      caps=tiling.capacities(num_tiles))
+
+
+def _profile_row(scheme: str, stage: int, layer, rng, target: float,
+                 conv_form: str) -> dict:
+  """One row of `profile_rows`: `layer` with a random draw of open tiles at
+  tile density `target`, its parts and the whole sparse layer timed."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from cdg_jax.gating import tiling  # pylint: disable=g-import-not-at-top
+  batch, grid, bh, bw = layer.batch, layer.grid, layer.bh, layer.bw
+  groups, x, kernel = layer.groups, layer.x, layer.kernel
+  tile_mask = jnp.asarray(rng.random((batch, *grid)) < target)
+  num_open = int(tile_mask.sum())
+  capacity = next((c for c in layer.caps if c >= num_open), None)
+  row = {'tiles': scheme, 'stage': stage + 1, 'map': layer.size,
+         'channels': layer.channels, 'tile': [bh, bw],
+         'density': num_open / layer.num_tiles, 'capacity': capacity,
+         'num_tiles': layer.num_tiles, **{f'{k}_ms': 1e3 * v
+                                          for k, v in layer.times.items()}}
+  if capacity is not None:
+    gather = jax.jit(lambda x, m, capacity=capacity: tiling.gather_windows(
+        x, jnp.nonzero(m.reshape(-1), size=capacity, fill_value=0)[0],
+        grid, (bh, bw), (3, 3), (1, 1)))
+    tile_conv = {method: jax.jit(
+        lambda w, method=method: tiling.tile_convolution(
+            w, layer.k_cond, (1, 1), method, formulation=conv_form))
+                 for method in ('conv', 'patches')}
+    assemble = jax.jit(lambda y, t, m: y + tiling.assemble_tiles(t, m))
+    windows = gather(layer.x_cond, tile_mask)
+    tiles = tile_conv['conv'](windows)
+    row.update(gather_ms=1e3 * _time(gather, layer.x_cond, tile_mask),
+               tile_conv_ms=1e3 * _time(tile_conv['conv'], windows),
+               tile_patches_ms=1e3 * _time(tile_conv['patches'], windows),
+               assemble_ms=1e3 * _time(assemble, layer.y_base, tiles,
+                                       tile_mask))
+  # The whole layer's ratio to dense is timed in alternation with it.
+  flip = jnp.logical_xor(layer.gate_now, tile_mask)
+  seconds = _time_together({'dense': lambda: layer.dense_conv(x, kernel),
+                            'sparse': lambda: layer.sparse_layer(x, flip)})
+  row['dense_ms'] = 1e3 * seconds['dense']
+  row['sparse_ms'] = 1e3 * seconds['sparse']
+  row['sparse_speedup'] = seconds['dense'] / seconds['sparse']
+  # MACs of the layer relative to dense: base path 1/G, conditional
+  # (G-1)/G times the density.
+  row['macs_reduction'] = 1 / (1 / groups + (1 - 1 / groups)
+                               * row['density'])
+  return row
 
 
 def _layer_densities(model, variables, images):

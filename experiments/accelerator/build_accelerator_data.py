@@ -1,11 +1,11 @@
 r"""Builds the accelerator protocol's data: a class-balanced CIFAR-10 subset.
 
-  python experiments/build_accelerator_data.py      # -> data/cifar10_accelerator.npz
+  python -m experiments.accelerator.build_accelerator_data  # -> data/cifar10_accelerator.npz
 
 A lent accelerator machine receives only the repository's working tree (at
 most 64 MiB) and cannot download anything, so the protocol
-(`experiments/accelerator_protocol.py`) reads its images from a file inside
-the repository. This script writes it into the git-ignored `data/` folder:
+(`experiments/accelerator/accelerator_protocol.py`) reads its images from a
+file inside the repository. This script writes it into the git-ignored `data/` folder:
 the first `--train_per_class` training and `--test_per_class` test images of
 each class of `--source` (default `../shared/data/cifar10.npz`, whose rows are
 in random order), uint8 HWC, compressed; at most 50 MB (checked).
@@ -19,7 +19,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiments.common.repo import REPO_ROOT
+
 DEFAULT_OUTPUT = os.path.join(REPO_ROOT, 'data', 'cifar10_accelerator.npz')
 MAX_BYTES = 50_000_000
 

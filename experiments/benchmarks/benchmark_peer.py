@@ -1,8 +1,8 @@
 r"""Peer benchmark: the same SimCLR train step in PyTorch and in cdg_jax.
 
-  python experiments/benchmark_peer.py            # full run, width 64
-  python experiments/benchmark_peer.py --cpu_devices=1   # cdg_jax on 1 device
-  python experiments/benchmark_peer.py --width=8 --image_size=16 \
+  python -m experiments.benchmarks.benchmark_peer  # full run, width 64
+  python -m experiments.benchmarks.benchmark_peer --cpu_devices=1  # cdg_jax on 1 device
+  python -m experiments.benchmarks.benchmark_peer --width=8 --image_size=16 \
       --batch_size=16 --repeats=1 --out=/tmp/peer_check   # a quick check
 
 PyTorch is no dependency of the project: the PyTorch half needs an
@@ -53,7 +53,7 @@ the other library's process alive (idle, 0.00 CPU s used), the cdg_jax
 dense step took 10.7 s against 4.4 s alone (2026-12-05, 2-core Xeon): the
 step maps fresh memory for its buffers, and memory held elsewhere makes
 that slower (the minor page faults per step are in the table).
-Writes a new record (`<date>-<cpu>.json`, experiments/records.py) and its
+Writes a new record (`<date>-<cpu>.json`, experiments/common/records.py) and its
 `.md` to `--out`, with the machine, versions,
 command and date. The headline ratios are `sparse_vs_torch_compiled_masked`
 (PyTorch compiled masked time / our sparse time) and
@@ -73,18 +73,15 @@ from collections.abc import Callable, Sequence
 from absl import app
 from absl import flags
 
-EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(EXPERIMENTS)
-sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, EXPERIMENTS)
-
 # The cdg_jax half is benchmark_sparse_step.py's. Importing it defines its
 # flags; this script shares those it reads (--width, --image_size,
 # --batch_size, --tiles, --repeats, --out: the same meaning, this script's
 # defaults and help) and removes the two it does not, so that they are
 # refused rather than silently ignored.
-import benchmark_sparse_step as sparse_step  # pylint: disable=g-import-not-at-top,wrong-import-position
-import records  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.benchmarks import benchmark_sparse_step as sparse_step
+from experiments.common import records
+from experiments.common import repo
+from experiments.common.repo import REPO_ROOT
 
 FLAGS = flags.FLAGS
 for _name in ('densities', 'sample_fraction'):
@@ -424,7 +421,7 @@ def cdg_jax_round(payload: dict) -> dict:
 def torch_round(payload: dict) -> dict:
   """One round of the PyTorch half (in a process of its own), for the step
   configs in `payload` (`cdg_jax_round`'s)."""
-  import peer_torch  # pylint: disable=g-import-not-at-top
+  from experiments.benchmarks import peer_torch  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count() or 1)
   step_configs = {kind: peer_torch.StepConfig(**{
@@ -464,7 +461,7 @@ def run_worker(library: str, payload: dict) -> dict:
                                      for name in _WORKER_FLAGS]
   print(f'--- {library}: a fresh process', flush=True)
   process = subprocess.Popen(
-      [sys.executable, os.path.abspath(__file__)] + argv,
+      repo.module_command(__spec__.name) + argv,
       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
       cwd=REPO_ROOT)
   process.stdin.write(json.dumps(payload) + '\n')
@@ -566,6 +563,24 @@ def _every_round(replies: list[dict], field: str) -> dict[str, list]:
 def run() -> dict:
   """The benchmark for the parsed flags: times, writes, returns the record's
   figures."""
+  torch_message = _torch_message()
+  if torch_message:
+    print(torch_message, flush=True)
+
+  libraries = ['cdg_jax'] + ([] if torch_message else ['torch'])
+  load_before = _load_average()
+  replies = _run_rounds(libraries)
+  load_after = _load_average()
+  result = _result(replies, torch_message, load_before, load_after)
+  path = write_report(result, FLAGS.out)
+  with open(records.markdown_path(path)) as f:
+    print(f.read(), flush=True)
+  print(f'Record: {path}', flush=True)
+  return result
+
+
+def _torch_message() -> str | None:
+  """Why the PyTorch half is not timed, or None where it is."""
   torch_message = None
   if not FLAGS.torch:
     torch_message = 'PyTorch half skipped (--notorch)'
@@ -574,12 +589,13 @@ def run() -> dict:
   elif FLAGS.model != 'resnet18':
     torch_message = (f'The PyTorch step is CIFAR ResNet-18 only, not '
                      f'--model={FLAGS.model}: timing the cdg_jax half only')
-  if torch_message:
-    print(torch_message, flush=True)
+  return torch_message
 
-  libraries = ['cdg_jax'] + ([] if torch_message else ['torch'])
+
+def _run_rounds(libraries: list[str]) -> dict[str, list[dict]]:
+  """`--rounds` rounds of a fresh process per library, one alive at a time:
+  each library's replies, in round order."""
   replies = {library: [] for library in libraries}
-  load_before = _load_average()
   for round_index in range(FLAGS.rounds):
     # cdg_jax first in the first round: its reply holds PyTorch's configs.
     order = libraries if round_index % 2 == 0 else libraries[::-1]
@@ -587,8 +603,13 @@ def run() -> dict:
       payload = ({} if library == 'cdg_jax' else
                  {'step_configs': replies['cdg_jax'][0]['step_configs']})
       replies[library].append(run_worker(library, payload))
-  load_after = _load_average()
+  return replies
 
+
+def _rows(replies: dict[str, list[dict]]) -> tuple[list[dict], dict, dict]:
+  """The record's rows (one per variant that ran or failed), with the
+  per-repeat times of the variants that ran in every round and the errors:
+  (rows, times, errors)."""
   jax_reply = replies['cdg_jax'][0]
   times, faults, first_call_s, errors = {}, {}, {}, {}
   for library_replies in replies.values():
@@ -627,6 +648,16 @@ def run() -> dict:
         'times_s': measured, 'error': errors.get(key),
         'minor_faults_per_step': (statistics.median(faults[key])
                                   if faults.get(key) else None)})
+  return rows, times, errors
+
+
+def _result(replies: dict[str, list[dict]], torch_message: str | None,
+            load_before: float | None, load_after: float | None) -> dict:
+  """The record's figures from the workers' replies."""
+  jax_reply = replies['cdg_jax'][0]
+  torch_reply = replies['torch'][0] if 'torch' in replies else None
+  torch_info = torch_reply['info'] if torch_reply else {}
+  rows, times, errors = _rows(replies)
   ratios = ratios_of(times)
   cores = os.cpu_count()
   if torch_reply:
@@ -635,7 +666,7 @@ def run() -> dict:
                      f'intra-op, {inter} inter-op threads')
   else:
     torch_threads = 'PyTorch not run'
-  result = {
+  return {
       # Other work on the machine skews the two libraries differently
       # (PyTorch's OpenMP barriers suffer most when a core is taken).
       'load_average_1min': {'before_timing': load_before,
@@ -670,11 +701,6 @@ def run() -> dict:
           ratios['dense_vs_torch_compiled_dense'] or {}).get('paired'),
       'differences': list(DIFFERENCES),
   }
-  path = write_report(result, FLAGS.out)
-  with open(records.markdown_path(path)) as f:
-    print(f.read(), flush=True)
-  print(f'Record: {path}', flush=True)
-  return result
 
 
 def _seconds(call: Callable) -> float:

@@ -28,12 +28,12 @@ import time
 from typing import Any
 
 from cdg_jax.gating.ops import CONV_FORMULATION_VARIABLE
-from grids import GRIDS
-from grids import REPO_ROOT
-from grids import Run
-import records
-from report import ADDED_GATING_DEFAULTS
-from report import write_report
+from experiments.common import records
+from experiments.common.repo import REPO_ROOT
+from experiments.grids.grids import GRIDS
+from experiments.grids.grids import Run
+from experiments.grids.report import ADDED_GATING_DEFAULTS
+from experiments.grids.report import write_report
 
 
 def _shell(command: list[str]) -> str:
@@ -85,20 +85,10 @@ def run_one(run: Run, results_dir: str, workdir_root: str,
       diverged_at = divergence_step(log.read())
     if diverged_at is None:
       raise
-    # A divergence is a result (FBS's published saliency, issue 20), not a
-    # failure of the runner: record the step, the losses before it, no
-    # accuracy.
     with open(os.path.join(workdir, 'config.json')) as f:
       config = json.load(f)
-    result = {**_describe(run, config), 'diverged_at_step': diverged_at,
-              'losses_before_divergence': last_losses(workdir),
-              'knn_top1': None, 'linear_top1': None, 'flops_reduction': None,
-              'gate_density': None, 'steps': diverged_at,
-              'eval_split': ('validation' if config['data']['validation_size']
-                             else 'test'),
-              'train_wall_s': time.time() - start, 'linear_eval_wall_s': 0.0,
-              'resumed_from_step': 0, 'train_command': _shell(train_command),
-              'linear_eval_command': ''}
+    result = _diverged_result(run, workdir, config, diverged_at, start,
+                              train_command)
     return _save_result(results_dir, run.name, result, argv, config)
   eval_s = _run_command(eval_command, log_path)
   with open(os.path.join(workdir, 'summary.json')) as f:
@@ -107,9 +97,43 @@ def run_one(run: Run, results_dir: str, workdir_root: str,
     linear = json.load(f)
   with open(os.path.join(workdir, 'config.json')) as f:
     config = json.load(f)
+  result = _finished_result(run, config, summary, linear,
+                            (train_s, eval_s), (train_command, eval_command))
+  return _save_result(results_dir, run.name, result, argv, config)
+
+
+def _diverged_result(run: Run, workdir: str, config: dict[str, Any],
+                     diverged_at: int, start: float,
+                     train_command: list[str]) -> dict[str, Any]:
+  """The result of a run whose training diverged at step `diverged_at`.
+
+  A divergence is a result (FBS's published saliency, issue 20), not a
+  failure of the runner: the step, the losses before it, no accuracy.
+  """
+  return {**_describe(run, config), 'diverged_at_step': diverged_at,
+          'losses_before_divergence': last_losses(workdir),
+          'knn_top1': None, 'linear_top1': None, 'flops_reduction': None,
+          'gate_density': None, 'steps': diverged_at,
+          'eval_split': ('validation' if config['data']['validation_size']
+                         else 'test'),
+          'train_wall_s': time.time() - start, 'linear_eval_wall_s': 0.0,
+          'resumed_from_step': 0, 'train_command': _shell(train_command),
+          'linear_eval_command': ''}
+
+
+def _finished_result(run: Run, config: dict[str, Any],
+                     summary: dict[str, Any], linear: dict[str, Any],
+                     wall_s: tuple[float, float],
+                     commands: tuple[list[str], list[str]]
+                     ) -> dict[str, Any]:
+  """The result of a trained and evaluated run, from its summary.json and
+  linear_eval.json; `wall_s` and `commands`: (training, linear
+  evaluation)."""
+  train_s, eval_s = wall_s
+  train_command, eval_command = commands
   dense_knn = (summary.get('dense_network') or {}).get('knn_top1')
   dense_linear = (linear.get('dense_network') or {}).get('top1')
-  result = {
+  return {
       **_describe(run, config),
       'eval_split': summary.get('eval_split', 'test'),
       'num_train': summary.get('num_train'),
@@ -143,7 +167,6 @@ def run_one(run: Run, results_dir: str, workdir_root: str,
       'conv_formulation': os.environ.get(CONV_FORMULATION_VARIABLE,
                                          'auto'),
   }
-  return _save_result(results_dir, run.name, result, argv, config)
 
 
 def linear_feature_norm(linear: dict[str, Any]) -> str:

@@ -1,6 +1,6 @@
 r"""kNN accuracy of trained CDG backbones with their gates as trained and forced open.
 
-  python experiments/open_gates.py --workdirs=/tmp/cdg_grid/simclr_c10_cdg,...
+  python -m experiments.analysis.open_gates --workdirs=/tmp/cdg_grid/simclr_c10_cdg,...
 
 For each workdir of a CDG training run (one with an exported backbone), runs
 the kNN evaluation of the training loop (bank = train split, queries = test
@@ -14,15 +14,11 @@ run this from the repository root, as the run was. Results go to stdout.
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
 
-# Runs as a script from the repository root: make `cdg_jax` importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cdg_jax.run import checkpoints  # pylint: disable=g-import-not-at-top
+from cdg_jax.run import checkpoints
 from cdg_jax.run import parallel
 
 _WORKDIRS = flags.DEFINE_list('workdirs', None,

@@ -1,7 +1,7 @@
 r"""Train-step time under XLA:CPU options and device counts, and their numerics.
 
-  python experiments/benchmark_levers.py                      # ~20 min, 2 cores
-  python experiments/benchmark_levers.py --steps=2 --repeats=1 \
+  python -m experiments.benchmarks.benchmark_levers  # ~20 min, 2 cores
+  python -m experiments.benchmarks.benchmark_levers --steps=2 --repeats=1 \
       --steps_configs=protocol --levers=default,onednn_custom_call \
       --out=/tmp/levers                                       # a quick check
 
@@ -31,16 +31,14 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 
 from absl import app
 from absl import flags
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import records  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.common import records
+from experiments.common import repo
+from experiments.common.repo import REPO_ROOT
 
 # name -> (XLA_FLAGS added for CPU, host devices: 0 = one per core,
 #          environment variables set).
@@ -106,11 +104,7 @@ def define_flags() -> None:
 def _config(name: str):
   from cdg_jax.run import config_lib  # pylint: disable=g-import-not-at-top
   if name == 'protocol':
-    sys.path.insert(0, os.path.join(REPO_ROOT, 'configs'))
-    import cpu_protocol  # pylint: disable=g-import-not-at-top
-    config = cpu_protocol.get_config('simclr_cifar10')
-    config.data.source = 'fake'
-    return config
+    return repo.protocol_config()
   if name == 'dense64':
     config = config_lib.recipe_config('simclr', 'cifar10')
     config = config_lib.apply_variants(config, 'dense')
@@ -122,13 +116,11 @@ def _config(name: str):
 
 
 def _child(name: str) -> dict:
-  sys.path.insert(0, REPO_ROOT)
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
   # The project's flags where the lever does not set its own.
   parallel.configure_cpu()
   import jax  # pylint: disable=g-import-not-at-top
-  import step_timing  # pylint: disable=g-import-not-at-top
+  from experiments.common import step_timing  # pylint: disable=g-import-not-at-top
   result = step_timing.time_step(_config(name), FLAGS.steps)
   result['xla_flags'] = os.environ.get('XLA_FLAGS', '')
   result['backend'] = jax.default_backend()
@@ -148,9 +140,9 @@ def _run_child(name: str, lever: str) -> dict:
                                                     env.get('PYTHONPATH'))))
   start = time.time()
   process = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), f'--child={name}',
-       f'--steps={FLAGS.steps}'], env=env, cwd=REPO_ROOT, capture_output=True,
-      text=True, check=False)
+      repo.module_command(__spec__.name) + [f'--child={name}',
+                                            f'--steps={FLAGS.steps}'],
+      env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
   if process.returncode != 0:
     return {'error': process.stderr.strip().splitlines()[-1:] or ['?'],
             'wall_s': time.time() - start}

@@ -1,8 +1,8 @@
 r"""Where the train step's time goes: an XLA:CPU trace of the step, op by op.
 
-  python experiments/profile_step.py          # protocol, dense64, masked64, sparse64
-  /root/venv-peer/bin/python experiments/profile_step.py   # + PyTorch per shape
-  python experiments/profile_step.py --step_kinds=protocol --width=8 \
+  python -m experiments.benchmarks.profile_step  # protocol, dense64, masked64, sparse64
+  /root/venv-peer/bin/python -m experiments.benchmarks.profile_step  # + PyTorch per shape
+  python -m experiments.benchmarks.profile_step --step_kinds=protocol --width=8 \
       --repeats=1 --out=/tmp/profile_check    # a quick check
 
 The steps (the same programs training and the peer benchmark run):
@@ -50,19 +50,16 @@ import os
 import re
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
 from absl import app
 from absl import flags
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import benchmark_peer  # pylint: disable=g-import-not-at-top,wrong-import-position
-import records  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.benchmarks import benchmark_peer
+from experiments.common import records
+from experiments.common import repo
+from experiments.common.repo import REPO_ROOT
 
 flags.DEFINE_list('step_kinds', ['protocol', 'dense64', 'masked64',
                                     'sparse64'],
@@ -446,11 +443,8 @@ def torch_conv_gflops(torch, shape: dict, repeats: int) -> dict:
 
 
 def _protocol_step():
-  sys.path.insert(0, os.path.join(REPO_ROOT, 'configs'))
-  import cpu_protocol  # pylint: disable=g-import-not-at-top
-  import step_timing  # pylint: disable=g-import-not-at-top
-  config = cpu_protocol.get_config('simclr_cifar10')
-  config.data.source = 'fake'
+  from experiments.common import step_timing  # pylint: disable=g-import-not-at-top
+  config = repo.protocol_config()
   if FLAGS['width'].present:
     config.model.width = FLAGS.width
   step, state, batch = step_timing.build_step(config)
@@ -535,7 +529,8 @@ def render(result: dict) -> str:
            '', 'Wall-clock ms per step; ops running at once share the time '
            'equally, so the categories add up to "busy", the time any op '
            'ran; "outside ops": the rest of the step (dispatch, transfers, '
-           'waiting). Method: experiments/profile_step.py\'s docstring.', '']
+           'waiting). Method: experiments/benchmarks/profile_step.py\'s '
+           'docstring.', '']
   for name, record in result['steps'].items():
     busy = record['busy_s']
     lines += [f"## {name}: {record['description']}", '',

@@ -1,8 +1,8 @@
 r"""The accelerator protocol: step benchmark, then dense and CDG SimCLR in a budget.
 
-  python experiments/build_accelerator_data.py        # once, on a machine with
+  python -m experiments.accelerator.build_accelerator_data  # once, on a machine with
                                                        # ../shared/data/cifar10.npz
-  python experiments/accelerator_protocol.py --budget_s=300 \
+  python -m experiments.accelerator.accelerator_protocol --budget_s=300 \
       --out=experiments/results/accelerator
 
 In one call, on whatever JAX sees (GPU, TPU or CPU):
@@ -36,18 +36,14 @@ from __future__ import annotations
 import math
 import os
 import platform
-import sys
 import time
 from typing import Any
 
 from absl import app
 from absl import flags
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import records  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.common import records
+from experiments.common.repo import REPO_ROOT
 
 flags.DEFINE_string('data', os.path.join(REPO_ROOT, 'data',
                                          'cifar10_accelerator.npz'),
@@ -113,7 +109,7 @@ def make_config(kind: str, dtype: str, epochs: float = 1.0):
 
 def benchmark() -> list[dict[str, Any]]:
   """Step time of dense and CDG in each of --bench_dtypes."""
-  import step_timing  # pylint: disable=g-import-not-at-top
+  from experiments.common import step_timing  # pylint: disable=g-import-not-at-top
   rows = []
   for dtype in FLAGS.bench_dtypes:
     for kind in ('none', 'cdg'):
@@ -232,7 +228,7 @@ def main(argv):
   if not os.path.isfile(FLAGS.data):
     raise FileNotFoundError(
         f'--data={FLAGS.data!r} does not exist; build it first with '
-        f'`python experiments/build_accelerator_data.py` (it reads '
+        f'`python -m experiments.accelerator.build_accelerator_data` (it reads '
         f'../shared/data/cifar10.npz).')
   if FLAGS.train_dtype not in FLAGS.bench_dtypes:
     raise ValueError(f'--train_dtype={FLAGS.train_dtype!r} must be one of '

@@ -1,7 +1,7 @@
 r"""Train-step speed of the sparse train step against masked CDG and dense.
 
-  python experiments/benchmark_sparse_step.py           # ~12 min, 2 cores
-  python experiments/benchmark_sparse_step.py --width=16 --image_size=16 \
+  python -m experiments.benchmarks.benchmark_sparse_step  # ~12 min, 2 cores
+  python -m experiments.benchmarks.benchmark_sparse_step --width=16 --image_size=16 \
       --batch_size=32 --repeats=2 --out=/tmp/sparse_step   # a quick check
 
 The SimCLR train step (both views, SimCLR loss, gate regulariser, LARS,
@@ -37,18 +37,14 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 
 from absl import app
 from absl import flags
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import records  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tile_schemes  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.benchmarks import tile_schemes
+from experiments.common import records
+from experiments.common.repo import REPO_ROOT
 
 flags.DEFINE_string('model', 'resnet18', 'Backbone (cdg_jax.models).')
 flags.DEFINE_integer('width', 64, 'Backbone width.')

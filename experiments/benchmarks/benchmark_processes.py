@@ -1,7 +1,7 @@
 r"""Train-step time of 2 processes x 1 device against 1 process x 2 devices.
 
-  python experiments/benchmark_processes.py              # the CPU protocol
-  python experiments/benchmark_processes.py --steps=10 --config=simclr_cifar10,dense
+  python -m experiments.benchmarks.benchmark_processes  # the CPU protocol
+  python -m experiments.benchmarks.benchmark_processes --steps=10 --config=simclr_cifar10,dense
 
 The same global computation either way (the batch split over two devices);
 what differs is how the devices exchange gradients, BatchNorm statistics and
@@ -16,10 +16,12 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 from absl import app
 from absl import flags
+
+from experiments.common import repo
+from experiments.common.repo import REPO_ROOT as ROOT
 
 flags.DEFINE_string('config', 'simclr_cifar10',
                     'configs/cpu_protocol.py argument: file[,variants].')
@@ -28,7 +30,6 @@ flags.DEFINE_integer('process_id', -1, 'Internal: run as this process.')
 flags.DEFINE_integer('num_processes', 1, 'Internal.')
 flags.DEFINE_integer('port', 0, 'Internal: coordinator port.')
 FLAGS = flags.FLAGS
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _time_here() -> dict:
@@ -37,14 +38,9 @@ def _time_here() -> dict:
   if FLAGS.num_processes > 1:
     parallel.initialize_distributed(f'127.0.0.1:{FLAGS.port}',
                                     FLAGS.num_processes, FLAGS.process_id)
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      'cpu_protocol', os.path.join(ROOT, 'configs', 'cpu_protocol.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(FLAGS.config)
+  config = repo.config_module('cpu_protocol').get_config(FLAGS.config)
   import jax  # pylint: disable=g-import-not-at-top
-  import step_timing  # pylint: disable=g-import-not-at-top
+  from experiments.common import step_timing  # pylint: disable=g-import-not-at-top
   result = step_timing.time_step(config, FLAGS.steps)
   result['processes'] = jax.process_count()
   return result
@@ -57,9 +53,10 @@ def _run(num_processes: int, devices_per_process: int) -> dict:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   processes = [subprocess.Popen(
-      [sys.executable, __file__, f'--process_id={i}',
-       f'--num_processes={num_processes}', f'--port={port}',
-       f'--config={FLAGS.config}', f'--steps={FLAGS.steps}'],
+      repo.module_command(__spec__.name) + [
+          f'--process_id={i}', f'--num_processes={num_processes}',
+          f'--port={port}', f'--config={FLAGS.config}',
+          f'--steps={FLAGS.steps}'],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for i in range(num_processes)]
   outputs = [p.communicate() for p in processes]
@@ -89,6 +86,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, ROOT)
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   app.run(main)

@@ -1,7 +1,7 @@
 r"""Median train-step time: CDG-gated vs dense SimCLR, 1 device vs one per core.
 
-  python experiments/benchmark_step.py                 # both device counts
-  python experiments/benchmark_step.py --devices=1 --steps=5
+  python -m experiments.benchmarks.benchmark_step  # both device counts
+  python -m experiments.benchmarks.benchmark_step --devices=1 --steps=5
 
 CIFAR ResNet-18 (width 64), SimCLR, batch 128 images (256 views of 32x32),
 synthetic uint8 images (the step's cost does not depend on pixel values:
@@ -14,10 +14,11 @@ JAX starts, so without `--devices` the script runs itself once per count.
 import json
 import os
 import subprocess
-import sys
 
 from absl import app
 from absl import flags
+
+from experiments.common import repo
 
 flags.DEFINE_integer('devices', 0, 'CPU devices for this run (0: run 1 and '
                      'one per core in subprocesses).')
@@ -38,7 +39,7 @@ def _time_one(kind: str):
   config.gating.kind = kind
   config.batch_size = FLAGS.batch_size
   config.num_steps = 1000
-  import step_timing  # pylint: disable=g-import-not-at-top
+  from experiments.common import step_timing  # pylint: disable=g-import-not-at-top
   return step_timing.time_step(config, FLAGS.steps)
 
 
@@ -53,10 +54,12 @@ def main(argv):
     env = {**os.environ, 'XLA_FLAGS':
            f'--xla_force_host_platform_device_count={devices}'}
     out = subprocess.run(
-        [sys.executable, __file__, f'--devices={devices}',
-         f'--steps={FLAGS.steps}', f'--batch_size={FLAGS.batch_size}',
-         f'--framework={FLAGS.framework}'],
-        env=env, check=True, capture_output=True, text=True).stdout
+        repo.module_command(__spec__.name) + [
+            f'--devices={devices}', f'--steps={FLAGS.steps}',
+            f'--batch_size={FLAGS.batch_size}',
+            f'--framework={FLAGS.framework}'],
+        env=env, cwd=repo.REPO_ROOT, check=True, capture_output=True,
+        text=True).stdout
     results += [json.loads(l) for l in out.splitlines() if l.startswith('{')]
   print(f'{FLAGS.framework}, CIFAR ResNet-18, batch {FLAGS.batch_size} images '
         f'(2 views), median of {FLAGS.steps} steps:')
@@ -71,6 +74,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   app.run(main)

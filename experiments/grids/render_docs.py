@@ -1,7 +1,7 @@
 r"""Renders the tables of figures in the docs from result records.
 
-  python experiments/render_docs.py           # rewrites every rendered table
-  python experiments/render_docs.py --check   # exit 1 if a table differs
+  python -m experiments.grids.render_docs  # rewrites every rendered table
+  python -m experiments.grids.render_docs --check   # exit 1 if a table differs
 
 A rendered table sits between two markers in a Markdown file:
 
@@ -28,10 +28,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import records  # pylint: disable=g-import-not-at-top,wrong-import-position
-import report  # pylint: disable=g-import-not-at-top,wrong-import-position
-from grids import REPO_ROOT  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.common import records
+from experiments.common.repo import REPO_ROOT
+from experiments.grids import report
 
 RESULTS = os.path.join(REPO_ROOT, 'experiments', 'results')
 DOCS = ('README.md', 'docs/sparse.md', 'docs/running.md',
@@ -227,13 +226,14 @@ def block_lines(name: str) -> list[str]:
   if name not in TABLES:
     raise KeyError(f'No renderer for the table {name!r} (known: '
                    f'{", ".join(sorted(TABLES))}); add it to '
-                   f'experiments/render_docs.py TABLES or fix the marker.')
+                   f'experiments/grids/render_docs.py TABLES or fix the marker.')
   rendered = TABLES[name]()
   by_folder: dict[str, list[str]] = {}
   for source in rendered.sources:
     folder, file = os.path.split(source)
     by_folder.setdefault(folder, []).append(file)
-  return rendered.lines + ['', 'Rendered by `experiments/render_docs.py` from ' +
+  return rendered.lines + ['', 'Rendered by `python -m '
+                           'experiments.grids.render_docs` from ' +
                            '; '.join(f'`{folder}/`: ' + ', '.join(files)
                                      for folder, files in by_folder.items())
                            + '.']
@@ -290,8 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       with open(path, 'w') as f:
         f.write(new_text)
   if check and stale:
-    print('Tables that differ from their records (run python '
-          'experiments/render_docs.py to re-render them):\n' +
+    print('Tables that differ from their records (run python -m '
+          'experiments.grids.render_docs to re-render them):\n' +
           '\n'.join(stale))
     return 1
   print(f'{len(stale)} table(s) re-rendered.' if not check else

@@ -1,6 +1,6 @@
 r"""Why kNN and linear evaluation disagree: feature statistics and kNN variants.
 
-  python experiments/knn_vs_linear.py \
+  python -m experiments.analysis.knn_vs_linear \
       --workdirs=/work/cdg_grid64/simclr_c10_dense_w64_seed2,/work/cdg_grid64/simclr_c10_cdg_w64_seed2 \
       --validation_size=5000 --out=experiments/results/knn_vs_linear
 
@@ -24,13 +24,12 @@ the fast linear protocol's inputs) and reports:
 queries (the bank is the rest of the training set), as every choice in this
 project is made; 0 evaluates on the test split, where the reported gaps come
 from. The run's own linear result (`linear_eval.json`) is quoted beside it,
-with its split. Writes one dated record (`experiments/records.py`) with a
+with its split. Writes one dated record (`experiments/common/records.py`) with a
 Markdown table beside it.
 """
 
 import json
 import os
-import sys
 from typing import Any
 
 import jax
@@ -45,8 +44,7 @@ from cdg_jax.evaluators import linear
 from cdg_jax.run import checkpoints
 from cdg_jax.run import parallel
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import records  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.common import records
 
 FLAGS = flags.FLAGS
 

@@ -27,17 +27,18 @@ code ran on one), never overwritten, with one header:
               known (no git, no CPU model; for a converted old result, what
               the old file and git did not say).
 
-A converted old result (`convert_results.py`) also has `record.converted`:
-where it came from and where each header field was read.
+A converted old result (`experiments/maintenance/convert_results.py`) also
+has `record.converted`: where it came from and where each header field was
+read.
 
 A Markdown rendering of the record, if the benchmark makes one, sits beside
 it with the same stem ('.md'; other files, a plot, with the stem too).
 "The latest record" of a folder is derived (`latest_record`, or
-`python experiments/records.py --latest <folder>`), never a file that is
-rewritten.
+`python -m experiments.common.records --latest <folder>`), never a file
+that is rewritten.
 
-  python experiments/records.py experiments/results/peer   # list, oldest first
-  python experiments/records.py --latest --kind=sparse_step experiments/results/sparse_step
+  python -m experiments.common.records experiments/results/peer  # list, oldest first
+  python -m experiments.common.records --latest --kind=sparse_step experiments/results/sparse_step
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ import subprocess
 import sys
 from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiments.common.repo import REPO_ROOT as REPO
 HEADER_FIELDS = ('kind', 'date', 'command', 'git_commit', 'git_dirty',
                  'machine', 'cpu_model', 'cores', 'devices', 'xla_flags',
                  'versions')
@@ -165,13 +166,31 @@ def devices_of(tree) -> dict[str, Any]:
 
 def command_line(argv: Sequence[str] | None = None) -> str:
   """`argv` (default this process's) as the command a user types from the
-  repository root: 'python experiments/benchmark_peer.py --width=8'."""
+  repository root. A module of the `experiments` package, which `python -m`
+  runs with its file as argv[0], is named as a module: 'python -m
+  experiments.benchmarks.benchmark_peer --width=8'; another file of the
+  checkout by its path from the root: 'python tools/x.py'."""
   argv = list(sys.argv if argv is None else argv)
   if argv and argv[0].endswith('.py'):
     path = os.path.abspath(argv[0])
     if path.startswith(REPO + os.sep):
+      module = _module_name(path)
+      if module is not None:
+        return 'python ' + shlex.join(['-m', module, *argv[1:]])
       argv[0] = os.path.relpath(path, REPO)
   return 'python ' + shlex.join(argv)
+
+
+def _module_name(path: str) -> str | None:
+  """The dotted name of the checkout's file `path` where every folder from
+  the root to it is a package ('experiments.grids.run_grid'), else None."""
+  parts = os.path.relpath(path, REPO)[:-len('.py')].split(os.sep)
+  folder = REPO
+  for part in parts[:-1]:
+    folder = os.path.join(folder, part)
+    if not os.path.isfile(os.path.join(folder, '__init__.py')):
+      return None
+  return '.'.join(parts) if len(parts) > 1 else None
 
 
 def header(kind: str, argv: Sequence[str] | None = None,
@@ -350,7 +369,7 @@ def read_record(path: str) -> dict[str, Any]:
                                                     dict):
     raise ValueError(f'{path}: not a result record (no "record" header; '
                      f'an old result: convert it with '
-                     f'experiments/convert_results.py).')
+                     f'python -m experiments.maintenance.convert_results).')
   missing = [f for f in HEADER_FIELDS + ('unknown',)
              if f not in record['record']]
   if missing:

@@ -1,6 +1,6 @@
 r"""Throughput of the data path on the CPU: augmentation and host pipeline.
 
-  PYTHONPATH=. .venv/bin/python experiments/benchmark_data.py
+  PYTHONPATH=. .venv/bin/python -m experiments.benchmarks.benchmark_data
 
 Reports, in images/s:
   * on-device augmentation (`augment.two_views`, jitted) of a batch of 256
@@ -33,8 +33,9 @@ from cdg_jax.data import augment
 from cdg_jax.data import batching
 from cdg_jax.data import input_pipeline
 from cdg_jax.run import config_lib
+from experiments.common import repo
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(repo.REPO_ROOT)
 
 _BATCH = flags.DEFINE_integer('batch_size', 256, 'Images per batch.')
 _SIZE = flags.DEFINE_integer('image_size', 32, 'Image side, pixels.')

@@ -1,8 +1,8 @@
 r"""Trains and evaluates a grid of runs; writes a results table and plot.
 
-  python experiments/run_grid.py --grid=core            # the CPU protocol
-  python experiments/run_grid.py --grid=core,ablations,byol,cifar100,repro
-  python experiments/run_grid.py --grid=core --only=simclr_c10_cdg --rerun
+  python -m experiments.grids.run_grid --grid=core            # the CPU protocol
+  python -m experiments.grids.run_grid --grid=core,ablations,byol,cifar100,repro
+  python -m experiments.grids.run_grid --grid=core --only=simclr_c10_cdg --rerun
 
 Each run is two real command lines, recorded in its result: pretraining
 (`python -m cdg_jax.main`) and linear evaluation (`python -m
@@ -22,8 +22,8 @@ in the directory.
 Accuracy is kNN top-1 (k=200, T=0.1, bank = train split) and linear top-1, both
 on the whole test set; the FLOPs reduction is the backbone's, measured on the
 test set from the traced masks (summary.json of the run). The grids
-(`experiments/grids.py`, GRIDS) are run by `experiments/runner.py` and reported
-by `experiments/report.py`:
+(`experiments/grids/grids.py`, GRIDS) are run by `experiments/grids/runner.py`
+and reported by `experiments/grids/report.py`:
 
   core       SimCLR on CIFAR-10: dense, CDG unstructured, CDG structured
              (2x2x4 blocks), channel predictor, spatial predictor.
@@ -83,13 +83,11 @@ import sys
 from absl import app
 from absl import flags
 
-# The runner's modules live beside this file (experiments/ is no package).
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from grids import REPO_ROOT  # pylint: disable=g-import-not-at-top,wrong-import-position
-from report import load_results  # pylint: disable=g-import-not-at-top,wrong-import-position
-from report import ResultFileError  # pylint: disable=g-import-not-at-top,wrong-import-position
-from report import write_report  # pylint: disable=g-import-not-at-top,wrong-import-position
-from runner import run_grid  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.common.repo import REPO_ROOT
+from experiments.grids.report import load_results
+from experiments.grids.report import ResultFileError
+from experiments.grids.report import write_report
+from experiments.grids.runner import run_grid
 
 flags.DEFINE_list('grid', ['core'], 'Grids to run, in order (grids.GRIDS).')
 flags.DEFINE_list('only', [], 'Run only these run names (within --grid).')

@@ -18,11 +18,9 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 from typing import Any
 
-from grids import GRIDS
-from grids import REPO_ROOT
+from experiments.grids.grids import GRIDS
 
 
 class ResultFileError(ValueError):
@@ -37,8 +35,8 @@ def read_result(path: str) -> dict[str, Any]:
   # json's own message ("Expecting value: line 1 column 1") leaves the user
   # to search the directory for it.
   name = os.path.basename(path)[:-len('.json')]
-  fix = (f'Restore it, or delete it and run experiments/run_grid.py again '
-         f'to train {name} anew.')
+  fix = (f'Restore it, or delete it and run python -m '
+         f'experiments.grids.run_grid again to train {name} anew.')
   with open(path, 'rb') as f:
     data = f.read()
   if not data.strip():
@@ -377,7 +375,6 @@ DENSE_PARTNER = {**FIRST_READING, 'branches': 'dense_partner',
 
 def _cdg_default() -> dict[str, Any]:
   """The library's CDG defaults, in the fields a result records."""
-  sys.path.insert(0, REPO_ROOT)
   from cdg_jax.run import config_lib  # pylint: disable=g-import-not-at-top
   defaults = config_lib.gating_config().to_dict()
   return {k: (list(defaults[k]) if k == 'block' else defaults[k])

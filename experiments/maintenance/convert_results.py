@@ -1,7 +1,7 @@
 r"""Converts the results written before `records.py` into records.
 
-  python experiments/convert_results.py --dry_run   # print what it would do
-  python experiments/convert_results.py             # experiments/results
+  python -m experiments.maintenance.convert_results --dry_run  # print what it would do
+  python -m experiments.maintenance.convert_results  # experiments/results
 
 Every result file gets the 'record' header of `records.py`, filled with what
 the file itself says (its date, command, machine, versions, devices, XLA
@@ -39,15 +39,13 @@ import subprocess
 import sys
 from typing import Any
 
-EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, EXPERIMENTS)
+from experiments.benchmarks import benchmark_levers
+from experiments.common import records
+from experiments.common import repo
 
-import benchmark_levers  # pylint: disable=g-import-not-at-top,wrong-import-position
-import records  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-REPO = records.REPO
-DEFAULT_RESULTS = os.path.join(EXPERIMENTS, 'results')
-BY = 'experiments/convert_results.py'
+REPO = repo.REPO_ROOT
+DEFAULT_RESULTS = repo.RESULTS
+BY = 'experiments/maintenance/convert_results.py'
 
 # Old benchmark results (relative to the results folder): their kind; the
 # record goes to the kind's folder.

@@ -1,9 +1,14 @@
 r"""A fingerprint of the project's behaviour, to show that a refactor changed none.
 
-  python experiments/fingerprint.py --out=/tmp/before.json
+  python -m experiments.maintenance.fingerprint --out=/tmp/before.json
   (change the code)
-  python experiments/fingerprint.py --out=/tmp/after.json \
+  python -m experiments.maintenance.fingerprint --out=/tmp/after.json \
       --compare=/tmp/before.json
+
+Run it from the root of the checkout to fingerprint: `python -m` puts the
+current directory first on the import path, so that checkout's `cdg_jax` is
+the one measured, not an installed copy (the script stops, naming both,
+where they differ), and its commands run there too.
 
 It records, through the stable surfaces only (config files, the public API
 `cdg_jax.create_resnet`/`GatingSpec`/`ResNetGating`, the `cdg_jax.main` and
@@ -45,9 +50,10 @@ _COMPARE = flags.DEFINE_string('compare', None,
 _ONLY = flags.DEFINE_list('only', None,
                           'Parts to record: configs, models, runs (all).')
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The checkout this script sits in, not an installed copy of the package.
-sys.path.insert(0, REPO)
+# The checkout this script sits in (experiments/maintenance/ of it), whose
+# cdg_jax is fingerprinted: `python -m` from its root imports that one.
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 VARIANTS = ('smoke', 'dense', 'structured', 'tiles', 'channel_predictor',
             'spatial_predictor', 'dense_partner')
 # Keys of metrics.jsonl and summary.json that measure time, not behaviour.
@@ -293,9 +299,21 @@ def compare(earlier: dict[str, str], current: dict[str, str],
                   f'{"; ".join(problems)}.{fix}'], False
 
 
+def _check_checkout() -> None:
+  """Stops unless the `cdg_jax` imported is the one of this checkout."""
+  import cdg_jax  # pylint: disable=g-import-not-at-top
+  imported = os.path.dirname(os.path.dirname(os.path.abspath(
+      cdg_jax.__file__)))
+  if os.path.realpath(imported) != os.path.realpath(REPO):
+    _fail(f'cdg_jax is imported from {imported}, not from this checkout '
+          f'({REPO}). Run the fingerprint from the checkout\'s root: cd '
+          f'{REPO} && python -m experiments.maintenance.fingerprint ...')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _check_checkout()
   # Every argument is checked before the minutes of work.
   parts = _ONLY.value or list(PARTS)
   unknown = [part for part in parts if part not in PARTS]

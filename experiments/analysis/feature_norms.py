@@ -1,6 +1,6 @@
 r"""Size of each trained backbone's pooled features on the test images.
 
-  python experiments/feature_norms.py \
+  python -m experiments.analysis.feature_norms \
       --workdirs=/tmp/cdg_grid/simclr_c10_dense_augmented_linear,/tmp/cdg_grid/simclr_c10_cdg_augmented_linear
 
 Prints the mean L2 norm, mean |x| and mean per-dimension standard deviation

@@ -8,10 +8,7 @@ of `run_grid.py`.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTOCOL = 'configs/cpu_protocol.py'
 
 

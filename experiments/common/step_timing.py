@@ -1,4 +1,6 @@
-"""Train-step timing shared by `benchmark_step.py` and `accelerator_protocol.py`."""
+"""Train-step timing shared by the step benchmarks (`benchmark_step.py`,
+`benchmark_levers.py`, `benchmark_processes.py`, `profile_step.py`) and
+`accelerator_protocol.py`."""
 
 import statistics
 import time

@@ -1,8 +1,8 @@
 r"""The convolution's formulation, shape by shape: XLA's convolution against
 patches and matrix products, forward and backward, on this machine.
 
-  python experiments/benchmark_conv_forms.py                   # both networks
-  python experiments/benchmark_conv_forms.py --networks=protocol --repeats=3
+  python -m experiments.benchmarks.benchmark_conv_forms  # both networks
+  python -m experiments.benchmarks.benchmark_conv_forms --networks=protocol --repeats=3
 
 For every convolution shape of the CIFAR ResNet-18 at width 64 on 32x32
 (the peer benchmark's, 256 views) and at width 16 on 16x16 (the CPU
@@ -20,17 +20,13 @@ Markdown beside it.
 
 import os
 import statistics
-import sys
 import time
 
 from absl import app
 from absl import flags
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import records  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.common import records
+from experiments.common.repo import REPO_ROOT
 
 flags.DEFINE_list('networks', ['wide', 'protocol'],
                   "'wide': width 64, 32x32, 256 views; 'protocol': width "

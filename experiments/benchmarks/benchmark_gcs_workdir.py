@@ -1,6 +1,6 @@
 r"""The cost of a gs:// workdir: the CPU-protocol training loop, local vs GCS.
 
-  python experiments/benchmark_gcs_workdir.py --steps=200 --rounds=1
+  python -m experiments.benchmarks.benchmark_gcs_workdir --steps=200 --rounds=1
 
 Runs the CPU protocol's SimCLR config for `--steps` steps twice per round,
 once with a local workdir and once with `gs://` on fake-gcs-server (started
@@ -24,7 +24,7 @@ import time
 import urllib.parse
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiments.common.repo import REPO_ROOT as ROOT
 
 
 def _gcs_server_module():

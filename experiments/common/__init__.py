@@ -1,0 +1,1 @@
+"""What several experiments share: result records, step timing, the checkout."""

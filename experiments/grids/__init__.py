@@ -1,0 +1,2 @@
+"""Grids of training runs: the grid table, the runner, the report, and the
+rendering of the docs' tables from result records."""

@@ -1,0 +1,2 @@
+"""Tools for changing the repository safely: the behaviour fingerprint of a
+refactor, the conversion of old result files into records."""
