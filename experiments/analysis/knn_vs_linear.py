@@ -191,8 +191,7 @@ def main(argv):
     print(f"{workdir}: kNN {runs[-1]['knn_top1']}", flush=True)
   path = records.write_record(FLAGS.out, 'knn_vs_linear', {'runs': runs},
                               render=render)
-  print(open(records.markdown_path(path)).read())
-  print(f'Record: {path}')
+  records.print_record(path)
 
 
 def define_flags() -> None:

@@ -185,9 +185,7 @@ def main(argv):
              'processes': jax.process_count(),
              'kind': jax.devices()[0].device_kind}
   path = write_report(result, FLAGS.out, devices)
-  with open(records.markdown_path(path)) as f:
-    print(f.read())
-  print(f'Record: {path}')
+  records.print_record(path)
 
 
 if __name__ == '__main__':

@@ -208,9 +208,7 @@ def main(argv):
   path = write_report(runs, FLAGS.out, {
       'levers': FLAGS.levers, 'steps_configs': FLAGS.steps_configs,
       'steps': FLAGS.steps, 'repeats': FLAGS.repeats})
-  with open(records.markdown_path(path)) as f:
-    print(f.read())
-  print(f'Record: {path}')
+  records.print_record(path)
 
 
 def devices_and_flags(runs: dict[str, dict[str, list[dict]]]

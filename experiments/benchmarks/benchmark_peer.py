@@ -53,10 +53,10 @@ the other library's process alive (idle, 0.00 CPU s used), the cdg_jax
 dense step took 10.7 s against 4.4 s alone (2026-12-05, 2-core Xeon): the
 step maps fresh memory for its buffers, and memory held elsewhere makes
 that slower (the minor page faults per step are in the table).
-Writes a new record (`<date>-<cpu>.json`, experiments/common/records.py) and its
-`.md` to `--out`, with the machine, versions,
-command and date. The headline ratios are `sparse_vs_torch_compiled_masked`
-(PyTorch compiled masked time / our sparse time) and
+Writes a new record (`<date>-<cpu>.json`, experiments/common/records.py)
+and its `.md` to `--out`, with the machine, versions, command and date.
+The headline ratios are `sparse_vs_torch_compiled_masked` (PyTorch
+compiled masked time / our sparse time) and
 `dense_vs_torch_compiled_dense` (PyTorch compiled dense / our dense), each
 the median of the per-repeat ratios, above 1 where ours is faster.
 """
@@ -573,9 +573,7 @@ def run() -> dict:
   load_after = _load_average()
   result = _result(replies, torch_message, load_before, load_after)
   path = write_report(result, FLAGS.out)
-  with open(records.markdown_path(path)) as f:
-    print(f.read(), flush=True)
-  print(f'Record: {path}', flush=True)
+  records.print_record(path)
   return result
 
 

@@ -192,9 +192,7 @@ def main(argv):
                               render=render,
                               # The arrays of the last step: one device.
                               devices=records.devices_of(metrics))
-  with open(records.markdown_path(path)) as f:
-    print(f.read())
-  print(f'Record: {path}')
+  records.print_record(path)
 
 
 def render(result: dict) -> str:

@@ -644,9 +644,7 @@ def main(argv):
                                for d in devices.values()):
     first = {**first, 'by_step': {n: d['count'] for n, d in devices.items()}}
   path = write_report(result, FLAGS.out, first)
-  with open(records.markdown_path(path)) as f:
-    print(f.read())
-  print(f'Record: {path}')
+  records.print_record(path)
 
 
 if __name__ == '__main__':

@@ -300,6 +300,14 @@ def write_record(out: str, kind: str, figures: dict[str, Any],
   return path
 
 
+def print_record(path: str) -> None:
+  """Prints the Markdown beside the record `path`, then the record's path
+  ('Record: <path>'): what a benchmark shows when it has written one."""
+  with open(markdown_path(path)) as f:
+    print(f.read(), flush=True)
+  print(f'Record: {path}', flush=True)
+
+
 def markdown_path(record_file: str) -> str:
   """The Markdown rendering beside a record file."""
   return beside(record_file, '.md')

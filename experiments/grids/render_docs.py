@@ -30,9 +30,9 @@ from typing import Any
 
 from experiments.common import records
 from experiments.common.repo import REPO_ROOT
+from experiments.common.repo import RESULTS
 from experiments.grids import report
 
-RESULTS = os.path.join(REPO_ROOT, 'experiments', 'results')
 DOCS = ('README.md', 'docs/sparse.md', 'docs/running.md',
         'experiments/README.md')
 _OPEN = re.compile(r'^<!-- table:([\w.-]+) -->$')
