@@ -1,11 +1,14 @@
 """Rendered tables: the docs on main match their records, and a hand-edited
 figure, a missing closing marker or an unknown table is caught."""
 
+import json
 import os
 import shutil
 
 import pytest
 
+from experiments.common import records
+from experiments.grids import bench_tables
 from experiments.grids import render_docs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,5 +53,52 @@ def test_broken_markers_are_named(tmp_path):
     render_docs.main(['--check', path])
   with open(path, 'w') as f:
     f.write('<!-- table:no_such_table -->\n<!-- /table:no_such_table -->\n')
-  with pytest.raises(KeyError, match="no_such_table.*known: headline"):
+  with pytest.raises(KeyError, match="no_such_table.*known: .*headline"):
     render_docs.main(['--check', path])
+
+
+def test_every_doc_names_its_tables_records(capsys):
+  """Each table block of experiments/README.md and docs/sparse.md ends with
+  the records it was rendered from."""
+  for doc, names in (('experiments/README.md', ('seeds', 'width', 'peer_steps',
+                                                 'knn_vs_linear', 'selection')),
+                     ('docs/sparse.md', ('sparse_step', 'peer_devices',
+                                         'tiles32_sparse'))):
+    with open(os.path.join(ROOT, doc)) as f:
+      text = f.read()
+    for name in names:
+      block = text.split(f'<!-- table:{name} -->')[1].split(
+          f'<!-- /table:{name} -->')[0]
+      assert 'Rendered by `python -m experiments.grids.render_docs` from' in block
+  assert '`experiments/results/sparse_step/`: 2026-12-03T20-24-58-xeon.json' \
+      in open(os.path.join(ROOT, 'docs/sparse.md')).read()
+
+
+def _levers_record(path, protocol_s, dense_s):
+  header = {field: None for field in records.HEADER_FIELDS}
+  header.update(kind='levers', unknown=[])
+  summary = {step: {lever: {'median_step_s': seconds[i],
+                            'minor_faults_per_step': 1000.0 * (i + 1)}
+                    for i, lever in enumerate(('default', 'hugetlb'))}
+             for step, seconds in (('protocol', protocol_s),
+                                   ('dense64', dense_s))}
+  with open(path, 'w') as f:
+    json.dump({'record': header, 'summary': summary}, f)
+
+
+def test_a_benchmark_table_reads_its_record(tmp_path):
+  path = str(tmp_path / '2026-12-05T08-16-epyc.json')
+  _levers_record(path, (0.5321, 0.4204), (6.3951, 6.4582))
+  render = bench_tables.levers_table(
+      path, (('default', 'default'), ('huge pages', 'hugetlb')),
+      (('CPU protocol', 'protocol'), ('dense, width 64', 'dense64')))
+  rendered = render()
+  assert rendered.lines == [
+      '| step | default | huge pages |', '| --- | --- | --- |',
+      '| CPU protocol | 0.532 s, 1,000 faults | 0.420 s, 2,000 faults |',
+      '| dense, width 64 | 6.395 s, 1,000 faults | 6.458 s, 2,000 faults |']
+  assert rendered.sources == [path]
+  # A changed figure in the record changes the table.
+  _levers_record(path, (0.6321, 0.4204), (6.3951, 6.4582))
+  assert '| CPU protocol | 0.632 s, 1,000 faults | 0.420 s, 2,000 faults |' in (
+      render().lines)

@@ -10,7 +10,8 @@ A rendered table sits between two markers in a Markdown file:
   <!-- /table:NAME -->
 
 `TABLES` maps each NAME to the function that renders it from files under
-`experiments/results/` (grid results in `runs/`, benchmark records); the
+`experiments/results/` (grid results in `runs/`, benchmark records; the
+tables beyond README's are made in `doc_tables.py` and `bench_tables.py`); the
 function also returns the files it read, which the block names on its last
 line. Everything outside the markers is prose and is left alone. `--check`
 re-renders every block and names each one whose text differs from what the
@@ -21,7 +22,6 @@ a renderer is an error too.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sys
@@ -31,26 +31,18 @@ from typing import Any
 from experiments.common import records
 from experiments.common.repo import REPO_ROOT
 from experiments.common.repo import RESULTS
+from experiments.grids import bench_tables
+from experiments.grids import doc_tables
 from experiments.grids import report
+from experiments.grids.doc_tables import Rendered
 
 DOCS = ('README.md', 'docs/sparse.md', 'docs/running.md',
         'experiments/README.md')
 _OPEN = re.compile(r'^<!-- table:([\w.-]+) -->$')
 
 
-@dataclasses.dataclass
-class Rendered:
-  """A table's lines and the files (repository paths) they come from."""
-  lines: list[str]
-  sources: list[str]
-
-
-def _repo_path(path: str) -> str:
-  return os.path.relpath(path, REPO_ROOT)
-
-
-def _pct(value: float | None) -> str:
-  return '-' if value is None else f'{100 * value:.2f}'
+_repo_path = doc_tables.repo_path
+_pct = doc_tables.pct
 
 
 # ------------------------------------------------------------------ tables
@@ -215,6 +207,8 @@ TABLES: dict[str, Callable[[], Rendered]] = {
     'width': width_table,
     'width_gaps': width_gap_table,
     'peer': peer_table('experiments/results/peer/2026-12-05T08-34-29-epyc.json'),
+    **doc_tables.GRID_TABLES,
+    **bench_tables.BENCH_TABLES,
 }
 
 

@@ -1,0 +1,257 @@
+"""Tables of figures rendered from dated benchmark records (peer, levers,
+profile, sparse_speed, sparse_step, knn_vs_linear) for `render_docs`.
+
+Each factory takes the record's repository path (or paths) and returns a
+function of no arguments that renders the table as `doc_tables.Rendered`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from experiments.common import records
+from experiments.common.repo import REPO_ROOT
+from experiments.grids.doc_tables import Rendered
+from experiments.grids.doc_tables import md_table
+from experiments.grids.doc_tables import pct
+
+
+def _read(path: str) -> dict[str, Any]:
+  return records.read_record(os.path.join(REPO_ROOT, path))
+
+
+def _when_where(record: dict[str, Any]) -> str:
+  head = record['record']
+  cpu = (head.get('cpu_model') or '?').replace('Intel(R) Xeon(R) Processor',
+                                               'Intel Xeon')
+  return f'{cpu}, {head["date"][:10]}'
+
+
+PEER_VARIANTS = (('dense', 'dense'), ('masked (nothing skipped)', 'masked'),
+                 ('sparse, \'none\' ({r:.2f}x fewer FLOPs)', 'sparse'))
+PEER_TORCH = ('eager_nchw', 'eager_channels_last', 'compiled_channels_last')
+
+
+def peer_steps_table(path: str) -> Callable[[], Rendered]:
+  """Median step times of every variant of one peer record, and the minor
+  page faults per step where it counted them."""
+  def render() -> Rendered:
+    record = _read(path)
+    rows = {row['key']: row for row in record['rows']}
+    faults = 'minor_faults_per_step' in rows['cdg_jax/dense']
+    body = []
+    for label, kind in PEER_VARIANTS:
+      ours = rows[f'cdg_jax/{kind}']
+      cells = [label.format(r=ours['flops_reduction']),
+               f'{ours["median_step_s"]:.2f} s']
+      for form in PEER_TORCH:
+        theirs = rows.get(f'torch/{kind}/{form}')
+        cells.append('-' if theirs is None else
+                     f'{theirs["median_step_s"]:.2f} s')
+      if faults:
+        cells.append(f'{ours["minor_faults_per_step"] / 1e6:.2f} M')
+      body.append(cells)
+    head = ['step', f'cdg_jax ({record["record"]["devices"]["count"]} '
+            'devices)', 'PyTorch eager NCHW', 'eager channels_last',
+            '`torch.compile`'] + (['cdg_jax page faults / step']
+                                  if faults else [])
+    return Rendered(md_table(head, body), [path])
+  return render
+
+
+def peer_devices_table(paths: Sequence[str]) -> Callable[[], Rendered]:
+  """cdg_jax's dense, masked and sparse steps of peer records, one row per
+  record (its machine, date and device count)."""
+  def render() -> Rendered:
+    body = []
+    for path in paths:
+      record = _read(path)
+      step = {row['key']: row['median_step_s'] for row in record['rows']}
+      dense, sparse = step['cdg_jax/dense'], step['cdg_jax/sparse']
+      body.append([_when_where(record),
+                   str(record['record']['devices']['count']),
+                   f'{dense:.2f} s', f'{step["cdg_jax/masked"]:.2f} s',
+                   f'{sparse:.2f} s', f'{sparse / dense:.2f}'])
+    return Rendered(md_table(['machine, date', 'cdg_jax devices', 'dense',
+                            'masked', 'sparse, \'none\'',
+                            'sparse / dense time'], body), list(paths))
+  return render
+
+
+def sparse_speed_table(path: str, trained: bool = True
+                       ) -> Callable[[], Rendered]:
+  """Block-sparse inference of one sparse_speed record: random-init rows
+  per tile scheme and density, then the trained networks."""
+  def render() -> Rendered:
+    record = _read(path)
+    body = []
+    for row in record['random']:
+      body.append([f'tiles {row["tile"]}', f'{row["density"]:.3f}',
+                   f'{row["flops_reduction"]:.2f}x',
+                   f'{row["sparse_speedup"]:.2f}x '
+                   f'({row["sparse_images_per_s"]:,.0f} vs '
+                   f'{row["dense_images_per_s"]:,.0f} images/s)',
+                   f'{row["masked_speedup"]:.2f}x'])
+    for row in record['trained'] if trained else ():
+      body.append([f'trained, {row["block"]}, {row["model"]}, '
+                   f'{row["image_size"]}x{row["image_size"]}',
+                   f'{row["density"]:.3f}', f'{row["flops_reduction"]:.2f}x',
+                   f'{row["sparse_speedup"]:.2f}x '
+                   f'({row["sparse_images_per_s"]:,.0f} vs '
+                   f'{row["dense_images_per_s"]:,.0f} images/s)',
+                   f'{row["masked_speedup"]:.2f}x'])
+    return Rendered(md_table(['network (width 64, 32x32, batch 256 unless '
+                            'named)', 'gated-layer density', 'FLOPs reduction',
+                            'sparse / dense speed', 'masked / dense'], body),
+                    [path])
+  return render
+
+
+STEP_VARIANTS = ('masked', 'sparse, none', 'sparse, sampled')
+
+
+def sparse_step_table(paths: Sequence[tuple[str, str]]
+                      ) -> Callable[[], Rendered]:
+  """The sparse train step's records (label, path): per record the
+  density-0.25 rows, speed against dense as the median of the per-repeat
+  ratios (the ratio of the medians in brackets)."""
+  def render() -> Rendered:
+    body = []
+    for label, path in paths:
+      rows = {r['variant']: r for r in _read(path)['rows']
+              if r['target_density'] == 0.25}
+      gated = rows['masked']
+      cells = [label, f'{gated["gate_density"]:.3f}',
+               f'{gated["flops_reduction"]:.2f}x',
+               f'{rows["dense"]["median_step_s"]:.2f} s']
+      for variant in STEP_VARIANTS:
+        row = rows[variant]
+        cells.append(f'{row["paired_speedup_vs_dense"]:.2f}x '
+                     f'({row["speedup_vs_dense"]:.2f}x; '
+                     f'{row["median_step_s"]:.2f} s)')
+      body.append(cells)
+    return Rendered(md_table(['record', 'gated-layer density', 'FLOPs reduction',
+                            'dense step (median)', 'masked', 'sparse, \'none\'',
+                            'sparse, \'sampled\' (1/16)'], body),
+                    [p for _, p in paths])
+  return render
+
+
+def levers_table(path: str, levers: Sequence[tuple[str, str]],
+                 steps: Sequence[tuple[str, str]]) -> Callable[[], Rendered]:
+  """Median step time per lever (columns) and step (rows) of one levers
+  record, with minor page faults per step where it counted them."""
+  def render() -> Rendered:
+    summary = _read(path)['summary']
+    body = []
+    for label, step in steps:
+      cells = [label]
+      for _, lever in levers:
+        row = summary[step][lever]
+        faults = row.get('minor_faults_per_step')
+        cells.append(f'{row["median_step_s"]:.3f} s' +
+                     ('' if faults is None else f', {faults:,.0f} faults'))
+      body.append(cells)
+    return Rendered(md_table(['step'] + [label for label, _ in levers], body),
+                    [path])
+  return render
+
+
+PROFILE_STEPS = (('protocol', 'CPU protocol CDG, width 16'),
+                 ('dense64', 'dense, width 64'), ('masked64', 'masked, width 64'),
+                 ('sparse64', 'sparse, width 64'))
+PROFILE_PARTS = (('convolutions', ('convolution',)), ('BatchNorm', ('batchnorm',)),
+                 ('gating', ('gating',)),
+                 ('sparse tiles', ('sparse tiles (gathers, scatters, indices)',)))
+
+
+def profile_table(path: str) -> Callable[[], Rendered]:
+  """Shares of the busy time per category of each step of a profile record."""
+  def render() -> Rendered:
+    steps = _read(path)['steps']
+    body = []
+    for key, label in PROFILE_STEPS:
+      if key not in steps:
+        continue
+      step = steps[key]
+      totals: dict[str, float] = {}
+      for name, seconds in step['categories'].items():
+        category = name.split('|')[0]
+        totals[category] = totals.get(category, 0.0) + seconds
+      busy = sum(totals.values())
+      cells = [f'{label} ({step["step_s"]:.3f} s)']
+      named = 0.0
+      for _, categories in PROFILE_PARTS:
+        part = sum(totals.get(c, 0.0) for c in categories)
+        named += part
+        cells.append(f'{100 * part / busy:.1f}%' if part else '-')
+      cells.append(f'{100 * (busy - named) / busy:.1f}%')
+      body.append(cells)
+    return Rendered(md_table(['step (wall-clock)'] +
+                           [label for label, _ in PROFILE_PARTS] +
+                           ['everything else'], body), [path])
+  return render
+
+
+KNN_ROWS = (('kNN, k=200, T=0.1 (protocol)', 'protocol (raw, k=200, T=0.1)'),
+            ('kNN, centred features', 'centred'),
+            ('kNN, standardised features', 'standardised (the linear input)'))
+FEATURE_ROWS = (('mean cosine of random pairs', 'mean_pair_cosine', '{:.3f}'),
+                ('mean L2 norm', 'mean_l2_norm', '{:.1f}'),
+                ('participation ratio', 'participation_ratio', '{:.1f}'),
+                ('variance share of the top 1% of dimensions',
+                 'top1pct_variance_share', '{:.1%}'))
+
+
+def knn_vs_linear_table(path: str) -> Callable[[], Rendered]:
+  """kNN variants, linear top-1 and feature statistics of the dense and
+  CDG runs of one knn_vs_linear record."""
+  def render() -> Rendered:
+    runs = {run['gating']: run for run in _read(path)['runs']}
+    dense, cdg = runs['none'], runs['cdg']
+    body = []
+    for label, key in KNN_ROWS:
+      a, b = dense['knn_top1'][key], cdg['knn_top1'][key]
+      body.append([label, pct(a), pct(b), f'{100 * (b - a):+.2f}'])
+    a, b = dense['linear']['top1'], cdg['linear']['top1']
+    body.append(['linear top-1 (fast protocol)', pct(a), pct(b),
+                 f'{100 * (b - a):+.2f}'])
+    for label, key, form in FEATURE_ROWS:
+      body.append([label, form.format(dense['statistics'][key]),
+                   form.format(cdg['statistics'][key]), ''])
+    return Rendered(md_table([f'width {dense["width"]}, seed {dense["seed"]}, '
+                            f'{dense["query_split"]} split', 'dense', 'CDG',
+                            'CDG - dense'], body), [path])
+  return render
+
+
+_PEER_EPYC = 'experiments/results/peer/2026-12-05T08-34-29-epyc.json'
+_PEER_XEON = 'experiments/results/peer/2026-12-04T16-17-15-xeon.json'
+_STEPS = (('CPU protocol, width 16', 'protocol'),
+          ('dense, width 64, 32x32', 'dense64'))
+
+BENCH_TABLES: dict[str, Callable[[], Rendered]] = {
+    'peer_steps': peer_steps_table(_PEER_EPYC),
+    'peer_devices': peer_devices_table((_PEER_XEON, _PEER_EPYC)),
+    'levers_kernels': levers_table(
+        'experiments/results/levers/2026-12-05T04-34-xeon.json',
+        (('main before issue 40 (YNNPACK, XLA\'s convolution)', 'conv_xla'),
+         ('YNNPACK, per shape', 'default'),
+         ('XLA\'s kernels, XLA\'s convolution', 'no_ynn_conv_xla'),
+         ('**XLA\'s kernels, per shape (today\'s default)**', 'no_ynn_conv')),
+        _STEPS),
+    'profile': profile_table(
+        'experiments/results/profile/2026-12-05T06-13-13-xeon.json'),
+    'knn_vs_linear': knn_vs_linear_table(
+        'experiments/results/knn_vs_linear/2026-12-07T05-28-38-epyc.json'),
+    'sparse_speed_tiles': sparse_speed_table(
+        'experiments/results/sparse_speed/2026-12-02-xeon.json'),
+    'sparse_speed_pooled': sparse_speed_table(
+        'experiments/results/sparse_speed/2026-12-03-xeon.json'),
+    'sparse_step': sparse_step_table((
+        ('final code', 'experiments/results/sparse_step/2026-12-03T20-24-58-xeon.json'),
+        ('before two clean-ups of the add-back',
+         'experiments/results/sparse_step/2026-12-03T19-12-17-xeon.2.json'))),
+}
