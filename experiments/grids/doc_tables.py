@@ -294,16 +294,6 @@ _BUDGET = (
     ('`sel_cdg_flops_delayed_l30`', 'budget from 1/4, ramped over 1/10, '
      'lambda 30'))
 
-_PARTNER = (
-    ('`simclr_c10_cdg_partner_target0.35`', '0.35'),
-    ('`simclr_c10_cdg_partner` (seed 0)', '0.25'),
-    ('`simclr_c10_cdg_partner_seed1`', '0.25'),
-    ('`simclr_c10_cdg_partner_seed2`', '0.25'),
-    ('`simclr_c10_cdg_partner_target0.15`', '0.15'),
-    ('`simclr_c10_cdg_partner_target0.1`', '0.10'),
-    ('`simclr_c10_cdg_partner_12ep` (12 epochs)', '0.25'),
-    ('`simclr_c10_cdg_partner_36ep` (36 epochs)', '0.25'))
-
 _ABLATIONS = (
     ('none (per-branch statistics, density target 0.25, unstructured)',
      'simclr_c10_cdg'),
@@ -315,16 +305,6 @@ _ABLATIONS = (
     ('structured blocks 1x1x4 (channels only)', 'simclr_c10_cdg_block114'),
     ('structured blocks 2x2x4 (core grid)', 'simclr_c10_cdg_structured'),
     ('tiles 4x4 (`--grid=tiles`)', 'simclr_c10_cdg_tiles4'))
-
-_BYOL = (
-    ('BYOL, CIFAR-10, dense', 'byol_c10_dense'),
-    ('BYOL, CIFAR-10, CDG', 'byol_c10_cdg'),
-    ('BYOL, CIFAR-10, CDG, target branch dense', 'byol_c10_cdg_online_only'),
-    ('BYOL, CIFAR-10, CDG structured 2x2x4', 'byol_c10_cdg_structured'),
-    ('BYOL, CIFAR-10, channel predictor', 'byol_c10_channel_predictor'),
-    ('BYOL, CIFAR-10, spatial predictor', 'byol_c10_spatial_predictor'),
-    ('BYOL, CIFAR-100, dense', 'byol_c100_dense'),
-    ('BYOL, CIFAR-100, CDG', 'byol_c100_cdg'))
 
 _TILES32 = (
     ('unstructured CDG, 32x32 (`simclr_c10_cdg_32px`)', 'simclr_c10_cdg_32px'),
@@ -358,17 +338,11 @@ GRID_TABLES: dict[str, Callable[[], Rendered]] = {
          'byol_c10_channel_predictor_relu_lr0.1'))),
     'matched_points': curve_points_table,
     'matched': report_table(report.matched_lines, _matched_runs),
-    'partner': run_table(['run (test split)', 'density target'],
-                         _labelled(_PARTNER),
-                         ('knn', 'linear', 'flops', 'dense_network')),
     'scale_gaps': report_table(report.gap_lines, _scale_runs),
     'linear_protocols': linear_protocols_table,
     'ablations': run_table(['change to the CDG row (test split, seed 0)'],
                            tuple(((a,), b) for a, b in _ABLATIONS),
                            ('knn', 'linear', 'flops', 'density')),
-    'byol': run_table(['run (test split, seed 0)'],
-                      tuple(((a,), b) for a, b in _BYOL),
-                      ('knn', 'linear', 'flops')),
     'tiles32_sparse': run_table(['trained with (test split, seed 0)'],
                                 tuple(((a,), b) for a, b in _TILES32),
                                 ('knn', 'linear', 'flops', 'density')),
