@@ -62,5 +62,23 @@ def test_transforms_center_and_standardise_with_the_bank_statistics():
   np.testing.assert_allclose(std_queries,
                              (queries - bank.mean(0)) / bank.std(0),
                              rtol=1e-5)
-  with pytest.raises(ValueError, match="'whitened'"):
-    knn_vs_linear.transformed('whitened', bank, queries)
+  with pytest.raises(ValueError, match="'sphered'"):
+    knn_vs_linear.transformed('sphered', bank, queries)
+
+
+def test_whitening_gives_the_bank_unit_covariance_and_drops_flat_directions():
+  rng = np.random.default_rng(2)
+  mixing = np.array([[3.0, 1.0, 0.0], [0.0, 0.5, 0.0], [2.0, 0.0, 0.0]])
+  bank = rng.normal(size=(5000, 3)) @ mixing + 7.0   # rank 2: one flat axis
+  queries = rng.normal(size=(4, 3)) @ mixing
+  white_bank, white_queries = knn_vs_linear.transformed('whitened', bank,
+                                                        queries)
+  assert white_bank.shape == (5000, 2) and white_queries.shape == (4, 2)
+  np.testing.assert_allclose(np.cov(white_bank, rowvar=False), np.eye(2),
+                             atol=1e-4)
+  np.testing.assert_allclose(white_bank.mean(0), 0.0, atol=1e-4)
+  # The queries go through the same map: a query equal to a bank row lands
+  # on that row's whitened point.
+  again, _ = knn_vs_linear.transformed('whitened', bank, bank[:3])
+  _, same = knn_vs_linear.transformed('whitened', bank, bank[:3])
+  np.testing.assert_allclose(same, again[:3], atol=1e-4)

@@ -4,13 +4,16 @@ r"""The cost of a gs:// workdir: the CPU-protocol training loop, local vs GCS.
 
 Runs the CPU protocol's SimCLR config for `--steps` steps twice per round,
 once with a local workdir and once with `gs://` on fake-gcs-server (started
-here on 127.0.0.1, in memory; tests/gcs_server.py), alternating, with
-metrics every 20 steps and a checkpoint every 100 as the config sets. The
+here on 127.0.0.1, in memory; tests/gcs_server.py), local first in even
+rounds and gs:// first in odd ones, with metrics every 20 steps and a
+checkpoint every 100 as the config sets. The
 figure is the training loop's time for the steps after the first report
 (compilation excluded), from the `steps_per_sec` rows of metrics.jsonl: it
 includes the checkpoint saves and, on gs://, the uploads of metrics.jsonl
 and the event file that follow each checkpoint. Prints one JSON line per
-run and the ratio gs/local. Run it alone: the two cores are shared.
+run; writes a dated record (`experiments/common/records.py`) with every
+run's seconds per 20 steps and the ratio gs/local, overall and per round.
+Run it alone: the two cores are shared.
 """
 
 import argparse
@@ -23,6 +26,8 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+
+from experiments.common import records
 
 from experiments.common.repo import REPO_ROOT as ROOT
 
@@ -63,41 +68,75 @@ def _run(workdir, steps, env):
   return time.time() - start
 
 
+def _metrics_rows(server, workdir: str) -> list[dict]:
+  """metrics.jsonl of a finished run, from disk or from the bucket."""
+  if not workdir.startswith('gs://'):
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      return _rows(f.read())
+  bucket = workdir.split('/')[2]
+  name = urllib.parse.quote('run/metrics.jsonl', safe='')
+  with urllib.request.urlopen(
+      f'{server.url}/storage/v1/b/{bucket}/o/{name}?alt=media') as reply:
+    return _rows(reply.read().decode())
+
+
+def _order(round_index: int) -> tuple[str, str]:
+  """local first in even rounds, gs:// first in odd ones: a machine that
+  slows (or speeds up) over the benchmark weighs on both alike."""
+  return ('local', 'gs') if round_index % 2 == 0 else ('gs', 'local')
+
+
+def _render(record: dict) -> str:
+  lines = ['| round | workdir | loop after step 20 (s) | process wall (s) |',
+           '| --- | --- | --- | --- |']
+  lines += [f"| {r['round']} | {r['workdir']} | {r['loop_s_after_step_20']} "
+            f"| {r['process_wall_s']} |" for r in record['runs']]
+  return '\n'.join(lines + [
+      '', f"gs:// over local (sums of the loop times): "
+      f"**{record['gs_over_local']}x**; per round: "
+      f"{', '.join(f'{x}x' for x in record['gs_over_local_per_round'])}", ''])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--steps', type=int, default=200)
-  parser.add_argument('--rounds', type=int, default=1)
+  parser.add_argument('--rounds', type=int, default=2)
+  parser.add_argument('--out', default=os.path.join(
+      ROOT, 'experiments', 'results', 'gcs_workdir'))
   args = parser.parse_args()
   server = _gcs_server_module().GcsServer()
   env = {**os.environ, **server.env, 'PYTHONPATH': ROOT}
-  figures = {'local': [], 'gs': []}
+  runs = []
   try:
     for round_index in range(args.rounds):
-      for kind in ('local', 'gs'):
-        if kind == 'local':
-          workdir = tempfile.mkdtemp(prefix='cdg_jax_bench_')
-        else:
-          workdir = f'gs://{server.bucket()}/run'
+      for kind in _order(round_index):
+        workdir = (tempfile.mkdtemp(prefix='cdg_jax_bench_') if kind == 'local'
+                   else f'gs://{server.bucket()}/run')
         wall = _run(workdir, args.steps, env)
-        if kind == 'local':
-          with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-            rows = _rows(f.read())
-        else:
-          bucket = workdir.split('/')[2]
-          name = urllib.parse.quote('run/metrics.jsonl', safe='')
-          with urllib.request.urlopen(
-              f'{server.url}/storage/v1/b/{bucket}/o/{name}?alt=media') as r:
-            rows = _rows(r.read().decode())
-        loop = _loop_seconds(rows, first_step=20)
-        figures[kind].append(loop)
-        print(json.dumps({'round': round_index, 'workdir': kind,
-                          'loop_s_after_step_20': round(loop, 2),
-                          'process_wall_s': round(wall, 1)}), flush=True)
+        rows = _metrics_rows(server, workdir)
+        runs.append({'round': round_index, 'workdir': kind,
+                     'loop_s_after_step_20': round(_loop_seconds(rows, 20), 2),
+                     'process_wall_s': round(wall, 1),
+                     'seconds_per_20_steps': [
+                         [r['step'], round(20 / r['steps_per_sec'], 2)]
+                         for r in rows if 'steps_per_sec' in r]})
+        print(json.dumps(runs[-1]), flush=True)
   finally:
     server.stop()
-  local, remote = sum(figures['local']), sum(figures['gs'])
-  print(json.dumps({'gs_over_local': round(remote / local, 4),
-                    'steps': args.steps, 'rounds': args.rounds}))
+  loop = {kind: [r['loop_s_after_step_20'] for r in runs
+                 if r['workdir'] == kind] for kind in ('local', 'gs')}
+  path = records.write_record(args.out, 'gcs_workdir', {
+      'steps': args.steps, 'rounds': args.rounds,
+      'checkpoint_every_steps': 100, 'log_every_steps': 20,
+      'server': 'fake-gcs-server, memory backend, 127.0.0.1, on the same '
+                'cores as the training',
+      'runs': runs,
+      'gs_over_local': round(sum(loop['gs']) / sum(loop['local']), 4),
+      'gs_over_local_per_round': [round(g / l, 4) for g, l in
+                                  zip(loop['gs'], loop['local'])],
+  }, render=_render, devices={'platform': 'cpu', 'count': None,
+                              'note': 'the CPU protocol\'s own devices'})
+  records.print_record(path)
 
 
 if __name__ == '__main__':
