@@ -2,6 +2,7 @@
 experiments/maintenance/convert_results.py."""
 
 import datetime
+import glob
 import json
 import os
 
@@ -220,3 +221,18 @@ def test_a_converted_old_file_says_which_fields_are_unknown(tmp_path,
   text = run.read_text()
   assert convert_results.convert_all(str(tmp_path)) == {}   # idempotent
   assert run.read_text() == text
+
+
+def test_every_result_file_in_the_repository_is_a_record():
+  """Each JSON under experiments/results/ has the header, with every field
+  (null where unknown, and then named in 'unknown')."""
+  results = os.path.join(ROOT, 'experiments', 'results')
+  paths = sorted(glob.glob(os.path.join(results, '**', '*.json'),
+                           recursive=True))
+  assert len(paths) > 100
+  for path in paths:
+    head = records.read_record(path)['record']
+    missing = [f for f in records.HEADER_FIELDS if f not in head]
+    assert not missing, (path, missing)
+    assert sorted(head['unknown']) == sorted(
+        f for f in records.HEADER_FIELDS if head[f] is None), path
