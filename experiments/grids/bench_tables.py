@@ -197,33 +197,56 @@ def profile_table(path: str) -> Callable[[], Rendered]:
 
 KNN_ROWS = (('kNN, k=200, T=0.1 (protocol)', 'protocol (raw, k=200, T=0.1)'),
             ('kNN, centred features', 'centred'),
-            ('kNN, standardised features', 'standardised (the linear input)'))
+            ('kNN, standardised features', 'standardised (the linear input)'),
+            ('kNN, PCA-whitened features', 'whitened (PCA)'))
 FEATURE_ROWS = (('mean cosine of random pairs', 'mean_pair_cosine', '{:.3f}'),
                 ('mean L2 norm', 'mean_l2_norm', '{:.1f}'),
                 ('participation ratio', 'participation_ratio', '{:.1f}'),
                 ('variance share of the top 1% of dimensions',
                  'top1pct_variance_share', '{:.1%}'))
+_METHOD = {'none': 'dense', 'cdg': 'CDG', 'channel_predictor':
+           'channel predictor', 'spatial_predictor': 'spatial predictor'}
+
+
+def _run_label(run: dict[str, Any]) -> str:
+  return f"{_METHOD.get(run['gating'], run['gating'])} (seed {run['seed']})"
+
+
+def _gap_cell(value: float | None, dense: float | None) -> str:
+  """'43.21 (-1.91)': a figure and its gap to the dense run's (none given:
+  the figure alone)."""
+  if value is None:
+    return '-'
+  if dense is None:
+    return pct(value)
+  return f'{pct(value)} ({100 * (value - dense):+.2f})'
 
 
 def knn_vs_linear_table(path: str) -> Callable[[], Rendered]:
-  """kNN variants, linear top-1 and feature statistics of the dense and
-  CDG runs of one knn_vs_linear record."""
+  """kNN variants (each with its gap to the dense run), linear top-1 and
+  feature statistics of every run of one knn_vs_linear record; rows a
+  record lacks (an older one, without whitening) are left out."""
   def render() -> Rendered:
-    runs = {run['gating']: run for run in _read(path)['runs']}
-    dense, cdg = runs['none'], runs['cdg']
+    runs = _read(path)['runs']
+    dense = next(run for run in runs if run['gating'] == 'none')
     body = []
     for label, key in KNN_ROWS:
-      a, b = dense['knn_top1'][key], cdg['knn_top1'][key]
-      body.append([label, pct(a), pct(b), f'{100 * (b - a):+.2f}'])
-    a, b = dense['linear']['top1'], cdg['linear']['top1']
-    body.append(['linear top-1 (fast protocol)', pct(a), pct(b),
-                 f'{100 * (b - a):+.2f}'])
+      if all(key in run['knn_top1'] for run in runs):
+        body.append([label] + [_gap_cell(
+            run['knn_top1'][key],
+            None if run is dense else dense['knn_top1'][key])
+                               for run in runs])
+    body.append(['linear top-1 (fast protocol)'] + [
+        _gap_cell(run['linear']['top1'] if run['linear'] else None,
+                  None if run is dense or not dense['linear']
+                  else dense['linear']['top1'])
+        for run in runs])
     for label, key, form in FEATURE_ROWS:
-      body.append([label, form.format(dense['statistics'][key]),
-                   form.format(cdg['statistics'][key]), ''])
-    return Rendered(md_table([f'width {dense["width"]}, seed {dense["seed"]}, '
-                            f'{dense["query_split"]} split', 'dense', 'CDG',
-                            'CDG - dense'], body), [path])
+      body.append([label] + [form.format(run['statistics'][key])
+                             for run in runs])
+    header = [f'width {dense["width"]}, {dense["query_split"]} split '
+              f'(gap to dense)'] + [_run_label(run) for run in runs]
+    return Rendered(md_table(header, body), [path])
   return render
 
 
