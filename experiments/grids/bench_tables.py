@@ -222,8 +222,14 @@ def _gap_cell(value: float | None, dense: float | None) -> str:
   return f'{pct(value)} ({100 * (value - dense):+.2f})'
 
 
+def _paired(run: dict[str, Any], dense: dict[str, Any]) -> bool:
+  """Whether `run` gets a gap to `dense`: another method, same seed."""
+  return run is not dense and run['seed'] == dense['seed']
+
+
 def knn_vs_linear_table(path: str) -> Callable[[], Rendered]:
-  """kNN variants (each with its gap to the dense run), linear top-1 and
+  """kNN variants (each with its gap to the dense run of the same seed),
+  linear top-1 and
   feature statistics of every run of one knn_vs_linear record; rows a
   record lacks (an older one, without whitening) are left out."""
   def render() -> Rendered:
@@ -234,11 +240,11 @@ def knn_vs_linear_table(path: str) -> Callable[[], Rendered]:
       if all(key in run['knn_top1'] for run in runs):
         body.append([label] + [_gap_cell(
             run['knn_top1'][key],
-            None if run is dense else dense['knn_top1'][key])
+            None if not _paired(run, dense) else dense['knn_top1'][key])
                                for run in runs])
     body.append(['linear top-1 (fast protocol)'] + [
         _gap_cell(run['linear']['top1'] if run['linear'] else None,
-                  None if run is dense or not dense['linear']
+                  None if not _paired(run, dense) or not dense['linear']
                   else dense['linear']['top1'])
         for run in runs])
     for label, key, form in FEATURE_ROWS:
@@ -248,6 +254,44 @@ def knn_vs_linear_table(path: str) -> Callable[[], Rendered]:
               f'(gap to dense)'] + [_run_label(run) for run in runs]
     return Rendered(md_table(header, body), [path])
   return render
+
+
+def gcs_workdir_table(paths: Sequence[str]) -> Callable[[], Rendered]:
+  """The gs:// workdir benchmark: per record, each round's loop seconds on
+  local disk and on gs:// and the ratio (rounds in the order they ran)."""
+  def render() -> Rendered:
+    body = []
+    for path in paths:
+      record = _read(path)
+      head = record['record']
+      for number, (local, remote) in enumerate(_gcs_rounds(record)):
+        body.append([head['date'][:16].replace('T', ' '),
+                     (head['cpu_model'] or '?'), str(number),
+                     local[1], f'{local[0]:.1f}', f'{remote[0]:.1f}',
+                     f'{remote[0] / local[0]:.3f}x'])
+      body.append(['', '', 'all', '', '', '',
+                   f"**{record['gs_over_local']:.3f}x**"])
+    return Rendered(md_table(
+        ['record (UTC)', 'CPU', 'round', 'ran first', 'local loop (s)',
+         'gs:// loop (s)', 'gs:// / local'], body), list(paths))
+  return render
+
+
+def _gcs_rounds(record: dict[str, Any]
+                ) -> list[tuple[tuple[float, str], tuple[float, str]]]:
+  """((local seconds, which ran first), (gs seconds, same)) per round, from
+  a record's runs or, in the first record, its rounds (local ran first)."""
+  if 'runs' in record:
+    rounds = []
+    for number in sorted({run['round'] for run in record['runs']}):
+      runs = [run for run in record['runs'] if run['round'] == number]
+      first = runs[0]['workdir']
+      by_kind = {run['workdir']: run['loop_s_after_step_20'] for run in runs}
+      rounds.append(((by_kind['local'], first), (by_kind['gs'], first)))
+    return rounds
+  return [((r['local_loop_s_after_step_20'], 'local'),
+           (r['gs_loop_s_after_step_20'], 'local'))
+          for r in record['rounds']]
 
 
 _PEER_EPYC = 'experiments/results/peer/2026-12-05T08-34-29-epyc.json'
@@ -267,8 +311,11 @@ BENCH_TABLES: dict[str, Callable[[], Rendered]] = {
         _STEPS),
     'profile': profile_table(
         'experiments/results/profile/2026-12-05T06-13-13-xeon.json'),
+    'gcs_workdir': gcs_workdir_table((
+        'experiments/results/gcs_workdir/2026-12-07T10-33-epyc.json',
+        'experiments/results/gcs_workdir/2026-12-07T13-25-16-epyc.json')),
     'knn_vs_linear': knn_vs_linear_table(
-        'experiments/results/knn_vs_linear/2026-12-07T05-28-38-epyc.json'),
+        'experiments/results/knn_vs_linear/2026-12-07T13-35-08-epyc.json'),
     'sparse_speed_tiles': sparse_speed_table(
         'experiments/results/sparse_speed/2026-12-02-xeon.json'),
     'sparse_speed_pooled': sparse_speed_table(
