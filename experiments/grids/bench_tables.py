@@ -264,11 +264,11 @@ def gcs_workdir_table(paths: Sequence[str]) -> Callable[[], Rendered]:
     for path in paths:
       record = _read(path)
       head = record['record']
-      for number, (local, remote) in enumerate(_gcs_rounds(record)):
+      for number, (local, remote, first) in enumerate(_gcs_rounds(record)):
         body.append([head['date'][:16].replace('T', ' '),
-                     (head['cpu_model'] or '?'), str(number),
-                     local[1], f'{local[0]:.1f}', f'{remote[0]:.1f}',
-                     f'{remote[0] / local[0]:.3f}x'])
+                     (head['cpu_model'] or '?'), str(number), first,
+                     f'{local:.1f}', f'{remote:.1f}',
+                     f'{remote / local:.3f}x'])
       body.append(['', '', 'all', '', '', '',
                    f"**{record['gs_over_local']:.3f}x**"])
     return Rendered(md_table(
@@ -277,21 +277,18 @@ def gcs_workdir_table(paths: Sequence[str]) -> Callable[[], Rendered]:
   return render
 
 
-def _gcs_rounds(record: dict[str, Any]
-                ) -> list[tuple[tuple[float, str], tuple[float, str]]]:
-  """((local seconds, which ran first), (gs seconds, same)) per round, from
-  a record's runs or, in the first record, its rounds (local ran first)."""
-  if 'runs' in record:
-    rounds = []
-    for number in sorted({run['round'] for run in record['runs']}):
-      runs = [run for run in record['runs'] if run['round'] == number]
-      first = runs[0]['workdir']
-      by_kind = {run['workdir']: run['loop_s_after_step_20'] for run in runs}
-      rounds.append(((by_kind['local'], first), (by_kind['gs'], first)))
-    return rounds
-  return [((r['local_loop_s_after_step_20'], 'local'),
-           (r['gs_loop_s_after_step_20'], 'local'))
-          for r in record['rounds']]
+def _gcs_rounds(record: dict[str, Any]) -> list[tuple[float, float, str]]:
+  """(local seconds, gs:// seconds, which ran first) per round, from a
+  record's runs or, in the first record, its rounds (local ran first)."""
+  if 'runs' not in record:
+    return [(r['local_loop_s_after_step_20'], r['gs_loop_s_after_step_20'],
+             'local') for r in record['rounds']]
+  rounds = []
+  for number in sorted({run['round'] for run in record['runs']}):
+    runs = [run for run in record['runs'] if run['round'] == number]
+    by_kind = {run['workdir']: run['loop_s_after_step_20'] for run in runs}
+    rounds.append((by_kind['local'], by_kind['gs'], runs[0]['workdir']))
+  return rounds
 
 
 _PEER_EPYC = 'experiments/results/peer/2026-12-05T08-34-29-epyc.json'
