@@ -71,14 +71,17 @@ def test_stage_tiles_leave_the_ungated_stem_block_alone():
 
 
 def test_sparse_train_step_one_trace_and_two_devices_match_one():
-  # Two images (one per device; four views) and 8x8 tiles: the first
-  # stage's 16x16 maps hold four tiles a view, the later (smaller) maps one.
-  # The step compiles one branch per static capacity of each gated layer,
-  # forward and backward; with 16 tiles (stage 1) there are 11 of them, with
-  # 4 tiles (later stages) 3, against 11 everywhere with the batch of 8 and
-  # 2x2 tiles: about half the compile time, on either device layout.
+  # Two images (one per device; four views) and tiles as large as every
+  # map (a block is clamped to the map): four tiles per gated layer. The
+  # step compiles one branch per static capacity of each gated layer,
+  # forward and backward: 3 with four tiles, against 11 with the 16 tiles
+  # of 8x8 tiles on the first stage's 16x16 maps (this test took 131 s
+  # then, in the suite, 2026-12-07), 11 everywhere with 8 images and 2x2
+  # tiles. Several tiles per map, the windows' halos and their add-back,
+  # are test_gated_resnet_trains_the_same_forward_sparse's and
+  # tests/gating/test_sparse_training.py's.
   config = test_pretraining.tiny_config('simclr', batch_size=2)
-  config.gating.block = (8, 8, 0)
+  config.gating.block = (16, 16, 0)
   config.gating.sparse_training = True
   config.gating.closed_tile_gradient = 'sampled'
   batch = test_pretraining.fixed_batch(batch_size=2)

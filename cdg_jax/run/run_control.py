@@ -289,7 +289,7 @@ class PreemptionWatcher:
 
   Install in the main thread (signal handlers can only be set there; from
   other threads, e.g. a notebook's executor, it does nothing). A second
-  SIGINT while stopping restores Python's default behaviour (KeyboardInterrupt).
+  SIGINT while stopping raises KeyboardInterrupt at once.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -300,7 +300,9 @@ class PreemptionWatcher:
 
   def _handle(self, signum, frame):
     del frame
-    if self.signal_name is not None and signum == signal.SIGINT:
+    if signum == signal.SIGINT:
+      # From the first Ctrl-C on, Python's own handler: a second one while
+      # the step finishes and the checkpoint is written interrupts at once.
       signal.signal(signal.SIGINT, signal.default_int_handler)
     self.signal_name = signal.Signals(signum).name
     logging.warning('Received %s: stopping after this step and saving a '
