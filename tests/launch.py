@@ -85,6 +85,12 @@ def kill_all() -> list[str]:
   """Kills every program started here that is still running (with its
   process group); returns their command lines."""
   killed = []
+  while _forked:
+    process = _forked.pop()
+    if process.exitcode is None:
+      killed.append(f'fork of {process.pid}')
+      process.kill()
+      process.join()
   while _started:
     process = _started.pop()
     if process.poll() is None:
@@ -96,3 +102,86 @@ def kill_all() -> list[str]:
 def alive() -> list[subprocess.Popen]:
   """Programs started here that are still running."""
   return [p for p in _started if p.poll() is None]
+
+
+# ---------------------------------------------------------------------------
+# The program's commands as forks of one process that has imported the
+# program's dependencies (Python's multiprocessing forkserver). Starting
+# `python -m cdg_jax.main` imports JAX, Flax, Optax, orbax and the program
+# first: about 4 s of CPU, most of what a command that stops before any
+# work (the failure tests) costs. A fork of a process that holds those
+# modules, has started no thread and no JAX backend (XLA reads its flags in
+# the fork, from the command's environment) runs the same module as
+# `python -m` runs it, with the same argv, environment, working directory,
+# output and exit status. Never the modules that define command-line flags
+# (cdg_jax.main, linear_eval, flops_table): `runpy` runs them afresh, as
+# `-m` does, and a preloaded copy would have defined their flags already.
+_PRELOAD = ('cdg_jax.train', 'cdg_jax.evaluators', 'cdg_jax.run.cli',
+            'cdg_jax.run.parallel', 'ml_collections.config_flags', 'absl.app')
+# Environment variables read when a module is imported (JAX's own config,
+# TensorFlow's, etils'): a command that changes one starts a real process.
+_READ_AT_IMPORT = ('JAX_', 'TF_', 'EPATH_', 'PYTHON')
+_forked: list = []
+
+
+def _forkserver():
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  context = multiprocessing.get_context('forkserver')
+  context.set_forkserver_preload(list(_PRELOAD))
+  return context
+
+
+def _module_in_fork(module, args, env, cwd, out_path, err_path):
+  """The fork's body: becomes `python -m module *args` (exits as it does)."""
+  import atexit  # pylint: disable=g-import-not-at-top
+  import runpy  # pylint: disable=g-import-not-at-top
+  os.chdir(cwd)
+  os.environ.clear()
+  os.environ.update(env)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  for fd, path in ((1, out_path), (2, err_path)):
+    file_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(file_fd, fd)
+    os.close(file_fd)
+  sys.argv = [module, *map(str, args)]
+  try:
+    runpy.run_module(module, run_name='__main__', alter_sys=True)
+  finally:
+    atexit._run_exitfuncs()  # pylint: disable=protected-access
+
+
+def run_module(module: str, args, *, cwd: str, env: dict[str, str],
+               timeout: float | None = None) -> subprocess.CompletedProcess:
+  """`python -m module *args` with `env` in `cwd`, output captured as text,
+  as a fork of a process that has imported the program (see above); as a
+  real process (`run`) when `env` differs from this process's in a
+  variable read at import time. On a timeout the fork is killed and
+  `subprocess.TimeoutExpired` raised."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  changed = {k for k in set(env) | set(os.environ)
+             if env.get(k) != os.environ.get(k)}
+  if any(k.startswith(_READ_AT_IMPORT) and k != 'PYTHONPATH'
+         for k in changed):
+    return run([sys.executable, '-m', module, *args], cwd=cwd, env=env,
+               capture_output=True, text=True, timeout=timeout)
+  with tempfile.TemporaryDirectory(prefix='cdg_jax_fork_') as folder:
+    out_path = os.path.join(folder, 'stdout')
+    err_path = os.path.join(folder, 'stderr')
+    process = _forkserver().Process(
+        target=_module_in_fork,
+        args=(module, list(args), dict(env), cwd, out_path, err_path))
+    process.start()
+    _forked.append(process)
+    process.join(timeout)
+    if process.exitcode is None:
+      process.kill()
+      process.join()
+      raise subprocess.TimeoutExpired([module, *args], timeout)
+    _forked.remove(process)
+    outputs = []
+    for path in (out_path, err_path):
+      with open(path, errors='replace') as f:
+        outputs.append(f.read())
+  return subprocess.CompletedProcess([sys.executable, '-m', module, *args],
+                                     process.exitcode, *outputs)

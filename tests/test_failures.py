@@ -26,9 +26,11 @@ SMOKE = '--config=configs/simclr_cifar10.py:smoke'
 
 
 def _command(*args, module='cdg_jax.main', env=None, timeout=300):
-  return launch.run([sys.executable, '-m', module, *args], cwd=ROOT,
-                    capture_output=True, text=True, timeout=timeout,
-                    env={**os.environ, 'PYTHONPATH': ROOT, **(env or {})})
+  # A fork of a process that has imported the program (launch.run_module):
+  # the command as `python -m` runs it, without 4 s of imports each time.
+  return launch.run_module(module, args, cwd=ROOT, timeout=timeout,
+                           env={**os.environ, 'PYTHONPATH': ROOT,
+                                **(env or {})})
 
 
 def _last_line(result):

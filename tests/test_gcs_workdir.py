@@ -59,10 +59,11 @@ def _read(server, bucket, name):
 
 
 def _main(workdir, *args, module='cdg_jax.main', env=None, timeout=600):
-  return launch.run(
-      [sys.executable, '-m', module, f'--workdir={workdir}', *args], cwd=ROOT,
-      env={**os.environ, 'PYTHONPATH': ROOT, **(env or {})},
-      capture_output=True, text=True, timeout=timeout)
+  # As `python -m` runs it, in a fork of a process that has imported the
+  # program (launch.run_module).
+  return launch.run_module(
+      module, [f'--workdir={workdir}', *args], cwd=ROOT, timeout=timeout,
+      env={**os.environ, 'PYTHONPATH': ROOT, **(env or {})})
 
 
 def _last_line(stderr):

@@ -185,15 +185,15 @@ def _truncate_arrays(step_dir):
 
 
 def _main(*args, env=None, module='cdg_jax.main'):
-  """Runs a command of the package as a real process (smoke config)."""
+  """Runs a command of the package as `python -m` does (smoke config), in
+  a fork of a process that has imported the program (launch.run_module)."""
   # --config comes first: its overrides may only follow it.
   config = [a for a in args if a.startswith('--config=')] or [
       '--config=configs/simclr_cifar10.py:smoke']
   args = [a for a in args if not a.startswith('--config=')]
-  return launch.run(
-      [sys.executable, '-m', module, *config, '--config.plot_images=0', *args],
-      cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env={**os.environ, 'PYTHONPATH': ROOT, **(env or {})})
+  return launch.run_module(
+      module, [*config, '--config.plot_images=0', *args], cwd=ROOT,
+      timeout=600, env={**os.environ, 'PYTHONPATH': ROOT, **(env or {})})
 
 
 def test_shape_errors_come_before_the_workdir_and_the_fix_reruns_there(
