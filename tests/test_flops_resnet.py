@@ -2,7 +2,6 @@
 cost analysis, and the FLOPs command."""
 
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -116,10 +115,10 @@ def test_flops_command_prints_table():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, 'PYTHONPATH': root,
          'XLA_FLAGS': xla_env.xla_flags()}
-  result = launch.run(
-      [sys.executable, '-m', 'cdg_jax.flops_table',
-       f'--config={root}/configs/default.py:smoke', '--batch_size=4'],
-      capture_output=True, text=True, env=env, cwd=root, timeout=300)
+  result = launch.run_module(
+      'cdg_jax.flops_table',
+      [f'--config={root}/configs/default.py:smoke', '--batch_size=4'],
+      env=env, cwd=root, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'stage4_block0/conv2' in result.stdout
   assert 'reduction' in result.stdout

@@ -111,10 +111,11 @@ def _report(results):
 
 
 def _single(workdir, *args, module='cdg_jax.main'):
-  return launch.run(
-      [sys.executable, '-m', module, f'--workdir={workdir}', *SMOKE,
-       '--config.cpu_devices=2', *args], cwd=ROOT, env=_env(),
-      capture_output=True, text=True, timeout=600)
+  # One process: a fork of a process that has imported the program
+  # (launch.run_module). The processes of a launch are real ones (_launch).
+  return launch.run_module(
+      module, [f'--workdir={workdir}', *SMOKE, '--config.cpu_devices=2',
+               *args], cwd=ROOT, env=_env(), timeout=600)
 
 
 def _rows(workdir):
@@ -320,10 +321,10 @@ def test_bad_launch_values_fail_fast_with_the_reason(tmp_path):
   port = _free_port()
 
   def run(*flags, timeout=120):
-    return launch.run(
-        [sys.executable, '-m', 'cdg_jax.main', f'--workdir={workdir}', *SMOKE,
-         '--config.cpu_devices=1', *flags], cwd=ROOT, env=_env(),
-        capture_output=True, text=True, timeout=timeout)
+    return launch.run_module(
+        'cdg_jax.main', [f'--workdir={workdir}', *SMOKE,
+                         '--config.cpu_devices=1', *flags],
+        cwd=ROOT, env=_env(), timeout=timeout)
 
   result = run(f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
                '--process_id=2')

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import sys
 
 import jax
 import numpy as np
@@ -60,9 +59,8 @@ def test_smoke_run_writes_results_resumes_and_feeds_linear_eval(tmp_path):
 
   # The FLOPs command measures the trained backbone on the same test split,
   # on one device: the backbone exported by this 2-device run loads anywhere.
-  result = launch.run(
-      [sys.executable, '-m', 'cdg_jax.flops_table', f'--workdir={workdir}'],
-      capture_output=True, text=True, cwd=ROOT, timeout=300,
+  result = launch.run_module(
+      'cdg_jax.flops_table', [f'--workdir={workdir}'], cwd=ROOT, timeout=300,
       env={**os.environ, 'PYTHONPATH': ROOT,
            'XLA_FLAGS': xla_env.xla_flags(device_count=1)})
   assert result.returncode == 0, result.stderr[-2000:]
@@ -178,9 +176,8 @@ def test_bad_workdir_incompatible_checkpoint_and_typos_are_reported(tmp_path):
 def test_command_line_rejects_missing_config_and_unknown_override(tmp_path):
   env = {**os.environ, 'PYTHONPATH': ROOT}
   def run(*args):
-    return launch.run([sys.executable, '-m', 'cdg_jax.main', *args],
-                          capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=300)
+    return launch.run_module('cdg_jax.main', args, env=env, cwd=ROOT,
+                             timeout=300)
   result = run('--config=configs/does_not_exist.py', f'--workdir={tmp_path}')
   assert result.returncode == 2
   # One line naming the file, not a traceback blaming 'config_config'.
