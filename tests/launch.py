@@ -122,12 +122,17 @@ _PRELOAD = ('cdg_jax.train', 'cdg_jax.evaluators', 'cdg_jax.run.cli',
 # TensorFlow's, etils'): a command that changes one starts a real process.
 _READ_AT_IMPORT = ('JAX_', 'TF_', 'EPATH_', 'PYTHON')
 _forked: list = []
+# The environment the fork server was started with (it imported the program
+# under it), set at its first use.
+_server_environ: dict[str, str] = {}
 
 
 def _forkserver():
   import multiprocessing  # pylint: disable=g-import-not-at-top
   context = multiprocessing.get_context('forkserver')
-  context.set_forkserver_preload(list(_PRELOAD))
+  if not _server_environ:
+    _server_environ.update(os.environ)
+    context.set_forkserver_preload(list(_PRELOAD))
   return context
 
 
@@ -155,12 +160,13 @@ def run_module(module: str, args, *, cwd: str, env: dict[str, str],
                timeout: float | None = None) -> subprocess.CompletedProcess:
   """`python -m module *args` with `env` in `cwd`, output captured as text,
   as a fork of a process that has imported the program (see above); as a
-  real process (`run`) when `env` differs from this process's in a
-  variable read at import time. On a timeout the fork is killed and
+  real process (`run`) when `env` differs, in a variable read at import
+  time, from the environment the fork server imported the program under. On a timeout the fork is killed and
   `subprocess.TimeoutExpired` raised."""
   import tempfile  # pylint: disable=g-import-not-at-top
-  changed = {k for k in set(env) | set(os.environ)
-             if env.get(k) != os.environ.get(k)}
+  imported_under = _server_environ or os.environ
+  changed = {k for k in set(env) | set(imported_under)
+             if env.get(k) != imported_under.get(k)}
   if any(k.startswith(_READ_AT_IMPORT) and k != 'PYTHONPATH'
          for k in changed):
     return run([sys.executable, '-m', module, *args], cwd=cwd, env=env,

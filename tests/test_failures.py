@@ -7,6 +7,7 @@ before any work (no workdir made, no data made or read).
 """
 
 import os
+import re
 import sys
 
 import numpy as np
@@ -20,6 +21,7 @@ from cdg_jax.run import memory
 from cdg_jax.run import plots
 from cdg_jax.run import run_control
 import launch
+import xla_env
 from test_train import ROOT, load_config
 
 SMOKE = '--config=configs/simclr_cifar10.py:smoke'
@@ -233,3 +235,25 @@ def test_the_summary_says_when_sparse_inference_ran():
   assert 'block-sparse inference' in train.format_summary(summary)
   summary['sparse_inference'] = False
   assert 'block-sparse' not in train.format_summary(summary)
+
+
+def test_a_forked_command_is_the_command():
+  # launch.run_module (a fork of a process that has imported the program),
+  # against the same command as a fresh interpreter: the same status, output
+  # and last line, and the fork's environment is the command's (XLA reads
+  # its flags in the fork: four host devices, not conftest's two).
+  args = [SMOKE, '--config.batch_size=6', '--workdir=/nonexistent/run']
+  env = {**os.environ, 'PYTHONPATH': ROOT,
+         'XLA_FLAGS': xla_env.xla_flags(device_count=4)}
+  real = launch.run([sys.executable, '-m', 'cdg_jax.main', *args], cwd=ROOT,
+                    env=env, capture_output=True, text=True, timeout=300)
+  forked = launch.run_module('cdg_jax.main', args, cwd=ROOT, env=env,
+                             timeout=300)
+  assert forked.returncode == real.returncode == 1, forked.stderr[-2000:]
+  assert _last_line(forked) == _last_line(real)
+  assert 'divisible by the 4 devices' in _last_line(forked), _last_line(forked)
+  # The same console output, up to the host memory free at the moment.
+  free = lambda text: re.sub(r'[\d.]+ GiB of available', 'N GiB of available',
+                             text)
+  assert free(forked.stdout) == free(real.stdout)
+  assert '4 CPU device(s)' in forked.stdout
