@@ -161,8 +161,8 @@ def run_module(module: str, args, *, cwd: str, env: dict[str, str],
   """`python -m module *args` with `env` in `cwd`, output captured as text,
   as a fork of a process that has imported the program (see above); as a
   real process (`run`) when `env` differs, in a variable read at import
-  time, from the environment the fork server imported the program under. On a timeout the fork is killed and
-  `subprocess.TimeoutExpired` raised."""
+  time, from the environment the fork server imported the program under.
+  On a timeout the fork is killed and `subprocess.TimeoutExpired` raised."""
   import tempfile  # pylint: disable=g-import-not-at-top
   imported_under = _server_environ or os.environ
   changed = {k for k in set(env) | set(imported_under)
