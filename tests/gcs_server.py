@@ -110,8 +110,13 @@ class GcsServer:
   def listening_addresses(self) -> list[str]:
     """The local addresses of the server's listening TCP sockets (from
     /proc/net/tcp{,6}; 'state 0A' is LISTEN), for the 127.0.0.1 check."""
-    inodes = {os.readlink(f'/proc/{self.process.pid}/fd/{fd}')
-              for fd in os.listdir(f'/proc/{self.process.pid}/fd')}
+    inodes = set()
+    folder = f'/proc/{self.process.pid}/fd'
+    for fd in os.listdir(folder):
+      try:
+        inodes.add(os.readlink(os.path.join(folder, fd)))
+      except FileNotFoundError:
+        pass   # closed since listed (a request's socket): not the listener
     found = []
     for table in ('/proc/net/tcp', '/proc/net/tcp6'):
       with open(table) as f:
