@@ -70,20 +70,28 @@ def test_stage_tiles_leave_the_ungated_stem_block_alone():
                         layers=('stem', 'block_3x3'))
 
 
+def _collectives(compiled):
+  """Cross-device collectives in a compiled program, by kind."""
+  text = compiled.as_text()
+  return {op: text.count(f' {op}(') + text.count(f' {op}-start(')
+          for op in ('all-gather', 'all-reduce', 'all-to-all',
+                     'collective-permute', 'reduce-scatter')}
+
+
 def test_sparse_train_step_one_trace_and_two_devices_match_one():
   # Two images (one per device; four views) and tiles as large as every
-  # map (a block is clamped to the map): four tiles per gated layer. The
-  # step compiles one branch per static capacity of each gated layer,
-  # forward and backward: 3 with four tiles, against 11 with the 16 tiles
-  # of 8x8 tiles on the first stage's 16x16 maps (this test took 131 s
-  # then, in the suite, 2026-12-07), 11 everywhere with 8 images and 2x2
-  # tiles. Several tiles per map, the windows' halos and their add-back,
-  # are test_gated_resnet_trains_the_same_forward_sparse's and
-  # tests/gating/test_sparse_training.py's.
+  # map (a block is clamped to the map): four tiles per gated layer, two
+  # per device. The step compiles one branch per static capacity of each
+  # gated layer, forward and backward: 3 with four tiles, against 11 with
+  # the 16 tiles of 8x8 tiles on the first stage's 16x16 maps (this test
+  # took 131 s then, in the suite, 2026-12-07), 11 everywhere with 8 images
+  # and 2x2 tiles. Several tiles per map, the windows' halos and their
+  # add-back, are test_gated_resnet_trains_the_same_forward_sparse's and
+  # tests/gating/test_sparse_training.py's ('sampled' on two devices too:
+  # each device samples its own tiles, so it is not compared here).
   config = test_pretraining.tiny_config('simclr', batch_size=2)
   config.gating.block = (16, 16, 0)
   config.gating.sparse_training = True
-  config.gating.closed_tile_gradient = 'sampled'
   batch = test_pretraining.fixed_batch(batch_size=2)
   results = []
   for num_devices in (1, 2):
@@ -92,12 +100,26 @@ def test_sparse_train_step_one_trace_and_two_devices_match_one():
     step = pretraining.jit_train_step(chex.assert_max_traces(step_fn, n=1),
                                       mesh)
     sharded = jax.device_put(batch, parallel.data_sharding(mesh))
-    state, metrics = step(state, sharded)
+    compiled = step.lower(state, sharded).compile()
+    if num_devices == 2:
+      sparse_collectives = _collectives(compiled)
+    state, metrics = compiled(state, sharded)
     results.append(jax.device_get((state, metrics)))
-    state, _ = step(state, sharded)   # a second call, no second trace
+    state, _ = compiled(state, sharded)
   (state1, metrics1), (state2, metrics2) = results
   assert 0 < metrics1['gate_density'] < 1
   np.testing.assert_allclose(metrics1['loss'], metrics2['loss'], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4,
                                                        atol=2e-5),
                state1, state2)
+  # The executor runs on each device's shard (tiling.per_batch_shard): the
+  # compiled 2-device step holds the masked step's collectives (batch
+  # statistics, the gradients' sums) and no more. On the whole sharded
+  # batch its gathers and add-backs were hundreds of all-gathers and
+  # all-reduces.
+  config.gating.sparse_training = False
+  _, state, mesh, step_fn = test_pretraining.setup(config, 2)
+  masked_collectives = _collectives(pretraining.jit_train_step(
+      step_fn, mesh).lower(state, sharded).compile())
+  assert sparse_collectives == masked_collectives, (sparse_collectives,
+                                                    masked_collectives)

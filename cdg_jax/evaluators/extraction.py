@@ -70,7 +70,8 @@ def _eval_forward(backbone: nn.Module, mean: tuple[float, ...],
 
   # Outputs replicated: every process gets the whole global batch (features of
   # other processes' rows included), which is what the kNN bank needs.
-  return jax.jit(forward,
+  # Traced under the mesh: sparse inference's executor runs per device.
+  return jax.jit(parallel.traced_under(mesh, forward),
                  in_shardings=(parallel.replicated(mesh),
                                parallel.data_sharding(mesh)),
                  out_shardings=parallel.replicated(mesh))

@@ -19,7 +19,9 @@ few capacities (`DEFAULT_CAPACITIES`: sixteenths up to 1/2, eighths to 7/8); a
 holds this batch's open tiles, and falls back to the masked dense form when
 more than the largest capacity are open. Every branch gives the masked
 output `Y_base + d * Y_cond` (exactly the same taps; float summation order
-may differ).
+may differ). Under a data-parallel mesh all of this runs on each device's
+shard of the batch (`tiling.per_batch_shard`): each device lists, gathers
+and counts its own open tiles, and nothing crosses devices.
 """
 
 from __future__ import annotations
@@ -138,16 +140,20 @@ def sparse_add_conditional(y_base: Array, x: Array, kernel_cond: Array,
     (N, Ho, Wo, Co) in y_base's dtype.
   """
   check_operands(y_base.shape, x, kernel_cond, tile_mask, cond_channels_from)
-  # Each branch gives the conditional path's contribution, and the base path
-  # is added after the switch: operands and results of a `lax.switch` are
-  # whole buffers on XLA:CPU, so the branches take and give as little as
-  # they can.
-  branches, index = conditional_branches(tile_mask, strides,
-                                         capacity_fractions, tile_conv,
-                                         cond_channels_from, formulation,
-                                         precision)
-  return y_base + jax.lax.switch(index, branches, x,
-                                 kernel_cond).astype(y_base.dtype)
+
+  def add_conditional(y_base, x, kernel_cond, tile_mask):
+    # Each branch gives the conditional path's contribution, and the base
+    # path is added after the switch: operands and results of a
+    # `lax.switch` are whole buffers on XLA:CPU, so the branches take and
+    # give as little as they can.
+    branches, index = conditional_branches(tile_mask, strides,
+                                           capacity_fractions, tile_conv,
+                                           cond_channels_from, formulation,
+                                           precision)
+    return y_base + jax.lax.switch(index, branches, x,
+                                   kernel_cond).astype(y_base.dtype)
+  return tiling.per_batch_shard(add_conditional, (True, True, False, True))(
+      y_base, x, kernel_cond, tile_mask)
 
 
 def sparse_gated_conv(x: Array, kernel: Array, threshold: Array, *,

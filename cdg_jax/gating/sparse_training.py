@@ -116,6 +116,63 @@ def _dense_input_gradient(x_cond: Array, kernel_cond: Array,
                  x_cond)[1](cotangent.astype(x_cond.dtype))[0]
 
 
+def _conditional_with_vjp(strides: Sequence[int],
+                          capacity_fractions: Sequence[float], tile_conv: str,
+                          cond_channels_from: int, sparse_input: bool,
+                          tile_hw: tuple[int, int], formulation: str | None,
+                          precision):
+  """`conditional(x_all, kernel_cond, tile_mask)` with its custom VJP:
+  `conditional_at_open_tiles`'s switch over capacities, forward and back."""
+  def switch_operands(tile_mask):
+    """(branches, gradients, index): forward and backward of each capacity
+    of this batch's (or shard's: its capacities count its own) tiles."""
+    branches, index = sparse.conditional_branches(tile_mask, strides,
+                                                  capacity_fractions, tile_conv,
+                                                  cond_channels_from,
+                                                  formulation, precision)
+    caps = tiling.capacities(tile_mask.size, capacity_fractions)
+    gradients = [_tiles_gradients(tile_mask, c, strides, cond_channels_from,
+                                  sparse_input, precision)
+                 for c in caps] + [_dense_gradients(tile_mask, tile_hw, strides,
+                                                    cond_channels_from,
+                                                    sparse_input, formulation,
+                                                    precision)]
+    return branches, gradients, index
+
+  # The tile mask is an operand, not a closure, and the backward pass
+  # rebuilds what it derives from it: under `per_batch_shard` the backward
+  # is traced in the shard_map's transpose, where the forward trace's values
+  # no longer exist.
+  @jax.custom_vjp
+  def conditional(x_all, kernel, tile_mask):
+    branches, _, index = switch_operands(tile_mask)
+    return jax.lax.switch(index, branches, x_all, kernel)
+
+  def forward(x_all, kernel, tile_mask):
+    return conditional(x_all, kernel, tile_mask), (x_all, kernel, tile_mask)
+
+  def backward(residuals, cotangent):
+    x_all, kernel, tile_mask = residuals
+    _, gradients, index = switch_operands(tile_mask)
+    dx_cond, dkernel = jax.lax.switch(index, gradients, x_all, kernel,
+                                      cotangent)
+    if dx_cond is None:
+      # One transposed convolution over the whole map, the same for every
+      # capacity, taken outside the switch (a convolution inside an XLA:CPU
+      # conditional ran several times slower than the same one outside,
+      # when measured).
+      x_cond = x_all[..., cond_channels_from:]
+      open_cotangent = _open_tiles_only(cotangent, tile_mask, tile_hw)
+      dx_cond = _dense_input_gradient(x_cond, kernel, open_cotangent, strides,
+                                      formulation, precision)
+    dx_all = jnp.pad(dx_cond.astype(x_all.dtype),
+                     ((0, 0),) * 3 + ((cond_channels_from, 0),))
+    return dx_all, dkernel, None
+
+  conditional.defvjp(forward, backward)
+  return conditional
+
+
 def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
                               strides: Sequence[int] = (1, 1),
                               capacity_fractions: Sequence[float] =
@@ -154,48 +211,18 @@ def conditional_at_open_tiles(x: Array, kernel_cond: Array, tile_mask: Array,
   n, gh, gw = tile_mask.shape
   out_shape = (n, -(-x.shape[1] // strides[0]), -(-x.shape[2] // strides[1]))
   sparse.check_operands(out_shape, x, kernel_cond, tile_mask, cond_channels_from)
-  branches, index = sparse.conditional_branches(tile_mask, strides,
-                                                capacity_fractions, tile_conv,
-                                                cond_channels_from,
-                                                formulation, precision)
-  caps = tiling.capacities(tile_mask.size, capacity_fractions)
   tile_hw = (out_shape[1] // gh, out_shape[2] // gw)
   sparse_input = sparse_input_gradient and tiling.windows_reach_neighbours_only(
       x.shape[1:3], tile_hw, kernel_cond.shape[:2], strides)
 
-  gradients = [_tiles_gradients(tile_mask, c, strides, cond_channels_from,
-                                sparse_input, precision)
-               for c in caps] + [_dense_gradients(tile_mask, tile_hw, strides,
-                                                  cond_channels_from,
-                                                  sparse_input, formulation,
-                                                  precision)]
-
-  @jax.custom_vjp
-  def conditional(x_all, kernel):
-    return jax.lax.switch(index, branches, x_all, kernel)
-
-  def forward(x_all, kernel):
-    return conditional(x_all, kernel), (x_all, kernel)
-
-  def backward(residuals, cotangent):
-    x_all, kernel = residuals
-    dx_cond, dkernel = jax.lax.switch(index, gradients, x_all, kernel,
-                                      cotangent)
-    if dx_cond is None:
-      # One transposed convolution over the whole map, the same for every
-      # capacity, taken outside the switch (a convolution inside an XLA:CPU
-      # conditional ran several times slower than the same one outside,
-      # when measured).
-      x_cond = x_all[..., cond_channels_from:]
-      open_cotangent = _open_tiles_only(cotangent, tile_mask, tile_hw)
-      dx_cond = _dense_input_gradient(x_cond, kernel, open_cotangent, strides,
-                                      formulation, precision)
-    dx_all = jnp.pad(dx_cond.astype(x_all.dtype),
-                     ((0, 0),) * 3 + ((cond_channels_from, 0),))
-    return dx_all, dkernel
-
-  conditional.defvjp(forward, backward)
-  return conditional(x, kernel_cond)
+  conditional = _conditional_with_vjp(strides, capacity_fractions, tile_conv,
+                                      cond_channels_from, sparse_input,
+                                      tile_hw, formulation, precision)
+  # Per device under a data-parallel mesh (`tiling.per_batch_shard`): the
+  # custom VJP then runs on each shard, and the kernel's gradient is summed
+  # over the devices by the shard_map's transpose.
+  return tiling.per_batch_shard(conditional, (True, False, True))(
+      x, kernel_cond, tile_mask)
 
 
 def sample_closed_tiles(rng: Array, tile_mask: Array, capacity: int
@@ -232,6 +259,33 @@ def sample_closed_tiles(rng: Array, tile_mask: Array, capacity: int
 CLOSED_TILE_GRADIENTS = ('none', 'sampled')
 
 
+def _closed_tiles_estimate(x: Array, kernel_cond: Array, tile_mask: Array,
+                           mask: Array, rng: Array, sample_fraction: float,
+                           strides: Sequence[int], cond_channels_from: int,
+                           formulation: str | None, precision) -> Array:
+  """'sampled': `(d - stop_gradient(d)) * stop_gradient(Y_cond) * scale` at a
+  uniform sample of the closed tiles (zero in the forward pass; its only
+  gradient is the gate's, `sparse_train_gated_conv`)."""
+
+  def sampled_tiles(x, kernel_cond, tile_mask, rng):
+    # Per device under a data-parallel mesh, each device samples its own
+    # closed tiles with a key of its own (a stratified sample: still
+    # unbiased, each stratum scaled by its own inclusion probability).
+    capacity = max(1, math.ceil(sample_fraction * tile_mask.size))
+    sampled, scale = sample_closed_tiles(tiling.shard_key(rng), tile_mask,
+                                         capacity)
+    probe = sparse.tiles_branch(sampled, capacity, strides, 'auto',
+                                cond_channels_from, formulation,
+                                precision)(x, kernel_cond)
+    return probe, jnp.full((tile_mask.shape[0], 1, 1, 1), scale)
+  probe, scale = tiling.per_batch_shard(
+      sampled_tiles, (True, False, True, False))(
+          jax.lax.stop_gradient(x), jax.lax.stop_gradient(kernel_cond),
+          tile_mask, rng)
+  gate_only = mask - jax.lax.stop_gradient(mask)
+  return (gate_only * scale).astype(probe.dtype) * probe
+
+
 def sparse_train_gated_conv(
     x: Array, kernel: Array, threshold: Array, *, groups: int = 4,
     grouping: str = 'first', strides: Sequence[int] = (1, 1),
@@ -260,8 +314,10 @@ def sparse_train_gated_conv(
     regulariser moves its threshold);
   * 'sampled': `Y_cond` is also computed, forward only, at a uniform sample
     of the closed tiles (`sample_closed_tiles`, at most `sample_fraction` of
-    all tiles), and their gate gradient is scaled by the inverse inclusion
-    probability: an unbiased estimate of the masked form's gate gradient.
+    all tiles; of each device's tiles, with a key of its own, under a
+    data-parallel mesh), and their gate gradient is scaled by the inverse
+    inclusion probability: an unbiased estimate of the masked form's gate
+    gradient.
     It adds `(d - stop_gradient(d)) * stop_gradient(Y_cond) * scale`, which
     is zero in the forward pass and reaches nothing but the gate.
 
@@ -301,12 +357,7 @@ def sparse_train_gated_conv(
   if closed_tile_gradient == 'sampled':
     if rng is None:
       raise ValueError("closed_tile_gradient='sampled' needs an rng.")
-    capacity = max(1, math.ceil(sample_fraction * tile_mask.size))
-    sampled, scale = sample_closed_tiles(rng, tile_mask, capacity)
-    probe = jax.lax.stop_gradient(sparse.tiles_branch(
-        sampled, capacity, strides, 'auto', offset, formulation,
-        precision)(x, kernel_cond))
-    # Zero in the forward pass; its only gradient is the gate's.
-    gate_only = mask - jax.lax.stop_gradient(mask)
-    y = y + (gate_only * scale).astype(probe.dtype) * probe
+    y = y + _closed_tiles_estimate(x, kernel_cond, tile_mask, mask, rng,
+                                   sample_fraction, strides, offset,
+                                   formulation, precision)
   return y, mask, stats

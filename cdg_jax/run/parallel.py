@@ -6,8 +6,9 @@ sharded over it, the train state replicated (docs/method.md [training]). No `pma
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import errno
+import functools
 import json
 import numbers
 import os
@@ -19,7 +20,11 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-DATA_AXIS = 'data'
+from cdg_jax.gating import tiling
+
+# The gating library's executors run per shard along this axis
+# (`tiling.per_batch_shard`), so the two names are one.
+DATA_AXIS = tiling.BATCH_AXIS
 _HOST_DEVICE_FLAG = '--xla_force_host_platform_device_count'
 
 
@@ -595,6 +600,22 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
 def data_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   """Leading (batch) axis split over the 'data' axis."""
   return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def traced_under(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
+  """`fn` traced under `mesh` as the abstract mesh of the trace.
+
+  Inside it `jax.sharding.get_abstract_mesh()` is `mesh`'s, which is how the
+  gating library's sparse executors find the batch axis to run per device
+  on (`tiling.per_batch_shard`); nothing else in the step reads it. Wrap
+  the function given to `jax.jit` with it, so that every trace, whoever
+  calls the jitted function and when, sees the mesh.
+  """
+  @functools.wraps(fn)
+  def under_mesh(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return under_mesh
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -35,12 +35,11 @@ step's threshold is set the same way to the same MAC-weighted density
 host into one CPU device per core and shards the batch over them, as
 training does (`--cpu_devices`, `cdg_jax.run.parallel.configure_cpu`;
 `--cpu_devices=1` runs on one device as `benchmark_sparse_step.py` does);
-PyTorch runs with `torch.set_num_threads(os.cpu_count())`. On several
-devices the sparse step's open-tile gathers cross devices: its compiled
-program on 2 CPU devices (ResNet-10, width 8) holds about 350 all-gathers
-and 100 all-reduces, most of them of tile windows, against 3 and 1 for the
-dense and masked steps; the project's sparse speed-ups were measured on one
-device. Time both settings.
+PyTorch runs with `torch.set_num_threads(os.cpu_count())`. The steps are
+the program's (`pretraining.jit_train_step`, not donated): on several
+devices the sparse executor runs on each device's shard of the batch
+(`tiling.per_batch_shard`), with the collectives of the masked step only.
+Time both settings: the best dense time may be on either.
 
 Each library runs alone: the benchmark runs `--rounds` rounds, and in each
 round starts one fresh process for cdg_jax and, after it has ended, one for
@@ -261,17 +260,15 @@ class JaxHalf:
         masked, gated_state, views, FLAGS.density)
     gated_state = sparse_step._with_thresholds(  # pylint: disable=protected-access
         gated_state, threshold)
-    # pretraining.jit_train_step's shardings, without donation: every timed
-    # call starts from the same state.
+    # The program's jitted step (traced under the mesh: the sparse executor
+    # runs per device), without donation: every timed call starts from the
+    # same state.
     for key, _, kind, _ in JAX_VARIANTS:
       state = (runs[key].init_state(jax.random.key(0)) if kind == 'dense'
                else gated_state)
       state = parallel.replicate(state, mesh)
-      step = jax.jit(runs[key].train_step,
-                     in_shardings=(parallel.replicated(mesh),
-                                   parallel.data_sharding(mesh)),
-                     out_shardings=(parallel.replicated(mesh),
-                                    parallel.replicated(mesh)))
+      step = pretraining.jit_train_step(runs[key].train_step, mesh,
+                                        donate=False)
       self.steps[key] = (step, state)
       self.calls[key] = (lambda step=step, state=state:
                          jax.block_until_ready(step(state, batch)))

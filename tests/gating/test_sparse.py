@@ -10,6 +10,9 @@ from cdg_jax.gating import ops
 from cdg_jax.gating import sparse
 from cdg_jax.gating import tiling
 
+from two_devices import collectives
+from two_devices import on_two_devices
+
 
 def test_tile_rules_padding_and_capacities_by_hand():
   assert tiling.effective_tile((16, 16), (4, 4)) == (4, 4)
@@ -113,3 +116,29 @@ def test_sparse_gated_conv_equals_gated_conv_for_both_groupings():
     sparse.sparse_gated_conv(x, kernel, threshold, block=(2, 2, 4), **stats)
 
 
+
+
+def test_two_devices_skip_tiles_per_shard_with_nothing_crossing_devices():
+  # Inference with running statistics: every sample is on its own, so on a
+  # 2-device mesh the executor (per shard, tiling.per_batch_shard) gives
+  # the one-device output with no collective at all; on the whole sharded
+  # batch its tile gathers crossed the devices.
+  kx, kk = jax.random.split(jax.random.key(5))
+  x = jax.random.normal(kx, (4, 8, 8, 8))
+  kernel = jax.random.normal(kk, (3, 3, 8, 8)) * 0.2
+  threshold = jnp.linspace(-0.5, 0.5, 8)
+  stats = (jnp.full((8,), 0.1), jnp.full((8,), 2.0))
+
+  def fast(x, kernel, threshold, mean, var):
+    return sparse.sparse_gated_conv(x, kernel, threshold, block=(2, 2, 0),
+                                    running_mean=mean, running_var=var)[:2]
+  step = on_two_devices(fast, (True, False, False, False, False))
+  got, mask = step(x, kernel, threshold, *stats)
+  want, want_mask, _ = jax.jit(lambda *a: ops.gated_conv(
+      *a[:3], block=(2, 2, 0), running_mean=a[3], running_var=a[4]))(
+          x, kernel, threshold, *stats)
+  assert 0 < float(want_mask.mean()) < 1
+  np.testing.assert_array_equal(mask, want_mask)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert collectives(step.lower(x, kernel, threshold,
+                                *stats).compile().as_text()) == 0

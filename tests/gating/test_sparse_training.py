@@ -11,6 +11,9 @@ from cdg_jax.gating import ops
 from cdg_jax.gating import sparse_training
 from cdg_jax.gating import tiling
 
+from two_devices import collectives
+from two_devices import on_two_devices
+
 
 BLOCK = (2, 2, 0)
 
@@ -276,3 +279,28 @@ def test_closed_tile_sample_is_uniform_and_scaled():
   assert int(np.asarray(sampled).sum()) == closed and float(scale) == 1.0
 
 
+
+
+
+def test_two_devices_run_the_executor_per_shard():
+  """On a 2-device mesh each device lists and gathers its own tiles: the
+  gradients are the one-device ones (the capacities and the kernel's
+  gradient summed over the devices), sampling every closed tile of each
+  shard still gives the masked gradient, and the compiled layer holds no
+  more collectives than the masked layer's (the batch statistics and the
+  gradients' sums) where the executor on the whole sharded batch held
+  hundreds."""
+  inputs = _layer_inputs()
+  batched = (True, False, False, True)
+  key = jax.random.key(3)
+  masked = on_two_devices(jax.grad(_masked_loss, argnums=(0, 1, 2)),
+                           batched)
+  none = on_two_devices(
+      lambda *a: jax.grad(_sparse_loss, argnums=(0, 1, 2))(*a, key), batched)
+  every = on_two_devices(lambda *a: jax.grad(_sparse_loss, argnums=(0, 1, 2))(
+      *a, key, form='sampled', fraction=1.0), batched)
+  _assert_close(none(*inputs), _sparse_grad(*inputs, key))
+  _assert_close(every(*inputs), _grad(*inputs))
+  want = collectives(masked.lower(*inputs).compile().as_text())
+  for step in (none, every):
+    assert collectives(step.lower(*inputs).compile().as_text()) <= want
