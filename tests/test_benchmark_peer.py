@@ -63,7 +63,7 @@ def test_jax_half_without_torch(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(benchmark_peer, 'run_worker', recording_worker)
   argv = ['benchmark_peer.py', '--model=resnet10', '--width=8',
           '--image_size=16', '--batch_size=2', '--tiles=16', '--repeats=1',
-          '--rounds=1', f'--out={tmp_path}']
+          '--rounds=1', '--other_cpu_devices=', f'--out={tmp_path}']
   with flagsaver.flagsaver():
     flags.FLAGS(argv)
     returned = benchmark_peer.run()
@@ -99,28 +99,66 @@ def test_jax_half_without_torch(tmp_path, monkeypatch, capsys):
   assert '`sparse_vs_torch_compiled_masked`' in markdown
   assert 'CIFAR resnet10 width 8' in markdown
   assert result['threads'].startswith('cdg_jax: ')
+  # One layout: the best dense and sparse steps are its own.
+  assert result['sparse_vs_best_dense'] == pytest.approx(
+      rows['cdg_jax/dense']['median_step_s']
+      / rows['cdg_jax/sparse']['median_step_s'])
+  assert result['default_sparse_vs_best_dense'] == pytest.approx(
+      result['sparse_vs_best_dense'])
+  assert result['best_dense']['variant'] == 'cdg_jax/dense'
+  assert result['date'] == result['record']['date'][:10]
+  assert '`sparse_vs_best_dense`' in markdown
 
   # Two rounds: a fresh process each (two replies), the record's times the
   # rounds' joined in round order. The second reply is the first with its
   # times tripled, so that the order shows.
+  # With another layout (--other_cpu_devices=1), a process of its own each
+  # round, its variants keyed by their layout: here its dense step is the
+  # fastest (a quarter of the first layout's) and its sparse step slower.
   (first,) = replies
   second = json.loads(json.dumps(first))
   second['times'] = {k: [3 * t for t in v] for k, v in first['times'].items()}
+  one = {'cdg_jax/dense': 0.25, 'cdg_jax/masked': 1.0, 'cdg_jax/sparse': 2.5}
+  other = json.loads(json.dumps(first))
+  other.update(cpu_devices=1, devices=1)
+  for field in ('times', 'minor_faults', 'first_call_s', 'metrics'):
+    other[field] = {f'{k} (--cpu_devices=1)': (
+        [one[k] * t for t in v] if field == 'times' else v)
+                    for k, v in first[field].items()}
   calls = []
 
   def canned_worker(library, payload):
     calls.append((library, payload))
-    return [first, second][len(calls) - 1]
+    if payload:
+      return other
+    return [first, second][sum(not p for _, p in calls) - 1]
 
   monkeypatch.setattr(benchmark_peer, 'run_worker', canned_worker)
   with flagsaver.flagsaver():
-    flags.FLAGS(argv[:-2] + ['--rounds=2', f'--out={tmp_path / "two"}'])
+    flags.FLAGS(argv[:-3] + ['--rounds=2', '--other_cpu_devices=1',
+                             f'--out={tmp_path / "two"}'])
     joined = benchmark_peer.run()
-  assert calls == [('cdg_jax', {}), ('cdg_jax', {})]
-  for row in joined['rows']:
-    (once,) = first['times'][row['key']]
-    assert row['times_s'] == [once, 3 * once]
-    assert row['median_step_s'] == pytest.approx(2 * once)
+  # Round order alternates: the other layout first in the second round.
+  assert calls == [('cdg_jax', {}), ('cdg_jax', {'cpu_devices': 1}),
+                   ('cdg_jax', {'cpu_devices': 1}), ('cdg_jax', {})]
+  rows = {row['key']: row for row in joined['rows']}
+  for key, (once,) in first['times'].items():
+    assert rows[key]['times_s'] == [once, 3 * once]
+    assert rows[key]['median_step_s'] == pytest.approx(2 * once)
+    assert rows[f'{key} (--cpu_devices=1)']['times_s'] == [one[key] * once] * 2
+  assert rows['cdg_jax/sparse (--cpu_devices=1)']['execution'] == (
+      'jit, 1 device(s)')
+  (dense,), (sparse,) = first['times']['cdg_jax/dense'], first['times'][
+      'cdg_jax/sparse']
+  assert joined['best_dense'] == {
+      'variant': 'cdg_jax/dense (--cpu_devices=1)',
+      'median_step_s': pytest.approx(0.25 * dense)}
+  assert joined['best_sparse']['variant'] == 'cdg_jax/sparse'   # 2 < 2.5
+  assert joined['sparse_vs_best_dense'] == pytest.approx(
+      0.25 * dense / (2 * sparse))
+  assert joined['default_sparse_vs_best_dense'] == pytest.approx(
+      0.25 * dense / (2 * sparse))
+  assert 'also on 1 device(s) (--cpu_devices=1)' in joined['threads']
 
 
 def test_worker_failure_is_reported(tmp_path, monkeypatch):

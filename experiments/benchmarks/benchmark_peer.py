@@ -62,6 +62,7 @@ the median of the per-repeat ratios, above 1 where ours is faster.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import statistics
@@ -105,6 +106,11 @@ flags.DEFINE_float('temperature', 0.2, 'SimCLR NT-Xent temperature (both '
 flags.DEFINE_integer('cpu_devices', 0, 'CPU devices of the cdg_jax half '
                      '(0: one per core, the training default; 1: one '
                      'device, as benchmark_sparse_step.py runs).')
+flags.DEFINE_list('other_cpu_devices', ['1'], 'Other CPU device counts whose '
+                  'cdg_jax steps are timed as well, each in a process of '
+                  'its own per round, so that the sparse step is compared '
+                  'with the best dense layout (sparse_vs_best_dense); '
+                  'empty: the --cpu_devices layout only.')
 flags.DEFINE_bool('torch', True, 'Time the PyTorch half (needs torch).')
 flags.DEFINE_bool('torch_compile', True, 'Include the torch.compile variants '
                   '(a compile error is recorded and the run goes on).')
@@ -212,6 +218,37 @@ def ratios_of(times: dict[str, list[float]]) -> dict[str, dict | None]:
             else times.get(theirs))
     out[name] = speed_ratio(peer, times.get(ours))
   return out
+
+
+def _best_of(times: dict[str, list[float]], key: str
+             ) -> tuple[str, float] | None:
+  """(variant, median step s) of the fastest layout of cdg_jax variant
+  `key` (`layout_key`), or None where none was timed."""
+  medians = {k: statistics.median(v) for k, v in times.items()
+             if v and (k == key or k.startswith(key + ' ('))}
+  if not medians:
+    return None
+  best = min(medians, key=medians.get)
+  return best, medians[best]
+
+
+def best_layout_ratios(times: dict[str, list[float]]) -> dict:
+  """The sparse step against the best dense layout, from median step times:
+  `sparse_vs_best_dense` (the fastest dense layout's time over the fastest
+  sparse layout's) and `default_sparse_vs_best_dense` (over the sparse
+  step in the --cpu_devices layout, a training run's), above 1 where
+  sparse is faster; with the variants they came from and the date."""
+  dense, sparse = _best_of(times, 'cdg_jax/dense'), _best_of(
+      times, 'cdg_jax/sparse')
+  default = times.get('cdg_jax/sparse')
+  return {
+      'date': datetime.date.today().isoformat(),
+      'best_dense': dense and {'variant': dense[0], 'median_step_s': dense[1]},
+      'best_sparse': sparse and {'variant': sparse[0],
+                                 'median_step_s': sparse[1]},
+      'sparse_vs_best_dense': dense and sparse and dense[1] / sparse[1],
+      'default_sparse_vs_best_dense': (
+          dense and default and dense[1] / statistics.median(default))}
 
 
 def _load_average() -> float | None:
@@ -387,13 +424,33 @@ def time_in_turn(calls: dict[str, Callable]
   return times, faults
 
 
+def layout_key(key: str, cpu_devices: int) -> str:
+  """A cdg_jax variant's key in the layout of `cpu_devices` (the
+  --cpu_devices layout keeps the bare key)."""
+  return (key if cpu_devices == FLAGS.cpu_devices
+          else f'{key} (--cpu_devices={cpu_devices})')
+
+
+def _other_layouts() -> list[int]:
+  """--other_cpu_devices as ints, without --cpu_devices itself."""
+  try:
+    counts = [int(n) for n in FLAGS.other_cpu_devices]
+  except ValueError:
+    raise app.UsageError(f'--other_cpu_devices takes device counts, got '
+                         f'{",".join(FLAGS.other_cpu_devices)!r}.') from None
+  if any(n < 0 for n in counts):
+    raise app.UsageError(f'--other_cpu_devices: counts are 0 (one per core) '
+                         f'or more, got {counts}.')
+  return [n for n in dict.fromkeys(counts) if n != FLAGS.cpu_devices]
+
+
 def cdg_jax_round(payload: dict) -> dict:
   """One round of the cdg_jax half (in a process of its own): builds,
-  compiles and times the three steps; also returns the PyTorch steps'
-  configs, read from ours."""
-  del payload
+  compiles and times the three steps on `payload`'s 'cpu_devices' (default
+  --cpu_devices); also returns the PyTorch steps' configs, read from ours."""
+  cpu_devices = payload.get('cpu_devices', FLAGS.cpu_devices)
   from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
-  parallel.configure_cpu(FLAGS.cpu_devices)   # before JAX starts
+  parallel.configure_cpu(cpu_devices)   # before JAX starts
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
@@ -404,9 +461,12 @@ def cdg_jax_round(payload: dict) -> dict:
       {key: (lambda key=key: half.warm_up(key)) for key in half.calls},
       must_work=list(half.calls))
   times, faults = time_in_turn(half.calls)
+  named = lambda values: {layout_key(k, cpu_devices): v
+                          for k, v in values.items()}
   return {
-      'times': times, 'minor_faults': faults, 'first_call_s': first_call_s,
-      'errors': errors, 'metrics': half.metrics,
+      'times': named(times), 'minor_faults': named(faults),
+      'first_call_s': named(first_call_s), 'errors': named(errors),
+      'metrics': named(half.metrics), 'cpu_devices': cpu_devices,
       'learning_rate': half.learning_rate, 'devices': half.devices,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'step_configs': {kind: torch_step_config(half, kind == 'masked')
@@ -440,7 +500,7 @@ _MESSAGE = 'PEER_WORKER '   # prefixes a worker's reply on its stdout
 # The flags a worker process needs, passed on explicitly.
 _WORKER_FLAGS = ('width', 'image_size', 'batch_size', 'tiles', 'model',
                  'density', 'temperature', 'repeats', 'cpu_devices',
-                 'torch_compile')
+                 'torch_compile')   # a layout's own count: its payload
 
 
 def serve_worker() -> None:
@@ -543,6 +603,17 @@ def render(result: dict) -> str:
     text = ('null (not timed)' if ratio is None else
             f'**{ratio["paired"]:.2f}x** ({ratio["of_medians"]:.2f}x)')
     lines.append(f'- `{name}` ({theirs} / {ours}): {text}')
+  if result.get('best_dense') and result.get('best_sparse'):
+    lines += [
+        '', f'Against the best dense layout ({result["date"]}): the fastest '
+        f'dense step is `{result["best_dense"]["variant"]}` '
+        f'({result["best_dense"]["median_step_s"]:.3f} s), the fastest '
+        f'sparse step `{result["best_sparse"]["variant"]}` '
+        f'({result["best_sparse"]["median_step_s"]:.3f} s): '
+        f'`sparse_vs_best_dense` **{result["sparse_vs_best_dense"]:.2f}x**; '
+        f'the sparse step in the --cpu_devices layout (a training run\'s) '
+        f'against it, `default_sparse_vs_best_dense`: '
+        f'**{result["default_sparse_vs_best_dense"]:.2f}x**.']
   lines += ['', 'Where the two steps differ:', '']
   lines += [f'- {d}' for d in result['differences']]
   return '\n'.join(lines) + '\n'
@@ -564,7 +635,8 @@ def run() -> dict:
   if torch_message:
     print(torch_message, flush=True)
 
-  libraries = ['cdg_jax'] + ([] if torch_message else ['torch'])
+  libraries = (['cdg_jax'] + [f'cdg_jax:{n}' for n in _other_layouts()]
+               + ([] if torch_message else ['torch']))
   load_before = _load_average()
   replies = _run_rounds(libraries)
   load_after = _load_average()
@@ -588,16 +660,21 @@ def _torch_message() -> str | None:
 
 
 def _run_rounds(libraries: list[str]) -> dict[str, list[dict]]:
-  """`--rounds` rounds of a fresh process per library, one alive at a time:
-  each library's replies, in round order."""
+  """`--rounds` rounds of a fresh process per library (and per other
+  cdg_jax layout, 'cdg_jax:<cpu_devices>'), one alive at a time: each one's
+  replies, in round order."""
   replies = {library: [] for library in libraries}
   for round_index in range(FLAGS.rounds):
     # cdg_jax first in the first round: its reply holds PyTorch's configs.
     order = libraries if round_index % 2 == 0 else libraries[::-1]
     for library in order:
-      payload = ({} if library == 'cdg_jax' else
-                 {'step_configs': replies['cdg_jax'][0]['step_configs']})
-      replies[library].append(run_worker(library, payload))
+      if library == 'torch':
+        replies[library].append(run_worker('torch', {
+            'step_configs': replies['cdg_jax'][0]['step_configs']}))
+      else:
+        _, _, devices = library.partition(':')
+        replies[library].append(run_worker(
+            'cdg_jax', {'cpu_devices': int(devices)} if devices else {}))
   return replies
 
 
@@ -605,7 +682,9 @@ def _rows(replies: dict[str, list[dict]]) -> tuple[list[dict], dict, dict]:
   """The record's rows (one per variant that ran or failed), with the
   per-repeat times of the variants that ran in every round and the errors:
   (rows, times, errors)."""
-  jax_reply = replies['cdg_jax'][0]
+  metrics_of = {key: metrics for library, library_replies in replies.items()
+                if library != 'torch'
+                for key, metrics in library_replies[0]['metrics'].items()}
   times, faults, first_call_s, errors = {}, {}, {}, {}
   for library_replies in replies.values():
     times.update(_every_round(library_replies, 'times'))
@@ -617,6 +696,13 @@ def _rows(replies: dict[str, list[dict]]) -> tuple[list[dict], dict, dict]:
   torch_info = torch_reply['info'] if torch_reply else {}
   variants = {key: (library, kind, execution)
               for key, library, kind, execution in JAX_VARIANTS}
+  for name, library_replies in replies.items():
+    if name.startswith('cdg_jax:'):
+      reply = library_replies[0]
+      variants.update({
+          layout_key(key, reply['cpu_devices']):
+          (library, kind, f'{execution}, {reply["devices"]} device(s)')
+          for key, library, kind, execution in JAX_VARIANTS})
   if torch_reply:
     variants.update({key: (library, kind, label) for key, library, kind, label
                      in TORCH_VARIANTS if key in times or key in errors})
@@ -626,7 +712,7 @@ def _rows(replies: dict[str, list[dict]]) -> tuple[list[dict], dict, dict]:
   for key, (library, kind, execution) in variants.items():
     measured = times.get(key)
     relative = speed_ratio(measured, dense)   # its time / our dense time
-    metrics = jax_reply['metrics'].get(key, {})
+    metrics = metrics_of.get(key, {})
     gate_density = metrics.get('gate_density')
     if key.startswith('torch/masked'):
       gate_density = torch_info.get('masked_gate_density')
@@ -675,13 +761,15 @@ def _result(replies: dict[str, list[dict]], torch_message: str | None,
       'threads': (f'cdg_jax: {jax_reply["devices"]} CPU device(s) '
                   f'(--cpu_devices={FLAGS.cpu_devices}; XLA_FLAGS='
                   f'{jax_reply["xla_flags"]!r}), the batch sharded over '
-                  f'them; {torch_threads}; each library in a fresh process '
-                  f'per round, one alive at a time'),
+                  f'them{_other_layouts_text(replies)}; {torch_threads}; '
+                  f'each library in a fresh process per round, one alive '
+                  f'at a time'),
       'flags': {'width': FLAGS.width, 'image_size': FLAGS.image_size,
                 'batch_size': FLAGS.batch_size, 'model': FLAGS.model,
                 'tiles': FLAGS.tiles, 'density': FLAGS.density,
                 'temperature': FLAGS.temperature, 'rounds': FLAGS.rounds,
                 'repeats': FLAGS.repeats, 'cpu_devices': FLAGS.cpu_devices,
+                'other_cpu_devices': _other_layouts(),
                 'torch_compile': FLAGS.torch_compile},
       'learning_rate': jax_reply['learning_rate'],
       'torch': {'available': torch_message is None, 'message': torch_message,
@@ -694,8 +782,16 @@ def _result(replies: dict[str, list[dict]], torch_message: str | None,
           ratios['sparse_vs_torch_compiled_masked'] or {}).get('paired'),
       'dense_vs_torch_compiled_dense': (
           ratios['dense_vs_torch_compiled_dense'] or {}).get('paired'),
+      **best_layout_ratios(times),
       'differences': list(DIFFERENCES),
   }
+
+
+def _other_layouts_text(replies: dict[str, list[dict]]) -> str:
+  others = [reply[0] for name, reply in replies.items()
+            if name.startswith('cdg_jax:')]
+  return ''.join(f'; also on {r["devices"]} device(s) (--cpu_devices='
+                 f'{r["cpu_devices"]})' for r in others)
 
 
 def _seconds(call: Callable) -> float:
