@@ -24,11 +24,17 @@ with like. Each run writes a new record into `--out`
 (`results/sparse_speed/<date>-<cpu>.json`, `records.py`: the machine,
 devices, versions, command and date in its header), its Markdown (`.md`)
 and the plot (`.png`) beside it with the same stem. The forward passes run
-unsharded, on one device (the header's `devices.count`).
+unsharded, on one device (the header's `devices.count`); where the host has
+several (`configure_cpu`: one per core), the random networks' dense and
+sparse passes are also timed with the batch sharded over all of them, as
+evaluation runs (the sparse executor per device), and each row carries
+`sparse_inference_vs_best_dense`: the faster dense layout's time over the
+faster sparse layout's.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import statistics
@@ -107,6 +113,22 @@ def _forward(model, variables):
   return lambda images: forward(variables, images)
 
 
+def _sharded_forward(model, variables, images):
+  """A jitted forward over every device, the batch sharded, as evaluation
+  runs it (traced under the mesh: the sparse executor runs per device), its
+  operands placed once; called with the (ignored) unsharded images."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cdg_jax.run import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh()
+  forward = jax.jit(parallel.traced_under(
+      mesh, lambda v, x: model.apply(v, x, train=False)),
+                    in_shardings=(parallel.replicated(mesh),
+                                  parallel.data_sharding(mesh)))
+  placed = (parallel.replicate(variables, mesh),
+            jax.device_put(images, parallel.data_sharding(mesh)))
+  return lambda _: forward(*placed)
+
+
 def _density_array(model, variables, images, costs):
   """MAC-weighted mean gate density of the gated layers (a traced scalar)."""
   from cdg_jax.gating import flops  # pylint: disable=g-import-not-at-top
@@ -175,9 +197,15 @@ def random_network_rows(tile: str) -> list[dict]:
     density = _density(masked, gated, images, costs)
     reduction = flops.flops_reduction(costs, _layer_densities(
         masked, gated, images))
-    seconds = _time_together({'dense': dense_forward,
-                              'masked': _forward(masked, gated),
-                              'sparse': _forward(fast, gated)}, images)
+    forwards = {'dense': dense_forward, 'masked': _forward(masked, gated),
+                'sparse': _forward(fast, gated)}
+    if len(jax.devices()) > 1:
+      # Both layouts, so that sparse is also compared with the best dense.
+      forwards.update(
+          dense_sharded=_sharded_forward(dense, _strip_gates(variables),
+                                         images),
+          sparse_sharded=_sharded_forward(fast, gated, images))
+    seconds = _time_together(forwards, images)
     dense_s, masked_s, sparse_s = (seconds[k] for k in
                                    ('dense', 'masked', 'sparse'))
     rows.append({'tile': tile, 'target_density': target, 'density': density,
@@ -186,13 +214,29 @@ def random_network_rows(tile: str) -> list[dict]:
                  'masked_images_per_s': batch / masked_s,
                  'sparse_images_per_s': batch / sparse_s,
                  'sparse_speedup': dense_s / sparse_s,
-                 'masked_speedup': dense_s / masked_s})
+                 'masked_speedup': dense_s / masked_s,
+                 **_layouts(seconds, batch)})
     print(f'  tiles {tile}, density {density:.3f} ({float(reduction):.2f}x '
           f'fewer FLOPs): dense {batch / dense_s:.1f}, masked '
           f'{batch / masked_s:.1f}, sparse {batch / sparse_s:.1f} '
-          f'images/s; sparse / dense speed {dense_s / sparse_s:.2f}x',
-          flush=True)
+          f'images/s; sparse / dense speed {dense_s / sparse_s:.2f}x'
+          + (f'; sharded: dense {rows[-1]["dense_sharded_images_per_s"]:.1f}, '
+             f'sparse {rows[-1]["sparse_sharded_images_per_s"]:.1f} images/s'
+             if 'dense_sharded' in seconds else '')
+          + f'; sparse vs best dense '
+          f'{rows[-1]["sparse_inference_vs_best_dense"]:.2f}x', flush=True)
   return rows
+
+
+def _layouts(seconds: dict, batch: int) -> dict:
+  """The sharded layout's speeds and `sparse_inference_vs_best_dense`: the
+  faster dense layout's time over the faster sparse layout's (the one
+  device ones alone where only one device exists)."""
+  dense = min(v for k, v in seconds.items() if k.startswith('dense'))
+  sparse = min(v for k, v in seconds.items() if k.startswith('sparse'))
+  sharded = {f'{k}_images_per_s': batch / seconds[k]
+             for k in ('dense_sharded', 'sparse_sharded') if k in seconds}
+  return {**sharded, 'sparse_inference_vs_best_dense': dense / sparse}
 
 
 def profile_rows(scheme: str) -> list[dict]:
@@ -421,6 +465,32 @@ def write_report(report: dict, out: str, devices: dict | None = None) -> str:
   return path
 
 
+def _layout_lines(report: dict) -> list[str]:
+  """The Markdown table of both layouts (empty where one device ran)."""
+  lines = []
+  layouts = [r for r in report['random'] if 'dense_sharded_images_per_s' in r]
+  if layouts:
+    lines += ['', f'Both layouts ({report.get("date", "date not recorded")}): '
+              f'the batch on one device, and sharded over '
+              f'{report["record"]["devices"].get("available", "all")} '
+              f'devices (the sparse executor per device); '
+              f'`sparse_inference_vs_best_dense` is the faster dense '
+              f'layout\'s time over the faster sparse layout\'s.', '',
+              '| tile | gated-layer density | dense, 1 device | dense, '
+              'sharded | sparse, 1 device | sparse, sharded | '
+              'sparse_inference_vs_best_dense |',
+              '| --- | --- | --- | --- | --- | --- | --- |']
+    for r in layouts:
+      lines.append(
+          f'| {r["tile"]} | {r["density"]:.3f} | '
+          f'{r["dense_images_per_s"]:.1f} | '
+          f'{r["dense_sharded_images_per_s"]:.1f} | '
+          f'{r["sparse_images_per_s"]:.1f} | '
+          f'{r["sparse_sharded_images_per_s"]:.1f} | '
+          f'{r["sparse_inference_vs_best_dense"]:.2f}x |')
+  return lines
+
+
 def render(report: dict) -> str:
   """The Markdown of a sparse_speed record."""
   f_ = report['flags']
@@ -439,6 +509,7 @@ def render(report: dict) -> str:
                  f'| {r["masked_images_per_s"]:.1f} | '
                  f'{r["sparse_images_per_s"]:.1f} | {r["sparse_speedup"]:.2f}x '
                  f'| {r["masked_speedup"]:.2f}x |')
+  lines += _layout_lines(report)
   for tile, density in report['break_even'].items():
     lines.append('')
     lines.append(f'Break-even density (tiles {tile}): '
@@ -529,7 +600,8 @@ def main(argv):
                       'densities': FLAGS.densities,
                       'profile_densities': FLAGS.profile_densities,
                       'repeats': FLAGS.repeats, 'workdirs': FLAGS.workdirs},
-            'random': [], 'profile': [], 'trained': []}
+            'random': [], 'profile': [], 'trained': [],
+            'date': datetime.date.today().isoformat()}
   for scheme in FLAGS.tiles:
     stage_tiles(scheme)   # a bad scheme fails before anything is timed
   if FLAGS.profile_densities:
