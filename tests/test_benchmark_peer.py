@@ -148,6 +148,8 @@ def test_jax_half_without_torch(tmp_path, monkeypatch, capsys):
     assert rows[f'{key} (--cpu_devices=1)']['times_s'] == [one[key] * once] * 2
   assert rows['cdg_jax/sparse (--cpu_devices=1)']['execution'] == (
       'jit, 1 device(s)')
+  assert rows['cdg_jax/sparse (--cpu_devices=1)']['devices'] == 1
+  assert rows['cdg_jax/sparse']['devices'] == 2
   (dense,), (sparse,) = first['times']['cdg_jax/dense'], first['times'][
       'cdg_jax/sparse']
   assert joined['best_dense'] == {

@@ -685,6 +685,9 @@ def _rows(replies: dict[str, list[dict]]) -> tuple[list[dict], dict, dict]:
   metrics_of = {key: metrics for library, library_replies in replies.items()
                 if library != 'torch'
                 for key, metrics in library_replies[0]['metrics'].items()}
+  devices_of = {key: library_replies[0]['devices']
+                for library, library_replies in replies.items()
+                if library != 'torch' for key in library_replies[0]['times']}
   times, faults, first_call_s, errors = {}, {}, {}, {}
   for library_replies in replies.values():
     times.update(_every_round(library_replies, 'times'))
@@ -720,6 +723,7 @@ def _rows(replies: dict[str, list[dict]]) -> tuple[list[dict], dict, dict]:
       gate_density = 1.0
     rows.append({
         'key': key, 'library': library, 'kind': kind, 'execution': execution,
+        'devices': devices_of.get(key),   # cdg_jax's layout (None: PyTorch)
         'gate_density': gate_density,
         'flops_reduction': metrics.get('flops_reduction'),
         'median_step_s': statistics.median(measured) if measured else None,

@@ -63,17 +63,24 @@ def peer_steps_table(path: str) -> Callable[[], Rendered]:
 
 def peer_devices_table(paths: Sequence[str]) -> Callable[[], Rendered]:
   """cdg_jax's dense, masked and sparse steps of peer records, one row per
-  record (its machine, date and device count)."""
+  record and device layout (its machine, date and device count; a record
+  of --other_cpu_devices holds several layouts)."""
   def render() -> Rendered:
     body = []
     for path in paths:
       record = _read(path)
       step = {row['key']: row['median_step_s'] for row in record['rows']}
-      dense, sparse = step['cdg_jax/dense'], step['cdg_jax/sparse']
-      body.append([_when_where(record),
-                   str(record['record']['devices']['count']),
-                   f'{dense:.2f} s', f'{step["cdg_jax/masked"]:.2f} s',
-                   f'{sparse:.2f} s', f'{sparse / dense:.2f}'])
+      devices = {row['key']: row.get('devices') for row in record['rows']}
+      for dense_key in sorted((k for k in step
+                               if k.startswith('cdg_jax/dense')),
+                              key=len):
+        layout = dense_key[len('cdg_jax/dense'):]
+        dense, sparse = step[dense_key], step['cdg_jax/sparse' + layout]
+        body.append([
+            _when_where(record),
+            str(devices[dense_key] or record['record']['devices']['count']),
+            f'{dense:.2f} s', f'{step["cdg_jax/masked" + layout]:.2f} s',
+            f'{sparse:.2f} s', f'{sparse / dense:.2f}'])
     return Rendered(md_table(['machine, date', 'cdg_jax devices', 'dense',
                             'masked', 'sparse, \'none\'',
                             'sparse / dense time'], body), list(paths))
