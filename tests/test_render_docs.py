@@ -21,7 +21,7 @@ def test_every_rendered_table_matches_its_records(capsys):
     readme = f.read()
   for name in ('headline', 'width_gaps', 'peer'):
     assert f'<!-- table:{name} -->' in readme
-  assert '`experiments/results/peer/`: 2026-12-05T08-34-29-epyc.json' in readme
+  assert '`experiments/results/peer/`: 2026-12-07T18-43-48-xeon.json' in readme
 
 
 def test_a_hand_edited_figure_fails_the_check_and_rendering_restores_it(

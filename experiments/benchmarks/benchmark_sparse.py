@@ -100,10 +100,12 @@ def _time_together(functions: dict, *args) -> dict:
 
 
 def _devices_used() -> dict:
-  """The devices the timed forward passes ran on: unsharded, one (JAX's
-  default device; 'available' counts all)."""
+  """The devices the timed forward passes ran on: every device where there
+  are several (the random networks' sharded passes), else JAX's default
+  one ('available' counts all)."""
   import jax  # pylint: disable=g-import-not-at-top
-  return records.devices_of(jax.numpy.zeros(()))
+  devices = records.devices_of(jax.numpy.zeros(()))
+  return {**devices, 'count': jax.device_count()}
 
 
 def _forward(model, variables):

@@ -87,6 +87,32 @@ def peer_devices_table(paths: Sequence[str]) -> Callable[[], Rendered]:
   return render
 
 
+def sparse_layouts_table(path: str) -> Callable[[], Rendered]:
+  """Block-sparse inference of one sparse_speed record in both layouts
+  (one device, the batch sharded over every device) and
+  `sparse_inference_vs_best_dense`."""
+  def render() -> Rendered:
+    record = _read(path)
+    devices = record['record']['devices']['available']
+    body = [[f'tiles {row["tile"]}', f'{row["density"]:.3f}',
+             f'{row["flops_reduction"]:.2f}x',
+             f'{row["dense_images_per_s"]:,.0f}',
+             f'{row["dense_sharded_images_per_s"]:,.0f}',
+             f'{row["sparse_images_per_s"]:,.0f}',
+             f'{row["sparse_sharded_images_per_s"]:,.0f}',
+             f'**{row["sparse_inference_vs_best_dense"]:.2f}x**']
+            for row in record['random']]
+    return Rendered(md_table(
+        [f'network (width {record["flags"]["width"]}, '
+         f'{record["flags"]["image_size"]}x{record["flags"]["image_size"]}, '
+         f'batch {record["flags"]["batch_size"]}), {_when_where(record)}',
+         'gated-layer density', 'FLOPs reduction', 'dense images/s, 1 device',
+         f'dense, {devices} devices', 'sparse, 1 device',
+         f'sparse, {devices} devices',
+         'sparse_inference_vs_best_dense'], body), [path])
+  return render
+
+
 def sparse_speed_table(path: str, trained: bool = True
                        ) -> Callable[[], Rendered]:
   """Block-sparse inference of one sparse_speed record: random-init rows
@@ -300,12 +326,15 @@ def _gcs_rounds(record: dict[str, Any]) -> list[tuple[float, float, str]]:
 
 _PEER_EPYC = 'experiments/results/peer/2026-12-05T08-34-29-epyc.json'
 _PEER_XEON = 'experiments/results/peer/2026-12-04T16-17-15-xeon.json'
+_PEER_XEON_PER_DEVICE = (
+    'experiments/results/peer/2026-12-07T18-43-48-xeon.json')
 _STEPS = (('CPU protocol, width 16', 'protocol'),
           ('dense, width 64, 32x32', 'dense64'))
 
 BENCH_TABLES: dict[str, Callable[[], Rendered]] = {
-    'peer_steps': peer_steps_table(_PEER_EPYC),
-    'peer_devices': peer_devices_table((_PEER_XEON, _PEER_EPYC)),
+    'peer_steps': peer_steps_table(_PEER_XEON_PER_DEVICE),
+    'peer_devices': peer_devices_table((_PEER_XEON, _PEER_EPYC,
+                                        _PEER_XEON_PER_DEVICE)),
     'levers_kernels': levers_table(
         'experiments/results/levers/2026-12-05T04-34-xeon.json',
         (('main before issue 40 (YNNPACK, XLA\'s convolution)', 'conv_xla'),
@@ -324,6 +353,8 @@ BENCH_TABLES: dict[str, Callable[[], Rendered]] = {
         'experiments/results/sparse_speed/2026-12-02-xeon.json'),
     'sparse_speed_pooled': sparse_speed_table(
         'experiments/results/sparse_speed/2026-12-03-xeon.json'),
+    'sparse_speed_layouts': sparse_layouts_table(
+        'experiments/results/sparse_speed/2026-12-07T18-46-09-xeon.json'),
     'sparse_step': sparse_step_table((
         ('final code', 'experiments/results/sparse_step/2026-12-03T20-24-58-xeon.json'),
         ('before two clean-ups of the add-back',
