@@ -84,6 +84,16 @@ def backbone_variables(state: pretraining.TrainState) -> dict[str, Any]:
           'batch_stats': state.batch_stats.get('backbone', {})}
 
 
+def _sparse_layout_note(mesh, batch_size: int) -> str:
+  """Where the sparse train step's executor runs (`tiling.per_batch_shard`)."""
+  devices = mesh.devices.size
+  if devices == 1:
+    return 'Sparse train step: closed tiles skipped, on one device.'
+  return (f'Sparse train step: closed tiles skipped on each of the {devices} '
+          f'devices, each over its own {batch_size // devices} images (and '
+          f'their views): no tile crosses devices.')
+
+
 def _state_initializer(run: pretraining.Pretraining, mesh):
   return jax.jit(run.init_state, out_shardings=parallel.replicated(mesh))
 
@@ -133,6 +143,8 @@ def train_and_evaluate(config, workdir: str, *,
                                   list(mesh.devices.flat))
   if is_main and memory_note:
     print(memory_note, flush=True)
+  if is_main and gating.layer.sparse_training:
+    print(_sparse_layout_note(mesh, config.batch_size), flush=True)
   source = input_pipeline.create_source(config.data)
   # The evaluation batch is rounded up to the devices (eval_batch_size).
   parallel.check_batch_divisible(config.batch_size, mesh)

@@ -123,3 +123,12 @@ def test_sparse_train_step_one_trace_and_two_devices_match_one():
       step_fn, mesh).lower(state, sharded).compile())
   assert sparse_collectives == masked_collectives, (sparse_collectives,
                                                     masked_collectives)
+
+
+def test_a_sparse_run_says_where_its_executor_runs():
+  from cdg_jax import train  # pylint: disable=g-import-not-at-top
+  assert train._sparse_layout_note(parallel.make_mesh(2), 8) == (
+      'Sparse train step: closed tiles skipped on each of the 2 devices, '
+      'each over its own 4 images (and their views): no tile crosses '
+      'devices.')
+  assert 'on one device' in train._sparse_layout_note(parallel.make_mesh(1), 8)
