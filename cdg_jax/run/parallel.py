@@ -602,6 +602,10 @@ def data_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+# One wrapper per (mesh, function): jitting the same function twice then
+# shares one trace, as it did unwrapped (`train.check_shapes` traces the step
+# the run then calls).
+@functools.lru_cache(maxsize=64)
 def traced_under(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
   """`fn` traced under `mesh` as the abstract mesh of the trace.
 
