@@ -100,12 +100,12 @@ def test_sparse_train_step_one_trace_and_two_devices_match_one():
     step = pretraining.jit_train_step(chex.assert_max_traces(step_fn, n=1),
                                       mesh)
     sharded = jax.device_put(batch, parallel.data_sharding(mesh))
-    compiled = step.lower(state, sharded).compile()
     if num_devices == 2:
-      sparse_collectives = _collectives(compiled)
-    state, metrics = compiled(state, sharded)
+      # Lowering shares the jitted step's one trace.
+      sparse_collectives = _collectives(step.lower(state, sharded).compile())
+    state, metrics = step(state, sharded)
     results.append(jax.device_get((state, metrics)))
-    state, _ = compiled(state, sharded)
+    state, _ = step(state, sharded)   # a second call, no second trace
   (state1, metrics1), (state2, metrics2) = results
   assert 0 < metrics1['gate_density'] < 1
   np.testing.assert_allclose(metrics1['loss'], metrics2['loss'], rtol=1e-5)

@@ -24,12 +24,13 @@ with like. Each run writes a new record into `--out`
 (`results/sparse_speed/<date>-<cpu>.json`, `records.py`: the machine,
 devices, versions, command and date in its header), its Markdown (`.md`)
 and the plot (`.png`) beside it with the same stem. The forward passes run
-unsharded, on one device (the header's `devices.count`); where the host has
+unsharded, on one device; where the host has
 several (`configure_cpu`: one per core), the random networks' dense and
 sparse passes are also timed with the batch sharded over all of them, as
 evaluation runs (the sparse executor per device), and each row carries
 `sparse_inference_vs_best_dense`: the faster dense layout's time over the
-faster sparse layout's.
+faster sparse layout's (the header's `devices.count` then counts them
+all).
 """
 
 from __future__ import annotations
