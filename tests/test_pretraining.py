@@ -326,7 +326,16 @@ def test_two_devices_match_one_device(built, framework, kind):
   config = set_kind(tiny_config(framework), kind)
   if kind == 'spatial_predictor':
     config.gating.weight = 1.0
-  batch = fixed_batch()
+  # A batch on which no ReLU input or Gumbel gate logit of the first step sits
+  # within float32 rounding of zero: the smallest |value| is 1.1e-5 (CDG and
+  # the channel predictor) and 7.3e-5 (spatial predictor), against the 1e-7
+  # relative rounding that separates a sharded step from an unsharded one.
+  # On seed 0's batch one ReLU input of the spatial-predictor network was
+  # 3.8e-8; under the test flags (--xla_backend_optimization_level=0, Intel
+  # Xeon) its sign differed between the two meshes, and the stem's and first
+  # block's gradients with it (2.6e-3 relative): a legitimate difference that
+  # this test is not about.
+  batch = fixed_batch(seed=5)
   results = []
   for num_devices in (1, 2):
     # The same initial state on either mesh (BYOL's is shared with
