@@ -18,11 +18,21 @@ _HLO = '''HloModule jit_train_step
   ROOT %convolution.1 = f32[2,8,8,6]{3,2,1,0} convolution(%param_0, %param_1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(train_step)/jvp(SSLNetwork)/backbone/stage1_block0/conv1/conv1._plain/conv_general_dilated"}
 }
 
-ENTRY %main (x: f32[2,8,8,4], k: f32[3,3,4,6], a: f32[16,32], b: f32[32,5]) -> f32[2,8,8,6] {
+%fused_computation.2 (param_0.2: f32[2,8,8,4]) -> f32[4,8,8,2] {
+  %param_0.2 = f32[2,8,8,4]{3,2,1,0} parameter(0)
+  %mul.5 = f32[2,8,8,4]{3,2,1,0} multiply(%param_0.2, %param_0.2), metadata={op_name="jit(train_step)/jvp(SSLNetwork)/backbone/stem_conv/stem_conv._plain/stem_bn/mul"}
+  %transpose.7 = f32[4,8,8,2]{0,2,1,3} transpose(%mul.5), dimensions={3,1,2,0}
+  ROOT %copy.7 = f32[4,8,8,2]{3,2,1,0} copy(%transpose.7)
+}
+
+ENTRY %main (x: f32[2,8,8,4], k: f32[3,3,4,6], a: f32[16,32], b: f32[32,5], dy: f32[8,8,2,6]) -> f32[2,8,8,6] {
   %x = f32[2,8,8,4]{3,2,1,0} parameter(0)
   %k = f32[3,3,4,6]{3,2,1,0} parameter(1)
   %a = f32[16,32]{1,0} parameter(2)
   %b = f32[32,5]{1,0} parameter(3)
+  %dy = f32[8,8,2,6]{3,2,1,0} parameter(4)
+  %transpose_copy_fusion.1 = f32[4,8,8,2]{3,2,1,0} fusion(%x), kind=kLoop, calls=%fused_computation.2
+  %convolution.9 = f32[4,3,3,6]{3,2,1,0} convolution(%transpose_copy_fusion.1, %dy), window={size=8x8 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(train_step)/transpose(jvp(SSLNetwork))/backbone/stage1_block0/conv1/conv1._plain/conv_general_dilated"}
   %conv_fusion = f32[2,8,8,6]{3,2,1,0} fusion(%x, %k), kind=kCustom, calls=%fused_computation.1
   %dot.3 = f32[16,5]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(train_step)/transpose(jvp(SSLNetwork))/projector/dense0/dot_general"}
   %copy.2 = f32[16,5]{0,1} copy(%dot.3)
@@ -52,6 +62,16 @@ def test_parse_hlo_counts_macs_geometry_and_sources():
   assert ops['copy.2'].inherited
   assert profile_step.classify(ops['copy.2']) == ('projector/predictor',
                                                   'backward')
+  assert ops['copy.2'].lays_out_for is None   # read by no convolution
+  # The batch-minor input of a weight-gradient convolution, with a
+  # BatchNorm recomputed inside: by its sources a forward BatchNorm op, by
+  # what reads it a layout of the convolution's operand, in its pass.
+  layout = ops['transpose_copy_fusion.1']
+  assert layout.lays_out_for == 'convolution.9'
+  assert profile_step.classify(layout) == ('batchnorm', 'forward')
+  assert profile_step.classify(layout, ops) == (
+      'convolution operand layouts', 'backward')
+  assert ops['bn'].lays_out_for is None
 
 
 def test_wall_shares_split_overlapping_ops_equally():

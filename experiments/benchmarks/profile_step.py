@@ -71,7 +71,8 @@ FLAGS['out'].help = ('Folder of the records: each run writes a new '
                      '<date>-<cpu>.json (records.py) and its .md.')
 
 # The categories, in the order a tie between them is broken.
-CATEGORIES = ('augmentation', 'convolution', 'batchnorm', 'gating',
+CATEGORIES = ('augmentation', 'convolution', 'convolution operand layouts',
+              'batchnorm', 'gating',
               'sparse tiles (gathers, scatters, indices)',
               'projector/predictor', 'ssl loss', 'gate regulariser',
               'optimizer', 'probe', 'metrics', 'other network',
@@ -93,6 +94,9 @@ class Op:
   conv_geometry: dict | None = None   # of a NHWC/HWIO convolution in it
   has_convolution: bool = False
   inherited: bool = False     # op_names taken from its operands and users
+  # The convolution that reads this op's output, when the op only lays an
+  # operand out for it (a transpose or copy, alone or at a fusion's root).
+  lays_out_for: str | None = None
 
 
 def _dims(shape: str) -> list[int]:
@@ -176,6 +180,7 @@ def parse_hlo(text: str) -> dict[str, Op]:
   """Every instruction of a compiled HLO module's text, by name, with what
   the operations it calls (a fusion's) contribute."""
   computations, current = collections.defaultdict(list), None
+  roots = {}
   for line in text.splitlines():
     header = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$', line)
     if header and ' = ' not in line.split('{')[0]:
@@ -184,6 +189,8 @@ def parse_hlo(text: str) -> dict[str, Op]:
     inst = _instruction(line) if current else None
     if inst is not None:
       computations[current].append(inst)
+      if line.lstrip().startswith('ROOT '):
+        roots[current] = inst.opcode
   fused = {m.group(1) for instructions in computations.values()
            for inst in instructions if inst.opcode == 'fusion'
            for m in [re.search(r'calls=%?([\w.\-]+)', inst.attributes)] if m}
@@ -219,7 +226,31 @@ def parse_hlo(text: str) -> dict[str, Op]:
                     for n in ops[other].op_names if other in ops]
       ops[inst.name] = dataclasses.replace(
           ops[inst.name], op_names=tuple(neighbours), inherited=True)
+    _mark_operand_layouts(instructions, roots, ops)
   return ops
+
+
+def _mark_operand_layouts(instructions: list[_Instruction],
+                          roots: dict[str, str], ops: dict[str, Op]) -> None:
+  """Marks the ops that only transpose or copy a convolution's operand
+  (`Op.lays_out_for`). XLA:CPU's weight-gradient convolutions take their
+  input batch-minor (CHWN), and XLA fuses the recomputation of the layer's
+  BatchNorm and ReLU into that transpose, so by its sources such an op would
+  count as BatchNorm."""
+  by_name = {inst.name: inst for inst in instructions}
+  for inst in instructions:
+    if inst.opcode != 'convolution' and not ops[inst.name].has_convolution:
+      continue
+    for operand in inst.operands:
+      source = by_name.get(operand)
+      if source is None:
+        continue
+      called = re.search(r'calls=%?([\w.\-]+)', source.attributes)
+      opcode = (roots.get(called.group(1)) if source.opcode == 'fusion'
+                and called else source.opcode)
+      if opcode in ('transpose', 'copy'):
+        ops[operand] = dataclasses.replace(ops[operand],
+                                           lays_out_for=inst.name)
 
 
 def _category_of_name(op_name: str) -> str:
@@ -240,9 +271,14 @@ def _category_of_name(op_name: str) -> str:
   return 'other network'
 
 
-def classify(op: Op) -> tuple[str, str]:
+def classify(op: Op, ops: dict[str, Op] | None = None) -> tuple[str, str]:
   """(category, 'forward' or 'backward') of one op: by majority over its
-  operations' sources, ties broken in `CATEGORIES` order."""
+  operations' sources, ties broken in `CATEGORIES` order; an op that lays
+  out a convolution's operand is 'convolution operand layouts', in the pass
+  of that convolution (found in `ops`)."""
+  if op.lays_out_for is not None and ops and op.lays_out_for in ops:
+    return ('convolution operand layouts',
+            classify(ops[op.lays_out_for])[1])
   if not op.op_names:
     return 'layout copies', 'forward'
   if op.has_convolution or (
@@ -352,7 +388,7 @@ def attribute(ops: dict[str, Op], executed: list[dict], steps: int,
   top_ops = []
   for name, seconds in wall_shares(executed).items():
     op = ops.get(name)
-    category, direction = (classify(op) if op is not None
+    category, direction = (classify(op, ops) if op is not None
                            else ('other network', 'forward'))
     by_category[(category, direction)] += seconds / steps
     top_ops.append({'op': name, 'opcode': op.opcode if op else None,

@@ -195,7 +195,10 @@ def levers_table(path: str, levers: Sequence[tuple[str, str]],
 PROFILE_STEPS = (('protocol', 'CPU protocol CDG, width 16'),
                  ('dense64', 'dense, width 64'), ('masked64', 'masked, width 64'),
                  ('sparse64', 'sparse, width 64'))
-PROFILE_PARTS = (('convolutions', ('convolution',)), ('BatchNorm', ('batchnorm',)),
+PROFILE_PARTS = (('convolutions', ('convolution',)),
+                 ('convolution operand layouts',
+                  ('convolution operand layouts',)),
+                 ('BatchNorm', ('batchnorm',)),
                  ('gating', ('gating',)),
                  ('sparse tiles', ('sparse tiles (gathers, scatters, indices)',)))
 
@@ -345,7 +348,7 @@ BENCH_TABLES: dict[str, Callable[[], Rendered]] = {
     'profile': profile_table(
         'experiments/results/profile/2026-12-05T06-13-13-xeon.json'),
     'profile_per_device': profile_table(
-        'experiments/results/profile/2026-12-07T19-52-59-xeon.json'),
+        'experiments/results/profile/2026-12-07T20-35-27-xeon.json'),
     'gcs_workdir': gcs_workdir_table((
         'experiments/results/gcs_workdir/2026-12-07T10-33-epyc.json',
         'experiments/results/gcs_workdir/2026-12-07T13-25-16-epyc.json')),
