@@ -84,6 +84,68 @@ def test_wall_shares_split_overlapping_ops_equally():
   assert sum(shares.values()) == pytest.approx(7.0)   # time any op ran
 
 
+_COND_HLO = '''HloModule jit_train_step
+
+%branch_0 (p0: f32[4,8]) -> f32[4,8] {
+  ROOT %p0 = f32[4,8]{1,0} parameter(0)
+}
+
+%branch_1 (p1: f32[4,8]) -> f32[4,8] {
+  %p1 = f32[4,8]{1,0} parameter(0)
+  %w1 = f32[8,8]{1,0} constant({...})
+  ROOT %dot.5 = f32[4,8]{1,0} dot(%p1, %w1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(train_step)/jvp(SSLNetwork)/backbone/stage1_block0/conv1/conv1._cdg_in_mode/conv1._cdg/shard_map/cond/branch_1_fun/dot_general"}
+}
+
+ENTRY %main (i: s32[], x: f32[4,8]) -> f32[4,8] {
+  %i = s32[] parameter(0)
+  %x = f32[4,8]{1,0} parameter(1)
+  ROOT %conditional.1 = f32[4,8]{1,0} conditional(%i, %x, %x), branch_computations={%branch_0, %branch_1}, metadata={op_name="jit(train_step)/jvp(SSLNetwork)/backbone/stage1_block0/conv1/conv1._cdg_in_mode/conv1._cdg/shard_map/cond"}
+}
+'''
+
+
+def test_a_conditional_knows_its_branch_ops_and_tile_products_are_convolutions():
+  ops = profile_step.parse_hlo(_COND_HLO)
+  assert ops['conditional.1'].contains == {'p0', 'p1', 'w1', 'dot.5'}
+  assert not ops['dot.5'].contains
+  # The executor's matrix products over the open tiles' patches belong to
+  # the convolution layer whose capacity branch runs them.
+  assert profile_step.classify(ops['dot.5']) == ('convolution', 'forward')
+  assert profile_step.conv_layer(ops['dot.5']) == 'backbone/stage1_block0/conv1'
+  assert profile_step.classify(ops['conditional.1'])[0] == 'gating'
+
+
+def test_a_conditional_gets_only_the_time_its_branch_ops_leave():
+  executed = [{'op': 'conditional.1', 'device': 0, 'start': 0.0, 'end': 10.0},
+              {'op': 'dot.5', 'device': 0, 'start': 2.0, 'end': 6.0},
+              # The same op on the other device is not this one's branch.
+              {'op': 'dot.5', 'device': 1, 'start': 7.0, 'end': 8.0}]
+  shares = profile_step.wall_shares(executed,
+                                    {'conditional.1': frozenset({'dot.5'})})
+  # 0-2 and 6-10 its own (shared with device 1's dot over 7-8), 2-6 the dot's.
+  assert shares['conditional.1'] == pytest.approx(2.0 + 3.0 + 0.5)
+  assert shares['dot.5'] == pytest.approx(4.0 + 0.5)
+  assert sum(shares.values()) == pytest.approx(10.0)
+  # Without the branch map both run at once and split 2-6 equally.
+  assert profile_step.wall_shares(executed)['dot.5'] == pytest.approx(2.5)
+
+
+def test_the_layer_of_an_op_is_the_convolution_module():
+  def op(name):
+    return profile_step.Op('c', 'convolution', (name,), 1, None, True)
+  stem = 'jit(train_step)/jvp(SSLNetwork)/backbone/'
+  assert profile_step.conv_layer(op(
+      stem + 'stage1_block0/conv2/conv2._plain/bn2/conv_general_dilated')
+  ) == 'backbone/stage1_block0/conv2'
+  assert profile_step.conv_layer(op(
+      stem + 'stage2_block0/stage2_block0.shortcut/shortcut_conv/'
+      'shortcut_conv._plain/conv_general_dilated')
+  ) == 'backbone/stage2_block0/shortcut_conv'
+  assert profile_step.conv_layer(op(
+      stem + 'stage1_block0/conv1/conv1._cdg_in_mode/conv1._cdg/shard_map/'
+      'conv_general_dilated')) == 'backbone/stage1_block0/conv1'
+
+
 def test_the_profile_is_written_as_a_new_record(tmp_path):
   step = {'description': 'hand-made step', 'step_s': 0.5, 'devices': 2,
           'busy_s': 0.4, 'outside_ops_s': 0.1, 'first_step_s': 3.0,

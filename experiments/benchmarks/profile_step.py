@@ -22,11 +22,15 @@ in it (`op_name` metadata: the Flax module path, `jvp`/`transpose` for the
 forward and backward passes, and the step's named scopes 'augment',
 'target_branch', 'ssl_loss', 'gate_regularizer', 'optimizer', 'probe',
 'metrics'). Each op goes to one category (a fusion to the category most of its
-operations belong to) and to the forward or backward pass. Times are
-wall-clock per step: while several ops run at once (one per device, or
-concurrent ops of one device) they share the time equally, so the
-categories add up to the time during which any op ran ("busy"); the rest of
-the step (dispatch, transfers, waiting) is "outside ops".
+operations belong to; a transpose or copy that lays out a convolution's
+operand to 'convolution operand layouts'; the sparse executor's matrix
+products over tile patches to 'convolution') and to the forward or backward
+pass. Times are wall-clock per step: while several ops run at once (one per
+device, or concurrent ops of one device) they share the time equally, so
+the categories add up to the time during which any op ran ("busy"); a
+conditional or loop, whose branch ops the trace times as well, gets only
+the time when none of them runs. The rest of the step (dispatch,
+transfers, waiting) is "outside ops".
 
 Convolutions: every convolution and matrix product of a convolution layer
 is counted with its multiply-adds from the program's shapes, grouped by the
@@ -97,6 +101,9 @@ class Op:
   # The convolution that reads this op's output, when the op only lays an
   # operand out for it (a transpose or copy, alone or at a fusion's root).
   lays_out_for: str | None = None
+  # For a conditional, loop or call: the ops of the computations it runs,
+  # nested ones included (the trace times each of them as well).
+  contains: frozenset[str] = frozenset()
 
 
 def _dims(shape: str) -> list[int]:
@@ -227,7 +234,36 @@ def parse_hlo(text: str) -> dict[str, Op]:
       ops[inst.name] = dataclasses.replace(
           ops[inst.name], op_names=tuple(neighbours), inherited=True)
     _mark_operand_layouts(instructions, roots, ops)
+  for computation, instructions in computations.items():
+    for inst in instructions:
+      inner = _called_ops(inst, computations)
+      if inner:
+        ops[inst.name] = dataclasses.replace(ops[inst.name], contains=inner)
   return ops
+
+
+_CALLED = re.compile(r'(?:branch_computations=\{([^}]*)\}|'
+                     r'(?:true_computation|false_computation|body|condition'
+                     r')=%?([\w.\-]+))')
+
+
+def _called_ops(inst: _Instruction, computations: dict) -> frozenset[str]:
+  """The instructions of the computations a conditional, loop or call
+  runs, nested ones included; empty for any other op."""
+  if inst.opcode not in ('conditional', 'while', 'call'):
+    return frozenset()
+  names = []
+  for branches, single in _CALLED.findall(inst.attributes):
+    names += [n.strip().lstrip('%') for n in branches.split(',')] + [single]
+  if inst.opcode == 'call':
+    called = re.search(r'to_apply=%?([\w.\-]+)', inst.attributes)
+    names += [called.group(1)] if called else []
+  inner = set()
+  for name in filter(None, names):
+    for called_inst in computations.get(name, []):
+      inner.add(called_inst.name)
+      inner |= _called_ops(called_inst, computations)
+  return frozenset(inner)
 
 
 def _mark_operand_layouts(instructions: list[_Instruction],
@@ -281,8 +317,7 @@ def classify(op: Op, ops: dict[str, Op] | None = None) -> tuple[str, str]:
             classify(ops[op.lays_out_for])[1])
   if not op.op_names:
     return 'layout copies', 'forward'
-  if op.has_convolution or (
-      op.macs and any('conv_general_dilated' in n for n in op.op_names)):
+  if _is_convolution(op):
     category = 'convolution'
   else:
     votes = collections.Counter(_category_of_name(n)
@@ -294,18 +329,26 @@ def classify(op: Op, ops: dict[str, Op] | None = None) -> tuple[str, str]:
   return category, 'backward' if 2 * backward > len(op.op_names) else 'forward'
 
 
+def _is_convolution(op: Op) -> bool:
+  """A convolution, or matrix products of one: a layer's own, or the sparse
+  executor's over the open tiles' patches (inside its capacity `cond`)."""
+  return op.has_convolution or bool(op.macs and any(
+      'conv_general_dilated' in n or '/cond/' in n for n in op.op_names))
+
+
 def conv_layer(op: Op) -> str | None:
   """The Flax path of the convolution layer an op belongs to, or None."""
-  if not (op.has_convolution or (
-      op.macs and any('conv_general_dilated' in n for n in op.op_names))):
+  if not _is_convolution(op):
     return None
   for name in op.op_names:
     if 'SSLNetwork' in name:
       layer = []
       for part in name.split('SSLNetwork', 1)[1].strip(')/').split('/')[:-1]:
-        if part in ('cond', 'while') or '(' in part:
+        if part in ('cond', 'while', 'shard_map') or '(' in part:
           break   # the sparse executor's own structure starts here
-        if '.' not in part:
+        if layer and part.startswith(f'{layer[-1]}._'):
+          break   # the layer's own methods ('conv1._plain/bn1/...')
+        if '.' not in part:   # not a module's method ('block.shortcut')
           layer.append(part)
       return '/'.join(layer)
   return None
@@ -351,11 +394,16 @@ def read_trace(trace_dir: str, module_prefix: str = 'jit_') -> list[dict]:
   return executed
 
 
-def wall_shares(executed: list[dict]) -> dict[str, float]:
+def wall_shares(executed: list[dict],
+                contains: dict[str, frozenset[str]] | None = None
+                ) -> dict[str, float]:
   """Seconds of wall-clock time per op name, over all executions: at each
   instant the ops running share it equally, so the total is the time during
   which any op ran (ops of both devices and concurrent ops of one device
-  never count twice)."""
+  never count twice). An op that runs others (`contains`: a conditional's
+  branch ops) gets only the instants when none of them runs on its device:
+  its own work, not theirs."""
+  contains = contains or {}
   boundaries = []
   for i, e in enumerate(executed):
     boundaries += [(e['start'], 1, i), (e['end'], -1, i)]
@@ -364,8 +412,10 @@ def wall_shares(executed: list[dict]) -> dict[str, float]:
   active, last = set(), None
   for t, kind, i in boundaries:
     if active and last is not None and t > last:
-      share = (t - last) / len(active)
-      for j in active:
+      running = [j for j in active if not _runs_inner_op(j, active, executed,
+                                                          contains)]
+      share = (t - last) / len(running)
+      for j in running:
         shares[executed[j]['op']] += share
     last = t
     if kind > 0:
@@ -373,6 +423,17 @@ def wall_shares(executed: list[dict]) -> dict[str, float]:
     else:
       active.discard(i)
   return shares
+
+
+def _runs_inner_op(index: int, active: set[int], executed: list[dict],
+                   contains: dict[str, frozenset[str]]) -> bool:
+  """Whether the op execution `index` is running one of its inner ops now
+  (one of `active` on its device)."""
+  inner = contains.get(executed[index]['op'])
+  device = executed[index]['device']
+  return bool(inner) and any(
+      executed[j]['op'] in inner and executed[j]['device'] == device
+      for j in active if j != index)
 
 
 def attribute(ops: dict[str, Op], executed: list[dict], steps: int,
@@ -386,7 +447,8 @@ def attribute(ops: dict[str, Op], executed: list[dict], steps: int,
   layers = collections.defaultdict(lambda: collections.defaultdict(float))
   executions = collections.Counter(e['op'] for e in executed)
   top_ops = []
-  for name, seconds in wall_shares(executed).items():
+  contains = {name: op.contains for name, op in ops.items() if op.contains}
+  for name, seconds in wall_shares(executed, contains).items():
     op = ops.get(name)
     category, direction = (classify(op, ops) if op is not None
                            else ('other network', 'forward'))
