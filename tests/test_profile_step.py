@@ -113,6 +113,15 @@ def test_a_conditional_knows_its_branch_ops_and_tile_products_are_convolutions()
   assert profile_step.classify(ops['dot.5']) == ('convolution', 'forward')
   assert profile_step.conv_layer(ops['dot.5']) == 'backbone/stage1_block0/conv1'
   assert profile_step.classify(ops['conditional.1'])[0] == 'gating'
+  # A strided layer's 'patches' formulation: a matrix product of the layer.
+  patches = profile_step.Op('ynn_fusion.3', 'fusion', (
+      'jit(train_step)/jvp(SSLNetwork)/backbone/stage2_block0/conv1/'
+      'conv1._cdg_in_mode/conv1._cdg/dot_general',), macs=64)
+  assert profile_step.classify(patches) == ('convolution', 'forward')
+  assert profile_step.conv_layer(patches) == 'backbone/stage2_block0/conv1'
+  projector = profile_step.Op('dot.9', 'dot', (
+      'jit(train_step)/jvp(SSLNetwork)/projector/dense0/dot_general',), macs=64)
+  assert profile_step.classify(projector)[0] == 'projector/predictor'
 
 
 def test_a_conditional_gets_only_the_time_its_branch_ops_leave():

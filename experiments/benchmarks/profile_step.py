@@ -330,10 +330,13 @@ def classify(op: Op, ops: dict[str, Op] | None = None) -> tuple[str, str]:
 
 
 def _is_convolution(op: Op) -> bool:
-  """A convolution, or matrix products of one: a layer's own, or the sparse
-  executor's over the open tiles' patches (inside its capacity `cond`)."""
+  """A convolution, or matrix products of one: a backbone layer's own (the
+  'patches' formulation, `ops.auto_formulation`'s for strided layers; the
+  backbone has no other matrix products), or the sparse executor's over the
+  open tiles' patches (inside its capacity `cond`)."""
   return op.has_convolution or bool(op.macs and any(
-      'conv_general_dilated' in n or '/cond/' in n for n in op.op_names))
+      'conv_general_dilated' in n or '/cond/' in n
+      or ('/backbone/' in n and 'dot_general' in n) for n in op.op_names))
 
 
 def conv_layer(op: Op) -> str | None:
