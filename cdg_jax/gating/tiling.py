@@ -219,6 +219,17 @@ def assemble_tiles(tiles: Array, tile_mask: Array) -> Array:
   return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(n, gh * bh, gw * bw, c)
 
 
+def _add_into(target: Array, values: Array, grid_axis: int, grid_start: int,
+              window_axis: int, window_start: int) -> Array:
+  """`target` with `values` added into its block that starts at
+  `grid_start` along `grid_axis` and `window_start` along `window_axis` (a
+  slice, an add and an in-place update of that block only)."""
+  start = [0] * target.ndim
+  start[grid_axis], start[window_axis] = grid_start, window_start
+  block = jax.lax.dynamic_slice(target, start, values.shape)
+  return jax.lax.dynamic_update_slice(target, block + values, start)
+
+
 def overlap_add_windows(window_values: Array, tile_mask: Array,
                         input_hw: Sequence[int], tile_hw: Sequence[int],
                         kernel_hw: Sequence[int],
@@ -231,12 +242,14 @@ def overlap_add_windows(window_values: Array, tile_mask: Array,
   is added to the input positions it covers; windows overlap by their halo,
   and positions in the padding are dropped.
 
-  Written with gathers, pads and slices only: a scatter-add of the windows
-  into the map is what autodiff of `gather_windows` gives, and XLA:CPU runs
-  it element by element. Instead every tile of the grid reads its window
-  (closed tiles: a zero window), each window is cut into the parts that
-  fall on the previous, its own and the next input tile along each axis,
-  and the parts are summed tile by tile.
+  Written with gathers, slices and in-place slice updates only: a
+  scatter-add of the windows into the map is what autodiff of
+  `gather_windows` gives, and XLA:CPU runs it element by element. Instead
+  every tile of the grid reads its window (closed tiles: a zero window);
+  along each axis a window's middle is its own input tile, and its halo
+  rows (or columns) before and after it are added into the neighbouring
+  tiles' edges (an update of those edges only: the halo's share of the map,
+  not the whole map).
 
   Args:
     window_values: (K, (bh - 1) * sh + kh, (bw - 1) * sw + kw, C) in the
@@ -259,32 +272,27 @@ def overlap_add_windows(window_values: Array, tile_mask: Array,
   dense = _tiles_on_grid(window_values, tile_mask)
   # dense: (N, gh, gw, Lh, Lw, C). Along each axis a window starts `before`
   # positions ahead of its input tile of `size` = tile * stride positions.
-  for axis, (grid, size, length, before) in enumerate(zip(
-      (gh, gw), (tile_hw[0] * strides[0], tile_hw[1] * strides[1]),
+  for axis, (size, length, before) in enumerate(zip(
+      (tile_hw[0] * strides[0], tile_hw[1] * strides[1]),
       window_values.shape[1:3],
       (same_padding(input_hw[0], kernel_hw[0], strides[0])[0],
        same_padding(input_hw[1], kernel_hw[1], strides[1])[0]))):
     window_axis, grid_axis = 3 + axis, 1 + axis
-    # Cover [-size, 2 * size) around the tile: previous, own, next tile.
-    pad = [(0, 0)] * dense.ndim
-    pad[window_axis] = (size - before, 2 * size - (length - before))
-    padded = jnp.pad(dense, pad)
-    parts = padded.reshape(padded.shape[:window_axis] + (3, size)
-                           + padded.shape[window_axis + 1:])
-    previous, own, following = (
-        jax.lax.index_in_dim(parts, i, axis=window_axis, keepdims=False)
-        for i in range(3))
-    # Tile i gets its own part, the previous-part of tile i + 1 and the
-    # next-part of tile i - 1 (zero beyond the map's edges).
-    shift_up = [(0, 0)] * own.ndim
-    shift_up[grid_axis] = (0, 1)
-    shift_down = [(0, 0)] * own.ndim
-    shift_down[grid_axis] = (1, 0)
-    dense = (own
-             + jax.lax.slice_in_dim(jnp.pad(previous, shift_up), 1, grid + 1,
-                                    axis=grid_axis)
-             + jax.lax.slice_in_dim(jnp.pad(following, shift_down), 0, grid,
-                                    axis=grid_axis))
+    after = length - before - size
+    own = jax.lax.slice_in_dim(dense, before, before + size, axis=window_axis)
+    if before:
+      # The rows before a window's own tile are the last `before` rows of
+      # the previous tile: tile i gets them from tile i + 1's window.
+      head = jax.lax.slice_in_dim(dense, 0, before, axis=window_axis)
+      own = _add_into(own, jax.lax.slice_in_dim(head, 1, None, axis=grid_axis),
+                      grid_axis, 0, window_axis, size - before)
+    if after > 0:
+      # The rows after it are the first `after` rows of the next tile.
+      tail = jax.lax.slice_in_dim(dense, before + size, length,
+                                  axis=window_axis)
+      own = _add_into(own, jax.lax.slice_in_dim(tail, 0, -1, axis=grid_axis),
+                      grid_axis, 1, window_axis, 0)
+    dense = own
   size_h, size_w = dense.shape[3:5]
   full = dense.transpose(0, 1, 3, 2, 4, 5).reshape(n, gh * size_h,
                                                    gw * size_w, c)

@@ -349,6 +349,8 @@ BENCH_TABLES: dict[str, Callable[[], Rendered]] = {
         'experiments/results/profile/2026-12-05T06-13-13-xeon.json'),
     'profile_per_device': profile_table(
         'experiments/results/profile/2026-12-07T21-11-17-xeon.json'),
+    'profile_halo_add_back': profile_table(
+        'experiments/results/profile/2026-12-07T21-43-11-xeon.json'),
     'gcs_workdir': gcs_workdir_table((
         'experiments/results/gcs_workdir/2026-12-07T10-33-epyc.json',
         'experiments/results/gcs_workdir/2026-12-07T13-25-16-epyc.json')),
