@@ -331,13 +331,16 @@ _PEER_EPYC = 'experiments/results/peer/2026-12-05T08-34-29-epyc.json'
 _PEER_XEON = 'experiments/results/peer/2026-12-04T16-17-15-xeon.json'
 _PEER_XEON_PER_DEVICE = (
     'experiments/results/peer/2026-12-07T18-43-48-xeon.json')
+# After the halo add-back's rewrite (the sparse step only changed).
+_PEER_XEON_HALO = 'experiments/results/peer/2026-12-07T21-55-22-xeon.json'
 _STEPS = (('CPU protocol, width 16', 'protocol'),
           ('dense, width 64, 32x32', 'dense64'))
 
 BENCH_TABLES: dict[str, Callable[[], Rendered]] = {
-    'peer_steps': peer_steps_table(_PEER_XEON_PER_DEVICE),
+    'peer_steps': peer_steps_table(_PEER_XEON_HALO),
     'peer_devices': peer_devices_table((_PEER_XEON, _PEER_EPYC,
-                                        _PEER_XEON_PER_DEVICE)),
+                                        _PEER_XEON_PER_DEVICE,
+                                        _PEER_XEON_HALO)),
     'levers_kernels': levers_table(
         'experiments/results/levers/2026-12-05T04-34-xeon.json',
         (('main before issue 40 (YNNPACK, XLA\'s convolution)', 'conv_xla'),

@@ -220,7 +220,7 @@ TABLES: dict[str, Callable[[], Rendered]] = {
     'headline': headline_table,
     'width': width_table,
     'width_gaps': width_gap_table,
-    'peer': peer_table('experiments/results/peer/2026-12-07T18-43-48-xeon.json'),
+    'peer': peer_table('experiments/results/peer/2026-12-07T21-55-22-xeon.json'),
     **doc_tables.GRID_TABLES,
     **bench_tables.BENCH_TABLES,
 }
