@@ -55,7 +55,7 @@ from experiments.common.conv_shapes import resnet18_shapes
 from experiments.common.repo import REPO_ROOT
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
   """The command's flags, defined only when it runs as a program: the
   other benchmarks a test process imports define 'repeats' and 'out' too."""
   flags.DEFINE_enum('network', 'wide', sorted(NETWORKS),
@@ -166,8 +166,9 @@ def part_functions() -> dict:
 
 
 def time_shape(shape: dict, mesh, repeats: int) -> dict:
-  """Median seconds of each part for one shape, and the largest difference
-  between the two kernel gradients relative to its largest magnitude.
+  """Median seconds of each part for one shape, and each of
+  `KERNEL_GRADIENTS`' largest difference from XLA's kernel gradient,
+  relative to its largest magnitude.
   'kernel gradient from laid-out operands' is timed on operands laid out
   beforehand, so that it holds the convolution alone."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -265,5 +266,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _define_flags()
+  define_flags()
   app.run(main)
