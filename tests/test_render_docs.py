@@ -105,3 +105,39 @@ def test_a_benchmark_table_reads_its_record(tmp_path):
   _levers_record(path, (0.6321, 0.4204), (6.3951, 6.4582))
   assert '| CPU protocol | 0.632 s, 1,000 faults | 0.420 s, 2,000 faults |' in (
       render().lines)
+
+
+def test_the_paper_input_table_gaps_each_run_to_the_dense_run_of_its_input(
+    tmp_path, monkeypatch):
+  from experiments.grids import doc_tables  # pylint: disable=g-import-not-at-top
+  runs = tmp_path / 'runs'
+  runs.mkdir()
+
+  def write(name, knn, linear, flops, wall_s, resumed=0, cpu='Intel Xeon'):
+    (runs / f'{name}.json').write_text(json.dumps({
+        'name': name, 'knn_top1': knn, 'linear_top1': linear,
+        'flops_reduction': flops, 'train_wall_s': wall_s, 'steps': 388,
+        'resumed_from_step': resumed, 'cpu': cpu,
+        'finished': '2026-12-08 01:00:00 UTC'}))
+
+  write('simclr_c10_dense_w64', 0.45, 0.50, 1.0, 3600)
+  write('simclr_c10_cdg_w64', 0.43, 0.4951, 2.12, 1800, cpu='AMD EPYC')
+  write('simclr_c10_dense_w64_32px', 0.48, 0.52, 1.0, 1200, resumed=300)
+  monkeypatch.setattr(doc_tables, 'RESULTS', str(tmp_path))
+  rendered = doc_tables.paper_input_table()
+  assert rendered.lines[2:] == [
+      '| dense | 16x16 | 45.00 | 50.00 | - | 1.00x | 60 min | Intel Xeon, '
+      '2026-12-08 01:00:00 UTC |',
+      '| CDG | 16x16 | 43.00 | 49.51 | -2.00 / -0.49 | 2.12x | 30 min | '
+      'AMD EPYC, 2026-12-08 01:00:00 UTC |',
+      '| dense | 32x32 | 48.00 | 52.00 | - | 1.00x | 20 min (steps 300-388 '
+      'only: resumed) | Intel Xeon, 2026-12-08 01:00:00 UTC |',
+      '| CDG | 32x32 | not run yet (`simclr_c10_cdg_w64_32px`) | - | - | - | '
+      '- | - |']
+  assert [os.path.basename(s) for s in rendered.sources] == [
+      'simclr_c10_dense_w64.json', 'simclr_c10_cdg_w64.json',
+      'simclr_c10_dense_w64_32px.json']
+  # The 32x32 CDG run, once there, is gapped to the 32x32 dense run.
+  write('simclr_c10_cdg_w64_32px', 0.47, 0.515, 2.2, 2400)
+  assert doc_tables.paper_input_table().lines[-1].startswith(
+      '| CDG | 32x32 | 47.00 | 51.50 | -1.00 / -0.50 | 2.20x | 40 min |')

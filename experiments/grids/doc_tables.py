@@ -316,6 +316,52 @@ _TILES32 = (
      'sparse/final_code_accuracy/simclr_c10_cdg_tiles8844_32px_sparse_none.json'))
 
 
+# The paper's network and input (issue 50): width 64, seed 0, the CPU
+# protocol at 16x16 and at 32x32. (method, input, run).
+PAPER_INPUT_RUNS = (
+    ('dense', '16x16', 'simclr_c10_dense_w64'),
+    ('CDG', '16x16', 'simclr_c10_cdg_w64'),
+    ('dense', '32x32', 'simclr_c10_dense_w64_32px'),
+    ('CDG', '32x32', 'simclr_c10_cdg_w64_32px'))
+
+
+def _training_time(run: dict[str, Any]) -> str:
+  """The run's training wall time; a resumed run's counts its last part only."""
+  minutes = f'{run["train_wall_s"] / 60:.0f} min'
+  resumed = run.get('resumed_from_step') or 0
+  if resumed:
+    return f'{minutes} (steps {resumed}-{run["steps"]} only: resumed)'
+  return minutes
+
+
+def paper_input_table() -> Rendered:
+  """Dense and CDG at width 64 on 16x16 and 32x32 inputs, seed 0: accuracy,
+  each CDG run's gap to the dense run of its input, training time and
+  machine. A run not there yet is a row saying so."""
+  runs_dir = os.path.join(RESULTS, 'runs')
+  body, sources, dense = [], [], {}
+  for method, size, name in PAPER_INPUT_RUNS:
+    path = os.path.join(runs_dir, f'{name}.json')
+    if not os.path.exists(path):
+      body.append([method, size, f'not run yet (`{name}`)'] + ['-'] * 5)
+      continue
+    run, source = read_run(name)
+    sources.append(source)
+    if method == 'dense':
+      dense[size] = run
+    reference = dense.get(size)
+    gap = ('-' if method == 'dense' or reference is None else
+           f'{100 * (run["knn_top1"] - reference["knn_top1"]):+.2f} / '
+           f'{100 * (run["linear_top1"] - reference["linear_top1"]):+.2f}')
+    body.append([method, size, pct(run['knn_top1']), pct(run['linear_top1']),
+                 gap, f'{run["flops_reduction"]:.2f}x', _training_time(run),
+                 f'{run.get("cpu") or "?"}, {run.get("finished") or "?"}'])
+  return Rendered(md_table(
+      ['width 64, seed 0 (test split)', 'input', 'kNN top-1', 'linear top-1',
+       'gap to dense of its input (kNN / linear)', 'FLOPs reduction',
+       'training wall time', 'CPU, finished'], body), sources)
+
+
 def _labelled(rows, first=lambda label: label.replace('`', '').split(' ')[0]):
   return tuple(((label, what), first(label)) for label, what in rows)
 
@@ -343,6 +389,7 @@ GRID_TABLES: dict[str, Callable[[], Rendered]] = {
     'ablations': run_table(['change to the CDG row (test split, seed 0)'],
                            tuple(((a,), b) for a, b in _ABLATIONS),
                            ('knn', 'linear', 'flops', 'density')),
+    'paper_input': paper_input_table,
     'tiles32_sparse': run_table(['trained with (test split, seed 0)'],
                                 tuple(((a,), b) for a, b in _TILES32),
                                 ('knn', 'linear', 'flops', 'density')),
