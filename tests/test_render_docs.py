@@ -132,7 +132,7 @@ def test_the_paper_input_table_gaps_each_run_to_the_dense_run_of_its_input(
       'AMD EPYC, 2026-12-08 01:00:00 UTC |',
       '| dense | 32x32 | 48.00 | 52.00 | - | 1.00x | 20 min (steps 300-388 '
       'only: resumed) | Intel Xeon, 2026-12-08 01:00:00 UTC |',
-      '| CDG | 32x32 | not run yet (`simclr_c10_cdg_w64_32px`) | - | - | - | '
+      '| CDG | 32x32 | no result yet (`simclr_c10_cdg_w64_32px`) | - | - | - | '
       '- | - |']
   assert [os.path.basename(s) for s in rendered.sources] == [
       'simclr_c10_dense_w64.json', 'simclr_c10_cdg_w64.json',

@@ -343,7 +343,7 @@ def paper_input_table() -> Rendered:
   for method, size, name in PAPER_INPUT_RUNS:
     path = os.path.join(runs_dir, f'{name}.json')
     if not os.path.exists(path):
-      body.append([method, size, f'not run yet (`{name}`)'] + ['-'] * 5)
+      body.append([method, size, f'no result yet (`{name}`)'] + ['-'] * 5)
       continue
     run, source = read_run(name)
     sources.append(source)
